@@ -1,0 +1,14 @@
+//! Types of the volumed control API.
+//!
+//! Shared by the daemon and the `vol` CLI so that both agree on names, sizes
+//! and JSON documents. Architecture invariant: this crate depends on serde and
+//! thiserror only, so the CLI never links sled, tokio's runtime internals or
+//! io_uring.
+
+pub mod name;
+pub mod size;
+pub mod types;
+
+pub use name::{NameError, VolumeName};
+pub use size::{SizeError, format_size, parse_size};
+pub use types::*;

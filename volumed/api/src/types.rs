@@ -1,0 +1,193 @@
+//! JSON documents of the control API (`/v1/...`). Request bodies deny unknown
+//! fields so a typo in a script is an error, not a silently ignored option.
+
+use serde::{Deserialize, Serialize};
+
+use crate::VolumeName;
+
+/// Smallest and largest chunk size, and the default (the EBS direct APIs'
+/// block size). The chunk is the unit of copy-on-write and snapshot dedup.
+pub const MIN_CHUNK_SIZE: u64 = 64 << 10;
+pub const MAX_CHUNK_SIZE: u64 = 4 << 20;
+pub const DEFAULT_CHUNK_SIZE: u64 = 512 << 10;
+
+/// Largest volume, as for EBS io2 Block Express. It also bounds the
+/// chunk-state map a volume can ask the daemon to keep.
+pub const MAX_VOLUME_SIZE: u64 = 64 << 40;
+
+/// Volume sizes are whole sectors: every NBD client rounds to 512 bytes.
+pub const SIZE_ALIGNMENT: u64 = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeState {
+    Available,
+    Attached,
+}
+
+impl VolumeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeState::Available => "available",
+            VolumeState::Attached => "attached",
+        }
+    }
+}
+
+/// A volume as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Volume {
+    pub name: VolumeName,
+    /// Bytes.
+    pub size: u64,
+    pub chunk_size: u64,
+    pub ephemeral: bool,
+    pub state: VolumeState,
+    /// `nbd://HOST:PORT/NAME` while attached, else null.
+    pub uri: Option<String>,
+    /// `nbd+unix:///NAME?socket=PATH` while attached, else null.
+    pub unix_uri: Option<String>,
+    pub source_snapshot: Option<String>,
+    /// The instance recorded by `attach --instance`, while attached.
+    pub instance: Option<String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub attached_at: Option<String>,
+    /// Bytes the volume's data files occupy on the host's disk.
+    pub allocated_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVolume {
+    pub name: VolumeName,
+    pub size: u64,
+    #[serde(default)]
+    pub ephemeral: bool,
+    #[serde(default)]
+    pub from_snapshot: Option<String>,
+    #[serde(default)]
+    pub chunk_size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModifyVolume {
+    #[serde(default)]
+    pub size: Option<u64>,
+    #[serde(default)]
+    pub ephemeral: Option<bool>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachVolume {
+    #[serde(default)]
+    pub instance: Option<String>,
+}
+
+/// Longest `--instance` id kept with an attachment.
+pub const MAX_INSTANCE_LEN: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeList {
+    pub volumes: Vec<Volume>,
+}
+
+/// What `POST /v1/volumes/{name}/detach` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Detached {
+    pub volume: Volume,
+    /// True when the volume was ephemeral and has been deleted.
+    pub deleted: bool,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ApiError,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Stable, machine-readable: see [`ErrorCode`].
+    pub code: ErrorCode,
+    /// One line for people, naming the object and the reason.
+    pub message: String,
+}
+
+/// Stable error codes; each maps to one HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidRequest,
+    InvalidName,
+    InvalidSize,
+    NotFound,
+    AlreadyExists,
+    VolumeAttached,
+    VolumeNotAttached,
+    Conflict,
+    Unsupported,
+    ShuttingDown,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::InvalidRequest | ErrorCode::InvalidName | ErrorCode::InvalidSize => 400,
+            ErrorCode::NotFound => 404,
+            ErrorCode::AlreadyExists
+            | ErrorCode::VolumeAttached
+            | ErrorCode::VolumeNotAttached
+            | ErrorCode::Conflict => 409,
+            ErrorCode::Unsupported => 501,
+            ErrorCode::ShuttingDown => 503,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+/// Daemon status, `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub data_dir: String,
+    pub nbd_listen: String,
+    pub nbd_socket: String,
+    pub store: String,
+    pub volumes: usize,
+    pub io_backend: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_rejects_unknown_fields() {
+        let err = serde_json::from_str::<CreateVolume>(r#"{"name":"a","size":1,"colour":"red"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn create_defaults() {
+        let c: CreateVolume = serde_json::from_str(r#"{"name":"a","size":4096}"#).unwrap();
+        assert!(!c.ephemeral);
+        assert_eq!(c.chunk_size, None);
+    }
+
+    #[test]
+    fn error_codes_are_snake_case_and_map_to_statuses() {
+        assert_eq!(
+            serde_json::to_string(&ErrorCode::VolumeAttached).unwrap(),
+            "\"volume_attached\""
+        );
+        assert_eq!(ErrorCode::NotFound.http_status(), 404);
+        assert_eq!(ErrorCode::InvalidSize.http_status(), 400);
+        assert_eq!(ErrorCode::AlreadyExists.http_status(), 409);
+    }
+}

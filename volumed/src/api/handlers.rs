@@ -1,0 +1,189 @@
+//! Routes and handlers. Handlers validate what they are given, call the
+//! engine, and turn its answer into JSON; the engine holds every rule.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use volumed_api::{
+    ApiError, AttachVolume, CreateVolume, Detached, ErrorBody, ErrorCode, ModifyVolume, Status,
+    VolumeList, VolumeName,
+};
+
+use crate::engine::Engine;
+use crate::error::Error;
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub engine: Arc<Engine>,
+    pub status: Arc<Status>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(modify_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiFailure {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: ErrorCode::InvalidRequest,
+                message: "method not allowed on this resource".into(),
+            }
+        })
+        .with_state(state)
+}
+
+/// An error response.
+pub struct ApiFailure {
+    status: StatusCode,
+    code: ErrorCode,
+    message: String,
+}
+
+impl ApiFailure {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status =
+            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        ApiFailure {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiFailure {
+    fn from(e: Error) -> Self {
+        if e.code() == ErrorCode::Internal {
+            tracing::error!(error = %e, "control API request failed");
+        }
+        ApiFailure::new(e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ApiError {
+                code: self.code,
+                message: self.message,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+/// Parses a JSON body; an empty body means the type's default when
+/// `default` is given (so `curl -X POST .../attach` works).
+fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> ApiResult<T> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return default.ok_or_else(|| {
+            ApiFailure::new(
+                ErrorCode::InvalidRequest,
+                "request body is empty; JSON expected",
+            )
+        });
+    }
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiFailure::new(
+            ErrorCode::InvalidRequest,
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+fn name(raw: &str) -> ApiResult<VolumeName> {
+    VolumeName::parse(raw).map_err(|reason| {
+        Error::InvalidName {
+            name: raw.to_owned(),
+            reason,
+        }
+        .into()
+    })
+}
+
+async fn status(State(s): State<ApiState>) -> Json<Status> {
+    let mut st = (*s.status).clone();
+    st.volumes = s.engine.list().len();
+    Json(st)
+}
+
+async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
+    let volumes = s
+        .engine
+        .list()
+        .iter()
+        .map(|v| s.engine.describe(v))
+        .collect();
+    Json(VolumeList { volumes })
+}
+
+async fn create_volume(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
+    let req: CreateVolume = body(&bytes, None)?;
+    let vol = s.engine.create(req).await?;
+    Ok((StatusCode::CREATED, Json(s.engine.describe(&vol))))
+}
+
+async fn get_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<volumed_api::Volume>> {
+    let vol = s.engine.get(&name(&raw)?)?;
+    Ok(Json(s.engine.describe(&vol)))
+}
+
+async fn modify_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<volumed_api::Volume>> {
+    let n = name(&raw)?;
+    let req: ModifyVolume = body(&bytes, None)?;
+    let vol = s.engine.modify(&n, req).await?;
+    Ok(Json(s.engine.describe(&vol)))
+}
+
+async fn delete_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.engine.delete(&name(&raw)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn attach_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<volumed_api::Volume>> {
+    let n = name(&raw)?;
+    let req: AttachVolume = body(&bytes, Some(AttachVolume::default()))?;
+    let vol = s.engine.attach(&n, req).await?;
+    Ok(Json(s.engine.describe(&vol)))
+}
+
+async fn detach_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+) -> ApiResult<Json<Detached>> {
+    let (vol, deleted) = s.engine.detach(&name(&raw)?).await?;
+    Ok(Json(Detached {
+        volume: s.engine.describe(&vol),
+        deleted,
+    }))
+}

@@ -1,0 +1,21 @@
+//! The control API: HTTP/1.1 + JSON on a Unix socket, resources under `/v1/`.
+//!
+//! | method | path | body | answer |
+//! | --- | --- | --- | --- |
+//! | GET | /v1/status | | Status |
+//! | GET | /v1/volumes | | VolumeList |
+//! | POST | /v1/volumes | CreateVolume | 201 Volume |
+//! | GET | /v1/volumes/{name} | | Volume |
+//! | PATCH | /v1/volumes/{name} | ModifyVolume | Volume |
+//! | DELETE | /v1/volumes/{name} | | 204 |
+//! | POST | /v1/volumes/{name}/attach | AttachVolume (optional) | Volume |
+//! | POST | /v1/volumes/{name}/detach | | Detached |
+//!
+//! Every error is `{"error": {"code", "message"}}` with the status of its
+//! code (see `volumed_api::ErrorCode::http_status`).
+
+mod handlers;
+pub mod server;
+
+pub use handlers::{ApiState, router};
+pub use server::serve;

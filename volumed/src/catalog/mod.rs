@@ -1,0 +1,212 @@
+//! The catalog: what volumes exist and how they are attached, kept in sled.
+//!
+//! Architecture invariant: no sled type leaves this module. Every mutation is
+//! flushed before it returns, because the control plane promises that a
+//! completed API call survives `kill -9`.
+//!
+//! Trees (keys are UTF-8 names; values are JSON documents, see docs/formats.md):
+//! - `volumes`: volume name -> [`VolumeRecord`]
+//! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
+
+mod record;
+
+use std::path::Path;
+
+pub use record::{AttachmentRecord, VolumeRecord, unix_now};
+use volumed_api::VolumeName;
+
+/// Bumped when a record changes incompatibly; a newer catalog is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("open {path}: {source}")]
+    Open { path: String, source: sled::Error },
+    #[error("{op}: {source}")]
+    Sled {
+        op: &'static str,
+        source: sled::Error,
+    },
+    #[error("record for key {key:?} is corrupt: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+    #[error("catalog format {found} is newer than this volumed understands ({FORMAT_VERSION})")]
+    TooNew { found: u32 },
+}
+
+type Result<T> = std::result::Result<T, CatalogError>;
+
+fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> CatalogError {
+    move |source| CatalogError::Sled { op, source }
+}
+
+pub struct Catalog {
+    db: sled::Db,
+    volumes: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(path)
+            // The catalog is small and written rarely; a small cache keeps the
+            // daemon's resident memory for the data path.
+            .cache_capacity(16 << 20)
+            .open()
+            .map_err(|source| CatalogError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let volumes = db
+            .open_tree("volumes")
+            .map_err(sled_err("open tree volumes"))?;
+        let meta = db.open_tree("meta").map_err(sled_err("open tree meta"))?;
+        let catalog = Catalog { db, volumes, meta };
+        catalog.check_format()?;
+        Ok(catalog)
+    }
+
+    fn check_format(&self) -> Result<()> {
+        match self.meta.get("format").map_err(sled_err("read format"))? {
+            Some(v) => {
+                let found = std::str::from_utf8(&v)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u32::MAX);
+                if found > FORMAT_VERSION {
+                    return Err(CatalogError::TooNew { found });
+                }
+                Ok(())
+            }
+            None => {
+                self.meta
+                    .insert("format", FORMAT_VERSION.to_string().as_bytes())
+                    .map_err(sled_err("write format"))?;
+                self.flush()
+            }
+        }
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map(|_| ()).map_err(sled_err("flush"))
+    }
+
+    /// A fresh id, never handed out before, even across restarts.
+    pub fn next_id(&self) -> Result<u64> {
+        self.db.generate_id().map_err(sled_err("generate id"))
+    }
+
+    pub fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("a VolumeRecord always serializes");
+        self.volumes
+            .insert(rec.name.as_str(), value)
+            .map_err(sled_err("write volume"))?;
+        self.flush()
+    }
+
+    pub fn remove_volume(&self, name: &VolumeName) -> Result<()> {
+        self.volumes
+            .remove(name.as_str())
+            .map_err(sled_err("remove volume"))?;
+        self.flush()
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
+        self.volumes
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(sled_err("scan volumes"))?;
+                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the previous run ended with [`Catalog::mark_clean_shutdown`].
+    /// Marks this run as running, so a crash before the next clean shutdown
+    /// is seen by the next start.
+    pub fn begin_run(&self) -> Result<bool> {
+        let prev = self
+            .meta
+            .get("clean_shutdown")
+            .map_err(sled_err("read clean_shutdown"))?;
+        // A fresh catalog has no previous run to distrust.
+        let clean = prev.is_none_or(|v| v.as_ref() == b"1");
+        self.meta
+            .insert("clean_shutdown", "0")
+            .map_err(sled_err("write clean_shutdown"))?;
+        self.flush()?;
+        Ok(clean)
+    }
+
+    pub fn mark_clean_shutdown(&self) -> Result<()> {
+        self.meta
+            .insert("clean_shutdown", "1")
+            .map_err(sled_err("write clean_shutdown"))?;
+        self.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, id: u64) -> VolumeRecord {
+        VolumeRecord::new(
+            id,
+            VolumeName::parse(name).unwrap(),
+            1 << 30,
+            512 << 10,
+            false,
+            None,
+        )
+    }
+
+    #[test]
+    fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        {
+            let c = Catalog::open(&path).unwrap();
+            assert!(c.begin_run().unwrap(), "a fresh catalog counts as clean");
+            c.put_volume(&record("a", 1)).unwrap();
+            c.put_volume(&record("b", 2)).unwrap();
+            c.remove_volume(&VolumeName::parse("a").unwrap()).unwrap();
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert!(!c.begin_run().unwrap(), "no clean shutdown was recorded");
+        let names: Vec<_> = c
+            .volumes()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["b"]);
+        c.mark_clean_shutdown().unwrap();
+        drop(c);
+        assert!(Catalog::open(&path).unwrap().begin_run().unwrap());
+    }
+
+    #[test]
+    fn ids_are_unique_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        let first = Catalog::open(&path).unwrap().next_id().unwrap();
+        let second = Catalog::open(&path).unwrap().next_id().unwrap();
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn corrupt_record_is_reported_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog")).unwrap();
+        c.volumes.insert("bad", &b"{not json"[..]).unwrap();
+        let err = c.volumes().unwrap_err().to_string();
+        assert!(err.contains("\"bad\""), "{err}");
+    }
+}

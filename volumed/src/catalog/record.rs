@@ -1,0 +1,61 @@
+//! The catalog's record of one volume.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use volumed_api::VolumeName;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Names the volume's data directory; never reused, so a volume deleted
+    /// and created again under the same name never sees the old files.
+    pub id: u64,
+    pub name: VolumeName,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub ephemeral: bool,
+    pub source_snapshot: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    pub attachment: Option<AttachmentRecord>,
+    /// Set before the data files are removed; a volume found in this state on
+    /// start is removed again, so a crash mid-delete leaves no half volume.
+    #[serde(default)]
+    pub deleting: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRecord {
+    pub instance: Option<String>,
+    pub attached_at: u64,
+}
+
+impl VolumeRecord {
+    pub fn new(
+        id: u64,
+        name: VolumeName,
+        size: u64,
+        chunk_size: u64,
+        ephemeral: bool,
+        source_snapshot: Option<String>,
+    ) -> Self {
+        VolumeRecord {
+            id,
+            name,
+            size,
+            chunk_size,
+            ephemeral,
+            source_snapshot,
+            created_at: unix_now(),
+            attachment: None,
+            deleting: false,
+        }
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

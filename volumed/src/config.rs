@@ -1,0 +1,87 @@
+//! Command-line flags and environment, resolved into concrete paths.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use snapshot::StoreUrl;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "volumed",
+    version,
+    about = "Block-storage daemon: copy-on-write volumes over NBD"
+)]
+pub struct Args {
+    /// Catalog, volume data files and chunk cache [default: ~/.local/share/volumed]
+    #[arg(long, env = "VOLUMED_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Control API socket, mode 0600 [default: DATA_DIR/volumed.sock]
+    #[arg(long, env = "VOLUMED_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// NBD over TCP (10809 is NBD's IANA port)
+    #[arg(
+        long,
+        env = "VOLUMED_NBD_LISTEN",
+        value_name = "ADDR:PORT",
+        default_value = "127.0.0.1:10809"
+    )]
+    pub nbd_listen: SocketAddr,
+
+    /// NBD over a Unix socket [default: DATA_DIR/nbd.sock]
+    #[arg(long, env = "VOLUMED_NBD_SOCKET", value_name = "PATH")]
+    pub nbd_socket: Option<PathBuf>,
+
+    /// Snapshot store: file:///DIR or s3://BUCKET[/PREFIX] [default: file://DATA_DIR/store]
+    #[arg(long, env = "VOLUMED_STORE", value_name = "URL")]
+    pub store: Option<String>,
+}
+
+/// Settings with every default filled in.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    pub nbd_listen: SocketAddr,
+    pub nbd_socket: PathBuf,
+    pub store: StoreUrl,
+}
+
+impl Args {
+    pub fn resolve(self) -> anyhow::Result<Config> {
+        let data_dir = match self.data_dir {
+            Some(d) => d,
+            None => default_data_dir()?,
+        };
+        let data_dir = absolute(data_dir)?;
+        let store = match self.store {
+            Some(url) => StoreUrl::parse(&url)?,
+            None => StoreUrl::File(data_dir.join("store")),
+        };
+        Ok(Config {
+            socket: absolute(self.socket.unwrap_or_else(|| data_dir.join("volumed.sock")))?,
+            nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
+            nbd_listen: self.nbd_listen,
+            store,
+            data_dir,
+        })
+    }
+}
+
+/// `$XDG_DATA_HOME/volumed`, else `~/.local/share/volumed`.
+pub fn default_data_dir() -> anyhow::Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("volumed"));
+    }
+    let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) else {
+        bail!("HOME is not set; pass --data-dir");
+    };
+    Ok(PathBuf::from(home).join(".local/share/volumed"))
+}
+
+fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
+    std::path::absolute(&p).with_context(|| format!("cannot resolve path {}", p.display()))
+}

@@ -1,0 +1,120 @@
+//! Wires the engine, the NBD server and the control API together, and shuts
+//! them down in order: stop accepting, end sessions after their in-flight
+//! requests, flush every volume, record a clean shutdown.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use volumed_api::Status;
+
+use crate::api::{self, ApiState};
+use crate::config::Config;
+use crate::engine::{Engine, NbdEndpoints};
+use crate::nbd::NbdServer;
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    prepare_data_dir(&config.data_dir)?;
+    let root = CancellationToken::new();
+
+    // Bind NBD first so the URIs we report carry the real port when the
+    // configured one is 0.
+    let tcp = std::net::TcpListener::bind(config.nbd_listen)
+        .with_context(|| format!("bind NBD TCP listener on {}", config.nbd_listen))?;
+    let nbd_addr = tcp.local_addr()?;
+    let endpoints = NbdEndpoints {
+        tcp: nbd_addr,
+        unix: config.nbd_socket.clone(),
+    };
+    let (engine, clean) =
+        Engine::open(&config.data_dir, endpoints).context("open volume engine")?;
+    if !clean {
+        warn!("previous run did not shut down cleanly");
+    }
+    let engine = Arc::new(engine);
+
+    let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket).await?;
+    let api_listener = api::server::bind(&config.socket).await?;
+    let status = Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        data_dir: config.data_dir.display().to_string(),
+        nbd_listen: nbd_addr.to_string(),
+        nbd_socket: config.nbd_socket.display().to_string(),
+        store: config.store.to_string(),
+        volumes: 0,
+        io_backend: "threadpool".into(),
+    };
+    let state = ApiState {
+        engine: Arc::clone(&engine),
+        status: Arc::new(status),
+    };
+
+    let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));
+    let api_task = tokio::spawn(api::serve(api_listener, state, root.child_token()));
+    info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
+          store = %config.store, volumes = engine.list().len(), "volumed ready");
+
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+
+    root.cancel();
+    engine
+        .shutdown()
+        .await
+        .context("flush volumes at shutdown")?;
+    let _ = nbd_task.await;
+    match api_task.await {
+        Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
+        Err(e) => warn!(error = %e, "control API task failed"),
+        Ok(Ok(())) => {}
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    info!("volumed stopped cleanly");
+    Ok(())
+}
+
+/// Creates the data directory private to the daemon's user and refuses one
+/// that others can write to: whoever can write there can replace the catalog
+/// or the control socket.
+fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("create data dir {}", dir.display()))?;
+    let mode = std::fs::metadata(dir)
+        .with_context(|| format!("stat {}", dir.display()))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 {
+        bail!(
+            "data dir {} is writable by group or others (mode {:o}); chmod go-w it",
+            dir.display(),
+            mode & 0o777
+        );
+    }
+    Ok(())
+}
+
+/// Removes a socket file left by a daemon that died, but refuses to steal
+/// one that a live daemon still answers on.
+pub async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    if tokio::net::UnixStream::connect(path).await.is_ok() {
+        bail!(
+            "{} is in use: is another volumed running on this data dir?",
+            path.display()
+        );
+    }
+    std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))
+}

@@ -1,0 +1,571 @@
+//! The volume engine: owns every volume of the host, applies the lifecycle
+//! rules (create, attach, detach, modify, delete), and recovers after a crash.
+//!
+//! Lifecycle changes are serialized by one async mutex: they are rare, and
+//! each must see the state the previous one left in the catalog. The data
+//! path never takes that mutex.
+//!
+//! Crash safety of the lifecycle, step by step:
+//! - create: data files first, then the catalog record. A crash in between
+//!   leaves a data directory no record names; start-up removes it.
+//! - delete (and an ephemeral volume's detach): the record is marked
+//!   `deleting` first, then the files go, then the record. Start-up finishes
+//!   any delete it finds marked.
+
+mod volume;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+use volumed_api::{
+    AttachVolume, CreateVolume, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE, MAX_INSTANCE_LEN,
+    MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, ModifyVolume, SIZE_ALIGNMENT, VolumeName, VolumeState,
+    format_size,
+};
+
+pub use volume::{Export, Volume};
+
+use crate::catalog::{AttachmentRecord, Catalog, VolumeRecord, unix_now};
+use crate::disk::DataFile;
+use crate::disk::data_file::sync_dir;
+use crate::error::{Error, IoContext, Result};
+
+/// Where clients reach the exports, for the URIs the API reports.
+#[derive(Debug, Clone)]
+pub struct NbdEndpoints {
+    pub tcp: SocketAddr,
+    pub unix: PathBuf,
+}
+
+pub struct Engine {
+    catalog: Catalog,
+    volumes_dir: PathBuf,
+    endpoints: NbdEndpoints,
+    volumes: RwLock<HashMap<VolumeName, Arc<Volume>>>,
+    lifecycle: Mutex<()>,
+}
+
+impl Engine {
+    /// Opens the catalog under `data_dir`, finishes interrupted deletes,
+    /// removes orphaned data files, and reopens every volume; attached ones
+    /// are exported again so hypervisors can reconnect.
+    pub fn open(data_dir: &Path, endpoints: NbdEndpoints) -> anyhow::Result<(Self, bool)> {
+        use anyhow::Context;
+        let catalog = Catalog::open(&data_dir.join("catalog")).context("open catalog")?;
+        let clean = catalog.begin_run().context("record start")?;
+        let volumes_dir = data_dir.join("volumes");
+        std::fs::create_dir_all(&volumes_dir)
+            .with_context(|| format!("create {}", volumes_dir.display()))?;
+
+        let engine = Engine {
+            catalog,
+            volumes_dir,
+            endpoints,
+            volumes: RwLock::new(HashMap::new()),
+            lifecycle: Mutex::new(()),
+        };
+        let mut live_ids = Vec::new();
+        for rec in engine.catalog.volumes().context("load volumes")? {
+            if rec.deleting {
+                info!(volume = %rec.name, "finishing a delete interrupted by a crash");
+                engine
+                    .remove_files_and_record(&rec)
+                    .context("finish interrupted delete")?;
+                continue;
+            }
+            let dir = engine.volume_dir(rec.id);
+            let data = DataFile::open(&dir, rec.size).with_context(|| {
+                format!(
+                    "open data files of volume '{}' in {}",
+                    rec.name,
+                    dir.display()
+                )
+            })?;
+            live_ids.push(rec.id);
+            let attached = rec.attachment.is_some();
+            let vol = Volume::new(rec, data);
+            if attached {
+                vol.open_export();
+            }
+            engine
+                .volumes
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(vol.name.clone(), vol);
+        }
+        engine
+            .remove_orphans(&live_ids)
+            .context("remove orphaned data files")?;
+        Ok((engine, clean))
+    }
+
+    fn volume_dir(&self, id: u64) -> PathBuf {
+        self.volumes_dir.join(format!("{id:016x}"))
+    }
+
+    /// Removes data directories no catalog record names: left by a crash
+    /// between creating the files and recording the volume.
+    fn remove_orphans(&self, live: &[u64]) -> std::io::Result<()> {
+        for entry in std::fs::read_dir(&self.volumes_dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let id = name.to_str().and_then(|s| u64::from_str_radix(s, 16).ok());
+            if id.is_some_and(|id| live.contains(&id)) {
+                continue;
+            }
+            warn!(path = %entry.path().display(), "removing orphaned volume data");
+            let path = entry.path();
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(&path)?
+            } else {
+                std::fs::remove_file(&path)?
+            }
+        }
+        sync_dir(&self.volumes_dir)
+    }
+
+    pub fn get(&self, name: &VolumeName) -> Result<Arc<Volume>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound(name.clone()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<Volume>> {
+        let mut v: Vec<_> = self
+            .volumes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The export of an attached volume, for the NBD server.
+    pub fn export(&self, name: &str) -> Option<Export> {
+        let name = VolumeName::parse(name).ok()?;
+        self.get(&name).ok()?.export()
+    }
+
+    /// Names of the attached volumes, for NBD_OPT_LIST.
+    pub fn export_names(&self) -> Vec<VolumeName> {
+        self.list()
+            .into_iter()
+            .filter(|v| v.export().is_some())
+            .map(|v| v.name.clone())
+            .collect()
+    }
+
+    pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
+        let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+        validate_chunk_size(chunk_size)?;
+        validate_size(req.size)?;
+        if let Some(snap) = req.from_snapshot {
+            // No snapshot store exists yet on this daemon, so no id can name one.
+            return Err(Error::SnapshotNotFound(snap));
+        }
+        let _guard = self.lifecycle.lock().await;
+        if self.get(&req.name).is_ok() {
+            return Err(Error::VolumeExists(req.name));
+        }
+        let id = self.catalog.next_id()?;
+        let rec = VolumeRecord::new(
+            id,
+            req.name.clone(),
+            req.size,
+            chunk_size,
+            req.ephemeral,
+            None,
+        );
+        let dir = self.volume_dir(id);
+        let data = DataFile::create(&dir, req.size)
+            .ctx(|| format!("create data files in {}", dir.display()))?;
+        if let Err(e) = self.catalog.put_volume(&rec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.into());
+        }
+        info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral, "volume created");
+        let vol = Volume::new(rec, data);
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(vol.name.clone(), Arc::clone(&vol));
+        Ok(vol)
+    }
+
+    pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
+        if let Some(i) = &req.instance {
+            if i.is_empty() || i.len() > MAX_INSTANCE_LEN || i.chars().any(char::is_control) {
+                return Err(Error::InvalidRequest(format!(
+                    "instance id must be 1 to {MAX_INSTANCE_LEN} printable characters"
+                )));
+            }
+        }
+        let _guard = self.lifecycle.lock().await;
+        let vol = self.get(name)?;
+        let mut rec = vol.record();
+        if let Some(att) = &rec.attachment {
+            // Attaching again for the same instance is a no-op, so a
+            // hypervisor retrying after a timeout gets the same answer.
+            if att.instance == req.instance {
+                return Ok(vol);
+            }
+            let holder = att.instance.clone().unwrap_or_else(|| "(none)".into());
+            return Err(Error::AttachedElsewhere(name.clone(), holder));
+        }
+        rec.attachment = Some(AttachmentRecord {
+            instance: req.instance,
+            attached_at: unix_now(),
+        });
+        self.catalog.put_volume(&rec)?;
+        vol.set_record(rec);
+        vol.open_export();
+        info!(volume = %name, "volume attached");
+        Ok(vol)
+    }
+
+    /// Ends the export (disconnecting its clients after their in-flight
+    /// requests), makes the data durable, and records the volume available.
+    /// An ephemeral volume is deleted. Returns whether it was deleted.
+    pub async fn detach(&self, name: &VolumeName) -> Result<(Arc<Volume>, bool)> {
+        let _guard = self.lifecycle.lock().await;
+        let vol = self.get(name)?;
+        let mut rec = vol.record();
+        if rec.attachment.is_none() {
+            return Err(Error::VolumeNotAttached(name.clone()));
+        }
+        if let Some(export) = vol.take_export() {
+            export.cancel.cancel();
+            export.sessions.close();
+            export.sessions.wait().await;
+        }
+        vol.flush().await.ctx(|| format!("flush volume '{name}'"))?;
+        if rec.ephemeral {
+            self.delete_locked(&vol).await?;
+            info!(volume = %name, "ephemeral volume detached and deleted");
+            return Ok((vol, true));
+        }
+        rec.attachment = None;
+        self.catalog.put_volume(&rec)?;
+        vol.set_record(rec);
+        info!(volume = %name, "volume detached");
+        Ok((vol, false))
+    }
+
+    pub async fn modify(&self, name: &VolumeName, req: ModifyVolume) -> Result<Arc<Volume>> {
+        let _guard = self.lifecycle.lock().await;
+        let vol = self.get(name)?;
+        let mut rec = vol.record();
+        if let Some(size) = req.size {
+            validate_size(size)?;
+            if size < rec.size {
+                return Err(Error::InvalidSize(format!(
+                    "volume '{name}' cannot shrink from {} to {}",
+                    format_size(rec.size),
+                    format_size(size)
+                )));
+            }
+            if size > rec.size {
+                // Files grow before the record does: a crash in between leaves
+                // longer files than the record, which open() tolerates.
+                let data = vol.data();
+                data.grow(rec.size, size)
+                    .ctx(|| format!("grow volume '{name}'"))?;
+                rec.size = size;
+            }
+        }
+        if let Some(e) = req.ephemeral {
+            rec.ephemeral = e;
+        }
+        self.catalog.put_volume(&rec)?;
+        vol.set_size(rec.size);
+        vol.set_record(rec);
+        info!(volume = %name, size = vol.size(), "volume modified");
+        Ok(vol)
+    }
+
+    pub async fn delete(&self, name: &VolumeName) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        let vol = self.get(name)?;
+        if vol.record().attachment.is_some() {
+            return Err(Error::VolumeAttached(name.clone()));
+        }
+        self.delete_locked(&vol).await?;
+        info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    async fn delete_locked(&self, vol: &Arc<Volume>) -> Result<()> {
+        let mut rec = vol.record();
+        rec.deleting = true;
+        self.catalog.put_volume(&rec)?;
+        vol.set_record(rec.clone());
+        self.volumes
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&vol.name);
+        self.remove_files_and_record(&rec)
+    }
+
+    fn remove_files_and_record(&self, rec: &VolumeRecord) -> Result<()> {
+        let dir = self.volume_dir(rec.id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
+        }
+        sync_dir(&self.volumes_dir).ctx(|| format!("sync {}", self.volumes_dir.display()))?;
+        self.catalog.remove_volume(&rec.name)?;
+        Ok(())
+    }
+
+    /// Shutdown: ends every session after its in-flight requests (the
+    /// attachments stay recorded), makes all data durable, and records a
+    /// clean shutdown.
+    pub async fn shutdown(&self) -> Result<()> {
+        let _guard = self.lifecycle.lock().await;
+        for vol in self.list() {
+            if let Some(export) = vol.export() {
+                export.cancel.cancel();
+                export.sessions.close();
+                export.sessions.wait().await;
+            }
+            vol.flush()
+                .await
+                .ctx(|| format!("flush volume '{}'", vol.name))?;
+        }
+        self.catalog.mark_clean_shutdown()?;
+        Ok(())
+    }
+
+    /// The API's view of a volume.
+    pub fn describe(&self, vol: &Volume) -> volumed_api::Volume {
+        let rec = vol.record();
+        let attached = rec.attachment.is_some();
+        let (uri, unix_uri) = if attached {
+            (
+                Some(self.tcp_uri(&vol.name)),
+                Some(self.unix_uri(&vol.name)),
+            )
+        } else {
+            (None, None)
+        };
+        volumed_api::Volume {
+            name: rec.name.clone(),
+            size: rec.size,
+            chunk_size: rec.chunk_size,
+            ephemeral: rec.ephemeral,
+            state: if attached {
+                VolumeState::Attached
+            } else {
+                VolumeState::Available
+            },
+            uri,
+            unix_uri,
+            source_snapshot: rec.source_snapshot.clone(),
+            instance: rec.attachment.as_ref().and_then(|a| a.instance.clone()),
+            created_at: rfc3339(rec.created_at),
+            attached_at: rec.attachment.as_ref().map(|a| rfc3339(a.attached_at)),
+            allocated_bytes: vol.data().allocated_bytes(),
+        }
+    }
+
+    fn tcp_uri(&self, name: &VolumeName) -> String {
+        // An IPv6 address in a URI goes in brackets; SocketAddr's Display
+        // already does that.
+        format!("nbd://{}/{}", self.endpoints.tcp, name)
+    }
+
+    fn unix_uri(&self, name: &VolumeName) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            name,
+            self.endpoints.unix.display()
+        )
+    }
+}
+
+fn rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn validate_size(size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::InvalidSize("size must be greater than 0".into()));
+    }
+    if size % SIZE_ALIGNMENT != 0 {
+        return Err(Error::InvalidSize(format!(
+            "size {size} is not a multiple of {SIZE_ALIGNMENT} bytes"
+        )));
+    }
+    if size > MAX_VOLUME_SIZE {
+        return Err(Error::InvalidSize(format!(
+            "size {} exceeds the maximum volume size of {}",
+            format_size(size),
+            format_size(MAX_VOLUME_SIZE)
+        )));
+    }
+    Ok(())
+}
+
+fn validate_chunk_size(c: u64) -> Result<()> {
+    if !c.is_power_of_two() || !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&c) {
+        return Err(Error::InvalidSize(format!(
+            "chunk size {c} must be a power of two from {} to {}",
+            format_size(MIN_CHUNK_SIZE),
+            format_size(MAX_CHUNK_SIZE)
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoints() -> NbdEndpoints {
+        NbdEndpoints {
+            tcp: "127.0.0.1:10809".parse().unwrap(),
+            unix: "/tmp/nbd.sock".into(),
+        }
+    }
+
+    fn name(s: &str) -> VolumeName {
+        VolumeName::parse(s).unwrap()
+    }
+
+    fn create_req(n: &str, size: u64, ephemeral: bool) -> CreateVolume {
+        CreateVolume {
+            name: name(n),
+            size,
+            ephemeral,
+            from_snapshot: None,
+            chunk_size: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = Engine::open(dir.path(), endpoints()).unwrap();
+        e.create(create_req("a", 1 << 30, false)).await.unwrap();
+        assert!(matches!(
+            e.create(create_req("a", 1 << 30, false)).await,
+            Err(Error::VolumeExists(_))
+        ));
+        assert!(matches!(
+            e.create(create_req("b", 0, false)).await,
+            Err(Error::InvalidSize(_))
+        ));
+        assert!(matches!(
+            e.create(create_req("b", 1000, false)).await,
+            Err(Error::InvalidSize(_))
+        ));
+        assert!(matches!(
+            e.create(create_req("b", MAX_VOLUME_SIZE + 512, false))
+                .await,
+            Err(Error::InvalidSize(_))
+        ));
+        let mut bad_chunk = create_req("b", 1 << 20, false);
+        bad_chunk.chunk_size = Some(3 << 16);
+        assert!(matches!(
+            e.create(bad_chunk).await,
+            Err(Error::InvalidSize(_))
+        ));
+
+        e.attach(
+            &name("a"),
+            AttachVolume {
+                instance: Some("i-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+        e.attach(
+            &name("a"),
+            AttachVolume {
+                instance: Some("i-1".into()),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            e.attach(
+                &name("a"),
+                AttachVolume {
+                    instance: Some("i-2".into())
+                }
+            )
+            .await,
+            Err(Error::AttachedElsewhere(..))
+        ));
+        assert!(matches!(
+            e.delete(&name("a")).await,
+            Err(Error::VolumeAttached(_))
+        ));
+        let shrink = ModifyVolume {
+            size: Some(1 << 20),
+            ephemeral: None,
+        };
+        assert!(matches!(
+            e.modify(&name("a"), shrink).await,
+            Err(Error::InvalidSize(_))
+        ));
+        let v = e.describe(&e.get(&name("a")).unwrap());
+        assert_eq!(v.uri.as_deref(), Some("nbd://127.0.0.1:10809/a"));
+        assert_eq!(
+            v.unix_uri.as_deref(),
+            Some("nbd+unix:///a?socket=/tmp/nbd.sock")
+        );
+        let (_, deleted) = e.detach(&name("a")).await.unwrap();
+        assert!(!deleted);
+        assert!(matches!(
+            e.detach(&name("a")).await,
+            Err(Error::VolumeNotAttached(_))
+        ));
+        e.delete(&name("a")).await.unwrap();
+        assert!(e.list().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("volumes"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn restart_finishes_interrupted_delete_and_removes_orphans() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (e, _) = Engine::open(dir.path(), endpoints()).unwrap();
+            let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
+            e.create(create_req("kept", 1 << 20, false)).await.unwrap();
+            // Simulate a crash right after the delete mark was written.
+            let mut rec = v.record();
+            rec.deleting = true;
+            e.catalog.put_volume(&rec).unwrap();
+            // And a crash between creating files and recording a volume.
+            std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999)))
+                .unwrap();
+        }
+        let (e, clean) = Engine::open(dir.path(), endpoints()).unwrap();
+        assert!(!clean);
+        let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
+        assert_eq!(names, ["kept"]);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("volumes"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+}

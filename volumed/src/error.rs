@@ -1,0 +1,74 @@
+//! The daemon's error type. Each variant knows its stable API code, so the
+//! control API maps errors to HTTP statuses in one place.
+
+use volumed_api::{ErrorCode, VolumeName};
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("invalid volume name {name:?}: {reason}")]
+    InvalidName {
+        name: String,
+        reason: volumed_api::NameError,
+    },
+    #[error("{0}")]
+    InvalidSize(String),
+    #[error("volume '{0}' not found")]
+    VolumeNotFound(VolumeName),
+    #[error("snapshot '{0}' not found")]
+    SnapshotNotFound(String),
+    #[error("volume '{0}' already exists")]
+    VolumeExists(VolumeName),
+    #[error("volume '{0}' is attached; detach it first")]
+    VolumeAttached(VolumeName),
+    #[error("volume '{0}' is already attached to instance {1}")]
+    AttachedElsewhere(VolumeName, String),
+    #[error("volume '{0}' is not attached")]
+    VolumeNotAttached(VolumeName),
+    #[error("volumed is shutting down")]
+    ShuttingDown,
+    #[error("catalog: {0}")]
+    Catalog(#[from] crate::catalog::CatalogError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Error::InvalidName { .. } => ErrorCode::InvalidName,
+            Error::InvalidSize(_) => ErrorCode::InvalidSize,
+            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorCode::NotFound,
+            Error::VolumeExists(_) => ErrorCode::AlreadyExists,
+            Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => ErrorCode::VolumeAttached,
+            Error::VolumeNotAttached(_) => ErrorCode::VolumeNotAttached,
+            Error::ShuttingDown => ErrorCode::ShuttingDown,
+            Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// Adds context to an `io::Result`, the way the daemon reports every I/O error.
+pub trait IoContext<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(context(), e))
+    }
+}

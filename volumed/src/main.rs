@@ -1,0 +1,46 @@
+use std::io::IsTerminal;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use volumed::config::Args;
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+
+    // Files the daemon creates (catalog, data, sockets) are private to its
+    // user unless a step says otherwise.
+    // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
+    unsafe { libc::umask(0o077) };
+
+    let config = match Args::parse().resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("volumed: error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("volumed: error: start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(volumed::daemon::run(config)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("volumed: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! The NBD wire format (NetworkBlockDevice/nbd `doc/proto.md`): constants,
+//! parsers and encoders. All integers are big-endian on the wire.
+//!
+//! Everything here is pure so it can be tested on arbitrary bytes; nothing
+//! here allocates more than a caller-supplied, already bounded length.
+
+use thiserror::Error;
+
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+
+// Handshake flags (server) and client flags.
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+
+// Transmission flags.
+pub const FLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const FLAG_READ_ONLY: u16 = 1 << 1;
+pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const FLAG_SEND_FUA: u16 = 1 << 3;
+pub const FLAG_SEND_TRIM: u16 = 1 << 5;
+pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+
+// Options.
+pub const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_ABORT: u32 = 2;
+pub const OPT_LIST: u32 = 3;
+pub const OPT_STARTTLS: u32 = 5;
+pub const OPT_INFO: u32 = 6;
+pub const OPT_GO: u32 = 7;
+
+// Option replies.
+pub const REP_ACK: u32 = 1;
+pub const REP_SERVER: u32 = 2;
+pub const REP_INFO: u32 = 3;
+const REP_ERR: u32 = 1 << 31;
+pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
+pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
+pub const REP_ERR_INVALID: u32 = REP_ERR | 3;
+pub const REP_ERR_UNKNOWN: u32 = REP_ERR | 6;
+pub const REP_ERR_SHUTDOWN: u32 = REP_ERR | 7;
+pub const REP_ERR_TOO_BIG: u32 = REP_ERR | 9;
+
+// Info types of NBD_REP_INFO.
+pub const INFO_EXPORT: u16 = 0;
+pub const INFO_NAME: u16 = 1;
+pub const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_BLOCK_SIZE: u16 = 3;
+
+// Command flags.
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
+
+// Errors of replies (errno values fixed by the protocol, not the host's).
+pub const EPERM: u32 = 1;
+pub const EIO: u32 = 5;
+pub const ENOMEM: u32 = 12;
+pub const EINVAL: u32 = 22;
+pub const ENOSPC: u32 = 28;
+pub const EOVERFLOW: u32 = 75;
+pub const ENOTSUP: u32 = 95;
+pub const ESHUTDOWN: u32 = 108;
+
+/// Strings (export names, messages) are at most 4096 bytes by the spec.
+pub const MAX_STRING: usize = 4096;
+
+pub const OPTION_HEADER_LEN: usize = 16;
+pub const REQUEST_HEADER_LEN: usize = 28;
+pub const SIMPLE_REPLY_HEADER_LEN: usize = 16;
+
+/// A violation that ends the session: the stream can no longer be trusted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ProtoError {
+    #[error("bad option magic {0:#018x}")]
+    OptionMagic(u64),
+    #[error("bad request magic {0:#010x}")]
+    RequestMagic(u32),
+    #[error("unknown client flags {0:#x}")]
+    ClientFlags(u32),
+}
+
+/// Client flags, after checking that no unknown bit is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientFlags {
+    pub fixed_newstyle: bool,
+    pub no_zeroes: bool,
+}
+
+pub fn parse_client_flags(flags: u32) -> Result<ClientFlags, ProtoError> {
+    if flags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(ProtoError::ClientFlags(flags));
+    }
+    Ok(ClientFlags {
+        fixed_newstyle: flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: flags & FLAG_C_NO_ZEROES != 0,
+    })
+}
+
+/// The server's greeting: magic, IHAVEOPT, handshake flags.
+pub fn encode_greeting() -> [u8; 18] {
+    let mut b = [0u8; 18];
+    b[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
+    b[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
+    b[16..].copy_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    b
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionHeader {
+    pub option: u32,
+    pub length: u32,
+}
+
+impl OptionHeader {
+    pub fn parse(b: &[u8; OPTION_HEADER_LEN]) -> Result<Self, ProtoError> {
+        let magic = be_u64(&b[..8]);
+        if magic != IHAVEOPT {
+            return Err(ProtoError::OptionMagic(magic));
+        }
+        Ok(OptionHeader {
+            option: be_u32(&b[8..12]),
+            length: be_u32(&b[12..16]),
+        })
+    }
+}
+
+/// Data of NBD_OPT_INFO and NBD_OPT_GO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfoRequest {
+    pub name: String,
+    pub requests: Vec<u16>,
+}
+
+/// Parses NBD_OPT_INFO/GO data: u32 name length, name, u16 count, u16 each.
+/// The error is a message for NBD_REP_ERR_INVALID.
+pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, &'static str> {
+    let mut r = Reader(data);
+    let name_len = r.u32().ok_or("option data too short for the name length")? as usize;
+    if name_len > MAX_STRING {
+        return Err("export name longer than 4096 bytes");
+    }
+    let name = r
+        .take(name_len)
+        .ok_or("export name runs past the option data")?;
+    let name = std::str::from_utf8(name)
+        .map_err(|_| "export name is not UTF-8")?
+        .to_owned();
+    let count = r
+        .u16()
+        .ok_or("option data too short for the info request count")? as usize;
+    // Each request is two bytes, so the count is bounded by the data length.
+    if r.0.len() != count * 2 {
+        return Err("info request count does not match the option length");
+    }
+    let requests =
+        r.0.chunks_exact(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
+    Ok(InfoRequest { name, requests })
+}
+
+/// An option reply: magic, option, type, length, data.
+pub fn encode_option_reply(out: &mut Vec<u8>, option: u32, reply: u32, data: &[u8]) {
+    out.extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
+    out.extend_from_slice(&option.to_be_bytes());
+    out.extend_from_slice(&reply.to_be_bytes());
+    let len = u32::try_from(data.len()).expect("option replies are built from bounded strings");
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(data);
+}
+
+/// NBD_REP_SERVER data: u32 name length, then the name.
+pub fn rep_server_data(name: &str) -> Vec<u8> {
+    let mut d = Vec::with_capacity(4 + name.len());
+    d.extend_from_slice(&(name.len() as u32).to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d
+}
+
+pub fn info_export(size: u64, flags: u16) -> Vec<u8> {
+    let mut d = Vec::with_capacity(12);
+    d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&flags.to_be_bytes());
+    d
+}
+
+pub fn info_block_size(min: u32, preferred: u32, max: u32) -> Vec<u8> {
+    let mut d = Vec::with_capacity(14);
+    d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
+    for v in [min, preferred, max] {
+        d.extend_from_slice(&v.to_be_bytes());
+    }
+    d
+}
+
+/// NBD_INFO_NAME or NBD_INFO_DESCRIPTION.
+pub fn info_string(kind: u16, s: &str) -> Vec<u8> {
+    let mut d = Vec::with_capacity(2 + s.len());
+    d.extend_from_slice(&kind.to_be_bytes());
+    d.extend_from_slice(s.as_bytes());
+    d
+}
+
+/// Reply to NBD_OPT_EXPORT_NAME: size, flags, and 124 zero bytes unless the
+/// client negotiated NO_ZEROES.
+pub fn encode_export_name_reply(size: u64, flags: u16, no_zeroes: bool) -> Vec<u8> {
+    let mut d = Vec::with_capacity(134);
+    d.extend_from_slice(&size.to_be_bytes());
+    d.extend_from_slice(&flags.to_be_bytes());
+    if !no_zeroes {
+        d.extend_from_slice(&[0u8; 124]);
+    }
+    d
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    Read,
+    Write,
+    Disc,
+    Flush,
+    Trim,
+    Cache,
+    WriteZeroes,
+    BlockStatus,
+    /// A type this server does not know; answered with EINVAL.
+    Unknown(u16),
+}
+
+impl Command {
+    pub fn from_wire(t: u16) -> Self {
+        match t {
+            0 => Command::Read,
+            1 => Command::Write,
+            2 => Command::Disc,
+            3 => Command::Flush,
+            4 => Command::Trim,
+            5 => Command::Cache,
+            6 => Command::WriteZeroes,
+            7 => Command::BlockStatus,
+            other => Command::Unknown(other),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Request {
+    pub flags: u16,
+    pub command: Command,
+    pub cookie: u64,
+    pub offset: u64,
+    pub length: u32,
+}
+
+impl Request {
+    pub fn parse(b: &[u8; REQUEST_HEADER_LEN]) -> Result<Self, ProtoError> {
+        let magic = be_u32(&b[..4]);
+        if magic != REQUEST_MAGIC {
+            return Err(ProtoError::RequestMagic(magic));
+        }
+        Ok(Request {
+            flags: be_u16(&b[4..6]),
+            command: Command::from_wire(be_u16(&b[6..8])),
+            cookie: be_u64(&b[8..16]),
+            offset: be_u64(&b[16..24]),
+            length: be_u32(&b[24..28]),
+        })
+    }
+
+    /// Bytes of payload that follow this header on the wire.
+    pub fn payload_len(&self) -> u32 {
+        if self.command == Command::Write {
+            self.length
+        } else {
+            0
+        }
+    }
+}
+
+/// Why a request's range is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeError {
+    /// `offset + length` does not fit in 64 bits.
+    Overflow,
+    /// The range ends past the export.
+    PastEnd,
+}
+
+/// Checks `[offset, offset + length)` against an export of `size` bytes.
+pub fn check_range(offset: u64, length: u32, size: u64) -> Result<(), RangeError> {
+    let end = offset
+        .checked_add(u64::from(length))
+        .ok_or(RangeError::Overflow)?;
+    if end > size {
+        Err(RangeError::PastEnd)
+    } else {
+        Ok(())
+    }
+}
+
+pub fn encode_simple_reply(cookie: u64, error: u32) -> [u8; SIMPLE_REPLY_HEADER_LEN] {
+    let mut b = [0u8; SIMPLE_REPLY_HEADER_LEN];
+    b[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
+    b[4..8].copy_from_slice(&error.to_be_bytes());
+    b[8..].copy_from_slice(&cookie.to_be_bytes());
+    b
+}
+
+/// Maps a host I/O error to the NBD errno the client sees.
+pub fn errno_of(e: &std::io::Error) -> u32 {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
+        _ => EIO,
+    }
+}
+
+fn be_u16(b: &[u8]) -> u16 {
+    u16::from_be_bytes(b.try_into().expect("two bytes by construction"))
+}
+fn be_u32(b: &[u8]) -> u32 {
+    u32::from_be_bytes(b.try_into().expect("four bytes by construction"))
+}
+fn be_u64(b: &[u8]) -> u64 {
+    u64::from_be_bytes(b.try_into().expect("eight bytes by construction"))
+}
+
+/// A cursor over untrusted bytes; every take is bounds-checked.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if self.0.len() < n {
+            return None;
+        }
+        let (head, tail) = self.0.split_at(n);
+        self.0 = tail;
+        Some(head)
+    }
+    fn u16(&mut self) -> Option<u16> {
+        self.take(2).map(be_u16)
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.take(4).map(be_u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn info_data(name: &str, reqs: &[u16]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(reqs.len() as u16).to_be_bytes());
+        for r in reqs {
+            d.extend_from_slice(&r.to_be_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn greeting_bytes() {
+        let g = encode_greeting();
+        assert_eq!(&g[..8], b"NBDMAGIC");
+        assert_eq!(&g[8..16], b"IHAVEOPT");
+        assert_eq!(&g[16..], &[0, 3]);
+    }
+
+    #[test]
+    fn client_flags() {
+        assert_eq!(
+            parse_client_flags(3),
+            Ok(ClientFlags {
+                fixed_newstyle: true,
+                no_zeroes: true
+            })
+        );
+        assert_eq!(parse_client_flags(4), Err(ProtoError::ClientFlags(4)));
+    }
+
+    #[test]
+    fn info_request_round_trip_and_errors() {
+        let d = info_data("data", &[INFO_BLOCK_SIZE, INFO_NAME]);
+        assert_eq!(
+            parse_info_request(&d),
+            Ok(InfoRequest {
+                name: "data".into(),
+                requests: vec![INFO_BLOCK_SIZE, INFO_NAME]
+            })
+        );
+        assert!(parse_info_request(&d[..d.len() - 1]).is_err());
+        assert!(parse_info_request(&[0, 0, 0xff, 0xff]).is_err());
+        assert!(parse_info_request(&[]).is_err());
+        let mut extra = d.clone();
+        extra.push(0);
+        assert!(parse_info_request(&extra).is_err());
+    }
+
+    #[test]
+    fn request_parse() {
+        let mut b = [0u8; REQUEST_HEADER_LEN];
+        b[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        b[4..6].copy_from_slice(&CMD_FLAG_FUA.to_be_bytes());
+        b[6..8].copy_from_slice(&1u16.to_be_bytes());
+        b[8..16].copy_from_slice(&7u64.to_be_bytes());
+        b[16..24].copy_from_slice(&4096u64.to_be_bytes());
+        b[24..].copy_from_slice(&512u32.to_be_bytes());
+        let r = Request::parse(&b).unwrap();
+        assert_eq!(r.command, Command::Write);
+        assert_eq!(
+            (r.flags, r.cookie, r.offset, r.length, r.payload_len()),
+            (CMD_FLAG_FUA, 7, 4096, 512, 512)
+        );
+        b[0] = 0;
+        assert!(matches!(
+            Request::parse(&b),
+            Err(ProtoError::RequestMagic(_))
+        ));
+        assert_eq!(Command::from_wire(99), Command::Unknown(99));
+    }
+
+    #[test]
+    fn range_edges() {
+        assert_eq!(check_range(0, 512, 512), Ok(()));
+        assert_eq!(check_range(512, 0, 512), Ok(()));
+        assert_eq!(check_range(1, 512, 512), Err(RangeError::PastEnd));
+        assert_eq!(
+            check_range(u64::MAX, 1, u64::MAX),
+            Err(RangeError::Overflow)
+        );
+        assert_eq!(check_range(u64::MAX - 1, 1, u64::MAX), Ok(()));
+        assert_eq!(check_range(u64::MAX, 0, 512), Err(RangeError::PastEnd));
+    }
+
+    proptest! {
+        #[test]
+        fn info_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_info_request(&data);
+        }
+
+        #[test]
+        fn info_request_round_trips(name in "[a-z0-9._-]{0,64}", reqs in proptest::collection::vec(any::<u16>(), 0..20)) {
+            let parsed = parse_info_request(&info_data(&name, &reqs)).unwrap();
+            prop_assert_eq!(parsed, InfoRequest { name, requests: reqs });
+        }
+
+        #[test]
+        fn headers_never_panic(b in proptest::array::uniform28(any::<u8>())) {
+            let _ = Request::parse(&b);
+            let mut h = [0u8; OPTION_HEADER_LEN];
+            h.copy_from_slice(&b[..OPTION_HEADER_LEN]);
+            let _ = OptionHeader::parse(&h);
+        }
+
+        #[test]
+        fn range_check_agrees_with_wide_arithmetic(off in any::<u64>(), len in any::<u32>(), size in any::<u64>()) {
+            let end = off as u128 + len as u128;
+            let ok = end <= size as u128;
+            prop_assert_eq!(check_range(off, len, size).is_ok(), ok);
+        }
+    }
+}
