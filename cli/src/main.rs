@@ -1,1 +1,111 @@
-fn main() {}
+//! `vol`: the command-line client of volumed.
+
+mod args;
+mod client;
+mod commands;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use volumed_api::{CreateVolume, ModifyVolume};
+
+use args::{Cli, Command};
+use client::Client;
+use output::Out;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, as every other error: clap's own first line already
+            // names the argument and the reason.
+            let text = e.to_string();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("error: invalid arguments");
+            eprintln!("{first}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::new(socket_path(cli.socket)?);
+    let out = Out { json: cli.json };
+    use commands::{status, volume};
+    match cli.command {
+        Command::Create {
+            name,
+            size,
+            ephemeral,
+            from_snapshot,
+            chunk_size,
+        } => {
+            volume::create(
+                &client,
+                &out,
+                CreateVolume {
+                    name,
+                    size,
+                    ephemeral,
+                    from_snapshot,
+                    chunk_size,
+                },
+            )
+            .await
+        }
+        Command::List => volume::list(&client, &out).await,
+        Command::Inspect { name } => volume::inspect(&client, &out, name).await,
+        Command::Attach { name, instance } => volume::attach(&client, &out, name, instance).await,
+        Command::Detach { name } => volume::detach(&client, &out, name).await,
+        Command::Modify {
+            name,
+            size,
+            ephemeral,
+        } => volume::modify(&client, &out, name, ModifyVolume { size, ephemeral }).await,
+        Command::Delete { name } => volume::delete(&client, &out, name).await,
+        Command::Status => status::status(&client, &out).await,
+    }
+}
+
+/// `--socket`/`VOLUMED_SOCKET`, else the socket in `VOLUMED_DATA_DIR`, else
+/// the daemon's default data dir.
+fn socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    if let Some(d) = std::env::var_os("VOLUMED_DATA_DIR").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d).join("volumed.sock"));
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("volumed/volumed.sock"));
+    }
+    let home = std::env::var_os("HOME").filter(|h| !h.is_empty());
+    let home = home.ok_or_else(|| anyhow::anyhow!("HOME is not set; pass --socket"))?;
+    Ok(PathBuf::from(home).join(".local/share/volumed/volumed.sock"))
+}

@@ -1,0 +1,73 @@
+//! The command line, as clap structs. Values are parsed into checked types
+//! here (names, sizes), so commands never see a malformed one.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Parser, Subcommand};
+use volumed_api::VolumeName;
+
+#[derive(Debug, Parser)]
+#[command(name = "vol", version, about = "Manage the volumes of a volumed host")]
+pub struct Cli {
+    /// Control socket of volumed [default: $VOLUMED_DATA_DIR/volumed.sock or ~/.local/share/volumed/volumed.sock]
+    #[arg(long, global = true, env = "VOLUMED_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Print exactly one JSON document on stdout
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a volume
+    Create {
+        name: VolumeName,
+        /// Size in bytes or with a binary unit: 10G, 10GiB, 512K, 1T
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Delete the volume when it is detached
+        #[arg(long)]
+        ephemeral: bool,
+        /// Fill the volume from this snapshot
+        #[arg(long, value_name = "ID")]
+        from_snapshot: Option<String>,
+        /// Unit of copy-on-write and snapshots: a power of two, 64K to 4M [default: 512K]
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+    },
+    /// List volumes
+    List,
+    /// Show one volume
+    Inspect { name: VolumeName },
+    /// Export a volume over NBD and print its URI
+    Attach {
+        name: VolumeName,
+        /// The instance (VM) the volume is attached to, recorded with the attachment
+        #[arg(long, value_name = "ID")]
+        instance: Option<String>,
+    },
+    /// Stop exporting a volume; an ephemeral volume is deleted
+    Detach { name: VolumeName },
+    /// Grow a volume or change whether it is ephemeral
+    Modify {
+        name: VolumeName,
+        /// New size (growing only)
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Delete the volume when it is detached
+        #[arg(long, value_name = "true|false", action = ArgAction::Set)]
+        ephemeral: Option<bool>,
+    },
+    /// Delete a volume that is not attached
+    Delete { name: VolumeName },
+    /// Show the daemon's status
+    Status,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    volumed_api::parse_size(s).map_err(|e| e.to_string())
+}

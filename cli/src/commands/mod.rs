@@ -1,0 +1,4 @@
+//! One file per noun.
+
+pub mod status;
+pub mod volume;

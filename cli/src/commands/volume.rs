@@ -1,0 +1,153 @@
+//! `vol create | list | inspect | attach | detach | modify | delete`.
+
+use hyper::Method;
+use serde_json::json;
+use volumed_api::{
+    AttachVolume, CreateVolume, Detached, ModifyVolume, Volume, VolumeList, VolumeName, format_size,
+};
+
+use crate::client::Client;
+use crate::output::Out;
+
+fn path(name: &VolumeName) -> String {
+    format!("/v1/volumes/{name}")
+}
+
+pub async fn create(client: &Client, out: &Out, req: CreateVolume) -> anyhow::Result<()> {
+    let v: Volume = client.send(Method::POST, "/v1/volumes", &req).await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    let kind = if v.ephemeral {
+        "ephemeral volume"
+    } else {
+        "volume"
+    };
+    out.line(format!(
+        "created {kind} '{}': {}, chunk size {}",
+        v.name,
+        format_size(v.size),
+        format_size(v.chunk_size)
+    ))?;
+    Ok(())
+}
+
+pub async fn list(client: &Client, out: &Out) -> anyhow::Result<()> {
+    let list: VolumeList = client.get("/v1/volumes").await?;
+    if out.json {
+        return Ok(out.json(&list.volumes)?);
+    }
+    let rows: Vec<Vec<String>> = list
+        .volumes
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.to_string(),
+                format_size(v.size),
+                v.state.as_str().to_owned(),
+                if v.ephemeral { "yes" } else { "no" }.to_owned(),
+                v.instance.clone().unwrap_or_else(|| "-".into()),
+                v.uri.clone().unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.table(
+        &["NAME", "SIZE", "STATE", "EPHEMERAL", "INSTANCE", "URI"],
+        &rows,
+    )?;
+    Ok(())
+}
+
+pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Result<()> {
+    let v: Volume = client.get(&path(&name)).await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    out.fields(&[
+        ("name", v.name.to_string()),
+        (
+            "size",
+            format!("{} ({} bytes)", format_size(v.size), v.size),
+        ),
+        ("chunk size", format_size(v.chunk_size)),
+        ("ephemeral", v.ephemeral.to_string()),
+        ("state", v.state.as_str().to_owned()),
+        ("instance", dash(&v.instance)),
+        ("uri", dash(&v.uri)),
+        ("unix uri", dash(&v.unix_uri)),
+        ("source snapshot", dash(&v.source_snapshot)),
+        ("allocated", format_size(v.allocated_bytes)),
+        ("created", v.created_at.clone()),
+        ("attached", dash(&v.attached_at)),
+    ])?;
+    Ok(())
+}
+
+pub async fn attach(
+    client: &Client,
+    out: &Out,
+    name: VolumeName,
+    instance: Option<String>,
+) -> anyhow::Result<()> {
+    let v: Volume = client
+        .send(
+            Method::POST,
+            &format!("{}/attach", path(&name)),
+            &AttachVolume { instance },
+        )
+        .await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    out.line(v.uri.unwrap_or_default())?;
+    Ok(())
+}
+
+pub async fn detach(client: &Client, out: &Out, name: VolumeName) -> anyhow::Result<()> {
+    let d: Detached = client
+        .send(Method::POST, &format!("{}/detach", path(&name)), &json!({}))
+        .await?;
+    if out.json {
+        return Ok(out.json(&d)?);
+    }
+    if d.deleted {
+        out.line(format!(
+            "detached volume '{name}'; it was ephemeral and is deleted"
+        ))?;
+    } else {
+        out.line(format!("detached volume '{name}'"))?;
+    }
+    Ok(())
+}
+
+pub async fn modify(
+    client: &Client,
+    out: &Out,
+    name: VolumeName,
+    req: ModifyVolume,
+) -> anyhow::Result<()> {
+    if req == ModifyVolume::default() {
+        anyhow::bail!("nothing to modify on volume '{name}'; give --size or --ephemeral");
+    }
+    let v: Volume = client.send(Method::PATCH, &path(&name), &req).await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    out.line(format!(
+        "modified volume '{}': size {}, ephemeral {}",
+        v.name,
+        format_size(v.size),
+        v.ephemeral
+    ))?;
+    Ok(())
+}
+
+pub async fn delete(client: &Client, out: &Out, name: VolumeName) -> anyhow::Result<()> {
+    client.delete(&path(&name)).await?;
+    if out.json {
+        return Ok(out.json(&json!({ "name": name, "deleted": true }))?);
+    }
+    out.line(format!("deleted volume '{name}'"))?;
+    Ok(())
+}
