@@ -1,1 +1,384 @@
+//! Harness for the integration tests: starts the real `volumed` binary on a
+//! temporary data dir, drives it with the real `vol` binary, and talks to it
+//! with real NBD clients (libnbd's Python bindings, qemu-img, qemu-io,
+//! nbdinfo). Nothing here stands in for the daemon.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The directory holding `volumed` and `vol`, built once per test process so
+/// the tests never run a stale binary.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test binary path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "volumed", "-p", "vol"]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building volumed and vol failed");
+        dir
+    })
+}
+
+pub fn volumed_bin() -> PathBuf {
+    bin_dir().join("volumed")
+}
+
+pub fn vol_bin() -> PathBuf {
+    bin_dir().join("vol")
+}
+
+/// A running daemon on its own data dir and NBD port.
+pub struct TestDaemon {
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// The NBD TCP port; 0 until the first start picks one, then kept so a
+    /// restart serves the same URIs.
+    pub nbd_port: u16,
+    env: Vec<(String, String)>,
+    runs: usize,
+}
+
+impl TestDaemon {
+    pub fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("volumed-test-")
+            .tempdir()
+            .expect("tempdir");
+        let mut d = TestDaemon {
+            dir,
+            child: None,
+            nbd_port: 0,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            runs: 0,
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.data_dir().join("volumed.sock")
+    }
+
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.data_dir().join("nbd.sock")
+    }
+
+    fn log_path(&self, run: usize) -> PathBuf {
+        self.dir.path().join(format!("volumed-{run}.log"))
+    }
+
+    /// Replaces the extra environment of the next start (failpoints).
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "daemon already running");
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path(self.runs)).expect("log file");
+        let mut cmd = Command::new(volumed_bin());
+        cmd.arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--nbd-listen")
+            .arg(format!("127.0.0.1:{}", self.nbd_port))
+            .env("RUST_LOG", "info")
+            .env_remove("VOLUMED_SOCKET")
+            .env_remove("VOLUMED_STORE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn volumed"));
+        self.wait_ready();
+        if self.nbd_port == 0 {
+            let st = self.vol_json(&["status"]);
+            let addr: std::net::SocketAddr = st["nbd_listen"].as_str().unwrap().parse().unwrap();
+            self.nbd_port = addr.port();
+        }
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if UnixStream::connect(self.socket()).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("volumed exited during start ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "volumed did not start:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM and wait; asserts a clean exit (status 0).
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        // SAFETY: signalling a child we spawned and have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = wait_timeout(&mut child, Duration::from_secs(30)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("volumed did not stop on SIGTERM:\n{}", self.log())
+        });
+        assert!(
+            status.success(),
+            "volumed exited with {status} on SIGTERM:\n{}",
+            self.log()
+        );
+    }
+
+    /// `kill -9`: no flush, no clean-shutdown record.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("daemon running");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits for a daemon that is expected to die by itself (a failpoint).
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("daemon running");
+        wait_timeout(&mut child, Duration::from_secs(30)).expect("daemon did not exit")
+    }
+
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Every run's log, concatenated.
+    pub fn log(&self) -> String {
+        (1..=self.runs)
+            .map(|r| std::fs::read_to_string(self.log_path(r)).unwrap_or_default())
+            .collect()
+    }
+
+    /// Fails on ERROR lines in the daemon's log that the test did not expect.
+    pub fn assert_log_clean(&self, allowed: &[&str]) {
+        let log = self.log();
+        let bad: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(" ERROR ") && !allowed.iter().any(|a| l.contains(a)))
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "unexpected ERROR lines in the daemon log:\n{}",
+            bad.join("\n")
+        );
+    }
+
+    /// Stops the daemon cleanly and checks its log: the end of most tests.
+    pub fn finish(mut self) {
+        self.stop();
+        self.assert_log_clean(&[]);
+    }
+
+    pub fn vol(&self, args: &[&str]) -> Output {
+        Command::new(vol_bin())
+            .arg("--socket")
+            .arg(self.socket())
+            .args(args)
+            .env_remove("VOLUMED_SOCKET")
+            .output()
+            .expect("run vol")
+    }
+
+    /// Runs `vol`, asserts success, returns stdout.
+    pub fn vol_ok(&self, args: &[&str]) -> String {
+        let out = self.vol(args);
+        assert!(
+            out.status.success(),
+            "vol {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    pub fn vol_json(&self, args: &[&str]) -> Value {
+        let mut full = vec!["--json"];
+        full.extend_from_slice(args);
+        let out = self.vol_ok(&full);
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("vol {args:?} printed invalid JSON ({e}): {out}"))
+    }
+
+    /// Runs `vol`, asserts failure with exactly one stderr line, returns it.
+    pub fn vol_err(&self, args: &[&str]) -> String {
+        let out = self.vol(args);
+        assert!(!out.status.success(), "vol {args:?} should have failed");
+        let err = String::from_utf8(out.stderr).expect("utf-8 stderr");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "vol {args:?}: expected one error line, got: {err}"
+        );
+        assert!(err.starts_with("error: "), "vol {args:?}: {err}");
+        err.trim_end().to_owned()
+    }
+
+    pub fn uri(&self, name: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{}", self.nbd_port, name)
+    }
+
+    pub fn unix_uri(&self, name: &str) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            name,
+            self.nbd_socket().display()
+        )
+    }
+
+    /// A raw HTTP request on the control socket: (status, body).
+    pub fn api(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut s = UnixStream::connect(self.socket()).expect("connect control socket");
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: volumed\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("HTTP status line");
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Paths under the volumes directory (one per volume).
+    pub fn volume_dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(self.data_dir().join("volumes"))
+            .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().ok().flatten() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs a Python script with libnbd's bindings (Debian's python3, which can
+/// import `nbd`, unlike a pyenv one). `URI` is in the environment; the script
+/// prints what the test checks. Panics with the script's stderr on failure.
+pub fn nbd_py(uri: &str, script: &str) -> String {
+    let out = nbd_py_output(uri, script);
+    assert!(
+        out.status.success(),
+        "python nbd script failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        script
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+pub fn nbd_py_output(uri: &str, script: &str) -> Output {
+    let prelude = "import nbd, os, sys\nURI = os.environ['URI']\n";
+    Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!("{prelude}{script}"))
+        .env("URI", uri)
+        .output()
+        .expect("run /usr/bin/python3 (python3-libnbd)")
+}
+
+/// Runs a command, asserts success, returns stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn nbdinfo_json(uri: &str) -> Value {
+    let out = run_ok(Command::new("nbdinfo").args(["--json", uri]));
+    serde_json::from_str(&out).expect("nbdinfo --json output")
+}
+
+/// `qemu-io -f raw URI -c ...`, asserting success and no "error" in output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c);
+    assert!(
+        !out.contains("Pattern verification failed") && !out.contains("error"),
+        "qemu-io {cmds:?}: {out}"
+    );
+    out
+}

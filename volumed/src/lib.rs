@@ -12,4 +12,5 @@ pub mod daemon;
 pub mod disk;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
 pub mod nbd;

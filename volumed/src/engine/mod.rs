@@ -33,6 +33,7 @@ use crate::catalog::{AttachmentRecord, Catalog, VolumeRecord, unix_now};
 use crate::disk::DataFile;
 use crate::disk::data_file::sync_dir;
 use crate::error::{Error, IoContext, Result};
+use crate::failpoint;
 
 /// Where clients reach the exports, for the URIs the API reports.
 #[derive(Debug, Clone)]
@@ -78,14 +79,19 @@ impl Engine {
                 continue;
             }
             let dir = engine.volume_dir(rec.id);
-            let data = DataFile::open(&dir, rec.size).with_context(|| {
-                format!(
-                    "open data files of volume '{}' in {}",
-                    rec.name,
-                    dir.display()
-                )
-            })?;
+            // Counted live even if it fails to open: its files must never be
+            // taken for orphans.
             live_ids.push(rec.id);
+            // A volume whose files are gone is reported and left out; the
+            // other volumes of the host still come up.
+            let data = match DataFile::open(&dir, rec.size) {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::error!(volume = %rec.name, dir = %dir.display(), error = %e,
+                        "cannot open volume data files; volume left out");
+                    continue;
+                }
+            };
             let attached = rec.attachment.is_some();
             let vol = Volume::new(rec, data);
             if attached {
@@ -188,6 +194,7 @@ impl Engine {
         let dir = self.volume_dir(id);
         let data = DataFile::create(&dir, req.size)
             .ctx(|| format!("create data files in {}", dir.display()))?;
+        failpoint::hit("create-after-files");
         if let Err(e) = self.catalog.put_volume(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
@@ -308,6 +315,7 @@ impl Engine {
         rec.deleting = true;
         self.catalog.put_volume(&rec)?;
         vol.set_record(rec.clone());
+        failpoint::hit("delete-after-mark");
         self.volumes
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -322,6 +330,7 @@ impl Engine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
         }
+        failpoint::hit("delete-after-files");
         sync_dir(&self.volumes_dir).ctx(|| format!("sync {}", self.volumes_dir.display()))?;
         self.catalog.remove_volume(&rec.name)?;
         Ok(())
