@@ -180,12 +180,6 @@ impl Raw {
         r
     }
 
-    fn u32(&mut self) -> u32 {
-        let mut b = [0u8; 4];
-        self.0.read_exact(&mut b).unwrap();
-        u32::from_be_bytes(b)
-    }
-
     fn option(&mut self, opt: u32, data: &[u8]) {
         let mut m = b"IHAVEOPT".to_vec();
         m.extend_from_slice(&opt.to_be_bytes());
@@ -268,6 +262,9 @@ impl Raw {
         matches!(self.0.read(&mut b), Ok(0) | Err(_))
     }
 }
+
+/// flags, command type, offset, length, payload, expected errno.
+type RawCase = (u16, u16, u64, u32, &'static [u8], u32);
 
 const EINVAL: u32 = 22;
 const ENOSPC: u32 = 28;
@@ -356,7 +353,7 @@ fn nbd_request_abuse() {
     let mut r = Raw::connect(d.nbd_port);
     r.0.write_all(&3u32.to_be_bytes()).unwrap();
     let size = r.go("v");
-    let cases: &[(u16, u16, u64, u32, &[u8], u32)] = &[
+    let cases: &[RawCase] = &[
         // flags, type, offset, length, payload, expected error
         (0, 0, size - 512, 1024, b"", EINVAL), // read past the end
         (0, 0, u64::MAX - 10, 512, b"", EINVAL), // offset + length overflows

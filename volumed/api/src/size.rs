@@ -72,7 +72,7 @@ impl fmt::Display for HumanSize {
             idx += 1;
         }
         let unit = 1u64 << shift;
-        if b % unit == 0 {
+        if b.is_multiple_of(unit) {
             write!(f, "{} {}", b / unit, UNITS[idx])
         } else {
             write!(f, "{:.1} {}", b as f64 / unit as f64, UNITS[idx])

@@ -209,12 +209,12 @@ impl Engine {
     }
 
     pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
-        if let Some(i) = &req.instance {
-            if i.is_empty() || i.len() > MAX_INSTANCE_LEN || i.chars().any(char::is_control) {
-                return Err(Error::InvalidRequest(format!(
-                    "instance id must be 1 to {MAX_INSTANCE_LEN} printable characters"
-                )));
-            }
+        if let Some(i) = &req.instance
+            && (i.is_empty() || i.len() > MAX_INSTANCE_LEN || i.chars().any(char::is_control))
+        {
+            return Err(Error::InvalidRequest(format!(
+                "instance id must be 1 to {MAX_INSTANCE_LEN} printable characters"
+            )));
         }
         let _guard = self.lifecycle.lock().await;
         let vol = self.get(name)?;
@@ -411,7 +411,7 @@ fn validate_size(size: u64) -> Result<()> {
     if size == 0 {
         return Err(Error::InvalidSize("size must be greater than 0".into()));
     }
-    if size % SIZE_ALIGNMENT != 0 {
+    if !size.is_multiple_of(SIZE_ALIGNMENT) {
         return Err(Error::InvalidSize(format!(
             "size {size} is not a multiple of {SIZE_ALIGNMENT} bytes"
         )));
