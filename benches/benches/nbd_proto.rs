@@ -28,8 +28,12 @@ fn bench(c: &mut Criterion) {
     info.extend_from_slice(b"data");
     info.extend_from_slice(&1u16.to_be_bytes());
     info.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
-    c.bench_function("nbd/parse_info_request", |b| b.iter(|| proto::parse_info_request(black_box(&info))));
-    c.bench_function("api/parse_size", |b| b.iter(|| volumed_api::parse_size(black_box("512GiB"))));
+    c.bench_function("nbd/parse_info_request", |b| {
+        b.iter(|| proto::parse_info_request(black_box(&info)))
+    });
+    c.bench_function("api/parse_size", |b| {
+        b.iter(|| volumed_api::parse_size(black_box("512GiB")))
+    });
 }
 
 criterion_group!(benches, bench);
