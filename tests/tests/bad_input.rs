@@ -361,7 +361,10 @@ fn nbd_request_abuse() {
         (0, 1, size - 2, 4, b"abcd", ENOSPC),  // write past the end
         (0, 1, u64::MAX, 1, b"x", EINVAL),     // write overflowing u64
         (0, 99, 0, 512, b"", EINVAL),          // unknown command
-        (0, 4, 0, 512, b"", EINVAL),           // TRIM, not advertised
+        (0, 7, 0, 512, b"", EINVAL),           // BLOCK_STATUS without a meta context
+        (0, 4, size, 512, b"", EINVAL),        // TRIM past the end
+        (0, 6, size - 1, 512, b"", ENOSPC),    // WRITE_ZEROES past the end
+        (2, 4, 0, 512, b"", EINVAL),           // NO_HOLE is not a TRIM flag
         (0x8000, 0, 0, 512, b"", EINVAL),      // unknown command flag
         (0, 0, 0, 64 << 20, b"", EINVAL),      // read over the maximum payload
     ];

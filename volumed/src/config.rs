@@ -7,6 +7,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use snapshot::StoreUrl;
 
+use crate::disk::EngineChoice;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "volumed",
@@ -38,6 +40,10 @@ pub struct Args {
     /// Snapshot store: file:///DIR or s3://BUCKET[/PREFIX] [default: file://DATA_DIR/store]
     #[arg(long, env = "VOLUMED_STORE", value_name = "URL")]
     pub store: Option<String>,
+
+    /// Disk I/O engine: io_uring, a thread pool, or io_uring when the kernel allows it
+    #[arg(long, env = "VOLUMED_IO_ENGINE", value_enum, default_value = "auto")]
+    pub io_engine: EngineChoice,
 }
 
 /// Settings with every default filled in.
@@ -48,6 +54,7 @@ pub struct Config {
     pub nbd_listen: SocketAddr,
     pub nbd_socket: PathBuf,
     pub store: StoreUrl,
+    pub io_engine: EngineChoice,
 }
 
 impl Args {
@@ -65,6 +72,7 @@ impl Args {
             socket: absolute(self.socket.unwrap_or_else(|| data_dir.join("volumed.sock")))?,
             nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
             nbd_listen: self.nbd_listen,
+            io_engine: self.io_engine,
             store,
             data_dir,
         })

@@ -14,6 +14,7 @@ use volumed_api::Status;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::disk::IoEngine;
 use crate::engine::{Engine, NbdEndpoints};
 use crate::nbd::NbdServer;
 
@@ -30,8 +31,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tcp: nbd_addr,
         unix: config.nbd_socket.clone(),
     };
+    let io = Arc::new(IoEngine::new(config.io_engine).context("start the I/O engine")?);
     let (engine, clean) =
-        Engine::open(&config.data_dir, endpoints).context("open volume engine")?;
+        Engine::open(&config.data_dir, endpoints, io).context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
@@ -46,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         nbd_socket: config.nbd_socket.display().to_string(),
         store: config.store.to_string(),
         volumes: 0,
-        io_backend: "threadpool".into(),
+        io_backend: engine.io_engine_name().into(),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),

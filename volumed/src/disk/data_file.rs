@@ -1,10 +1,13 @@
-//! Segmented sparse data files; blocking calls, run on tokio's blocking pool.
+//! Segmented sparse data files.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+
+use super::engine::{IoEngine, OpKind};
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.
@@ -12,9 +15,20 @@ pub const SEGMENT_SIZE: u64 = 8 << 40;
 
 pub struct DataFile {
     dir: PathBuf,
-    /// Grows when the volume grows; readers take the lock only to clone the
-    /// `Arc`s they need, never across I/O.
+    engine: Arc<IoEngine>,
+    /// Grows when the volume grows; the lock is held only to clone the
+    /// `Arc`s an operation needs, never across I/O.
     segments: RwLock<Vec<Arc<File>>>,
+}
+
+/// One segment's share of a byte range.
+struct Piece {
+    file: Arc<File>,
+    /// Offset inside the segment file.
+    pos: u64,
+    /// Offset inside the caller's range.
+    at: usize,
+    len: usize,
 }
 
 fn segment_path(dir: &Path, idx: u64) -> PathBuf {
@@ -29,18 +43,25 @@ fn segment_len(size: u64, idx: u64) -> u64 {
     (size - idx * SEGMENT_SIZE).min(SEGMENT_SIZE)
 }
 
+fn open_segment(dir: &Path, idx: u64, create_new: bool) -> io::Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if create_new {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(false);
+    }
+    o.open(segment_path(dir, idx))
+}
+
 impl DataFile {
     /// Creates the directory and sparse segments for `size` bytes. Allocates
     /// no data blocks, whatever the size.
-    pub fn create(dir: &Path, size: u64) -> io::Result<Self> {
+    pub fn create(dir: &Path, size: u64, engine: Arc<IoEngine>) -> io::Result<Self> {
         std::fs::create_dir(dir)?;
         let mut segments = Vec::new();
         for idx in 0..segment_count(size) {
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(segment_path(dir, idx))?;
+            let f = open_segment(dir, idx, true)?;
             f.set_len(segment_len(size, idx))?;
             f.sync_all()?;
             segments.push(Arc::new(f));
@@ -51,22 +72,23 @@ impl DataFile {
         }
         Ok(DataFile {
             dir: dir.to_owned(),
+            engine,
             segments: RwLock::new(segments),
         })
     }
 
     /// Opens an existing volume of `size` bytes, repairing segment lengths a
     /// crash in the middle of a grow may have left short.
-    pub fn open(dir: &Path, size: u64) -> io::Result<Self> {
+    pub fn open(dir: &Path, size: u64, engine: Arc<IoEngine>) -> io::Result<Self> {
+        if !dir.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is missing", dir.display()),
+            ));
+        }
         let mut segments = Vec::new();
         for idx in 0..segment_count(size) {
-            let path = segment_path(dir, idx);
-            let f = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?;
+            let f = open_segment(dir, idx, false)?;
             let want = segment_len(size, idx);
             if f.metadata()?.len() < want {
                 f.set_len(want)?;
@@ -75,6 +97,7 @@ impl DataFile {
         }
         Ok(DataFile {
             dir: dir.to_owned(),
+            engine,
             segments: RwLock::new(segments),
         })
     }
@@ -83,64 +106,141 @@ impl DataFile {
         &self.dir
     }
 
-    fn segment(&self, idx: u64) -> io::Result<Arc<File>> {
+    /// Splits `[offset, offset + len)` at segment boundaries.
+    fn pieces(&self, offset: u64, len: u64) -> io::Result<Vec<Piece>> {
         let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
-        usize::try_from(idx)
-            .ok()
-            .and_then(|i| segs.get(i).cloned())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("offset beyond segment {idx}"),
-                )
-            })
+        let mut out = Vec::with_capacity(1);
+        let mut done = 0u64;
+        while done < len {
+            let abs = offset + done;
+            let idx = abs / SEGMENT_SIZE;
+            let pos = abs % SEGMENT_SIZE;
+            let take = (SEGMENT_SIZE - pos).min(len - done);
+            let file = usize::try_from(idx)
+                .ok()
+                .and_then(|i| segs.get(i).cloned())
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("offset {abs} beyond the data files"),
+                    )
+                })?;
+            out.push(Piece {
+                file,
+                pos,
+                at: done as usize,
+                len: take as usize,
+            });
+            done += take;
+        }
+        Ok(out)
     }
 
-    /// Calls `f(file, offset_in_segment, range_in_buffer)` for each segment
-    /// piece of `[offset, offset + len)`.
-    fn for_each_piece(
-        &self,
-        offset: u64,
-        len: usize,
-        mut f: impl FnMut(&File, u64, std::ops::Range<usize>) -> io::Result<()>,
-    ) -> io::Result<()> {
-        let mut done = 0usize;
-        while done < len {
-            let pos = offset + done as u64;
-            let idx = pos / SEGMENT_SIZE;
-            let in_seg = pos % SEGMENT_SIZE;
-            let take = ((SEGMENT_SIZE - in_seg) as usize).min(len - done);
-            let file = self.segment(idx)?;
-            f(&file, in_seg, done..done + take)?;
-            done += take;
+    /// Reads `len` bytes at `offset`. Holes read as zeros.
+    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut pieces = self.pieces(offset, len as u64)?;
+        if pieces.len() == 1 {
+            let p = pieces.pop().expect("one piece");
+            let (r, kind) = self
+                .engine
+                .run(p.file, p.pos, OpKind::Read(vec![0u8; len]))
+                .await;
+            r?;
+            return match kind {
+                OpKind::Read(buf) => Ok(buf),
+                _ => Err(io::Error::other("I/O engine returned another op")),
+            };
+        }
+        let mut out = vec![0u8; len];
+        for p in pieces {
+            let (r, kind) = self
+                .engine
+                .run(p.file, p.pos, OpKind::Read(vec![0u8; p.len]))
+                .await;
+            r?;
+            if let OpKind::Read(buf) = kind {
+                out[p.at..p.at + p.len].copy_from_slice(&buf);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+        let mut pieces = self.pieces(offset, buf.len() as u64)?;
+        if pieces.len() == 1 {
+            let p = pieces.pop().expect("one piece");
+            return self.engine.run(p.file, p.pos, OpKind::Write(buf)).await.0;
+        }
+        for p in pieces {
+            let part = buf[p.at..p.at + p.len].to_vec();
+            self.engine
+                .run(p.file, p.pos, OpKind::Write(part))
+                .await
+                .0?;
         }
         Ok(())
     }
 
-    /// Fills `buf` from `offset`. Sparse regions read as zeros.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.for_each_piece(offset, buf.len(), |file, pos, range| {
-            file.read_exact_at(&mut buf[range], pos)
-        })
+    /// fallocate(2) over a byte range of the volume.
+    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        for p in self.pieces(offset, len)? {
+            self.engine
+                .run(
+                    p.file,
+                    p.pos,
+                    OpKind::Fallocate {
+                        mode,
+                        len: p.len as u64,
+                    },
+                )
+                .await
+                .0?;
+        }
+        Ok(())
     }
 
-    pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.for_each_piece(offset, buf.len(), |file, pos, range| {
-            file.write_all_at(&buf[range], pos)
-        })
+    /// Starts reading a range into the page cache.
+    pub async fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
+        for p in self.pieces(offset, len)? {
+            self.engine
+                .run(p.file, p.pos, OpKind::WillNeed { len: p.len as u64 })
+                .await
+                .0?;
+        }
+        Ok(())
     }
 
-    /// Makes every completed write durable.
-    pub fn sync(&self) -> io::Result<()> {
+    /// Makes every completed write durable; `metadata` also syncs what
+    /// fdatasync may skip (hole punches change only the extent tree).
+    pub async fn sync(&self, metadata: bool) -> io::Result<()> {
         let segs = self
             .segments
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for f in segs {
-            f.sync_data()?;
+            self.engine
+                .run(
+                    f,
+                    0,
+                    OpKind::Sync {
+                        data_only: !metadata,
+                    },
+                )
+                .await
+                .0?;
         }
         Ok(())
+    }
+
+    /// Blocking sync for the control path (detach, shutdown, tests).
+    pub fn sync_blocking(&self) -> io::Result<()> {
+        let segs = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        segs.iter().try_for_each(|f| f.sync_all())
     }
 
     /// Grows the volume to `new_size`, sparse. Shrinking is the caller's to
@@ -155,24 +255,16 @@ impl DataFile {
         let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
         for idx in 0..segment_count(new_size) {
             let want = segment_len(new_size, idx);
-            match segs.get(idx as usize) {
-                Some(f) => {
-                    if f.metadata()?.len() < want {
-                        f.set_len(want)?;
-                        f.sync_all()?;
-                    }
-                }
-                None => {
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create(true)
-                        .truncate(false)
-                        .open(segment_path(&self.dir, idx))?;
+            if let Some(f) = segs.get(idx as usize) {
+                if f.metadata()?.len() < want {
                     f.set_len(want)?;
                     f.sync_all()?;
-                    segs.push(Arc::new(f));
                 }
+            } else {
+                let f = open_segment(&self.dir, idx, false)?;
+                f.set_len(want)?;
+                f.sync_all()?;
+                segs.push(Arc::new(f));
             }
         }
         sync_dir(&self.dir)
@@ -186,6 +278,48 @@ impl DataFile {
             .map(|m| m.blocks() * 512)
             .sum()
     }
+
+    /// Allocated byte ranges of the volume, `(start, end)`, from the files'
+    /// extent maps (SEEK_DATA / SEEK_HOLE). Blocking; used when opening.
+    pub fn allocated_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        let segs = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut out = Vec::new();
+        for (idx, f) in segs.iter().enumerate() {
+            let base = idx as u64 * SEGMENT_SIZE;
+            let len = f.metadata()?.len();
+            let mut pos = 0u64;
+            while pos < len {
+                let Some(start) = seek(f, pos, libc::SEEK_DATA)? else {
+                    break;
+                };
+                let end = seek(f, start, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+                out.push((base + start, base + end));
+                pos = end;
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; `None` past the last data (ENXIO).
+fn seek(f: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+    // SAFETY: lseek on a descriptor we hold open; no memory effects. The
+    // descriptor's shared offset is never used for I/O (all I/O is
+    // positional), so moving it is harmless.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ENXIO) {
+        Ok(None)
+    } else {
+        Err(e)
+    }
 }
 
 /// Makes a directory's entries (created or removed files) durable.
@@ -196,47 +330,105 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
+    use crate::disk::{EngineChoice, IoEngine};
 
-    #[test]
-    fn huge_volume_is_sparse_and_reads_zero() {
+    fn engines() -> Vec<Arc<IoEngine>> {
+        vec![
+            Arc::new(IoEngine::new(EngineChoice::Threads).unwrap()),
+            Arc::new(IoEngine::new(EngineChoice::Uring).expect("io_uring works on this machine")),
+        ]
+    }
+
+    #[tokio::test]
+    async fn huge_volume_is_sparse_and_reads_zero() {
         let tmp = tempfile::tempdir().unwrap();
         let size = 64u64 << 40;
-        let df = DataFile::create(&tmp.path().join("v"), size).unwrap();
-        assert_eq!(df.segments.read().unwrap().len(), 8);
-        assert!(df.allocated_bytes() < 1 << 20);
-        let mut buf = vec![1u8; 4096];
-        df.read_at(size - 4096, &mut buf).unwrap();
-        assert!(buf.iter().all(|b| *b == 0));
+        for (i, e) in engines().into_iter().enumerate() {
+            let df = DataFile::create(&tmp.path().join(format!("v{i}")), size, e).unwrap();
+            assert_eq!(df.segments.read().unwrap().len(), 8);
+            assert!(df.allocated_bytes() < 1 << 20);
+            assert!(df.allocated_ranges().unwrap().is_empty());
+            assert!(
+                df.read(size - 4096, 4096)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|b| *b == 0)
+            );
+        }
     }
 
-    #[test]
-    fn io_across_a_segment_boundary() {
+    #[tokio::test]
+    async fn io_across_a_segment_boundary() {
         let tmp = tempfile::tempdir().unwrap();
-        let df = DataFile::create(&tmp.path().join("v"), SEGMENT_SIZE + (1 << 20)).unwrap();
-        let data: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
-        df.write_at(SEGMENT_SIZE - 4096, &data).unwrap();
-        let mut back = vec![0u8; 8192];
-        df.read_at(SEGMENT_SIZE - 4096, &mut back).unwrap();
-        assert_eq!(back, data);
-        let mut tail = vec![0u8; 4096];
-        DataFile::open(df.dir(), SEGMENT_SIZE + (1 << 20))
-            .unwrap()
-            .read_at(SEGMENT_SIZE, &mut tail)
-            .unwrap();
-        assert_eq!(tail, data[4096..]);
+        for (i, e) in engines().into_iter().enumerate() {
+            let dir = tmp.path().join(format!("v{i}"));
+            let df = DataFile::create(&dir, SEGMENT_SIZE + (1 << 20), Arc::clone(&e)).unwrap();
+            let data: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+            df.write(SEGMENT_SIZE - 4096, data.clone()).await.unwrap();
+            assert_eq!(df.read(SEGMENT_SIZE - 4096, 8192).await.unwrap(), data);
+            let again = DataFile::open(&dir, SEGMENT_SIZE + (1 << 20), e).unwrap();
+            assert_eq!(again.read(SEGMENT_SIZE, 4096).await.unwrap(), data[4096..]);
+            let ranges = again.allocated_ranges().unwrap();
+            assert_eq!(ranges.len(), 2, "{ranges:?}");
+            assert!(ranges[0].0 <= SEGMENT_SIZE - 4096 && ranges[1].1 >= SEGMENT_SIZE + 4096);
+        }
     }
 
-    #[test]
-    fn grow_adds_segments_and_keeps_data() {
+    #[tokio::test]
+    async fn punch_and_zero_range() {
         let tmp = tempfile::tempdir().unwrap();
-        let df = DataFile::create(&tmp.path().join("v"), 1 << 20).unwrap();
-        df.write_at(0, b"hello").unwrap();
+        for (i, e) in engines().into_iter().enumerate() {
+            let df = DataFile::create(&tmp.path().join(format!("v{i}")), 4 << 20, e).unwrap();
+            df.write(0, vec![7u8; 4 << 20]).await.unwrap();
+            df.fallocate(PUNCH_HOLE, 1 << 20, 1 << 20).await.unwrap();
+            df.fallocate(ZERO_RANGE, 3 << 20, 4096).await.unwrap();
+            let all = df.read(0, 4 << 20).await.unwrap();
+            assert!(all[..1 << 20].iter().all(|b| *b == 7));
+            assert!(all[1 << 20..2 << 20].iter().all(|b| *b == 0));
+            assert!(all[3 << 20..(3 << 20) + 4096].iter().all(|b| *b == 0));
+            assert_eq!(all[(3 << 20) + 4096], 7);
+            let ranges = df.allocated_ranges().unwrap();
+            assert_eq!(
+                ranges[0],
+                (0, 1 << 20),
+                "the punched MiB is a hole: {ranges:?}"
+            );
+            df.will_need(0, 1 << 20).await.unwrap();
+            df.sync(true).await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn grow_adds_segments_and_keeps_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
+        let df = DataFile::create(&tmp.path().join("v"), 1 << 20, e).unwrap();
+        df.write(0, b"hello".to_vec()).await.unwrap();
         df.grow(1 << 20, SEGMENT_SIZE * 2 + 512).unwrap();
         assert_eq!(df.segments.read().unwrap().len(), 3);
-        df.write_at(SEGMENT_SIZE * 2, b"end").unwrap();
-        let mut b = [0u8; 5];
-        df.read_at(0, &mut b).unwrap();
-        assert_eq!(&b, b"hello");
+        df.write(SEGMENT_SIZE * 2, b"end".to_vec()).await.unwrap();
+        assert_eq!(df.read(0, 5).await.unwrap(), b"hello");
         assert!(df.grow(SEGMENT_SIZE * 2 + 512, 4096).is_err());
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_ops_on_the_ring() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Arc::new(IoEngine::new(EngineChoice::Uring).unwrap());
+        let df = Arc::new(DataFile::create(&tmp.path().join("v"), 64 << 20, e).unwrap());
+        let mut tasks = Vec::new();
+        for i in 0..1000u64 {
+            let df = Arc::clone(&df);
+            tasks.push(tokio::spawn(async move {
+                let block = vec![(i % 251) as u8; 4096];
+                df.write(i * 4096, block.clone()).await.unwrap();
+                assert_eq!(df.read(i * 4096, 4096).await.unwrap(), block);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
     }
 }

@@ -5,11 +5,15 @@
 //! last one shorter). One file would be simpler, but ext4 caps a file at
 //! 16 TiB and volumes go to 64 TiB.
 //!
-//! I/O is positional (`pread`/`pwrite`) on shared file descriptors, so every
-//! connection's completed writes are in the same page cache and one
-//! `fdatasync` per segment makes all of them durable. That is what lets the
-//! NBD server advertise CAN_MULTI_CONN.
+//! I/O is positional on file descriptors shared by every connection, so all
+//! connections' completed writes sit in the same page cache and one sync per
+//! segment makes all of them durable. That is what lets the NBD server
+//! advertise CAN_MULTI_CONN. The I/O itself goes through an [`IoEngine`]:
+//! io_uring, or a thread pool where io_uring is unavailable.
 
 pub mod data_file;
+pub mod engine;
+mod uring;
 
 pub use data_file::{DataFile, SEGMENT_SIZE, sync_dir};
+pub use engine::{EngineChoice, IoEngine};

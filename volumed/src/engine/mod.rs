@@ -12,6 +12,7 @@
 //!   `deleting` first, then the files go, then the record. Start-up finishes
 //!   any delete it finds marked.
 
+pub mod chunk_map;
 mod volume;
 
 use std::collections::HashMap;
@@ -27,13 +28,13 @@ use volumed_api::{
     format_size,
 };
 
-pub use volume::{Export, Volume};
+pub use volume::{Export, Extent, ReadPiece, Volume};
 
 use crate::catalog::{AttachmentRecord, Catalog, VolumeRecord, unix_now};
-use crate::disk::DataFile;
-use crate::disk::data_file::sync_dir;
+use crate::disk::{DataFile, IoEngine, sync_dir};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
+use chunk_map::ChunkMap;
 
 /// Where clients reach the exports, for the URIs the API reports.
 #[derive(Debug, Clone)]
@@ -48,13 +49,21 @@ pub struct Engine {
     endpoints: NbdEndpoints,
     volumes: RwLock<HashMap<VolumeName, Arc<Volume>>>,
     lifecycle: Mutex<()>,
+    io: Arc<IoEngine>,
 }
+
+/// Where a volume's dirty set is saved at a clean shutdown.
+const DIRTY_FILE: &str = "dirty";
 
 impl Engine {
     /// Opens the catalog under `data_dir`, finishes interrupted deletes,
     /// removes orphaned data files, and reopens every volume; attached ones
     /// are exported again so hypervisors can reconnect.
-    pub fn open(data_dir: &Path, endpoints: NbdEndpoints) -> anyhow::Result<(Self, bool)> {
+    pub fn open(
+        data_dir: &Path,
+        endpoints: NbdEndpoints,
+        io: Arc<IoEngine>,
+    ) -> anyhow::Result<(Self, bool)> {
         use anyhow::Context;
         let catalog = Catalog::open(&data_dir.join("catalog")).context("open catalog")?;
         let clean = catalog.begin_run().context("record start")?;
@@ -68,6 +77,7 @@ impl Engine {
             endpoints,
             volumes: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(()),
+            io,
         };
         let mut live_ids = Vec::new();
         for rec in engine.catalog.volumes().context("load volumes")? {
@@ -84,8 +94,10 @@ impl Engine {
             live_ids.push(rec.id);
             // A volume whose files are gone is reported and left out; the
             // other volumes of the host still come up.
-            let data = match DataFile::open(&dir, rec.size) {
-                Ok(d) => d,
+            let opened = DataFile::open(&dir, rec.size, Arc::clone(&engine.io))
+                .and_then(|data| Ok((engine.rebuild_map(&rec, &data, clean)?, data)));
+            let (map, data) = match opened {
+                Ok(x) => x,
                 Err(e) => {
                     tracing::error!(volume = %rec.name, dir = %dir.display(), error = %e,
                         "cannot open volume data files; volume left out");
@@ -93,7 +105,7 @@ impl Engine {
                 }
             };
             let attached = rec.attachment.is_some();
-            let vol = Volume::new(rec, data);
+            let vol = Volume::new(rec, data, map);
             if attached {
                 vol.open_export();
             }
@@ -107,6 +119,38 @@ impl Engine {
             .remove_orphans(&live_ids)
             .context("remove orphaned data files")?;
         Ok((engine, clean))
+    }
+
+    /// The chunk map from the data files' allocation, which is exactly what
+    /// the last sync made durable; the dirty set from the clean shutdown's
+    /// save, or every `Local` chunk when that cannot be trusted.
+    fn rebuild_map(
+        &self,
+        rec: &VolumeRecord,
+        data: &DataFile,
+        clean: bool,
+    ) -> std::io::Result<ChunkMap> {
+        let map = ChunkMap::new(rec.size, rec.chunk_size);
+        map.load_allocation(&data.allocated_ranges()?);
+        let dirty_path = data.dir().join(DIRTY_FILE);
+        let loaded = if clean {
+            map.load_dirty(&dirty_path)
+        } else {
+            Err(std::io::ErrorKind::NotFound.into())
+        };
+        if let Err(e) = loaded {
+            if clean {
+                warn!(volume = %rec.name, error = %e, "dirty set unreadable; every allocated chunk counts as changed");
+            }
+            map.mark_all_local_dirty();
+        }
+        info!(volume = %rec.name, local_chunks = map.local_chunks(), dirty_chunks = map.dirty_chunks().len(),
+              "volume opened");
+        Ok(map)
+    }
+
+    pub fn io_engine_name(&self) -> &'static str {
+        self.io.name()
     }
 
     fn volume_dir(&self, id: u64) -> PathBuf {
@@ -192,7 +236,7 @@ impl Engine {
             None,
         );
         let dir = self.volume_dir(id);
-        let data = DataFile::create(&dir, req.size)
+        let data = DataFile::create(&dir, req.size, Arc::clone(&self.io))
             .ctx(|| format!("create data files in {}", dir.display()))?;
         failpoint::hit("create-after-files");
         if let Err(e) = self.catalog.put_volume(&rec) {
@@ -200,7 +244,7 @@ impl Engine {
             return Err(e.into());
         }
         info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral, "volume created");
-        let vol = Volume::new(rec, data);
+        let vol = Volume::new(rec, data, ChunkMap::new(req.size, chunk_size));
         self.volumes
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -283,9 +327,7 @@ impl Engine {
             if size > rec.size {
                 // Files grow before the record does: a crash in between leaves
                 // longer files than the record, which open() tolerates.
-                let data = vol.data();
-                data.grow(rec.size, size)
-                    .ctx(|| format!("grow volume '{name}'"))?;
+                vol.grow(size).ctx(|| format!("grow volume '{name}'"))?;
                 rec.size = size;
             }
         }
@@ -293,7 +335,6 @@ impl Engine {
             rec.ephemeral = e;
         }
         self.catalog.put_volume(&rec)?;
-        vol.set_size(rec.size);
         vol.set_record(rec);
         info!(volume = %name, size = vol.size(), "volume modified");
         Ok(vol)
@@ -448,6 +489,10 @@ mod tests {
         }
     }
 
+    fn io() -> Arc<IoEngine> {
+        Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap())
+    }
+
     fn name(s: &str) -> VolumeName {
         VolumeName::parse(s).unwrap()
     }
@@ -465,7 +510,7 @@ mod tests {
     #[tokio::test]
     async fn lifecycle_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let (e, _) = Engine::open(dir.path(), endpoints()).unwrap();
+        let (e, _) = Engine::open(dir.path(), endpoints(), io()).unwrap();
         e.create(create_req("a", 1 << 30, false)).await.unwrap();
         assert!(matches!(
             e.create(create_req("a", 1 << 30, false)).await,
@@ -555,7 +600,7 @@ mod tests {
     async fn restart_finishes_interrupted_delete_and_removes_orphans() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (e, _) = Engine::open(dir.path(), endpoints()).unwrap();
+            let (e, _) = Engine::open(dir.path(), endpoints(), io()).unwrap();
             let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
             e.create(create_req("kept", 1 << 20, false)).await.unwrap();
             // Simulate a crash right after the delete mark was written.
@@ -566,7 +611,7 @@ mod tests {
             std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999)))
                 .unwrap();
         }
-        let (e, clean) = Engine::open(dir.path(), endpoints()).unwrap();
+        let (e, clean) = Engine::open(dir.path(), endpoints(), io()).unwrap();
         assert!(!clean);
         let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
         assert_eq!(names, ["kept"]);

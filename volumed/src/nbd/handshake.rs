@@ -22,9 +22,25 @@ pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// Transmission flags of every export.
 /// CAN_MULTI_CONN holds because all connections share one set of file
-/// descriptors, so one FLUSH's fdatasync covers every completed write.
-pub const TRANSMISSION_FLAGS: u16 =
-    FLAG_HAS_FLAGS | FLAG_SEND_FLUSH | FLAG_SEND_FUA | FLAG_CAN_MULTI_CONN;
+/// descriptors, so one FLUSH's sync covers every completed write.
+/// FAST_ZERO holds because every zeroing is a fallocate, never a write loop.
+const BASE_FLAGS: u16 = FLAG_HAS_FLAGS
+    | FLAG_SEND_FLUSH
+    | FLAG_SEND_FUA
+    | FLAG_SEND_TRIM
+    | FLAG_SEND_WRITE_ZEROES
+    | FLAG_SEND_CACHE
+    | FLAG_SEND_FAST_ZERO
+    | FLAG_CAN_MULTI_CONN;
+
+/// The flags for a session; DF exists only with structured replies.
+pub fn transmission_flags(structured: bool) -> u16 {
+    if structured {
+        BASE_FLAGS | FLAG_SEND_DF
+    } else {
+        BASE_FLAGS
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -38,13 +54,43 @@ pub enum HandshakeError {
     UnknownExportName(String),
 }
 
+/// What the client negotiated for the transmission phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionOptions {
+    pub structured: bool,
+    /// base:allocation was selected for this export: BLOCK_STATUS allowed.
+    pub base_allocation: bool,
+}
+
 /// What negotiation ended with.
 pub enum Negotiated {
     /// The client entered transmission on this export; `size` is the one it
     /// was told and must keep for the whole session.
-    Export { export: Export, size: u64 },
+    Export {
+        export: Export,
+        size: u64,
+        options: SessionOptions,
+    },
     /// The client aborted or left during option haggling.
     Closed,
+}
+
+/// Option-haggling state of one connection.
+#[derive(Default)]
+struct State {
+    structured: bool,
+    /// The export named by the last NBD_OPT_SET_META_CONTEXT that selected
+    /// base:allocation; contexts apply only to that export.
+    meta_export: Option<String>,
+}
+
+impl State {
+    fn options_for(&self, export: &str) -> SessionOptions {
+        SessionOptions {
+            structured: self.structured,
+            base_allocation: self.structured && self.meta_export.as_deref() == Some(export),
+        }
+    }
 }
 
 pub async fn negotiate<S>(stream: &mut S, engine: &Engine) -> Result<Negotiated, HandshakeError>
@@ -55,6 +101,7 @@ where
     stream.flush().await?;
     let client = parse_client_flags(stream.read_u32().await?)?;
 
+    let mut st = State::default();
     let mut out = Vec::new();
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -94,10 +141,17 @@ where
                     return Err(HandshakeError::UnknownExportName(name));
                 };
                 let size = export.volume.size();
-                let bytes = encode_export_name_reply(size, TRANSMISSION_FLAGS, client.no_zeroes);
-                stream.write_all(&bytes).await?;
+                let options = st.options_for(&name);
+                let flags = transmission_flags(options.structured);
+                stream
+                    .write_all(&encode_export_name_reply(size, flags, client.no_zeroes))
+                    .await?;
                 stream.flush().await?;
-                return Ok(Negotiated::Export { export, size });
+                return Ok(Negotiated::Export {
+                    export,
+                    size,
+                    options,
+                });
             }
             OPT_ABORT => {
                 // The client may already have closed; the ACK is a courtesy.
@@ -126,8 +180,7 @@ where
                     );
                 }
                 encode_option_reply(&mut out, opt.option, REP_ACK, &[]);
-                stream.write_all(&out).await?;
-                stream.flush().await?;
+                send(stream, &out).await?;
             }
             OPT_INFO | OPT_GO => {
                 let req = match parse_info_request(&data) {
@@ -145,25 +198,22 @@ where
                     }
                 };
                 let Some(export) = engine.export(&req.name) else {
-                    let msg = format!("export '{}' does not exist or is not attached", req.name);
+                    let msg = unknown_export(&req.name);
                     reply(
                         stream,
                         &mut out,
                         opt.option,
                         REP_ERR_UNKNOWN,
-                        truncate(&msg),
+                        msg.as_bytes(),
                     )
                     .await?;
                     continue;
                 };
                 let size = export.volume.size();
+                let options = st.options_for(&req.name);
+                let flags = transmission_flags(options.structured);
                 out.clear();
-                encode_option_reply(
-                    &mut out,
-                    opt.option,
-                    REP_INFO,
-                    &info_export(size, TRANSMISSION_FLAGS),
-                );
+                encode_option_reply(&mut out, opt.option, REP_INFO, &info_export(size, flags));
                 // Sent whether or not it was asked for: the minimum of 1 means
                 // any alignment works, so no client is constrained by it.
                 let preferred = u32::try_from(export.volume.chunk_size).unwrap_or(u32::MAX);
@@ -191,11 +241,32 @@ where
                     );
                 }
                 encode_option_reply(&mut out, opt.option, REP_ACK, &[]);
-                stream.write_all(&out).await?;
-                stream.flush().await?;
+                send(stream, &out).await?;
                 if opt.option == OPT_GO {
-                    return Ok(Negotiated::Export { export, size });
+                    return Ok(Negotiated::Export {
+                        export,
+                        size,
+                        options,
+                    });
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply(
+                        stream,
+                        &mut out,
+                        opt.option,
+                        REP_ERR_INVALID,
+                        b"takes no data",
+                    )
+                    .await?;
+                    continue;
+                }
+                st.structured = true;
+                reply(stream, &mut out, opt.option, REP_ACK, &[]).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                meta_context(stream, &mut out, &mut st, engine, opt.option, &data).await?;
             }
             OPT_STARTTLS => {
                 reply(
@@ -222,6 +293,86 @@ where
     }
 }
 
+/// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. The one context
+/// is `base:allocation`; LIST also answers the namespace query `base:` and
+/// an empty query list with it.
+async fn meta_context<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    out: &mut Vec<u8>,
+    st: &mut State,
+    engine: &Engine,
+    option: u32,
+    data: &[u8],
+) -> std::io::Result<()> {
+    if !st.structured {
+        return reply(
+            stream,
+            out,
+            option,
+            REP_ERR_INVALID,
+            b"negotiate structured replies first",
+        )
+        .await;
+    }
+    let req = match parse_meta_request(data) {
+        Ok(r) => r,
+        Err(msg) => return reply(stream, out, option, REP_ERR_INVALID, msg.as_bytes()).await,
+    };
+    if engine.export(&req.name).is_none() {
+        return reply(
+            stream,
+            out,
+            option,
+            REP_ERR_UNKNOWN,
+            unknown_export(&req.name).as_bytes(),
+        )
+        .await;
+    }
+    let set = option == OPT_SET_META_CONTEXT;
+    let selected = if set {
+        req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
+    } else {
+        req.queries.is_empty()
+            || req
+                .queries
+                .iter()
+                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
+    };
+    if set {
+        // SET replaces whatever an earlier SET selected.
+        st.meta_export = selected.then(|| req.name.clone());
+    }
+    out.clear();
+    if selected {
+        // LIST replies carry id 0, as the spec reserves.
+        let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
+        encode_option_reply(
+            out,
+            option,
+            REP_META_CONTEXT,
+            &meta_context_data(id, META_BASE_ALLOCATION),
+        );
+    }
+    encode_option_reply(out, option, REP_ACK, &[]);
+    send(stream, out).await
+}
+
+fn unknown_export(name: &str) -> String {
+    let mut msg = format!("export '{name}' does not exist or is not attached");
+    // The name is the client's; cut on a character boundary, never inside one.
+    let mut end = msg.len().min(MAX_STRING);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg.truncate(end);
+    msg
+}
+
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 async fn reply<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
@@ -231,10 +382,5 @@ async fn reply<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     out.clear();
     proto::encode_option_reply(out, option, rep, data);
-    stream.write_all(out).await?;
-    stream.flush().await
-}
-
-fn truncate(s: &str) -> &[u8] {
-    &s.as_bytes()[..s.len().min(MAX_STRING)]
+    send(stream, out).await
 }

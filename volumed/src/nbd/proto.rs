@@ -11,6 +11,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 // Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -25,7 +26,10 @@ pub const FLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const FLAG_SEND_FUA: u16 = 1 << 3;
 pub const FLAG_SEND_TRIM: u16 = 1 << 5;
 pub const FLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const FLAG_SEND_DF: u16 = 1 << 7;
 pub const FLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const FLAG_SEND_CACHE: u16 = 1 << 10;
+pub const FLAG_SEND_FAST_ZERO: u16 = 1 << 11;
 
 // Options.
 pub const OPT_EXPORT_NAME: u32 = 1;
@@ -34,11 +38,15 @@ pub const OPT_LIST: u32 = 3;
 pub const OPT_STARTTLS: u32 = 5;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 // Option replies.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 const REP_ERR: u32 = 1 << 31;
 pub const REP_ERR_UNSUP: u32 = REP_ERR | 1;
 pub const REP_ERR_POLICY: u32 = REP_ERR | 2;
@@ -55,6 +63,26 @@ pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // Command flags.
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+pub const CMD_FLAG_FAST_ZERO: u16 = 1 << 4;
+
+// Structured reply chunk types and flags.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
+
+// base:allocation, the one metadata context: its name, the id we give it,
+// and its extent flags.
+pub const META_BASE_ALLOCATION: &str = "base:allocation";
+pub const META_BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 // Errors of replies (errno values fixed by the protocol, not the host's).
 pub const EPERM: u32 = 1;
@@ -162,6 +190,69 @@ pub fn parse_info_request(data: &[u8]) -> Result<InfoRequest, &'static str> {
             .map(|c| u16::from_be_bytes([c[0], c[1]]))
             .collect();
     Ok(InfoRequest { name, requests })
+}
+
+/// Data of NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub name: String,
+    pub queries: Vec<String>,
+}
+
+/// Parses meta-context option data: u32 name length, name, u32 query
+/// count, then each query as u32 length + string. The count cannot ask for
+/// more than the data holds: every query takes at least four bytes.
+pub fn parse_meta_request(data: &[u8]) -> Result<MetaRequest, &'static str> {
+    let mut r = Reader(data);
+    let name = r
+        .string()
+        .ok_or("bad export name in meta context request")?;
+    let count = r.u32().ok_or("option data too short for the query count")? as usize;
+    if count > r.0.len() / 4 {
+        return Err("query count exceeds the option data");
+    }
+    let mut queries = Vec::with_capacity(count);
+    for _ in 0..count {
+        queries.push(r.string().ok_or("bad query in meta context request")?);
+    }
+    if !r.0.is_empty() {
+        return Err("trailing bytes after the last query");
+    }
+    Ok(MetaRequest { name, queries })
+}
+
+/// NBD_REP_META_CONTEXT data: u32 context id, then the name.
+pub fn meta_context_data(id: u32, name: &str) -> Vec<u8> {
+    let mut d = Vec::with_capacity(4 + name.len());
+    d.extend_from_slice(&id.to_be_bytes());
+    d.extend_from_slice(name.as_bytes());
+    d
+}
+
+/// A structured reply chunk header.
+pub fn encode_structured_header(
+    flags: u16,
+    typ: u16,
+    cookie: u64,
+    len: u32,
+) -> [u8; STRUCTURED_REPLY_HEADER_LEN] {
+    let mut b = [0u8; STRUCTURED_REPLY_HEADER_LEN];
+    b[..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    b[4..6].copy_from_slice(&flags.to_be_bytes());
+    b[6..8].copy_from_slice(&typ.to_be_bytes());
+    b[8..16].copy_from_slice(&cookie.to_be_bytes());
+    b[16..].copy_from_slice(&len.to_be_bytes());
+    b
+}
+
+/// NBD_REPLY_TYPE_ERROR payload: errno, message length, message.
+pub fn error_payload(errno: u32, msg: &str) -> Vec<u8> {
+    let msg = &msg.as_bytes()[..msg.len().min(MAX_STRING)];
+    let mut d = Vec::with_capacity(6 + msg.len());
+    d.extend_from_slice(&errno.to_be_bytes());
+    d.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    d.extend_from_slice(msg);
+    d
 }
 
 /// An option reply: magic, option, type, length, data.
@@ -350,6 +441,14 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Option<u32> {
         self.take(4).map(be_u32)
     }
+    /// A u32-length-prefixed UTF-8 string of at most [`MAX_STRING`] bytes.
+    fn string(&mut self) -> Option<String> {
+        let len = self.u32()? as usize;
+        if len > MAX_STRING {
+            return None;
+        }
+        std::str::from_utf8(self.take(len)?).ok().map(str::to_owned)
+    }
 }
 
 #[cfg(test)]
@@ -441,7 +540,63 @@ mod tests {
         assert_eq!(check_range(u64::MAX, 0, 512), Err(RangeError::PastEnd));
     }
 
+    fn meta_data(name: &str, queries: &[&str]) -> Vec<u8> {
+        let mut d = (name.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(name.as_bytes());
+        d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
+        for q in queries {
+            d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+            d.extend_from_slice(q.as_bytes());
+        }
+        d
+    }
+
+    #[test]
+    fn meta_request_parse_and_errors() {
+        let d = meta_data("vol", &["base:allocation", "x-y:z"]);
+        assert_eq!(
+            parse_meta_request(&d),
+            Ok(MetaRequest {
+                name: "vol".into(),
+                queries: vec!["base:allocation".into(), "x-y:z".into()]
+            })
+        );
+        assert!(parse_meta_request(&d[..d.len() - 1]).is_err());
+        // A count claiming four billion queries is refused before any allocation.
+        let mut huge = meta_data("vol", &[]);
+        let n = huge.len();
+        huge[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_meta_request(&huge).is_err());
+        let mut trailing = d.clone();
+        trailing.push(1);
+        assert!(parse_meta_request(&trailing).is_err());
+    }
+
+    #[test]
+    fn structured_encodings() {
+        let h = encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, 9, 6);
+        assert_eq!(&h[..4], &STRUCTURED_REPLY_MAGIC.to_be_bytes());
+        assert_eq!(&h[4..8], &[0, 1, 0x80, 1]);
+        assert_eq!(error_payload(EIO, "")[..], [0, 0, 0, 5, 0, 0]);
+        assert_eq!(
+            error_payload(EIO, &"x".repeat(10_000)).len(),
+            6 + MAX_STRING
+        );
+    }
+
     proptest! {
+        #[test]
+        fn meta_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_meta_request(&data);
+        }
+
+        #[test]
+        fn meta_request_round_trips(name in "[a-z]{0,20}", qs in proptest::collection::vec("[a-z:]{0,30}", 0..8)) {
+            let refs: Vec<&str> = qs.iter().map(String::as_str).collect();
+            let parsed = parse_meta_request(&meta_data(&name, &refs)).unwrap();
+            prop_assert_eq!(parsed, MetaRequest { name, queries: qs });
+        }
+
         #[test]
         fn info_request_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
             let _ = parse_info_request(&data);

@@ -91,8 +91,12 @@ where
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, &engine)) => r,
     };
-    let (export, size) = match negotiated {
-        Ok(Ok(Negotiated::Export { export, size })) => (export, size),
+    let (export, size, options) = match negotiated {
+        Ok(Ok(Negotiated::Export {
+            export,
+            size,
+            options,
+        })) => (export, size, options),
         Ok(Ok(Negotiated::Closed)) => return,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "NBD handshake ended");
@@ -104,10 +108,17 @@ where
         }
     };
     let volume = Arc::clone(&export.volume);
-    info!(%peer, volume = %volume.name, size, "NBD client connected");
+    info!(%peer, volume = %volume.name, size, structured = options.structured, "NBD client connected");
     let (r, w) = tokio::io::split(stream);
     // Tracked by the export so detach and shutdown wait for this session.
-    let session = session::serve(r, w, Arc::clone(&volume), size, export.cancel.clone());
+    let session = session::serve(
+        r,
+        w,
+        Arc::clone(&volume),
+        size,
+        options,
+        export.cancel.clone(),
+    );
     match export.sessions.track_future(session).await {
         Ok(()) => info!(%peer, volume = %volume.name, "NBD client disconnected"),
         Err(e) => warn!(%peer, volume = %volume.name, error = %e, "NBD session closed on error"),

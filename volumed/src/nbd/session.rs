@@ -14,15 +14,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::handshake::MAX_PAYLOAD;
+use super::handshake::{MAX_PAYLOAD, SessionOptions};
 use super::proto::*;
-use crate::engine::Volume;
+use crate::engine::{Extent, ReadPiece, Volume};
 
 /// Requests in flight per connection (fio and qemu use up to 128).
 pub const MAX_IN_FLIGHT: usize = 128;
 
 /// Payload bytes in flight per connection, counted in KiB permits.
 const PAYLOAD_BUDGET_KIB: u32 = 256 << 10;
+
+/// Zeros for simple replies to reads of holes, written in slices of this.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -32,10 +35,24 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
 }
 
+/// What a request's task hands to the writer.
+enum Body {
+    /// Success with no payload.
+    Done,
+    /// An errno, with a message for structured replies.
+    Error(u32, String),
+    /// A read's data, starting at `offset`; `df` forbids fragmenting it.
+    Read {
+        offset: u64,
+        pieces: Vec<ReadPiece>,
+        df: bool,
+    },
+    BlockStatus(Vec<Extent>),
+}
+
 struct Reply {
     cookie: u64,
-    error: u32,
-    data: Option<Vec<u8>>,
+    body: Body,
     /// Released once the reply is on the wire, so read buffers count against
     /// the budget until they are sent.
     _permit: Option<InFlight>,
@@ -90,6 +107,7 @@ pub async fn serve<R, W>(
     writer: W,
     volume: Arc<Volume>,
     size: u64,
+    options: SessionOptions,
     cancel: CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -97,25 +115,62 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, rx) = mpsc::unbounded_channel::<Reply>();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let writer_task = tokio::spawn(write_replies(writer, rx, options.structured));
     let window = Window::new();
-    let result = read_requests(&mut reader, &tx, &window, &volume, size, &cancel).await;
+    let ctx = Ctx {
+        tx,
+        volume,
+        size,
+        options,
+    };
+    let result = read_requests(&mut reader, &ctx, &window, &cancel).await;
     window.drain().await;
-    drop(tx);
+    drop(ctx);
     match writer_task.await {
-        Ok(Err(e)) => debug!(volume = %volume.name, error = %e, "reply writer stopped"),
-        Err(e) => warn!(volume = %volume.name, error = %e, "reply writer task failed"),
+        Ok(Err(e)) => debug!(error = %e, "reply writer stopped"),
+        Err(e) => warn!(error = %e, "reply writer task failed"),
         Ok(Ok(())) => {}
     }
     result
 }
 
+struct Ctx {
+    tx: mpsc::UnboundedSender<Reply>,
+    volume: Arc<Volume>,
+    size: u64,
+    options: SessionOptions,
+}
+
+impl Ctx {
+    fn reply_now(&self, cookie: u64, body: Body) {
+        let _ = self.tx.send(Reply {
+            cookie,
+            body,
+            _permit: None,
+        });
+    }
+
+    /// Runs `work` on its own task and sends what it returns.
+    fn spawn<F>(&self, req: Request, permit: InFlight, work: F)
+    where
+        F: std::future::Future<Output = Body> + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let body = work.await;
+            let _ = tx.send(Reply {
+                cookie: req.cookie,
+                body,
+                _permit: Some(permit),
+            });
+        });
+    }
+}
+
 async fn read_requests<R: AsyncRead + Unpin>(
     reader: &mut R,
-    tx: &mpsc::UnboundedSender<Reply>,
+    ctx: &Ctx,
     window: &Window,
-    volume: &Arc<Volume>,
-    size: u64,
     cancel: &CancellationToken,
 ) -> Result<(), SessionError> {
     let mut hdr = [0u8; REQUEST_HEADER_LEN];
@@ -130,142 +185,173 @@ async fn read_requests<R: AsyncRead + Unpin>(
             },
         }
         let req = Request::parse(&hdr)?;
-        let permit = window.acquire(req.length.min(MAX_PAYLOAD)).await;
-        let reply_err = |error: u32| Reply {
-            cookie: req.cookie,
-            error,
-            data: None,
-            _permit: None,
+        if req.command == Command::Disc {
+            return Ok(());
+        }
+        let payload = match req.command {
+            Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
+            _ => 0,
         };
+        let permit = window.acquire(payload).await;
 
-        match req.command {
-            Command::Disc => return Ok(()),
-            Command::Write => {
-                if req.length > MAX_PAYLOAD {
-                    // Consume the payload so the stream stays aligned on the
-                    // next header, without buffering it.
-                    let mut sink = (&mut *reader).take(u64::from(req.length));
-                    let n = tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
-                    if n < u64::from(req.length) {
-                        return Ok(());
-                    }
-                    let _ = tx.send(reply_err(EINVAL));
-                    continue;
+        let mut data = Vec::new();
+        if req.command == Command::Write {
+            if req.length > MAX_PAYLOAD {
+                // Consume the payload so the stream stays aligned on the
+                // next header, without buffering it.
+                let mut sink = (&mut *reader).take(u64::from(req.length));
+                let n = tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
+                if n < u64::from(req.length) {
+                    return Ok(());
                 }
-                let mut payload = vec![0u8; req.length as usize];
-                reader.read_exact(&mut payload).await?;
-                if let Some(err) = validate(&req, size, CMD_FLAG_FUA) {
-                    let _ = tx.send(reply_err(err));
-                    continue;
+                ctx.reply_now(
+                    req.cookie,
+                    Body::Error(EINVAL, "write larger than the maximum payload".into()),
+                );
+                continue;
+            }
+            data = vec![0u8; req.length as usize];
+            reader.read_exact(&mut data).await?;
+        }
+        if let Err((errno, msg)) = validate(&req, ctx.size, ctx.options) {
+            debug!(volume = %ctx.volume.name, ?req, errno, msg, "request refused");
+            ctx.reply_now(req.cookie, Body::Error(errno, msg.into()));
+            continue;
+        }
+        dispatch(ctx, req, data, permit);
+    }
+}
+
+/// Starts a validated request.
+fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
+    let vol = Arc::clone(&ctx.volume);
+    let (off, len) = (req.offset, u64::from(req.length));
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.command {
+        Command::Read => {
+            let df = req.flags & CMD_FLAG_DF != 0;
+            ctx.spawn(req, permit, async move {
+                match vol.read(off, len).await {
+                    Ok(pieces) => Body::Read {
+                        offset: off,
+                        pieces,
+                        df,
+                    },
+                    Err(e) => io_failure(&vol, "read", &req, &e),
                 }
-                let (tx, volume) = (tx.clone(), Arc::clone(volume));
-                tokio::spawn(async move {
-                    let fua = req.flags & CMD_FLAG_FUA != 0;
-                    let error = match volume.write(req.offset, payload, fua).await {
-                        Ok(()) => 0,
-                        Err(e) => io_failure(&volume, "write", &req, &e),
-                    };
-                    let _ = tx.send(Reply {
-                        cookie: req.cookie,
-                        error,
-                        data: None,
-                        _permit: Some(permit),
-                    });
-                });
+            });
+        }
+        Command::Write => ctx.spawn(req, permit, async move {
+            match vol.write(off, data, fua).await {
+                Ok(()) => Body::Done,
+                Err(e) => io_failure(&vol, "write", &req, &e),
             }
-            Command::Read => {
-                if let Some(err) = validate(&req, size, 0) {
-                    let _ = tx.send(reply_err(err));
-                    continue;
+        }),
+        Command::WriteZeroes | Command::Trim => {
+            let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
+            ctx.spawn(req, permit, async move {
+                match vol.write_zeroes(off, len, no_hole, fua).await {
+                    Ok(()) => Body::Done,
+                    Err(e) => io_failure(&vol, "zero", &req, &e),
                 }
-                let (tx, volume) = (tx.clone(), Arc::clone(volume));
-                tokio::spawn(async move {
-                    let reply = match volume.read(req.offset, req.length as usize).await {
-                        Ok(data) => Reply {
-                            cookie: req.cookie,
-                            error: 0,
-                            data: Some(data),
-                            _permit: Some(permit),
-                        },
-                        Err(e) => {
-                            let error = io_failure(&volume, "read", &req, &e);
-                            Reply {
-                                cookie: req.cookie,
-                                error,
-                                data: None,
-                                _permit: Some(permit),
-                            }
-                        }
-                    };
-                    let _ = tx.send(reply);
-                });
+            });
+        }
+        Command::Flush => ctx.spawn(req, permit, async move {
+            match vol.flush().await {
+                Ok(()) => Body::Done,
+                Err(e) => io_failure(&vol, "flush", &req, &e),
             }
-            Command::Flush => {
-                if req.flags & !CMD_FLAG_FUA != 0 {
-                    let _ = tx.send(reply_err(EINVAL));
-                    continue;
-                }
-                let (tx, volume) = (tx.clone(), Arc::clone(volume));
-                tokio::spawn(async move {
-                    let error = match volume.flush().await {
-                        Ok(()) => 0,
-                        Err(e) => io_failure(&volume, "flush", &req, &e),
-                    };
-                    let _ = tx.send(Reply {
-                        cookie: req.cookie,
-                        error,
-                        data: None,
-                        _permit: Some(permit),
-                    });
-                });
+        }),
+        Command::Cache => ctx.spawn(req, permit, async move {
+            match vol.cache(off, len).await {
+                Ok(()) => Body::Done,
+                Err(e) => io_failure(&vol, "cache", &req, &e),
             }
-            // Not advertised in the transmission flags, so a client that
-            // sends them broke the protocol; the spec asks for EINVAL.
-            Command::Trim
-            | Command::Cache
-            | Command::WriteZeroes
-            | Command::BlockStatus
-            | Command::Unknown(_) => {
-                debug!(volume = %volume.name, command = ?req.command, "unsupported NBD command");
-                let _ = tx.send(reply_err(EINVAL));
+        }),
+        Command::BlockStatus => {
+            let mut extents = vol.extents(off, len);
+            if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                extents.truncate(1);
             }
+            ctx.reply_now(req.cookie, Body::BlockStatus(extents));
+            drop(permit);
+        }
+        Command::Disc | Command::Unknown(_) => {
+            ctx.reply_now(req.cookie, Body::Error(EINVAL, "unknown command".into()));
         }
     }
 }
 
-/// The errno for a request that must not be executed, if any.
-fn validate(req: &Request, size: u64, allowed_flags: u16) -> Option<u32> {
-    if req.flags & !allowed_flags != 0 {
-        return Some(EINVAL);
+/// Checks a request against the protocol and the export; the error is the
+/// errno and a message for the client.
+fn validate(req: &Request, size: u64, opts: SessionOptions) -> Result<(), (u32, &'static str)> {
+    let (allowed, max_len) = match req.command {
+        Command::Read => (
+            CMD_FLAG_FUA | if opts.structured { CMD_FLAG_DF } else { 0 },
+            MAX_PAYLOAD,
+        ),
+        Command::Write => (CMD_FLAG_FUA, MAX_PAYLOAD),
+        Command::WriteZeroes => (
+            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
+            u32::MAX,
+        ),
+        Command::Trim | Command::Cache => (CMD_FLAG_FUA, u32::MAX),
+        Command::Flush => (CMD_FLAG_FUA, u32::MAX),
+        Command::BlockStatus => {
+            if !opts.base_allocation {
+                return Err((EINVAL, "no metadata context was negotiated"));
+            }
+            (CMD_FLAG_FUA | CMD_FLAG_REQ_ONE, u32::MAX)
+        }
+        Command::Disc | Command::Unknown(_) => return Err((EINVAL, "unknown command")),
+    };
+    if req.flags & !allowed != 0 {
+        return Err((EINVAL, "command flags not valid for this command"));
     }
-    if req.length == 0 || req.length > MAX_PAYLOAD {
-        return Some(EINVAL);
+    if req.command == Command::Flush {
+        return Ok(());
+    }
+    if req.length == 0 {
+        return Err((EINVAL, "zero-length request"));
+    }
+    if req.length > max_len {
+        return Err((
+            if opts.structured { EOVERFLOW } else { EINVAL },
+            "request larger than the maximum payload",
+        ));
     }
     match check_range(req.offset, req.length, size) {
-        Ok(()) => None,
+        Ok(()) => Ok(()),
         // The spec: ENOSPC for a write past the end, EINVAL for the rest.
-        Err(RangeError::PastEnd) if req.command == Command::Write => Some(ENOSPC),
-        Err(_) => Some(EINVAL),
+        Err(RangeError::PastEnd)
+            if matches!(req.command, Command::Write | Command::WriteZeroes) =>
+        {
+            Err((ENOSPC, "write past the end of the export"))
+        }
+        Err(RangeError::PastEnd) => Err((EINVAL, "request past the end of the export")),
+        Err(RangeError::Overflow) => Err((EINVAL, "offset + length overflows")),
     }
 }
 
-fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> u32 {
+fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> Body {
     tracing::error!(volume = %volume.name, op, offset = req.offset, length = req.length, error = %e, "I/O failed");
-    errno_of(e)
+    Body::Error(errno_of(e), format!("{op} failed: {e}"))
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
+    structured: bool,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Batch whatever else is ready into one flush.
         while let Some(r) = next {
-            w.write_all(&encode_simple_reply(r.cookie, r.error)).await?;
-            if let Some(data) = &r.data {
-                w.write_all(data).await?;
+            if structured {
+                write_structured(&mut w, r.cookie, &r.body).await?;
+            } else {
+                write_simple(&mut w, r.cookie, &r.body).await?;
             }
             drop(r);
             next = rx.try_recv().ok();
@@ -273,4 +359,138 @@ async fn write_replies<W: AsyncWrite + Unpin>(
         w.flush().await?;
     }
     w.shutdown().await
+}
+
+async fn write_zeros<W: AsyncWrite + Unpin>(w: &mut W, mut n: u64) -> std::io::Result<()> {
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        w.write_all(&ZEROS[..k]).await?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+async fn write_simple<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cookie: u64,
+    body: &Body,
+) -> std::io::Result<()> {
+    match body {
+        Body::Done => w.write_all(&encode_simple_reply(cookie, 0)).await,
+        Body::Error(errno, _) => w.write_all(&encode_simple_reply(cookie, *errno)).await,
+        Body::Read { pieces, .. } => {
+            w.write_all(&encode_simple_reply(cookie, 0)).await?;
+            for p in pieces {
+                match p {
+                    ReadPiece::Data(d) => w.write_all(d).await?,
+                    ReadPiece::Zero(n) => write_zeros(w, *n).await?,
+                }
+            }
+            Ok(())
+        }
+        // validate() refuses BLOCK_STATUS without structured replies.
+        Body::BlockStatus(_) => w.write_all(&encode_simple_reply(cookie, EINVAL)).await,
+    }
+}
+
+async fn write_structured<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    cookie: u64,
+    body: &Body,
+) -> std::io::Result<()> {
+    match body {
+        // A simple reply is allowed for any command without payload.
+        Body::Done => w.write_all(&encode_simple_reply(cookie, 0)).await,
+        Body::Error(errno, msg) => {
+            let p = error_payload(*errno, msg);
+            w.write_all(&encode_structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_ERROR,
+                cookie,
+                p.len() as u32,
+            ))
+            .await?;
+            w.write_all(&p).await
+        }
+        Body::Read { offset, pieces, df } => {
+            if *df && pieces.len() > 1 {
+                // Don't fragment: one OFFSET_DATA chunk with holes filled in.
+                let total: u64 = pieces.iter().map(piece_len).sum();
+                let hdr = encode_structured_header(
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    cookie,
+                    8 + total as u32,
+                );
+                w.write_all(&hdr).await?;
+                w.write_all(&offset.to_be_bytes()).await?;
+                for p in pieces {
+                    match p {
+                        ReadPiece::Data(d) => w.write_all(d).await?,
+                        ReadPiece::Zero(n) => write_zeros(w, *n).await?,
+                    }
+                }
+                return Ok(());
+            }
+            let mut pos = *offset;
+            for (i, p) in pieces.iter().enumerate() {
+                let flags = if i + 1 == pieces.len() {
+                    REPLY_FLAG_DONE
+                } else {
+                    0
+                };
+                match p {
+                    ReadPiece::Data(d) => {
+                        let hdr = encode_structured_header(
+                            flags,
+                            REPLY_TYPE_OFFSET_DATA,
+                            cookie,
+                            8 + d.len() as u32,
+                        );
+                        w.write_all(&hdr).await?;
+                        w.write_all(&pos.to_be_bytes()).await?;
+                        w.write_all(d).await?;
+                    }
+                    ReadPiece::Zero(n) => {
+                        w.write_all(&encode_structured_header(
+                            flags,
+                            REPLY_TYPE_OFFSET_HOLE,
+                            cookie,
+                            12,
+                        ))
+                        .await?;
+                        w.write_all(&pos.to_be_bytes()).await?;
+                        w.write_all(&(*n as u32).to_be_bytes()).await?;
+                    }
+                }
+                pos += piece_len(p);
+            }
+            Ok(())
+        }
+        Body::BlockStatus(extents) => {
+            let mut p = Vec::with_capacity(4 + extents.len() * 8);
+            p.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
+            for e in extents {
+                // Extents come from one request, so each fits its u32 length.
+                p.extend_from_slice(&(e.len as u32).to_be_bytes());
+                let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
+                p.extend_from_slice(&flags.to_be_bytes());
+            }
+            let hdr = encode_structured_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_BLOCK_STATUS,
+                cookie,
+                p.len() as u32,
+            );
+            w.write_all(&hdr).await?;
+            w.write_all(&p).await
+        }
+    }
+}
+
+fn piece_len(p: &ReadPiece) -> u64 {
+    match p {
+        ReadPiece::Data(d) => d.len() as u64,
+        ReadPiece::Zero(n) => *n,
+    }
 }

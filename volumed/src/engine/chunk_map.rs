@@ -1,0 +1,386 @@
+//! The chunk-state map of a volume, and its dirty set.
+//!
+//! Each chunk is `Zero` (never written, or trimmed: no bytes on disk, reads
+//! cost no I/O) or `Local` (its bytes are in the data files). The dirty set
+//! records chunks changed since the last completed snapshot.
+//!
+//! Both are bitmaps of atomic words in pages allocated on first use, so a
+//! 64 TiB volume that is mostly empty costs kilobytes, and the data path
+//! sets bits without a lock.
+//!
+//! Durability: the `Local` bits are never written anywhere. After a crash
+//! they are rebuilt from the data files' own allocation (SEEK_DATA), which
+//! is exactly what the last FLUSH made durable. A chunk whose bytes were
+//! flushed is allocated, so it comes back `Local`; a chunk that was trimmed
+//! is a hole and reads as zeros whichever way its bit comes back. The dirty
+//! set is saved at a clean shutdown; after a crash every `Local` chunk is
+//! treated as dirty, which can only make a snapshot send more, never less.
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{OnceLock, RwLock};
+
+/// Bits per page: 32768 chunks, 4 KiB of words.
+const PAGE_WORDS: usize = 512;
+const PAGE_BITS: u64 = PAGE_WORDS as u64 * 64;
+
+type Page = [AtomicU64; PAGE_WORDS];
+
+/// A growable bitmap whose pages exist only once a bit in them was set.
+pub struct Bitmap {
+    /// The lock is taken for writing only to grow; bit operations share it.
+    pages: RwLock<Vec<OnceLock<Box<Page>>>>,
+}
+
+impl Bitmap {
+    pub fn new(bits: u64) -> Self {
+        let b = Bitmap {
+            pages: RwLock::new(Vec::new()),
+        };
+        b.grow(bits);
+        b
+    }
+
+    pub fn grow(&self, bits: u64) {
+        let want = bits.div_ceil(PAGE_BITS) as usize;
+        let mut pages = self.pages.write().unwrap_or_else(|e| e.into_inner());
+        while pages.len() < want {
+            pages.push(OnceLock::new());
+        }
+    }
+
+    fn locate(i: u64) -> (usize, usize, u64) {
+        let page = (i / PAGE_BITS) as usize;
+        let bit = i % PAGE_BITS;
+        (page, (bit / 64) as usize, 1u64 << (bit % 64))
+    }
+
+    pub fn get(&self, i: u64) -> bool {
+        let (p, w, mask) = Self::locate(i);
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        pages
+            .get(p)
+            .and_then(OnceLock::get)
+            .is_some_and(|page| page[w].load(Ordering::Acquire) & mask != 0)
+    }
+
+    /// Sets bit `i`; returns whether it was set before. Out of range is a
+    /// no-op: callers check ranges against the volume size first.
+    pub fn set(&self, i: u64) -> bool {
+        let (p, w, mask) = Self::locate(i);
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let Some(slot) = pages.get(p) else {
+            return false;
+        };
+        let page = slot.get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+        page[w].fetch_or(mask, Ordering::AcqRel) & mask != 0
+    }
+
+    /// Clears bit `i`; returns whether it was set before.
+    pub fn clear(&self, i: u64) -> bool {
+        let (p, w, mask) = Self::locate(i);
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        match pages.get(p).and_then(OnceLock::get) {
+            Some(page) => page[w].fetch_and(!mask, Ordering::AcqRel) & mask != 0,
+            None => false,
+        }
+    }
+
+    /// Indices of set bits, ascending.
+    pub fn ones(&self) -> Vec<u64> {
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (p, slot) in pages.iter().enumerate() {
+            let Some(page) = slot.get() else { continue };
+            for (w, word) in page.iter().enumerate() {
+                let mut v = word.load(Ordering::Acquire);
+                while v != 0 {
+                    let b = v.trailing_zeros() as u64;
+                    out.push(p as u64 * PAGE_BITS + w as u64 * 64 + b);
+                    v &= v - 1;
+                }
+            }
+        }
+        out
+    }
+
+    pub fn count(&self) -> u64 {
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        pages
+            .iter()
+            .filter_map(OnceLock::get)
+            .map(|p| {
+                p.iter()
+                    .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
+                    .sum::<u64>()
+            })
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkState {
+    Zero,
+    Local,
+}
+
+pub struct ChunkMap {
+    chunk_shift: u32,
+    local: Bitmap,
+    dirty: Bitmap,
+}
+
+impl ChunkMap {
+    /// An all-`Zero` map for `size` bytes in chunks of `chunk_size` (a power
+    /// of two, checked at volume creation).
+    pub fn new(size: u64, chunk_size: u64) -> Self {
+        debug_assert!(chunk_size.is_power_of_two());
+        let chunk_shift = chunk_size.trailing_zeros();
+        let chunks = size.div_ceil(chunk_size);
+        ChunkMap {
+            chunk_shift,
+            local: Bitmap::new(chunks),
+            dirty: Bitmap::new(chunks),
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        1 << self.chunk_shift
+    }
+
+    pub fn grow(&self, size: u64) {
+        let chunks = size.div_ceil(self.chunk_size());
+        self.local.grow(chunks);
+        self.dirty.grow(chunks);
+    }
+
+    pub fn chunk_of(&self, offset: u64) -> u64 {
+        offset >> self.chunk_shift
+    }
+
+    /// Chunks touched by `[offset, offset + len)`, `len > 0`.
+    pub fn chunks_of(&self, offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+        self.chunk_of(offset)..=self.chunk_of(offset + len - 1)
+    }
+
+    pub fn state(&self, chunk: u64) -> ChunkState {
+        if self.local.get(chunk) {
+            ChunkState::Local
+        } else {
+            ChunkState::Zero
+        }
+    }
+
+    /// Before a write's bytes go to disk: the chunks hold data and changed.
+    pub fn mark_written(&self, offset: u64, len: u64) {
+        for c in self.chunks_of(offset, len) {
+            self.local.set(c);
+            self.dirty.set(c);
+        }
+    }
+
+    /// A whole chunk became zero (punched). Dirty only if it held data.
+    pub fn mark_zero(&self, chunk: u64) {
+        if self.local.clear(chunk) {
+            self.dirty.set(chunk);
+        }
+    }
+
+    /// Marks chunks `Local` from allocated byte ranges of the data files.
+    pub fn load_allocation(&self, ranges: &[(u64, u64)]) {
+        for &(start, end) in ranges {
+            if end > start {
+                for c in self.chunks_of(start, end - start) {
+                    self.local.set(c);
+                }
+            }
+        }
+    }
+
+    pub fn local_chunks(&self) -> u64 {
+        self.local.count()
+    }
+
+    pub fn dirty_chunks(&self) -> Vec<u64> {
+        self.dirty.ones()
+    }
+
+    /// After an unclean shutdown nothing proves which chunks changed.
+    pub fn mark_all_local_dirty(&self) {
+        for c in self.local.ones() {
+            self.dirty.set(c);
+        }
+    }
+
+    /// Splits `[offset, offset + len)` into runs of one state:
+    /// `(offset, len, state)`, in order, covering the range exactly.
+    pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, ChunkState)> {
+        let mut out: Vec<(u64, u64, ChunkState)> = Vec::new();
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let c = self.chunk_of(pos);
+            let chunk_end = ((c + 1) << self.chunk_shift).min(end);
+            let st = self.state(c);
+            match out.last_mut() {
+                Some(last) if last.2 == st => last.1 += chunk_end - pos,
+                _ => out.push((pos, chunk_end - pos, st)),
+            }
+            pos = chunk_end;
+        }
+        out
+    }
+
+    /// Saves the dirty set (clean shutdown): `VDIRTY01`, u64 LE count, then
+    /// that many u64 LE chunk indices; written to a temp file and renamed.
+    pub fn save_dirty(&self, path: &Path) -> io::Result<()> {
+        let ones = self.dirty.ones();
+        let mut buf = Vec::with_capacity(16 + ones.len() * 8);
+        buf.extend_from_slice(DIRTY_MAGIC);
+        buf.extend_from_slice(&(ones.len() as u64).to_le_bytes());
+        for c in ones {
+            buf.extend_from_slice(&c.to_le_bytes());
+        }
+        let tmp = path.with_extension("tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&buf)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, path)
+    }
+
+    /// Loads a dirty set saved by [`ChunkMap::save_dirty`]. A damaged file
+    /// is an error; the caller then falls back to "every Local chunk".
+    pub fn load_dirty(&self, path: &Path) -> io::Result<()> {
+        let data = std::fs::read(path)?;
+        let bad = |why: &str| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("dirty set {}: {why}", path.display()),
+            )
+        };
+        if data.len() < 16 || &data[..8] != DIRTY_MAGIC {
+            return Err(bad("bad header"));
+        }
+        let count = u64::from_le_bytes(data[8..16].try_into().expect("8 bytes"));
+        if Some(data.len() as u64) != count.checked_mul(8).and_then(|n| n.checked_add(16)) {
+            return Err(bad("length does not match the count"));
+        }
+        for c in data[16..].chunks_exact(8) {
+            self.dirty
+                .set(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+        }
+        Ok(())
+    }
+}
+
+const DIRTY_MAGIC: &[u8; 8] = b"VDIRTY01";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CS: u64 = 64 << 10;
+
+    #[test]
+    fn huge_sparse_map_is_cheap() {
+        let m = ChunkMap::new(64 << 40, CS);
+        assert_eq!(m.local_chunks(), 0);
+        m.mark_written((64 << 40) - 1, 1);
+        assert_eq!(m.state(((64 << 40) - 1) / CS), ChunkState::Local);
+        let allocated = m
+            .local
+            .pages
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|p| p.get().is_some())
+            .count();
+        assert_eq!(allocated, 1);
+    }
+
+    #[test]
+    fn runs_merge_and_cover_exactly() {
+        let m = ChunkMap::new(10 * CS, CS);
+        m.mark_written(2 * CS + 5, 10);
+        m.mark_written(3 * CS, CS);
+        let r = m.runs(CS / 2, 5 * CS);
+        assert_eq!(
+            r,
+            vec![
+                (CS / 2, CS + CS / 2, ChunkState::Zero),
+                (2 * CS, 2 * CS, ChunkState::Local),
+                (4 * CS, CS + CS / 2, ChunkState::Zero),
+            ]
+        );
+    }
+
+    #[test]
+    fn zero_marks_dirty_only_when_it_held_data() {
+        let m = ChunkMap::new(4 * CS, CS);
+        m.mark_zero(1);
+        assert!(m.dirty_chunks().is_empty());
+        m.mark_written(0, 1);
+        m.dirty.clear(0);
+        m.mark_zero(0);
+        assert_eq!(m.dirty_chunks(), [0]);
+        assert_eq!(m.state(0), ChunkState::Zero);
+    }
+
+    #[test]
+    fn dirty_set_round_trips_and_rejects_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dirty");
+        let m = ChunkMap::new(1 << 30, CS);
+        for c in [0, 7, 16383] {
+            m.mark_written(c * CS, 1);
+        }
+        m.save_dirty(&path).unwrap();
+        let n = ChunkMap::new(1 << 30, CS);
+        n.load_dirty(&path).unwrap();
+        assert_eq!(n.dirty_chunks(), [0, 7, 16383]);
+        let mut data = std::fs::read(&path).unwrap();
+        data.pop();
+        std::fs::write(&path, &data).unwrap();
+        assert!(ChunkMap::new(1 << 30, CS).load_dirty(&path).is_err());
+        std::fs::write(&path, b"VDIRTY01\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
+        assert!(ChunkMap::new(1 << 30, CS).load_dirty(&path).is_err());
+    }
+
+    proptest! {
+        /// The map agrees with a reference `Vec<bool>` under any sequence
+        /// of writes and zeroings, and `runs` covers any range exactly.
+        #[test]
+        fn model_check(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 1u64..200_000), 1..50),
+                       q in (0u64..(64 * CS), 1u64..(16 * CS))) {
+            let m = ChunkMap::new(64 * CS, CS);
+            let mut model = [false; 64];
+            for (write, chunk, len) in ops {
+                if write {
+                    let off = chunk * CS;
+                    let len = len.min(64 * CS - off);
+                    m.mark_written(off, len);
+                    for c in off / CS..=(off + len - 1) / CS { model[c as usize] = true; }
+                } else {
+                    m.mark_zero(chunk);
+                    model[chunk as usize] = false;
+                }
+            }
+            for (c, want) in model.iter().enumerate() {
+                prop_assert_eq!(m.state(c as u64) == ChunkState::Local, *want);
+            }
+            let (off, len) = (q.0, q.1.min(64 * CS - q.0));
+            let runs = m.runs(off, len);
+            prop_assert_eq!(runs.first().unwrap().0, off);
+            prop_assert_eq!(runs.iter().map(|r| r.1).sum::<u64>(), len);
+            for w in runs.windows(2) {
+                prop_assert_eq!(w[0].0 + w[0].1, w[1].0);
+                prop_assert_ne!(w[0].2, w[1].2);
+            }
+        }
+    }
+}
