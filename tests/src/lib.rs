@@ -243,6 +243,16 @@ impl TestDaemon {
             .unwrap_or_else(|e| panic!("vol {args:?} printed invalid JSON ({e}): {out}"))
     }
 
+    /// Names of the volumes `vol --json list` reports, in order.
+    pub fn volume_names(&self) -> Vec<String> {
+        let list = self.vol_json(&["list"]);
+        list.as_array()
+            .expect("a JSON array")
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Runs `vol`, asserts failure with exactly one stderr line, returns it.
     pub fn vol_err(&self, args: &[&str]) -> String {
         let out = self.vol(args);

@@ -17,13 +17,7 @@ fn detach_deletes_an_ephemeral_volume() {
         out.trim(),
         "detached volume 'scratch'; it was ephemeral and is deleted"
     );
-    let names: Vec<String> = d
-        .vol_json(&["list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_owned())
-        .collect();
+    let names = d.volume_names();
     assert_eq!(names, ["keep"]);
     assert_eq!(d.volume_dirs().len(), 1, "the scratch data files are gone");
     assert_eq!(
@@ -96,13 +90,7 @@ fn crash_during_ephemeral_removal_is_finished_on_restart() {
 
         d.set_env(&[]);
         d.start_again();
-        let names: Vec<String> = d
-            .vol_json(&["list"])
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v["name"].as_str().unwrap().to_owned())
-            .collect();
+        let names = d.volume_names();
         assert_eq!(names, ["other"], "{point}");
         assert_eq!(
             d.volume_dirs().len(),

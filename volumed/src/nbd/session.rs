@@ -370,6 +370,20 @@ async fn write_zeros<W: AsyncWrite + Unpin>(w: &mut W, mut n: u64) -> std::io::R
     Ok(())
 }
 
+/// A read's bytes, holes written out as zeros.
+async fn write_pieces<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    pieces: &[ReadPiece],
+) -> std::io::Result<()> {
+    for p in pieces {
+        match p {
+            ReadPiece::Data(d) => w.write_all(d).await?,
+            ReadPiece::Zero(n) => write_zeros(w, *n).await?,
+        }
+    }
+    Ok(())
+}
+
 async fn write_simple<W: AsyncWrite + Unpin>(
     w: &mut W,
     cookie: u64,
@@ -380,13 +394,7 @@ async fn write_simple<W: AsyncWrite + Unpin>(
         Body::Error(errno, _) => w.write_all(&encode_simple_reply(cookie, *errno)).await,
         Body::Read { pieces, .. } => {
             w.write_all(&encode_simple_reply(cookie, 0)).await?;
-            for p in pieces {
-                match p {
-                    ReadPiece::Data(d) => w.write_all(d).await?,
-                    ReadPiece::Zero(n) => write_zeros(w, *n).await?,
-                }
-            }
-            Ok(())
+            write_pieces(w, pieces).await
         }
         // validate() refuses BLOCK_STATUS without structured replies.
         Body::BlockStatus(_) => w.write_all(&encode_simple_reply(cookie, EINVAL)).await,
@@ -424,13 +432,7 @@ async fn write_structured<W: AsyncWrite + Unpin>(
                 );
                 w.write_all(&hdr).await?;
                 w.write_all(&offset.to_be_bytes()).await?;
-                for p in pieces {
-                    match p {
-                        ReadPiece::Data(d) => w.write_all(d).await?,
-                        ReadPiece::Zero(n) => write_zeros(w, *n).await?,
-                    }
-                }
-                return Ok(());
+                return write_pieces(w, pieces).await;
             }
             let mut pos = *offset;
             for (i, p) in pieces.iter().enumerate() {
