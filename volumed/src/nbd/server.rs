@@ -83,10 +83,40 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn handle<S>(mut stream: S, peer: String, engine: Arc<Engine>, shutdown: CancellationToken)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// A connection that splits into independent owned halves, so the reader
+/// and the writer task never contend for a lock as `tokio::io::split` would.
+trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn halves(self) -> (Self::Read, Self::Write);
+}
+
+impl Connection for tokio::net::TcpStream {
+    type Read = tokio::net::tcp::OwnedReadHalf;
+    type Write = tokio::net::tcp::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+impl Connection for tokio::net::UnixStream {
+    type Read = tokio::net::unix::OwnedReadHalf;
+    type Write = tokio::net::unix::OwnedWriteHalf;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        self.into_split()
+    }
+}
+
+/// Read buffer per connection: one recv picks up many pipelined request
+/// headers; payloads larger than it bypass it.
+const READ_BUFFER: usize = 128 << 10;
+
+async fn handle<S: Connection>(
+    mut stream: S,
+    peer: String,
+    engine: Arc<Engine>,
+    shutdown: CancellationToken,
+) {
     let negotiated = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, &engine)) => r,
@@ -109,7 +139,8 @@ where
     };
     let volume = Arc::clone(&export.volume);
     info!(%peer, volume = %volume.name, size, structured = options.structured, "NBD client connected");
-    let (r, w) = tokio::io::split(stream);
+    let (r, w) = stream.halves();
+    let r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     // Tracked by the export so detach and shutdown wait for this session.
     let session = session::serve(
         r,
