@@ -1,9 +1,24 @@
 //! Snapshot formats and object stores for volumed.
 //!
+//! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
+//! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
+//! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
+//! - `store`: object stores (local directory, S3) behind one trait;
+//! - `repo`: the store layout and dedup: chunks by hash, manifests by id.
+//!
 //! Architecture invariant: this crate knows nothing about NBD, sled or the
 //! daemon's state, so a snapshot in a store can be read, verified or restored
 //! by any program that links it.
 
+pub mod codec;
+pub mod hash;
+pub mod manifest;
+pub mod repo;
+pub mod store;
 pub mod store_url;
 
+pub use hash::ChunkHash;
+pub use manifest::{Manifest, ManifestHeader, SnapshotId};
+pub use repo::{PutChunk, Repo, RepoError};
+pub use store::{ObjectStore, StoreError};
 pub use store_url::{StoreUrl, StoreUrlError};

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod s3;
+
 /// The directory holding `volumed` and `vol`, built once per test process so
 /// the tests never run a stale binary.
 pub fn bin_dir() -> &'static Path {

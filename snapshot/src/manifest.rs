@@ -1,0 +1,391 @@
+//! The snapshot manifest: everything needed to restore a snapshot without
+//! reading any other snapshot. Its presence in the store is what makes the
+//! snapshot exist, so it is written after every chunk it names.
+//!
+//! | part | encoding |
+//! | --- | --- |
+//! | magic | `VMAN` |
+//! | version | u32 LE, 1 |
+//! | header length | u32 LE |
+//! | header | JSON [`ManifestHeader`] |
+//! | chunk count | u64 LE, must equal ceil(size / chunk_size) |
+//! | entries | `0x00` + u64 LE run of zero chunks, or `0x01` + 32-byte blake3 |
+//! | checksum | blake3 of every byte before it |
+//!
+//! In memory only the hashed chunks are kept (sorted), so neither a huge
+//! sparse volume nor a manifest that lies about its size can make decoding
+//! allocate more than the manifest's own bytes justify.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::hash::ChunkHash;
+
+pub const MAGIC: &[u8; 4] = b"VMAN";
+pub const VERSION: u32 = 1;
+/// Headers are small JSON; a larger claim is corrupt.
+const MAX_HEADER: usize = 1 << 20;
+const ENTRY_ZERO_RUN: u8 = 0;
+const ENTRY_HASH: u8 = 1;
+
+/// What a snapshot is, beyond its chunk list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestHeader {
+    pub id: String,
+    pub volume: String,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub parent: Option<String>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Chunks read and hashed for this snapshot (changed since the parent).
+    pub changed_chunks: u64,
+    /// Bytes of the volume that are not zero chunks.
+    pub logical_bytes: u64,
+    /// Bytes this snapshot added to the store, after dedup and compression.
+    pub uploaded_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    pub header: ManifestHeader,
+    /// `(chunk index, hash)` of every non-zero chunk, ascending by index.
+    hashed: Vec<(u64, ChunkHash)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest is truncated")]
+    Truncated,
+    #[error("manifest has a bad magic")]
+    Magic,
+    #[error("manifest version {0} is not understood")]
+    Version(u32),
+    #[error("manifest checksum does not match its contents")]
+    Checksum,
+    #[error("manifest header is invalid: {0}")]
+    Header(String),
+    #[error("manifest entries are invalid: {0}")]
+    Entries(&'static str),
+}
+
+impl Manifest {
+    /// A manifest for `header`, whose size and chunk size fix the chunk count.
+    pub fn new(header: ManifestHeader) -> Self {
+        Manifest {
+            header,
+            hashed: Vec::new(),
+        }
+    }
+
+    pub fn chunk_count(&self) -> u64 {
+        self.header.size.div_ceil(self.header.chunk_size)
+    }
+
+    /// Records chunk `index`'s hash; `None` means a zero chunk. Indices must
+    /// be set in ascending order, each at most once.
+    pub fn push(&mut self, index: u64, hash: Option<ChunkHash>) {
+        debug_assert!(index < self.chunk_count());
+        debug_assert!(self.hashed.last().is_none_or(|(i, _)| *i < index));
+        if let Some(h) = hash {
+            self.hashed.push((index, h));
+        }
+    }
+
+    /// The hash of chunk `index`, `None` for a zero chunk.
+    pub fn get(&self, index: u64) -> Option<ChunkHash> {
+        self.hashed
+            .binary_search_by_key(&index, |(i, _)| *i)
+            .ok()
+            .map(|p| self.hashed[p].1)
+    }
+
+    /// Every non-zero chunk, ascending.
+    pub fn hashed(&self) -> &[(u64, ChunkHash)] {
+        &self.hashed
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(&self.header).expect("a manifest header always serializes");
+        let mut out = Vec::with_capacity(64 + header.len() + self.hashed.len() * 42);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        out.extend_from_slice(&header);
+        let count = self.chunk_count();
+        out.extend_from_slice(&count.to_le_bytes());
+        let mut next = 0u64;
+        for &(idx, hash) in &self.hashed {
+            if idx > next {
+                out.push(ENTRY_ZERO_RUN);
+                out.extend_from_slice(&(idx - next).to_le_bytes());
+            }
+            out.push(ENTRY_HASH);
+            out.extend_from_slice(&hash.0);
+            next = idx + 1;
+        }
+        if count > next {
+            out.push(ENTRY_ZERO_RUN);
+            out.extend_from_slice(&(count - next).to_le_bytes());
+        }
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() < 4 + 4 + 4 + 8 + 32 {
+            return Err(ManifestError::Truncated);
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if &body[..4] != MAGIC {
+            return Err(ManifestError::Magic);
+        }
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(ManifestError::Checksum);
+        }
+        let mut r = Cursor(&body[4..]);
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(ManifestError::Version(version));
+        }
+        let hlen = r.u32()? as usize;
+        if hlen > MAX_HEADER {
+            return Err(ManifestError::Header("longer than 1 MiB".into()));
+        }
+        let header: ManifestHeader = serde_json::from_slice(r.take(hlen)?)
+            .map_err(|e| ManifestError::Header(e.to_string()))?;
+        if header.chunk_size == 0 || !header.chunk_size.is_power_of_two() {
+            return Err(ManifestError::Header(format!(
+                "chunk size {} is not a power of two",
+                header.chunk_size
+            )));
+        }
+        let count = r.u64()?;
+        if count != header.size.div_ceil(header.chunk_size) {
+            return Err(ManifestError::Entries(
+                "chunk count does not match size / chunk size",
+            ));
+        }
+        let mut hashed = Vec::new();
+        let mut next = 0u64;
+        while next < count {
+            match r.u8()? {
+                ENTRY_ZERO_RUN => {
+                    let run = r.u64()?;
+                    if run == 0 || run > count - next {
+                        return Err(ManifestError::Entries(
+                            "zero run is empty or runs past the end",
+                        ));
+                    }
+                    next += run;
+                }
+                ENTRY_HASH => {
+                    let h: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                    hashed.push((next, ChunkHash(h)));
+                    next += 1;
+                }
+                _ => return Err(ManifestError::Entries("unknown entry tag")),
+            }
+        }
+        if !r.0.is_empty() {
+            return Err(ManifestError::Entries("bytes after the last entry"));
+        }
+        Ok(Manifest { header, hashed })
+    }
+}
+
+struct Cursor<'a>(&'a [u8]);
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
+        if self.0.len() < n {
+            return Err(ManifestError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ManifestError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, ManifestError> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64, ManifestError> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+}
+
+/// A snapshot id: `snap-` and 16 hex digits, unique across hosts sharing a
+/// store (derived from the time, the process and a counter, hashed).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(String);
+
+impl SnapshotId {
+    pub fn generate() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let mut h = blake3::Hasher::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        h.update(&now.as_nanos().to_le_bytes());
+        h.update(&std::process::id().to_le_bytes());
+        h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+        if let Ok(host) = std::fs::read("/etc/machine-id") {
+            h.update(&host);
+        }
+        let hex = ChunkHash(*h.finalize().as_bytes()).to_hex();
+        SnapshotId(format!("snap-{}", &hex[..16]))
+    }
+
+    /// Accepts `snap-` followed by 1 to 64 of `[0-9a-z]`: safe as an object
+    /// key and a file name.
+    pub fn parse(s: &str) -> Option<Self> {
+        let rest = s.strip_prefix("snap-")?;
+        let ok = !rest.is_empty()
+            && rest.len() <= 64
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
+        ok.then(|| SnapshotId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn header(size: u64, chunk_size: u64) -> ManifestHeader {
+        ManifestHeader {
+            id: "snap-0123456789abcdef".into(),
+            volume: "data".into(),
+            size,
+            chunk_size,
+            parent: None,
+            created_at: "2026-11-25T09:00:00Z".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            changed_chunks: 2,
+            logical_bytes: 2 * chunk_size,
+            uploaded_bytes: 1000,
+        }
+    }
+
+    #[test]
+    fn round_trip_sparse_and_huge() {
+        // 64 TiB in 64 KiB chunks: a billion entries, two of them hashed.
+        let mut m = Manifest::new(header(64 << 40, 64 << 10));
+        m.push(5, Some(ChunkHash::of(b"a")));
+        m.push((1 << 30) - 1, Some(ChunkHash::of(b"b")));
+        let bytes = m.encode();
+        assert!(
+            bytes.len() < 1024,
+            "zero runs are compact: {} bytes",
+            bytes.len()
+        );
+        let back = Manifest::decode(&bytes).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.get(5), Some(ChunkHash::of(b"a")));
+        assert_eq!(back.get(6), None);
+    }
+
+    #[test]
+    fn damage_is_detected() {
+        let mut m = Manifest::new(header(10 << 20, 1 << 20));
+        m.push(0, Some(ChunkHash::of(b"x")));
+        let bytes = m.encode();
+        for i in [0, 6, 20, bytes.len() / 2, bytes.len() - 40, bytes.len() - 1] {
+            let mut b = bytes.clone();
+            b[i] ^= 0x40;
+            assert!(Manifest::decode(&b).is_err(), "flip at {i}");
+        }
+        assert_eq!(
+            Manifest::decode(&bytes[..bytes.len() - 1]),
+            Err(ManifestError::Checksum)
+        );
+        assert_eq!(
+            Manifest::decode(&bytes[..10]),
+            Err(ManifestError::Truncated)
+        );
+    }
+
+    /// Re-signs a body so only the structural checks can refuse it.
+    fn resign(mut body: Vec<u8>) -> Vec<u8> {
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        body
+    }
+
+    #[test]
+    fn lying_structure_is_refused_even_with_a_valid_checksum() {
+        let m = Manifest::new(header(4 << 20, 1 << 20));
+        let bytes = m.encode();
+        let body = bytes[..bytes.len() - 32].to_vec();
+        // A zero run longer than the volume.
+        let mut b = body.clone();
+        let n = b.len();
+        b[n - 8..].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(
+            Manifest::decode(&resign(b)),
+            Err(ManifestError::Entries(_))
+        ));
+        // Trailing garbage.
+        let mut b = body.clone();
+        b.push(0);
+        assert!(matches!(
+            Manifest::decode(&resign(b)),
+            Err(ManifestError::Entries(_))
+        ));
+    }
+
+    #[test]
+    fn snapshot_ids() {
+        let a = SnapshotId::generate();
+        let b = SnapshotId::generate();
+        assert_ne!(a, b);
+        assert!(SnapshotId::parse(a.as_str()).is_some());
+        for bad in ["snap-", "snap-../x", "SNAP-1", "snap-ABC", "x"] {
+            assert!(SnapshotId::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Manifest::decode(&bytes);
+            let _ = Manifest::decode(&resign(bytes));
+        }
+
+        #[test]
+        fn round_trips(picks in proptest::collection::btree_set(0u64..1000, 0..50)) {
+            let mut m = Manifest::new(header(1000 << 16, 1 << 16));
+            for i in &picks {
+                m.push(*i, Some(ChunkHash::of(&i.to_le_bytes())));
+            }
+            let back = Manifest::decode(&m.encode()).unwrap();
+            prop_assert_eq!(back.hashed().len(), picks.len());
+            prop_assert_eq!(back, m);
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! The local-directory store, the embedded default. Each object is a file:
+//! written to a temporary name, fsynced, renamed into place, and its
+//! directory fsynced, so a crash leaves the old state or the new object,
+//! never a torn one.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::{BoxFuture, ErrorKind, ObjectStore, StoreError, valid_key};
+
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_seq: AtomicU64,
+}
+
+const TMP_DIR: &str = ".tmp";
+
+impl LocalStore {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        let fail = |e: std::io::Error| {
+            StoreError::new(
+                "open",
+                &root.display().to_string(),
+                ErrorKind::Permanent,
+                e.to_string(),
+            )
+        };
+        std::fs::create_dir_all(root.join(TMP_DIR)).map_err(fail)?;
+        // Temporary files of a crashed writer are garbage.
+        if let Ok(rd) = std::fs::read_dir(root.join(TMP_DIR)) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(LocalStore {
+            root: root.to_owned(),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    fn path(&self, op: &'static str, key: &str) -> Result<PathBuf, StoreError> {
+        if !valid_key(key) {
+            return Err(StoreError::new(
+                op,
+                key,
+                ErrorKind::Permanent,
+                "invalid object key",
+            ));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StoreError {
+    StoreError::new(op, key, ErrorKind::Permanent, e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    op: &'static str,
+    key: &str,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, StoreError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(|e| io_err(op, key, e)),
+        Err(e) => Err(StoreError::new(
+            op,
+            key,
+            ErrorKind::Transient,
+            e.to_string(),
+        )),
+    }
+}
+
+impl ObjectStore for LocalStore {
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.path("put", key)?;
+            let tmp = self.root.join(TMP_DIR).join(format!(
+                "{}-{}",
+                std::process::id(),
+                self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+            ));
+            blocking("put", key, move || {
+                let dir = path.parent().expect("keys have a directory").to_owned();
+                std::fs::create_dir_all(&dir)?;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)?;
+                std::fs::File::open(&dir)?.sync_all()
+            })
+            .await
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let path = self.path("get", key)?;
+            blocking("get", key, move || match std::fs::read(&path) {
+                Ok(b) => Ok(Some(Bytes::from(b))),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            })
+            .await
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let path = self.path("exists", key)?;
+            blocking("exists", key, move || match std::fs::metadata(&path) {
+                Ok(_) => Ok(true),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+                Err(e) => Err(e),
+            })
+            .await
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let root = self.root.clone();
+            let prefix = prefix.to_owned();
+            let p2 = prefix.clone();
+            blocking("list", &p2, move || {
+                let mut out = Vec::new();
+                // Start from the deepest directory the prefix names.
+                let start = match prefix.rfind('/') {
+                    Some(i) => root.join(&prefix[..i]),
+                    None => root.clone(),
+                };
+                walk(&root, &start, &mut |key| {
+                    if key.starts_with(&prefix) {
+                        out.push(key);
+                    }
+                })?;
+                Ok(out)
+            })
+            .await
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.path("delete", key)?;
+            blocking("delete", key, move || match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            })
+            .await
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+}
+
+fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(String)) -> std::io::Result<()> {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in rd {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_name() == TMP_DIR {
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            walk(root, &path, f)?;
+        } else if let Ok(rel) = path.strip_prefix(root)
+            && let Some(key) = rel.to_str()
+        {
+            f(key.to_owned());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        s.put("chunks/ab/abc", Bytes::from_static(b"one"))
+            .await
+            .unwrap();
+        s.put("chunks/cd/cde", Bytes::from_static(b"two"))
+            .await
+            .unwrap();
+        s.put("manifests/snap-1", Bytes::from_static(b"m"))
+            .await
+            .unwrap();
+        assert_eq!(s.get("chunks/ab/abc").await.unwrap().unwrap(), &b"one"[..]);
+        assert_eq!(s.get("chunks/ab/nope").await.unwrap(), None);
+        assert!(s.exists("manifests/snap-1").await.unwrap());
+        let mut keys = s.list("chunks/").await.unwrap();
+        keys.sort();
+        assert_eq!(keys, ["chunks/ab/abc", "chunks/cd/cde"]);
+        assert_eq!(s.list("manifests/").await.unwrap(), ["manifests/snap-1"]);
+        s.delete("chunks/ab/abc").await.unwrap();
+        s.delete("chunks/ab/abc").await.unwrap();
+        assert!(!s.exists("chunks/ab/abc").await.unwrap());
+        assert!(s.put("../escape", Bytes::new()).await.is_err());
+        assert!(
+            s.list("").await.unwrap().len() == 2,
+            "the temp dir is not listed"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! Object stores: a flat namespace of immutable objects, written once.
+//!
+//! Backends sit behind one small trait so the repository above them (and
+//! tests' fault wrappers) never care which one they talk to. Each error says
+//! whether trying again may help.
+
+mod local;
+mod s3;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+pub use local::LocalStore;
+pub use s3::{S3Settings, S3Store};
+
+use crate::StoreUrl;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Whether an operation may succeed if tried again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// Timeouts, connection failures, throttling, 5xx.
+    Transient,
+    /// Bad credentials, missing bucket, a corrupt local file, ...
+    Permanent,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("store {op} {key:?}: {message}")]
+pub struct StoreError {
+    pub op: &'static str,
+    pub key: String,
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl StoreError {
+    pub fn new(op: &'static str, key: &str, kind: ErrorKind, message: impl Into<String>) -> Self {
+        StoreError {
+            op,
+            key: key.to_owned(),
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+}
+
+pub trait ObjectStore: Send + Sync {
+    /// Stores `data` under `key`, replacing nothing visible half-written: a
+    /// reader sees the whole object or none.
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The object's bytes, or `None` if there is no such object.
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
+    /// Keys starting with `prefix`, in no particular order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
+    /// Removes the object; removing a missing one is not an error.
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// For logs and status: `file:///...` or `s3://bucket/prefix`.
+    fn describe(&self) -> String;
+}
+
+/// Opens the store a URL names; S3 settings come from the AWS environment.
+pub fn open(url: &StoreUrl) -> Result<Arc<dyn ObjectStore>, StoreError> {
+    match url {
+        StoreUrl::File(dir) => Ok(Arc::new(LocalStore::open(dir)?)),
+        StoreUrl::S3 { bucket, prefix } => {
+            let settings = S3Settings::from_env(bucket, prefix)?;
+            Ok(Arc::new(S3Store::new(settings)))
+        }
+    }
+}
+
+/// Keys are ours, but they become file paths in the local store: only
+/// `[a-z0-9._-]` components separated by single slashes.
+pub(crate) fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.split('/').all(|c| {
+            !c.is_empty()
+                && c != "."
+                && c != ".."
+                && c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_key;
+
+    #[test]
+    fn keys() {
+        assert!(valid_key("chunks/ab/abcdef"));
+        assert!(valid_key("manifests/snap-1"));
+        for bad in ["", "/x", "x/", "a//b", "../x", "a/./b", "A", "a b"] {
+            assert!(!valid_key(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! The S3 store on aws-sdk-s3: path-style addressing (for S3-compatible
+//! servers), a timeout on every operation, the SDK's standard retries with
+//! backoff on throttling and 5xx, and a bound on requests in flight.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_smithy_http_client::tls;
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+
+use super::{BoxFuture, ErrorKind, ObjectStore, StoreError};
+
+/// Requests in flight per store: enough to fill a link with 512 KiB
+/// chunks, few enough not to be throttled by a small server.
+const MAX_IN_FLIGHT: usize = 32;
+
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub session_token: Option<String>,
+    /// Whole operation, retries included.
+    pub operation_timeout: Duration,
+    /// One attempt.
+    pub attempt_timeout: Duration,
+    pub max_attempts: u32,
+}
+
+impl S3Settings {
+    /// Endpoint, region and credentials from the standard AWS variables.
+    pub fn from_env(bucket: &str, prefix: &str) -> Result<Self, StoreError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let missing = |k: &str| {
+            StoreError::new(
+                "configure",
+                bucket,
+                ErrorKind::Permanent,
+                format!("{k} is not set; S3 stores need it"),
+            )
+        };
+        Ok(S3Settings {
+            bucket: bucket.to_owned(),
+            prefix: prefix.trim_matches('/').to_owned(),
+            endpoint: var("AWS_ENDPOINT_URL_S3").or_else(|| var("AWS_ENDPOINT_URL")),
+            region: var("AWS_REGION")
+                .or_else(|| var("AWS_DEFAULT_REGION"))
+                .unwrap_or_else(|| "us-east-1".into()),
+            access_key: var("AWS_ACCESS_KEY_ID").ok_or_else(|| missing("AWS_ACCESS_KEY_ID"))?,
+            secret_key: var("AWS_SECRET_ACCESS_KEY")
+                .ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?,
+            session_token: var("AWS_SESSION_TOKEN"),
+            operation_timeout: Duration::from_secs(60),
+            attempt_timeout: Duration::from_secs(20),
+            max_attempts: 4,
+        })
+    }
+}
+
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+    permits: Arc<Semaphore>,
+}
+
+impl S3Store {
+    pub fn new(s: S3Settings) -> Self {
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::Ring,
+            ))
+            .build_https();
+        let creds = Credentials::new(
+            s.access_key,
+            s.secret_key,
+            s.session_token,
+            None,
+            "volumed-environment",
+        );
+        let mut conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(s.region))
+            .credentials_provider(creds)
+            .force_path_style(true)
+            .http_client(http)
+            .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_timeout(s.operation_timeout)
+                    .operation_attempt_timeout(s.attempt_timeout)
+                    .build(),
+            );
+        if let Some(ep) = s.endpoint {
+            conf = conf.endpoint_url(ep);
+        }
+        S3Store {
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
+            bucket: s.bucket,
+            prefix: s.prefix,
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        }
+    }
+
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}/{}", self.prefix, key)
+        }
+    }
+
+    fn strip(&self, full: &str) -> Option<String> {
+        if self.prefix.is_empty() {
+            return Some(full.to_owned());
+        }
+        full.strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+            .map(str::to_owned)
+    }
+}
+
+/// Classifies an SDK error: anything on the way (timeouts, connection) and
+/// 5xx/429 replies are transient; the rest is permanent.
+fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    op: &'static str,
+    key: &str,
+    e: SdkError<E>,
+) -> StoreError {
+    let (kind, msg) = match &e {
+        SdkError::TimeoutError(_) => (ErrorKind::Transient, "timed out".to_owned()),
+        SdkError::DispatchFailure(d) => (ErrorKind::Transient, format!("dispatch failed: {d:?}")),
+        SdkError::ResponseError(_) => (ErrorKind::Transient, "unreadable response".to_owned()),
+        SdkError::ServiceError(se) => {
+            let status = se.raw().status().as_u16();
+            let code = se.err().code().unwrap_or("unknown");
+            let kind = if status >= 500 || status == 429 {
+                ErrorKind::Transient
+            } else {
+                ErrorKind::Permanent
+            };
+            (
+                kind,
+                format!("HTTP {status} {code}: {}", se.err().message().unwrap_or("")),
+            )
+        }
+        other => (ErrorKind::Permanent, format!("{other}")),
+    };
+    StoreError::new(op, key, kind, msg)
+}
+
+impl ObjectStore for S3Store {
+    fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| classify("put", key, e))?;
+            Ok(())
+        })
+    }
+
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(SdkError::ServiceError(se)) if se.err().is_no_such_key() => return Ok(None),
+                Err(e) => return Err(classify("get", key, e)),
+            };
+            let body = out.body.collect().await.map_err(|e| {
+                StoreError::new(
+                    "get",
+                    key,
+                    ErrorKind::Transient,
+                    format!("reading the body: {e}"),
+                )
+            })?;
+            Ok(Some(body.into_bytes()))
+        })
+    }
+
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .send()
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(SdkError::ServiceError(se))
+                    if se.err().is_not_found() || se.raw().status().as_u16() == 404 =>
+                {
+                    Ok(false)
+                }
+                Err(e) => Err(classify("exists", key, e)),
+            }
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let mut out = Vec::new();
+            let mut pages = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(self.full_key(prefix))
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| classify("list", prefix, e))?;
+                for obj in page.contents() {
+                    if let Some(k) = obj.key().and_then(|k| self.strip(k)) {
+                        out.push(k);
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .send()
+                .await
+                .map_err(|e| classify("delete", key, e))?;
+            Ok(())
+        })
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+}
