@@ -64,8 +64,40 @@ pub enum Command {
     },
     /// Delete a volume that is not attached
     Delete { name: VolumeName },
+    /// Take, list and inspect snapshots
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Show the daemon's status
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a volume at this instant; it uploads in the background
+    Create {
+        volume: VolumeName,
+        /// A label KEY=VALUE (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Wait until the snapshot is completed (or failed), showing progress
+        #[arg(long)]
+        wait: bool,
+    },
+    /// List snapshots
+    List {
+        /// Only this volume's snapshots
+        #[arg(long)]
+        volume: Option<VolumeName>,
+    },
+    /// Show one snapshot
+    Inspect { id: String },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("label {s:?} is not KEY=VALUE")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket_path(cli.socket)?);
     let out = Out { json: cli.json };
-    use commands::{status, volume};
+    use commands::{snapshot, status, volume};
     match cli.command {
         Command::Create {
             name,
@@ -90,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => volume::modify(&client, &out, name, ModifyVolume { size, ephemeral }).await,
         Command::Delete { name } => volume::delete(&client, &out, name).await,
         Command::Status => status::status(&client, &out).await,
+        Command::Snapshot(cmd) => snapshot::run(&client, &out, cmd).await,
     }
 }
 

@@ -223,7 +223,10 @@ mod tests {
         });
         m.push(2, Some(first.hash));
         repo.put_manifest(&m).await.unwrap();
-        assert_eq!(repo.list_snapshots().await.unwrap(), std::slice::from_ref(&id));
+        assert_eq!(
+            repo.list_snapshots().await.unwrap(),
+            std::slice::from_ref(&id)
+        );
         assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
         repo.delete_manifest(&id).await.unwrap();
         assert!(matches!(

@@ -41,6 +41,11 @@ pub struct Args {
     #[arg(long, env = "VOLUMED_STORE", value_name = "URL")]
     pub store: Option<String>,
 
+    /// zstd level for chunk objects (1 fastest .. 19 smallest)
+    #[arg(long, env = "VOLUMED_ZSTD_LEVEL", default_value_t = snapshot::codec::DEFAULT_LEVEL,
+          value_parser = clap::value_parser!(i32).range(1..=19))]
+    pub zstd_level: i32,
+
     /// Disk I/O engine: io_uring, a thread pool, or io_uring when the kernel allows it
     #[arg(long, env = "VOLUMED_IO_ENGINE", value_enum, default_value = "auto")]
     pub io_engine: EngineChoice,
@@ -55,6 +60,7 @@ pub struct Config {
     pub nbd_socket: PathBuf,
     pub store: StoreUrl,
     pub io_engine: EngineChoice,
+    pub zstd_level: i32,
 }
 
 impl Args {
@@ -73,6 +79,7 @@ impl Args {
             nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
             nbd_listen: self.nbd_listen,
             io_engine: self.io_engine,
+            zstd_level: self.zstd_level,
             store,
             data_dir,
         })

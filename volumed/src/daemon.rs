@@ -32,12 +32,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         unix: config.nbd_socket.clone(),
     };
     let io = Arc::new(IoEngine::new(config.io_engine).context("start the I/O engine")?);
+    let store = snapshot::store::open(&config.store).context("open the snapshot store")?;
+    let repo = snapshot::Repo::new(store, config.zstd_level);
     let (engine, clean) =
-        Engine::open(&config.data_dir, endpoints, io).context("open volume engine")?;
+        Engine::open(&config.data_dir, endpoints, io, repo).context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
     let engine = Arc::new(engine);
+    {
+        // Snapshots a previous run left pending are settled from the store,
+        // in the background so an unreachable store does not delay start-up.
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move { engine.settle_interrupted_snapshots().await });
+    }
 
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket).await?;
     let api_listener = api::server::bind(&config.socket).await?;

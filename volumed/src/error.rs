@@ -28,6 +28,10 @@ pub enum Error {
     AttachedElsewhere(VolumeName, String),
     #[error("volume '{0}' is not attached")]
     VolumeNotAttached(VolumeName),
+    #[error("volume '{0}' has snapshot {1} in progress; wait for it")]
+    SnapshotInProgress(VolumeName, String),
+    #[error("invalid label {0:?}: {1}")]
+    InvalidLabel(String, &'static str),
     #[error("volumed is shutting down")]
     ShuttingDown,
     #[error("catalog: {0}")]
@@ -56,6 +60,8 @@ impl Error {
             Error::VolumeExists(_) => ErrorCode::AlreadyExists,
             Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => ErrorCode::VolumeAttached,
             Error::VolumeNotAttached(_) => ErrorCode::VolumeNotAttached,
+            Error::SnapshotInProgress(..) => ErrorCode::Conflict,
+            Error::InvalidLabel(..) => ErrorCode::InvalidRequest,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }

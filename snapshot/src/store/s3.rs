@@ -59,11 +59,23 @@ impl S3Settings {
             secret_key: var("AWS_SECRET_ACCESS_KEY")
                 .ok_or_else(|| missing("AWS_SECRET_ACCESS_KEY"))?,
             session_token: var("AWS_SESSION_TOKEN"),
-            operation_timeout: Duration::from_secs(60),
-            attempt_timeout: Duration::from_secs(20),
-            max_attempts: 4,
+            operation_timeout: secs("VOLUMED_S3_OPERATION_TIMEOUT", 60),
+            attempt_timeout: secs("VOLUMED_S3_ATTEMPT_TIMEOUT", 20),
+            max_attempts: var("VOLUMED_S3_MAX_ATTEMPTS")
+                .and_then(|v| v.parse().ok())
+                .filter(|n| *n >= 1)
+                .unwrap_or(4),
         })
     }
+}
+
+/// A duration in whole seconds from the environment, else the default.
+fn secs(key: &str, default: u64) -> Duration {
+    let v = std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0);
+    Duration::from_secs(v.unwrap_or(default))
 }
 
 pub struct S3Store {

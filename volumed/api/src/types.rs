@@ -149,6 +149,65 @@ impl ErrorCode {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    Pending,
+    Completed,
+    Error,
+}
+
+impl SnapshotState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotState::Pending => "pending",
+            SnapshotState::Completed => "completed",
+            SnapshotState::Error => "error",
+        }
+    }
+}
+
+/// A snapshot as the API reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub volume: String,
+    pub state: SnapshotState,
+    /// The volume's size at the snapshot's instant.
+    pub size: u64,
+    pub chunk_size: u64,
+    /// The snapshot this one is incremental to.
+    pub parent: Option<String>,
+    /// RFC 3339, UTC: the snapshot's instant.
+    pub created_at: String,
+    pub completed_at: Option<String>,
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Chunks read and hashed because they changed since the parent.
+    pub changed_chunks: u64,
+    /// Bytes of the volume that are not zero chunks.
+    pub logical_bytes: u64,
+    /// Bytes this snapshot added to the store, after dedup and compression.
+    pub uploaded_bytes: u64,
+    /// 0.0 to 1.0.
+    pub progress: f64,
+    pub chunks_done: u64,
+    pub chunks_total: u64,
+    /// Why the snapshot ended in `error`.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub snapshots: Vec<Snapshot>,
+}
+
 /// Daemon status, `GET /v1/status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {

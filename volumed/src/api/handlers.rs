@@ -6,14 +6,14 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use volumed_api::{
-    ApiError, AttachVolume, CreateVolume, Detached, ErrorBody, ErrorCode, ModifyVolume, Status,
-    VolumeList, VolumeName,
+    ApiError, AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorBody, ErrorCode,
+    ModifyVolume, Snapshot, SnapshotList, Status, VolumeList, VolumeName,
 };
 
 use crate::engine::Engine;
@@ -35,6 +35,9 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route("/v1/snapshots/{id}", get(get_snapshot))
         .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
         .method_not_allowed_fallback(|| async {
             ApiFailure {
@@ -186,4 +189,41 @@ async fn detach_volume(
         volume: s.engine.describe(&vol),
         deleted,
     }))
+}
+
+async fn create_snapshot(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Snapshot>)> {
+    let n = name(&raw)?;
+    let req: CreateSnapshot = body(&bytes, Some(CreateSnapshot::default()))?;
+    let rec = s.engine.create_snapshot(&n, req).await?;
+    Ok((StatusCode::ACCEPTED, Json(s.engine.snapshot(&rec.id)?)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotQuery {
+    volume: Option<String>,
+}
+
+async fn list_snapshots(
+    State(s): State<ApiState>,
+    query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<SnapshotList>> {
+    let Query(q) = query.map_err(|e| ApiFailure::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    if let Some(v) = &q.volume {
+        name(v)?;
+    }
+    Ok(Json(SnapshotList {
+        snapshots: s.engine.snapshots(q.volume.as_deref())?,
+    }))
+}
+
+async fn get_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    Ok(Json(s.engine.snapshot(&id)?))
 }

@@ -10,6 +10,9 @@
 //! | DELETE | /v1/volumes/{name} | | 204 |
 //! | POST | /v1/volumes/{name}/attach | AttachVolume (optional) | Volume |
 //! | POST | /v1/volumes/{name}/detach | | Detached |
+//! | POST | /v1/volumes/{name}/snapshots | CreateSnapshot (optional) | 202 Snapshot (pending) |
+//! | GET | /v1/snapshots?volume=NAME | | SnapshotList |
+//! | GET | /v1/snapshots/{id} | | Snapshot |
 //!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).

@@ -6,13 +6,14 @@
 //!
 //! Trees (keys are UTF-8 names; values are JSON documents, see docs/formats.md):
 //! - `volumes`: volume name -> [`VolumeRecord`]
+//! - `snapshots`: snapshot id -> [`SnapshotRecord`] (snapshots this host took)
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod record;
 
 use std::path::Path;
 
-pub use record::{AttachmentRecord, VolumeRecord, unix_now};
+pub use record::{AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, unix_now};
 use volumed_api::VolumeName;
 
 /// Bumped when a record changes incompatibly; a newer catalog is refused.
@@ -45,6 +46,7 @@ fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> CatalogError {
 pub struct Catalog {
     db: sled::Db,
     volumes: sled::Tree,
+    snapshots: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -64,7 +66,15 @@ impl Catalog {
             .open_tree("volumes")
             .map_err(sled_err("open tree volumes"))?;
         let meta = db.open_tree("meta").map_err(sled_err("open tree meta"))?;
-        let catalog = Catalog { db, volumes, meta };
+        let snapshots = db
+            .open_tree("snapshots")
+            .map_err(sled_err("open tree snapshots"))?;
+        let catalog = Catalog {
+            db,
+            volumes,
+            snapshots,
+            meta,
+        };
         catalog.check_format()?;
         Ok(catalog)
     }
@@ -119,6 +129,34 @@ impl Catalog {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(sled_err("scan volumes"))?;
+                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("a SnapshotRecord always serializes");
+        self.snapshots
+            .insert(rec.id.as_str(), value)
+            .map_err(sled_err("write snapshot"))?;
+        self.flush()
+    }
+
+    pub fn remove_snapshot(&self, id: &str) -> Result<()> {
+        self.snapshots
+            .remove(id)
+            .map_err(sled_err("remove snapshot"))?;
+        self.flush()
+    }
+
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
+        self.snapshots
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(sled_err("scan snapshots"))?;
                 serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     source,

@@ -22,6 +22,42 @@ pub struct VolumeRecord {
     /// start is removed again, so a crash mid-delete leaves no half volume.
     #[serde(default)]
     pub deleting: bool,
+    /// The last completed snapshot: the parent of the next one.
+    #[serde(default)]
+    pub last_snapshot: Option<String>,
+}
+
+/// The catalog's record of a snapshot this host took.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub volume: String,
+    pub state: SnapshotState,
+    pub size: u64,
+    pub chunk_size: u64,
+    pub parent: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub changed_chunks: u64,
+    pub logical_bytes: u64,
+    pub uploaded_bytes: u64,
+    pub chunks_total: u64,
+    pub chunks_done: u64,
+    pub error: Option<String>,
+    pub completed_at: Option<u64>,
+    /// Orders snapshots taken within the same second.
+    #[serde(default)]
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotState {
+    Pending,
+    Completed,
+    Error,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +85,7 @@ impl VolumeRecord {
             created_at: unix_now(),
             attachment: None,
             deleting: false,
+            last_snapshot: None,
         }
     }
 }

@@ -4,10 +4,17 @@
 //! calls `io_uring_enter` without waiting. A read served by the page cache
 //! completes inside that call, so its completion is reaped (and the task's
 //! oneshot filled) before the task even awaits: no thread switch at all.
-//! Ops the kernel must finish asynchronously (a buffered write on ext4, a
-//! read from disk, a sync) signal an eventfd registered with the ring in
-//! async-only mode; a reaper task watches that eventfd through tokio's
-//! reactor and reaps. No tokio task ever waits in the kernel.
+//! Every completion also signals an eventfd registered with the ring; a
+//! reaper task watches it through tokio's reactor and reaps whatever the
+//! kernel finished later (a buffered write on ext4, a read from disk, a
+//! sync). No tokio task ever waits in the kernel.
+//!
+//! The eventfd is registered for all completions, not in async-only mode:
+//! async-only signals only completions posted by io-wq workers, and a
+//! buffered read that misses the page cache completes through task_work in
+//! the submitting thread instead, unsignalled. Its completion then waited
+//! for some other submission to be reaped; a snapshot reading one chunk at
+//! a time hung on it.
 //!
 //! A first design gave the ring its own thread; a buffered 4 KiB write then
 //! crossed four threads (tokio, ring, io-wq, ring, tokio) and took 89 µs at
@@ -74,7 +81,7 @@ impl Uring {
         }
         // SAFETY: fd is a fresh descriptor that nothing else owns.
         let efd = unsafe { OwnedFd::from_raw_fd(fd) };
-        ring.submitter().register_eventfd_async(efd.as_raw_fd())?;
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open
         // and the same for the AsyncFd's whole life.
         let efd = unsafe { AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE) }
@@ -126,7 +133,9 @@ impl Ring {
     fn pump(&mut self) {
         loop {
             let pushed = self.fill();
-            if pushed > 0 {
+            // Also when nothing new was pushed: a short submit may have left
+            // entries in the queue.
+            if !self.ring.submission().is_empty() {
                 loop {
                     match self.ring.submit() {
                         Ok(_) => break,

@@ -19,6 +19,7 @@
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{OnceLock, RwLock};
 
 /// Bits per page: 32768 chunks, 4 KiB of words.
@@ -105,6 +106,25 @@ impl Bitmap {
         out
     }
 
+    /// Clears every bit and returns the indices that were set; a bit set
+    /// concurrently lands either in the result or in the bitmap, never lost.
+    pub fn take_ones(&self) -> Vec<u64> {
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (p, slot) in pages.iter().enumerate() {
+            let Some(page) = slot.get() else { continue };
+            for (w, word) in page.iter().enumerate() {
+                let mut v = word.swap(0, Ordering::AcqRel);
+                while v != 0 {
+                    let b = v.trailing_zeros() as u64;
+                    out.push(p as u64 * PAGE_BITS + w as u64 * 64 + b);
+                    v &= v - 1;
+                }
+            }
+        }
+        out
+    }
+
     pub fn count(&self) -> u64 {
         let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
         pages
@@ -129,6 +149,18 @@ pub struct ChunkMap {
     chunk_shift: u32,
     local: Bitmap,
     dirty: Bitmap,
+    /// Nothing proves which chunks changed (an unclean shutdown): the next
+    /// snapshot must read every chunk rather than trust its parent.
+    dirty_all: std::sync::atomic::AtomicBool,
+}
+
+/// What changed since the last snapshot, taken at a snapshot's instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// Every chunk: read the whole volume, ignore the parent.
+    All,
+    /// These chunks, ascending.
+    Chunks(Vec<u64>),
 }
 
 impl ChunkMap {
@@ -142,6 +174,7 @@ impl ChunkMap {
             chunk_shift,
             local: Bitmap::new(chunks),
             dirty: Bitmap::new(chunks),
+            dirty_all: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -206,11 +239,40 @@ impl ChunkMap {
         self.dirty.ones()
     }
 
-    /// After an unclean shutdown nothing proves which chunks changed.
-    pub fn mark_all_local_dirty(&self) {
-        for c in self.local.ones() {
-            self.dirty.set(c);
+    /// After an unclean shutdown nothing proves which chunks changed. Not a
+    /// bit per chunk: a 64 TiB volume would need a gigabit of them.
+    pub fn mark_all_dirty(&self) {
+        self.dirty_all.store(true, Ordering::Release);
+    }
+
+    pub fn all_dirty(&self) -> bool {
+        self.dirty_all.load(Ordering::Acquire)
+    }
+
+    /// Splits the dirty set at a snapshot's instant: what changed goes to
+    /// the snapshot, and the set starts empty for the next one.
+    pub fn take_changed(&self) -> Changed {
+        let ones = self.dirty.take_ones();
+        if self.dirty_all.swap(false, Ordering::AcqRel) {
+            Changed::All
+        } else {
+            Changed::Chunks(ones)
         }
+    }
+
+    /// A snapshot failed: its changes belong to the next one.
+    pub fn restore_changed(&self, changed: &Changed) {
+        match changed {
+            Changed::All => self.mark_all_dirty(),
+            Changed::Chunks(c) => c.iter().for_each(|&i| {
+                self.dirty.set(i);
+            }),
+        }
+    }
+
+    /// Chunks holding data, ascending.
+    pub fn local_list(&self) -> Vec<u64> {
+        self.local.ones()
     }
 
     /// Splits `[offset, offset + len)` into runs of one state:
@@ -234,7 +296,15 @@ impl ChunkMap {
 
     /// Saves the dirty set (clean shutdown): `VDIRTY01`, u64 LE count, then
     /// that many u64 LE chunk indices; written to a temp file and renamed.
+    /// With everything dirty there is nothing to save: a missing file means
+    /// exactly that at the next start.
     pub fn save_dirty(&self, path: &Path) -> io::Result<()> {
+        if self.all_dirty() {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
         let ones = self.dirty.ones();
         let mut buf = Vec::with_capacity(16 + ones.len() * 8);
         buf.extend_from_slice(DIRTY_MAGIC);

@@ -13,6 +13,7 @@
 //!   any delete it finds marked.
 
 pub mod chunk_map;
+mod snapshots;
 mod volume;
 
 use std::collections::HashMap;
@@ -50,6 +51,12 @@ pub struct Engine {
     volumes: RwLock<HashMap<VolumeName, Arc<Volume>>>,
     lifecycle: Mutex<()>,
     io: Arc<IoEngine>,
+    repo: snapshot::Repo,
+    /// Snapshots in progress: id -> (volume, progress). One per volume.
+    snapshot_jobs: std::sync::Mutex<HashMap<String, (VolumeName, Arc<snapshots::Progress>)>>,
+    snapshot_tasks: tokio_util::task::TaskTracker,
+    /// Fired at shutdown: snapshot jobs stop and end `error`.
+    snapshot_cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Where a volume's dirty set is saved at a clean shutdown.
@@ -63,6 +70,7 @@ impl Engine {
         data_dir: &Path,
         endpoints: NbdEndpoints,
         io: Arc<IoEngine>,
+        repo: snapshot::Repo,
     ) -> anyhow::Result<(Self, bool)> {
         use anyhow::Context;
         let catalog = Catalog::open(&data_dir.join("catalog")).context("open catalog")?;
@@ -78,6 +86,10 @@ impl Engine {
             volumes: RwLock::new(HashMap::new()),
             lifecycle: Mutex::new(()),
             io,
+            repo,
+            snapshot_jobs: std::sync::Mutex::new(HashMap::new()),
+            snapshot_tasks: tokio_util::task::TaskTracker::new(),
+            snapshot_cancel: tokio_util::sync::CancellationToken::new(),
         };
         let mut live_ids = Vec::new();
         for rec in engine.catalog.volumes().context("load volumes")? {
@@ -139,12 +151,14 @@ impl Engine {
             Err(std::io::ErrorKind::NotFound.into())
         };
         if let Err(e) = loaded {
-            if clean {
-                warn!(volume = %rec.name, error = %e, "dirty set unreadable; every allocated chunk counts as changed");
+            if clean && e.kind() != std::io::ErrorKind::NotFound {
+                warn!(volume = %rec.name, error = %e, "dirty set unreadable");
             }
-            map.mark_all_local_dirty();
+            // Nothing proves which chunks changed: the next snapshot reads
+            // every chunk (for a volume never snapshotted, that is the same).
+            map.mark_all_dirty();
         }
-        info!(volume = %rec.name, local_chunks = map.local_chunks(), dirty_chunks = map.dirty_chunks().len(),
+        info!(volume = %rec.name, local_chunks = map.local_chunks(), dirty_chunks = map.dirty_chunks().len(), all_dirty = map.all_dirty(),
               "volume opened");
         Ok(map)
     }
@@ -381,6 +395,11 @@ impl Engine {
     /// attachments stay recorded), makes all data durable, and records a
     /// clean shutdown.
     pub async fn shutdown(&self) -> Result<()> {
+        // Snapshot jobs stop first: each puts its changes back into the dirty
+        // set, which is saved below.
+        self.snapshot_cancel.cancel();
+        self.snapshot_tasks.close();
+        self.snapshot_tasks.wait().await;
         let _guard = self.lifecycle.lock().await;
         for vol in self.list() {
             if let Some(export) = vol.export() {
@@ -443,7 +462,7 @@ impl Engine {
     }
 }
 
-fn rfc3339(secs: u64) -> String {
+pub fn rfc3339(secs: u64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -493,6 +512,11 @@ mod tests {
         Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap())
     }
 
+    fn repo(dir: &Path) -> snapshot::Repo {
+        let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
+        snapshot::Repo::new(Arc::new(store), 3)
+    }
+
     fn name(s: &str) -> VolumeName {
         VolumeName::parse(s).unwrap()
     }
@@ -510,7 +534,7 @@ mod tests {
     #[tokio::test]
     async fn lifecycle_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let (e, _) = Engine::open(dir.path(), endpoints(), io()).unwrap();
+        let (e, _) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
         e.create(create_req("a", 1 << 30, false)).await.unwrap();
         assert!(matches!(
             e.create(create_req("a", 1 << 30, false)).await,
@@ -600,7 +624,7 @@ mod tests {
     async fn restart_finishes_interrupted_delete_and_removes_orphans() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (e, _) = Engine::open(dir.path(), endpoints(), io()).unwrap();
+            let (e, _) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
             let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
             e.create(create_req("kept", 1 << 20, false)).await.unwrap();
             // Simulate a crash right after the delete mark was written.
@@ -611,7 +635,7 @@ mod tests {
             std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999)))
                 .unwrap();
         }
-        let (e, clean) = Engine::open(dir.path(), endpoints(), io()).unwrap();
+        let (e, clean) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
         assert!(!clean);
         let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
         assert_eq!(names, ["kept"]);

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use volumed_api::VolumeName;
 
-use super::chunk_map::{ChunkMap, ChunkState};
+use super::chunk_map::{Bitmap, Changed, ChunkMap, ChunkState};
 use crate::catalog::VolumeRecord;
 use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
@@ -28,6 +28,39 @@ pub struct Volume {
     metadata_changed: AtomicBool,
     record: Mutex<VolumeRecord>,
     export: Mutex<Option<Export>>,
+    /// Writes (and zeroings) hold it shared for their whole duration; a
+    /// snapshot takes it exclusively for the instant it freezes the volume,
+    /// so every write is either wholly before that instant or wholly after.
+    gate: tokio::sync::RwLock<()>,
+    /// The snapshot in progress, if any: see [`Freeze`].
+    freeze: Mutex<Option<Arc<Freeze>>>,
+    /// The manifest of the last snapshot, kept so the next incremental one
+    /// need not fetch it from the store.
+    parent_manifest: Mutex<Option<Arc<snapshot::Manifest>>>,
+}
+
+/// A snapshot's hold on a volume: the chunks it still has to read, and the
+/// old bytes of those that writes replaced before it read them
+/// (copy-before-write). One lock orders the uploader's reads and the
+/// writers' copies, so each frozen chunk is captured exactly once, with its
+/// content at the snapshot's instant.
+pub struct Freeze {
+    pending: Bitmap,
+    /// Chunks the uploader is reading from disk right now: a writer to one
+    /// of them waits for `read_done` rather than change it under the read.
+    reading: Bitmap,
+    read_done: tokio::sync::Notify,
+    preserved: tokio::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
+    /// The volume's size at the instant; the last chunk may be partial.
+    pub size: u64,
+}
+
+/// What a snapshot takes at its instant.
+pub struct SnapshotPlan {
+    pub changed: Changed,
+    /// The changed chunks that held data at the instant, ascending.
+    pub to_read: Vec<u64>,
+    pub freeze: Arc<Freeze>,
 }
 
 /// An attached volume's NBD export. Detach cancels `cancel`, which makes
@@ -67,6 +100,9 @@ impl Volume {
             metadata_changed: AtomicBool::new(false),
             record: Mutex::new(record),
             export: Mutex::new(None),
+            gate: tokio::sync::RwLock::new(()),
+            freeze: Mutex::new(None),
+            parent_manifest: Mutex::new(None),
         })
     }
 
@@ -140,8 +176,130 @@ impl Volume {
         Ok(out)
     }
 
+    /// Freezes the volume for a snapshot: at this instant (no write in
+    /// flight) the dirty set is split off and the changed chunks holding
+    /// data become pending for the snapshot.
+    pub async fn begin_snapshot(&self) -> SnapshotPlan {
+        let _gate = self.gate.write().await;
+        let changed = self.map.take_changed();
+        let to_read: Vec<u64> = match &changed {
+            Changed::All => self.map.local_list(),
+            Changed::Chunks(c) => c
+                .iter()
+                .copied()
+                .filter(|&i| self.map.state(i) == ChunkState::Local)
+                .collect(),
+        };
+        let size = self.size();
+        let pending = Bitmap::new(size.div_ceil(self.chunk_size));
+        for &c in &to_read {
+            pending.set(c);
+        }
+        let freeze = Arc::new(Freeze {
+            pending,
+            reading: Bitmap::new(size.div_ceil(self.chunk_size)),
+            read_done: tokio::sync::Notify::new(),
+            preserved: tokio::sync::Mutex::new(Default::default()),
+            size,
+        });
+        *self.freeze.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&freeze));
+        SnapshotPlan {
+            changed,
+            to_read,
+            freeze,
+        }
+    }
+
+    pub fn parent_manifest(&self) -> Option<Arc<snapshot::Manifest>> {
+        self.parent_manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_parent_manifest(&self, m: Arc<snapshot::Manifest>) {
+        *self
+            .parent_manifest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(m);
+    }
+
+    /// Releases the freeze (the snapshot read everything it needed, or
+    /// gave up); copies not yet taken are dropped.
+    pub fn end_snapshot(&self) {
+        *self.freeze.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// A frozen chunk's content at the snapshot's instant: from disk if no
+    /// write touched it since, else the copy that write preserved.
+    /// Many chunks are read at once; the lock is held only to move a chunk
+    /// from pending to reading, never across the read.
+    pub async fn take_frozen_chunk(&self, freeze: &Freeze, chunk: u64) -> io::Result<Vec<u8>> {
+        {
+            let mut preserved = freeze.preserved.lock().await;
+            if !freeze.pending.get(chunk) {
+                return preserved.remove(&chunk).ok_or_else(|| {
+                    io::Error::other(format!("chunk {chunk} was taken twice or never frozen"))
+                });
+            }
+            // Marked reading before it stops being pending, so a writer
+            // always sees one of the two.
+            freeze.reading.set(chunk);
+            freeze.pending.clear(chunk);
+        }
+        let data = self.read_chunk(chunk, freeze.size).await;
+        freeze.reading.clear(chunk);
+        freeze.read_done.notify_waiters();
+        data
+    }
+
+    async fn read_chunk(&self, chunk: u64, size: u64) -> io::Result<Vec<u8>> {
+        let off = chunk * self.chunk_size;
+        let len = self.chunk_size.min(size.saturating_sub(off));
+        self.data.read(off, len as usize).await
+    }
+
+    /// Before bytes in `[offset, offset + len)` change: preserve the frozen
+    /// chunks among them for the snapshot in progress.
+    async fn capture(&self, offset: u64, len: u64) -> io::Result<()> {
+        let Some(freeze) = self
+            .freeze
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        else {
+            return Ok(());
+        };
+        for c in self.map.chunks_of(offset, len) {
+            // Pending bits only ever clear, so a chunk seen neither pending
+            // nor reading needs nothing; one seen pending is checked again
+            // under the lock.
+            if freeze.pending.get(c) {
+                let mut preserved = freeze.preserved.lock().await;
+                if freeze.pending.clear(c) {
+                    let old = self.read_chunk(c, freeze.size).await?;
+                    preserved.insert(c, old);
+                    continue;
+                }
+            }
+            // The uploader is reading this chunk: wait until it has its copy.
+            loop {
+                let done = freeze.read_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if !freeze.reading.get(c) {
+                    break;
+                }
+                done.await;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
     pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
+        let _gate = self.gate.read().await;
+        self.capture(offset, buf.len() as u64).await?;
         // The chunks are marked before the bytes land, so a read racing the
         // write sees either the old bytes or the new, never a stale Zero
         // after the write completed.

@@ -1,0 +1,168 @@
+//! `vol snapshot create | list | inspect`.
+
+use std::time::Duration;
+
+use hyper::Method;
+use volumed_api::{CreateSnapshot, Snapshot, SnapshotList, SnapshotState, format_size};
+
+use crate::args::SnapshotCommand;
+use crate::client::Client;
+use crate::output::Out;
+
+/// How often `--wait` asks for progress.
+const POLL: Duration = Duration::from_millis(200);
+
+pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCommand::Create {
+            volume,
+            labels,
+            wait,
+        } => {
+            let req = CreateSnapshot {
+                labels: labels.into_iter().collect(),
+            };
+            let snap: Snapshot = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/volumes/{volume}/snapshots"),
+                    &req,
+                )
+                .await?;
+            let snap = if wait {
+                wait_for(client, out, snap).await?
+            } else {
+                snap
+            };
+            if out.json {
+                out.json(&snap)?;
+            } else if wait {
+                out.line(format!(
+                    "snapshot {} of '{}' {}: {} changed chunks, {} uploaded",
+                    snap.id,
+                    snap.volume,
+                    snap.state.as_str(),
+                    snap.changed_chunks,
+                    format_size(snap.uploaded_bytes)
+                ))?;
+            } else {
+                out.line(&snap.id)?;
+            }
+            if snap.state == SnapshotState::Error {
+                anyhow::bail!(
+                    "snapshot {} of '{}' failed: {}",
+                    snap.id,
+                    snap.volume,
+                    snap.error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        SnapshotCommand::List { volume } => {
+            let path = match &volume {
+                Some(v) => format!("/v1/snapshots?volume={v}"),
+                None => "/v1/snapshots".to_owned(),
+            };
+            let list: SnapshotList = client.get(&path).await?;
+            if out.json {
+                return Ok(out.json(&list.snapshots)?);
+            }
+            let rows: Vec<Vec<String>> = list
+                .snapshots
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.id.clone(),
+                        s.volume.clone(),
+                        s.state.as_str().to_owned(),
+                        format_size(s.size),
+                        s.changed_chunks.to_string(),
+                        format_size(s.uploaded_bytes),
+                        s.created_at.clone(),
+                    ]
+                })
+                .collect();
+            out.table(
+                &[
+                    "ID", "VOLUME", "STATE", "SIZE", "CHANGED", "UPLOADED", "CREATED",
+                ],
+                &rows,
+            )?;
+            Ok(())
+        }
+        SnapshotCommand::Inspect { id } => {
+            let s: Snapshot = client.get(&format!("/v1/snapshots/{id}")).await?;
+            if out.json {
+                return Ok(out.json(&s)?);
+            }
+            let labels = s
+                .labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            out.fields(&[
+                ("id", s.id.clone()),
+                ("volume", s.volume.clone()),
+                ("state", s.state.as_str().to_owned()),
+                (
+                    "size",
+                    format!("{} ({} bytes)", format_size(s.size), s.size),
+                ),
+                ("chunk size", format_size(s.chunk_size)),
+                ("parent", s.parent.clone().unwrap_or_else(|| "-".into())),
+                ("created", s.created_at.clone()),
+                (
+                    "completed",
+                    s.completed_at.clone().unwrap_or_else(|| "-".into()),
+                ),
+                ("changed chunks", s.changed_chunks.to_string()),
+                ("logical", format_size(s.logical_bytes)),
+                ("uploaded", format_size(s.uploaded_bytes)),
+                (
+                    "progress",
+                    format!(
+                        "{:.0}% ({}/{} chunks)",
+                        s.progress * 100.0,
+                        s.chunks_done,
+                        s.chunks_total
+                    ),
+                ),
+                (
+                    "labels",
+                    if labels.is_empty() {
+                        "-".into()
+                    } else {
+                        labels
+                    },
+                ),
+                ("error", s.error.clone().unwrap_or_else(|| "-".into())),
+            ])?;
+            Ok(())
+        }
+    }
+}
+
+/// Polls until the snapshot leaves `pending`, with a progress bar on
+/// stderr for people (hidden when stderr is not a terminal or with --json).
+async fn wait_for(client: &Client, out: &Out, mut snap: Snapshot) -> anyhow::Result<Snapshot> {
+    let bar = if out.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(snap.chunks_total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} chunks")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("snapshot {}", snap.id));
+    while snap.state == SnapshotState::Pending {
+        tokio::time::sleep(POLL).await;
+        snap = client.get(&format!("/v1/snapshots/{}", snap.id)).await?;
+        bar.set_length(snap.chunks_total);
+        bar.set_position(snap.chunks_done);
+    }
+    bar.finish_and_clear();
+    Ok(snap)
+}
