@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Snapshot throughput against the local store and SeaweedFS (S3), in one run.
+#
+# For each store: a volume of SIZE_GIB filled with random data (the worst
+# case: nothing compresses, nothing dedups), then
+#   full         the first snapshot, every chunk read, hashed, uploaded
+#   5% changed   5% of the chunks rewritten, then an incremental snapshot
+#   unchanged    a snapshot with nothing changed
+# and the store's raw PUT rate for 1 GiB of random chunk-sized objects at the
+# snapshot job's concurrency, so the full snapshot reads as a fraction of it.
+#
+# Usage: benches/snapshot_throughput.sh [size-GiB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SIZE_GIB=${1:-4}
+cargo build --release --quiet -p volumed -p vol -p volumed-benches --bin put_rate
+BIN=target/release
+WEED=${WEED:-$(command -v weed)}
+WORK=$(mktemp -d /var/tmp/volumed-snapbench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+
+# SeaweedFS on loopback, every port chosen here.
+P=(); for _ in $(seq 10); do P+=("$(free_port)"); done
+export AWS_ACCESS_KEY_ID=volumedbench AWS_SECRET_ACCESS_KEY=volumedbenchsecret AWS_REGION=us-east-1
+"$WEED" mini -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+    -master.port="${P[0]}" -master.port.grpc="${P[1]}" -volume.port="${P[2]}" -volume.port.grpc="${P[3]}" \
+    -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" -s3.port="${P[6]}" -s3.port.grpc="${P[7]}" \
+    -admin.port="${P[8]}" -admin.port.grpc="${P[9]}" -admin.ui=false -webdav=false \
+    -s3.port.iceberg=0 -s3.port.lance=0 -bucket=volumed >"$WORK/weed.log" 2>&1 &
+PIDS+=($!)
+export AWS_ENDPOINT_URL="http://127.0.0.1:${P[6]}"
+for _ in $(seq 120); do "$BIN/put_rate" s3://volumed/probe 1 64 1 >/dev/null 2>&1 && break; sleep 0.5; done
+
+head -c "${SIZE_GIB}G" /dev/urandom > "$WORK/src.img"
+CHUNKS=$((SIZE_GIB * 2048))   # 512 KiB chunks
+CHANGE=$((CHUNKS / 20))
+
+printf '%-6s %-11s %8s %10s %10s %12s %12s\n' store snapshot seconds changed uploaded logical_GiB/s upload_GiB/s
+for STORE in local s3; do
+    case $STORE in
+        local) URL="file://$WORK/store" ;;
+        s3) URL="s3://volumed/bench" ;;
+    esac
+    PORT=$(free_port)
+    VOLUMED_STORE=$URL "$BIN/volumed" --data-dir "$WORK/vd-$STORE" --nbd-listen "127.0.0.1:$PORT" 2>"$WORK/volumed-$STORE.log" &
+    VPID=$!; PIDS+=($VPID)
+    for _ in $(seq 100); do [ -S "$WORK/vd-$STORE/volumed.sock" ] && break; sleep 0.1; done
+    VOL="$BIN/vol --socket $WORK/vd-$STORE/volumed.sock"
+    $VOL create bench --size "${SIZE_GIB}G" >/dev/null
+    URI=$($VOL attach bench)
+    nbdcopy "$WORK/src.img" "$URI"
+    snap() {
+        local t0 t1 json
+        t0=$(now); json=$($VOL --json snapshot create bench --wait); t1=$(now)
+        /usr/bin/python3 - "$STORE" "$1" "$t0" "$t1" "$json" <<'PY'
+import json, sys
+store, name, t0, t1, j = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4]), json.loads(sys.argv[5])
+s = t1 - t0
+gib = 1 << 30
+print(f"{store:<6} {name:<11} {s:8.2f} {j['changed_chunks']:10d} {j['uploaded_bytes'] / gib:9.2f}Gi "
+      f"{j['logical_bytes'] / gib / s:12.2f} {j['uploaded_bytes'] / gib / s:12.2f}")
+PY
+    }
+    snap full
+    # Rewrite 5% of the chunks, spread over the volume.
+    /usr/bin/python3 - "$URI" "$CHUNKS" "$CHANGE" <<'PY'
+import nbd, os, sys
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+chunks, change = int(sys.argv[2]), int(sys.argv[3])
+for i in range(change):
+    h.pwrite(os.urandom(512 << 10), (i * (chunks // change)) * (512 << 10))
+h.flush(); h.shutdown()
+PY
+    snap "5%-changed"
+    snap unchanged
+    RATE=$("$BIN/put_rate" "$URL" 1024 512 8)
+    echo "$STORE raw PUT rate: $RATE MiB/s (1 GiB of 512 KiB random objects, 8 in flight)"
+    kill "$VPID"; wait "$VPID" 2>/dev/null || true
+done
