@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_GIB=${1:-4}
-cargo build --release --quiet -p volumed -p vol -p volumed-benches --bin put_rate
+cargo build --release --quiet -p volumed -p vol
+cargo build --release --quiet -p volumed-benches --bin put_rate
 BIN=target/release
 WEED=${WEED:-$(command -v weed)}
 WORK=$(mktemp -d /var/tmp/volumed-snapbench.XXXXXX)
@@ -81,7 +82,7 @@ h.flush(); h.shutdown()
 PY
     snap "5%-changed"
     snap unchanged
-    RATE=$("$BIN/put_rate" "$URL" 1024 512 8)
-    echo "$STORE raw PUT rate: $RATE MiB/s (1 GiB of 512 KiB random objects, 8 in flight)"
+    RATE=$("$BIN/put_rate" "$URL" 1024 512 16)
+    echo "$STORE raw PUT rate: $RATE MiB/s (1 GiB of 512 KiB random objects, 16 in flight)"
     kill "$VPID"; wait "$VPID" 2>/dev/null || true
 done

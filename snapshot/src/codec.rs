@@ -69,8 +69,9 @@ pub struct Encoded {
 /// Hashes and encodes a chunk. Data that zstd cannot shrink is stored raw.
 pub fn encode(data: &[u8], level: i32) -> Encoded {
     let hash = ChunkHash::of(data);
-    let compressed = zstd::bulk::compress(data, level)
-        .ok()
+    let compressed = worth_compressing(data)
+        .then(|| zstd::bulk::compress(data, level).ok())
+        .flatten()
         .filter(|c| c.len() < data.len());
     let (codec, payload): (u8, &[u8]) = match &compressed {
         Some(c) => (CODEC_ZSTD, c),
@@ -86,6 +87,27 @@ pub fn encode(data: &[u8], level: i32) -> Encoded {
     bytes.extend_from_slice(&hash.0);
     bytes.extend_from_slice(payload);
     Encoded { hash, bytes }
+}
+
+/// Bytes per sample in [`worth_compressing`].
+const SAMPLE_LEN: usize = 32 << 10;
+
+/// Whether compressing `data` is likely to pay. Random data (encrypted
+/// guests, media, already-compressed files) costs a full zstd pass for
+/// nothing, so two small samples, one at the start and one in the middle,
+/// are tried at the fastest level first; if neither shrinks by 3 % the
+/// chunk is stored raw. Small chunks are always tried in full.
+fn worth_compressing(data: &[u8]) -> bool {
+    if data.len() <= 4 * SAMPLE_LEN {
+        return true;
+    }
+    let mid = data.len() / 2;
+    [&data[..SAMPLE_LEN], &data[mid..mid + SAMPLE_LEN]]
+        .iter()
+        .any(|sample| match zstd::bulk::compress(sample, 1) {
+            Ok(c) => c.len() * 100 < sample.len() * 97,
+            Err(_) => true,
+        })
 }
 
 /// Decodes a chunk object and proves it is the chunk `expected`.
@@ -165,6 +187,27 @@ mod tests {
         let e = encode(&random, DEFAULT_LEVEL);
         assert_eq!(e.bytes[5], CODEC_RAW, "incompressible data is stored raw");
         assert_eq!(decode(&e.bytes, &e.hash).unwrap(), random);
+    }
+
+    #[test]
+    fn sampling_keeps_compressible_chunks_compressed() {
+        // Random first half, text second half: the middle sample compresses.
+        let mut data = vec![0u8; 256 << 10];
+        blake3::Hasher::new()
+            .update(b"seed")
+            .finalize_xof()
+            .fill(&mut data);
+        data.extend(b"text ".iter().cycle().take(256 << 10));
+        let e = encode(&data, DEFAULT_LEVEL);
+        assert_eq!(e.bytes[5], CODEC_ZSTD);
+        assert_eq!(decode(&e.bytes, &e.hash).unwrap(), data);
+        // All random: stored raw without compressing the whole chunk.
+        let mut random = vec![0u8; 512 << 10];
+        blake3::Hasher::new()
+            .update(b"other")
+            .finalize_xof()
+            .fill(&mut random);
+        assert_eq!(encode(&random, DEFAULT_LEVEL).bytes[5], CODEC_RAW);
     }
 
     #[test]

@@ -33,7 +33,7 @@ use crate::error::{Error, Result};
 
 /// Chunks read, hashed and uploaded at once: enough to keep both cores
 /// hashing and compressing while uploads wait on the network.
-const UPLOAD_CONCURRENCY: usize = 8;
+const UPLOAD_CONCURRENCY: usize = 16;
 
 /// Attempts for one store operation on top of the SDK's own retries, with
 /// backoff, before the snapshot gives up and ends `error`.
