@@ -4,18 +4,24 @@
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
 //! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
 //! - `store`: object stores (local directory, S3) behind one trait;
-//! - `repo`: the store layout and dedup: chunks by hash, manifests by id.
+//! - `repo`: the store layout and dedup: chunks by hash, manifests by id;
+//! - `cache`: the host's bounded chunk cache and the single-flight fetcher;
+//! - `gc`: mark-and-sweep of unreferenced chunk objects, with a grace period;
+//! - `verify`: reads every chunk of a snapshot and names what is wrong.
 //!
 //! Architecture invariant: this crate knows nothing about NBD, sled or the
 //! daemon's state, so a snapshot in a store can be read, verified or restored
 //! by any program that links it.
 
+pub mod cache;
 pub mod codec;
+pub mod gc;
 pub mod hash;
 pub mod manifest;
 pub mod repo;
 pub mod store;
 pub mod store_url;
+pub mod verify;
 
 pub use hash::ChunkHash;
 pub use manifest::{Manifest, ManifestHeader, SnapshotId};

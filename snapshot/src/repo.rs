@@ -4,7 +4,13 @@
 //! Layout (every key relative to the store's root or prefix):
 //! - `chunks/<first two hex digits>/<64 hex digits>`: a chunk object
 //!   (see `codec`), named by the blake3 of its uncompressed bytes;
-//! - `manifests/<snapshot id>`: a manifest (see `manifest`).
+//! - `manifests/<snapshot id>`: a manifest (see `manifest`);
+//! - `holds/<name>`: a copy of a manifest whose chunks a host still needs
+//!   (a volume restored from it and not yet hydrated), so gc keeps them even
+//!   if the snapshot is deleted;
+//! - `trash/<name>`: a deleted manifest or released hold, kept for gc's
+//!   grace period so a snapshot that started from it can still finish;
+//! - `gc/clock-<random>`: a probe gc writes to read the store's clock.
 //!
 //! Objects are immutable. Chunks are written before the manifest that names
 //! them; a snapshot exists exactly when its manifest does. A leaked chunk
@@ -12,6 +18,7 @@
 //! missing chunk is a bug.
 
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
@@ -58,15 +65,43 @@ pub struct PutChunk {
     pub uploaded: u64,
 }
 
+pub fn hold_key(name: &str) -> String {
+    format!("holds/{name}")
+}
+
+pub fn trash_key(name: &str) -> String {
+    format!("trash/{name}")
+}
+
+/// gc's default grace period: an unreferenced object younger than this is
+/// kept, and a snapshot must finish within it.
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
 #[derive(Clone)]
 pub struct Repo {
     store: Arc<dyn ObjectStore>,
     level: i32,
+    gc_grace: Duration,
 }
 
 impl Repo {
     pub fn new(store: Arc<dyn ObjectStore>, level: i32) -> Self {
-        Repo { store, level }
+        Repo {
+            store,
+            level,
+            gc_grace: DEFAULT_GC_GRACE,
+        }
+    }
+
+    /// Sets the grace period gc honours, which also bounds how long a
+    /// snapshot may take (see `gc`).
+    pub fn with_gc_grace(mut self, grace: Duration) -> Self {
+        self.gc_grace = grace;
+        self
+    }
+
+    pub fn gc_grace(&self) -> Duration {
+        self.gc_grace
     }
 
     pub fn store(&self) -> &Arc<dyn ObjectStore> {
@@ -88,7 +123,16 @@ impl Repo {
                 )
             })?;
         let key = chunk_key(&encoded.hash);
-        if self.store.exists(&key).await? {
+        if let Some(info) = self.store.head(&key).await? {
+            // An old object may be unreferenced and about to be swept by a
+            // gc that cannot see this snapshot yet: make it young again, so
+            // the grace period covers it until our manifest names it.
+            let age = SystemTime::now()
+                .duration_since(info.modified)
+                .unwrap_or_default();
+            if age > self.gc_grace / 2 {
+                self.store.touch(&key).await?;
+            }
             return Ok(PutChunk {
                 hash: encoded.hash,
                 uploaded: 0,
@@ -104,28 +148,101 @@ impl Repo {
 
     /// A chunk's bytes, verified against its hash.
     pub async fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
-        let obj = self
-            .store
+        let obj = self.get_chunk_object(hash).await?;
+        decode_chunk(obj, hash).await
+    }
+
+    /// A chunk object as stored, not yet verified.
+    pub async fn get_chunk_object(&self, hash: &ChunkHash) -> Result<Bytes, RepoError> {
+        self.store
             .get(&chunk_key(hash))
             .await?
-            .ok_or(RepoError::MissingChunk(*hash))?;
-        let h = *hash;
-        tokio::task::spawn_blocking(move || codec::decode(&obj, &h))
-            .await
-            .map_err(|e| {
-                StoreError::new(
-                    "decode",
-                    "",
-                    crate::store::ErrorKind::Transient,
-                    e.to_string(),
-                )
-            })?
-            .map_err(|source| RepoError::CorruptChunk {
-                hash: *hash,
+            .ok_or(RepoError::MissingChunk(*hash))
+    }
+
+    /// Whether the snapshot's manifest is in the store.
+    pub async fn manifest_exists(&self, id: &SnapshotId) -> Result<bool, RepoError> {
+        Ok(self.store.exists(&manifest_key(id)).await?)
+    }
+
+    /// Deletes a snapshot: its manifest moves to the trash, where gc keeps
+    /// honouring it for the grace period, then leaves `manifests/`. A crash
+    /// in between leaves the snapshot in place; deleting again finishes.
+    pub async fn trash_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        let key = manifest_key(id);
+        let bytes = self
+            .store
+            .get(&key)
+            .await?
+            .ok_or_else(|| RepoError::MissingManifest(id.to_string()))?;
+        self.store.put(&trash_key(id.as_str()), bytes).await?;
+        self.store.delete(&key).await?;
+        Ok(())
+    }
+
+    /// Records that this host still needs the chunks of `m`.
+    pub async fn put_hold(&self, name: &str, m: &Manifest) -> Result<(), RepoError> {
+        self.store
+            .put(&hold_key(name), Bytes::from(m.encode()))
+            .await?;
+        Ok(())
+    }
+
+    /// Releases a hold through the trash, so a snapshot that took chunk
+    /// hashes from the held manifest a moment ago still finishes safely.
+    pub async fn release_hold(&self, name: &str) -> Result<(), RepoError> {
+        let key = hold_key(name);
+        if let Some(bytes) = self.store.get(&key).await? {
+            self.store
+                .put(&trash_key(&format!("hold-{name}")), bytes)
+                .await?;
+            self.store.delete(&key).await?;
+        }
+        Ok(())
+    }
+
+    /// The store's own clock, read from a probe object: gc compares it with
+    /// objects' modification times, which that clock wrote.
+    pub async fn store_now(&self) -> Result<SystemTime, RepoError> {
+        let key = format!("gc/clock-{}", SnapshotId::generate().as_str());
+        self.store.put(&key, Bytes::from_static(b"clock")).await?;
+        let info = self.store.head(&key).await;
+        let _ = self.store.delete(&key).await;
+        Ok(info?.map(|i| i.modified).unwrap_or_else(SystemTime::now))
+    }
+
+    /// Decodes any manifest-shaped object (a manifest, a hold, a trashed
+    /// one), for gc.
+    pub async fn get_manifest_at(&self, key: &str) -> Result<Option<Manifest>, RepoError> {
+        let Some(bytes) = self.store.get(key).await? else {
+            return Ok(None);
+        };
+        Manifest::decode(&bytes)
+            .map(Some)
+            .map_err(|source| RepoError::CorruptManifest {
+                id: key.to_owned(),
                 source,
             })
     }
+}
 
+/// Verifies and decodes a chunk object off the async workers.
+pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+    let h = *hash;
+    tokio::task::spawn_blocking(move || codec::decode(&obj, &h))
+        .await
+        .map_err(|e| {
+            StoreError::new(
+                "decode",
+                "",
+                crate::store::ErrorKind::Transient,
+                e.to_string(),
+            )
+        })?
+        .map_err(|source| RepoError::CorruptChunk { hash: h, source })
+}
+
+impl Repo {
     /// Writes the manifest: the commit point of a snapshot.
     pub async fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
         let id = SnapshotId::parse(&m.header.id)
@@ -155,7 +272,7 @@ impl Repo {
             .list("manifests/")
             .await?
             .iter()
-            .filter_map(|k| k.strip_prefix("manifests/").and_then(SnapshotId::parse))
+            .filter_map(|o| o.key.strip_prefix("manifests/").and_then(SnapshotId::parse))
             .collect();
         ids.sort();
         Ok(ids)

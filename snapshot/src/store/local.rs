@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::{BoxFuture, ErrorKind, ObjectStore, StoreError, valid_key};
+use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, StoreError, valid_key};
 
 pub struct LocalStore {
     root: PathBuf,
@@ -108,19 +108,37 @@ impl ObjectStore for LocalStore {
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>> {
         Box::pin(async move {
-            let path = self.path("exists", key)?;
-            blocking("exists", key, move || match std::fs::metadata(&path) {
-                Ok(_) => Ok(true),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            let path = self.path("head", key)?;
+            let k = key.to_owned();
+            blocking("head", key, move || match std::fs::metadata(&path) {
+                Ok(m) => Ok(Some(ObjectInfo {
+                    key: k,
+                    size: m.len(),
+                    modified: m.modified()?,
+                })),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e),
             })
             .await
         })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+    fn touch<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.path("touch", key)?;
+            blocking("touch", key, move || {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)?
+                    .set_modified(std::time::SystemTime::now())
+            })
+            .await
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectInfo>, StoreError>> {
         Box::pin(async move {
             let root = self.root.clone();
             let prefix = prefix.to_owned();
@@ -132,10 +150,15 @@ impl ObjectStore for LocalStore {
                     Some(i) => root.join(&prefix[..i]),
                     None => root.clone(),
                 };
-                walk(&root, &start, &mut |key| {
+                walk(&root, &start, &mut |key, meta| {
                     if key.starts_with(&prefix) {
-                        out.push(key);
+                        out.push(ObjectInfo {
+                            key,
+                            size: meta.len(),
+                            modified: meta.modified()?,
+                        });
                     }
+                    Ok(())
                 })?;
                 Ok(out)
             })
@@ -159,7 +182,9 @@ impl ObjectStore for LocalStore {
     }
 }
 
-fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(String)) -> std::io::Result<()> {
+type Visit<'a> = dyn FnMut(String, std::fs::Metadata) -> std::io::Result<()> + 'a;
+
+fn walk(root: &Path, dir: &Path, f: &mut Visit<'_>) -> std::io::Result<()> {
     let rd = match std::fs::read_dir(dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -176,7 +201,12 @@ fn walk(root: &Path, dir: &Path, f: &mut dyn FnMut(String)) -> std::io::Result<(
         } else if let Ok(rel) = path.strip_prefix(root)
             && let Some(key) = rel.to_str()
         {
-            f(key.to_owned());
+            // A file removed since read_dir (a concurrent delete) is skipped.
+            match entry.metadata() {
+                Ok(m) => f(key.to_owned(), m)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
@@ -202,10 +232,34 @@ mod tests {
         assert_eq!(s.get("chunks/ab/abc").await.unwrap().unwrap(), &b"one"[..]);
         assert_eq!(s.get("chunks/ab/nope").await.unwrap(), None);
         assert!(s.exists("manifests/snap-1").await.unwrap());
-        let mut keys = s.list("chunks/").await.unwrap();
-        keys.sort();
-        assert_eq!(keys, ["chunks/ab/abc", "chunks/cd/cde"]);
-        assert_eq!(s.list("manifests/").await.unwrap(), ["manifests/snap-1"]);
+        let keys = |list: Vec<ObjectInfo>| {
+            let mut k: Vec<String> = list.into_iter().map(|o| o.key).collect();
+            k.sort();
+            k
+        };
+        assert_eq!(
+            keys(s.list("chunks/").await.unwrap()),
+            ["chunks/ab/abc", "chunks/cd/cde"]
+        );
+        assert_eq!(
+            keys(s.list("manifests/").await.unwrap()),
+            ["manifests/snap-1"]
+        );
+        // Touch moves the modification time forward and keeps the bytes.
+        let path = dir.path().join("chunks/cd/cde");
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let before = s.head("chunks/cd/cde").await.unwrap().unwrap();
+        assert_eq!(before.size, 3);
+        s.touch("chunks/cd/cde").await.unwrap();
+        let after = s.head("chunks/cd/cde").await.unwrap().unwrap();
+        assert!(after.modified > before.modified);
+        assert_eq!(s.get("chunks/cd/cde").await.unwrap().unwrap(), &b"two"[..]);
         s.delete("chunks/ab/abc").await.unwrap();
         s.delete("chunks/ab/abc").await.unwrap();
         assert!(!s.exists("chunks/ab/abc").await.unwrap());

@@ -20,6 +20,16 @@ use crate::StoreUrl;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What a listing or a HEAD tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    /// When the object was last written or touched, by the store's clock:
+    /// what gc's grace period is measured against.
+    pub modified: std::time::SystemTime,
+}
+
 /// Whether an operation may succeed if tried again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -59,9 +69,16 @@ pub trait ObjectStore: Send + Sync {
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
     /// The object's bytes, or `None` if there is no such object.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>>;
-    /// Keys starting with `prefix`, in no particular order.
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>>;
+    /// The object's size and age, or `None` if there is no such object.
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>>;
+    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move { Ok(self.head(key).await?.is_some()) })
+    }
+    /// Makes the object's modification time now, without changing it, so
+    /// gc counts it as young again.
+    fn touch<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Objects whose key starts with `prefix`, in no particular order.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectInfo>, StoreError>>;
     /// Removes the object; removing a missing one is not an error.
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// For logs and status: `file:///...` or `s3://bucket/prefix`.

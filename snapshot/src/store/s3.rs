@@ -10,11 +10,12 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::MetadataDirective;
 use aws_smithy_http_client::tls;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
-use super::{BoxFuture, ErrorKind, ObjectStore, StoreError};
+use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, StoreError};
 
 /// Requests in flight per store: enough to fill a link with 512 KiB
 /// chunks, few enough not to be throttled by a small server.
@@ -142,6 +143,13 @@ impl S3Store {
     }
 }
 
+/// An S3 timestamp; a missing or unrepresentable one counts as now, which
+/// errs on the side of keeping an object.
+fn system_time(t: Option<&aws_sdk_s3::primitives::DateTime>) -> std::time::SystemTime {
+    t.and_then(|t| std::time::SystemTime::try_from(*t).ok())
+        .unwrap_or_else(std::time::SystemTime::now)
+}
+
 /// Classifies an SDK error: anything on the way (timeouts, connection) and
 /// 5xx/429 replies are transient; the rest is permanent.
 fn classify<E: ProvideErrorMetadata + std::error::Error + 'static>(
@@ -214,7 +222,7 @@ impl ObjectStore for S3Store {
         })
     }
 
-    fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>> {
         Box::pin(async move {
             let _permit = self.permits.acquire().await.expect("never closed");
             match self
@@ -225,18 +233,41 @@ impl ObjectStore for S3Store {
                 .send()
                 .await
             {
-                Ok(_) => Ok(true),
+                Ok(o) => Ok(Some(ObjectInfo {
+                    key: key.to_owned(),
+                    size: o.content_length().unwrap_or(0).max(0) as u64,
+                    modified: system_time(o.last_modified()),
+                })),
                 Err(SdkError::ServiceError(se))
                     if se.err().is_not_found() || se.raw().status().as_u16() == 404 =>
                 {
-                    Ok(false)
+                    Ok(None)
                 }
-                Err(e) => Err(classify("exists", key, e)),
+                Err(e) => Err(classify("head", key, e)),
             }
         })
     }
 
-    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<String>, StoreError>> {
+    fn touch<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            // Copying an object onto itself needs a change; replacing its
+            // metadata is the usual one, and it resets LastModified.
+            self.client
+                .copy_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .copy_source(format!("{}/{}", self.bucket, self.full_key(key)))
+                .metadata_directive(MetadataDirective::Replace)
+                .metadata("touched", "1")
+                .send()
+                .await
+                .map_err(|e| classify("touch", key, e))?;
+            Ok(())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<ObjectInfo>, StoreError>> {
         Box::pin(async move {
             let mut out = Vec::new();
             let mut pages = self
@@ -250,7 +281,11 @@ impl ObjectStore for S3Store {
                 let page = page.map_err(|e| classify("list", prefix, e))?;
                 for obj in page.contents() {
                     if let Some(k) = obj.key().and_then(|k| self.strip(k)) {
-                        out.push(k);
+                        out.push(ObjectInfo {
+                            key: k,
+                            size: obj.size().unwrap_or(0).max(0) as u64,
+                            modified: system_time(obj.last_modified()),
+                        });
                     }
                 }
             }

@@ -1,0 +1,271 @@
+//! Garbage collection: delete the chunk objects no snapshot needs.
+//!
+//! Mark and sweep over the whole store, safe against snapshots that other
+//! hosts are writing at the same moment:
+//!
+//! 1. Read the store's clock, `now`. Objects modified after `now - grace`
+//!    are young.
+//! 2. Mark every chunk named by a manifest, a hold (a volume somewhere still
+//!    lazily reading that snapshot) or a young trash entry (a deleted
+//!    snapshot or released hold, honoured for the grace period).
+//! 3. Sweep: delete every chunk object that is unmarked and not young.
+//! 4. Expire trash entries that are no longer young.
+//!
+//! Why a snapshot being written elsewhere never loses a chunk. It names
+//! three kinds of chunk, and it must finish within `grace` of its start `S`
+//! or it fails without writing a manifest (see volumed's snapshot job):
+//! - chunks it uploaded: modified after `S`;
+//! - chunks it found already stored: it touched any older than `grace / 2`,
+//!   so they too are modified after `S - grace / 2`;
+//! - chunks it took from its parent's manifest: it checked at `S` that the
+//!   parent existed, so the parent is a manifest, or it was deleted after
+//!   `S` and is a young trash entry until after the snapshot's deadline.
+//!
+//! If gc's listing of manifests (step 2) missed the new manifest, that
+//! listing came before the snapshot finished, so `now < S + grace`, and
+//! everything above counts as young or marked. A manifest that could not
+//! be read stops gc before it deletes anything.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::hash::ChunkHash;
+use crate::repo::{Repo, RepoError};
+
+/// Deletes in flight at once.
+const DELETE_CONCURRENCY: usize = 16;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GcReport {
+    pub manifests: u64,
+    pub holds: u64,
+    /// Young trash entries whose chunks were kept.
+    pub trash_honoured: u64,
+    /// Trash entries older than the grace period, removed.
+    pub trash_expired: u64,
+    pub chunks_seen: u64,
+    pub chunks_referenced: u64,
+    /// Unreferenced but younger than the grace period: kept this time.
+    pub chunks_young: u64,
+    pub chunks_deleted: u64,
+    pub bytes_deleted: u64,
+}
+
+/// The chunk a `chunks/hh/<hex>` key names; any other key is not ours to
+/// delete.
+fn chunk_of_key(key: &str) -> Option<ChunkHash> {
+    let rest = key.strip_prefix("chunks/")?;
+    let (dir, hex) = rest.split_once('/')?;
+    let h: ChunkHash = hex.parse().ok()?;
+    (hex.get(..2) == Some(dir)).then_some(h)
+}
+
+async fn mark(repo: &Repo, key: &str, live: &mut HashSet<ChunkHash>) -> Result<(), RepoError> {
+    // A manifest deleted since the listing marks nothing: its deleter
+    // trashed it first, and the trash is listed after.
+    if let Some(m) = repo.get_manifest_at(key).await? {
+        live.extend(m.hashed().iter().map(|(_, h)| *h));
+    }
+    Ok(())
+}
+
+/// Runs one collection with the given grace period.
+pub async fn collect(repo: &Repo, grace: Duration) -> Result<GcReport, RepoError> {
+    let store = repo.store();
+    let now = repo.store_now().await?;
+    let cutoff = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut report = GcReport::default();
+    let mut live = HashSet::new();
+
+    for o in store.list("manifests/").await? {
+        mark(repo, &o.key, &mut live).await?;
+        report.manifests += 1;
+    }
+    for o in store.list("holds/").await? {
+        mark(repo, &o.key, &mut live).await?;
+        report.holds += 1;
+    }
+    let mut expired = Vec::new();
+    for o in store.list("trash/").await? {
+        if o.modified > cutoff {
+            mark(repo, &o.key, &mut live).await?;
+            report.trash_honoured += 1;
+        } else {
+            expired.push(o.key);
+        }
+    }
+    report.chunks_referenced = live.len() as u64;
+
+    let mut doomed = Vec::new();
+    for o in store.list("chunks/").await? {
+        let Some(h) = chunk_of_key(&o.key) else {
+            continue;
+        };
+        report.chunks_seen += 1;
+        if live.contains(&h) {
+            continue;
+        }
+        if o.modified > cutoff {
+            report.chunks_young += 1;
+        } else {
+            doomed.push((o.key, o.size));
+        }
+    }
+
+    let mut set = JoinSet::new();
+    let mut doomed = doomed.into_iter();
+    loop {
+        while set.len() < DELETE_CONCURRENCY {
+            let Some((key, size)) = doomed.next() else {
+                break;
+            };
+            let store = std::sync::Arc::clone(store);
+            set.spawn(async move { store.delete(&key).await.map(|_| size) });
+        }
+        let Some(r) = set.join_next().await else {
+            break;
+        };
+        match r {
+            Ok(Ok(size)) => {
+                report.chunks_deleted += 1;
+                report.bytes_deleted += size;
+            }
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => warn!(error = %e, "gc delete task failed"),
+        }
+    }
+    // Only after the sweep: an expired trash entry protected nothing this
+    // run anyway, and a crash before here just expires it next time.
+    for key in expired {
+        store.delete(&key).await?;
+        report.trash_expired += 1;
+    }
+    info!(?report, grace_secs = grace.as_secs(), "gc finished");
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::codec;
+    use crate::manifest::{Manifest, ManifestHeader, SnapshotId};
+    use crate::store::LocalStore;
+
+    fn manifest(chunks: &[ChunkHash]) -> Manifest {
+        let mut m = Manifest::new(ManifestHeader {
+            id: SnapshotId::generate().to_string(),
+            volume: "v".into(),
+            size: 16 << 20,
+            chunk_size: 1 << 20,
+            parent: None,
+            created_at: "2026-11-25T00:00:00Z".into(),
+            labels: Default::default(),
+            changed_chunks: 0,
+            logical_bytes: 0,
+            uploaded_bytes: 0,
+        });
+        for (i, h) in chunks.iter().enumerate() {
+            m.push(i as u64, Some(*h));
+        }
+        m
+    }
+
+    fn age(dir: &std::path::Path, key: &str, secs: u64) {
+        let t = SystemTime::now() - Duration::from_secs(secs);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.join(key))
+            .unwrap()
+            .set_modified(t)
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn sweeps_only_old_unreferenced_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let mut h = Vec::new();
+        for i in 0..6u8 {
+            h.push(repo.put_chunk(vec![i + 1; 4096]).await.unwrap().hash);
+        }
+        let key = |h: &ChunkHash| crate::repo::chunk_key(h);
+        for x in &h {
+            age(dir.path(), &key(x), 7200);
+        }
+        // 0: in a manifest; 1: in a hold; 2: in young trash; 3: in old
+        // trash; 4: unreferenced but young; 5: unreferenced and old.
+        let live = manifest(&h[..1]);
+        repo.put_manifest(&live).await.unwrap();
+        repo.put_hold("host-1", &manifest(&h[1..2])).await.unwrap();
+        let young = manifest(&h[2..3]);
+        repo.put_manifest(&young).await.unwrap();
+        repo.trash_manifest(&SnapshotId::parse(&young.header.id).unwrap())
+            .await
+            .unwrap();
+        let old = manifest(&h[3..4]);
+        repo.put_manifest(&old).await.unwrap();
+        repo.trash_manifest(&SnapshotId::parse(&old.header.id).unwrap())
+            .await
+            .unwrap();
+        age(dir.path(), &format!("trash/{}", old.header.id), 7200);
+        age(dir.path(), &key(&h[4]), 10);
+
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(
+            (r.manifests, r.holds, r.trash_honoured, r.trash_expired),
+            (1, 1, 1, 1)
+        );
+        assert_eq!((r.chunks_seen, r.chunks_young, r.chunks_deleted), (6, 1, 2));
+        for (i, x) in h.iter().enumerate() {
+            let kept = repo.store().exists(&key(x)).await.unwrap();
+            assert_eq!(kept, ![3, 5].contains(&i), "chunk {i}");
+        }
+        assert!(repo.list_snapshots().await.unwrap().len() == 1);
+
+        // A damaged manifest stops gc before it deletes anything.
+        repo.store()
+            .put(
+                "manifests/snap-00000000000000ff",
+                bytes::Bytes::from_static(b"junk"),
+            )
+            .await
+            .unwrap();
+        age(dir.path(), &key(&h[4]), 7200);
+        assert!(collect(&repo, Duration::from_secs(3600)).await.is_err());
+        assert!(repo.store().exists(&key(&h[4])).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn dedup_hit_on_an_old_chunk_makes_it_young() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let h = repo.put_chunk(vec![9; 4096]).await.unwrap().hash;
+        age(dir.path(), &crate::repo::chunk_key(&h), 7200);
+        // A snapshot elsewhere finds the old, unreferenced chunk stored and
+        // will name it; gc running now must keep it.
+        assert_eq!(repo.put_chunk(vec![9; 4096]).await.unwrap().uploaded, 0);
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((r.chunks_young, r.chunks_deleted), (1, 0));
+    }
+
+    #[test]
+    fn only_chunk_keys_are_swept() {
+        let h = ChunkHash::of(b"x");
+        assert_eq!(chunk_of_key(&crate::repo::chunk_key(&h)), Some(h));
+        let hex = h.to_hex();
+        assert_eq!(chunk_of_key(&format!("chunks/zz/{hex}")), None);
+        assert_eq!(chunk_of_key("chunks/ab/cd"), None);
+        assert_eq!(chunk_of_key("manifests/x"), None);
+    }
+}

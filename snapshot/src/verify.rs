@@ -1,0 +1,174 @@
+//! Verification of a snapshot in the store: every chunk its manifest names
+//! is read and checked against its hash.
+
+use std::collections::BTreeMap;
+
+use tokio::task::JoinSet;
+
+use crate::hash::ChunkHash;
+use crate::manifest::SnapshotId;
+use crate::repo::{Repo, RepoError};
+
+const VERIFY_CONCURRENCY: usize = 16;
+
+/// A chunk object that is missing or damaged, and where the snapshot uses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadChunk {
+    pub hash: ChunkHash,
+    /// Chunk indices of the volume that hold this content.
+    pub indices: Vec<u64>,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    /// Non-zero chunks in the manifest.
+    pub chunks: u64,
+    /// Distinct objects read.
+    pub objects: u64,
+    pub ok_objects: u64,
+    pub missing: Vec<BadChunk>,
+    pub damaged: Vec<BadChunk>,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.missing.is_empty() && self.damaged.is_empty()
+    }
+}
+
+/// Reads every chunk of snapshot `id`. A missing or damaged object is
+/// reported, not an error; an unreadable manifest or a store that keeps
+/// failing is an error, since then nothing can be said.
+pub async fn verify(repo: &Repo, id: &SnapshotId) -> Result<VerifyReport, RepoError> {
+    let m = repo.get_manifest(id).await?;
+    let mut by_hash: BTreeMap<ChunkHash, Vec<u64>> = BTreeMap::new();
+    for (i, h) in m.hashed() {
+        by_hash.entry(*h).or_default().push(*i);
+    }
+    let mut report = VerifyReport {
+        snapshot: id.to_string(),
+        chunks: m.hashed().len() as u64,
+        objects: by_hash.len() as u64,
+        ok_objects: 0,
+        missing: Vec::new(),
+        damaged: Vec::new(),
+    };
+    let mut set = JoinSet::new();
+    let mut todo = by_hash.into_iter();
+    loop {
+        while set.len() < VERIFY_CONCURRENCY {
+            let Some((h, indices)) = todo.next() else {
+                break;
+            };
+            let repo = repo.clone();
+            set.spawn(async move {
+                let mut attempt = 0;
+                loop {
+                    match repo.get_chunk(&h).await {
+                        Err(e) if e.is_transient() && attempt < 3 => {
+                            attempt += 1;
+                            tokio::time::sleep(std::time::Duration::from_millis(200 << attempt))
+                                .await;
+                        }
+                        r => return (h, indices, r.map(|_| ())),
+                    }
+                }
+            });
+        }
+        let Some(joined) = set.join_next().await else {
+            break;
+        };
+        let (hash, indices, r) = joined.map_err(|e| {
+            RepoError::Store(crate::StoreError::new(
+                "verify",
+                "",
+                crate::store::ErrorKind::Transient,
+                e.to_string(),
+            ))
+        })?;
+        match r {
+            Ok(()) => report.ok_objects += 1,
+            Err(e @ RepoError::MissingChunk(_)) => report.missing.push(BadChunk {
+                hash,
+                indices,
+                error: e.to_string(),
+            }),
+            Err(e @ RepoError::CorruptChunk { .. }) => report.damaged.push(BadChunk {
+                hash,
+                indices,
+                error: e.to_string(),
+            }),
+            Err(e) => return Err(e),
+        }
+    }
+    report.missing.sort_by_key(|b| b.indices[0]);
+    report.damaged.sort_by_key(|b| b.indices[0]);
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::codec;
+    use crate::manifest::{Manifest, ManifestHeader};
+    use crate::repo::chunk_key;
+    use crate::store::LocalStore;
+
+    #[tokio::test]
+    async fn names_missing_and_damaged_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let id = SnapshotId::generate();
+        let mut m = Manifest::new(ManifestHeader {
+            id: id.to_string(),
+            volume: "v".into(),
+            size: 8 << 20,
+            chunk_size: 1 << 20,
+            parent: None,
+            created_at: "2026-11-25T00:00:00Z".into(),
+            labels: Default::default(),
+            changed_chunks: 4,
+            logical_bytes: 4 << 20,
+            uploaded_bytes: 0,
+        });
+        let mut h = Vec::new();
+        for i in 0..3u8 {
+            h.push(repo.put_chunk(vec![i + 1; 8192]).await.unwrap().hash);
+        }
+        // Chunk 1 and 5 share content.
+        for (i, x) in [(0, h[0]), (1, h[1]), (3, h[2]), (5, h[1])] {
+            m.push(i, Some(x));
+        }
+        repo.put_manifest(&m).await.unwrap();
+        let clean = verify(&repo, &id).await.unwrap();
+        assert!(clean.is_ok());
+        assert_eq!((clean.chunks, clean.objects, clean.ok_objects), (4, 3, 3));
+
+        std::fs::remove_file(dir.path().join(chunk_key(&h[2]))).unwrap();
+        let p = dir.path().join(chunk_key(&h[1]));
+        let mut obj = std::fs::read(&p).unwrap();
+        obj[60] ^= 0x40;
+        std::fs::write(&p, obj).unwrap();
+        let r = verify(&repo, &id).await.unwrap();
+        assert!(!r.is_ok());
+        assert_eq!(r.ok_objects, 1);
+        assert_eq!(r.missing.len(), 1);
+        assert_eq!(
+            (r.missing[0].hash, &r.missing[0].indices[..]),
+            (h[2], &[3][..])
+        );
+        assert_eq!(r.damaged.len(), 1);
+        assert_eq!(r.damaged[0].indices, [1, 5]);
+        assert!(
+            verify(&repo, &SnapshotId::generate()).await.is_err(),
+            "no manifest"
+        );
+    }
+}
