@@ -26,18 +26,25 @@ pub enum Command {
     /// Create a volume
     Create {
         name: VolumeName,
-        /// Size in bytes or with a binary unit: 10G, 10GiB, 512K, 1T
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Size in bytes or with a binary unit: 10G, 10GiB, 512K, 1T (with
+        /// --from-snapshot: the snapshot's size unless larger is given)
+        #[arg(long, value_parser = parse_size, required_unless_present = "from_snapshot")]
+        size: Option<u64>,
         /// Delete the volume when it is detached
         #[arg(long)]
         ephemeral: bool,
-        /// Fill the volume from this snapshot
+        /// Create the volume from this snapshot: usable at once, filled from the store
         #[arg(long, value_name = "ID")]
         from_snapshot: Option<String>,
         /// Unit of copy-on-write and snapshots: a power of two, 64K to 4M [default: 512K]
         #[arg(long, value_parser = parse_size)]
         chunk_size: Option<u64>,
+        /// Do not fill the volume in the background: fetch chunks only when touched
+        #[arg(long, requires = "from_snapshot")]
+        no_hydrate: bool,
+        /// Wait until the restored volume is fully hydrated, showing progress
+        #[arg(long, requires = "from_snapshot", conflicts_with = "no_hydrate")]
+        wait: bool,
     },
     /// List volumes
     List,
@@ -67,6 +74,13 @@ pub enum Command {
     /// Take, list and inspect snapshots
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Delete chunk objects that no snapshot references any more
+    Gc {
+        /// Keep unreferenced objects younger than this (e.g. 0s, 10m, 1h)
+        /// [default: the daemon's --gc-grace]
+        #[arg(long, value_parser = humantime::parse_duration)]
+        grace: Option<std::time::Duration>,
+    },
     /// Show the daemon's status
     Status,
 }
@@ -91,6 +105,10 @@ pub enum SnapshotCommand {
     },
     /// Show one snapshot
     Inspect { id: String },
+    /// Delete a snapshot; gc reclaims its chunks
+    Delete { id: String },
+    /// Read every chunk of a snapshot and check it against its hash
+    Verify { id: String },
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

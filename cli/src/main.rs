@@ -26,12 +26,15 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line, as every other error: clap's own first line already
             // names the argument and the reason.
+            // When that line ends in a colon, what it announces is on the
+            // next one ("required arguments were not provided:\n  --size").
             let text = e.to_string();
-            let first = text
-                .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("error: invalid arguments");
-            eprintln!("{first}");
+            let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+            let first = lines.next().unwrap_or("error: invalid arguments");
+            match lines.next() {
+                Some(next) if first.ends_with(':') => eprintln!("{first} {next}"),
+                _ => eprintln!("{first}"),
+            }
             return ExitCode::from(2);
         }
     };
@@ -65,6 +68,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ephemeral,
             from_snapshot,
             chunk_size,
+            no_hydrate,
+            wait,
         } => {
             volume::create(
                 &client,
@@ -75,7 +80,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ephemeral,
                     from_snapshot,
                     chunk_size,
+                    hydrate: no_hydrate.then_some(false),
                 },
+                wait,
             )
             .await
         }
@@ -90,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => volume::modify(&client, &out, name, ModifyVolume { size, ephemeral }).await,
         Command::Delete { name } => volume::delete(&client, &out, name).await,
         Command::Status => status::status(&client, &out).await,
+        Command::Gc { grace } => snapshot::gc(&client, &out, grace).await,
         Command::Snapshot(cmd) => snapshot::run(&client, &out, cmd).await,
     }
 }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod s3;
+pub mod snapkit;
 
 /// The directory holding `volumed` and `vol`, built once per test process so
 /// the tests never run a stale binary.

@@ -3,115 +3,12 @@
 //! `snapshot` crate and compares it byte for byte with the volume.
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use snapshot::store::{LocalStore, S3Store};
-use snapshot::{ObjectStore, Repo, SnapshotId};
-use volumed_tests::s3::S3Server;
+
+use volumed_tests::snapkit::{Store, dump, fill_random, image, snap, u};
 use volumed_tests::{TestDaemon, qemu_io, run_ok};
-
-/// Where the daemon under test keeps its snapshots.
-enum Store {
-    Local,
-    S3(S3Server),
-}
-
-impl Store {
-    fn s3() -> Self {
-        Store::S3(S3Server::start())
-    }
-
-    fn env(&self, prefix: &str) -> Vec<(&'static str, String)> {
-        match self {
-            Store::Local => vec![],
-            Store::S3(s) => {
-                let mut env = s.env();
-                env.push((
-                    "VOLUMED_STORE",
-                    format!("s3://{}/{prefix}", volumed_tests::s3::BUCKET),
-                ));
-                // Outage tests must end in seconds, not minutes.
-                env.push(("VOLUMED_S3_OPERATION_TIMEOUT", "6".into()));
-                env.push(("VOLUMED_S3_ATTEMPT_TIMEOUT", "2".into()));
-                env.push(("VOLUMED_S3_MAX_ATTEMPTS", "2".into()));
-                env
-            }
-        }
-    }
-
-    fn daemon(&self, prefix: &str) -> TestDaemon {
-        let env = self.env(prefix);
-        let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        TestDaemon::start_with_env(&refs)
-    }
-
-    /// The same store, opened by the test to read snapshots back.
-    fn repo(&self, d: &TestDaemon, prefix: &str) -> Repo {
-        let store: Arc<dyn ObjectStore> = match self {
-            Store::Local => Arc::new(LocalStore::open(&d.data_dir().join("store")).unwrap()),
-            Store::S3(s) => Arc::new(S3Store::new(s.settings(prefix))),
-        };
-        Repo::new(store, 3)
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A snapshot's full image, rebuilt from its manifest and chunk objects.
-fn image(repo: &Repo, id: &str) -> Vec<u8> {
-    rt().block_on(async {
-        let m = repo
-            .get_manifest(&SnapshotId::parse(id).unwrap())
-            .await
-            .unwrap();
-        let cs = m.header.chunk_size;
-        let mut img = vec![0u8; m.header.size as usize];
-        for (c, h) in m.hashed() {
-            let data = repo.get_chunk(h).await.unwrap();
-            let off = (c * cs) as usize;
-            img[off..off + data.len()].copy_from_slice(&data);
-        }
-        img
-    })
-}
-
-/// The volume's bytes over NBD.
-fn dump(d: &TestDaemon, name: &str) -> Vec<u8> {
-    let path = d.dir.path().join(format!("{name}.dump"));
-    let _ = std::fs::remove_file(&path);
-    run_ok(Command::new("nbdcopy").arg(d.uri(name)).arg(&path));
-    std::fs::read(&path).unwrap()
-}
-
-fn fill_random(d: &TestDaemon, name: &str, mib: usize) {
-    let src = d.dir.path().join("random.img");
-    run_ok(
-        Command::new("head")
-            .arg("-c")
-            .arg(format!("{mib}M"))
-            .arg("/dev/urandom")
-            .stdout(std::fs::File::create(&src).unwrap()),
-    );
-    run_ok(Command::new("nbdcopy").arg(&src).arg(d.uri(name)));
-}
-
-fn snap(d: &TestDaemon, vol: &str) -> Value {
-    let s = d.vol_json(&["snapshot", "create", vol, "--wait"]);
-    assert_eq!(s["state"], "completed", "{s}");
-    s
-}
-
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap()
-}
 
 /// Full, then incremental, then dedup across volumes, then zeros.
 fn full_incremental_dedup(store: Store) {

@@ -46,6 +46,18 @@ pub struct Args {
           value_parser = clap::value_parser!(i32).range(1..=19))]
     pub zstd_level: i32,
 
+    /// Bound on the host's chunk cache (DATA_DIR/cache), shared by every
+    /// restored volume; 0 disables it
+    #[arg(long, env = "VOLUMED_CACHE_SIZE", value_name = "SIZE", default_value = "4GiB",
+          value_parser = parse_size_arg)]
+    pub cache_size: u64,
+
+    /// gc keeps unreferenced objects younger than this, and a snapshot must
+    /// finish within it; use the same value on every host sharing a store
+    #[arg(long, env = "VOLUMED_GC_GRACE", value_name = "DURATION", default_value = "1h",
+          value_parser = humantime::parse_duration)]
+    pub gc_grace: std::time::Duration,
+
     /// Disk I/O engine: io_uring, a thread pool, or io_uring when the kernel allows it
     #[arg(long, env = "VOLUMED_IO_ENGINE", value_enum, default_value = "auto")]
     pub io_engine: EngineChoice,
@@ -61,6 +73,12 @@ pub struct Config {
     pub store: StoreUrl,
     pub io_engine: EngineChoice,
     pub zstd_level: i32,
+    pub cache_size: u64,
+    pub gc_grace: std::time::Duration,
+}
+
+fn parse_size_arg(s: &str) -> Result<u64, String> {
+    volumed_api::parse_size(s).map_err(|e| e.to_string())
 }
 
 impl Args {
@@ -80,6 +98,8 @@ impl Args {
             nbd_listen: self.nbd_listen,
             io_engine: self.io_engine,
             zstd_level: self.zstd_level,
+            cache_size: self.cache_size,
+            gc_grace: self.gc_grace,
             store,
             data_dir,
         })

@@ -33,9 +33,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let io = Arc::new(IoEngine::new(config.io_engine).context("start the I/O engine")?);
     let store = snapshot::store::open(&config.store).context("open the snapshot store")?;
-    let repo = snapshot::Repo::new(store, config.zstd_level);
-    let (engine, clean) =
-        Engine::open(&config.data_dir, endpoints, io, repo).context("open volume engine")?;
+    let repo = snapshot::Repo::new(store, config.zstd_level).with_gc_grace(config.gc_grace);
+    let cache_dir = config.data_dir.join("cache");
+    let cache = snapshot::cache::ChunkCache::open(&cache_dir, config.cache_size)
+        .with_context(|| format!("open the chunk cache in {}", cache_dir.display()))?;
+    let fetcher = Arc::new(snapshot::cache::Fetcher::new(
+        repo.clone(),
+        (config.cache_size > 0).then(|| Arc::new(cache)),
+    ));
+    let (engine, clean) = Engine::open(&config.data_dir, endpoints, io, repo, fetcher)
+        .context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
@@ -46,6 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let engine = Arc::clone(&engine);
         tokio::spawn(async move { engine.settle_interrupted_snapshots().await });
     }
+    engine.start_background();
 
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket).await?;
     let api_listener = api::server::bind(&config.socket).await?;
@@ -57,6 +65,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store: config.store.to_string(),
         volumes: 0,
         io_backend: engine.io_engine_name().into(),
+        store_fetches: 0,
+        store_fetched_bytes: 0,
+        cache_bytes: 0,
+        cache_hits: 0,
     };
     let state = ApiState {
         engine: Arc::clone(&engine),

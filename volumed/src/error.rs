@@ -34,6 +34,10 @@ pub enum Error {
     InvalidLabel(String, &'static str),
     #[error("volumed is shutting down")]
     ShuttingDown,
+    #[error("snapshot store: {0}")]
+    Store(String),
+    #[error("snapshot {0} is in progress; wait for it to end")]
+    SnapshotBusy(String),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -63,6 +67,8 @@ impl Error {
             Error::SnapshotInProgress(..) => ErrorCode::Conflict,
             Error::InvalidLabel(..) => ErrorCode::InvalidRequest,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
+            Error::Store(_) => ErrorCode::StoreUnavailable,
+            Error::SnapshotBusy(_) => ErrorCode::Conflict,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

@@ -1,9 +1,12 @@
-//! `vol snapshot create | list | inspect`.
+//! `vol snapshot create | list | inspect | delete | verify`, and `vol gc`.
 
 use std::time::Duration;
 
 use hyper::Method;
-use volumed_api::{CreateSnapshot, Snapshot, SnapshotList, SnapshotState, format_size};
+use volumed_api::{
+    CreateSnapshot, GcReport, GcRequest, Snapshot, SnapshotList, SnapshotState, VerifyReport,
+    format_size,
+};
 
 use crate::args::SnapshotCommand;
 use crate::client::Client;
@@ -140,7 +143,79 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
             ])?;
             Ok(())
         }
+        SnapshotCommand::Delete { id } => {
+            client.delete(&format!("/v1/snapshots/{id}")).await?;
+            if out.json {
+                return Ok(out.json(&serde_json::json!({ "id": id, "deleted": true }))?);
+            }
+            out.line(format!("deleted snapshot {id}"))?;
+            Ok(())
+        }
+        SnapshotCommand::Verify { id } => {
+            let r: VerifyReport = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/snapshots/{id}/verify"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if out.json {
+                out.json(&r)?;
+            } else {
+                out.line(format!(
+                    "snapshot {}: {} chunks, {} objects, {} ok, {} missing, {} damaged",
+                    r.snapshot,
+                    r.chunks,
+                    r.objects,
+                    r.ok_objects,
+                    r.missing.len(),
+                    r.damaged.len()
+                ))?;
+                for (what, list) in [("missing", &r.missing), ("damaged", &r.damaged)] {
+                    for b in list {
+                        out.line(format!(
+                            "  {what} object {} (chunks {:?}): {}",
+                            b.hash, b.indices, b.error
+                        ))?;
+                    }
+                }
+            }
+            if !r.ok {
+                anyhow::bail!(
+                    "snapshot {} has {} missing and {} damaged chunk objects",
+                    r.snapshot,
+                    r.missing.len(),
+                    r.damaged.len()
+                );
+            }
+            Ok(())
+        }
     }
+}
+
+pub async fn gc(
+    client: &Client,
+    out: &Out,
+    grace: Option<std::time::Duration>,
+) -> anyhow::Result<()> {
+    let req = GcRequest {
+        grace_secs: grace.map(|g| g.as_secs()),
+    };
+    let r: GcReport = client.send(Method::POST, "/v1/gc", &req).await?;
+    if out.json {
+        return Ok(out.json(&r)?);
+    }
+    out.line(format!(
+        "gc: deleted {} chunk objects ({}); kept {} referenced and {} younger than {}s; {} manifests, {} holds",
+        r.chunks_deleted,
+        format_size(r.bytes_deleted),
+        r.chunks_referenced,
+        r.chunks_young,
+        r.grace_secs,
+        r.manifests,
+        r.holds
+    ))?;
+    Ok(())
 }
 
 /// Polls until the snapshot leaves `pending`, with a progress bar on

@@ -13,8 +13,19 @@ fn path(name: &VolumeName) -> String {
     format!("/v1/volumes/{name}")
 }
 
-pub async fn create(client: &Client, out: &Out, req: CreateVolume) -> anyhow::Result<()> {
-    let v: Volume = client.send(Method::POST, "/v1/volumes", &req).await?;
+/// How often `create --wait` asks for progress.
+const POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+pub async fn create(
+    client: &Client,
+    out: &Out,
+    req: CreateVolume,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let mut v: Volume = client.send(Method::POST, "/v1/volumes", &req).await?;
+    if wait {
+        v = wait_hydrated(client, out, v).await?;
+    }
     if out.json {
         return Ok(out.json(&v)?);
     }
@@ -23,13 +34,54 @@ pub async fn create(client: &Client, out: &Out, req: CreateVolume) -> anyhow::Re
     } else {
         "volume"
     };
+    let from = match &v.source_snapshot {
+        Some(s) => format!(" from snapshot {s}"),
+        None => String::new(),
+    };
     out.line(format!(
-        "created {kind} '{}': {}, chunk size {}",
+        "created {kind} '{}'{from}: {}, chunk size {}",
         v.name,
         format_size(v.size),
         format_size(v.chunk_size)
     ))?;
     Ok(())
+}
+
+/// Polls until the restored volume holds every chunk of its snapshot, with
+/// a progress bar on stderr for people.
+async fn wait_hydrated(client: &Client, out: &Out, mut v: Volume) -> anyhow::Result<Volume> {
+    let total = v.hydration.as_ref().map_or(0, |h| h.total_bytes);
+    let bar = if out.json {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(total)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})",
+        )
+        .expect("a valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(format!("hydrating '{}'", v.name));
+    while let Some(h) = &v.hydration {
+        bar.set_length(h.total_bytes);
+        bar.set_position(h.hydrated_bytes);
+        if h.state == "complete" {
+            break;
+        }
+        if h.state == "retrying" {
+            bar.set_message(format!(
+                "hydrating '{}' (retrying: {})",
+                v.name,
+                h.error.clone().unwrap_or_default()
+            ));
+        }
+        tokio::time::sleep(POLL).await;
+        v = client.get(&path(&v.name)).await?;
+    }
+    bar.finish_and_clear();
+    Ok(v)
 }
 
 pub async fn list(client: &Client, out: &Out) -> anyhow::Result<()> {
@@ -77,6 +129,18 @@ pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Re
         ("uri", dash(&v.uri)),
         ("unix uri", dash(&v.unix_uri)),
         ("source snapshot", dash(&v.source_snapshot)),
+        (
+            "hydration",
+            match &v.hydration {
+                Some(h) => format!(
+                    "{} ({} of {})",
+                    h.state,
+                    format_size(h.hydrated_bytes),
+                    format_size(h.total_bytes)
+                ),
+                None => "-".into(),
+            },
+        ),
         ("allocated", format_size(v.allocated_bytes)),
         ("created", v.created_at.clone()),
         ("attached", dash(&v.attached_at)),

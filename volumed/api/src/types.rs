@@ -55,19 +55,42 @@ pub struct Volume {
     pub attached_at: Option<String>,
     /// Bytes the volume's data files occupy on the host's disk.
     pub allocated_bytes: u64,
+    /// For a volume created from a snapshot: how far it has copied the
+    /// snapshot's chunks in. Null for other volumes.
+    #[serde(default)]
+    pub hydration: Option<Hydration>,
+}
+
+/// Progress of a restored volume filling itself from the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hydration {
+    /// `hydrating`, `complete`, `off` (background hydration disabled: chunks
+    /// arrive only when read), or `retrying` (a fetch failed; see `error`).
+    pub state: String,
+    pub hydrated_bytes: u64,
+    /// Bytes of the snapshot's non-zero chunks that the volume holds.
+    pub total_bytes: u64,
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVolume {
     pub name: VolumeName,
-    pub size: u64,
+    /// Required unless `from_snapshot` is given; then it defaults to the
+    /// snapshot's size and may only be larger.
+    #[serde(default)]
+    pub size: Option<u64>,
     #[serde(default)]
     pub ephemeral: bool,
     #[serde(default)]
     pub from_snapshot: Option<String>,
     #[serde(default)]
     pub chunk_size: Option<u64>,
+    /// Fill a restored volume from the store in the background (default
+    /// true); without it chunks are fetched only when first touched.
+    #[serde(default)]
+    pub hydrate: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +153,8 @@ pub enum ErrorCode {
     Conflict,
     Unsupported,
     ShuttingDown,
+    /// The snapshot store could not be reached or kept failing.
+    StoreUnavailable,
     Internal,
 }
 
@@ -143,7 +168,7 @@ impl ErrorCode {
             | ErrorCode::VolumeNotAttached
             | ErrorCode::Conflict => 409,
             ErrorCode::Unsupported => 501,
-            ErrorCode::ShuttingDown => 503,
+            ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => 503,
             ErrorCode::Internal => 500,
         }
     }
@@ -218,6 +243,16 @@ pub struct Status {
     pub store: String,
     pub volumes: usize,
     pub io_backend: String,
+    /// Chunk objects fetched from the store for restored volumes, and their
+    /// bytes, since start; chunks served by the host cache are not counted.
+    #[serde(default)]
+    pub store_fetches: u64,
+    #[serde(default)]
+    pub store_fetched_bytes: u64,
+    #[serde(default)]
+    pub cache_bytes: u64,
+    #[serde(default)]
+    pub cache_hits: u64,
 }
 
 #[cfg(test)]
@@ -249,4 +284,50 @@ mod tests {
         assert_eq!(ErrorCode::InvalidSize.http_status(), 400);
         assert_eq!(ErrorCode::AlreadyExists.http_status(), 409);
     }
+}
+
+/// What `POST /v1/snapshots/{id}/verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub snapshot: String,
+    /// True when every object was present and matched its hash.
+    pub ok: bool,
+    /// Non-zero chunks the manifest names.
+    pub chunks: u64,
+    /// Distinct chunk objects read.
+    pub objects: u64,
+    pub ok_objects: u64,
+    pub missing: Vec<BadChunk>,
+    pub damaged: Vec<BadChunk>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BadChunk {
+    pub hash: String,
+    /// Chunk indices of the volume with this content.
+    pub indices: Vec<u64>,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    /// Overrides the daemon's grace period for this run, in seconds.
+    #[serde(default)]
+    pub grace_secs: Option<u64>,
+}
+
+/// What `POST /v1/gc` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub grace_secs: u64,
+    pub manifests: u64,
+    pub holds: u64,
+    pub trash_honoured: u64,
+    pub trash_expired: u64,
+    pub chunks_seen: u64,
+    pub chunks_referenced: u64,
+    pub chunks_young: u64,
+    pub chunks_deleted: u64,
+    pub bytes_deleted: u64,
 }

@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use volumed_api::{
-    ApiError, AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorBody, ErrorCode,
-    ModifyVolume, Snapshot, SnapshotList, Status, VolumeList, VolumeName,
+    ApiError, AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorBody, ErrorCode, GcReport,
+    GcRequest, ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
 };
 
 use crate::engine::Engine;
@@ -37,7 +37,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
         .route("/v1/snapshots", get(list_snapshots))
-        .route("/v1/snapshots/{id}", get(get_snapshot))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
+        .route("/v1/gc", post(gc))
         .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
         .method_not_allowed_fallback(|| async {
             ApiFailure {
@@ -123,6 +128,12 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 async fn status(State(s): State<ApiState>) -> Json<Status> {
     let mut st = (*s.status).clone();
     st.volumes = s.engine.list().len();
+    (
+        st.store_fetches,
+        st.store_fetched_bytes,
+        st.cache_bytes,
+        st.cache_hits,
+    ) = s.engine.fetch_stats();
     Json(st)
 }
 
@@ -199,7 +210,10 @@ async fn create_snapshot(
     let n = name(&raw)?;
     let req: CreateSnapshot = body(&bytes, Some(CreateSnapshot::default()))?;
     let rec = s.engine.create_snapshot(&n, req).await?;
-    Ok((StatusCode::ACCEPTED, Json(s.engine.snapshot(&rec.id)?)))
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(s.engine.snapshot(&rec.id).await?),
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -217,7 +231,7 @@ async fn list_snapshots(
         name(v)?;
     }
     Ok(Json(SnapshotList {
-        snapshots: s.engine.snapshots(q.volume.as_deref())?,
+        snapshots: s.engine.snapshots(q.volume.as_deref()).await?,
     }))
 }
 
@@ -225,5 +239,26 @@ async fn get_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
-    Ok(Json(s.engine.snapshot(&id)?))
+    Ok(Json(s.engine.snapshot(&id).await?))
+}
+
+async fn delete_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.engine.delete_snapshot(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn verify_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<VerifyReport>> {
+    Ok(Json(s.engine.verify_snapshot(&id).await?))
+}
+
+async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
+    let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
+    let grace = req.grace_secs.map(std::time::Duration::from_secs);
+    Ok(Json(s.engine.gc(grace).await?))
 }

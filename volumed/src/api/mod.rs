@@ -12,7 +12,10 @@
 //! | POST | /v1/volumes/{name}/detach | | Detached |
 //! | POST | /v1/volumes/{name}/snapshots | CreateSnapshot (optional) | 202 Snapshot (pending) |
 //! | GET | /v1/snapshots?volume=NAME | | SnapshotList |
-//! | GET | /v1/snapshots/{id} | | Snapshot |
+//! | GET | /v1/snapshots/{id} | | Snapshot (this host's, or any in the store) |
+//! | DELETE | /v1/snapshots/{id} | | 204 |
+//! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
+//! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).

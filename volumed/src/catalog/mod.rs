@@ -182,6 +182,22 @@ impl Catalog {
         Ok(clean)
     }
 
+    /// This host's id, made once: it names the holds this host keeps in a
+    /// shared store.
+    pub fn host_id(&self) -> Result<String> {
+        if let Some(v) = self.meta.get("host_id").map_err(sled_err("read host_id"))?
+            && let Ok(s) = std::str::from_utf8(&v)
+        {
+            return Ok(s.to_owned());
+        }
+        let id = snapshot::SnapshotId::generate().as_str()["snap-".len()..].to_owned();
+        self.meta
+            .insert("host_id", id.as_bytes())
+            .map_err(sled_err("write host_id"))?;
+        self.flush()?;
+        Ok(id)
+    }
+
     pub fn mark_clean_shutdown(&self) -> Result<()> {
         self.meta
             .insert("clean_shutdown", "1")

@@ -25,6 +25,13 @@ pub struct VolumeRecord {
     /// The last completed snapshot: the parent of the next one.
     #[serde(default)]
     pub last_snapshot: Option<String>,
+    /// A restored volume fills itself from the store in the background.
+    #[serde(default)]
+    pub hydrate: bool,
+    /// Every chunk of its snapshot is local and the store hold is released:
+    /// the volume no longer needs the store.
+    #[serde(default)]
+    pub hydrated: bool,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -86,6 +93,8 @@ impl VolumeRecord {
             attachment: None,
             deleting: false,
             last_snapshot: None,
+            hydrate: false,
+            hydrated: false,
         }
     }
 }

@@ -199,6 +199,14 @@ impl DataFile {
         Ok(())
     }
 
+    /// Punches a hole, blocking: for repairs while a volume is being opened.
+    pub fn punch_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+        for p in self.pieces(offset, len)? {
+            super::engine::fallocate(&p.file, super::engine::PUNCH_HOLE, p.pos, p.len as u64)?;
+        }
+        Ok(())
+    }
+
     /// Starts reading a range into the page cache.
     pub async fn will_need(&self, offset: u64, len: u64) -> io::Result<()> {
         for p in self.pieces(offset, len)? {

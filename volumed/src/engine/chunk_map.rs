@@ -1,8 +1,10 @@
 //! The chunk-state map of a volume, and its dirty set.
 //!
 //! Each chunk is `Zero` (never written, or trimmed: no bytes on disk, reads
-//! cost no I/O) or `Local` (its bytes are in the data files). The dirty set
-//! records chunks changed since the last completed snapshot.
+//! cost no I/O), `Local` (its bytes are in the data files) or, in a volume
+//! created from a snapshot, `Base` (its bytes are the snapshot's chunk, not
+//! yet fetched). The dirty set records chunks changed since the last
+//! completed snapshot.
 //!
 //! Both are bitmaps of atomic words in pages allocated on first use, so a
 //! 64 TiB volume that is mostly empty costs kilobytes, and the data path
@@ -143,11 +145,15 @@ impl Bitmap {
 pub enum ChunkState {
     Zero,
     Local,
+    Base,
 }
 
 pub struct ChunkMap {
     chunk_shift: u32,
     local: Bitmap,
+    /// Chunks still `Base`; a set bit wins over `local`. Bits are only ever
+    /// cleared once the volume is open: a chunk leaves its base for good.
+    base: Bitmap,
     dirty: Bitmap,
     /// Nothing proves which chunks changed (an unclean shutdown): the next
     /// snapshot must read every chunk rather than trust its parent.
@@ -173,6 +179,7 @@ impl ChunkMap {
         ChunkMap {
             chunk_shift,
             local: Bitmap::new(chunks),
+            base: Bitmap::new(chunks),
             dirty: Bitmap::new(chunks),
             dirty_all: std::sync::atomic::AtomicBool::new(false),
         }
@@ -185,6 +192,7 @@ impl ChunkMap {
     pub fn grow(&self, size: u64) {
         let chunks = size.div_ceil(self.chunk_size());
         self.local.grow(chunks);
+        self.base.grow(chunks);
         self.dirty.grow(chunks);
     }
 
@@ -198,7 +206,9 @@ impl ChunkMap {
     }
 
     pub fn state(&self, chunk: u64) -> ChunkState {
-        if self.local.get(chunk) {
+        if self.base.get(chunk) {
+            ChunkState::Base
+        } else if self.local.get(chunk) {
             ChunkState::Local
         } else {
             ChunkState::Zero
@@ -218,6 +228,42 @@ impl ChunkMap {
         if self.local.clear(chunk) {
             self.dirty.set(chunk);
         }
+    }
+
+    /// At open: chunk `i` is the base snapshot's and was not yet fetched.
+    /// Returns whether it was also marked `Local`, i.e. the data file has
+    /// stray bytes there (a fetch that never became durable).
+    pub fn set_base(&self, chunk: u64) -> bool {
+        self.base.set(chunk);
+        self.local.clear(chunk)
+    }
+
+    /// A `Base` chunk's bytes are now in the data file. Not dirty: its
+    /// content did not change. `Local` is set before `Base` clears, so a
+    /// reader never sees the chunk as `Zero` in between.
+    pub fn mark_hydrated(&self, chunk: u64) {
+        self.local.set(chunk);
+        self.base.clear(chunk);
+    }
+
+    /// A `Base` chunk is replaced whole (written or trimmed) without being
+    /// fetched: `Local` for a write about to land, `Zero` for a trim. Its
+    /// content changes either way, so it is dirty.
+    pub fn unbase(&self, chunk: u64, local: bool) {
+        if local {
+            self.local.set(chunk);
+        }
+        self.base.clear(chunk);
+        self.dirty.set(chunk);
+    }
+
+    pub fn base_chunks(&self) -> u64 {
+        self.base.count()
+    }
+
+    /// Chunks still `Base`, ascending.
+    pub fn base_list(&self) -> Vec<u64> {
+        self.base.ones()
     }
 
     /// Marks chunks `Local` from allocated byte ranges of the data files.

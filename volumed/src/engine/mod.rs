@@ -12,7 +12,9 @@
 //!   `deleting` first, then the files go, then the record. Start-up finishes
 //!   any delete it finds marked.
 
+pub mod base;
 pub mod chunk_map;
+mod hydrate;
 mod snapshots;
 mod volume;
 
@@ -57,6 +59,17 @@ pub struct Engine {
     snapshot_tasks: tokio_util::task::TaskTracker,
     /// Fired at shutdown: snapshot jobs stop and end `error`.
     snapshot_cancel: tokio_util::sync::CancellationToken,
+    /// Restored volumes' chunks, through the host's cache.
+    fetcher: Arc<snapshot::cache::Fetcher>,
+    /// Names this host's holds in the store.
+    host_id: String,
+    /// Background hydration: a token per volume id, children of
+    /// `background_cancel`, which shutdown fires.
+    hydrations: std::sync::Mutex<HashMap<u64, tokio_util::sync::CancellationToken>>,
+    background: tokio_util::task::TaskTracker,
+    background_cancel: tokio_util::sync::CancellationToken,
+    /// Headers of manifests read from the store: they never change.
+    headers: std::sync::Mutex<HashMap<String, snapshot::ManifestHeader>>,
 }
 
 /// Where a volume's dirty set is saved at a clean shutdown.
@@ -71,10 +84,12 @@ impl Engine {
         endpoints: NbdEndpoints,
         io: Arc<IoEngine>,
         repo: snapshot::Repo,
+        fetcher: Arc<snapshot::cache::Fetcher>,
     ) -> anyhow::Result<(Self, bool)> {
         use anyhow::Context;
         let catalog = Catalog::open(&data_dir.join("catalog")).context("open catalog")?;
         let clean = catalog.begin_run().context("record start")?;
+        let host_id = catalog.host_id().context("read host id")?;
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir)
             .with_context(|| format!("create {}", volumes_dir.display()))?;
@@ -90,6 +105,12 @@ impl Engine {
             snapshot_jobs: std::sync::Mutex::new(HashMap::new()),
             snapshot_tasks: tokio_util::task::TaskTracker::new(),
             snapshot_cancel: tokio_util::sync::CancellationToken::new(),
+            fetcher,
+            host_id,
+            hydrations: std::sync::Mutex::new(HashMap::new()),
+            background: tokio_util::task::TaskTracker::new(),
+            background_cancel: tokio_util::sync::CancellationToken::new(),
+            headers: std::sync::Mutex::new(HashMap::new()),
         };
         let mut live_ids = Vec::new();
         for rec in engine.catalog.volumes().context("load volumes")? {
@@ -107,8 +128,12 @@ impl Engine {
             // A volume whose files are gone is reported and left out; the
             // other volumes of the host still come up.
             let opened = DataFile::open(&dir, rec.size, Arc::clone(&engine.io))
-                .and_then(|data| Ok((engine.rebuild_map(&rec, &data, clean)?, data)));
-            let (map, data) = match opened {
+                .and_then(|data| Ok((engine.rebuild_map(&rec, &data, clean)?, data)))
+                .and_then(|(map, data)| {
+                    let base = engine.open_base(&rec, &map, &data)?;
+                    Ok((map, data, base))
+                });
+            let (map, data, base) = match opened {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::error!(volume = %rec.name, dir = %dir.display(), error = %e,
@@ -117,7 +142,12 @@ impl Engine {
                 }
             };
             let attached = rec.attachment.is_some();
-            let vol = Volume::new(rec, data, map);
+            let source_is_parent =
+                rec.source_snapshot.is_some() && rec.source_snapshot == rec.last_snapshot;
+            let vol = Volume::new(rec, data, map, base);
+            if source_is_parent && let Some(b) = vol.base() {
+                vol.set_parent_manifest(Arc::clone(&b.manifest));
+            }
             if attached {
                 vol.open_export();
             }
@@ -161,6 +191,51 @@ impl Engine {
         info!(volume = %rec.name, local_chunks = map.local_chunks(), dirty_chunks = map.dirty_chunks().len(), all_dirty = map.all_dirty(),
               "volume opened");
         Ok(map)
+    }
+
+    /// A restored volume's base: its snapshot's manifest (kept beside the
+    /// data files) and the log of chunks that left it. Chunks neither logged
+    /// nor beyond the volume are `Base`; bytes the data file holds for them
+    /// came from a fetch that never became durable, and are punched away.
+    fn open_base(
+        &self,
+        rec: &VolumeRecord,
+        map: &ChunkMap,
+        data: &DataFile,
+    ) -> std::io::Result<Option<Arc<base::BaseImage>>> {
+        if rec.source_snapshot.is_none() || rec.hydrated {
+            return Ok(None);
+        }
+        let dir = data.dir();
+        let bytes = std::fs::read(dir.join(base::MANIFEST_FILE))?;
+        let manifest = snapshot::Manifest::decode(&bytes).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", dir.join(base::MANIFEST_FILE).display()),
+            )
+        })?;
+        let (log, detached) = base::DetachLog::open(&dir.join(base::DETACHED_FILE))?;
+        let chunks = rec.size.div_ceil(rec.chunk_size);
+        let mut stray = 0u64;
+        for (i, _) in manifest.hashed() {
+            if *i < chunks && !detached.contains(i) && map.set_base(*i) {
+                data.punch_blocking(
+                    i * rec.chunk_size,
+                    rec.chunk_size.min(rec.size - i * rec.chunk_size),
+                )?;
+                stray += 1;
+            }
+        }
+        if stray > 0 {
+            data.sync_blocking()?;
+            warn!(volume = %rec.name, chunks = stray, "dropped fetched chunks that were never made durable");
+        }
+        info!(volume = %rec.name, snapshot = %manifest.header.id, base_chunks = map.base_chunks(), "restored volume opened");
+        Ok(Some(Arc::new(base::BaseImage::new(
+            Arc::new(manifest),
+            Arc::clone(&self.fetcher),
+            log,
+        ))))
     }
 
     pub fn io_engine_name(&self) -> &'static str {
@@ -228,42 +303,145 @@ impl Engine {
             .collect()
     }
 
-    pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
-        let chunk_size = req.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+    pub async fn create(self: &Arc<Self>, req: CreateVolume) -> Result<Arc<Volume>> {
+        let source = match &req.from_snapshot {
+            Some(id) => Some(self.source_manifest(id).await?),
+            None => None,
+        };
+        let chunk_size = match (&source, req.chunk_size) {
+            (Some(m), Some(c)) if c != m.header.chunk_size => {
+                return Err(Error::InvalidSize(format!(
+                    "snapshot {} has chunks of {}; a volume created from it has the same, not {}",
+                    m.header.id,
+                    format_size(m.header.chunk_size),
+                    format_size(c)
+                )));
+            }
+            (Some(m), _) => m.header.chunk_size,
+            (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
+        };
         validate_chunk_size(chunk_size)?;
-        validate_size(req.size)?;
-        if let Some(snap) = req.from_snapshot {
-            // No snapshot store exists yet on this daemon, so no id can name one.
-            return Err(Error::SnapshotNotFound(snap));
-        }
+        let size = match (req.size, &source) {
+            (Some(s), Some(m)) if s < m.header.size => {
+                return Err(Error::InvalidSize(format!(
+                    "size {} is smaller than snapshot {} ({})",
+                    format_size(s),
+                    m.header.id,
+                    format_size(m.header.size)
+                )));
+            }
+            (Some(s), _) => s,
+            (None, Some(m)) => m.header.size,
+            (None, None) => {
+                return Err(Error::InvalidSize(
+                    "size is required unless the volume is created from a snapshot".into(),
+                ));
+            }
+        };
+        validate_size(size)?;
         let _guard = self.lifecycle.lock().await;
         if self.get(&req.name).is_ok() {
             return Err(Error::VolumeExists(req.name));
         }
         let id = self.catalog.next_id()?;
-        let rec = VolumeRecord::new(
+        let mut rec = VolumeRecord::new(
             id,
             req.name.clone(),
-            req.size,
+            size,
             chunk_size,
             req.ephemeral,
-            None,
+            source.as_ref().map(|m| m.header.id.clone()),
         );
+        rec.last_snapshot = rec.source_snapshot.clone();
+        rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
         let dir = self.volume_dir(id);
-        let data = DataFile::create(&dir, req.size, Arc::clone(&self.io))
+        let data = DataFile::create(&dir, size, Arc::clone(&self.io))
             .ctx(|| format!("create data files in {}", dir.display()))?;
+        // A restored volume's base goes beside its data files, and a hold
+        // keeps the snapshot's chunks in the store until it is hydrated;
+        // both before the record, so a crash leaves only an orphan.
+        let base = match &source {
+            Some(m) => match self.prepare_base(&rec, &dir, m).await {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         failpoint::hit("create-after-files");
         if let Err(e) = self.catalog.put_volume(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
-        info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral, "volume created");
-        let vol = Volume::new(rec, data, ChunkMap::new(req.size, chunk_size));
+        info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral,
+              source = ?rec.source_snapshot, "volume created");
+        let map = ChunkMap::new(size, chunk_size);
+        if let Some(m) = &source {
+            for (i, _) in m.hashed() {
+                map.set_base(*i);
+            }
+        }
+        let hydrate = rec.hydrate;
+        let vol = Volume::new(rec, data, map, base);
+        if let Some(m) = source {
+            vol.set_parent_manifest(m);
+        }
         self.volumes
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(vol.name.clone(), Arc::clone(&vol));
+        if hydrate {
+            self.start_hydration(Arc::clone(&vol));
+        } else if vol.base().is_some() {
+            vol.set_hydration("off", None);
+        }
         Ok(vol)
+    }
+
+    /// The manifest of the snapshot a volume is to be created from.
+    async fn source_manifest(&self, id: &str) -> Result<Arc<snapshot::Manifest>> {
+        let sid =
+            snapshot::SnapshotId::parse(id).ok_or_else(|| Error::SnapshotNotFound(id.into()))?;
+        match snapshots::with_retry("get manifest", || self.repo.get_manifest(&sid)).await {
+            Ok(m) => Ok(Arc::new(m)),
+            Err(snapshot::RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.into())),
+            Err(e) => Err(Error::Store(e.to_string())),
+        }
+    }
+
+    fn hold_name(&self, volume_id: u64) -> String {
+        format!("{}-{volume_id:016x}", self.host_id)
+    }
+
+    async fn prepare_base(
+        &self,
+        rec: &VolumeRecord,
+        dir: &Path,
+        m: &Arc<snapshot::Manifest>,
+    ) -> Result<Arc<base::BaseImage>> {
+        let path = dir.join(base::MANIFEST_FILE);
+        let encoded = m.encode();
+        (|| {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&path)?;
+            f.write_all(&encoded)?;
+            f.sync_all()
+        })()
+        .ctx(|| format!("write {}", path.display()))?;
+        let log = base::DetachLog::create(&dir.join(base::DETACHED_FILE))
+            .ctx(|| format!("create the detach log in {}", dir.display()))?;
+        sync_dir(dir).ctx(|| format!("sync {}", dir.display()))?;
+        let hold = self.hold_name(rec.id);
+        snapshots::with_retry("put hold", || self.repo.put_hold(&hold, m))
+            .await
+            .map_err(|e| Error::Store(format!("record a hold on snapshot {}: {e}", m.header.id)))?;
+        Ok(Arc::new(base::BaseImage::new(
+            Arc::clone(m),
+            Arc::clone(&self.fetcher),
+            log,
+        )))
     }
 
     pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
@@ -366,6 +544,7 @@ impl Engine {
     }
 
     async fn delete_locked(&self, vol: &Arc<Volume>) -> Result<()> {
+        self.stop_hydration(vol).await;
         let mut rec = vol.record();
         rec.deleting = true;
         self.catalog.put_volume(&rec)?;
@@ -375,7 +554,15 @@ impl Engine {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&vol.name);
-        self.remove_files_and_record(&rec)
+        self.remove_files_and_record(&rec)?;
+        if rec.source_snapshot.is_some() && !rec.hydrated {
+            // Best effort: a hold left behind is released at the next start.
+            let name = self.hold_name(rec.id);
+            if let Err(e) = self.repo.release_hold(&name).await {
+                warn!(volume = %rec.name, hold = %name, error = %e, "could not release the store hold");
+            }
+        }
+        Ok(())
     }
 
     fn remove_files_and_record(&self, rec: &VolumeRecord) -> Result<()> {
@@ -400,6 +587,9 @@ impl Engine {
         self.snapshot_cancel.cancel();
         self.snapshot_tasks.close();
         self.snapshot_tasks.wait().await;
+        self.background_cancel.cancel();
+        self.background.close();
+        self.background.wait().await;
         let _guard = self.lifecycle.lock().await;
         for vol in self.list() {
             if let Some(export) = vol.export() {
@@ -444,6 +634,7 @@ impl Engine {
             created_at: rfc3339(rec.created_at),
             attached_at: rec.attachment.as_ref().map(|a| rfc3339(a.attached_at)),
             allocated_bytes: vol.data().allocated_bytes(),
+            hydration: self.hydration_of(vol),
         }
     }
 
@@ -512,9 +703,12 @@ mod tests {
         Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap())
     }
 
-    fn repo(dir: &Path) -> snapshot::Repo {
+    fn open(dir: &Path) -> (Arc<Engine>, bool) {
         let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
-        snapshot::Repo::new(Arc::new(store), 3)
+        let repo = snapshot::Repo::new(Arc::new(store), 3);
+        let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
+        let (e, clean) = Engine::open(dir, endpoints(), io(), repo, fetcher).unwrap();
+        (Arc::new(e), clean)
     }
 
     fn name(s: &str) -> VolumeName {
@@ -524,17 +718,18 @@ mod tests {
     fn create_req(n: &str, size: u64, ephemeral: bool) -> CreateVolume {
         CreateVolume {
             name: name(n),
-            size,
+            size: Some(size),
             ephemeral,
             from_snapshot: None,
             chunk_size: None,
+            hydrate: None,
         }
     }
 
     #[tokio::test]
     async fn lifecycle_rules() {
         let dir = tempfile::tempdir().unwrap();
-        let (e, _) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
+        let (e, _) = open(dir.path());
         e.create(create_req("a", 1 << 30, false)).await.unwrap();
         assert!(matches!(
             e.create(create_req("a", 1 << 30, false)).await,
@@ -624,7 +819,7 @@ mod tests {
     async fn restart_finishes_interrupted_delete_and_removes_orphans() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (e, _) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
+            let (e, _) = open(dir.path());
             let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
             e.create(create_req("kept", 1 << 20, false)).await.unwrap();
             // Simulate a crash right after the delete mark was written.
@@ -635,7 +830,7 @@ mod tests {
             std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999)))
                 .unwrap();
         }
-        let (e, clean) = Engine::open(dir.path(), endpoints(), io(), repo(dir.path())).unwrap();
+        let (e, clean) = open(dir.path());
         assert!(!clean);
         let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
         assert_eq!(names, ["kept"]);

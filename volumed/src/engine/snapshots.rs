@@ -75,7 +75,10 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
 }
 
 /// Retries a store operation on transient errors, with backoff.
-async fn with_retry<T, F, Fut>(what: &str, mut op: F) -> std::result::Result<T, RepoError>
+pub(crate) async fn with_retry<T, F, Fut>(
+    what: &str,
+    mut op: F,
+) -> std::result::Result<T, RepoError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, RepoError>>,
@@ -226,13 +229,20 @@ impl Engine {
         progress: Option<&Progress>,
     ) -> std::result::Result<Manifest, String> {
         let cancel = self.snapshot_cancel.clone();
+        let started = std::time::Instant::now();
         // The parent supplies every unchanged chunk; without a readable one
         // only a full snapshot is correct, and this one froze only changes.
+        // It must still be in the store now: gc honours a snapshot deleted
+        // after this moment for its grace period, not one deleted before.
         let parent = match (&plan.changed, &rec.parent) {
-            (Changed::Chunks(_), Some(pid)) => Some(self.parent_manifest(vol, pid).await.map_err(|e| {
-                vol.map().mark_all_dirty();
-                format!("parent snapshot {pid} unreadable ({e}); the next snapshot will be a full one")
-            })?),
+            (Changed::Chunks(_), Some(pid)) => {
+                Some(self.parent_manifest(vol, pid).await.map_err(|e| {
+                    vol.map().mark_all_dirty();
+                    format!(
+                        "parent snapshot {pid} unusable ({e}); the next snapshot will be a full one"
+                    )
+                })?)
+            }
             _ => None,
         };
 
@@ -283,6 +293,9 @@ impl Engine {
             Changed::Chunks(c) => c.len() as u64,
         };
         let mut entries: Vec<(u64, snapshot::ChunkHash)> = hashed;
+        // Chunks still Base at the instant hold their snapshot's bytes.
+        entries.extend(plan.base_chunks.iter().copied());
+        entries.sort_unstable_by_key(|(c, _)| *c);
         if let (Some(parent), Changed::Chunks(changed)) = (&parent, &plan.changed) {
             entries.extend(
                 parent
@@ -313,6 +326,18 @@ impl Engine {
             manifest.push(c, Some(h));
         }
 
+        crate::failpoint::delay("snapshot-before-manifest").await;
+        // A snapshot slower than gc's grace period could name chunks a gc
+        // elsewhere already judged unreferenced (see snapshot::gc).
+        let grace = self.repo.gc_grace();
+        if started.elapsed() > grace - grace / 10 {
+            return Err(format!(
+                "took {:?}, longer than the store's gc grace period ({:?}) allows; its changes go to the next snapshot",
+                started.elapsed(),
+                grace
+            ));
+        }
+
         // Step 4: the commit point.
         with_retry("put manifest", || self.repo.put_manifest(&manifest))
             .await
@@ -327,10 +352,13 @@ impl Engine {
         vol: &Volume,
         id: &str,
     ) -> std::result::Result<Arc<Manifest>, RepoError> {
+        let sid = SnapshotId::parse(id).ok_or_else(|| RepoError::MissingManifest(id.to_owned()))?;
         if let Some(m) = vol.parent_manifest().filter(|m| m.header.id == id) {
+            if !with_retry("check parent", || self.repo.manifest_exists(&sid)).await? {
+                return Err(RepoError::MissingManifest(id.to_owned()));
+            }
             return Ok(m);
         }
-        let sid = SnapshotId::parse(id).ok_or_else(|| RepoError::MissingManifest(id.to_owned()))?;
         let m = Arc::new(with_retry("get manifest", || self.repo.get_manifest(&sid)).await?);
         vol.set_parent_manifest(Arc::clone(&m));
         Ok(m)
@@ -369,29 +397,175 @@ impl Engine {
         }
     }
 
-    /// A snapshot this host took, with live progress while pending.
-    pub fn snapshot(&self, id: &str) -> Result<volumed_api::Snapshot> {
-        let rec = self
-            .catalog
-            .snapshots()?
-            .into_iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| Error::SnapshotNotFound(id.to_owned()))?;
-        Ok(self.describe_snapshot(rec))
+    /// A snapshot by id: this host's record (with live progress while
+    /// pending), else the manifest of a snapshot another host took.
+    pub async fn snapshot(&self, id: &str) -> Result<volumed_api::Snapshot> {
+        if let Some(rec) = self.catalog.snapshots()?.into_iter().find(|r| r.id == id) {
+            return Ok(self.describe_snapshot(rec));
+        }
+        let sid = SnapshotId::parse(id).ok_or_else(|| Error::SnapshotNotFound(id.to_owned()))?;
+        match self.header(&sid).await {
+            Ok(h) => Ok(describe_header(h)),
+            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_owned())),
+            Err(e) => Err(Error::Store(e.to_string())),
+        }
     }
 
-    pub fn snapshots(&self, volume: Option<&str>) -> Result<Vec<volumed_api::Snapshot>> {
-        let mut recs: Vec<SnapshotRecord> = self
-            .catalog
-            .snapshots()?
-            .into_iter()
-            .filter(|r| volume.is_none_or(|v| r.volume == v))
-            .collect();
-        recs.sort_by_key(|r| (r.created_at, r.seq));
-        Ok(recs
-            .into_iter()
-            .map(|r| self.describe_snapshot(r))
-            .collect())
+    /// A manifest's header, read once per id.
+    async fn header(&self, id: &SnapshotId) -> std::result::Result<ManifestHeader, RepoError> {
+        if let Some(h) = self
+            .headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id.as_str())
+        {
+            return Ok(h.clone());
+        }
+        let m = with_retry("get manifest", || self.repo.get_manifest(id)).await?;
+        self.headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.to_string(), m.header.clone());
+        Ok(m.header)
+    }
+
+    /// Every snapshot: this host's records, and every other snapshot in the
+    /// store (taken by any host sharing it). A completed snapshot of ours
+    /// whose manifest is gone was deleted elsewhere; its record goes too.
+    /// If the store cannot be listed, this host's records are the answer.
+    pub async fn snapshots(&self, volume: Option<&str>) -> Result<Vec<volumed_api::Snapshot>> {
+        let mut recs = self.catalog.snapshots()?;
+        let mut out = Vec::new();
+        match with_retry("list snapshots", || self.repo.list_snapshots()).await {
+            Ok(ids) => {
+                let in_store: std::collections::HashSet<&str> =
+                    ids.iter().map(SnapshotId::as_str).collect();
+                let gone: Vec<String> = recs
+                    .iter()
+                    .filter(|r| {
+                        r.state == SnapshotState::Completed && !in_store.contains(r.id.as_str())
+                    })
+                    .map(|r| r.id.clone())
+                    .collect();
+                for id in &gone {
+                    info!(snapshot = %id, "snapshot deleted from the store elsewhere; dropping its record");
+                    let _ = self.catalog.remove_snapshot(id);
+                }
+                recs.retain(|r| !gone.contains(&r.id));
+                for id in &ids {
+                    if recs.iter().any(|r| r.id == id.as_str()) {
+                        continue;
+                    }
+                    match self.header(id).await {
+                        Ok(h) => out.push((h.created_at.clone(), 0, describe_header(h))),
+                        Err(e) => {
+                            warn!(snapshot = %id, error = %e, "unreadable manifest left out of the list")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list the store; showing this host's snapshots only")
+            }
+        }
+        for r in recs {
+            let seq = r.seq;
+            let d = self.describe_snapshot(r);
+            out.push((d.created_at.clone(), seq, d));
+        }
+        out.retain(|(_, _, d)| volume.is_none_or(|v| d.volume == v));
+        out.sort_by(|a, b| (&a.0, a.1, &a.2.id).cmp(&(&b.0, b.1, &b.2.id)));
+        Ok(out.into_iter().map(|(_, _, d)| d).collect())
+    }
+
+    /// Deletes a snapshot from the store (through the trash, see
+    /// snapshot::gc) and from this host's records. Its chunks stay until a
+    /// gc finds them unreferenced. A volume whose next snapshot would have
+    /// built on it takes a full one instead.
+    pub async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let sid = SnapshotId::parse(id).ok_or_else(|| Error::SnapshotNotFound(id.to_owned()))?;
+        if self
+            .snapshot_jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
+        {
+            return Err(Error::SnapshotBusy(id.to_owned()));
+        }
+        let local = self.catalog.snapshots()?.into_iter().find(|r| r.id == id);
+        match with_retry("delete snapshot", || self.repo.trash_manifest(&sid)).await {
+            Ok(()) => {}
+            Err(RepoError::MissingManifest(_)) if local.is_some() => {}
+            Err(RepoError::MissingManifest(_)) => return Err(Error::SnapshotNotFound(id.into())),
+            Err(e) => return Err(Error::Store(e.to_string())),
+        }
+        self.catalog.remove_snapshot(id)?;
+        self.headers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        let _guard = self.lifecycle.lock().await;
+        for vol in self.list() {
+            let mut rec = vol.record();
+            if rec.last_snapshot.as_deref() == Some(id) {
+                rec.last_snapshot = None;
+                vol.map().mark_all_dirty();
+                self.catalog.put_volume(&rec)?;
+                vol.set_record(rec);
+            }
+        }
+        info!(snapshot = %id, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Reads every chunk of a snapshot and reports the missing or damaged.
+    pub async fn verify_snapshot(&self, id: &str) -> Result<volumed_api::VerifyReport> {
+        let sid = SnapshotId::parse(id).ok_or_else(|| Error::SnapshotNotFound(id.to_owned()))?;
+        let r = match snapshot::verify::verify(&self.repo, &sid).await {
+            Ok(r) => r,
+            Err(RepoError::MissingManifest(_)) => return Err(Error::SnapshotNotFound(id.into())),
+            Err(e) => return Err(Error::Store(e.to_string())),
+        };
+        let bad = |b: snapshot::verify::BadChunk| volumed_api::BadChunk {
+            hash: b.hash.to_hex(),
+            indices: b.indices,
+            error: b.error,
+        };
+        if !r.is_ok() {
+            warn!(snapshot = %id, missing = r.missing.len(), damaged = r.damaged.len(), "snapshot verification found problems");
+        }
+        Ok(volumed_api::VerifyReport {
+            snapshot: r.snapshot.clone(),
+            ok: r.is_ok(),
+            chunks: r.chunks,
+            objects: r.objects,
+            ok_objects: r.ok_objects,
+            missing: r.missing.into_iter().map(bad).collect(),
+            damaged: r.damaged.into_iter().map(bad).collect(),
+        })
+    }
+
+    /// Collects garbage in the store; `grace` overrides the configured
+    /// period for this run.
+    pub async fn gc(&self, grace: Option<Duration>) -> Result<volumed_api::GcReport> {
+        let grace = grace.unwrap_or(self.repo.gc_grace());
+        let r = snapshot::gc::collect(&self.repo, grace)
+            .await
+            .map_err(|e| {
+                Error::Store(format!("gc stopped before deleting anything unsafe: {e}"))
+            })?;
+        Ok(volumed_api::GcReport {
+            grace_secs: grace.as_secs(),
+            manifests: r.manifests,
+            holds: r.holds,
+            trash_honoured: r.trash_honoured,
+            trash_expired: r.trash_expired,
+            chunks_seen: r.chunks_seen,
+            chunks_referenced: r.chunks_referenced,
+            chunks_young: r.chunks_young,
+            chunks_deleted: r.chunks_deleted,
+            bytes_deleted: r.bytes_deleted,
+        })
     }
 
     fn describe_snapshot(&self, rec: SnapshotRecord) -> volumed_api::Snapshot {
@@ -429,5 +603,28 @@ impl Engine {
             chunks_total: total,
             error: rec.error,
         }
+    }
+}
+
+/// A snapshot known only from its manifest: another host took it, or this
+/// host's record of it is gone. Only completed snapshots have manifests.
+fn describe_header(h: ManifestHeader) -> volumed_api::Snapshot {
+    volumed_api::Snapshot {
+        id: h.id,
+        volume: h.volume,
+        state: volumed_api::SnapshotState::Completed,
+        size: h.size,
+        chunk_size: h.chunk_size,
+        parent: h.parent,
+        created_at: h.created_at,
+        completed_at: None,
+        labels: h.labels,
+        changed_chunks: h.changed_chunks,
+        logical_bytes: h.logical_bytes,
+        uploaded_bytes: h.uploaded_bytes,
+        progress: 1.0,
+        chunks_done: h.changed_chunks,
+        chunks_total: h.changed_chunks,
+        error: None,
     }
 }

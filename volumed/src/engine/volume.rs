@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use volumed_api::VolumeName;
 
+use super::base::BaseImage;
 use super::chunk_map::{Bitmap, Changed, ChunkMap, ChunkState};
 use crate::catalog::VolumeRecord;
 use crate::disk::DataFile;
@@ -37,6 +38,36 @@ pub struct Volume {
     /// The manifest of the last snapshot, kept so the next incremental one
     /// need not fetch it from the store.
     parent_manifest: Mutex<Option<Arc<snapshot::Manifest>>>,
+    /// The snapshot this volume was created from, while any chunk may still
+    /// be `Base`.
+    base: Option<Arc<BaseImage>>,
+    /// Client requests in progress: background hydration backs off while
+    /// there are any.
+    client_ops: AtomicU64,
+    /// Background hydration's state, for the API.
+    pub(crate) hydration: Mutex<HydrationStatus>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct HydrationStatus {
+    pub state: &'static str,
+    pub error: Option<String>,
+}
+
+/// Counts a client request for as long as it lives.
+struct ClientOp<'a>(&'a AtomicU64);
+
+impl<'a> ClientOp<'a> {
+    fn new(n: &'a AtomicU64) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        ClientOp(n)
+    }
+}
+
+impl Drop for ClientOp<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A snapshot's hold on a volume: the chunks it still has to read, and the
@@ -58,6 +89,10 @@ pub struct Freeze {
 /// What a snapshot takes at its instant.
 pub struct SnapshotPlan {
     pub changed: Changed,
+    /// Chunks still `Base` at the instant that the parent's manifest cannot
+    /// be trusted to name (all of them when the whole volume is read): their
+    /// content is the base snapshot's chunk.
+    pub base_chunks: Vec<(u64, snapshot::ChunkHash)>,
     /// The changed chunks that held data at the instant, ascending.
     pub to_read: Vec<u64>,
     pub freeze: Arc<Freeze>,
@@ -89,7 +124,12 @@ pub struct Extent {
 }
 
 impl Volume {
-    pub fn new(record: VolumeRecord, data: DataFile, map: ChunkMap) -> Arc<Self> {
+    pub fn new(
+        record: VolumeRecord,
+        data: DataFile,
+        map: ChunkMap,
+        base: Option<Arc<BaseImage>>,
+    ) -> Arc<Self> {
         Arc::new(Volume {
             name: record.name.clone(),
             id: record.id,
@@ -103,7 +143,106 @@ impl Volume {
             gate: tokio::sync::RwLock::new(()),
             freeze: Mutex::new(None),
             parent_manifest: Mutex::new(None),
+            base,
+            client_ops: AtomicU64::new(0),
+            hydration: Mutex::new(HydrationStatus::default()),
         })
+    }
+
+    pub fn base(&self) -> Option<&Arc<BaseImage>> {
+        self.base.as_ref()
+    }
+
+    pub fn client_ops(&self) -> u64 {
+        self.client_ops.load(Ordering::Relaxed)
+    }
+
+    /// Brings a `Base` chunk into the data file: fetched (through the cache,
+    /// verified), written, then marked `Local`. Holding the chunk's stripe
+    /// makes concurrent callers fetch it once.
+    pub async fn materialize(&self, chunk: u64) -> io::Result<()> {
+        let Some(base) = &self.base else {
+            return Ok(());
+        };
+        let _stripe = base.lock(chunk).await;
+        if self.map.state(chunk) != ChunkState::Base {
+            return Ok(());
+        }
+        let hash = base.hash(chunk).ok_or_else(|| {
+            io::Error::other(format!(
+                "chunk {chunk} is Base but its snapshot has no hash for it"
+            ))
+        })?;
+        let data = base.fetcher.get(&hash).await.map_err(|e| {
+            tracing::error!(volume = %self.name, snapshot = %base.snapshot, chunk, %hash, error = %e,
+                "cannot fetch a chunk of the volume's snapshot");
+            io::Error::other(format!(
+                "chunk {chunk} of snapshot {} (object {hash}): {e}",
+                base.snapshot
+            ))
+        })?;
+        if data.len() as u64 != base.chunk_len(chunk) {
+            return Err(io::Error::other(format!(
+                "chunk {chunk} of snapshot {} has {} bytes, expected {}",
+                base.snapshot,
+                data.len(),
+                base.chunk_len(chunk)
+            )));
+        }
+        self.data
+            .write(chunk * self.chunk_size, data.to_vec())
+            .await?;
+        self.map.mark_hydrated(chunk);
+        base.log.note(chunk);
+        Ok(())
+    }
+
+    /// Before `[offset, offset + len)` changes: fetch the `Base` chunks it
+    /// covers only in part, so the change merges into their bytes. Content
+    /// does not change here, so this runs outside the snapshot gate.
+    async fn fetch_partial_bases(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.base.is_none() {
+            return Ok(());
+        }
+        let size = self.size();
+        for c in self.map.chunks_of(offset, len) {
+            if self.map.state(c) == ChunkState::Base && !self.covers(offset, len, c, size) {
+                self.materialize(c).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn covers(&self, offset: u64, len: u64, chunk: u64, size: u64) -> bool {
+        let start = chunk * self.chunk_size;
+        let end = (start + self.chunk_size).min(size);
+        offset <= start && offset + len >= end
+    }
+
+    /// Under the snapshot gate: `Base` chunks the range covers whole leave
+    /// the base without a fetch, becoming `Local` (a write) or `Zero` (a
+    /// trim). Partial ones were fetched by [`Volume::fetch_partial_bases`].
+    async fn unbase_whole(&self, offset: u64, len: u64, local: bool) -> io::Result<()> {
+        let Some(base) = &self.base else {
+            return Ok(());
+        };
+        let size = self.size();
+        for c in self.map.chunks_of(offset, len) {
+            if self.map.state(c) != ChunkState::Base {
+                continue;
+            }
+            if !self.covers(offset, len, c, size) {
+                // Fetched a moment ago unless that failed; try again.
+                self.materialize(c).await?;
+                continue;
+            }
+            let _stripe = base.lock(c).await;
+            if self.map.state(c) == ChunkState::Base {
+                self.map.unbase(c, local);
+                base.log.note(c);
+            }
+        }
+        Ok(())
     }
 
     pub fn size(&self) -> u64 {
@@ -164,11 +303,20 @@ impl Volume {
     /// Reads `[offset, offset + len)`; the caller has checked the range.
     /// `Zero` chunks cost no disk I/O and come back as [`ReadPiece::Zero`].
     pub async fn read(&self, offset: u64, len: u64) -> io::Result<Vec<ReadPiece>> {
+        let _op = ClientOp::new(&self.client_ops);
         let mut out = Vec::new();
         for (off, n, state) in self.map.runs(offset, len) {
             match state {
                 ChunkState::Zero => out.push(ReadPiece::Zero(n)),
                 ChunkState::Local => {
+                    out.push(ReadPiece::Data(self.data.read(off, n as usize).await?))
+                }
+                ChunkState::Base => {
+                    // Fetched into the data file first, then read from it:
+                    // one path for every byte a client sees.
+                    for c in self.map.chunks_of(off, n) {
+                        self.materialize(c).await?;
+                    }
                     out.push(ReadPiece::Data(self.data.read(off, n as usize).await?))
                 }
             }
@@ -190,6 +338,20 @@ impl Volume {
                 .filter(|&i| self.map.state(i) == ChunkState::Local)
                 .collect(),
         };
+        let base_chunks = match (&self.base, &changed) {
+            (None, _) => Vec::new(),
+            (Some(b), Changed::All) => self
+                .map
+                .base_list()
+                .into_iter()
+                .filter_map(|c| b.hash(c).map(|h| (c, h)))
+                .collect(),
+            (Some(b), Changed::Chunks(c)) => c
+                .iter()
+                .filter(|&&i| self.map.state(i) == ChunkState::Base)
+                .filter_map(|&i| b.hash(i).map(|h| (i, h)))
+                .collect(),
+        };
         let size = self.size();
         let pending = Bitmap::new(size.div_ceil(self.chunk_size));
         for &c in &to_read {
@@ -205,6 +367,7 @@ impl Volume {
         *self.freeze.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&freeze));
         SnapshotPlan {
             changed,
+            base_chunks,
             to_read,
             freeze,
         }
@@ -298,8 +461,12 @@ impl Volume {
 
     /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
     pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
+        let _op = ClientOp::new(&self.client_ops);
+        let len = buf.len() as u64;
+        self.fetch_partial_bases(offset, len).await?;
         let _gate = self.gate.read().await;
-        self.capture(offset, buf.len() as u64).await?;
+        self.unbase_whole(offset, len, true).await?;
+        self.capture(offset, len).await?;
         // The chunks are marked before the bytes land, so a read racing the
         // write sees either the old bytes or the new, never a stale Zero
         // after the write completed.
@@ -323,6 +490,11 @@ impl Volume {
         no_hole: bool,
         fua: bool,
     ) -> io::Result<()> {
+        let _op = ClientOp::new(&self.client_ops);
+        self.fetch_partial_bases(offset, len).await?;
+        let _gate = self.gate.read().await;
+        self.unbase_whole(offset, len, no_hole).await?;
+        self.capture(offset, len).await?;
         if no_hole {
             self.map.mark_written(offset, len);
             self.data.fallocate(ZERO_RANGE, offset, len).await?;
@@ -345,11 +517,21 @@ impl Volume {
     }
 
     /// Makes every write completed so far, on any connection, durable.
+    /// For a restored volume, the chunks that left the base are logged
+    /// after the data is synced, never before (see `base`).
     pub async fn flush(&self) -> io::Result<()> {
+        let detached = self.base.as_ref().map(|b| b.log.take_pending());
         let metadata = self.metadata_changed.swap(false, Ordering::AcqRel);
         let r = self.data.sync(metadata).await;
         if r.is_err() && metadata {
             self.metadata_changed.store(true, Ordering::Release);
+        }
+        if let (Some(base), Some(chunks)) = (&self.base, detached) {
+            if r.is_err() {
+                chunks.into_iter().for_each(|c| base.log.note(c));
+            } else {
+                base.log.append(chunks).await?;
+            }
         }
         r
     }
@@ -357,8 +539,15 @@ impl Volume {
     /// NBD CACHE: start reading the range's data into the page cache.
     pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         for (off, n, state) in self.map.runs(offset, len) {
-            if state == ChunkState::Local {
-                self.data.will_need(off, n).await?;
+            match state {
+                ChunkState::Local => self.data.will_need(off, n).await?,
+                // For a restored volume, CACHE is the way to prefetch.
+                ChunkState::Base => {
+                    for c in self.map.chunks_of(off, n) {
+                        self.materialize(c).await?;
+                    }
+                }
+                ChunkState::Zero => {}
             }
         }
         Ok(())

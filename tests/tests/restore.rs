@@ -1,0 +1,471 @@
+//! Restore and disaster recovery, against the local store and a real
+//! S3-compatible server: volumes created from snapshots read the snapshot's
+//! bytes whether chunks arrive lazily, by background hydration or from the
+//! host cache; a second host restores the first one's snapshots and back;
+//! hydration survives kill -9; delete and gc reclaim exactly what no
+//! snapshot needs, even while another host is uploading; a damaged object
+//! costs only the reads that need it.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use snapshot::repo::chunk_key;
+use snapshot::{ChunkHash, SnapshotId};
+use volumed_tests::snapkit::{Store, dump, fill_random, image, rt, snap, u};
+use volumed_tests::{TestDaemon, qemu_io};
+
+const CHUNK: usize = 512 << 10;
+
+fn status(d: &TestDaemon) -> Value {
+    d.vol_json(&["status"])
+}
+
+fn wait_hydrated(d: &TestDaemon, name: &str) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = d.vol_json(&["inspect", name]);
+        if v["hydration"]["state"] == "complete" {
+            return v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "not hydrated: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A volume half random, half never written, snapshotted.
+fn source(d: &TestDaemon, name: &str, mib: usize) -> String {
+    d.vol_ok(&["create", name, "--size", &format!("{}M", mib * 2)]);
+    d.vol_ok(&["attach", name]);
+    fill_random(d, name, mib);
+    let s = snap(d, name);
+    s["id"].as_str().unwrap().to_owned()
+}
+
+/// Invariant 4 on one host: lazily fetched, hydrated, from the cache, and
+/// after writes before any fetch (partial and whole chunks, a trim).
+fn lazy_hydrated_cached(store: Store) {
+    let d = store.daemon("restore");
+    let repo = store.repo(&d, "restore");
+    let id = source(&d, "src", 64);
+    let want = image(&repo, &id);
+
+    // Lazy: nothing fetched until read; the read fetches and equals.
+    let v = d.vol_json(&["create", "lazy", "--from-snapshot", &id, "--no-hydrate"]);
+    assert_eq!(u(&v["size"]), 128 << 20);
+    assert_eq!(v["source_snapshot"], id.as_str());
+    assert_eq!(v["hydration"]["state"], "off");
+    assert_eq!(u(&v["hydration"]["hydrated_bytes"]), 0);
+    assert_eq!(u(&v["hydration"]["total_bytes"]), 64 << 20);
+    d.vol_ok(&["attach", "lazy"]);
+    let fetched_before = u(&status(&d)["store_fetches"]);
+    assert!(
+        dump(&d, "lazy") == want,
+        "lazy reads differ from the snapshot"
+    );
+    assert_eq!(u(&status(&d)["store_fetches"]) - fetched_before, 128);
+    let v = d.vol_json(&["inspect", "lazy"]);
+    assert_eq!(v["hydration"]["state"], "complete", "{v}");
+
+    // Hydrated in the background, every chunk from the host cache.
+    let fetched = u(&status(&d)["store_fetches"]);
+    let v = d.vol_json(&["create", "hyd", "--from-snapshot", &id, "--wait"]);
+    assert_eq!(v["hydration"]["state"], "complete", "{v}");
+    assert_eq!(u(&v["hydration"]["hydrated_bytes"]), 64 << 20);
+    assert_eq!(
+        u(&status(&d)["store_fetches"]),
+        fetched,
+        "a second restore of the same snapshot reads only the cache"
+    );
+    assert!(u(&status(&d)["cache_hits"]) >= 128);
+    d.vol_ok(&["attach", "hyd"]);
+    assert!(dump(&d, "hyd") == want, "hydrated volume differs");
+
+    // Larger than the snapshot: the tail reads as zeros.
+    d.vol_ok(&[
+        "create",
+        "big",
+        "--from-snapshot",
+        &id,
+        "--size",
+        "256M",
+        "--wait",
+    ]);
+    d.vol_ok(&["attach", "big"]);
+    let big = dump(&d, "big");
+    assert!(big[..want.len()] == want[..] && big[want.len()..].iter().all(|b| *b == 0));
+    let err = d.vol_err(&["create", "small", "--from-snapshot", &id, "--size", "64M"]);
+    assert!(err.contains("smaller than snapshot"), "{err}");
+    let err = d.vol_err(&["create", "x", "--from-snapshot", "snap-0000000000000bad"]);
+    assert!(err.contains("not found"), "{err}");
+
+    // Writes before the chunk was fetched: partial (merged into the fetched
+    // chunk), whole (never fetched), a trim (never fetched), and a zeroing
+    // of part of a chunk.
+    d.vol_ok(&["create", "cow", "--from-snapshot", &id, "--no-hydrate"]);
+    d.vol_ok(&["attach", "cow"]);
+    let fetched = u(&status(&d)["store_fetches"]);
+    let hits = u(&status(&d)["cache_hits"]);
+    qemu_io(
+        &d.uri("cow"),
+        &[
+            "write -P 0x5a 2564k 4k", // chunk 5, partly
+            "write -P 0xa5 5M 512k",  // chunk 10, whole
+            "discard 10M 512k",       // chunk 20, whole
+            "write -z 15620k 8k",     // chunk 30, partly
+        ],
+    );
+    let fetched_after =
+        u(&status(&d)["store_fetches"]) - fetched + (u(&status(&d)["cache_hits"]) - hits);
+    assert_eq!(
+        fetched_after, 2,
+        "only the partly written chunks were fetched"
+    );
+    let mut expect = want.clone();
+    expect.resize(128 << 20, 0);
+    expect[2564 << 10..2568 << 10].fill(0x5a);
+    expect[5 << 20..(5 << 20) + CHUNK].fill(0xa5);
+    expect[10 << 20..(10 << 20) + CHUNK].fill(0);
+    expect[15620 << 10..15628 << 10].fill(0);
+    let got = dump(&d, "cow");
+    assert!(got == expect, "copy-on-write over the snapshot is wrong");
+
+    // Its snapshot is incremental relative to the source: the four changed
+    // chunks are read; the rest (still Base) are referenced, not fetched.
+    d.vol_ok(&["detach", "cow"]);
+    d.vol_ok(&["create", "cow2", "--from-snapshot", &id, "--no-hydrate"]);
+    d.vol_ok(&["attach", "cow2"]);
+    qemu_io(&d.uri("cow2"), &["write -P 0x77 1M 512k"]);
+    let fetch_mark = u(&status(&d)["store_fetches"]) + u(&status(&d)["cache_hits"]);
+    let s = snap(&d, "cow2");
+    assert_eq!(s["parent"], id.as_str());
+    assert_eq!(u(&s["changed_chunks"]), 1, "{s}");
+    assert!(u(&s["uploaded_bytes"]) <= CHUNK as u64 + 64, "{s}");
+    assert_eq!(
+        u(&status(&d)["store_fetches"]) + u(&status(&d)["cache_hits"]),
+        fetch_mark,
+        "snapshotting fetched nothing"
+    );
+    let mut want2 = want.clone();
+    want2.resize(128 << 20, 0);
+    want2[1 << 20..(1 << 20) + CHUNK].fill(0x77);
+    assert!(image(&repo, s["id"].as_str().unwrap()) == want2);
+
+    // A clean restart keeps everything.
+    let mut d = d;
+    d.restart();
+    for (name, w) in [("lazy", &want), ("hyd", &want), ("cow", &expect)] {
+        if d.vol_json(&["inspect", name])["state"] != "attached" {
+            d.vol_ok(&["attach", name]);
+        }
+        assert!(dump(&d, name) == *w, "{name} after restart");
+    }
+    d.finish();
+}
+
+#[test]
+fn lazy_hydrated_cached_local() {
+    lazy_hydrated_cached(Store::Local);
+}
+
+#[test]
+fn lazy_hydrated_cached_s3() {
+    lazy_hydrated_cached(Store::s3());
+}
+
+/// Host A snapshots, host B restores; B writes and snapshots, A restores.
+fn disaster_recovery(store: Store) {
+    let a = store.daemon("dr");
+    let b = store.daemon_sharing("dr", &a);
+    let id_a = source(&a, "web", 32);
+    let web = dump(&a, "web");
+
+    let listed = b.vol_json(&["snapshot", "list"]);
+    let found = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id_a.as_str());
+    let found = found.unwrap_or_else(|| panic!("B does not list A's snapshot: {listed}"));
+    assert_eq!(found["volume"], "web");
+    assert_eq!(found["state"], "completed");
+    let inspected = b.vol_json(&["snapshot", "inspect", &id_a]);
+    assert_eq!(u(&inspected["size"]), 64 << 20);
+
+    b.vol_ok(&["create", "web2", "--from-snapshot", &id_a]);
+    b.vol_ok(&["attach", "web2"]);
+    assert!(
+        dump(&b, "web2") == web,
+        "B's restore differs from A's volume"
+    );
+    qemu_io(&b.uri("web2"), &["write -P 0x42 3M 1M", "flush"]);
+    let s_b = snap(&b, "web2");
+    let web2 = dump(&b, "web2");
+    let id_b = s_b["id"].as_str().unwrap();
+
+    let listed = a.vol_json(&["snapshot", "list", "--volume", "web2"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    a.vol_ok(&["create", "back", "--from-snapshot", id_b, "--wait"]);
+    a.vol_ok(&["attach", "back"]);
+    assert!(
+        dump(&a, "back") == web2,
+        "A's restore of B's snapshot differs"
+    );
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn disaster_recovery_local() {
+    disaster_recovery(Store::Local);
+}
+
+#[test]
+fn disaster_recovery_s3() {
+    disaster_recovery(Store::s3());
+}
+
+/// kill -9 mid-hydration, with a flushed client write on the volume:
+/// hydration continues after the restart, the content is the snapshot's
+/// plus the write.
+fn kill9_during_hydration(store: Store) {
+    let mut env = store.env("kill");
+    env.push(("VOLUMED_FAILPOINTS", "hydrate-chunk=20".into()));
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = TestDaemon::start_with_env(&refs);
+    let repo = store.repo(&d, "kill");
+    let id = source(&d, "src", 64);
+    let mut want = image(&repo, &id);
+    d.vol_ok(&["create", "r", "--from-snapshot", &id]);
+    d.vol_ok(&["attach", "r"]);
+    qemu_io(&d.uri("r"), &["write -P 0x99 40M 4k", "flush"]);
+    want[40 << 20..(40 << 20) + 4096].fill(0x99);
+    let t = Instant::now();
+    loop {
+        let h = d.vol_json(&["inspect", "r"])["hydration"].clone();
+        if u(&h["hydrated_bytes"]) >= 16 << 20 {
+            assert_ne!(h["state"], "complete", "hydration finished before the kill");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    let plain = store.env("kill");
+    let refs: Vec<(&str, &str)> = plain.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    d.set_env(&refs);
+    d.start_again();
+    let v = wait_hydrated(&d, "r");
+    assert_eq!(u(&v["hydration"]["hydrated_bytes"]), 64 << 20);
+    assert!(dump(&d, "r") == want, "content after kill -9 mid-hydration");
+    d.restart();
+    assert!(dump(&d, "r") == want, "content after a clean restart");
+    d.finish_allowing(&["previous run did not shut down cleanly"]);
+}
+
+#[test]
+fn kill9_during_hydration_local() {
+    kill9_during_hydration(Store::Local);
+}
+
+#[test]
+fn kill9_during_hydration_s3() {
+    kill9_during_hydration(Store::s3());
+}
+
+fn chunk_count(d: &TestDaemon, store: &Store, prefix: &str) -> usize {
+    let repo = store.repo(d, prefix);
+    rt().block_on(repo.store().list("chunks/")).unwrap().len()
+}
+
+/// Delete + gc frees what only deleted snapshots named and keeps the rest;
+/// gc on host B while host A's snapshot is between its uploads and its
+/// manifest (and its parent is deleted under it) leaves A's snapshot whole.
+fn delete_and_gc(store: Store) {
+    let env: Vec<(&'static str, String)> = {
+        let mut e = store.env("gc");
+        e.push(("VOLUMED_GC_GRACE", "10s".into()));
+        e
+    };
+    let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = TestDaemon::start_with_env(&refs);
+    let repo = store.repo(&a, "gc");
+    let p1 = source(&a, "v", 16); // 32 chunks
+    assert_eq!(chunk_count(&a, &store, "gc"), 32);
+    // 8 chunks replaced by one content: one new object.
+    qemu_io(&a.uri("v"), &["write -P 0x10 0 4M"]);
+    let s2 = snap(&a, "v");
+    let s2 = s2["id"].as_str().unwrap().to_owned();
+    assert_eq!(chunk_count(&a, &store, "gc"), 33);
+
+    // Within the grace period nothing unreferenced is old enough.
+    a.vol_ok(&["snapshot", "delete", &p1]);
+    let err = a.vol_err(&["snapshot", "inspect", &p1]);
+    assert!(err.contains("not found"), "{err}");
+    let r = a.vol_json(&["gc"]);
+    assert_eq!(u(&r["chunks_deleted"]), 0, "{r}");
+    // With no grace, the 8 chunks only p1 named go; s2's 32 stay.
+    let r = a.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(u(&r["chunks_deleted"]), 8, "{r}");
+    assert_eq!(u(&r["chunks_referenced"]), 32 - 8 + 1, "{r}");
+    assert_eq!(chunk_count(&a, &store, "gc"), 32 - 8 + 1);
+    let v = a.vol_json(&["snapshot", "verify", &s2]);
+    assert_eq!(v["ok"], true, "{v}");
+    a.vol_ok(&["create", "check", "--from-snapshot", &s2, "--wait"]);
+    a.vol_ok(&["attach", "check"]);
+    assert!(dump(&a, "check") == image(&repo, &s2));
+    a.vol_ok(&["detach", "check"]);
+    a.vol_ok(&["delete", "check"]);
+
+    // The race. A's next snapshot of v takes its unchanged chunks from s2
+    // and waits before its manifest; meanwhile host B deletes s2 and runs
+    // gc. s2's chunks are older than the grace period by then.
+    std::thread::sleep(Duration::from_secs(11));
+    let mut a = a;
+    a.stop();
+    let mut slow = env.clone();
+    slow.push(("VOLUMED_FAILPOINTS", "snapshot-before-manifest=3000".into()));
+    let refs: Vec<(&str, &str)> = slow.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    a.set_env(&refs);
+    a.start_again();
+    let b = store.daemon_sharing("gc", &a);
+    // B's own default grace is longer; its requests name the store's.
+    qemu_io(&a.uri("v"), &["write -P 0x20 20M 512k"]);
+    let pending = a.vol_json(&["snapshot", "create", "v"]);
+    let id3 = pending["id"].as_str().unwrap().to_owned();
+    std::thread::sleep(Duration::from_millis(500));
+    b.vol_ok(&["snapshot", "delete", &s2]);
+    let r = b.vol_json(&["gc", "--grace", "10s"]);
+    assert_eq!(u(&r["trash_honoured"]), 1, "{r}");
+    assert_eq!(u(&r["manifests"]), 0, "{r}");
+    let t = Instant::now();
+    let done = loop {
+        let s = a.vol_json(&["snapshot", "inspect", &id3]);
+        if s["state"] != "pending" {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["state"], "completed", "{done}");
+    let v = b.vol_json(&["snapshot", "verify", &id3]);
+    assert_eq!(v["ok"], true, "gc during the upload lost a chunk: {v}");
+    // Once the trash has expired, gc again: still complete, since the new
+    // manifest names the chunks now.
+    std::thread::sleep(Duration::from_secs(11));
+    let r = b.vol_json(&["gc", "--grace", "10s"]);
+    assert_eq!(u(&r["trash_expired"]), 1, "{r}");
+    let v = b.vol_json(&["snapshot", "verify", &id3]);
+    assert_eq!(v["ok"], true, "{v}");
+    assert!(image(&repo, &id3) == dump(&a, "v"));
+
+    // Deleting every snapshot and collecting with no grace empties the store.
+    let all = a.vol_json(&["snapshot", "list"]);
+    for s in all.as_array().unwrap() {
+        a.vol_ok(&["snapshot", "delete", s["id"].as_str().unwrap()]);
+    }
+    let r = a.vol_json(&["gc", "--grace", "0s"]);
+    assert!(u(&r["chunks_deleted"]) > 0);
+    assert_eq!(chunk_count(&a, &store, "gc"), 0);
+    a.finish();
+    b.finish();
+}
+
+#[test]
+fn delete_and_gc_local() {
+    delete_and_gc(Store::Local);
+}
+
+#[test]
+fn delete_and_gc_s3() {
+    delete_and_gc(Store::s3());
+}
+
+/// A flipped byte in one stored object: reads needing it fail with EIO,
+/// the rest of that volume and other volumes read fine, and verify names it.
+fn damaged_object(store: Store) {
+    let d = store.daemon("damage");
+    let repo = store.repo(&d, "damage");
+    let id = source(&d, "src", 8);
+    let want = image(&repo, &id);
+    let m = rt()
+        .block_on(repo.get_manifest(&SnapshotId::parse(&id).unwrap()))
+        .unwrap();
+    let (idx, hash): (u64, ChunkHash) = m.hashed()[3];
+    let key = chunk_key(&hash);
+    rt().block_on(async {
+        let mut obj = repo.store().get(&key).await.unwrap().unwrap().to_vec();
+        let n = obj.len();
+        obj[n / 2] ^= 0x01;
+        repo.store().put(&key, obj.into()).await.unwrap();
+    });
+
+    d.vol_ok(&["create", "r", "--from-snapshot", &id, "--no-hydrate"]);
+    d.vol_ok(&["attach", "r"]);
+    let off = idx as usize * CHUNK;
+    let bad = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", &format!("read {off} 4096"), &d.uri("r")])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&bad.stdout).to_string() + &String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        text.contains("Input/output error"),
+        "reading the damaged chunk: {text}"
+    );
+    // Every other chunk reads, and equals the snapshot.
+    for c in (0..16).filter(|c| *c != idx as usize) {
+        let out = qemu_io(&d.uri("r"), &[&format!("read -v {} 16", c * CHUNK)]);
+        let first: Vec<u8> = want[c * CHUNK..c * CHUNK + 16].to_vec();
+        let hex: String = first.iter().map(|b| format!("{b:02x} ")).collect();
+        assert!(out.contains(hex.trim()), "chunk {c}: {out}");
+    }
+    // The bystander volume is untouched.
+    assert!(dump(&d, "src")[..want.len()] == want[..]);
+    let v = d.vol(&["--json", "snapshot", "verify", &id]);
+    assert!(!v.status.success());
+    let report: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    assert_eq!(
+        report["damaged"][0]["hash"],
+        hash.to_hex().as_str(),
+        "{report}"
+    );
+    assert_eq!(report["damaged"][0]["indices"][0], idx);
+    assert!(d.log().contains(&hash.to_hex()), "the log names the object");
+    d.finish_allowing(&[
+        "cannot fetch a chunk",
+        "I/O failed",
+        "verification found problems",
+    ]);
+}
+
+#[test]
+fn damaged_object_local() {
+    damaged_object(Store::Local);
+}
+
+#[test]
+fn damaged_object_s3() {
+    damaged_object(Store::s3());
+}
+
+#[test]
+fn restore_requests_are_checked() {
+    let d = TestDaemon::start();
+    let err = d.vol_err(&["create", "x"]);
+    assert!(err.contains("--size"), "{err}");
+    let err = d.vol_err(&["create", "x", "--size", "1G", "--no-hydrate"]);
+    assert!(err.contains("from-snapshot"), "{err}");
+    let (code, body) = d.api("POST", "/v1/volumes", r#"{"name":"x"}"#);
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = d.api("DELETE", "/v1/snapshots/snap-0000000000000001", "");
+    assert_eq!(code, 404);
+    let (code, _) = d.api("POST", "/v1/snapshots/not-an-id/verify", "");
+    assert_eq!(code, 404);
+    let (code, body) = d.api("POST", "/v1/gc", r#"{"grace_secs":"soon"}"#);
+    assert_eq!(code, 400, "{body}");
+    let r = d.vol_json(&["gc"]);
+    assert_eq!(u(&r["chunks_deleted"]), 0);
+    d.finish();
+}

@@ -1,0 +1,220 @@
+//! The base of a volume created from a snapshot: the snapshot's manifest,
+//! the fetcher that brings its chunks in, and the log of chunks that left
+//! the base.
+//!
+//! A chunk is `Base` until it is fetched into the data file (hydrated), or
+//! replaced whole by a write or a trim. Which chunks have left the base is
+//! the one piece of state the data files cannot tell by themselves: a hole
+//! may be a trimmed chunk (zeros) or a chunk never fetched (the snapshot's
+//! bytes). So it is logged, in `detached`:
+//!
+//! | part | encoding |
+//! | --- | --- |
+//! | magic | `VDETACH1` |
+//! | records | u64 LE chunk index, then the same index XOR [`CHECK`], LE |
+//!
+//! A record is appended only after the data file holding that chunk's bytes
+//! was synced (see `Volume::flush`), so a logged chunk's bytes are durable.
+//! A chunk not logged is `Base` after a restart whatever the data file holds
+//! there: the bytes a fetch wrote but never synced are punched away at open,
+//! and unflushed writes to it are lost, as NBD allows. A torn last record is
+//! ignored.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use snapshot::cache::Fetcher;
+use snapshot::{ChunkHash, Manifest};
+
+const MAGIC: &[u8; 8] = b"VDETACH1";
+const CHECK: u64 = 0x5644_4554_4143_4831;
+const RECORD: usize = 16;
+/// Chunks locked in stripes: a fetch holds its chunk's stripe, so two
+/// requests for one chunk never both write it.
+const STRIPES: usize = 64;
+
+pub const MANIFEST_FILE: &str = "base.manifest";
+pub const DETACHED_FILE: &str = "detached";
+
+pub struct DetachLog {
+    file: Arc<File>,
+    /// Chunks that left the base since the last append, and the file length.
+    state: Mutex<(Vec<u64>, u64)>,
+    /// One append at a time, so records never interleave.
+    append: tokio::sync::Mutex<()>,
+}
+
+impl DetachLog {
+    /// Creates an empty log, durable before the volume's record exists.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let mut f = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        f.write_all(MAGIC)?;
+        f.sync_all()?;
+        Ok(DetachLog {
+            file: Arc::new(f),
+            state: Mutex::new((Vec::new(), MAGIC.len() as u64)),
+            append: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Opens the log and returns the chunks it records. Records after the
+    /// first invalid one (a torn append) are dropped from the file.
+    pub fn open(path: &Path) -> io::Result<(Self, HashSet<u64>)> {
+        let mut f = File::options().read(true).write(true).open(path)?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        if buf.len() < MAGIC.len() || &buf[..MAGIC.len()] != MAGIC {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: not a detach log", path.display()),
+            ));
+        }
+        let mut chunks = HashSet::new();
+        let mut valid = MAGIC.len();
+        for rec in buf[MAGIC.len()..].chunks_exact(RECORD) {
+            let c = u64::from_le_bytes(rec[..8].try_into().expect("8 bytes"));
+            let check = u64::from_le_bytes(rec[8..].try_into().expect("8 bytes"));
+            if c ^ CHECK != check {
+                break;
+            }
+            chunks.insert(c);
+            valid += RECORD;
+        }
+        if valid != buf.len() {
+            tracing::warn!(path = %path.display(), dropped = buf.len() - valid, "torn tail of a detach log dropped");
+            f.set_len(valid as u64)?;
+            f.sync_all()?;
+        }
+        Ok((
+            DetachLog {
+                file: Arc::new(f),
+                state: Mutex::new((Vec::new(), valid as u64)),
+                append: tokio::sync::Mutex::new(()),
+            },
+            chunks,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Vec<u64>, u64)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A chunk left the base; it is logged at the next [`DetachLog::append`].
+    pub fn note(&self, chunk: u64) {
+        self.lock().0.push(chunk);
+    }
+
+    /// The chunks noted so far, to be appended once their data is synced.
+    pub fn take_pending(&self) -> Vec<u64> {
+        std::mem::take(&mut self.lock().0)
+    }
+
+    /// Appends `chunks` and syncs the log. On failure they are noted again,
+    /// so the next flush retries them.
+    pub async fn append(&self, chunks: Vec<u64>) -> io::Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let _one = self.append.lock().await;
+        let at = self.lock().1;
+        let mut buf = Vec::with_capacity(chunks.len() * RECORD);
+        for c in &chunks {
+            buf.extend_from_slice(&c.to_le_bytes());
+            buf.extend_from_slice(&(c ^ CHECK).to_le_bytes());
+        }
+        let len = buf.len() as u64;
+        let file = Arc::clone(&self.file);
+        let r = tokio::task::spawn_blocking(move || {
+            file.write_all_at(&buf, at)?;
+            file.sync_data()
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let mut st = self.lock();
+        match r {
+            Ok(()) => st.1 += len,
+            Err(_) => st.0.extend(chunks),
+        }
+        r
+    }
+}
+
+/// A volume's base snapshot.
+pub struct BaseImage {
+    pub snapshot: String,
+    pub manifest: Arc<Manifest>,
+    pub fetcher: Arc<Fetcher>,
+    pub log: DetachLog,
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl BaseImage {
+    pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, log: DetachLog) -> Self {
+        BaseImage {
+            snapshot: manifest.header.id.clone(),
+            manifest,
+            fetcher,
+            log,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    pub async fn lock(&self, chunk: u64) -> tokio::sync::MutexGuard<'_, ()> {
+        self.stripes[(chunk % STRIPES as u64) as usize].lock().await
+    }
+
+    pub fn hash(&self, chunk: u64) -> Option<ChunkHash> {
+        self.manifest.get(chunk)
+    }
+
+    /// Bytes of the snapshot chunk `chunk` (the last one may be short).
+    pub fn chunk_len(&self, chunk: u64) -> u64 {
+        let cs = self.manifest.header.chunk_size;
+        cs.min(self.manifest.header.size.saturating_sub(chunk * cs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn log_round_trips_and_drops_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DETACHED_FILE);
+        let log = DetachLog::create(&path).unwrap();
+        log.note(3);
+        log.note(70_000);
+        let batch = log.take_pending();
+        log.append(batch).await.unwrap();
+        log.note(9);
+        // Not appended: not in the log after a crash.
+        drop(log);
+        let (log, chunks) = DetachLog::open(&path).unwrap();
+        assert_eq!(chunks, HashSet::from([3, 70_000]));
+        log.append(vec![5]).await.unwrap();
+        drop(log);
+        // A torn append: half a record, and a record that fails its check.
+        let mut f = File::options().append(true).open(&path).unwrap();
+        f.write_all(&7u64.to_le_bytes()).unwrap();
+        f.write_all(&[0u8; 8]).unwrap();
+        f.write_all(&[1, 2, 3]).unwrap();
+        drop(f);
+        let (_, chunks) = DetachLog::open(&path).unwrap();
+        assert_eq!(chunks, HashSet::from([3, 70_000, 5]));
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            (MAGIC.len() + 3 * RECORD) as u64
+        );
+        std::fs::write(&path, b"garbage!").unwrap();
+        assert!(DetachLog::open(&path).is_err());
+    }
+}
