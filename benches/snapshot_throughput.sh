@@ -16,29 +16,16 @@ SIZE_GIB=${1:-4}
 cargo build --release --quiet -p volumed -p vol
 cargo build --release --quiet -p volumed-benches --bin put_rate
 BIN=target/release
-WEED=${WEED:-$(command -v weed)}
 WORK=$(mktemp -d /var/tmp/volumed-snapbench.XXXXXX)
-PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-now() { date +%s.%N; }
-
-# SeaweedFS on loopback, every port chosen here.
-P=(); for _ in $(seq 10); do P+=("$(free_port)"); done
-export AWS_ACCESS_KEY_ID=volumedbench AWS_SECRET_ACCESS_KEY=volumedbenchsecret AWS_REGION=us-east-1
-"$WEED" mini -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
-    -master.port="${P[0]}" -master.port.grpc="${P[1]}" -volume.port="${P[2]}" -volume.port.grpc="${P[3]}" \
-    -filer.port="${P[4]}" -filer.port.grpc="${P[5]}" -s3.port="${P[6]}" -s3.port.grpc="${P[7]}" \
-    -admin.port="${P[8]}" -admin.port.grpc="${P[9]}" -admin.ui=false -webdav=false \
-    -s3.port.iceberg=0 -s3.port.lance=0 -bucket=volumed >"$WORK/weed.log" 2>&1 &
-PIDS+=($!)
-export AWS_ENDPOINT_URL="http://127.0.0.1:${P[6]}"
-for _ in $(seq 120); do "$BIN/put_rate" s3://volumed/probe 1 64 1 >/dev/null 2>&1 && break; sleep 0.5; done
+# shellcheck source=benches/common.sh
+. benches/common.sh
+start_weed
 
 head -c "${SIZE_GIB}G" /dev/urandom > "$WORK/src.img"
 CHUNKS=$((SIZE_GIB * 2048))   # 512 KiB chunks
@@ -50,11 +37,7 @@ for STORE in local s3; do
         local) URL="file://$WORK/store" ;;
         s3) URL="s3://volumed/bench" ;;
     esac
-    PORT=$(free_port)
-    VOLUMED_STORE=$URL "$BIN/volumed" --data-dir "$WORK/vd-$STORE" --nbd-listen "127.0.0.1:$PORT" 2>"$WORK/volumed-$STORE.log" &
-    VPID=$!; PIDS+=($VPID)
-    for _ in $(seq 100); do [ -S "$WORK/vd-$STORE/volumed.sock" ] && break; sleep 0.1; done
-    VOL="$BIN/vol --socket $WORK/vd-$STORE/volumed.sock"
+    start_volumed "$WORK/vd-$STORE" "$URL"
     $VOL create bench --size "${SIZE_GIB}G" >/dev/null
     URI=$($VOL attach bench)
     nbdcopy "$WORK/src.img" "$URI"

@@ -448,6 +448,34 @@ mod tests {
     }
 
     #[test]
+    fn base_chunks_leave_the_base_once() {
+        let m = ChunkMap::new(8 * CS, CS);
+        m.load_allocation(&[(2 * CS, 3 * CS)]);
+        assert!(!m.set_base(1), "no stray bytes");
+        assert!(m.set_base(2), "stray bytes from an unsynced fetch");
+        m.set_base(3);
+        assert_eq!(m.state(2), ChunkState::Base);
+        assert_eq!(m.base_list(), [1, 2, 3]);
+        assert_eq!(
+            m.runs(0, 4 * CS),
+            vec![(0, CS, ChunkState::Zero), (CS, 3 * CS, ChunkState::Base)]
+        );
+        // Hydrated: same content, so not dirty.
+        m.mark_hydrated(1);
+        assert_eq!(m.state(1), ChunkState::Local);
+        assert!(m.dirty_chunks().is_empty());
+        // Replaced whole by a write, or trimmed: dirty either way.
+        m.unbase(2, true);
+        m.unbase(3, false);
+        assert_eq!(
+            (m.state(2), m.state(3)),
+            (ChunkState::Local, ChunkState::Zero)
+        );
+        assert_eq!(m.dirty_chunks(), [2, 3]);
+        assert_eq!(m.base_chunks(), 0);
+    }
+
+    #[test]
     fn dirty_set_round_trips_and_rejects_damage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dirty");

@@ -1,0 +1,40 @@
+# Shared by the benchmark scripts: loopback ports, a clock, and SeaweedFS
+# (S3) started on 127.0.0.1 with every port chosen here. Source it after
+# setting WORK (a scratch dir) and BIN (release binaries); the caller's
+# EXIT trap kills what PIDS holds.
+
+free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+PIDS=()
+
+# Starts SeaweedFS with bucket `volumed` and exports the AWS_* variables
+# volumed and the probes read; returns once the S3 port answers.
+start_weed() {
+    local weed=${WEED:-$(command -v weed)} p=()
+    for _ in $(seq 10); do p+=("$(free_port)"); done
+    export AWS_ACCESS_KEY_ID=volumedbench AWS_SECRET_ACCESS_KEY=volumedbenchsecret AWS_REGION=us-east-1
+    "$weed" mini -dir="$WORK/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
+        -master.port="${p[0]}" -master.port.grpc="${p[1]}" -volume.port="${p[2]}" -volume.port.grpc="${p[3]}" \
+        -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" -s3.port="${p[6]}" -s3.port.grpc="${p[7]}" \
+        -admin.port="${p[8]}" -admin.port.grpc="${p[9]}" -admin.ui=false -webdav=false \
+        -s3.port.iceberg=0 -s3.port.lance=0 -bucket=volumed >"$WORK/weed.log" 2>&1 &
+    PIDS+=($!)
+    export AWS_ENDPOINT_URL="http://127.0.0.1:${p[6]}"
+    for _ in $(seq 120); do
+        "$BIN/put_rate" s3://volumed/probe 1 64 1 >/dev/null 2>&1 && return 0
+        sleep 0.5
+    done
+    echo "SeaweedFS did not come up; see $WORK/weed.log" >&2
+    return 1
+}
+
+# Starts volumed on data dir $1 with store URL $2 (extra flags after);
+# sets VPID and VOL (the vol command for it).
+start_volumed() {
+    local dir=$1 url=$2; shift 2
+    local port; port=$(free_port)
+    VOLUMED_STORE=$url "$BIN/volumed" --data-dir "$dir" --nbd-listen "127.0.0.1:$port" "$@" 2>>"$dir.log" &
+    VPID=$!; PIDS+=($VPID)
+    for _ in $(seq 100); do [ -S "$dir/volumed.sock" ] && break; sleep 0.1; done
+    VOL="$BIN/vol --socket $dir/volumed.sock"
+}
