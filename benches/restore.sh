@@ -9,7 +9,7 @@
 #                from the store) and on the local source volume
 #   hydration    `vol create --from-snapshot --wait` with the chunk cache off,
 #                as MiB/s, and the store's raw GET rate for the same objects
-#                at hydration's concurrency (8), and their ratio
+#                at hydration's concurrency (16), and their ratio
 #
 # Usage: benches/restore.sh [size-MiB]   (default 4096)
 set -euo pipefail
@@ -34,9 +34,12 @@ head -c "${SIZE_MIB}M" /dev/urandom > "$WORK/src.img"
 randread() { # uri -> "mean_us p99_us iops"
     fio --name=rr --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=1 \
         --size="${SIZE_MIB}M" --time_based --runtime=10 --output-format=json >"$WORK/fio.json" 2>/dev/null
-    /usr/bin/python3 -c '
-import json; j = json.load(open("'"$WORK"'/fio.json"))["jobs"][0]["read"]
-print(f"{j["clat_ns"]["mean"]/1e3:.0f} {j["clat_ns"]["percentile"]["99.000000"]/1e3:.0f} {j["iops"]:.0f}")'
+    /usr/bin/python3 - "$WORK/fio.json" <<'PY'
+import json, sys
+j = json.load(open(sys.argv[1]))["jobs"][0]["read"]
+c = j["clat_ns"]
+print(f'{c["mean"] / 1e3:.0f} {c["percentile"]["99.000000"] / 1e3:.0f} {j["iops"]:.0f}')
+PY
 }
 
 for STORE in local s3; do
@@ -82,7 +85,7 @@ PY
     T0=$(now)
     $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
     T1=$(now)
-    read -r GET OBJS BYTES <<<"$("$BIN/get_rate" "$URL" "$ID" 8)"
+    read -r GET OBJS BYTES <<<"$("$BIN/get_rate" "$URL" "$ID" 16)"
     /usr/bin/python3 -c "
 s = $T1 - $T0; mib = $SIZE_MIB / s
 print(f'$STORE hydration of ${SIZE_MIB} MiB: {s:.2f} s = {mib:.1f} MiB/s; raw GET {float($GET):.1f} MiB/s ($OBJS objects); ratio {mib / float($GET):.2f}')"

@@ -3,28 +3,33 @@
 //! Mark and sweep over the whole store, safe against snapshots that other
 //! hosts are writing at the same moment:
 //!
-//! 1. Read the store's clock, `now`. Objects modified after `now - grace`
-//!    are young.
+//! 1. Read the store's clock, `now`. The cutoff is `now - grace`, or earlier:
+//!    `start - grace` for the oldest snapshot still being written anywhere
+//!    (a `pending/` marker refreshed within the grace period). Objects
+//!    modified after the cutoff are young.
 //! 2. Mark every chunk named by a manifest, a hold (a volume somewhere still
 //!    lazily reading that snapshot) or a young trash entry (a deleted
 //!    snapshot or released hold, honoured for the grace period).
 //! 3. Sweep: delete every chunk object that is unmarked and not young.
 //! 4. Expire trash entries that are no longer young.
 //!
-//! Why a snapshot being written elsewhere never loses a chunk. It names
-//! three kinds of chunk, and it must finish within `grace` of its start `S`
-//! or it fails without writing a manifest (see volumed's snapshot job):
+//! Why a snapshot being written elsewhere never loses a chunk. It starts at
+//! `S` (store clock) by writing its marker, and names three kinds of chunk:
 //! - chunks it uploaded: modified after `S`;
 //! - chunks it found already stored: it touched any older than `grace / 2`,
 //!   so they too are modified after `S - grace / 2`;
-//! - chunks it took from its parent's manifest: it checked at `S` that the
-//!   parent existed, so the parent is a manifest, or it was deleted after
-//!   `S` and is a young trash entry until after the snapshot's deadline.
+//! - chunks it took from its parent's manifest: it checked after `S` that
+//!   the parent existed, so the parent is a manifest, or it was deleted
+//!   after `S` and is a trash entry modified after `S`.
 //!
-//! If gc's listing of manifests (step 2) missed the new manifest, that
-//! listing came before the snapshot finished, so `now < S + grace`, and
-//! everything above counts as young or marked. A manifest that could not
-//! be read stops gc before it deletes anything.
+//! A gc that read its clock before `S` has a cutoff before `S - grace`; one
+//! that read it later sees the marker (refreshed every `grace / 4`; the
+//! snapshot gives up if it cannot refresh it for `grace / 2`) and also cuts
+//! off before `S - grace`. Either way everything above is young or marked,
+//! however long the snapshot takes; once its manifest exists, it is marked.
+//! A marker not refreshed within the grace period belongs to a snapshot
+//! that died with its host, and is removed. A manifest that could not be
+//! read stops gc before it deletes anything.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -46,6 +51,10 @@ pub struct GcReport {
     pub trash_honoured: u64,
     /// Trash entries older than the grace period, removed.
     pub trash_expired: u64,
+    /// Snapshots being written somewhere, which moved the cutoff back.
+    pub pending_snapshots: u64,
+    /// Markers of snapshots that died without finishing, removed.
+    pub pending_expired: u64,
     pub chunks_seen: u64,
     pub chunks_referenced: u64,
     /// Unreferenced but younger than the grace period: kept this time.
@@ -76,9 +85,31 @@ async fn mark(repo: &Repo, key: &str, live: &mut HashSet<ChunkHash>) -> Result<(
 pub async fn collect(repo: &Repo, grace: Duration) -> Result<GcReport, RepoError> {
     let store = repo.store();
     let now = repo.store_now().await?;
-    let cutoff = now.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let before = |t: SystemTime| t.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut cutoff = before(now);
     let mut report = GcReport::default();
     let mut live = HashSet::new();
+
+    let mut dead = Vec::new();
+    for o in store.list("pending/").await? {
+        if o.modified <= before(now) {
+            dead.push(o.key);
+            continue;
+        }
+        let start = match store.get(&o.key).await? {
+            Some(b) => std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .filter(|s| *s > 0)
+                .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s)),
+            None => None,
+        };
+        // The marker's first write is the start when no refresh has
+        // recorded it yet.
+        let start = start.map_or(o.modified, |s| s.min(o.modified));
+        cutoff = cutoff.min(before(start));
+        report.pending_snapshots += 1;
+    }
 
     for o in store.list("manifests/").await? {
         mark(repo, &o.key, &mut live).await?;
@@ -142,6 +173,10 @@ pub async fn collect(repo: &Repo, grace: Duration) -> Result<GcReport, RepoError
     for key in expired {
         store.delete(&key).await?;
         report.trash_expired += 1;
+    }
+    for key in dead {
+        store.delete(&key).await?;
+        report.pending_expired += 1;
     }
     info!(?report, grace_secs = grace.as_secs(), "gc finished");
     Ok(report)
@@ -257,6 +292,32 @@ mod tests {
         assert_eq!(repo.put_chunk(vec![9; 4096]).await.unwrap().uploaded, 0);
         let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
         assert_eq!((r.chunks_young, r.chunks_deleted), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_long_snapshot_in_progress_moves_the_cutoff_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let h = repo.put_chunk(vec![3; 4096]).await.unwrap().hash;
+        let key = crate::repo::chunk_key(&h);
+        age(dir.path(), &key, 5400);
+        // A snapshot that started 2 h ago and is still running (its marker
+        // fresh) may still name a chunk touched 1.5 h ago.
+        let id = SnapshotId::generate();
+        let start = SystemTime::now() - Duration::from_secs(7200);
+        repo.refresh_pending(&id, start).await.unwrap();
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((r.pending_snapshots, r.chunks_deleted), (1, 0));
+        assert!(repo.store().exists(&key).await.unwrap());
+        // Its host died: the marker goes stale, is removed, and the chunk
+        // is collected.
+        age(dir.path(), &format!("pending/{id}"), 4000);
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((r.pending_expired, r.chunks_deleted), (1, 1));
+        assert!(!repo.store().exists(&key).await.unwrap());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   if the snapshot is deleted;
 //! - `trash/<name>`: a deleted manifest or released hold, kept for gc's
 //!   grace period so a snapshot that started from it can still finish;
+//! - `pending/<snapshot id>`: a snapshot being written, kept fresh while it
+//!   runs, holding its start by the store's clock (see `gc`);
 //! - `gc/clock-<random>`: a probe gc writes to read the store's clock.
 //!
 //! Objects are immutable. Chunks are written before the manifest that names
@@ -63,6 +65,10 @@ pub struct PutChunk {
     pub hash: ChunkHash,
     /// Bytes written to the store: 0 when the chunk was already there.
     pub uploaded: u64,
+}
+
+pub fn pending_key(id: &SnapshotId) -> String {
+    format!("pending/{id}")
 }
 
 pub fn hold_key(name: &str) -> String {
@@ -199,6 +205,40 @@ impl Repo {
             self.store.delete(&key).await?;
         }
         Ok(())
+    }
+
+    /// Announces a snapshot in progress to gc. Returns its start by the
+    /// store's clock: the marker's own modification time.
+    pub async fn begin_pending(&self, id: &SnapshotId) -> Result<SystemTime, RepoError> {
+        let key = pending_key(id);
+        self.store.put(&key, Bytes::from_static(b"0")).await?;
+        Ok(self
+            .store
+            .head(&key)
+            .await?
+            .map(|i| i.modified)
+            .unwrap_or_else(SystemTime::now))
+    }
+
+    /// Keeps a snapshot's marker fresh; it carries the start, in seconds
+    /// since the epoch, since its modification time moves.
+    pub async fn refresh_pending(
+        &self,
+        id: &SnapshotId,
+        start: SystemTime,
+    ) -> Result<(), RepoError> {
+        let secs = start
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        self.store
+            .put(&pending_key(id), Bytes::from(secs.to_string()))
+            .await?;
+        Ok(())
+    }
+
+    pub async fn end_pending(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        Ok(self.store.delete(&pending_key(id)).await?)
     }
 
     /// The store's own clock, read from a probe object: gc compares it with

@@ -325,6 +325,11 @@ pub struct GcReport {
     pub holds: u64,
     pub trash_honoured: u64,
     pub trash_expired: u64,
+    /// Snapshots being written somewhere (any host) during this run.
+    #[serde(default)]
+    pub pending_snapshots: u64,
+    #[serde(default)]
+    pub pending_expired: u64,
     pub chunks_seen: u64,
     pub chunks_referenced: u64,
     pub chunks_young: u64,

@@ -6,7 +6,8 @@
 //!   have requests in progress on the volume, so client I/O comes first.
 //! - Durable in batches: every [`PERSIST_EVERY`] chunks the volume is
 //!   flushed, which syncs the data and then logs the chunks as no longer
-//!   `Base`. A crash loses at most a batch of fetches, never a byte.
+//!   `Base`. The flush runs beside the fetches, never stalling them. A crash
+//!   loses at most a few batches of fetches, never a byte.
 //! - Resumes after a restart: the chunks still `Base` are exactly what is
 //!   left to do.
 //! - A chunk that cannot be fetched (store down, object damaged) is retried
@@ -23,8 +24,8 @@ use tracing::{info, warn};
 use super::{Engine, Volume};
 use crate::engine::volume::HydrationStatus;
 
-const HYDRATE_CONCURRENCY: usize = 8;
-const PERSIST_EVERY: u64 = 64;
+const HYDRATE_CONCURRENCY: usize = 16;
+const PERSIST_EVERY: u64 = 256;
 /// Pause between passes when some chunks failed.
 const RETRY_PAUSE: Duration = Duration::from_secs(5);
 
@@ -124,6 +125,7 @@ impl Engine {
         let mut set = JoinSet::new();
         let mut next = todo.into_iter();
         let (mut failed, mut error, mut since_flush) = (0u64, None, 0u64);
+        let mut flushing: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let limit = if vol.client_ops() > 0 {
                 1
@@ -160,12 +162,18 @@ impl Engine {
                 }
             }
             since_flush += 1;
-            if since_flush >= PERSIST_EVERY {
+            if since_flush >= PERSIST_EVERY && flushing.as_ref().is_none_or(|f| f.is_finished()) {
                 since_flush = 0;
-                if let Err(e) = vol.flush().await {
-                    warn!(volume = %vol.name, error = %e, "flush during hydration failed");
-                }
+                let vol = Arc::clone(vol);
+                flushing = Some(tokio::spawn(async move {
+                    if let Err(e) = vol.flush().await {
+                        warn!(volume = %vol.name, error = %e, "flush during hydration failed");
+                    }
+                }));
             }
+        }
+        if let Some(f) = flushing {
+            let _ = f.await;
         }
         if let Err(e) = vol.flush().await {
             failed += 1;

@@ -74,6 +74,33 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
+/// A snapshot's `pending/` marker in the store, refreshed every quarter of
+/// the gc grace period while the snapshot runs, so gc anywhere keeps what
+/// it may name however long it takes.
+pub(crate) struct Marker {
+    id: SnapshotId,
+    last_ok: Arc<std::sync::Mutex<std::time::Instant>>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Marker {
+    fn fresh(&self, grace: Duration) -> bool {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            < grace / 2
+    }
+
+    async fn finish(self, repo: &snapshot::Repo) {
+        self.refresher.abort();
+        if let Err(e) = repo.end_pending(&self.id).await {
+            // A stale marker only delays gc until it expires.
+            warn!(snapshot = %self.id, error = %e, "could not remove the snapshot's marker");
+        }
+    }
+}
+
 /// Retries a store operation on transient errors, with backoff.
 pub(crate) async fn with_retry<T, F, Fut>(
     what: &str,
@@ -166,9 +193,16 @@ impl Engine {
         if let Some(p) = &progress {
             p.total.store(plan.to_read.len() as u64, Ordering::Relaxed);
         }
-        let result = self
-            .build_snapshot(&vol, &rec, &plan, progress.as_deref())
-            .await;
+        let result = match self.announce(&rec.id).await {
+            Ok(marker) => {
+                let r = self
+                    .build_snapshot(&vol, &rec, &plan, progress.as_deref(), &marker)
+                    .await;
+                marker.finish(&self.repo).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
         vol.end_snapshot();
         match result {
             Ok(m) => {
@@ -227,9 +261,9 @@ impl Engine {
         rec: &SnapshotRecord,
         plan: &super::volume::SnapshotPlan,
         progress: Option<&Progress>,
+        marker: &Marker,
     ) -> std::result::Result<Manifest, String> {
         let cancel = self.snapshot_cancel.clone();
-        let started = std::time::Instant::now();
         // The parent supplies every unchanged chunk; without a readable one
         // only a full snapshot is correct, and this one froze only changes.
         // It must still be in the store now: gc honours a snapshot deleted
@@ -327,14 +361,13 @@ impl Engine {
         }
 
         crate::failpoint::delay("snapshot-before-manifest").await;
-        // A snapshot slower than gc's grace period could name chunks a gc
-        // elsewhere already judged unreferenced (see snapshot::gc).
+        // Without a fresh marker a gc elsewhere may have judged chunks this
+        // snapshot names unreferenced (see snapshot::gc).
         let grace = self.repo.gc_grace();
-        if started.elapsed() > grace - grace / 10 {
+        if !marker.fresh(grace) {
             return Err(format!(
-                "took {:?}, longer than the store's gc grace period ({:?}) allows; its changes go to the next snapshot",
-                started.elapsed(),
-                grace
+                "could not keep the snapshot's marker in the store fresh for {:?}; its changes go to the next snapshot",
+                grace / 2
             ));
         }
 
@@ -343,6 +376,34 @@ impl Engine {
             .await
             .map_err(|e| format!("write manifest: {e}"))?;
         Ok(manifest)
+    }
+
+    async fn announce(&self, id: &str) -> std::result::Result<Marker, String> {
+        let sid = SnapshotId::parse(id).ok_or_else(|| format!("invalid snapshot id {id}"))?;
+        let start = with_retry("announce snapshot", || self.repo.begin_pending(&sid))
+            .await
+            .map_err(|e| format!("announce the snapshot in the store: {e}"))?;
+        let last_ok = Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+        let every = self.repo.gc_grace() / 4;
+        let (repo, marker_id, ok) = (self.repo.clone(), sid.clone(), Arc::clone(&last_ok));
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match repo.refresh_pending(&marker_id, start).await {
+                    Ok(()) => {
+                        *ok.lock().unwrap_or_else(|e| e.into_inner()) = std::time::Instant::now()
+                    }
+                    Err(e) => {
+                        warn!(snapshot = %marker_id, error = %e, "could not refresh the snapshot's marker")
+                    }
+                }
+            }
+        });
+        Ok(Marker {
+            id: sid,
+            last_ok,
+            refresher,
+        })
     }
 
     /// The parent's manifest: the copy kept from the last snapshot, else
@@ -375,7 +436,10 @@ impl Engine {
             .filter(|r| r.state == SnapshotState::Pending)
         {
             let exists = match SnapshotId::parse(&rec.id) {
-                Some(id) => self.repo.get_manifest(&id).await.ok(),
+                Some(id) => {
+                    let _ = self.repo.end_pending(&id).await;
+                    self.repo.get_manifest(&id).await.ok()
+                }
                 None => None,
             };
             match exists {
@@ -560,6 +624,8 @@ impl Engine {
             holds: r.holds,
             trash_honoured: r.trash_honoured,
             trash_expired: r.trash_expired,
+            pending_snapshots: r.pending_snapshots,
+            pending_expired: r.pending_expired,
             chunks_seen: r.chunks_seen,
             chunks_referenced: r.chunks_referenced,
             chunks_young: r.chunks_young,

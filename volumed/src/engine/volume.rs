@@ -189,9 +189,9 @@ impl Volume {
                 base.chunk_len(chunk)
             )));
         }
-        self.data
-            .write(chunk * self.chunk_size, data.to_vec())
-            .await?;
+        // The fetcher's copy is usually ours alone: no copy then.
+        let bytes = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec());
+        self.data.write(chunk * self.chunk_size, bytes).await?;
         self.map.mark_hydrated(chunk);
         base.log.note(chunk);
         Ok(())
