@@ -31,14 +31,21 @@ trap cleanup EXIT
 start_weed
 head -c "${SIZE_MIB}M" /dev/urandom > "$WORK/src.img"
 
+cpu_secs() { # pid -> user+system CPU seconds so far
+    awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
+}
+
 randread() { # uri -> "mean_us p99_us iops"
     fio --name=rr --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=1 \
-        --size="${SIZE_MIB}M" --time_based --runtime=10 --output-format=json >"$WORK/fio.json" 2>/dev/null
+        --size="${SIZE_MIB}M" --time_based --runtime=10 --lat_percentiles=1 --output-format=json >"$WORK/fio.json" 2>/dev/null
     /usr/bin/python3 - "$WORK/fio.json" <<'PY'
 import json, sys
-j = json.load(open(sys.argv[1]))["jobs"][0]["read"]
-c = j["clat_ns"]
-print(f'{c["mean"] / 1e3:.0f} {c["percentile"]["99.000000"] / 1e3:.0f} {j["iops"]:.0f}')
+text = open(sys.argv[1]).read()  # the nbd engine prints a line before the JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]["read"]
+c = j["lat_ns"]
+pct = c.get("percentile") or j["clat_ns"].get("percentile") or {}
+p99 = pct.get("99.000000")
+print(f'{c["mean"] / 1e3:.0f} {p99 / 1e3 if p99 else float("nan"):.0f} {j["iops"]:.0f}')
 PY
 }
 
@@ -78,16 +85,20 @@ PY
     $VOL create lazy --from-snapshot "$ID" --no-hydrate >/dev/null
     LAZY=$($VOL attach lazy)
     read -r LM LP LI <<<"$(randread "$LAZY")"
+    SRC=$($VOL attach src)   # the restart moved the NBD port
     read -r SM SP SI <<<"$(randread "$SRC")"
     echo "$STORE randread 4k QD1: unhydrated mean ${LM}us p99 ${LP}us ${LI} IOPS; local mean ${SM}us p99 ${SP}us ${SI} IOPS"
 
-    # Hydration with no cache, against the raw GET rate.
+    # Hydration with no cache, against the raw GET rate; with the CPU
+    # seconds volumed spent, since both cores are shared with the store.
+    C0=$(cpu_secs "$VPID")
     T0=$(now)
     $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
     T1=$(now)
+    C1=$(cpu_secs "$VPID")
     read -r GET OBJS BYTES <<<"$("$BIN/get_rate" "$URL" "$ID" 16)"
     /usr/bin/python3 -c "
 s = $T1 - $T0; mib = $SIZE_MIB / s
-print(f'$STORE hydration of ${SIZE_MIB} MiB: {s:.2f} s = {mib:.1f} MiB/s; raw GET {float($GET):.1f} MiB/s ($OBJS objects); ratio {mib / float($GET):.2f}')"
+print(f'$STORE hydration of ${SIZE_MIB} MiB: {s:.2f} s = {mib:.1f} MiB/s (volumed used {$C1 - $C0:.1f} CPU s); raw GET {float($GET):.1f} MiB/s ($OBJS objects); ratio {mib / float($GET):.2f}')"
     kill "$VPID"; wait "$VPID" 2>/dev/null || true
 done

@@ -338,7 +338,11 @@ fn delete_and_gc(store: Store) {
     let r = b.vol_json(&["gc", "--grace", "10s"]);
     assert_eq!(u(&r["trash_honoured"]), 1, "{r}");
     assert_eq!(u(&r["manifests"]), 0, "{r}");
-    assert_eq!(u(&r["pending_snapshots"]), 1, "A's snapshot is announced: {r}");
+    assert_eq!(
+        u(&r["pending_snapshots"]),
+        1,
+        "A's snapshot is announced: {r}"
+    );
     let t = Instant::now();
     let done = loop {
         let s = a.vol_json(&["snapshot", "inspect", &id3]);
