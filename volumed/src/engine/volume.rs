@@ -330,28 +330,44 @@ impl Volume {
     pub async fn begin_snapshot(&self) -> SnapshotPlan {
         let _gate = self.gate.write().await;
         let changed = self.map.take_changed();
-        let to_read: Vec<u64> = match &changed {
-            Changed::All => self.map.local_list(),
-            Changed::Chunks(c) => c
-                .iter()
-                .copied()
-                .filter(|&i| self.map.state(i) == ChunkState::Local)
-                .collect(),
-        };
-        let base_chunks = match (&self.base, &changed) {
-            (None, _) => Vec::new(),
-            (Some(b), Changed::All) => self
-                .map
-                .base_list()
-                .into_iter()
-                .filter_map(|c| b.hash(c).map(|h| (c, h)))
-                .collect(),
-            (Some(b), Changed::Chunks(c)) => c
-                .iter()
-                .filter(|&&i| self.map.state(i) == ChunkState::Base)
-                .filter_map(|&i| b.hash(i).map(|h| (i, h)))
-                .collect(),
-        };
+        // Hydration runs outside the gate, so a chunk may go from Base to
+        // Local while this looks. Its content is the base's either way: each
+        // chunk is classified once, Base first (chunks only ever leave the
+        // base), so none falls between the two lists or lands in both.
+        let (to_read, base_chunks): (Vec<u64>, Vec<(u64, snapshot::ChunkHash)>) =
+            match (&changed, &self.base) {
+                (Changed::All, None) => (self.map.local_list(), Vec::new()),
+                (Changed::All, Some(b)) => {
+                    let based = self.map.base_list();
+                    let set: std::collections::HashSet<u64> = based.iter().copied().collect();
+                    let local = self
+                        .map
+                        .local_list()
+                        .into_iter()
+                        .filter(|c| !set.contains(c))
+                        .collect();
+                    let hashes = based
+                        .into_iter()
+                        .filter_map(|c| b.hash(c).map(|h| (c, h)))
+                        .collect();
+                    (local, hashes)
+                }
+                (Changed::Chunks(c), base) => {
+                    let (mut local, mut hashes) = (Vec::new(), Vec::new());
+                    for &i in c {
+                        match self.map.state(i) {
+                            ChunkState::Local => local.push(i),
+                            ChunkState::Base => {
+                                if let Some(h) = base.as_ref().and_then(|b| b.hash(i)) {
+                                    hashes.push((i, h));
+                                }
+                            }
+                            ChunkState::Zero => {}
+                        }
+                    }
+                    (local, hashes)
+                }
+            };
         let size = self.size();
         let pending = Bitmap::new(size.div_ceil(self.chunk_size));
         for &c in &to_read {
