@@ -83,6 +83,16 @@ async fn mark(repo: &Repo, key: &str, live: &mut HashSet<ChunkHash>) -> Result<(
 
 /// Runs one collection with the given grace period.
 pub async fn collect(repo: &Repo, grace: Duration) -> Result<GcReport, RepoError> {
+    collect_observed(repo, grace, &|_| {}).await
+}
+
+/// As [`collect`], calling `after_delete` with the count of chunk objects
+/// deleted so far after each one (crash tests stop the process there).
+pub async fn collect_observed(
+    repo: &Repo,
+    grace: Duration,
+    after_delete: &(dyn Fn(u64) + Sync),
+) -> Result<GcReport, RepoError> {
     let store = repo.store();
     let now = repo.store_now().await?;
     let before = |t: SystemTime| t.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
@@ -163,6 +173,7 @@ pub async fn collect(repo: &Repo, grace: Duration) -> Result<GcReport, RepoError
             Ok(Ok(size)) => {
                 report.chunks_deleted += 1;
                 report.bytes_deleted += size;
+                after_delete(report.chunks_deleted);
             }
             Ok(Err(e)) => return Err(e.into()),
             Err(e) => warn!(error = %e, "gc delete task failed"),

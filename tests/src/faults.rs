@@ -266,7 +266,7 @@ fn decide(state: &Mutex<State>, method: &str, path: &str) -> Option<Fault> {
     }
     st.matched += 1;
     let n = st.matched;
-    if n % rule.every.max(1) != 0 {
+    if !n.is_multiple_of(rule.every.max(1)) {
         return None;
     }
     if rule.limit.is_some_and(|l| n / rule.every.max(1) > l) {

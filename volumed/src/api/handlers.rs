@@ -262,3 +262,51 @@ async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
     Ok(Json(s.engine.gc(grace).await?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Every request body the API parses, from the same bytes.
+    fn parse_all(b: &Bytes) {
+        let _ = body::<CreateVolume>(b, None);
+        let _ = body::<ModifyVolume>(b, None);
+        let _ = body::<AttachVolume>(b, Some(AttachVolume::default()));
+        let _ = body::<CreateSnapshot>(b, Some(CreateSnapshot::default()));
+        let _ = body::<GcRequest>(b, Some(GcRequest::default()));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bodies_never_panic(data in proptest::collection::vec(any::<u8>(), 0..512)) {
+            parse_all(&Bytes::from(data));
+        }
+
+        /// JSON-shaped bodies with the API's field names and hostile values
+        /// get deep into the deserializers.
+        #[test]
+        fn json_shaped_bodies_never_panic(
+            s in r#"\{("(name|size|ephemeral|from_snapshot|chunk_size|hydrate|labels|grace_secs|instance|x)":(-?[0-9]{1,25}(\.[0-9]+)?|"[^"\\]{0,40}"|true|false|null|\{\}|\[\]|\{"[a-z]{1,3}":"[^"\\]{0,5}"\}),?){0,7}\}"#
+        ) {
+            parse_all(&Bytes::from(s));
+        }
+    }
+
+    #[test]
+    fn hostile_bodies_are_refused() {
+        for bad in [
+            r#"{"name":"a","size":18446744073709551616}"#.to_owned(),
+            r#"{"name":"a","size":-1}"#.to_owned(),
+            r#"{"name":"../etc","size":1}"#.to_owned(),
+            r#"{"name":"a","size":1,"extra":true}"#.to_owned(),
+            format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!(r#"{{"name":"{}","size":512}}"#, "a".repeat(1 << 20)),
+        ] {
+            let r = body::<CreateVolume>(&Bytes::from(bad.clone()), None);
+            assert!(r.is_err(), "{}", &bad[..bad.len().min(60)]);
+        }
+        let r = body::<GcRequest>(&Bytes::from(r#"{"grace_secs":-5}"#), None);
+        assert!(r.is_err());
+    }
+}

@@ -137,7 +137,9 @@ impl Engine {
                 let vol = Arc::clone(vol);
                 set.spawn(async move {
                     crate::failpoint::delay("hydrate-chunk").await;
-                    vol.materialize(c).await
+                    let r = vol.materialize(c).await;
+                    crate::failpoint::hit("hydrate-after-fetch");
+                    r
                 });
             }
             let joined = tokio::select! {

@@ -371,10 +371,12 @@ impl Engine {
             ));
         }
 
+        crate::failpoint::hit("snapshot-before-manifest");
         // Step 4: the commit point.
         with_retry("put manifest", || self.repo.put_manifest(&manifest))
             .await
             .map_err(|e| format!("write manifest: {e}"))?;
+        crate::failpoint::hit("snapshot-after-manifest");
         Ok(manifest)
     }
 
@@ -613,11 +615,13 @@ impl Engine {
     /// period for this run.
     pub async fn gc(&self, grace: Option<Duration>) -> Result<volumed_api::GcReport> {
         let grace = grace.unwrap_or(self.repo.gc_grace());
-        let r = snapshot::gc::collect(&self.repo, grace)
-            .await
-            .map_err(|e| {
-                Error::Store(format!("gc stopped before deleting anything unsafe: {e}"))
-            })?;
+        let r = snapshot::gc::collect_observed(&self.repo, grace, &|deleted| {
+            if deleted == 3 {
+                crate::failpoint::hit("gc-mid-sweep");
+            }
+        })
+        .await
+        .map_err(|e| Error::Store(format!("gc stopped before deleting anything unsafe: {e}")))?;
         Ok(volumed_api::GcReport {
             grace_secs: grace.as_secs(),
             manifests: r.manifests,

@@ -546,6 +546,9 @@ impl Volume {
             if r.is_err() {
                 chunks.into_iter().for_each(|c| base.log.note(c));
             } else {
+                if !chunks.is_empty() {
+                    crate::failpoint::hit("flush-before-log");
+                }
                 base.log.append(chunks).await?;
             }
         }
