@@ -616,7 +616,7 @@ impl Engine {
     pub async fn gc(&self, grace: Option<Duration>) -> Result<volumed_api::GcReport> {
         let grace = grace.unwrap_or(self.repo.gc_grace());
         let r = snapshot::gc::collect_observed(&self.repo, grace, &|deleted| {
-            if deleted == 3 {
+            if deleted == 1 {
                 crate::failpoint::hit("gc-mid-sweep");
             }
         })
