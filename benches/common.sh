@@ -1,11 +1,18 @@
-# Shared by the benchmark scripts: loopback ports, a clock, and SeaweedFS
-# (S3) started on 127.0.0.1 with every port chosen here. Source it after
-# setting WORK (a scratch dir) and BIN (release binaries); the caller's
-# EXIT trap kills what PIDS holds.
+# Shared by the benchmark scripts: a scratch dir removed at exit with every
+# process started here, loopback ports, a clock, SeaweedFS (S3) on 127.0.0.1
+# with every port chosen here, and volumed. Source it after setting BIN
+# (release binaries) and NAME (names the scratch dir).
 
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 PIDS=()
+WORK=$(mktemp -d "/var/tmp/volumed-$NAME.XXXXXX")
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
 
 # Starts SeaweedFS with bucket `volumed` and exports the AWS_* variables
 # volumed and the probes read; returns once the S3 port answers.

@@ -19,13 +19,7 @@ cargo build --release --quiet -p volumed -p vol
 cargo build --release --quiet -p volumed-benches --bin put_rate --bin get_rate
 BIN=target/release
 command -v fio nbdcopy >/dev/null
-WORK=$(mktemp -d /var/tmp/volumed-restorebench.XXXXXX)
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+NAME=restorebench
 # shellcheck source=benches/common.sh
 . benches/common.sh
 start_weed

@@ -16,13 +16,7 @@ SIZE_GIB=${1:-4}
 cargo build --release --quiet -p volumed -p vol
 cargo build --release --quiet -p volumed-benches --bin put_rate
 BIN=target/release
-WORK=$(mktemp -d /var/tmp/volumed-snapbench.XXXXXX)
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+NAME=snapbench
 # shellcheck source=benches/common.sh
 . benches/common.sh
 start_weed

@@ -24,14 +24,7 @@ cargo build --release --quiet -p volumed -p vol
 cargo build --release --quiet -p volumed-benches --bin put_rate
 BIN=target/release
 command -v fio nbdcopy cmp >/dev/null
-WORK=$(mktemp -d /var/tmp/volumed-soak.XXXXXX)
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-# shellcheck source=benches/common.sh
+NAME=soak
 . benches/common.sh
 start_volumed "$WORK/vd" "file://$WORK/store"
 DEADLINE=$(( $(date +%s) + MINUTES * 60 ))

@@ -59,6 +59,26 @@ fn with_failpoints(d: &mut TestDaemon, points: &str) {
     }
 }
 
+/// Restarts `d` armed to die at `point`, runs `action` (which reaches it),
+/// waits for the death, and starts `d` again unarmed. Returns what
+/// `action` returned.
+fn crash_at<T>(d: &mut TestDaemon, point: &str, action: impl FnOnce(&TestDaemon) -> T) -> T {
+    with_failpoints(d, point);
+    d.restart();
+    let out = action(d);
+    d.wait_exit();
+    with_failpoints(d, "");
+    d.start_again();
+    out
+}
+
+fn start_snapshot(d: &TestDaemon, vol: &str) -> String {
+    d.vol_json(&["snapshot", "create", vol])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
 /// Waits until `id` is settled (not pending) and returns its state.
 fn settled(d: &TestDaemon, id: &str) -> String {
     let t = Instant::now();
@@ -106,15 +126,9 @@ fn named_points() {
     // its changes and is right.
     qemu_io(&d.uri("v"), &["write -P 0x11 1M 4k"]);
     let want = dump(&d, "v");
-    with_failpoints(&mut d, "snapshot-before-manifest");
-    d.restart();
-    let id = d.vol_json(&["snapshot", "create", "v"])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    d.wait_exit();
-    with_failpoints(&mut d, "");
-    d.start_again();
+    let id = crash_at(&mut d, "snapshot-before-manifest", |d| {
+        start_snapshot(d, "v")
+    });
     assert_eq!(settled(&d, &id), "error");
     let next = snap(&d, "v");
     assert_eq!(next["parent"], base.as_str());
@@ -123,15 +137,9 @@ fn named_points() {
     // After the manifest: the snapshot exists and is settled completed.
     qemu_io(&d.uri("v"), &["write -P 0x22 2M 4k"]);
     let want = dump(&d, "v");
-    with_failpoints(&mut d, "snapshot-after-manifest");
-    d.restart();
-    let id = d.vol_json(&["snapshot", "create", "v"])["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    d.wait_exit();
-    with_failpoints(&mut d, "");
-    d.start_again();
+    let id = crash_at(&mut d, "snapshot-after-manifest", |d| {
+        start_snapshot(d, "v")
+    });
     assert_eq!(settled(&d, &id), "completed");
     assert!(image(&repo, &id) == want);
 
@@ -152,12 +160,7 @@ fn named_points() {
     {
         d.vol_ok(&["snapshot", "delete", s["id"].as_str().unwrap()]);
     }
-    with_failpoints(&mut d, "gc-mid-sweep");
-    d.restart();
-    let _ = d.vol(&["gc", "--grace", "0s"]);
-    d.wait_exit();
-    with_failpoints(&mut d, "");
-    d.start_again();
+    crash_at(&mut d, "gc-mid-sweep", |d| d.vol(&["gc", "--grace", "0s"]));
     verify_all(&d);
     let r = d.vol_json(&["gc", "--grace", "0s"]);
     assert_eq!(
@@ -206,12 +209,9 @@ fn named_points() {
     );
 
     // Right after a hydration fetch: hydration resumes, the content is right.
-    with_failpoints(&mut d, "hydrate-after-fetch");
-    d.restart();
-    let _ = d.vol(&["create", "h", "--from-snapshot", &latest]);
-    d.wait_exit();
-    with_failpoints(&mut d, "");
-    d.start_again();
+    crash_at(&mut d, "hydrate-after-fetch", |d| {
+        d.vol(&["create", "h", "--from-snapshot", &latest])
+    });
     // The record is written before hydration starts, so the volume is there.
     wait_hydrated(&d, "h");
     d.vol_ok(&["attach", "h"]);
@@ -244,10 +244,7 @@ fn random_points() {
             )],
         );
         let want = dump(&d, "v");
-        let id = d.vol_json(&["snapshot", "create", "v"])["id"]
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let id = start_snapshot(&d, "v");
         std::thread::sleep(Duration::from_millis(rng.below(60)));
         d.kill9();
         d.start_again();
