@@ -25,6 +25,7 @@ cargo build --release --quiet -p volumed-benches --bin put_rate
 BIN=target/release
 command -v fio nbdcopy cmp >/dev/null
 NAME=soak
+# shellcheck source=benches/common.sh
 . benches/common.sh
 start_volumed "$WORK/vd" "file://$WORK/store"
 DEADLINE=$(( $(date +%s) + MINUTES * 60 ))

@@ -230,7 +230,7 @@ fn disaster_recovery_s3() {
 /// plus the write.
 fn kill9_during_hydration(store: Store) {
     let mut env = store.env("kill");
-    env.push(("VOLUMED_FAILPOINTS", "hydrate-chunk=20".into()));
+    env.push(("VOLUMED_FAILPOINTS", "hydrate-chunk=50".into()));
     let refs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut d = TestDaemon::start_with_env(&refs);
     let repo = store.repo(&d, "kill");
@@ -243,7 +243,7 @@ fn kill9_during_hydration(store: Store) {
     let t = Instant::now();
     loop {
         let h = d.vol_json(&["inspect", "r"])["hydration"].clone();
-        if u(&h["hydrated_bytes"]) >= 16 << 20 {
+        if u(&h["hydrated_bytes"]) >= 4 << 20 {
             assert_ne!(h["state"], "complete", "hydration finished before the kill");
             break;
         }
