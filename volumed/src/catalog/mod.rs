@@ -57,6 +57,10 @@ impl Catalog {
             // The catalog is small and written rarely; a small cache keeps the
             // daemon's resident memory for the data path.
             .cache_capacity(16 << 20)
+            // Every change is flushed before it returns, so sled's periodic
+            // flusher adds nothing; without it no thread outlives the handle
+            // holding the database's file lock.
+            .flush_every_ms(None)
             .open()
             .map_err(|source| CatalogError::Open {
                 path: path.display().to_string(),
