@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod faults;
+pub mod pki;
+pub mod raw;
 pub mod s3;
 pub mod snapkit;
 

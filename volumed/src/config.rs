@@ -8,6 +8,7 @@ use clap::Parser;
 use snapshot::StoreUrl;
 
 use crate::disk::EngineChoice;
+use crate::nbd::tls::TlsFiles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -32,6 +33,35 @@ pub struct Args {
         default_value = "127.0.0.1:10809"
     )]
     pub nbd_listen: SocketAddr,
+
+    /// TLS certificate chain (PEM) for NBD: TLS becomes required on TCP
+    /// and offered on the Unix socket
+    #[arg(
+        long,
+        env = "VOLUMED_NBD_TLS_CERT",
+        value_name = "FILE",
+        requires = "nbd_tls_key"
+    )]
+    pub nbd_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --nbd-tls-cert
+    #[arg(
+        long,
+        env = "VOLUMED_NBD_TLS_KEY",
+        value_name = "FILE",
+        requires = "nbd_tls_cert"
+    )]
+    pub nbd_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM): NBD clients must present a certificate one
+    /// of them signed
+    #[arg(
+        long,
+        env = "VOLUMED_NBD_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "nbd_tls_cert"
+    )]
+    pub nbd_tls_client_ca: Option<PathBuf>,
 
     /// NBD over a Unix socket [default: DATA_DIR/nbd.sock]
     #[arg(long, env = "VOLUMED_NBD_SOCKET", value_name = "PATH")]
@@ -70,6 +100,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub nbd_listen: SocketAddr,
     pub nbd_socket: PathBuf,
+    pub nbd_tls: Option<TlsFiles>,
     pub store: StoreUrl,
     pub io_engine: EngineChoice,
     pub zstd_level: i32,
@@ -92,7 +123,17 @@ impl Args {
             Some(url) => StoreUrl::parse(&url)?,
             None => StoreUrl::File(data_dir.join("store")),
         };
+        let nbd_tls = match (self.nbd_tls_cert, self.nbd_tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: absolute(cert)?,
+                key: absolute(key)?,
+                client_ca: self.nbd_tls_client_ca.map(absolute).transpose()?,
+            }),
+            // clap's `requires` makes one without the other an error.
+            _ => None,
+        };
         Ok(Config {
+            nbd_tls,
             socket: absolute(self.socket.unwrap_or_else(|| data_dir.join("volumed.sock")))?,
             nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
             nbd_listen: self.nbd_listen,

@@ -27,9 +27,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tcp = std::net::TcpListener::bind(config.nbd_listen)
         .with_context(|| format!("bind NBD TCP listener on {}", config.nbd_listen))?;
     let nbd_addr = tcp.local_addr()?;
+    let tls = config
+        .nbd_tls
+        .as_ref()
+        .map(crate::nbd::tls::acceptor)
+        .transpose()
+        .context("configure NBD TLS")?;
     let endpoints = NbdEndpoints {
         tcp: nbd_addr,
         unix: config.nbd_socket.clone(),
+        tls: tls.is_some(),
     };
     let io = Arc::new(IoEngine::new(config.io_engine).context("start the I/O engine")?);
     let store = snapshot::store::open(&config.store).context("open the snapshot store")?;
@@ -55,13 +62,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     engine.start_background();
 
-    let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket).await?;
+    let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls).await?;
     let api_listener = api::server::bind(&config.socket).await?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
         data_dir: config.data_dir.display().to_string(),
         nbd_listen: nbd_addr.to_string(),
         nbd_socket: config.nbd_socket.display().to_string(),
+        nbd_tls: match &config.nbd_tls {
+            None => "off",
+            Some(f) if f.client_ca.is_some() => "required+client-cert",
+            Some(_) => "required",
+        }
+        .into(),
         store: config.store.to_string(),
         volumes: 0,
         io_backend: engine.io_engine_name().into(),

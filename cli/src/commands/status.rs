@@ -14,6 +14,7 @@ pub async fn status(client: &Client, out: &Out) -> anyhow::Result<()> {
         ("control socket", client.socket().display().to_string()),
         ("nbd listen", st.nbd_listen),
         ("nbd socket", st.nbd_socket),
+        ("nbd tls", st.nbd_tls),
         ("store", st.store),
         ("volumes", st.volumes.to_string()),
         ("io backend", st.io_backend),

@@ -240,6 +240,10 @@ pub struct Status {
     pub data_dir: String,
     pub nbd_listen: String,
     pub nbd_socket: String,
+    /// NBD TLS: "off"; "required" (on TCP; the Unix socket offers it);
+    /// "required+client-cert" when clients must present a certificate.
+    #[serde(default)]
+    pub nbd_tls: String,
     pub store: String,
     pub volumes: usize,
     pub io_backend: String,

@@ -44,6 +44,8 @@ use chunk_map::ChunkMap;
 pub struct NbdEndpoints {
     pub tcp: SocketAddr,
     pub unix: PathBuf,
+    /// TLS is required on TCP, so its URI is `nbds://`.
+    pub tls: bool,
 }
 
 pub struct Engine {
@@ -641,7 +643,8 @@ impl Engine {
     fn tcp_uri(&self, name: &VolumeName) -> String {
         // An IPv6 address in a URI goes in brackets; SocketAddr's Display
         // already does that.
-        format!("nbd://{}/{}", self.endpoints.tcp, name)
+        let scheme = if self.endpoints.tls { "nbds" } else { "nbd" };
+        format!("{scheme}://{}/{}", self.endpoints.tcp, name)
     }
 
     fn unix_uri(&self, name: &VolumeName) -> String {
@@ -696,6 +699,7 @@ mod tests {
         NbdEndpoints {
             tcp: "127.0.0.1:10809".parse().unwrap(),
             unix: "/tmp/nbd.sock".into(),
+            tls: false,
         }
     }
 

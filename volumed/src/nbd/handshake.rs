@@ -5,6 +5,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::proto::{self, *};
+use super::tls::Tls;
 use crate::engine::{Engine, Export};
 
 /// Options longer than this are refused: the longest valid one (NBD_OPT_GO
@@ -52,6 +53,10 @@ pub enum HandshakeError {
     OptionTooLong { option: u32, length: u32 },
     #[error("export {0:?} not found (NBD_OPT_EXPORT_NAME cannot report errors)")]
     UnknownExportName(String),
+    #[error("NBD_OPT_EXPORT_NAME before STARTTLS on a TLS-only listener")]
+    ExportNameWithoutTls,
+    #[error("TLS is required and the client did not agree to fixed newstyle")]
+    TlsWithoutFixedNewstyle,
 }
 
 /// What the client negotiated for the transmission phase.
@@ -71,6 +76,9 @@ pub enum Negotiated {
         size: u64,
         options: SessionOptions,
     },
+    /// STARTTLS was acknowledged: the caller runs the TLS handshake, then
+    /// resumes with [`options`] on the encrypted stream.
+    StartTls(ClientFlags),
     /// The client aborted or left during option haggling.
     Closed,
 }
@@ -93,14 +101,36 @@ impl State {
     }
 }
 
-pub async fn negotiate<S>(stream: &mut S, engine: &Engine) -> Result<Negotiated, HandshakeError>
+/// Greeting, client flags, then option haggling under the `tls` mode.
+pub async fn negotiate<S>(
+    stream: &mut S,
+    engine: &Engine,
+    tls: Tls,
+) -> Result<Negotiated, HandshakeError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     stream.write_all(&encode_greeting()).await?;
     stream.flush().await?;
     let client = parse_client_flags(stream.read_u32().await?)?;
+    if tls == Tls::Required && !client.fixed_newstyle {
+        return Err(HandshakeError::TlsWithoutFixedNewstyle);
+    }
+    options(stream, engine, client, tls).await
+}
 
+/// Option haggling until the client picks an export, upgrades to TLS or
+/// leaves. Runs again after STARTTLS with fresh state: nothing agreed in
+/// plaintext carries over into the encrypted session.
+pub async fn options<S>(
+    stream: &mut S,
+    engine: &Engine,
+    client: ClientFlags,
+    tls: Tls,
+) -> Result<Negotiated, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut st = State::default();
     let mut out = Vec::new();
     loop {
@@ -133,6 +163,26 @@ where
         }
         let mut data = vec![0u8; opt.length as usize];
         stream.read_exact(&mut data).await?;
+
+        if tls == Tls::Required {
+            // FORCEDTLS: nothing but STARTTLS and ABORT before the upgrade,
+            // not even the list of exports.
+            match opt.option {
+                OPT_STARTTLS | OPT_ABORT => {}
+                OPT_EXPORT_NAME => return Err(HandshakeError::ExportNameWithoutTls),
+                other => {
+                    reply(
+                        stream,
+                        &mut out,
+                        other,
+                        REP_ERR_TLS_REQD,
+                        b"TLS is required: send NBD_OPT_STARTTLS first",
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        }
 
         match opt.option {
             OPT_EXPORT_NAME => {
@@ -269,14 +319,21 @@ where
                 meta_context(stream, &mut out, &mut st, engine, opt.option, &data).await?;
             }
             OPT_STARTTLS => {
-                reply(
-                    stream,
-                    &mut out,
-                    opt.option,
-                    REP_ERR_POLICY,
-                    b"TLS is not configured on this server",
-                )
-                .await?;
+                let refusal: Option<(u32, &[u8])> = match tls {
+                    Tls::Off => Some((REP_ERR_POLICY, b"TLS is not configured on this server")),
+                    Tls::Active => Some((REP_ERR_INVALID, b"TLS is already active")),
+                    Tls::Offered | Tls::Required if !data.is_empty() => {
+                        Some((REP_ERR_INVALID, b"NBD_OPT_STARTTLS takes no data"))
+                    }
+                    Tls::Offered | Tls::Required => None,
+                };
+                match refusal {
+                    Some((rep, msg)) => reply(stream, &mut out, opt.option, rep, msg).await?,
+                    None => {
+                        reply(stream, &mut out, opt.option, REP_ACK, &[]).await?;
+                        return Ok(Negotiated::StartTls(client));
+                    }
+                }
             }
             other => {
                 debug!(option = other, "unsupported NBD option");

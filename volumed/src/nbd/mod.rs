@@ -11,5 +11,6 @@ pub mod handshake;
 pub mod proto;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use server::NbdServer;

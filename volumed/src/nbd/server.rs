@@ -12,18 +12,23 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::handshake::{Negotiated, negotiate};
-use super::session;
-use crate::engine::Engine;
+use tokio_rustls::TlsAcceptor;
 
-/// A client must finish option haggling within this time; an idle
-/// half-open connection otherwise holds a task forever.
+use super::handshake::{HandshakeError, Negotiated, SessionOptions, negotiate, options};
+use super::session;
+use super::tls::Tls;
+use crate::engine::{Engine, Export};
+
+/// A client must finish option haggling (and any TLS handshake) within
+/// this time; an idle half-open connection otherwise holds a task forever.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct NbdServer {
     tcp: TcpListener,
     unix: UnixListener,
     engine: Arc<Engine>,
+    /// Required on TCP, offered on the Unix socket.
+    tls: Option<TlsAcceptor>,
 }
 
 impl NbdServer {
@@ -33,6 +38,7 @@ impl NbdServer {
         engine: Arc<Engine>,
         tcp: std::net::TcpListener,
         socket: &Path,
+        tls: Option<TlsAcceptor>,
     ) -> anyhow::Result<Self> {
         tcp.set_nonblocking(true)
             .context("set NBD listener non-blocking")?;
@@ -40,7 +46,12 @@ impl NbdServer {
         crate::daemon::remove_stale_socket(socket).await?;
         let unix = UnixListener::bind(socket)
             .with_context(|| format!("bind NBD socket {}", socket.display()))?;
-        Ok(NbdServer { tcp, unix, engine })
+        Ok(NbdServer {
+            tcp,
+            unix,
+            engine,
+            tls,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -52,20 +63,26 @@ impl NbdServer {
     pub async fn run(self, shutdown: CancellationToken, socket_path: PathBuf) {
         let conns = TaskTracker::new();
         info!(tcp = %self.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-              unix = %socket_path.display(), "NBD server listening");
+              unix = %socket_path.display(), tls = self.tls.is_some(), "NBD server listening");
+        let (tcp_tls, unix_tls) = match self.tls {
+            Some(_) => (Tls::Required, Tls::Offered),
+            None => (Tls::Off, Tls::Off),
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 r = self.tcp.accept() => match r {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        conns.spawn(handle(stream, peer.to_string(), Arc::clone(&self.engine), shutdown.clone()));
+                        let ctx = Ctx { peer: peer.to_string(), engine: Arc::clone(&self.engine), tls: self.tls.clone(), mode: tcp_tls };
+                        conns.spawn(handle(stream, ctx, shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = self.unix.accept() => match r {
                     Ok((stream, _)) => {
-                        conns.spawn(handle(stream, "unix".into(), Arc::clone(&self.engine), shutdown.clone()));
+                        let ctx = Ctx { peer: "unix".into(), engine: Arc::clone(&self.engine), tls: self.tls.clone(), mode: unix_tls };
+                        conns.spawn(handle(stream, ctx, shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
                 },
@@ -107,38 +124,101 @@ impl Connection for tokio::net::UnixStream {
     }
 }
 
+/// A TLS stream has no owned split; `tokio::io::split` locks between the
+/// halves, which costs little next to the encryption itself.
+impl<S> Connection for tokio_rustls::server::TlsStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn halves(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
+    }
+}
+
 /// Read buffer per connection: one recv picks up many pipelined request
 /// headers; payloads larger than it bypass it.
 const READ_BUFFER: usize = 128 << 10;
 
-async fn handle<S: Connection>(
-    mut stream: S,
+/// What a connection's task needs besides its stream.
+struct Ctx {
     peer: String,
     engine: Arc<Engine>,
-    shutdown: CancellationToken,
-) {
-    let negotiated = tokio::select! {
+    tls: Option<TlsAcceptor>,
+    mode: Tls,
+}
+
+async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationToken) {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let first = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut stream, &engine)) => r,
+        r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &ctx.engine, ctx.mode)) => r,
     };
-    let (export, size, options) = match negotiated {
-        Ok(Ok(Negotiated::Export {
+    let client = match outcome(first, &ctx.peer) {
+        Some(Negotiated::Export {
             export,
             size,
             options,
-        })) => (export, size, options),
-        Ok(Ok(Negotiated::Closed)) => return,
+        }) => return serve(stream, &ctx.peer, false, export, size, options).await,
+        Some(Negotiated::StartTls(client)) => client,
+        Some(Negotiated::Closed) | None => return,
+    };
+    let Some(acceptor) = ctx.tls else {
+        // negotiate acknowledges STARTTLS only in a TLS mode.
+        return warn!(peer = %ctx.peer, "STARTTLS acknowledged without TLS configured");
+    };
+    let upgrade = async {
+        let mut tls = acceptor.accept(stream).await?;
+        let n = options(&mut tls, &ctx.engine, client, Tls::Active).await?;
+        Ok::<_, HandshakeError>((tls, n))
+    };
+    let second = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, upgrade) => r,
+    };
+    if let Some((
+        tls,
+        Negotiated::Export {
+            export,
+            size,
+            options,
+        },
+    )) = outcome(second, &ctx.peer)
+    {
+        serve(tls, &ctx.peer, true, export, size, options).await;
+    }
+}
+
+/// Logs why a handshake (or TLS upgrade) ended without an outcome.
+fn outcome<T>(
+    r: Result<Result<T, HandshakeError>, tokio::time::error::Elapsed>,
+    peer: &str,
+) -> Option<T> {
+    match r {
+        Ok(Ok(n)) => Some(n),
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "NBD handshake ended");
-            return;
+            None
         }
         Err(_) => {
             debug!(%peer, "NBD handshake timed out");
-            return;
+            None
         }
-    };
+    }
+}
+
+async fn serve<C: Connection>(
+    stream: C,
+    peer: &str,
+    tls: bool,
+    export: Export,
+    size: u64,
+    options: SessionOptions,
+) {
     let volume = Arc::clone(&export.volume);
-    info!(%peer, volume = %volume.name, size, structured = options.structured, "NBD client connected");
+    info!(%peer, volume = %volume.name, size, structured = options.structured, tls,
+          "NBD client connected");
     let (r, w) = stream.halves();
     let r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     // Tracked by the export so detach and shutdown wait for this session.
