@@ -161,3 +161,44 @@ pub fn default_data_dir() -> anyhow::Result<PathBuf> {
 fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
     std::path::absolute(&p).with_context(|| format!("cannot resolve path {}", p.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("volumed").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn nbd_listens_on_loopback_unless_told() {
+        // The environment could override the default; these tests never set it.
+        if std::env::var_os("VOLUMED_NBD_LISTEN").is_none() {
+            let a = parse(&["--data-dir", "/tmp/x"]).unwrap();
+            assert!(a.nbd_listen.ip().is_loopback(), "{}", a.nbd_listen);
+        }
+        let a = parse(&["--nbd-listen", "0.0.0.0:10809"]).unwrap();
+        assert!(a.nbd_listen.ip().is_unspecified());
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert!(parse(&["--nbd-tls-cert", "c.pem"]).is_err());
+        assert!(parse(&["--nbd-tls-key", "k.pem"]).is_err());
+        assert!(parse(&["--nbd-tls-client-ca", "ca.pem"]).is_err());
+        let c = parse(&[
+            "--data-dir",
+            "/tmp/x",
+            "--nbd-tls-cert",
+            "c.pem",
+            "--nbd-tls-key",
+            "k.pem",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        let tls = c.nbd_tls.unwrap();
+        assert!(tls.cert.is_absolute() && tls.key.ends_with("k.pem"));
+        assert_eq!(tls.client_ca, None);
+    }
+}
