@@ -18,23 +18,11 @@ command -v qemu-nbd fio nbdcopy >/dev/null
 
 cargo build --release --quiet -p volumed -p vol
 BIN=target/release
-WORK=$(mktemp -d /var/tmp/volumed-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+NAME=bench
+# shellcheck source=benches/common.sh
+. benches/common.sh
 
-free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# volumed
-VPORT=$(free_port)
-"$BIN/volumed" --data-dir "$WORK/vd" --nbd-listen "127.0.0.1:$VPORT" 2>"$WORK/volumed.log" &
-PIDS+=($!)
-for _ in $(seq 100); do [ -S "$WORK/vd/volumed.sock" ] && break; sleep 0.1; done
-VOL="$BIN/vol --socket $WORK/vd/volumed.sock"
+start_volumed "$WORK/vd" "file://$WORK/store"
 $VOL create bench --size "${SIZE_MIB}M" >/dev/null
 VURI=$($VOL attach bench)
 
