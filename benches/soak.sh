@@ -35,7 +35,7 @@ for v in a b c; do
     URI=$($VOL attach "$v")
     fio --name="soak-$v" --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=8 \
         --size=128M --numjobs=2 --offset_increment=128M --time_based --runtime=$((MINUTES * 60)) \
-        --verify=crc32c --verify_backlog=1024 --verify_fatal=1 --group_reporting \
+        --verify=crc32c --verify_backlog=1024 --verify_fatal=1 --verify_state_save=0 --group_reporting \
         >"$WORK/fio-$v.log" 2>&1 &
     FIO_PIDS+=($!); PIDS+=($!)
 done
