@@ -6,7 +6,8 @@ use volumed::engine::chunk_map::ChunkMap;
 
 fn bench(c: &mut Criterion) {
     // A 1 TiB volume with 512 KiB chunks, half written in a checkerboard.
-    let map = ChunkMap::new(1 << 40, 512 << 10);
+    let map =
+        ChunkMap::new(snapshot::ChunkGeometry::new(1 << 40, 512 << 10).expect("a power of two"));
     for chunk in (0..(1u64 << 21)).step_by(2) {
         map.mark_written(chunk << 19, 1);
     }

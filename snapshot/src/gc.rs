@@ -204,7 +204,7 @@ mod tests {
 
     fn manifest(chunks: &[ChunkHash]) -> Manifest {
         let mut m = Manifest::new(ManifestHeader {
-            id: SnapshotId::generate().to_string(),
+            id: SnapshotId::generate(),
             volume: "v".into(),
             size: 16 << 20,
             chunk_size: 1 << 20,
@@ -253,14 +253,10 @@ mod tests {
         repo.put_hold("host-1", &manifest(&h[1..2])).await.unwrap();
         let young = manifest(&h[2..3]);
         repo.put_manifest(&young).await.unwrap();
-        repo.trash_manifest(&SnapshotId::parse(&young.header.id).unwrap())
-            .await
-            .unwrap();
+        repo.trash_manifest(&young.header.id).await.unwrap();
         let old = manifest(&h[3..4]);
         repo.put_manifest(&old).await.unwrap();
-        repo.trash_manifest(&SnapshotId::parse(&old.header.id).unwrap())
-            .await
-            .unwrap();
+        repo.trash_manifest(&old.header.id).await.unwrap();
         age(dir.path(), &format!("trash/{}", old.header.id), 7200);
         age(dir.path(), &key(&h[4]), 10);
 

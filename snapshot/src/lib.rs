@@ -1,5 +1,6 @@
 //! Snapshot formats and object stores for volumed.
 //!
+//! - `geometry`: how a volume splits into chunks (counts, ranges, the short last one);
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
 //! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
@@ -16,6 +17,7 @@
 pub mod cache;
 pub mod codec;
 pub mod gc;
+pub mod geometry;
 pub mod hash;
 pub mod manifest;
 pub mod repo;
@@ -23,6 +25,7 @@ pub mod store;
 pub mod store_url;
 pub mod verify;
 
+pub use geometry::ChunkGeometry;
 pub use hash::ChunkHash;
 pub use manifest::{Manifest, ManifestHeader, SnapshotId};
 pub use repo::{PutChunk, Repo, RepoError};

@@ -34,11 +34,11 @@ const ENTRY_HASH: u8 = 1;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ManifestHeader {
-    pub id: String,
+    pub id: SnapshotId,
     pub volume: String,
     pub size: u64,
     pub chunk_size: u64,
-    pub parent: Option<String>,
+    pub parent: Option<SnapshotId>,
     /// RFC 3339, UTC.
     pub created_at: String,
     #[serde(default)]
@@ -228,8 +228,24 @@ impl<'a> Cursor<'a> {
 
 /// A snapshot id: `snap-` and 16 hex digits, unique across hosts sharing a
 /// store (derived from the time, the process and a counter, hashed).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct SnapshotId(String);
+
+impl TryFrom<String> for SnapshotId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        SnapshotId::parse(&s).ok_or_else(|| {
+            format!("invalid snapshot id {s:?}: expected snap- followed by 1 to 64 of [0-9a-z]")
+        })
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(id: SnapshotId) -> String {
+        id.0
+    }
+}
 
 impl SnapshotId {
     pub fn generate() -> Self {
@@ -279,7 +295,7 @@ mod tests {
 
     fn header(size: u64, chunk_size: u64) -> ManifestHeader {
         ManifestHeader {
-            id: "snap-0123456789abcdef".into(),
+            id: SnapshotId::parse("snap-0123456789abcdef").unwrap(),
             volume: "data".into(),
             size,
             chunk_size,

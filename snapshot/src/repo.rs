@@ -194,6 +194,16 @@ impl Repo {
         Ok(())
     }
 
+    /// Names of the holds whose name starts with `name_prefix`.
+    pub async fn list_holds(&self, name_prefix: &str) -> Result<Vec<String>, RepoError> {
+        let prefix = hold_key(name_prefix);
+        let objects = self.store.list(&prefix).await?;
+        Ok(objects
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(&hold_key("")).map(str::to_owned))
+            .collect())
+    }
+
     /// Releases a hold through the trash, so a snapshot that took chunk
     /// hashes from the held manifest a moment ago still finishes safely.
     pub async fn release_hold(&self, name: &str) -> Result<(), RepoError> {
@@ -285,8 +295,7 @@ pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Vec<u8>, RepoE
 impl Repo {
     /// Writes the manifest: the commit point of a snapshot.
     pub async fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
-        let id = SnapshotId::parse(&m.header.id)
-            .ok_or_else(|| RepoError::MissingManifest(m.header.id.clone()))?;
+        let id = m.header.id.clone();
         self.store
             .put(&manifest_key(&id), Bytes::from(m.encode()))
             .await?;
@@ -367,7 +376,7 @@ mod tests {
 
         let id = SnapshotId::generate();
         let mut m = Manifest::new(ManifestHeader {
-            id: id.to_string(),
+            id: id.clone(),
             volume: "v".into(),
             size: 4 << 20,
             chunk_size: 1 << 20,

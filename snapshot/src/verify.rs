@@ -127,7 +127,7 @@ mod tests {
         );
         let id = SnapshotId::generate();
         let mut m = Manifest::new(ManifestHeader {
-            id: id.to_string(),
+            id: id.clone(),
             volume: "v".into(),
             size: 8 << 20,
             chunk_size: 1 << 20,

@@ -15,7 +15,7 @@ use volumed_tests::s3::S3Server;
 
 fn header(id: &SnapshotId) -> ManifestHeader {
     ManifestHeader {
-        id: id.to_string(),
+        id: id.clone(),
         volume: "data".into(),
         size: 8 << 20,
         chunk_size: 1 << 20,

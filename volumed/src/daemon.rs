@@ -12,10 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use volumed_api::Status;
 
+use crate::api::views::NbdEndpoints;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::disk::IoEngine;
-use crate::engine::{Engine, NbdEndpoints};
+use crate::engine::Engine;
 use crate::nbd::NbdServer;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -48,18 +49,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         repo.clone(),
         (config.cache_size > 0).then(|| Arc::new(cache)),
     ));
-    let (engine, clean) = Engine::open(&config.data_dir, endpoints, io, repo, fetcher)
-        .context("open volume engine")?;
+    let (engine, clean) =
+        Engine::open(&config.data_dir, io, repo, fetcher).context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
     let engine = Arc::new(engine);
-    {
-        // Snapshots a previous run left pending are settled from the store,
-        // in the background so an unreachable store does not delay start-up.
-        let engine = Arc::clone(&engine);
-        tokio::spawn(async move { engine.settle_interrupted_snapshots().await });
-    }
     engine.start_background();
 
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls).await?;
@@ -86,6 +81,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let state = ApiState {
         engine: Arc::clone(&engine),
         status: Arc::new(status),
+        endpoints: Arc::new(endpoints),
     };
 
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));

@@ -34,8 +34,13 @@ pub enum Error {
     InvalidLabel(String, &'static str),
     #[error("volumed is shutting down")]
     ShuttingDown,
-    #[error("snapshot store: {0}")]
-    Store(String),
+    /// The store failed; the source says whether it was transient.
+    #[error("snapshot store: {context}: {source}")]
+    Store {
+        context: String,
+        /// Boxed: store errors are large and rare, results are many.
+        source: Box<snapshot::RepoError>,
+    },
     #[error("snapshot {0} is in progress; wait for it to end")]
     SnapshotBusy(String),
     #[error("catalog: {0}")]
@@ -55,6 +60,13 @@ impl Error {
         }
     }
 
+    pub fn store(context: impl Into<String>, source: snapshot::RepoError) -> Self {
+        Error::Store {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
@@ -67,7 +79,7 @@ impl Error {
             Error::SnapshotInProgress(..) => ErrorCode::Conflict,
             Error::InvalidLabel(..) => ErrorCode::InvalidRequest,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
-            Error::Store(_) => ErrorCode::StoreUnavailable,
+            Error::Store { .. } => ErrorCode::StoreUnavailable,
             Error::SnapshotBusy(_) => ErrorCode::Conflict,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }

@@ -16,13 +16,24 @@ use volumed_api::{
     GcRequest, ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
 };
 
-use crate::engine::Engine;
+use snapshot::SnapshotId;
+
+use super::views::{self, NbdEndpoints};
+use crate::engine::{Engine, Volume};
 use crate::error::Error;
 
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: Arc<Engine>,
+    /// The facts of this run; live counts are filled in per request.
     pub status: Arc<Status>,
+    pub endpoints: Arc<NbdEndpoints>,
+}
+
+impl ApiState {
+    fn volume(&self, vol: &Volume) -> volumed_api::Volume {
+        views::volume(&self.engine, &self.endpoints, vol)
+    }
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -125,32 +136,24 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
     })
 }
 
+/// A snapshot id from a path: a malformed one names no snapshot.
+fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+    SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()).into())
+}
+
 async fn status(State(s): State<ApiState>) -> Json<Status> {
-    let mut st = (*s.status).clone();
-    st.volumes = s.engine.list().len();
-    (
-        st.store_fetches,
-        st.store_fetched_bytes,
-        st.cache_bytes,
-        st.cache_hits,
-    ) = s.engine.fetch_stats();
-    Json(st)
+    Json(views::status(&s.status, &s.engine))
 }
 
 async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
-    let volumes = s
-        .engine
-        .list()
-        .iter()
-        .map(|v| s.engine.describe(v))
-        .collect();
+    let volumes = s.engine.list().iter().map(|v| s.volume(v)).collect();
     Json(VolumeList { volumes })
 }
 
 async fn create_volume(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
     let req: CreateVolume = body(&bytes, None)?;
     let vol = s.engine.create(req).await?;
-    Ok((StatusCode::CREATED, Json(s.engine.describe(&vol))))
+    Ok((StatusCode::CREATED, Json(s.volume(&vol))))
 }
 
 async fn get_volume(
@@ -158,7 +161,7 @@ async fn get_volume(
     Path(raw): Path<String>,
 ) -> ApiResult<Json<volumed_api::Volume>> {
     let vol = s.engine.get(&name(&raw)?)?;
-    Ok(Json(s.engine.describe(&vol)))
+    Ok(Json(s.volume(&vol)))
 }
 
 async fn modify_volume(
@@ -169,7 +172,7 @@ async fn modify_volume(
     let n = name(&raw)?;
     let req: ModifyVolume = body(&bytes, None)?;
     let vol = s.engine.modify(&n, req).await?;
-    Ok(Json(s.engine.describe(&vol)))
+    Ok(Json(s.volume(&vol)))
 }
 
 async fn delete_volume(
@@ -188,7 +191,7 @@ async fn attach_volume(
     let n = name(&raw)?;
     let req: AttachVolume = body(&bytes, Some(AttachVolume::default()))?;
     let vol = s.engine.attach(&n, req).await?;
-    Ok(Json(s.engine.describe(&vol)))
+    Ok(Json(s.volume(&vol)))
 }
 
 async fn detach_volume(
@@ -197,7 +200,7 @@ async fn detach_volume(
 ) -> ApiResult<Json<Detached>> {
     let (vol, deleted) = s.engine.detach(&name(&raw)?).await?;
     Ok(Json(Detached {
-        volume: s.engine.describe(&vol),
+        volume: s.volume(&vol),
         deleted,
     }))
 }
@@ -212,7 +215,7 @@ async fn create_snapshot(
     let rec = s.engine.create_snapshot(&n, req).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(s.engine.snapshot(&rec.id).await?),
+        Json(views::snapshot(s.engine.snapshot(&rec.id).await?)),
     ))
 }
 
@@ -231,7 +234,13 @@ async fn list_snapshots(
         name(v)?;
     }
     Ok(Json(SnapshotList {
-        snapshots: s.engine.snapshots(q.volume.as_deref()).await?,
+        snapshots: s
+            .engine
+            .snapshots(q.volume.as_deref())
+            .await?
+            .into_iter()
+            .map(views::snapshot)
+            .collect(),
     }))
 }
 
@@ -239,14 +248,15 @@ async fn get_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
-    Ok(Json(s.engine.snapshot(&id).await?))
+    let id = snapshot_id(&id)?;
+    Ok(Json(views::snapshot(s.engine.snapshot(&id).await?)))
 }
 
 async fn delete_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.engine.delete_snapshot(&id).await?;
+    s.engine.delete_snapshot(&snapshot_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -254,13 +264,15 @@ async fn verify_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VerifyReport>> {
-    Ok(Json(s.engine.verify_snapshot(&id).await?))
+    let report = s.engine.verify_snapshot(&snapshot_id(&id)?).await?;
+    Ok(Json(views::verify_report(report)))
 }
 
 async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
     let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
-    Ok(Json(s.engine.gc(grace).await?))
+    let (grace, report) = s.engine.gc(grace).await?;
+    Ok(Json(views::gc_report(grace, report)))
 }
 
 #[cfg(test)]

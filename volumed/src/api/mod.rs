@@ -17,11 +17,15 @@
 //! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //!
+//! `handlers` parses and routes; `views` builds every answer and URI from
+//! engine state; `server` runs axum on the socket.
+//!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).
 
 mod handlers;
 pub mod server;
+pub mod views;
 
 pub use handlers::{ApiState, router};
 pub use server::serve;

@@ -3,6 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use snapshot::SnapshotId;
 use volumed_api::VolumeName;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,7 +15,7 @@ pub struct VolumeRecord {
     pub size: u64,
     pub chunk_size: u64,
     pub ephemeral: bool,
-    pub source_snapshot: Option<String>,
+    pub source_snapshot: Option<SnapshotId>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     pub attachment: Option<AttachmentRecord>,
@@ -24,7 +25,7 @@ pub struct VolumeRecord {
     pub deleting: bool,
     /// The last completed snapshot: the parent of the next one.
     #[serde(default)]
-    pub last_snapshot: Option<String>,
+    pub last_snapshot: Option<SnapshotId>,
     /// A restored volume fills itself from the store in the background.
     #[serde(default)]
     pub hydrate: bool,
@@ -37,12 +38,12 @@ pub struct VolumeRecord {
 /// The catalog's record of a snapshot this host took.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotRecord {
-    pub id: String,
+    pub id: SnapshotId,
     pub volume: String,
     pub state: SnapshotState,
     pub size: u64,
     pub chunk_size: u64,
-    pub parent: Option<String>,
+    pub parent: Option<SnapshotId>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
     #[serde(default)]
@@ -80,7 +81,7 @@ impl VolumeRecord {
         size: u64,
         chunk_size: u64,
         ephemeral: bool,
-        source_snapshot: Option<String>,
+        source_snapshot: Option<SnapshotId>,
     ) -> Self {
         VolumeRecord {
             id,

@@ -28,7 +28,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use snapshot::cache::Fetcher;
-use snapshot::{ChunkHash, Manifest};
+use snapshot::{ChunkGeometry, ChunkHash, Manifest};
+use volumed_api::VolumeName;
 
 const MAGIC: &[u8; 8] = b"VDETACH1";
 const CHECK: u64 = 0x5644_4554_4143_4831;
@@ -149,22 +150,35 @@ impl DetachLog {
 
 /// A volume's base snapshot.
 pub struct BaseImage {
-    pub snapshot: String,
     pub manifest: Arc<Manifest>,
     pub fetcher: Arc<Fetcher>,
     pub log: DetachLog,
+    /// The snapshot's chunks; the volume may have grown past them.
+    pub geometry: ChunkGeometry,
     stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl BaseImage {
-    pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, log: DetachLog) -> Self {
-        BaseImage {
-            snapshot: manifest.header.id.clone(),
+    pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, log: DetachLog) -> io::Result<Self> {
+        let h = &manifest.header;
+        let geometry = ChunkGeometry::new(h.size, h.chunk_size).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot {}: {e}", h.id),
+            )
+        })?;
+        Ok(BaseImage {
             manifest,
             fetcher,
             log,
+            geometry,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-        }
+        })
+    }
+
+    /// The snapshot's id.
+    pub fn snapshot(&self) -> &str {
+        self.manifest.header.id.as_str()
     }
 
     pub async fn lock(&self, chunk: u64) -> tokio::sync::MutexGuard<'_, ()> {
@@ -177,8 +191,45 @@ impl BaseImage {
 
     /// Bytes of the snapshot chunk `chunk` (the last one may be short).
     pub fn chunk_len(&self, chunk: u64) -> u64 {
-        let cs = self.manifest.header.chunk_size;
-        cs.min(self.manifest.header.size.saturating_sub(chunk * cs))
+        self.geometry.len(chunk)
+    }
+
+    /// Bytes of the snapshot's non-zero chunks below `chunks`.
+    pub fn hashed_bytes(&self, chunks: u64) -> u64 {
+        self.manifest
+            .hashed()
+            .iter()
+            .filter(|(i, _)| *i < chunks)
+            .map(|(i, _)| self.chunk_len(*i))
+            .sum()
+    }
+
+    /// The bytes of chunk `chunk` of the snapshot, through the host cache,
+    /// verified against their hash and length. The caller holds the chunk's
+    /// stripe; `volume` names the volume in errors.
+    pub async fn fetch(&self, chunk: u64, volume: &VolumeName) -> io::Result<Vec<u8>> {
+        let snapshot = self.snapshot();
+        let hash = self.hash(chunk).ok_or_else(|| {
+            io::Error::other(format!(
+                "chunk {chunk} is Base but its snapshot has no hash for it"
+            ))
+        })?;
+        let data = self.fetcher.get(&hash).await.map_err(|e| {
+            tracing::error!(volume = %volume, snapshot, chunk, %hash, error = %e,
+                "cannot fetch a chunk of the volume's snapshot");
+            io::Error::other(format!(
+                "chunk {chunk} of snapshot {snapshot} (object {hash}): {e}"
+            ))
+        })?;
+        if data.len() as u64 != self.chunk_len(chunk) {
+            return Err(io::Error::other(format!(
+                "chunk {chunk} of snapshot {snapshot} has {} bytes, expected {}",
+                data.len(),
+                self.chunk_len(chunk)
+            )));
+        }
+        // The fetcher's copy is usually ours alone: no copy then.
+        Ok(Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec()))
     }
 }
 

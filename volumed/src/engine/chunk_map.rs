@@ -24,6 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use std::sync::{OnceLock, RwLock};
 
+use snapshot::ChunkGeometry;
+
 /// Bits per page: 32768 chunks, 4 KiB of words.
 const PAGE_WORDS: usize = 512;
 const PAGE_BITS: u64 = PAGE_WORDS as u64 * 64;
@@ -170,12 +172,10 @@ pub enum Changed {
 }
 
 impl ChunkMap {
-    /// An all-`Zero` map for `size` bytes in chunks of `chunk_size` (a power
-    /// of two, checked at volume creation).
-    pub fn new(size: u64, chunk_size: u64) -> Self {
-        debug_assert!(chunk_size.is_power_of_two());
-        let chunk_shift = chunk_size.trailing_zeros();
-        let chunks = size.div_ceil(chunk_size);
+    /// An all-`Zero` map for the chunks of `geometry`.
+    pub fn new(geometry: ChunkGeometry) -> Self {
+        let chunk_shift = geometry.shift();
+        let chunks = geometry.count();
         ChunkMap {
             chunk_shift,
             local: Bitmap::new(chunks),
@@ -189,8 +189,9 @@ impl ChunkMap {
         1 << self.chunk_shift
     }
 
-    pub fn grow(&self, size: u64) {
-        let chunks = size.div_ceil(self.chunk_size());
+    /// Makes room for the chunks of a larger volume.
+    pub fn grow(&self, geometry: ChunkGeometry) {
+        let chunks = geometry.count();
         self.local.grow(chunks);
         self.base.grow(chunks);
         self.dirty.grow(chunks);
@@ -220,6 +221,14 @@ impl ChunkMap {
         for c in self.chunks_of(offset, len) {
             self.local.set(c);
             self.dirty.set(c);
+        }
+    }
+
+    /// Part of a chunk changed without changing its state (a punch inside a
+    /// `Local` chunk): it is dirty if it holds data.
+    pub fn mark_changed(&self, chunk: u64) {
+        if self.local.get(chunk) {
+            self.dirty.set(chunk);
         }
     }
 
@@ -398,13 +407,17 @@ const DIRTY_MAGIC: &[u8; 8] = b"VDIRTY01";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn geo(size: u64) -> ChunkGeometry {
+        ChunkGeometry::new(size, CS).unwrap()
+    }
     use proptest::prelude::*;
 
     const CS: u64 = 64 << 10;
 
     #[test]
     fn huge_sparse_map_is_cheap() {
-        let m = ChunkMap::new(64 << 40, CS);
+        let m = ChunkMap::new(geo(64 << 40));
         assert_eq!(m.local_chunks(), 0);
         m.mark_written((64 << 40) - 1, 1);
         assert_eq!(m.state(((64 << 40) - 1) / CS), ChunkState::Local);
@@ -421,7 +434,7 @@ mod tests {
 
     #[test]
     fn runs_merge_and_cover_exactly() {
-        let m = ChunkMap::new(10 * CS, CS);
+        let m = ChunkMap::new(geo(10 * CS));
         m.mark_written(2 * CS + 5, 10);
         m.mark_written(3 * CS, CS);
         let r = m.runs(CS / 2, 5 * CS);
@@ -437,7 +450,7 @@ mod tests {
 
     #[test]
     fn zero_marks_dirty_only_when_it_held_data() {
-        let m = ChunkMap::new(4 * CS, CS);
+        let m = ChunkMap::new(geo(4 * CS));
         m.mark_zero(1);
         assert!(m.dirty_chunks().is_empty());
         m.mark_written(0, 1);
@@ -449,7 +462,7 @@ mod tests {
 
     #[test]
     fn base_chunks_leave_the_base_once() {
-        let m = ChunkMap::new(8 * CS, CS);
+        let m = ChunkMap::new(geo(8 * CS));
         m.load_allocation(&[(2 * CS, 3 * CS)]);
         assert!(!m.set_base(1), "no stray bytes");
         assert!(m.set_base(2), "stray bytes from an unsynced fetch");
@@ -479,20 +492,20 @@ mod tests {
     fn dirty_set_round_trips_and_rejects_damage() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("dirty");
-        let m = ChunkMap::new(1 << 30, CS);
+        let m = ChunkMap::new(geo(1 << 30));
         for c in [0, 7, 16383] {
             m.mark_written(c * CS, 1);
         }
         m.save_dirty(&path).unwrap();
-        let n = ChunkMap::new(1 << 30, CS);
+        let n = ChunkMap::new(geo(1 << 30));
         n.load_dirty(&path).unwrap();
         assert_eq!(n.dirty_chunks(), [0, 7, 16383]);
         let mut data = std::fs::read(&path).unwrap();
         data.pop();
         std::fs::write(&path, &data).unwrap();
-        assert!(ChunkMap::new(1 << 30, CS).load_dirty(&path).is_err());
+        assert!(ChunkMap::new(geo(1 << 30)).load_dirty(&path).is_err());
         std::fs::write(&path, b"VDIRTY01\xff\xff\xff\xff\xff\xff\xff\xff").unwrap();
-        assert!(ChunkMap::new(1 << 30, CS).load_dirty(&path).is_err());
+        assert!(ChunkMap::new(geo(1 << 30)).load_dirty(&path).is_err());
     }
 
     proptest! {
@@ -501,7 +514,7 @@ mod tests {
         #[test]
         fn model_check(ops in proptest::collection::vec((any::<bool>(), 0u64..64, 1u64..200_000), 1..50),
                        q in (0u64..(64 * CS), 1u64..(16 * CS))) {
-            let m = ChunkMap::new(64 * CS, CS);
+            let m = ChunkMap::new(geo(64 * CS));
             let mut model = [false; 64];
             for (write, chunk, len) in ops {
                 if write {

@@ -1,5 +1,8 @@
-//! One volume at run time: its data files, its chunk-state map, its catalog
-//! record, and its NBD export while attached.
+//! One volume at run time, and its data path: reads, writes, zeroing,
+//! flushes, block status, and the fetches of a restored volume's `Base`
+//! chunks. Its data files, its chunk-state map, its catalog record, and its
+//! NBD export while attached. Snapshots freeze it through `begin_snapshot`
+//! (see `freeze`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,8 +12,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use volumed_api::VolumeName;
 
+use snapshot::ChunkGeometry;
+
 use super::base::BaseImage;
-use super::chunk_map::{Bitmap, Changed, ChunkMap, ChunkState};
+use super::chunk_map::{ChunkMap, ChunkState};
+use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
 use crate::catalog::VolumeRecord;
 use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
@@ -19,6 +25,8 @@ pub struct Volume {
     pub name: VolumeName,
     pub id: u64,
     pub chunk_size: u64,
+    /// The chunk size; the size in it is the one at open, see `geometry()`.
+    chunks: ChunkGeometry,
     /// The size new NBD connections see; a connection keeps the size it
     /// negotiated, as the protocol requires.
     size: AtomicU64,
@@ -44,14 +52,6 @@ pub struct Volume {
     /// Client requests in progress: background hydration backs off while
     /// there are any.
     client_ops: AtomicU64,
-    /// Background hydration's state, for the API.
-    pub(crate) hydration: Mutex<HydrationStatus>,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct HydrationStatus {
-    pub state: &'static str,
-    pub error: Option<String>,
 }
 
 /// Counts a client request for as long as it lives.
@@ -70,34 +70,6 @@ impl Drop for ClientOp<'_> {
     }
 }
 
-/// A snapshot's hold on a volume: the chunks it still has to read, and the
-/// old bytes of those that writes replaced before it read them
-/// (copy-before-write). One lock orders the uploader's reads and the
-/// writers' copies, so each frozen chunk is captured exactly once, with its
-/// content at the snapshot's instant.
-pub struct Freeze {
-    pending: Bitmap,
-    /// Chunks the uploader is reading from disk right now: a writer to one
-    /// of them waits for `read_done` rather than change it under the read.
-    reading: Bitmap,
-    read_done: tokio::sync::Notify,
-    preserved: tokio::sync::Mutex<std::collections::HashMap<u64, Vec<u8>>>,
-    /// The volume's size at the instant; the last chunk may be partial.
-    pub size: u64,
-}
-
-/// What a snapshot takes at its instant.
-pub struct SnapshotPlan {
-    pub changed: Changed,
-    /// Chunks still `Base` at the instant that the parent's manifest cannot
-    /// be trusted to name (all of them when the whole volume is read): their
-    /// content is the base snapshot's chunk.
-    pub base_chunks: Vec<(u64, snapshot::ChunkHash)>,
-    /// The changed chunks that held data at the instant, ascending.
-    pub to_read: Vec<u64>,
-    pub freeze: Arc<Freeze>,
-}
-
 /// An attached volume's NBD export. Detach cancels `cancel`, which makes
 /// every session stop reading requests, finish the ones in flight and close;
 /// `sessions` is how detach waits for that.
@@ -106,6 +78,16 @@ pub struct Export {
     pub volume: Arc<Volume>,
     pub cancel: CancellationToken,
     pub sessions: TaskTracker,
+}
+
+impl Export {
+    /// Ends the export's sessions: they stop reading requests, finish the
+    /// ones in flight and close; returns once all are gone.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        self.sessions.close();
+        self.sessions.wait().await;
+    }
 }
 
 /// A piece of a read's answer, in order.
@@ -124,8 +106,10 @@ pub struct Extent {
 }
 
 impl Volume {
+    /// `map` must have been built for the record's geometry.
     pub fn new(
         record: VolumeRecord,
+        chunks: ChunkGeometry,
         data: DataFile,
         map: ChunkMap,
         base: Option<Arc<BaseImage>>,
@@ -133,7 +117,8 @@ impl Volume {
         Arc::new(Volume {
             name: record.name.clone(),
             id: record.id,
-            chunk_size: record.chunk_size,
+            chunk_size: chunks.chunk_size(),
+            chunks,
             size: AtomicU64::new(record.size),
             data,
             map,
@@ -145,7 +130,6 @@ impl Volume {
             parent_manifest: Mutex::new(None),
             base,
             client_ops: AtomicU64::new(0),
-            hydration: Mutex::new(HydrationStatus::default()),
         })
     }
 
@@ -155,6 +139,11 @@ impl Volume {
 
     pub fn client_ops(&self) -> u64 {
         self.client_ops.load(Ordering::Relaxed)
+    }
+
+    /// The volume's chunks at its current size.
+    pub fn geometry(&self) -> ChunkGeometry {
+        self.chunks.with_size(self.size())
     }
 
     /// Brings a `Base` chunk into the data file: fetched (through the cache,
@@ -168,30 +157,8 @@ impl Volume {
         if self.map.state(chunk) != ChunkState::Base {
             return Ok(());
         }
-        let hash = base.hash(chunk).ok_or_else(|| {
-            io::Error::other(format!(
-                "chunk {chunk} is Base but its snapshot has no hash for it"
-            ))
-        })?;
-        let data = base.fetcher.get(&hash).await.map_err(|e| {
-            tracing::error!(volume = %self.name, snapshot = %base.snapshot, chunk, %hash, error = %e,
-                "cannot fetch a chunk of the volume's snapshot");
-            io::Error::other(format!(
-                "chunk {chunk} of snapshot {} (object {hash}): {e}",
-                base.snapshot
-            ))
-        })?;
-        if data.len() as u64 != base.chunk_len(chunk) {
-            return Err(io::Error::other(format!(
-                "chunk {chunk} of snapshot {} has {} bytes, expected {}",
-                base.snapshot,
-                data.len(),
-                base.chunk_len(chunk)
-            )));
-        }
-        // The fetcher's copy is usually ours alone: no copy then.
-        let bytes = Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec());
-        self.data.write(chunk * self.chunk_size, bytes).await?;
+        let bytes = base.fetch(chunk, &self.name).await?;
+        self.data.write(self.chunks.offset(chunk), bytes).await?;
         self.map.mark_hydrated(chunk);
         base.log.note(chunk);
         Ok(())
@@ -204,19 +171,13 @@ impl Volume {
         if self.base.is_none() {
             return Ok(());
         }
-        let size = self.size();
-        for c in self.map.chunks_of(offset, len) {
-            if self.map.state(c) == ChunkState::Base && !self.covers(offset, len, c, size) {
+        let g = self.geometry();
+        for c in g.chunks_of(offset, len) {
+            if self.map.state(c) == ChunkState::Base && !g.covers(offset, len, c) {
                 self.materialize(c).await?;
             }
         }
         Ok(())
-    }
-
-    fn covers(&self, offset: u64, len: u64, chunk: u64, size: u64) -> bool {
-        let start = chunk * self.chunk_size;
-        let end = (start + self.chunk_size).min(size);
-        offset <= start && offset + len >= end
     }
 
     /// Under the snapshot gate: `Base` chunks the range covers whole leave
@@ -226,12 +187,12 @@ impl Volume {
         let Some(base) = &self.base else {
             return Ok(());
         };
-        let size = self.size();
-        for c in self.map.chunks_of(offset, len) {
+        let g = self.geometry();
+        for c in g.chunks_of(offset, len) {
             if self.map.state(c) != ChunkState::Base {
                 continue;
             }
-            if !self.covers(offset, len, c, size) {
+            if !g.covers(offset, len, c) {
                 // Fetched a moment ago unless that failed; try again.
                 self.materialize(c).await?;
                 continue;
@@ -252,7 +213,7 @@ impl Volume {
     /// Grows the files, then the map, then the size new connections see.
     pub(crate) fn grow(&self, new_size: u64) -> io::Result<()> {
         self.data.grow(self.size(), new_size)?;
-        self.map.grow(new_size);
+        self.map.grow(self.chunks.with_size(new_size));
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -326,66 +287,21 @@ impl Volume {
 
     /// Freezes the volume for a snapshot: at this instant (no write in
     /// flight) the dirty set is split off and the changed chunks holding
-    /// data become pending for the snapshot.
-    pub async fn begin_snapshot(&self) -> SnapshotPlan {
+    /// data become pending for the snapshot. See `freeze`.
+    pub async fn begin_snapshot(self: &Arc<Self>) -> FreezeGuard {
         let _gate = self.gate.write().await;
         let changed = self.map.take_changed();
-        // Hydration runs outside the gate, so a chunk may go from Base to
-        // Local while this looks. Its content is the base's either way: each
-        // chunk is classified once, Base first (chunks only ever leave the
-        // base), so none falls between the two lists or lands in both.
-        let (to_read, base_chunks): (Vec<u64>, Vec<(u64, snapshot::ChunkHash)>) =
-            match (&changed, &self.base) {
-                (Changed::All, None) => (self.map.local_list(), Vec::new()),
-                (Changed::All, Some(b)) => {
-                    let based = self.map.base_list();
-                    let set: std::collections::HashSet<u64> = based.iter().copied().collect();
-                    let local = self
-                        .map
-                        .local_list()
-                        .into_iter()
-                        .filter(|c| !set.contains(c))
-                        .collect();
-                    let hashes = based
-                        .into_iter()
-                        .filter_map(|c| b.hash(c).map(|h| (c, h)))
-                        .collect();
-                    (local, hashes)
-                }
-                (Changed::Chunks(c), base) => {
-                    let (mut local, mut hashes) = (Vec::new(), Vec::new());
-                    for &i in c {
-                        match self.map.state(i) {
-                            ChunkState::Local => local.push(i),
-                            ChunkState::Base => {
-                                if let Some(h) = base.as_ref().and_then(|b| b.hash(i)) {
-                                    hashes.push((i, h));
-                                }
-                            }
-                            ChunkState::Zero => {}
-                        }
-                    }
-                    (local, hashes)
-                }
-            };
-        let size = self.size();
-        let pending = Bitmap::new(size.div_ceil(self.chunk_size));
-        for &c in &to_read {
-            pending.set(c);
-        }
-        let freeze = Arc::new(Freeze {
-            pending,
-            reading: Bitmap::new(size.div_ceil(self.chunk_size)),
-            read_done: tokio::sync::Notify::new(),
-            preserved: tokio::sync::Mutex::new(Default::default()),
-            size,
-        });
+        let plan = SnapshotPlan::classify(changed, &self.map, self.base.as_deref());
+        let freeze = Arc::new(Freeze::new(self.geometry(), &plan.to_read));
         *self.freeze.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&freeze));
-        SnapshotPlan {
-            changed,
-            base_chunks,
-            to_read,
-            freeze,
+        FreezeGuard::new(Arc::clone(self), freeze, plan)
+    }
+
+    /// Ends `freeze` (its guard is gone); copies not yet taken are dropped.
+    pub(super) fn end_freeze(&self, freeze: &Arc<Freeze>) {
+        let mut slot = self.freeze.lock().unwrap_or_else(|e| e.into_inner());
+        if slot.as_ref().is_some_and(|f| Arc::ptr_eq(f, freeze)) {
+            *slot = None;
         }
     }
 
@@ -403,76 +319,18 @@ impl Volume {
             .unwrap_or_else(|e| e.into_inner()) = Some(m);
     }
 
-    /// Releases the freeze (the snapshot read everything it needed, or
-    /// gave up); copies not yet taken are dropped.
-    pub fn end_snapshot(&self) {
-        *self.freeze.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    /// A frozen chunk's content at the snapshot's instant: from disk if no
-    /// write touched it since, else the copy that write preserved.
-    /// Many chunks are read at once; the lock is held only to move a chunk
-    /// from pending to reading, never across the read.
-    pub async fn take_frozen_chunk(&self, freeze: &Freeze, chunk: u64) -> io::Result<Vec<u8>> {
-        {
-            let mut preserved = freeze.preserved.lock().await;
-            if !freeze.pending.get(chunk) {
-                return preserved.remove(&chunk).ok_or_else(|| {
-                    io::Error::other(format!("chunk {chunk} was taken twice or never frozen"))
-                });
-            }
-            // Marked reading before it stops being pending, so a writer
-            // always sees one of the two.
-            freeze.reading.set(chunk);
-            freeze.pending.clear(chunk);
-        }
-        let data = self.read_chunk(chunk, freeze.size).await;
-        freeze.reading.clear(chunk);
-        freeze.read_done.notify_waiters();
-        data
-    }
-
-    async fn read_chunk(&self, chunk: u64, size: u64) -> io::Result<Vec<u8>> {
-        let off = chunk * self.chunk_size;
-        let len = self.chunk_size.min(size.saturating_sub(off));
-        self.data.read(off, len as usize).await
-    }
-
     /// Before bytes in `[offset, offset + len)` change: preserve the frozen
     /// chunks among them for the snapshot in progress.
     async fn capture(&self, offset: u64, len: u64) -> io::Result<()> {
-        let Some(freeze) = self
+        let freeze = self
             .freeze
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        else {
-            return Ok(());
-        };
-        for c in self.map.chunks_of(offset, len) {
-            // Pending bits only ever clear, so a chunk seen neither pending
-            // nor reading needs nothing; one seen pending is checked again
-            // under the lock.
-            if freeze.pending.get(c) {
-                let mut preserved = freeze.preserved.lock().await;
-                if freeze.pending.clear(c) {
-                    let old = self.read_chunk(c, freeze.size).await?;
-                    preserved.insert(c, old);
-                    continue;
-                }
-            }
-            // The uploader is reading this chunk: wait until it has its copy.
-            loop {
-                let done = freeze.read_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                if !freeze.reading.get(c) {
-                    break;
-                }
-                done.await;
-            }
+            .clone();
+        match freeze {
+            Some(f) => f.capture(&self.data, self.map.chunks_of(offset, len)).await,
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
@@ -521,11 +379,16 @@ impl Volume {
                     self.data.fallocate(PUNCH_HOLE, off, n).await?;
                 }
             }
-            let cs = self.chunk_size;
-            let first_full = offset.div_ceil(cs);
-            let end_full = (offset + len) / cs;
-            for c in first_full..end_full {
-                self.map.mark_zero(c);
+            let g = self.geometry();
+            let whole = g.whole_chunks_in(offset, len);
+            for c in g.chunks_of(offset, len) {
+                if whole.contains(&c) {
+                    self.map.mark_zero(c);
+                } else {
+                    // Its punched part now reads as zeros: a change the next
+                    // snapshot must read.
+                    self.map.mark_changed(c);
+                }
             }
         }
         self.metadata_changed.store(true, Ordering::Release);

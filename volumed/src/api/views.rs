@@ -1,0 +1,226 @@
+//! What the control API shows: every JSON document the daemon answers with
+//! is built here from engine state, and so is every NBD URI. The engine
+//! knows nothing of its presentation.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use snapshot::ManifestHeader;
+use volumed_api::{VolumeName, VolumeState};
+
+use crate::catalog::{SnapshotRecord, SnapshotState};
+use crate::engine::jobs::hydrate::HydrationState;
+use crate::engine::snapshot_catalog::SnapshotInfo;
+use crate::engine::{Engine, FetchStats, Volume};
+
+/// Where clients reach the exports, for the URIs the API reports.
+#[derive(Debug, Clone)]
+pub struct NbdEndpoints {
+    pub tcp: SocketAddr,
+    pub unix: PathBuf,
+    /// TLS is required on TCP, so its URI is `nbds://`.
+    pub tls: bool,
+}
+
+impl NbdEndpoints {
+    pub fn tcp_uri(&self, export: &str) -> String {
+        // An IPv6 address in a URI goes in brackets; SocketAddr's Display
+        // already does that.
+        let scheme = if self.tls { "nbds" } else { "nbd" };
+        format!("{scheme}://{}/{export}", self.tcp)
+    }
+
+    pub fn unix_uri(&self, export: &str) -> String {
+        format!("nbd+unix:///{export}?socket={}", self.unix.display())
+    }
+}
+
+pub fn rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// The API's view of a volume.
+pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::Volume {
+    let rec = vol.record();
+    let attached = rec.attachment.is_some();
+    let name: &VolumeName = &rec.name;
+    let (uri, unix_uri) = if attached {
+        (
+            Some(ep.tcp_uri(name.as_str())),
+            Some(ep.unix_uri(name.as_str())),
+        )
+    } else {
+        (None, None)
+    };
+    volumed_api::Volume {
+        name: rec.name.clone(),
+        size: rec.size,
+        chunk_size: rec.chunk_size,
+        ephemeral: rec.ephemeral,
+        state: if attached {
+            VolumeState::Attached
+        } else {
+            VolumeState::Available
+        },
+        uri,
+        unix_uri,
+        source_snapshot: rec.source_snapshot.as_ref().map(ToString::to_string),
+        instance: rec.attachment.as_ref().and_then(|a| a.instance.clone()),
+        created_at: rfc3339(rec.created_at),
+        attached_at: rec.attachment.as_ref().map(|a| rfc3339(a.attached_at)),
+        allocated_bytes: vol.data().allocated_bytes(),
+        hydration: hydration(engine, vol),
+    }
+}
+
+/// A restored volume's hydration; null for other volumes.
+fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
+    let rec = vol.record();
+    rec.source_snapshot.as_ref()?;
+    let Some(base) = vol.base() else {
+        // Hydrated in an earlier run: nothing is left to fetch.
+        return Some(volumed_api::Hydration {
+            state: HydrationState::Complete.as_str().into(),
+            hydrated_bytes: 0,
+            total_bytes: 0,
+            error: None,
+        });
+    };
+    let total = base.hashed_bytes(vol.geometry().count());
+    let remaining: u64 = vol
+        .map()
+        .base_list()
+        .iter()
+        .map(|&i| base.chunk_len(i))
+        .sum();
+    let status = engine.hydration(vol);
+    let state = match &status {
+        _ if remaining == 0 => HydrationState::Complete,
+        Some(s) => s.state,
+        None => HydrationState::Hydrating,
+    };
+    Some(volumed_api::Hydration {
+        state: state.as_str().into(),
+        hydrated_bytes: total - remaining,
+        total_bytes: total,
+        error: status.and_then(|s| s.error),
+    })
+}
+
+/// The API's view of a snapshot.
+pub fn snapshot(s: SnapshotInfo) -> volumed_api::Snapshot {
+    match s {
+        SnapshotInfo::Recorded { rec, live } => recorded(rec, live),
+        SnapshotInfo::Stored(h) => stored(h),
+    }
+}
+
+fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snapshot {
+    let (done, total) = match (rec.state, live) {
+        (SnapshotState::Pending, Some(p)) => p,
+        _ => (rec.chunks_done, rec.chunks_total),
+    };
+    let progress = match rec.state {
+        SnapshotState::Completed => 1.0,
+        _ if total == 0 => 0.0,
+        _ => done as f64 / total as f64,
+    };
+    volumed_api::Snapshot {
+        id: rec.id.to_string(),
+        volume: rec.volume,
+        state: match rec.state {
+            SnapshotState::Pending => volumed_api::SnapshotState::Pending,
+            SnapshotState::Completed => volumed_api::SnapshotState::Completed,
+            SnapshotState::Error => volumed_api::SnapshotState::Error,
+        },
+        size: rec.size,
+        chunk_size: rec.chunk_size,
+        parent: rec.parent.map(|p| p.to_string()),
+        created_at: rfc3339(rec.created_at),
+        completed_at: rec.completed_at.map(rfc3339),
+        labels: rec.labels,
+        changed_chunks: rec.changed_chunks,
+        logical_bytes: rec.logical_bytes,
+        uploaded_bytes: rec.uploaded_bytes,
+        progress,
+        chunks_done: done,
+        chunks_total: total,
+        error: rec.error,
+    }
+}
+
+/// A snapshot known only from its manifest: only completed ones have one.
+fn stored(h: ManifestHeader) -> volumed_api::Snapshot {
+    volumed_api::Snapshot {
+        id: h.id.to_string(),
+        volume: h.volume,
+        state: volumed_api::SnapshotState::Completed,
+        size: h.size,
+        chunk_size: h.chunk_size,
+        parent: h.parent.map(|p| p.to_string()),
+        created_at: h.created_at,
+        completed_at: None,
+        labels: h.labels,
+        changed_chunks: h.changed_chunks,
+        logical_bytes: h.logical_bytes,
+        uploaded_bytes: h.uploaded_bytes,
+        progress: 1.0,
+        chunks_done: h.changed_chunks,
+        chunks_total: h.changed_chunks,
+        error: None,
+    }
+}
+
+pub fn verify_report(r: snapshot::verify::VerifyReport) -> volumed_api::VerifyReport {
+    let bad = |b: snapshot::verify::BadChunk| volumed_api::BadChunk {
+        hash: b.hash.to_hex(),
+        indices: b.indices,
+        error: b.error,
+    };
+    volumed_api::VerifyReport {
+        snapshot: r.snapshot.clone(),
+        ok: r.is_ok(),
+        chunks: r.chunks,
+        objects: r.objects,
+        ok_objects: r.ok_objects,
+        missing: r.missing.into_iter().map(bad).collect(),
+        damaged: r.damaged.into_iter().map(bad).collect(),
+    }
+}
+
+pub fn gc_report(grace: Duration, r: snapshot::gc::GcReport) -> volumed_api::GcReport {
+    volumed_api::GcReport {
+        grace_secs: grace.as_secs(),
+        manifests: r.manifests,
+        holds: r.holds,
+        trash_honoured: r.trash_honoured,
+        trash_expired: r.trash_expired,
+        pending_snapshots: r.pending_snapshots,
+        pending_expired: r.pending_expired,
+        chunks_seen: r.chunks_seen,
+        chunks_referenced: r.chunks_referenced,
+        chunks_young: r.chunks_young,
+        chunks_deleted: r.chunks_deleted,
+        bytes_deleted: r.bytes_deleted,
+    }
+}
+
+/// The daemon's status: fixed facts from start-up and live counts.
+pub fn status(base: &volumed_api::Status, engine: &Engine) -> volumed_api::Status {
+    let FetchStats {
+        fetches,
+        fetched_bytes,
+        cache_bytes,
+        cache_hits,
+    } = engine.fetch_stats();
+    volumed_api::Status {
+        volumes: engine.list().len(),
+        store_fetches: fetches,
+        store_fetched_bytes: fetched_bytes,
+        cache_bytes,
+        cache_hits,
+        ..base.clone()
+    }
+}

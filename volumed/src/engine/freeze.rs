@@ -1,0 +1,240 @@
+//! A snapshot's hold on a live volume: which chunks it must still read, and
+//! the old bytes of those a write replaced first (copy-before-write).
+//!
+//! `Volume::begin_snapshot` freezes the volume at one instant (no write in
+//! flight) and returns a [`FreezeGuard`]. While the guard lives, every write
+//! to a frozen chunk first preserves that chunk's content for the snapshot.
+//! The guard owns the dirty set it took: dropping it (the snapshot failed or
+//! was cancelled) ends the freeze and puts those changes back, so the next
+//! snapshot carries them; [`FreezeGuard::commit`] ends the freeze once the
+//! manifest is in the store.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use snapshot::{ChunkGeometry, ChunkHash};
+
+use super::Volume;
+use super::base::BaseImage;
+use super::chunk_map::{Bitmap, Changed, ChunkMap, ChunkState};
+use crate::disk::DataFile;
+
+/// The frozen state shared by the uploader and the writers. One lock orders
+/// the uploader's reads and the writers' copies, so each frozen chunk is
+/// captured exactly once, with its content at the snapshot's instant.
+pub struct Freeze {
+    pending: Bitmap,
+    /// Chunks the uploader is reading from disk right now: a writer to one
+    /// of them waits for `read_done` rather than change it under the read.
+    reading: Bitmap,
+    read_done: tokio::sync::Notify,
+    preserved: tokio::sync::Mutex<HashMap<u64, Vec<u8>>>,
+    /// The volume's geometry at the instant; the last chunk may be partial.
+    pub geometry: ChunkGeometry,
+}
+
+/// What a snapshot takes at its instant.
+pub struct SnapshotPlan {
+    pub changed: Changed,
+    /// Chunks still `Base` at the instant that the parent's manifest cannot
+    /// be trusted to name (all of them when the whole volume is read): their
+    /// content is the base snapshot's chunk.
+    pub base_chunks: Vec<(u64, ChunkHash)>,
+    /// The changed chunks that held data at the instant, ascending.
+    pub to_read: Vec<u64>,
+}
+
+impl SnapshotPlan {
+    /// Splits what changed into chunks to read and chunks still `Base`.
+    /// Hydration runs outside the snapshot gate, so a chunk may go from
+    /// `Base` to `Local` while this looks. Its content is the base's either
+    /// way: each chunk is classified once, `Base` first (chunks only ever
+    /// leave the base), so none falls between the two lists or lands in both.
+    pub(super) fn classify(changed: Changed, map: &ChunkMap, base: Option<&BaseImage>) -> Self {
+        let (to_read, base_chunks) = match (&changed, base) {
+            (Changed::All, None) => (map.local_list(), Vec::new()),
+            (Changed::All, Some(b)) => {
+                let based = map.base_list();
+                let set: HashSet<u64> = based.iter().copied().collect();
+                let local = map
+                    .local_list()
+                    .into_iter()
+                    .filter(|c| !set.contains(c))
+                    .collect();
+                let hashes = based
+                    .into_iter()
+                    .filter_map(|c| b.hash(c).map(|h| (c, h)))
+                    .collect();
+                (local, hashes)
+            }
+            (Changed::Chunks(c), base) => {
+                let (mut local, mut hashes) = (Vec::new(), Vec::new());
+                for &i in c {
+                    match map.state(i) {
+                        ChunkState::Local => local.push(i),
+                        ChunkState::Base => {
+                            if let Some(h) = base.and_then(|b| b.hash(i)) {
+                                hashes.push((i, h));
+                            }
+                        }
+                        ChunkState::Zero => {}
+                    }
+                }
+                (local, hashes)
+            }
+        };
+        SnapshotPlan {
+            changed,
+            base_chunks,
+            to_read,
+        }
+    }
+
+    /// How many chunks changed since the parent.
+    pub fn changed_chunks(&self) -> u64 {
+        match &self.changed {
+            Changed::All => self.to_read.len() as u64,
+            Changed::Chunks(c) => c.len() as u64,
+        }
+    }
+}
+
+impl Freeze {
+    pub(super) fn new(geometry: ChunkGeometry, to_read: &[u64]) -> Self {
+        let pending = Bitmap::new(geometry.count());
+        for &c in to_read {
+            pending.set(c);
+        }
+        Freeze {
+            pending,
+            reading: Bitmap::new(geometry.count()),
+            read_done: tokio::sync::Notify::new(),
+            preserved: tokio::sync::Mutex::new(HashMap::new()),
+            geometry,
+        }
+    }
+
+    async fn read_chunk(&self, data: &DataFile, chunk: u64) -> io::Result<Vec<u8>> {
+        let r = self.geometry.range(chunk);
+        data.read(r.start, (r.end - r.start) as usize).await
+    }
+
+    /// A frozen chunk's content at the snapshot's instant: from disk if no
+    /// write touched it since, else the copy that write preserved. Many
+    /// chunks are read at once; the lock is held only to move a chunk from
+    /// pending to reading, never across the read.
+    pub(super) async fn take(&self, data: &DataFile, chunk: u64) -> io::Result<Vec<u8>> {
+        {
+            let mut preserved = self.preserved.lock().await;
+            if !self.pending.get(chunk) {
+                return preserved.remove(&chunk).ok_or_else(|| {
+                    io::Error::other(format!("chunk {chunk} was taken twice or never frozen"))
+                });
+            }
+            // Marked reading before it stops being pending, so a writer
+            // always sees one of the two.
+            self.reading.set(chunk);
+            self.pending.clear(chunk);
+        }
+        let bytes = self.read_chunk(data, chunk).await;
+        self.reading.clear(chunk);
+        self.read_done.notify_waiters();
+        bytes
+    }
+
+    /// Before bytes of `chunks` change: preserve the frozen ones among them.
+    pub(super) async fn capture(
+        &self,
+        data: &DataFile,
+        chunks: RangeInclusive<u64>,
+    ) -> io::Result<()> {
+        for c in chunks {
+            // Pending bits only ever clear, so a chunk seen neither pending
+            // nor reading needs nothing; one seen pending is checked again
+            // under the lock.
+            if self.pending.get(c) {
+                let mut preserved = self.preserved.lock().await;
+                if self.pending.clear(c) {
+                    let old = self.read_chunk(data, c).await?;
+                    preserved.insert(c, old);
+                    continue;
+                }
+            }
+            // The uploader is reading this chunk: wait until it has its copy.
+            loop {
+                let done = self.read_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if !self.reading.get(c) {
+                    break;
+                }
+                done.await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A frozen volume, for as long as its snapshot runs. See the module doc.
+pub struct FreezeGuard {
+    volume: Arc<Volume>,
+    freeze: Arc<Freeze>,
+    plan: SnapshotPlan,
+    committed: bool,
+}
+
+/// A handle the uploader's tasks use to read frozen chunks.
+#[derive(Clone)]
+pub struct FrozenReader {
+    volume: Arc<Volume>,
+    freeze: Arc<Freeze>,
+}
+
+impl FrozenReader {
+    pub async fn take(&self, chunk: u64) -> io::Result<Vec<u8>> {
+        self.freeze.take(self.volume.data(), chunk).await
+    }
+}
+
+impl FreezeGuard {
+    pub(super) fn new(volume: Arc<Volume>, freeze: Arc<Freeze>, plan: SnapshotPlan) -> Self {
+        FreezeGuard {
+            volume,
+            freeze,
+            plan,
+            committed: false,
+        }
+    }
+
+    pub fn plan(&self) -> &SnapshotPlan {
+        &self.plan
+    }
+
+    pub fn geometry(&self) -> ChunkGeometry {
+        self.freeze.geometry
+    }
+
+    pub fn reader(&self) -> FrozenReader {
+        FrozenReader {
+            volume: Arc::clone(&self.volume),
+            freeze: Arc::clone(&self.freeze),
+        }
+    }
+
+    /// The snapshot is in the store: end the freeze; its changes are not
+    /// put back.
+    pub fn commit(mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for FreezeGuard {
+    fn drop(&mut self) {
+        self.volume.end_freeze(&self.freeze);
+        if !self.committed {
+            self.volume.map().restore_changed(&self.plan.changed);
+        }
+    }
+}

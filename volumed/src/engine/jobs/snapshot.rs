@@ -1,0 +1,496 @@
+//! Snapshots of live volumes: the job that turns a frozen volume into
+//! chunk objects and a manifest in the store.
+//!
+//! Steps, and what a failure at each leaves behind:
+//! 1. Freeze (`Volume::begin_snapshot`): the instant. Record `pending`.
+//! 2. Read each changed chunk holding data (from disk, or the copy a write
+//!    preserved), hash it, and upload it unless the store has it. A failure
+//!    here leaves chunk objects no manifest names: garbage for gc, harmless.
+//! 3. Build the manifest: changed chunks from step 2, unchanged ones from
+//!    the parent's manifest.
+//! 4. Write the manifest: the commit point. Before it, the snapshot does not
+//!    exist; after it, it does, even if we crash before step 5.
+//! 5. Record `completed` and make it the volume's parent for the next one.
+//!
+//! On any failure the snapshot ends `error` and the freeze guard puts its
+//! changed chunks back into the dirty set, so the next snapshot carries
+//! them. A snapshot found `pending` at start is settled by looking for its
+//! manifest.
+//!
+//! Store operations retry transient errors inside the store wrapper
+//! (`snapshot::store::retry`); what reaches this job is final.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snapshot::{ChunkHash, Manifest, ManifestHeader, Repo, RepoError, SnapshotId};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use volumed_api::VolumeName;
+
+use crate::catalog::{Catalog, SnapshotRecord, SnapshotState, unix_now};
+use crate::engine::Volume;
+use crate::engine::chunk_map::Changed;
+use crate::engine::freeze::FreezeGuard;
+use crate::error::{Error, Result};
+
+/// Chunks read, hashed and uploaded at once: enough to keep both cores
+/// hashing and compressing while uploads wait on the network.
+const UPLOAD_CONCURRENCY: usize = 16;
+
+/// Why a snapshot ended `error`; its text is what the record keeps.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("announce the snapshot in the store: {0}")]
+    Announce(#[source] RepoError),
+    #[error("parent snapshot {id} unusable ({source}); the next snapshot will be a full one")]
+    Parent {
+        id: SnapshotId,
+        #[source]
+        source: RepoError,
+    },
+    #[error("read chunk {chunk}: {source}")]
+    Read {
+        chunk: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("upload chunk {chunk}: {source}")]
+    Upload {
+        chunk: u64,
+        #[source]
+        source: RepoError,
+    },
+    #[error("snapshot task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("volumed is shutting down")]
+    ShuttingDown,
+    #[error(
+        "could not keep the snapshot's marker in the store fresh for {0:?}; its changes go to the next snapshot"
+    )]
+    StaleMarker(Duration),
+    #[error("write manifest: {0}")]
+    Manifest(#[source] RepoError),
+}
+
+/// Live progress of a pending snapshot, in chunks.
+#[derive(Default)]
+pub struct Progress {
+    pub done: AtomicU64,
+    pub total: AtomicU64,
+}
+
+struct Running {
+    volume: VolumeName,
+    progress: Arc<Progress>,
+}
+
+/// The snapshots this host is taking. One per volume at a time.
+pub struct SnapshotJobs {
+    catalog: Arc<Catalog>,
+    repo: Repo,
+    running: Mutex<HashMap<SnapshotId, Running>>,
+    tasks: TaskTracker,
+    /// Fired at shutdown: jobs stop and end `error`.
+    cancel: CancellationToken,
+}
+
+impl SnapshotJobs {
+    pub fn new(catalog: Arc<Catalog>, repo: Repo) -> Self {
+        SnapshotJobs {
+            catalog,
+            repo,
+            running: Mutex::new(HashMap::new()),
+            tasks: TaskTracker::new(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, Running>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes a snapshot of `vol` at this instant and uploads it in the
+    /// background; returns the `pending` record at once.
+    pub async fn start(
+        self: &Arc<Self>,
+        vol: Arc<Volume>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord> {
+        let id = SnapshotId::generate();
+        let progress = Arc::new(Progress::default());
+        {
+            let mut running = self.running();
+            if let Some((other, _)) = running.iter().find(|(_, r)| r.volume == vol.name) {
+                return Err(Error::SnapshotInProgress(
+                    vol.name.clone(),
+                    other.to_string(),
+                ));
+            }
+            running.insert(
+                id.clone(),
+                Running {
+                    volume: vol.name.clone(),
+                    progress: Arc::clone(&progress),
+                },
+            );
+        }
+        let guard = vol.begin_snapshot().await;
+        let plan = guard.plan();
+        let to_read = plan.to_read.len() as u64;
+        progress.total.store(to_read, Ordering::Relaxed);
+        let rec = SnapshotRecord {
+            id: id.clone(),
+            volume: vol.name.to_string(),
+            state: SnapshotState::Pending,
+            size: guard.geometry().size(),
+            chunk_size: vol.chunk_size,
+            parent: vol.record().last_snapshot,
+            created_at: unix_now(),
+            labels,
+            changed_chunks: 0,
+            logical_bytes: 0,
+            uploaded_bytes: 0,
+            chunks_total: to_read,
+            chunks_done: 0,
+            error: None,
+            completed_at: None,
+            seq: 0,
+        };
+        let rec = match self
+            .catalog
+            .next_id()
+            .map(|seq| SnapshotRecord { seq, ..rec })
+            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
+        {
+            Ok(rec) => rec,
+            Err(e) => {
+                // Dropping the guard puts the changes back.
+                drop(guard);
+                self.running().remove(&id);
+                return Err(e.into());
+            }
+        };
+        info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
+              all = matches!(guard.plan().changed, Changed::All), "snapshot started");
+        let job = SnapshotJob {
+            jobs: Arc::clone(self),
+            vol,
+            rec: rec.clone(),
+            guard,
+            progress,
+        };
+        self.tasks.spawn(job.run());
+        Ok(rec)
+    }
+
+    /// `(done, total)` chunks of a snapshot still running.
+    pub fn progress(&self, id: &SnapshotId) -> Option<(u64, u64)> {
+        self.running().get(id).map(|r| {
+            (
+                r.progress.done.load(Ordering::Relaxed),
+                r.progress.total.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    pub fn is_running(&self, id: &SnapshotId) -> bool {
+        self.running().contains_key(id)
+    }
+
+    /// Stops every job; each ends `error` and puts its changes back into
+    /// the dirty set before this returns.
+    pub async fn shutdown(&self) {
+        self.cancel.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Settles snapshots a previous run left `pending`: completed if their
+    /// manifest reached the store, else `error`.
+    pub async fn settle_interrupted(&self) {
+        let Ok(records) = self.catalog.snapshots() else {
+            return;
+        };
+        for mut rec in records
+            .into_iter()
+            .filter(|r| r.state == SnapshotState::Pending)
+        {
+            let _ = self.repo.end_pending(&rec.id).await;
+            match self.repo.get_manifest(&rec.id).await {
+                Ok(m) => complete_record(&mut rec, &m.header),
+                Err(_) => {
+                    rec.state = SnapshotState::Error;
+                    rec.error = Some("interrupted by a daemon restart".into());
+                }
+            }
+            info!(snapshot = %rec.id, state = ?rec.state, "settled a snapshot interrupted by a restart");
+            let _ = self.catalog.put_snapshot(&rec);
+        }
+    }
+}
+
+/// A record's figures from the manifest that completed it.
+fn complete_record(rec: &mut SnapshotRecord, h: &ManifestHeader) {
+    rec.state = SnapshotState::Completed;
+    rec.changed_chunks = h.changed_chunks;
+    rec.logical_bytes = h.logical_bytes;
+    rec.uploaded_bytes = h.uploaded_bytes;
+    rec.chunks_done = rec.chunks_total;
+    rec.completed_at = Some(unix_now());
+}
+
+/// One snapshot in progress: owns the freeze for as long as it runs.
+struct SnapshotJob {
+    jobs: Arc<SnapshotJobs>,
+    vol: Arc<Volume>,
+    rec: SnapshotRecord,
+    guard: FreezeGuard,
+    progress: Arc<Progress>,
+}
+
+impl SnapshotJob {
+    async fn run(self) {
+        let jobs = Arc::clone(&self.jobs);
+        let result = match Marker::announce(&jobs.repo, &self.rec.id).await {
+            Ok(marker) => {
+                let r = self.build(&marker).await;
+                marker.finish(&jobs.repo).await;
+                r
+            }
+            Err(e) => Err(SnapshotError::Announce(e)),
+        };
+        let SnapshotJob {
+            vol,
+            mut rec,
+            guard,
+            progress,
+            ..
+        } = self;
+        match result {
+            Ok(m) => {
+                guard.commit();
+                complete_record(&mut rec, &m.header);
+                let mut vrec = vol.record();
+                vrec.last_snapshot = Some(rec.id.clone());
+                let saved = jobs
+                    .catalog
+                    .put_snapshot(&rec)
+                    .and_then(|_| jobs.catalog.put_volume(&vrec));
+                if let Err(e) = saved {
+                    // The manifest is in the store, so the snapshot exists;
+                    // the next start settles the record from it.
+                    warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
+                } else {
+                    vol.set_record(vrec);
+                    vol.set_parent_manifest(Arc::new(m));
+                }
+                info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
+                      uploaded = rec.uploaded_bytes, "snapshot completed");
+            }
+            Err(e) => {
+                if matches!(e, SnapshotError::Parent { .. }) {
+                    vol.map().mark_all_dirty();
+                }
+                // Puts the changes back for the next snapshot.
+                drop(guard);
+                rec.state = SnapshotState::Error;
+                rec.error = Some(e.to_string());
+                rec.chunks_done = progress.done.load(Ordering::Relaxed);
+                let _ = jobs.catalog.put_snapshot(&rec);
+                warn!(volume = %rec.volume, snapshot = %rec.id, error = %e, "snapshot failed; its changes go to the next one");
+            }
+        }
+        jobs.running().remove(&rec.id);
+    }
+
+    /// Steps 2 to 4.
+    async fn build(&self, marker: &Marker) -> std::result::Result<Manifest, SnapshotError> {
+        let plan = self.guard.plan();
+        let geometry = self.guard.geometry();
+        let repo = &self.jobs.repo;
+        // The parent supplies every unchanged chunk; without a readable one
+        // only a full snapshot is correct, and this one froze only changes.
+        // It must still be in the store now: gc honours a snapshot deleted
+        // after this moment for its grace period, not one deleted before.
+        let parent = match (&plan.changed, &self.rec.parent) {
+            (Changed::Chunks(_), Some(pid)) => Some(
+                parent_manifest(repo, &self.vol, pid)
+                    .await
+                    .map_err(|source| SnapshotError::Parent {
+                        id: pid.clone(),
+                        source,
+                    })?,
+            ),
+            _ => None,
+        };
+
+        let (hashed, uploaded) = self.upload_changed().await?;
+
+        // Step 3: unchanged chunks from the parent, changed ones from above,
+        // and chunks still Base at the instant with their snapshot's bytes.
+        let mut entries: Vec<(u64, ChunkHash)> = hashed;
+        entries.extend(plan.base_chunks.iter().copied());
+        if let (Some(parent), Changed::Chunks(changed)) = (&parent, &plan.changed) {
+            entries.extend(
+                parent
+                    .hashed()
+                    .iter()
+                    .filter(|(i, _)| geometry.contains(*i) && changed.binary_search(i).is_err())
+                    .copied(),
+            );
+        }
+        entries.sort_unstable_by_key(|(c, _)| *c);
+        let logical_bytes: u64 = entries.iter().map(|(c, _)| geometry.len(*c)).sum();
+        let rec = &self.rec;
+        let mut manifest = Manifest::new(ManifestHeader {
+            id: rec.id.clone(),
+            volume: rec.volume.clone(),
+            size: geometry.size(),
+            chunk_size: geometry.chunk_size(),
+            parent: rec.parent.clone(),
+            created_at: crate::api::views::rfc3339(rec.created_at),
+            labels: rec.labels.clone(),
+            changed_chunks: plan.changed_chunks(),
+            logical_bytes,
+            uploaded_bytes: uploaded,
+        });
+        for (c, h) in entries {
+            manifest.push(c, Some(h));
+        }
+
+        crate::failpoint::delay("snapshot-before-manifest").await;
+        // Without a fresh marker a gc elsewhere may have judged chunks this
+        // snapshot names unreferenced (see snapshot::gc).
+        let grace = repo.gc_grace();
+        if !marker.fresh(grace) {
+            return Err(SnapshotError::StaleMarker(grace / 2));
+        }
+
+        crate::failpoint::hit("snapshot-before-manifest");
+        // Step 4: the commit point.
+        repo.put_manifest(&manifest)
+            .await
+            .map_err(SnapshotError::Manifest)?;
+        crate::failpoint::hit("snapshot-after-manifest");
+        Ok(manifest)
+    }
+
+    /// Step 2, [`UPLOAD_CONCURRENCY`] chunks at a time: the hashes of the
+    /// changed chunks that are not all zeros, ascending, and the bytes
+    /// added to the store.
+    async fn upload_changed(
+        &self,
+    ) -> std::result::Result<(Vec<(u64, ChunkHash)>, u64), SnapshotError> {
+        let to_read = &self.guard.plan().to_read;
+        let mut hashed = Vec::with_capacity(to_read.len());
+        let mut uploaded = 0u64;
+        let mut set = JoinSet::new();
+        let mut next = to_read.iter();
+        loop {
+            while set.len() < UPLOAD_CONCURRENCY {
+                let Some(&c) = next.next() else { break };
+                let (reader, repo) = (self.guard.reader(), self.jobs.repo.clone());
+                set.spawn(async move {
+                    let data = reader
+                        .take(c)
+                        .await
+                        .map_err(|source| SnapshotError::Read { chunk: c, source })?;
+                    if data.iter().all(|b| *b == 0) {
+                        return Ok((c, None, 0));
+                    }
+                    let put = repo
+                        .put_chunk(data)
+                        .await
+                        .map_err(|source| SnapshotError::Upload { chunk: c, source })?;
+                    Ok::<_, SnapshotError>((c, Some(put.hash), put.uploaded))
+                });
+            }
+            let joined = tokio::select! {
+                _ = self.jobs.cancel.cancelled() => return Err(SnapshotError::ShuttingDown),
+                j = set.join_next() => j,
+            };
+            let Some(joined) = joined else { break };
+            let (c, hash, up) = joined??;
+            if let Some(h) = hash {
+                hashed.push((c, h));
+            }
+            uploaded += up;
+            self.progress.done.fetch_add(1, Ordering::Relaxed);
+        }
+        hashed.sort_unstable_by_key(|(c, _)| *c);
+        Ok((hashed, uploaded))
+    }
+}
+
+/// The parent's manifest: the copy kept from the last snapshot, else from
+/// the store.
+async fn parent_manifest(
+    repo: &Repo,
+    vol: &Volume,
+    id: &SnapshotId,
+) -> std::result::Result<Arc<Manifest>, RepoError> {
+    if let Some(m) = vol.parent_manifest().filter(|m| m.header.id == *id) {
+        if !repo.manifest_exists(id).await? {
+            return Err(RepoError::MissingManifest(id.to_string()));
+        }
+        return Ok(m);
+    }
+    let m = Arc::new(repo.get_manifest(id).await?);
+    vol.set_parent_manifest(Arc::clone(&m));
+    Ok(m)
+}
+
+/// A snapshot's `pending/` marker in the store, refreshed every quarter of
+/// the gc grace period while the snapshot runs, so gc anywhere keeps what
+/// it may name however long it takes.
+struct Marker {
+    id: SnapshotId,
+    last_ok: Arc<Mutex<Instant>>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+impl Marker {
+    async fn announce(repo: &Repo, id: &SnapshotId) -> std::result::Result<Marker, RepoError> {
+        let start = repo.begin_pending(id).await?;
+        let last_ok = Arc::new(Mutex::new(Instant::now()));
+        let every = repo.gc_grace() / 4;
+        let (repo, marker_id, ok) = (repo.clone(), id.clone(), Arc::clone(&last_ok));
+        let refresher = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match repo.refresh_pending(&marker_id, start).await {
+                    Ok(()) => *ok.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
+                    Err(e) => {
+                        warn!(snapshot = %marker_id, error = %e, "could not refresh the snapshot's marker")
+                    }
+                }
+            }
+        });
+        Ok(Marker {
+            id: id.clone(),
+            last_ok,
+            refresher,
+        })
+    }
+
+    fn fresh(&self, grace: Duration) -> bool {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .elapsed()
+            < grace / 2
+    }
+
+    async fn finish(self, repo: &Repo) {
+        self.refresher.abort();
+        if let Err(e) = repo.end_pending(&self.id).await {
+            // A stale marker only delays gc until it expires.
+            warn!(snapshot = %self.id, error = %e, "could not remove the snapshot's marker");
+        }
+    }
+}

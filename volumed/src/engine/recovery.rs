@@ -1,0 +1,187 @@
+//! Everything opening the engine does after a run that may have crashed:
+//! finish deletes that were marked, rebuild each volume's chunk map from its
+//! data files, reopen restored volumes' bases, and remove data directories
+//! no record names.
+//!
+//! Crash safety of the lifecycle, step by step (the other half is in
+//! `engine/mod.rs`):
+//! - create: data files first, then the catalog record. A crash in between
+//!   leaves a data directory no record names; [`remove_orphans`] removes it.
+//! - delete (and an ephemeral volume's detach): the record is marked
+//!   `deleting` first, then the files go, then the record. Opening finishes
+//!   any delete it finds marked.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+
+use snapshot::ChunkGeometry;
+use snapshot::cache::Fetcher;
+use tracing::{info, warn};
+
+use super::base::{self, BaseImage, DetachLog};
+use super::chunk_map::ChunkMap;
+use super::{Volume, VolumeDirs};
+use crate::catalog::{Catalog, VolumeRecord};
+use crate::disk::{DataFile, IoEngine, sync_dir};
+
+/// Where a volume's dirty set is saved at a clean shutdown.
+pub const DIRTY_FILE: &str = "dirty";
+
+/// Reopens every volume the catalog records. A volume whose files cannot be
+/// opened is reported and left out, so the others still come up.
+pub fn open_volumes(
+    catalog: &Catalog,
+    dirs: &VolumeDirs,
+    io: &Arc<IoEngine>,
+    fetcher: &Arc<Fetcher>,
+    clean: bool,
+) -> anyhow::Result<Vec<Arc<Volume>>> {
+    use anyhow::Context;
+    let mut live = HashSet::new();
+    let mut out = Vec::new();
+    for rec in catalog.volumes().context("load volumes")? {
+        if rec.deleting {
+            info!(volume = %rec.name, "finishing a delete interrupted by a crash");
+            super::remove_files_and_record(catalog, dirs, &rec)
+                .context("finish interrupted delete")?;
+            // A hold it left in the store is released by the hydrator's
+            // sweep of stale holds.
+            continue;
+        }
+        // Counted live even if it fails to open: its files must never be
+        // taken for orphans.
+        live.insert(rec.id);
+        let dir = dirs.volume(rec.id);
+        match open_volume(&rec, &dir, io, fetcher, clean) {
+            Ok(vol) => out.push(vol),
+            Err(e) => {
+                tracing::error!(volume = %rec.name, dir = %dir.display(), error = %e,
+                    "cannot open volume data files; volume left out");
+            }
+        }
+    }
+    remove_orphans(dirs, &live).context("remove orphaned data files")?;
+    Ok(out)
+}
+
+pub(super) fn open_volume(
+    rec: &VolumeRecord,
+    dir: &Path,
+    io: &Arc<IoEngine>,
+    fetcher: &Arc<Fetcher>,
+    clean: bool,
+) -> std::io::Result<Arc<Volume>> {
+    let geometry = ChunkGeometry::new(rec.size, rec.chunk_size)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let data = DataFile::open(dir, rec.size, Arc::clone(io))?;
+    let map = rebuild_map(rec, geometry, &data, clean)?;
+    let base = open_base(rec, geometry, &map, &data, fetcher)?;
+    let attached = rec.attachment.is_some();
+    let source_is_parent =
+        rec.source_snapshot.is_some() && rec.source_snapshot == rec.last_snapshot;
+    let vol = Volume::new(rec.clone(), geometry, data, map, base);
+    if source_is_parent && let Some(b) = vol.base() {
+        vol.set_parent_manifest(Arc::clone(&b.manifest));
+    }
+    if attached {
+        // Exported again so hypervisors can reconnect.
+        vol.open_export();
+    }
+    Ok(vol)
+}
+
+/// The chunk map from the data files' allocation, which is exactly what
+/// the last sync made durable; the dirty set from the clean shutdown's
+/// save, or every `Local` chunk when that cannot be trusted.
+fn rebuild_map(
+    rec: &VolumeRecord,
+    geometry: ChunkGeometry,
+    data: &DataFile,
+    clean: bool,
+) -> std::io::Result<ChunkMap> {
+    let map = ChunkMap::new(geometry);
+    map.load_allocation(&data.allocated_ranges()?);
+    let dirty_path = data.dir().join(DIRTY_FILE);
+    let loaded = if clean {
+        map.load_dirty(&dirty_path)
+    } else {
+        Err(std::io::ErrorKind::NotFound.into())
+    };
+    if let Err(e) = loaded {
+        if clean && e.kind() != std::io::ErrorKind::NotFound {
+            warn!(volume = %rec.name, error = %e, "dirty set unreadable");
+        }
+        // Nothing proves which chunks changed: the next snapshot reads
+        // every chunk (for a volume never snapshotted, that is the same).
+        map.mark_all_dirty();
+    }
+    info!(volume = %rec.name, local_chunks = map.local_chunks(), dirty_chunks = map.dirty_chunks().len(),
+          all_dirty = map.all_dirty(), "volume opened");
+    Ok(map)
+}
+
+/// A restored volume's base: its snapshot's manifest (kept beside the
+/// data files) and the log of chunks that left it. Chunks neither logged
+/// nor beyond the volume are `Base`; bytes the data file holds for them
+/// came from a fetch that never became durable, and are punched away.
+fn open_base(
+    rec: &VolumeRecord,
+    geometry: ChunkGeometry,
+    map: &ChunkMap,
+    data: &DataFile,
+    fetcher: &Arc<Fetcher>,
+) -> std::io::Result<Option<Arc<BaseImage>>> {
+    if rec.source_snapshot.is_none() || rec.hydrated {
+        return Ok(None);
+    }
+    let dir = data.dir();
+    let path = dir.join(base::MANIFEST_FILE);
+    let bytes = std::fs::read(&path)?;
+    let manifest = snapshot::Manifest::decode(&bytes).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    })?;
+    let (log, detached) = DetachLog::open(&dir.join(base::DETACHED_FILE))?;
+    let mut stray = 0u64;
+    for (i, _) in manifest.hashed() {
+        if geometry.contains(*i) && !detached.contains(i) && map.set_base(*i) {
+            let r = geometry.range(*i);
+            data.punch_blocking(r.start, r.end - r.start)?;
+            stray += 1;
+        }
+    }
+    if stray > 0 {
+        data.sync_blocking()?;
+        warn!(volume = %rec.name, chunks = stray, "dropped fetched chunks that were never made durable");
+    }
+    info!(volume = %rec.name, snapshot = %manifest.header.id, base_chunks = map.base_chunks(), "restored volume opened");
+    Ok(Some(Arc::new(BaseImage::new(
+        Arc::new(manifest),
+        Arc::clone(fetcher),
+        log,
+    )?)))
+}
+
+/// Removes data directories no catalog record names: left by a crash
+/// between creating the files and recording the volume.
+fn remove_orphans(dirs: &VolumeDirs, live: &HashSet<u64>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dirs.root())? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let id = name.to_str().and_then(VolumeDirs::parse_id);
+        if id.is_some_and(|id| live.contains(&id)) {
+            continue;
+        }
+        warn!(path = %entry.path().display(), "removing orphaned volume data");
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            std::fs::remove_dir_all(&path)?
+        } else {
+            std::fs::remove_file(&path)?
+        }
+    }
+    sync_dir(dirs.root())
+}

@@ -1,0 +1,76 @@
+//! Setting up a volume created from a snapshot: its manifest is read from
+//! the store, kept beside the data files with an empty detach log, and a
+//! hold in the store keeps the snapshot's chunks until the volume no longer
+//! needs them (see `jobs::hydrate`). All of it before the volume's catalog
+//! record exists, so a crash in between leaves only an orphan.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+
+use snapshot::cache::Fetcher;
+use snapshot::{ChunkGeometry, Manifest, Repo, RepoError, SnapshotId};
+
+use super::base::{self, BaseImage, DetachLog};
+use super::chunk_map::ChunkMap;
+use crate::disk::sync_dir;
+use crate::error::{Error, IoContext, Result};
+
+/// The store hold of a restored volume: named by host and volume id, so a
+/// host can find and release its own stale holds.
+pub fn hold_name(host_id: &str, volume_id: u64) -> String {
+    format!("{host_id}-{volume_id:016x}")
+}
+
+/// The prefix of every hold `host_id` takes.
+pub fn hold_prefix(host_id: &str) -> String {
+    format!("{host_id}-")
+}
+
+/// The manifest of the snapshot a volume is to be created from.
+pub async fn source_manifest(repo: &Repo, id: &SnapshotId) -> Result<Arc<Manifest>> {
+    match repo.get_manifest(id).await {
+        Ok(m) => Ok(Arc::new(m)),
+        Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+        Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
+    }
+}
+
+/// Writes the base beside the data files in `dir` and takes the hold.
+pub async fn prepare_base(
+    repo: &Repo,
+    fetcher: &Arc<Fetcher>,
+    hold: &str,
+    dir: &Path,
+    m: &Arc<Manifest>,
+) -> Result<Arc<BaseImage>> {
+    let path = dir.join(base::MANIFEST_FILE);
+    let encoded = m.encode();
+    (|| {
+        let mut f = std::fs::File::create(&path)?;
+        f.write_all(&encoded)?;
+        f.sync_all()
+    })()
+    .ctx(|| format!("write {}", path.display()))?;
+    let log = DetachLog::create(&dir.join(base::DETACHED_FILE))
+        .ctx(|| format!("create the detach log in {}", dir.display()))?;
+    sync_dir(dir).ctx(|| format!("sync {}", dir.display()))?;
+    repo.put_hold(hold, m)
+        .await
+        .map_err(|e| Error::store(format!("record a hold on snapshot {}", m.header.id), e))?;
+    let base = BaseImage::new(Arc::clone(m), Arc::clone(fetcher), log)
+        .ctx(|| format!("open the base of {}", dir.display()))?;
+    Ok(Arc::new(base))
+}
+
+/// A new volume's chunk map: every chunk its snapshot holds data for is
+/// `Base`, the rest `Zero`.
+pub fn initial_map(geometry: ChunkGeometry, source: Option<&Manifest>) -> ChunkMap {
+    let map = ChunkMap::new(geometry);
+    if let Some(m) = source {
+        for (i, _) in m.hashed() {
+            map.set_base(*i);
+        }
+    }
+    map
+}

@@ -1,0 +1,187 @@
+//! The snapshots this host can see: its own catalog records (with state
+//! `pending` and `error` that only it knows) together with every manifest in
+//! the store, whichever host took it. Manifest headers never change, so the
+//! ones read are cached by id.
+//!
+//! It also carries the store-wide operations on snapshots: delete (through
+//! the trash), verify, and gc.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use snapshot::{ManifestHeader, Repo, RepoError, SnapshotId};
+use tracing::{info, warn};
+
+use crate::catalog::{Catalog, SnapshotRecord, SnapshotState};
+use crate::error::{Error, Result};
+
+/// A snapshot as this host knows it.
+pub enum SnapshotInfo {
+    /// This host took it; `live` is `(done, total)` chunks while its job runs.
+    Recorded {
+        rec: SnapshotRecord,
+        live: Option<(u64, u64)>,
+    },
+    /// Known only from its manifest: another host took it, or this host's
+    /// record of it is gone. Only completed snapshots have manifests.
+    Stored(ManifestHeader),
+}
+
+impl SnapshotInfo {
+    pub fn volume(&self) -> &str {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => &rec.volume,
+            SnapshotInfo::Stored(h) => &h.volume,
+        }
+    }
+}
+
+pub struct SnapshotCatalog {
+    catalog: Arc<Catalog>,
+    repo: Repo,
+    headers: Mutex<HashMap<SnapshotId, ManifestHeader>>,
+}
+
+impl SnapshotCatalog {
+    pub fn new(catalog: Arc<Catalog>, repo: Repo) -> Self {
+        SnapshotCatalog {
+            catalog,
+            repo,
+            headers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn headers(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, ManifestHeader>> {
+        self.headers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This host's record of a snapshot.
+    pub fn record(&self, id: &SnapshotId) -> Result<Option<SnapshotRecord>> {
+        Ok(self.catalog.snapshots()?.into_iter().find(|r| r.id == *id))
+    }
+
+    /// A snapshot by id: this host's record, else its manifest's header.
+    pub async fn get(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        if let Some(rec) = self.record(id)? {
+            return Ok(SnapshotInfo::Recorded { rec, live: None });
+        }
+        match self.header(id).await {
+            Ok(h) => Ok(SnapshotInfo::Stored(h)),
+            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+            Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
+        }
+    }
+
+    /// A manifest's header, read once per id.
+    async fn header(&self, id: &SnapshotId) -> std::result::Result<ManifestHeader, RepoError> {
+        if let Some(h) = self.headers().get(id) {
+            return Ok(h.clone());
+        }
+        let m = self.repo.get_manifest(id).await?;
+        self.headers().insert(id.clone(), m.header.clone());
+        Ok(m.header)
+    }
+
+    /// Every snapshot, oldest first: this host's records, and every other
+    /// snapshot in the store. A completed snapshot of ours whose manifest is
+    /// gone was deleted elsewhere; its record goes too. If the store cannot
+    /// be listed, this host's records are the answer.
+    pub async fn list(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
+        let mut recs = self.catalog.snapshots()?;
+        // (created_at, seq) orders them; seq orders ours within a second.
+        let mut out: Vec<(String, u64, SnapshotInfo)> = Vec::new();
+        match self.repo.list_snapshots().await {
+            Ok(ids) => {
+                let in_store: HashSet<&SnapshotId> = ids.iter().collect();
+                let gone: Vec<SnapshotId> = recs
+                    .iter()
+                    .filter(|r| r.state == SnapshotState::Completed && !in_store.contains(&r.id))
+                    .map(|r| r.id.clone())
+                    .collect();
+                for id in &gone {
+                    info!(snapshot = %id, "snapshot deleted from the store elsewhere; dropping its record");
+                    let _ = self.catalog.remove_snapshot(id.as_str());
+                }
+                recs.retain(|r| !gone.contains(&r.id));
+                let ours: HashSet<SnapshotId> = recs.iter().map(|r| r.id.clone()).collect();
+                for id in ids.iter().filter(|id| !ours.contains(*id)) {
+                    match self.header(id).await {
+                        Ok(h) => out.push((h.created_at.clone(), 0, SnapshotInfo::Stored(h))),
+                        Err(e) => {
+                            warn!(snapshot = %id, error = %e, "unreadable manifest left out of the list")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot list the store; showing this host's snapshots only")
+            }
+        }
+        for rec in recs {
+            let key = crate::api::views::rfc3339(rec.created_at);
+            out.push((key, rec.seq, SnapshotInfo::Recorded { rec, live: None }));
+        }
+        out.retain(|(_, _, s)| volume.is_none_or(|v| s.volume() == v));
+        out.sort_by(|a, b| {
+            (&a.0, a.1)
+                .cmp(&(&b.0, b.1))
+                .then_with(|| id_of(&a.2).cmp(id_of(&b.2)))
+        });
+        Ok(out.into_iter().map(|(_, _, s)| s).collect())
+    }
+
+    /// Deletes a snapshot from the store (through the trash, see
+    /// snapshot::gc) and from this host's records. Its chunks stay until a
+    /// gc finds them unreferenced.
+    pub async fn delete(&self, id: &SnapshotId) -> Result<()> {
+        let local = self.record(id)?;
+        match self.repo.trash_manifest(id).await {
+            Ok(()) => {}
+            Err(RepoError::MissingManifest(_)) if local.is_some() => {}
+            Err(RepoError::MissingManifest(_)) => {
+                return Err(Error::SnapshotNotFound(id.to_string()));
+            }
+            Err(e) => return Err(Error::store(format!("delete snapshot {id}"), e)),
+        }
+        self.catalog.remove_snapshot(id.as_str())?;
+        self.headers().remove(id);
+        Ok(())
+    }
+
+    /// Reads every chunk of a snapshot and reports the missing or damaged.
+    pub async fn verify(&self, id: &SnapshotId) -> Result<snapshot::verify::VerifyReport> {
+        let r = match snapshot::verify::verify(&self.repo, id).await {
+            Ok(r) => r,
+            Err(RepoError::MissingManifest(_)) => {
+                return Err(Error::SnapshotNotFound(id.to_string()));
+            }
+            Err(e) => return Err(Error::store(format!("verify snapshot {id}"), e)),
+        };
+        if !r.is_ok() {
+            warn!(snapshot = %id, missing = r.missing.len(), damaged = r.damaged.len(), "snapshot verification found problems");
+        }
+        Ok(r)
+    }
+
+    /// Collects garbage in the store; `grace` overrides the configured
+    /// period for this run.
+    pub async fn gc(&self, grace: Option<Duration>) -> Result<(Duration, snapshot::gc::GcReport)> {
+        let grace = grace.unwrap_or(self.repo.gc_grace());
+        let r = snapshot::gc::collect_observed(&self.repo, grace, &|deleted| {
+            if deleted == 1 {
+                crate::failpoint::hit("gc-mid-sweep");
+            }
+        })
+        .await
+        .map_err(|e| Error::store("gc stopped before deleting anything unsafe", e))?;
+        Ok((grace, r))
+    }
+}
+
+fn id_of(s: &SnapshotInfo) -> &SnapshotId {
+    match s {
+        SnapshotInfo::Recorded { rec, .. } => &rec.id,
+        SnapshotInfo::Stored(h) => &h.id,
+    }
+}

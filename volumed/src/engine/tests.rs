@@ -1,0 +1,155 @@
+//! Lifecycle rules and crash recovery of the engine, on real data files.
+
+use super::*;
+use crate::api::views::{self, NbdEndpoints};
+use volumed_api::MAX_VOLUME_SIZE;
+
+fn endpoints() -> NbdEndpoints {
+    NbdEndpoints {
+        tcp: "127.0.0.1:10809".parse().unwrap(),
+        unix: "/tmp/nbd.sock".into(),
+        tls: false,
+    }
+}
+
+fn io() -> Arc<IoEngine> {
+    Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap())
+}
+
+fn open(dir: &Path) -> (Arc<Engine>, bool) {
+    let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
+    let repo = snapshot::Repo::new(Arc::new(store), 3);
+    let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
+    let (e, clean) = Engine::open(dir, io(), repo, fetcher).unwrap();
+    (Arc::new(e), clean)
+}
+
+fn name(s: &str) -> VolumeName {
+    VolumeName::parse(s).unwrap()
+}
+
+fn create_req(n: &str, size: u64, ephemeral: bool) -> CreateVolume {
+    CreateVolume {
+        name: name(n),
+        size: Some(size),
+        ephemeral,
+        from_snapshot: None,
+        chunk_size: None,
+        hydrate: None,
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let (e, _) = open(dir.path());
+    e.create(create_req("a", 1 << 30, false)).await.unwrap();
+    assert!(matches!(
+        e.create(create_req("a", 1 << 30, false)).await,
+        Err(Error::VolumeExists(_))
+    ));
+    assert!(matches!(
+        e.create(create_req("b", 0, false)).await,
+        Err(Error::InvalidSize(_))
+    ));
+    assert!(matches!(
+        e.create(create_req("b", 1000, false)).await,
+        Err(Error::InvalidSize(_))
+    ));
+    assert!(matches!(
+        e.create(create_req("b", MAX_VOLUME_SIZE + 512, false))
+            .await,
+        Err(Error::InvalidSize(_))
+    ));
+    let mut bad_chunk = create_req("b", 1 << 20, false);
+    bad_chunk.chunk_size = Some(3 << 16);
+    assert!(matches!(
+        e.create(bad_chunk).await,
+        Err(Error::InvalidSize(_))
+    ));
+
+    e.attach(
+        &name("a"),
+        AttachVolume {
+            instance: Some("i-1".into()),
+        },
+    )
+    .await
+    .unwrap();
+    e.attach(
+        &name("a"),
+        AttachVolume {
+            instance: Some("i-1".into()),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        e.attach(
+            &name("a"),
+            AttachVolume {
+                instance: Some("i-2".into())
+            }
+        )
+        .await,
+        Err(Error::AttachedElsewhere(..))
+    ));
+    assert!(matches!(
+        e.delete(&name("a")).await,
+        Err(Error::VolumeAttached(_))
+    ));
+    let shrink = ModifyVolume {
+        size: Some(1 << 20),
+        ephemeral: None,
+    };
+    assert!(matches!(
+        e.modify(&name("a"), shrink).await,
+        Err(Error::InvalidSize(_))
+    ));
+    let v = views::volume(&e, &endpoints(), &e.get(&name("a")).unwrap());
+    assert_eq!(v.uri.as_deref(), Some("nbd://127.0.0.1:10809/a"));
+    assert_eq!(
+        v.unix_uri.as_deref(),
+        Some("nbd+unix:///a?socket=/tmp/nbd.sock")
+    );
+    let (_, deleted) = e.detach(&name("a")).await.unwrap();
+    assert!(!deleted);
+    assert!(matches!(
+        e.detach(&name("a")).await,
+        Err(Error::VolumeNotAttached(_))
+    ));
+    e.delete(&name("a")).await.unwrap();
+    assert!(e.list().is_empty());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("volumes"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn restart_finishes_interrupted_delete_and_removes_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (e, _) = open(dir.path());
+        let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
+        e.create(create_req("kept", 1 << 20, false)).await.unwrap();
+        // Simulate a crash right after the delete mark was written.
+        let mut rec = v.record();
+        rec.deleting = true;
+        e.catalog.put_volume(&rec).unwrap();
+        // And a crash between creating files and recording a volume.
+        std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999))).unwrap();
+    }
+    let (e, clean) = open(dir.path());
+    assert!(!clean);
+    let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
+    assert_eq!(names, ["kept"]);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("volumes"))
+            .unwrap()
+            .count(),
+        1
+    );
+}
