@@ -9,7 +9,7 @@ use std::time::Duration;
 use snapshot::ManifestHeader;
 use volumed_api::{VolumeName, VolumeState};
 
-use crate::catalog::{SnapshotRecord, SnapshotState};
+use crate::catalog::{SnapshotRecord, SnapshotState, rfc3339};
 use crate::engine::jobs::hydrate::HydrationState;
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, FetchStats, Volume};
@@ -34,11 +34,6 @@ impl NbdEndpoints {
     pub fn unix_uri(&self, export: &str) -> String {
         format!("nbd+unix:///{export}?socket={}", self.unix.display())
     }
-}
-
-pub fn rfc3339(secs: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The API's view of a volume.

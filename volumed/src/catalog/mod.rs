@@ -13,7 +13,9 @@ mod record;
 
 use std::path::Path;
 
-pub use record::{AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, unix_now};
+pub use record::{
+    AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339, unix_now,
+};
 use volumed_api::VolumeName;
 
 /// Bumped when a record changes incompatibly; a newer catalog is refused.

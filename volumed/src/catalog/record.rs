@@ -106,3 +106,10 @@ pub fn unix_now() -> u64 {
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
+
+/// Seconds since the Unix epoch as RFC 3339, UTC: how records' times are
+/// shown and how manifests carry them.
+pub fn rfc3339(secs: u64) -> String {
+    let t = UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(t).to_string()
+}

@@ -374,7 +374,13 @@ impl ChunkMap {
             f.write_all(&buf)?;
             f.sync_all()?;
         }
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, path)?;
+        // The rename must be durable before the catalog records a clean
+        // shutdown, or an older set could be read back after a power loss.
+        match path.parent() {
+            Some(dir) => crate::disk::sync_dir(dir),
+            None => Ok(()),
+        }
     }
 
     /// Loads a dirty set saved by [`ChunkMap::save_dirty`]. A damaged file

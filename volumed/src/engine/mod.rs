@@ -477,6 +477,12 @@ impl Engine {
             vol.flush()
                 .await
                 .ctx(|| format!("flush volume '{}'", vol.name))?;
+            // Read back only after a clean shutdown (see `recovery`), so
+            // the next snapshot reads what changed, not the whole volume.
+            let path = vol.data().dir().join(recovery::DIRTY_FILE);
+            vol.map()
+                .save_dirty(&path)
+                .ctx(|| format!("save the dirty set of volume '{}'", vol.name))?;
         }
         self.catalog.mark_clean_shutdown()?;
         Ok(())

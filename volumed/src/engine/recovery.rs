@@ -108,6 +108,13 @@ fn rebuild_map(
     } else {
         Err(std::io::ErrorKind::NotFound.into())
     };
+    // Used once: a set left from an older clean shutdown must never be
+    // read after a later unclean one.
+    match std::fs::remove_file(&dirty_path) {
+        Ok(()) => sync_dir(data.dir())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     if let Err(e) = loaded {
         if clean && e.kind() != std::io::ErrorKind::NotFound {
             warn!(volume = %rec.name, error = %e, "dirty set unreadable");

@@ -119,7 +119,7 @@ impl SnapshotCatalog {
             }
         }
         for rec in recs {
-            let key = crate::api::views::rfc3339(rec.created_at);
+            let key = crate::catalog::rfc3339(rec.created_at);
             out.push((key, rec.seq, SnapshotInfo::Recorded { rec, live: None }));
         }
         out.retain(|(_, _, s)| volume.is_none_or(|v| s.volume() == v));

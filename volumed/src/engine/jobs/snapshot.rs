@@ -353,7 +353,7 @@ impl SnapshotJob {
             size: geometry.size(),
             chunk_size: geometry.chunk_size(),
             parent: rec.parent.clone(),
-            created_at: crate::api::views::rfc3339(rec.created_at),
+            created_at: crate::catalog::rfc3339(rec.created_at),
             labels: rec.labels.clone(),
             changed_chunks: plan.changed_chunks(),
             logical_bytes,
