@@ -43,7 +43,7 @@ impl NbdServer {
         tcp.set_nonblocking(true)
             .context("set NBD listener non-blocking")?;
         let tcp = TcpListener::from_std(tcp).context("register NBD listener")?;
-        crate::daemon::remove_stale_socket(socket).await?;
+        crate::socket_path::remove_stale_socket(socket).await?;
         let unix = UnixListener::bind(socket)
             .with_context(|| format!("bind NBD socket {}", socket.display()))?;
         Ok(NbdServer {
