@@ -141,13 +141,12 @@ pub fn meaning(units: &[Wire], offset: u64, len: usize) -> Option<Meaning> {
     }
     let mut data = vec![None::<u8>; len];
     let mut put = |at: u64, bytes: &mut dyn Iterator<Item = u8>| -> Option<()> {
-        let mut i = usize::try_from(at.checked_sub(offset)?).ok()?;
-        for b in bytes {
+        let start = usize::try_from(at.checked_sub(offset)?).ok()?;
+        for (i, b) in (start..).zip(bytes) {
             let slot = data.get_mut(i)?;
             if slot.replace(b).is_some() {
                 return None; // two chunks cover one byte
             }
-            i += 1;
         }
         Some(())
     };
