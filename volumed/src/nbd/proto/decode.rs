@@ -139,6 +139,14 @@ pub fn meaning(units: &[Wire], offset: u64, len: usize) -> Option<Meaning> {
             },
         });
     }
+    if let [Wire::Chunk { typ, payload, .. }] = units {
+        match *typ {
+            REPLY_TYPE_ERROR => return error(payload),
+            REPLY_TYPE_BLOCK_STATUS => return block_status(payload),
+            _ => {}
+        }
+    }
+    // Only now, once this is a read, is the content allocated.
     let mut data = vec![None::<u8>; len];
     let mut put = |at: u64, bytes: &mut dyn Iterator<Item = u8>| -> Option<()> {
         let start = usize::try_from(at.checked_sub(offset)?).ok()?;
@@ -156,25 +164,6 @@ pub fn meaning(units: &[Wire], offset: u64, len: usize) -> Option<Meaning> {
         };
         let p = payload.as_slice();
         match *typ {
-            REPLY_TYPE_ERROR if units.len() == 1 => {
-                let n = usize::from(be_u16(p.get(4..6)?));
-                (p.len() == 6 + n).then_some(())?;
-                return Some(Meaning::Error {
-                    errno: be_u32(&p[..4]),
-                    message: p[6..].to_vec(),
-                });
-            }
-            REPLY_TYPE_BLOCK_STATUS if units.len() == 1 => {
-                (p.len() >= 4 && (p.len() - 4) % 8 == 0).then_some(())?;
-                let extents = p[4..]
-                    .chunks_exact(8)
-                    .map(|e| (be_u32(&e[..4]), be_u32(&e[4..])))
-                    .collect();
-                return Some(Meaning::BlockStatus {
-                    context: be_u32(&p[..4]),
-                    extents,
-                });
-            }
             REPLY_TYPE_OFFSET_DATA => {
                 put(be_u64(p.get(..8)?), &mut p[8..].iter().copied())?;
             }
@@ -190,6 +179,24 @@ pub fn meaning(units: &[Wire], offset: u64, len: usize) -> Option<Meaning> {
     Some(Meaning::Read {
         data,
         chunks: units.len(),
+    })
+}
+
+fn error(p: &[u8]) -> Option<Meaning> {
+    let n = usize::from(be_u16(p.get(4..6)?));
+    (p.len() == 6 + n).then(|| Meaning::Error {
+        errno: be_u32(&p[..4]),
+        message: p[6..].to_vec(),
+    })
+}
+
+fn block_status(p: &[u8]) -> Option<Meaning> {
+    (p.len() >= 4 && (p.len() - 4).is_multiple_of(8)).then(|| Meaning::BlockStatus {
+        context: be_u32(&p[..4]),
+        extents: p[4..]
+            .chunks_exact(8)
+            .map(|e| (be_u32(&e[..4]), be_u32(&e[4..])))
+            .collect(),
     })
 }
 
