@@ -1,8 +1,9 @@
 //! A decoder of transmission replies, for tests only: the inverse of
 //! [`Reply::encode`](super::Reply::encode), strict about every length so an
 //! encoding bug shows up as a failed parse. The session tests read replies
-//! off the wire with it; the round-trip properties of the encoder live here
-//! beside it.
+//! off the wire with it. The encoder's round-trip properties live here
+//! beside it, and so does the reference it must match byte for byte: the
+//! session's writers from before the codec.
 
 use super::*;
 
@@ -234,7 +235,132 @@ mod tests {
         v
     }
 
+    /// How session.rs wrote replies before this codec, made synchronous:
+    /// the reference the encoder must match byte for byte.
+    fn legacy(cookie: u64, body: &ReplyBody, structured: bool) -> Vec<u8> {
+        let mut w = Vec::new();
+        let all = |w: &mut Vec<u8>, pieces: &[Piece]| {
+            for p in pieces {
+                match p {
+                    Piece::Data(d) => w.extend_from_slice(d),
+                    Piece::Zero(n) => w.resize(w.len() + *n as usize, 0),
+                }
+            }
+        };
+        let simple = |w: &mut Vec<u8>, e| w.extend_from_slice(&encode_simple_reply(cookie, e));
+        let hdr = |w: &mut Vec<u8>, f, t, l| {
+            w.extend_from_slice(&encode_structured_header(f, t, cookie, l))
+        };
+        match (body, structured) {
+            (ReplyBody::Done, _) => simple(&mut w, 0),
+            (ReplyBody::Error { errno, .. }, false) => simple(&mut w, *errno),
+            (ReplyBody::Read { pieces, .. }, false) => {
+                simple(&mut w, 0);
+                all(&mut w, pieces);
+            }
+            (ReplyBody::BlockStatus { .. }, false) => simple(&mut w, EINVAL),
+            (ReplyBody::Error { errno, message }, true) => {
+                let p = error_payload(*errno, message);
+                hdr(&mut w, REPLY_FLAG_DONE, REPLY_TYPE_ERROR, p.len() as u32);
+                w.extend_from_slice(&p);
+            }
+            (ReplyBody::Read { offset, pieces, df }, true) if *df && pieces.len() > 1 => {
+                let total: u64 = pieces.iter().map(Piece::len).sum();
+                hdr(
+                    &mut w,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    8 + total as u32,
+                );
+                w.extend_from_slice(&offset.to_be_bytes());
+                all(&mut w, pieces);
+            }
+            (ReplyBody::Read { offset, pieces, .. }, true) => {
+                let mut pos = *offset;
+                for (i, p) in pieces.iter().enumerate() {
+                    let flags = if i + 1 == pieces.len() {
+                        REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    match p {
+                        Piece::Data(d) => {
+                            hdr(&mut w, flags, REPLY_TYPE_OFFSET_DATA, 8 + d.len() as u32);
+                            w.extend_from_slice(&pos.to_be_bytes());
+                            w.extend_from_slice(d);
+                        }
+                        Piece::Zero(n) => {
+                            hdr(&mut w, flags, REPLY_TYPE_OFFSET_HOLE, 12);
+                            w.extend_from_slice(&pos.to_be_bytes());
+                            w.extend_from_slice(&(*n as u32).to_be_bytes());
+                        }
+                    }
+                    pos += p.len();
+                }
+            }
+            (ReplyBody::BlockStatus { context, extents }, true) => {
+                let mut p = context.to_be_bytes().to_vec();
+                for e in extents {
+                    p.extend_from_slice(&(e.len as u32).to_be_bytes());
+                    p.extend_from_slice(&e.flags.to_be_bytes());
+                }
+                hdr(
+                    &mut w,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_BLOCK_STATUS,
+                    p.len() as u32,
+                );
+                w.extend_from_slice(&p);
+            }
+        }
+        w
+    }
+
+    fn arb_body() -> impl Strategy<Value = ReplyBody> {
+        let piece = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..100).prop_map(Piece::Data),
+            (0u64..70_000).prop_map(Piece::Zero),
+        ];
+        prop_oneof![
+            Just(ReplyBody::Done),
+            (any::<u32>(), ".{0,20}")
+                .prop_map(|(errno, message)| ReplyBody::Error { errno, message }),
+            (
+                0u64..1 << 50,
+                proptest::collection::vec(piece, 1..5),
+                any::<bool>()
+            )
+                .prop_map(|(offset, pieces, df)| ReplyBody::Read {
+                    offset,
+                    pieces,
+                    df
+                }),
+            (
+                any::<u32>(),
+                proptest::collection::vec((any::<u32>(), any::<u32>()), 0..10)
+            )
+                .prop_map(|(context, e)| ReplyBody::BlockStatus {
+                    context,
+                    extents: e
+                        .into_iter()
+                        .map(|(len, flags)| BlockExtent {
+                            len: len.into(),
+                            flags
+                        })
+                        .collect(),
+                }),
+        ]
+    }
+
     proptest! {
+        #[test]
+        fn encoding_is_byte_identical_to_the_old_writers(
+            cookie in any::<u64>(), body in arb_body(), structured in any::<bool>(),
+        ) {
+            let r = Reply { cookie, body };
+            prop_assert_eq!(bytes(&r, structured), legacy(cookie, &r.body, structured));
+        }
+
         #[test]
         fn reads_round_trip(
             offset in prop_oneof![0u64..1 << 40, Just(u64::MAX - 2_000_000)],
