@@ -34,4 +34,5 @@ mod session_tests;
 #[cfg(test)]
 mod testutil;
 
+pub use handshake::ExportLookup;
 pub use server::NbdServer;
