@@ -134,18 +134,3 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// Removes a socket file left by a daemon that died, but refuses to steal
-/// one that a live daemon still answers on.
-pub async fn remove_stale_socket(path: &Path) -> anyhow::Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    if tokio::net::UnixStream::connect(path).await.is_ok() {
-        bail!(
-            "{} is in use: is another volumed running on this data dir?",
-            path.display()
-        );
-    }
-    std::fs::remove_file(path).with_context(|| format!("remove stale socket {}", path.display()))
-}

@@ -14,3 +14,4 @@ pub mod engine;
 pub mod error;
 pub mod failpoint;
 pub mod nbd;
+pub(crate) mod socket_path;

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::handlers::{ApiState, router};
 
 pub async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    crate::daemon::remove_stale_socket(socket).await?;
+    crate::socket_path::remove_stale_socket(socket).await?;
     let listener = UnixListener::bind(socket)
         .with_context(|| format!("bind control socket {}", socket.display()))?;
     // The umask already makes it 0600; set it explicitly so that holds even

@@ -1,12 +1,23 @@
 //! Fixed-newstyle negotiation: greeting, client flags, then options until
 //! the client picks an export (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) or leaves.
+//!
+//! It finds exports through [`ExportLookup`], two lookups and nothing else
+//! of the engine, so it can be tested with a fake.
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
 use super::proto::{self, *};
 use super::tls::Tls;
-use crate::engine::{Engine, Export};
+use crate::engine::Export;
+
+/// What the handshake needs to know about exports.
+pub trait ExportLookup: Send + Sync {
+    /// The export of this name, if it exists and may be served now.
+    fn export(&self, name: &str) -> Option<Export>;
+    /// Every export a client may see, for NBD_OPT_LIST.
+    fn export_names(&self) -> Vec<String>;
+}
 
 /// Options longer than this are refused: the longest valid one (NBD_OPT_GO
 /// with a 4096-byte name and every info type) is far shorter.
@@ -16,10 +27,6 @@ pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// client gets NBD_REP_ERR_TOO_BIG; more than that is treated as abuse and
 /// the connection is closed.
 const MAX_DRAIN_LEN: u32 = 16 << 20;
-
-/// Largest request payload (READ or WRITE), as qemu's NBD server; requests
-/// over it get an error, never a buffer of that size.
-pub const MAX_PAYLOAD: u32 = 32 << 20;
 
 /// Transmission flags of every export.
 /// CAN_MULTI_CONN holds because all connections share one set of file
@@ -59,14 +66,6 @@ pub enum HandshakeError {
     TlsWithoutFixedNewstyle,
 }
 
-/// What the client negotiated for the transmission phase.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SessionOptions {
-    pub structured: bool,
-    /// base:allocation was selected for this export: BLOCK_STATUS allowed.
-    pub base_allocation: bool,
-}
-
 /// What negotiation ended with.
 pub enum Negotiated {
     /// The client entered transmission on this export; `size` is the one it
@@ -97,6 +96,7 @@ impl State {
         SessionOptions {
             structured: self.structured,
             base_allocation: self.structured && self.meta_export.as_deref() == Some(export),
+            read_only: false,
         }
     }
 }
@@ -104,7 +104,7 @@ impl State {
 /// Greeting, client flags, then option haggling under the `tls` mode.
 pub async fn negotiate<S>(
     stream: &mut S,
-    engine: &Engine,
+    exports: &dyn ExportLookup,
     tls: Tls,
 ) -> Result<Negotiated, HandshakeError>
 where
@@ -116,7 +116,7 @@ where
     if tls == Tls::Required && !client.fixed_newstyle {
         return Err(HandshakeError::TlsWithoutFixedNewstyle);
     }
-    options(stream, engine, client, tls).await
+    options(stream, exports, client, tls).await
 }
 
 /// Option haggling until the client picks an export, upgrades to TLS or
@@ -124,7 +124,7 @@ where
 /// plaintext carries over into the encrypted session.
 pub async fn options<S>(
     stream: &mut S,
-    engine: &Engine,
+    exports: &dyn ExportLookup,
     client: ClientFlags,
     tls: Tls,
 ) -> Result<Negotiated, HandshakeError>
@@ -187,7 +187,7 @@ where
         match opt.option {
             OPT_EXPORT_NAME => {
                 let name = String::from_utf8_lossy(&data).into_owned();
-                let Some(export) = engine.export(&name) else {
+                let Some(export) = exports.export(&name) else {
                     return Err(HandshakeError::UnknownExportName(name));
                 };
                 let size = export.volume.size();
@@ -221,13 +221,8 @@ where
                     continue;
                 }
                 out.clear();
-                for name in engine.export_names() {
-                    encode_option_reply(
-                        &mut out,
-                        opt.option,
-                        REP_SERVER,
-                        &rep_server_data(name.as_str()),
-                    );
+                for name in exports.export_names() {
+                    encode_option_reply(&mut out, opt.option, REP_SERVER, &rep_server_data(&name));
                 }
                 encode_option_reply(&mut out, opt.option, REP_ACK, &[]);
                 send(stream, &out).await?;
@@ -247,7 +242,7 @@ where
                         continue;
                     }
                 };
-                let Some(export) = engine.export(&req.name) else {
+                let Some(export) = exports.export(&req.name) else {
                     let msg = unknown_export(&req.name);
                     reply(
                         stream,
@@ -316,7 +311,7 @@ where
                 reply(stream, &mut out, opt.option, REP_ACK, &[]).await?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(stream, &mut out, &mut st, engine, opt.option, &data).await?;
+                meta_context(stream, &mut out, &mut st, exports, opt.option, &data).await?;
             }
             OPT_STARTTLS => {
                 let refusal: Option<(u32, &[u8])> = match tls {
@@ -357,7 +352,7 @@ async fn meta_context<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
     st: &mut State,
-    engine: &Engine,
+    exports: &dyn ExportLookup,
     option: u32,
     data: &[u8],
 ) -> std::io::Result<()> {
@@ -375,7 +370,7 @@ async fn meta_context<S: AsyncWrite + Unpin>(
         Ok(r) => r,
         Err(msg) => return reply(stream, out, option, REP_ERR_INVALID, msg.as_bytes()).await,
     };
-    if engine.export(&req.name).is_none() {
+    if exports.export(&req.name).is_none() {
         return reply(
             stream,
             out,

@@ -6,6 +6,20 @@
 //! error: a session error (bad magic, truncated stream) closes the
 //! connection; a command error (out of range, unknown command) becomes the
 //! errno of that one reply, and the connection goes on.
+//!
+//! - `proto/mod.rs`: constants and the handshake's messages (greeting,
+//!   options, option replies).
+//! - `proto/request.rs`: transmission requests and `validate`, the rules a
+//!   request must meet (flags, payload limit, range, read-only).
+//! - `proto/reply.rs`: `Reply` and `Reply::encode`, the exact wire bytes of
+//!   simple and structured replies.
+//! - `handshake.rs`: option haggling, and `ExportLookup`, all it needs of
+//!   the engine.
+//! - `session.rs`: the transmission loop: in-flight window, reader,
+//!   per-request tasks, reply writer.
+//! - `server.rs`: TCP and Unix listeners, the connection task (handshake,
+//!   TLS upgrade, session), and `ExportLookup` for `Engine`.
+//! - `tls.rs`: the rustls acceptor and the per-connection TLS mode.
 
 pub mod handshake;
 pub mod proto;
@@ -13,4 +27,12 @@ pub mod server;
 pub mod session;
 pub mod tls;
 
+#[cfg(test)]
+mod handshake_tests;
+#[cfg(test)]
+mod session_tests;
+#[cfg(test)]
+mod testutil;
+
+pub use handshake::ExportLookup;
 pub use server::NbdServer;

@@ -1,4 +1,6 @@
-//! Listeners for NBD over TCP and over a Unix socket.
+//! Listeners for NBD over TCP and over a Unix socket, and the connection
+//! task that runs handshake, TLS upgrade and session in turn. The engine is
+//! reached only through [`ExportLookup`], implemented for it here.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,10 +16,24 @@ use tracing::{debug, info, warn};
 
 use tokio_rustls::TlsAcceptor;
 
-use super::handshake::{HandshakeError, Negotiated, SessionOptions, negotiate, options};
+use super::handshake::{ExportLookup, HandshakeError, Negotiated, negotiate, options};
+use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
 use crate::engine::{Engine, Export};
+
+impl ExportLookup for Engine {
+    fn export(&self, name: &str) -> Option<Export> {
+        Engine::export(self, name)
+    }
+
+    fn export_names(&self) -> Vec<String> {
+        Engine::export_names(self)
+            .into_iter()
+            .map(|n| n.as_str().to_owned())
+            .collect()
+    }
+}
 
 /// A client must finish option haggling (and any TLS handshake) within
 /// this time; an idle half-open connection otherwise holds a task forever.
@@ -26,7 +42,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct NbdServer {
     tcp: TcpListener,
     unix: UnixListener,
-    engine: Arc<Engine>,
+    exports: Arc<dyn ExportLookup>,
     /// Required on TCP, offered on the Unix socket.
     tls: Option<TlsAcceptor>,
 }
@@ -34,8 +50,9 @@ pub struct NbdServer {
 impl NbdServer {
     /// Takes the TCP listener already bound (the daemon binds it before the
     /// engine opens, to know the real port) and binds the Unix socket.
-    pub async fn bind(
-        engine: Arc<Engine>,
+    /// `exports` is the `Engine` in the daemon.
+    pub async fn bind<E: ExportLookup + 'static>(
+        exports: Arc<E>,
         tcp: std::net::TcpListener,
         socket: &Path,
         tls: Option<TlsAcceptor>,
@@ -43,13 +60,13 @@ impl NbdServer {
         tcp.set_nonblocking(true)
             .context("set NBD listener non-blocking")?;
         let tcp = TcpListener::from_std(tcp).context("register NBD listener")?;
-        crate::daemon::remove_stale_socket(socket).await?;
+        crate::socket_path::remove_stale_socket(socket).await?;
         let unix = UnixListener::bind(socket)
             .with_context(|| format!("bind NBD socket {}", socket.display()))?;
         Ok(NbdServer {
             tcp,
             unix,
-            engine,
+            exports,
             tls,
         })
     }
@@ -74,14 +91,14 @@ impl NbdServer {
                 r = self.tcp.accept() => match r {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        let ctx = Ctx { peer: peer.to_string(), engine: Arc::clone(&self.engine), tls: self.tls.clone(), mode: tcp_tls };
+                        let ctx = Ctx { peer: peer.to_string(), exports: Arc::clone(&self.exports), tls: self.tls.clone(), mode: tcp_tls };
                         conns.spawn(handle(stream, ctx, shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = self.unix.accept() => match r {
                     Ok((stream, _)) => {
-                        let ctx = Ctx { peer: "unix".into(), engine: Arc::clone(&self.engine), tls: self.tls.clone(), mode: unix_tls };
+                        let ctx = Ctx { peer: "unix".into(), exports: Arc::clone(&self.exports), tls: self.tls.clone(), mode: unix_tls };
                         conns.spawn(handle(stream, ctx, shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
@@ -144,7 +161,7 @@ const READ_BUFFER: usize = 128 << 10;
 /// What a connection's task needs besides its stream.
 struct Ctx {
     peer: String,
-    engine: Arc<Engine>,
+    exports: Arc<dyn ExportLookup>,
     tls: Option<TlsAcceptor>,
     mode: Tls,
 }
@@ -153,7 +170,7 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &ctx.engine, ctx.mode)) => r,
+        r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &*ctx.exports, ctx.mode)) => r,
     };
     let client = match outcome(first, &ctx.peer) {
         Some(Negotiated::Export {
@@ -170,7 +187,7 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
     };
     let upgrade = async {
         let mut tls = acceptor.accept(stream).await?;
-        let n = options(&mut tls, &ctx.engine, client, Tls::Active).await?;
+        let n = options(&mut tls, &*ctx.exports, client, Tls::Active).await?;
         Ok::<_, HandshakeError>((tls, n))
     };
     let second = tokio::select! {

@@ -1,4 +1,6 @@
-//! The transmission phase of one connection.
+//! The transmission phase of one connection. It only moves bytes: the
+//! rules are in `proto` (`validate` for requests, `Reply::encode` for the
+//! wire bytes of replies) and the data path is `Volume`.
 //!
 //! The reader (this task) parses requests and starts one task per request;
 //! each task sends its reply through a channel to the writer task, so
@@ -14,8 +16,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::handshake::{MAX_PAYLOAD, SessionOptions};
-use super::proto::*;
+use super::proto::{
+    BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
+    MAX_PAYLOAD, META_BASE_ALLOCATION_ID, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody,
+    Request, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
+};
 use crate::engine::{Extent, ReadPiece, Volume};
 
 /// Requests in flight per connection (fio and qemu use up to 128).
@@ -23,9 +28,6 @@ pub const MAX_IN_FLIGHT: usize = 128;
 
 /// Payload bytes in flight per connection, counted in KiB permits.
 const PAYLOAD_BUDGET_KIB: u32 = 256 << 10;
-
-/// Zeros for simple replies to reads of holes, written in slices of this.
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -36,23 +38,8 @@ pub enum SessionError {
 }
 
 /// What a request's task hands to the writer.
-enum Body {
-    /// Success with no payload.
-    Done,
-    /// An errno, with a message for structured replies.
-    Error(u32, String),
-    /// A read's data, starting at `offset`; `df` forbids fragmenting it.
-    Read {
-        offset: u64,
-        pieces: Vec<ReadPiece>,
-        df: bool,
-    },
-    BlockStatus(Vec<Extent>),
-}
-
-struct Reply {
-    cookie: u64,
-    body: Body,
+struct Outgoing {
+    reply: Reply,
     /// Released once the reply is on the wire, so read buffers count against
     /// the budget until they are sent.
     _permit: Option<InFlight>,
@@ -114,7 +101,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Reply>();
+    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer_task = tokio::spawn(write_replies(writer, rx, options.structured));
     let window = Window::new();
     let ctx = Ctx {
@@ -135,17 +122,16 @@ where
 }
 
 struct Ctx {
-    tx: mpsc::UnboundedSender<Reply>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     volume: Arc<Volume>,
     size: u64,
     options: SessionOptions,
 }
 
 impl Ctx {
-    fn reply_now(&self, cookie: u64, body: Body) {
-        let _ = self.tx.send(Reply {
-            cookie,
-            body,
+    fn reply_now(&self, cookie: u64, body: ReplyBody) {
+        let _ = self.tx.send(Outgoing {
+            reply: Reply { cookie, body },
             _permit: None,
         });
     }
@@ -153,14 +139,16 @@ impl Ctx {
     /// Runs `work` on its own task and sends what it returns.
     fn spawn<F>(&self, req: Request, permit: InFlight, work: F)
     where
-        F: std::future::Future<Output = Body> + Send + 'static,
+        F: std::future::Future<Output = ReplyBody> + Send + 'static,
     {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let body = work.await;
-            let _ = tx.send(Reply {
-                cookie: req.cookie,
-                body,
+            let _ = tx.send(Outgoing {
+                reply: Reply {
+                    cookie: req.cookie,
+                    body,
+                },
                 _permit: Some(permit),
             });
         });
@@ -206,16 +194,17 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 }
                 ctx.reply_now(
                     req.cookie,
-                    Body::Error(EINVAL, "write larger than the maximum payload".into()),
+                    error(EINVAL, "write larger than the maximum payload"),
                 );
                 continue;
             }
             data = vec![0u8; req.length as usize];
             reader.read_exact(&mut data).await?;
         }
-        if let Err((errno, msg)) = validate(&req, ctx.size, ctx.options) {
+        if let Err(refusal) = validate(&req, ctx.size, ctx.options) {
+            let (errno, msg) = (refusal.errno, refusal.message);
             debug!(volume = %ctx.volume.name, ?req, errno, msg, "request refused");
-            ctx.reply_now(req.cookie, Body::Error(errno, msg.into()));
+            ctx.reply_now(req.cookie, error(errno, msg));
             continue;
         }
         dispatch(ctx, req, data, permit);
@@ -232,9 +221,9 @@ fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             let df = req.flags & CMD_FLAG_DF != 0;
             ctx.spawn(req, permit, async move {
                 match vol.read(off, len).await {
-                    Ok(pieces) => Body::Read {
+                    Ok(read) => ReplyBody::Read {
                         offset: off,
-                        pieces,
+                        pieces: pieces(read),
                         df,
                     },
                     Err(e) => io_failure(&vol, "read", &req, &e),
@@ -243,7 +232,7 @@ fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
         }
         Command::Write => ctx.spawn(req, permit, async move {
             match vol.write(off, data, fua).await {
-                Ok(()) => Body::Done,
+                Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&vol, "write", &req, &e),
             }
         }),
@@ -251,20 +240,20 @@ fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
             ctx.spawn(req, permit, async move {
                 match vol.write_zeroes(off, len, no_hole, fua).await {
-                    Ok(()) => Body::Done,
+                    Ok(()) => ReplyBody::Done,
                     Err(e) => io_failure(&vol, "zero", &req, &e),
                 }
             });
         }
         Command::Flush => ctx.spawn(req, permit, async move {
             match vol.flush().await {
-                Ok(()) => Body::Done,
+                Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&vol, "flush", &req, &e),
             }
         }),
         Command::Cache => ctx.spawn(req, permit, async move {
             match vol.cache(off, len).await {
-                Ok(()) => Body::Done,
+                Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&vol, "cache", &req, &e),
             }
         }),
@@ -273,87 +262,42 @@ fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             if req.flags & CMD_FLAG_REQ_ONE != 0 {
                 extents.truncate(1);
             }
-            ctx.reply_now(req.cookie, Body::BlockStatus(extents));
+            ctx.reply_now(req.cookie, base_allocation(extents));
             drop(permit);
         }
         Command::Disc | Command::Unknown(_) => {
-            ctx.reply_now(req.cookie, Body::Error(EINVAL, "unknown command".into()));
+            ctx.reply_now(req.cookie, error(EINVAL, "unknown command"));
         }
     }
 }
 
-/// Checks a request against the protocol and the export; the error is the
-/// errno and a message for the client.
-fn validate(req: &Request, size: u64, opts: SessionOptions) -> Result<(), (u32, &'static str)> {
-    let (allowed, max_len) = match req.command {
-        Command::Read => (
-            CMD_FLAG_FUA | if opts.structured { CMD_FLAG_DF } else { 0 },
-            MAX_PAYLOAD,
-        ),
-        Command::Write => (CMD_FLAG_FUA, MAX_PAYLOAD),
-        Command::WriteZeroes => (
-            CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
-            u32::MAX,
-        ),
-        Command::Trim | Command::Cache => (CMD_FLAG_FUA, u32::MAX),
-        Command::Flush => (CMD_FLAG_FUA, u32::MAX),
-        Command::BlockStatus => {
-            if !opts.base_allocation {
-                return Err((EINVAL, "no metadata context was negotiated"));
-            }
-            (CMD_FLAG_FUA | CMD_FLAG_REQ_ONE, u32::MAX)
-        }
-        Command::Disc | Command::Unknown(_) => return Err((EINVAL, "unknown command")),
-    };
-    if req.flags & !allowed != 0 {
-        return Err((EINVAL, "command flags not valid for this command"));
-    }
-    if req.command == Command::Flush {
-        return Ok(());
-    }
-    if req.length == 0 {
-        return Err((EINVAL, "zero-length request"));
-    }
-    if req.length > max_len {
-        return Err((
-            if opts.structured { EOVERFLOW } else { EINVAL },
-            "request larger than the maximum payload",
-        ));
-    }
-    match check_range(req.offset, req.length, size) {
-        Ok(()) => Ok(()),
-        // The spec: ENOSPC for a write past the end, EINVAL for the rest.
-        Err(RangeError::PastEnd)
-            if matches!(req.command, Command::Write | Command::WriteZeroes) =>
-        {
-            Err((ENOSPC, "write past the end of the export"))
-        }
-        Err(RangeError::PastEnd) => Err((EINVAL, "request past the end of the export")),
-        Err(RangeError::Overflow) => Err((EINVAL, "offset + length overflows")),
+fn error(errno: u32, message: &str) -> ReplyBody {
+    ReplyBody::Error {
+        errno,
+        message: message.into(),
     }
 }
 
-fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> Body {
+fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> ReplyBody {
     tracing::error!(volume = %volume.name, op, offset = req.offset, length = req.length, error = %e, "I/O failed");
-    Body::Error(errno_of(e), format!("{op} failed: {e}"))
+    ReplyBody::Error {
+        errno: errno_of(e),
+        message: format!("{op} failed: {e}"),
+    }
 }
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
     structured: bool,
 ) -> std::io::Result<()> {
     let mut w = BufWriter::with_capacity(256 << 10, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Batch whatever else is ready into one flush.
-        while let Some(r) = next {
-            if structured {
-                write_structured(&mut w, r.cookie, &r.body).await?;
-            } else {
-                write_simple(&mut w, r.cookie, &r.body).await?;
-            }
-            drop(r);
+        while let Some(out) = next {
+            send(&mut w, &out.reply, structured).await?;
+            drop(out);
             next = rx.try_recv().ok();
         }
         w.flush().await?;
@@ -361,138 +305,45 @@ async fn write_replies<W: AsyncWrite + Unpin>(
     w.shutdown().await
 }
 
-async fn write_zeros<W: AsyncWrite + Unpin>(w: &mut W, mut n: u64) -> std::io::Result<()> {
-    while n > 0 {
-        let k = n.min(ZEROS.len() as u64) as usize;
-        w.write_all(&ZEROS[..k]).await?;
-        n -= k as u64;
+/// Writes one reply. Slices at least as large as the buffer go straight to
+/// the socket, so a read's data is never copied on the way out.
+async fn send<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    reply: &Reply,
+    structured: bool,
+) -> std::io::Result<()> {
+    let encoded = reply.encode(structured).map_err(|e| {
+        // Validation keeps every reply encodable: this is a bug, and the
+        // stream cannot go on without the reply.
+        tracing::error!(cookie = reply.cookie, error = %e, "NBD reply cannot be encoded");
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    })?;
+    for s in encoded.slices() {
+        w.write_all(s).await?;
     }
     Ok(())
 }
 
-/// A read's bytes, holes written out as zeros.
-async fn write_pieces<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    pieces: &[ReadPiece],
-) -> std::io::Result<()> {
-    for p in pieces {
-        match p {
-            ReadPiece::Data(d) => w.write_all(d).await?,
-            ReadPiece::Zero(n) => write_zeros(w, *n).await?,
-        }
-    }
-    Ok(())
+/// A read's answer in the protocol's terms; the data moves, never copies.
+fn pieces(read: Vec<ReadPiece>) -> Vec<Piece> {
+    read.into_iter()
+        .map(|p| match p {
+            ReadPiece::Data(d) => Piece::Data(d),
+            ReadPiece::Zero(n) => Piece::Zero(n),
+        })
+        .collect()
 }
 
-async fn write_simple<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    cookie: u64,
-    body: &Body,
-) -> std::io::Result<()> {
-    match body {
-        Body::Done => w.write_all(&encode_simple_reply(cookie, 0)).await,
-        Body::Error(errno, _) => w.write_all(&encode_simple_reply(cookie, *errno)).await,
-        Body::Read { pieces, .. } => {
-            w.write_all(&encode_simple_reply(cookie, 0)).await?;
-            write_pieces(w, pieces).await
-        }
-        // validate() refuses BLOCK_STATUS without structured replies.
-        Body::BlockStatus(_) => w.write_all(&encode_simple_reply(cookie, EINVAL)).await,
-    }
-}
-
-async fn write_structured<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    cookie: u64,
-    body: &Body,
-) -> std::io::Result<()> {
-    match body {
-        // A simple reply is allowed for any command without payload.
-        Body::Done => w.write_all(&encode_simple_reply(cookie, 0)).await,
-        Body::Error(errno, msg) => {
-            let p = error_payload(*errno, msg);
-            w.write_all(&encode_structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                cookie,
-                p.len() as u32,
-            ))
-            .await?;
-            w.write_all(&p).await
-        }
-        Body::Read { offset, pieces, df } => {
-            if *df && pieces.len() > 1 {
-                // Don't fragment: one OFFSET_DATA chunk with holes filled in.
-                let total: u64 = pieces.iter().map(piece_len).sum();
-                let hdr = encode_structured_header(
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_OFFSET_DATA,
-                    cookie,
-                    8 + total as u32,
-                );
-                w.write_all(&hdr).await?;
-                w.write_all(&offset.to_be_bytes()).await?;
-                return write_pieces(w, pieces).await;
-            }
-            let mut pos = *offset;
-            for (i, p) in pieces.iter().enumerate() {
-                let flags = if i + 1 == pieces.len() {
-                    REPLY_FLAG_DONE
-                } else {
-                    0
-                };
-                match p {
-                    ReadPiece::Data(d) => {
-                        let hdr = encode_structured_header(
-                            flags,
-                            REPLY_TYPE_OFFSET_DATA,
-                            cookie,
-                            8 + d.len() as u32,
-                        );
-                        w.write_all(&hdr).await?;
-                        w.write_all(&pos.to_be_bytes()).await?;
-                        w.write_all(d).await?;
-                    }
-                    ReadPiece::Zero(n) => {
-                        w.write_all(&encode_structured_header(
-                            flags,
-                            REPLY_TYPE_OFFSET_HOLE,
-                            cookie,
-                            12,
-                        ))
-                        .await?;
-                        w.write_all(&pos.to_be_bytes()).await?;
-                        w.write_all(&(*n as u32).to_be_bytes()).await?;
-                    }
-                }
-                pos += piece_len(p);
-            }
-            Ok(())
-        }
-        Body::BlockStatus(extents) => {
-            let mut p = Vec::with_capacity(4 + extents.len() * 8);
-            p.extend_from_slice(&META_BASE_ALLOCATION_ID.to_be_bytes());
-            for e in extents {
-                // Extents come from one request, so each fits its u32 length.
-                p.extend_from_slice(&(e.len as u32).to_be_bytes());
-                let flags = if e.zero { STATE_HOLE | STATE_ZERO } else { 0 };
-                p.extend_from_slice(&flags.to_be_bytes());
-            }
-            let hdr = encode_structured_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_BLOCK_STATUS,
-                cookie,
-                p.len() as u32,
-            );
-            w.write_all(&hdr).await?;
-            w.write_all(&p).await
-        }
-    }
-}
-
-fn piece_len(p: &ReadPiece) -> u64 {
-    match p {
-        ReadPiece::Data(d) => d.len() as u64,
-        ReadPiece::Zero(n) => *n,
+/// The chunk map's extents as base:allocation reports them.
+fn base_allocation(extents: Vec<Extent>) -> ReplyBody {
+    ReplyBody::BlockStatus {
+        context: META_BASE_ALLOCATION_ID,
+        extents: extents
+            .into_iter()
+            .map(|e| BlockExtent {
+                len: e.len,
+                flags: if e.zero { STATE_HOLE | STATE_ZERO } else { 0 },
+            })
+            .collect(),
     }
 }
