@@ -10,7 +10,7 @@ use volumed_api::{AttachVolume, CreateVolume, VolumeName};
 
 use super::handshake::ExportLookup;
 use crate::disk::{EngineChoice, IoEngine};
-use crate::engine::{Engine, Export, NbdEndpoints};
+use crate::engine::{Engine, Export};
 
 /// Chunk size of the test volumes: the smallest allowed, so a few chunks
 /// make a small volume.
@@ -22,13 +22,8 @@ pub async fn engine_with(dir: &Path, volumes: &[(&str, u64)]) -> Arc<Engine> {
     let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
     let repo = snapshot::Repo::new(Arc::new(store), 3);
     let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
-    let endpoints = NbdEndpoints {
-        tcp: "127.0.0.1:10809".parse().unwrap(),
-        unix: dir.join("nbd.sock"),
-        tls: false,
-    };
     let io = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
-    let (engine, _) = Engine::open(dir, endpoints, io, repo, fetcher).unwrap();
+    let (engine, _) = Engine::open(dir, io, repo, fetcher).unwrap();
     let engine = Arc::new(engine);
     for &(name, size) in volumes {
         let name = VolumeName::parse(name).unwrap();
