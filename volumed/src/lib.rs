@@ -5,13 +5,15 @@
 //! hypervisors, `api` is the control API the `vol` CLI speaks, and `daemon`
 //! wires them together and shuts them down in order.
 
-pub mod api;
-pub mod catalog;
+// Public only what another crate uses: the binary (config, daemon) and the
+// benches (the chunk map, the NBD wire format).
+pub(crate) mod api;
+pub(crate) mod catalog;
 pub mod config;
 pub mod daemon;
-pub mod disk;
+pub(crate) mod disk;
 pub mod engine;
-pub mod error;
-pub mod failpoint;
+pub(crate) mod error;
+pub(crate) mod failpoint;
 pub mod nbd;
 pub(crate) mod socket_path;

@@ -27,5 +27,5 @@ mod handlers;
 pub mod server;
 pub mod views;
 
-pub use handlers::{ApiState, router};
+pub use handlers::ApiState;
 pub use server::serve;

@@ -15,5 +15,5 @@ pub mod data_file;
 pub mod engine;
 mod uring;
 
-pub use data_file::{DataFile, SEGMENT_SIZE, sync_dir};
+pub use data_file::{DataFile, sync_dir};
 pub use engine::{EngineChoice, IoEngine};

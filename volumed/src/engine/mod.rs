@@ -19,15 +19,15 @@
 //! record; delete marks the record, removes the files, then the record.
 //! `recovery` finishes or undoes whatever a crash interrupted.
 
-pub mod base;
+pub(crate) mod base;
 pub mod chunk_map;
-pub mod freeze;
-pub mod jobs;
-pub mod recovery;
-pub mod registry;
-pub mod restore;
-pub mod snapshot_catalog;
-pub mod validate;
+pub(crate) mod freeze;
+pub(crate) mod jobs;
+pub(crate) mod recovery;
+pub(crate) mod registry;
+pub(crate) mod restore;
+pub(crate) mod snapshot_catalog;
+pub(crate) mod validate;
 mod volume;
 
 use std::path::{Path, PathBuf};

@@ -21,10 +21,10 @@
 //!   TLS upgrade, session), and `ExportLookup` for `Engine`.
 //! - `tls.rs`: the rustls acceptor and the per-connection TLS mode.
 
-pub mod handshake;
+pub(crate) mod handshake;
 pub mod proto;
-pub mod server;
-pub mod session;
+pub(crate) mod server;
+pub(crate) mod session;
 pub mod tls;
 
 #[cfg(test)]
