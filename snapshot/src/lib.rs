@@ -3,8 +3,10 @@
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
 //! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
-//! - `store`: object stores (local directory, S3) behind one trait;
-//! - `repo`: the store layout and dedup: chunks by hash, manifests by id;
+//! - `store`: object stores (local directory, S3, memory) behind one trait,
+//!   and the wrapper that retries them;
+//! - `keys`: the store's key layout, every prefix and key in one place;
+//! - `repo`: chunks by hash with dedup, manifests by id, holds and markers;
 //! - `cache`: the host's bounded chunk cache and the single-flight fetcher;
 //! - `gc`: mark-and-sweep of unreferenced chunk objects, with a grace period;
 //! - `verify`: reads every chunk of a snapshot and names what is wrong.
@@ -17,6 +19,7 @@ pub mod cache;
 pub mod codec;
 pub mod gc;
 pub mod hash;
+pub mod keys;
 pub mod manifest;
 pub mod repo;
 pub mod store;
@@ -24,7 +27,7 @@ pub mod store_url;
 pub mod verify;
 
 pub use hash::ChunkHash;
-pub use manifest::{Manifest, ManifestHeader, SnapshotId};
+pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId};
 pub use repo::{PutChunk, Repo, RepoError};
-pub use store::{ObjectStore, StoreError};
+pub use store::{ObjectStore, PutOutcome, RetryPolicy, Retrying, StoreError};
 pub use store_url::{StoreUrl, StoreUrlError};

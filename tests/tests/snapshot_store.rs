@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use snapshot::codec::DEFAULT_LEVEL;
-use snapshot::repo::chunk_key;
+use snapshot::keys::chunk_key;
 use snapshot::store::{LocalStore, S3Store};
 use snapshot::{ChunkHash, Manifest, ManifestHeader, ObjectStore, Repo, RepoError, SnapshotId};
 use volumed_tests::s3::S3Server;
 
 fn header(id: &SnapshotId) -> ManifestHeader {
     ManifestHeader {
-        id: id.to_string(),
+        id: id.clone(),
         volume: "data".into(),
         size: 8 << 20,
         chunk_size: 1 << 20,

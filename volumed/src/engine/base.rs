@@ -159,7 +159,7 @@ pub struct BaseImage {
 impl BaseImage {
     pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, log: DetachLog) -> Self {
         BaseImage {
-            snapshot: manifest.header.id.clone(),
+            snapshot: manifest.header.id.to_string(),
             manifest,
             fetcher,
             log,

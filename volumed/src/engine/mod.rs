@@ -352,7 +352,7 @@ impl Engine {
             size,
             chunk_size,
             req.ephemeral,
-            source.as_ref().map(|m| m.header.id.clone()),
+            source.as_ref().map(|m| m.header.id.to_string()),
         );
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);

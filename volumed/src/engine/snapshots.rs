@@ -345,11 +345,13 @@ impl Engine {
             .map(|(c, _)| vol.chunk_size.min(plan.freeze.size - c * vol.chunk_size))
             .sum();
         let mut manifest = Manifest::new(ManifestHeader {
-            id: rec.id.clone(),
+            id: rec.id.parse::<SnapshotId>().map_err(|e| e.to_string())?,
             volume: rec.volume.clone(),
             size: plan.freeze.size,
             chunk_size: vol.chunk_size,
-            parent: rec.parent.clone(),
+            parent: (rec.parent.as_deref().map(str::parse::<SnapshotId>))
+                .transpose()
+                .map_err(|e| e.to_string())?,
             created_at: rfc3339(rec.created_at),
             labels: rec.labels.clone(),
             changed_chunks,
@@ -601,7 +603,7 @@ impl Engine {
             warn!(snapshot = %id, missing = r.missing.len(), damaged = r.damaged.len(), "snapshot verification found problems");
         }
         Ok(volumed_api::VerifyReport {
-            snapshot: r.snapshot.clone(),
+            snapshot: r.snapshot.to_string(),
             ok: r.is_ok(),
             chunks: r.chunks,
             objects: r.objects,
@@ -680,12 +682,12 @@ impl Engine {
 /// host's record of it is gone. Only completed snapshots have manifests.
 fn describe_header(h: ManifestHeader) -> volumed_api::Snapshot {
     volumed_api::Snapshot {
-        id: h.id,
+        id: h.id.into(),
         volume: h.volume,
         state: volumed_api::SnapshotState::Completed,
         size: h.size,
         chunk_size: h.chunk_size,
-        parent: h.parent,
+        parent: h.parent.map(String::from),
         created_at: h.created_at,
         completed_at: None,
         labels: h.labels,
