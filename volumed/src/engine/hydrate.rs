@@ -215,8 +215,8 @@ impl Engine {
     /// Holds named for this host whose volume is gone or hydrated: left by a
     /// delete that could not reach the store, or a crash.
     async fn release_stale_holds(self: Arc<Self>) {
-        let prefix = format!("holds/{}-", self.host_id);
-        let holds = match self.repo.store().list(&prefix).await {
+        let prefix = format!("{}-", self.host_id);
+        let holds = match self.repo.list_holds(&prefix).await {
             Ok(h) => h,
             Err(e) => {
                 warn!(error = %e, "cannot list this host's holds");
@@ -230,8 +230,7 @@ impl Engine {
             .filter(|r| r.source_snapshot.is_some() && !r.hydrated)
             .map(|r| self.hold_name(r.id))
             .collect();
-        for h in holds {
-            let name = &h.key["holds/".len()..];
+        for name in &holds {
             if needed.iter().any(|n| n == name) {
                 continue;
             }
