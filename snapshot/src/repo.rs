@@ -38,8 +38,8 @@ pub enum RepoError {
 }
 
 impl RepoError {
-    /// Whether trying again may help (a store error that said so); every
-    /// other error is about the data and stays what it is.
+    /// A store error's own kind; every other error is about the data
+    /// (missing, damaged, conflicting), which trying again does not change.
     pub fn kind(&self) -> ErrorKind {
         match self {
             RepoError::Store(e) => e.kind,

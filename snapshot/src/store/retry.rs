@@ -40,10 +40,9 @@ pub struct RetryPolicy {
 }
 
 impl Default for RetryPolicy {
-    /// Four attempts with waits of up to 0.25, 0.5 and 1 s: more attempts
-    /// than the engine's old fixed 0.5/1 s doubling, spread by jitter so
-    /// hosts and chunk uploads that failed together do not retry together.
-    /// The deadline bounds a snapshot step on a store that hangs.
+    /// Four attempts with waits of up to 0.25, 0.5 and 1 s, spread by
+    /// jitter so hosts and chunk uploads that failed together do not retry
+    /// together. The deadline bounds one operation on a store that hangs.
     fn default() -> Self {
         RetryPolicy {
             attempts: 4,
