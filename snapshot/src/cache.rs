@@ -382,6 +382,13 @@ mod tests {
         ) -> crate::store::BoxFuture<'a, Result<(), crate::StoreError>> {
             self.inner.put(key, data)
         }
+        fn put_if_absent<'a>(
+            &'a self,
+            key: &'a str,
+            data: Bytes,
+        ) -> crate::store::BoxFuture<'a, Result<crate::PutOutcome, crate::StoreError>> {
+            self.inner.put_if_absent(key, data)
+        }
         fn get<'a>(
             &'a self,
             key: &'a str,

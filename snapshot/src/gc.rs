@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::hash::ChunkHash;
+use crate::keys;
 use crate::repo::{Repo, RepoError};
 
 /// Deletes in flight at once.
@@ -61,15 +62,6 @@ pub struct GcReport {
     pub chunks_young: u64,
     pub chunks_deleted: u64,
     pub bytes_deleted: u64,
-}
-
-/// The chunk a `chunks/hh/<hex>` key names; any other key is not ours to
-/// delete.
-fn chunk_of_key(key: &str) -> Option<ChunkHash> {
-    let rest = key.strip_prefix("chunks/")?;
-    let (dir, hex) = rest.split_once('/')?;
-    let h: ChunkHash = hex.parse().ok()?;
-    (hex.get(..2) == Some(dir)).then_some(h)
 }
 
 async fn mark(repo: &Repo, key: &str, live: &mut HashSet<ChunkHash>) -> Result<(), RepoError> {
@@ -101,7 +93,7 @@ pub async fn collect_observed(
     let mut live = HashSet::new();
 
     let mut dead = Vec::new();
-    for o in store.list("pending/").await? {
+    for o in store.list(keys::PENDING).await? {
         if o.modified <= before(now) {
             dead.push(o.key);
             continue;
@@ -121,16 +113,16 @@ pub async fn collect_observed(
         report.pending_snapshots += 1;
     }
 
-    for o in store.list("manifests/").await? {
+    for o in store.list(keys::MANIFESTS).await? {
         mark(repo, &o.key, &mut live).await?;
         report.manifests += 1;
     }
-    for o in store.list("holds/").await? {
+    for o in store.list(keys::HOLDS).await? {
         mark(repo, &o.key, &mut live).await?;
         report.holds += 1;
     }
     let mut expired = Vec::new();
-    for o in store.list("trash/").await? {
+    for o in store.list(keys::TRASH).await? {
         if o.modified > cutoff {
             mark(repo, &o.key, &mut live).await?;
             report.trash_honoured += 1;
@@ -141,8 +133,8 @@ pub async fn collect_observed(
     report.chunks_referenced = live.len() as u64;
 
     let mut doomed = Vec::new();
-    for o in store.list("chunks/").await? {
-        let Some(h) = chunk_of_key(&o.key) else {
+    for o in store.list(keys::CHUNKS).await? {
+        let Some(h) = keys::chunk_of_key(&o.key) else {
             continue;
         };
         report.chunks_seen += 1;
@@ -242,7 +234,7 @@ mod tests {
         for i in 0..6u8 {
             h.push(repo.put_chunk(vec![i + 1; 4096]).await.unwrap().hash);
         }
-        let key = |h: &ChunkHash| crate::repo::chunk_key(h);
+        let key = |h: &ChunkHash| keys::chunk_key(h);
         for x in &h {
             age(dir.path(), &key(x), 7200);
         }
@@ -257,7 +249,11 @@ mod tests {
         let old = manifest(&h[3..4]);
         repo.put_manifest(&old).await.unwrap();
         repo.trash_manifest(&old.header.id).await.unwrap();
-        age(dir.path(), &format!("trash/{}", old.header.id), 7200);
+        age(
+            dir.path(),
+            &keys::trashed_manifest_key(&old.header.id),
+            7200,
+        );
         age(dir.path(), &key(&h[4]), 10);
 
         let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
@@ -275,7 +271,7 @@ mod tests {
         // A damaged manifest stops gc before it deletes anything.
         repo.store()
             .put(
-                "manifests/snap-00000000000000ff",
+                &keys::manifest_key(&SnapshotId::parse("snap-00000000000000ff").unwrap()),
                 bytes::Bytes::from_static(b"junk"),
             )
             .await
@@ -293,7 +289,7 @@ mod tests {
             codec::DEFAULT_LEVEL,
         );
         let h = repo.put_chunk(vec![9; 4096]).await.unwrap().hash;
-        age(dir.path(), &crate::repo::chunk_key(&h), 7200);
+        age(dir.path(), &keys::chunk_key(&h), 7200);
         // A snapshot elsewhere finds the old, unreferenced chunk stored and
         // will name it; gc running now must keep it.
         assert_eq!(repo.put_chunk(vec![9; 4096]).await.unwrap().uploaded, 0);
@@ -309,7 +305,7 @@ mod tests {
             codec::DEFAULT_LEVEL,
         );
         let h = repo.put_chunk(vec![3; 4096]).await.unwrap().hash;
-        let key = crate::repo::chunk_key(&h);
+        let key = keys::chunk_key(&h);
         age(dir.path(), &key, 5400);
         // A snapshot that started 2 h ago and is still running (its marker
         // fresh) may still name a chunk touched 1.5 h ago.
@@ -321,19 +317,9 @@ mod tests {
         assert!(repo.store().exists(&key).await.unwrap());
         // Its host died: the marker goes stale, is removed, and the chunk
         // is collected.
-        age(dir.path(), &format!("pending/{id}"), 4000);
+        age(dir.path(), &keys::pending_key(&id), 4000);
         let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
         assert_eq!((r.pending_expired, r.chunks_deleted), (1, 1));
         assert!(!repo.store().exists(&key).await.unwrap());
-    }
-
-    #[test]
-    fn only_chunk_keys_are_swept() {
-        let h = ChunkHash::of(b"x");
-        assert_eq!(chunk_of_key(&crate::repo::chunk_key(&h)), Some(h));
-        let hex = h.to_hex();
-        assert_eq!(chunk_of_key(&format!("chunks/zz/{hex}")), None);
-        assert_eq!(chunk_of_key("chunks/ab/cd"), None);
-        assert_eq!(chunk_of_key("manifests/x"), None);
     }
 }

@@ -4,8 +4,10 @@
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
 //! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
-//! - `store`: object stores (local directory, S3) behind one trait;
-//! - `repo`: the store layout and dedup: chunks by hash, manifests by id;
+//! - `store`: object stores (local directory, S3, memory) behind one trait,
+//!   and the wrapper that retries them;
+//! - `keys`: the store's key layout, every prefix and key in one place;
+//! - `repo`: chunks by hash with dedup, manifests by id, holds and markers;
 //! - `cache`: the host's bounded chunk cache and the single-flight fetcher;
 //! - `gc`: mark-and-sweep of unreferenced chunk objects, with a grace period;
 //! - `verify`: reads every chunk of a snapshot and names what is wrong.
@@ -19,6 +21,7 @@ pub mod codec;
 pub mod gc;
 pub mod geometry;
 pub mod hash;
+pub mod keys;
 pub mod manifest;
 pub mod repo;
 pub mod store;
@@ -27,7 +30,7 @@ pub mod verify;
 
 pub use geometry::ChunkGeometry;
 pub use hash::ChunkHash;
-pub use manifest::{Manifest, ManifestHeader, SnapshotId};
+pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId};
 pub use repo::{PutChunk, Repo, RepoError};
-pub use store::{ObjectStore, StoreError};
+pub use store::{ObjectStore, PutOutcome, RetryPolicy, Retrying, StoreError};
 pub use store_url::{StoreUrl, StoreUrlError};

@@ -228,24 +228,20 @@ impl<'a> Cursor<'a> {
 
 /// A snapshot id: `snap-` and 16 hex digits, unique across hosts sharing a
 /// store (derived from the time, the process and a counter, hashed).
+///
+/// Serialized as its plain string; deserializing validates it, so a value
+/// of this type is always safe as an object key and a file name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SnapshotId(String);
 
-impl TryFrom<String> for SnapshotId {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        SnapshotId::parse(&s).ok_or_else(|| {
-            format!("invalid snapshot id {s:?}: expected snap- followed by 1 to 64 of [0-9a-z]")
-        })
-    }
-}
+/// The longest random part [`SnapshotId::parse`] accepts.
+const MAX_ID_SUFFIX: usize = 64;
 
-impl From<SnapshotId> for String {
-    fn from(id: SnapshotId) -> String {
-        id.0
-    }
-}
+/// A string that is not a snapshot id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid snapshot id {0:?}: expected snap- followed by 1 to 64 of [0-9a-z]")]
+pub struct InvalidSnapshotId(pub String);
 
 impl SnapshotId {
     pub fn generate() -> Self {
@@ -270,7 +266,7 @@ impl SnapshotId {
     pub fn parse(s: &str) -> Option<Self> {
         let rest = s.strip_prefix("snap-")?;
         let ok = !rest.is_empty()
-            && rest.len() <= 64
+            && rest.len() <= MAX_ID_SUFFIX
             && rest
                 .bytes()
                 .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase());
@@ -279,6 +275,46 @@ impl SnapshotId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl std::str::FromStr for SnapshotId {
+    type Err = InvalidSnapshotId;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        SnapshotId::parse(s).ok_or_else(|| InvalidSnapshotId(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for SnapshotId {
+    type Error = InvalidSnapshotId;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<SnapshotId> for String {
+    fn from(id: SnapshotId) -> String {
+        id.0
+    }
+}
+
+impl AsRef<str> for SnapshotId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl PartialEq<str> for SnapshotId {
+    fn eq(&self, other: &str) -> bool {
+        self.0 == other
+    }
+}
+
+impl PartialEq<&str> for SnapshotId {
+    fn eq(&self, other: &&str) -> bool {
+        self.0 == *other
     }
 }
 
@@ -383,7 +419,64 @@ mod tests {
         assert!(SnapshotId::parse(a.as_str()).is_some());
         for bad in ["snap-", "snap-../x", "SNAP-1", "snap-ABC", "x"] {
             assert!(SnapshotId::parse(bad).is_none(), "{bad}");
+            assert!(bad.parse::<SnapshotId>().is_err(), "{bad}");
         }
+        let long = format!("snap-{}", "a".repeat(MAX_ID_SUFFIX));
+        assert_eq!(long.parse::<SnapshotId>().unwrap().as_str(), long);
+        assert!(format!("{long}a").parse::<SnapshotId>().is_err());
+        assert_eq!(
+            "x".parse::<SnapshotId>().unwrap_err().to_string(),
+            r#"invalid snapshot id "x": expected snap- followed by 1 to 64 of [0-9a-z]"#
+        );
+        assert_eq!(a, a.as_str());
+        assert_eq!(AsRef::<str>::as_ref(&a), a.to_string());
+    }
+
+    #[test]
+    fn snapshot_ids_serialize_as_plain_strings_and_are_checked() {
+        let id = SnapshotId::parse("snap-00ff").unwrap();
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""snap-00ff""#);
+        let back: SnapshotId = serde_json::from_str(r#""snap-00ff""#).unwrap();
+        assert_eq!(back, id);
+        for bad in [r#""snap-../etc""#, r#""""#, "7"] {
+            assert!(serde_json::from_str::<SnapshotId>(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// The header's JSON is what older manifests hold: typed ids must not
+    /// change a byte of it, or their checksums and equality checks break.
+    #[test]
+    fn header_json_is_unchanged_by_typed_ids() {
+        let mut h = header(4 << 20, 1 << 20);
+        h.parent = SnapshotId::parse("snap-00000000000000aa");
+        let json = String::from_utf8(serde_json::to_vec(&h).unwrap()).unwrap();
+        assert_eq!(
+            json,
+            concat!(
+                r#"{"id":"snap-0123456789abcdef","volume":"data","size":4194304,"#,
+                r#""chunk_size":1048576,"parent":"snap-00000000000000aa","#,
+                r#""created_at":"2026-11-25T09:00:00Z","labels":{"env":"prod"},"#,
+                r#""changed_chunks":2,"logical_bytes":2097152,"uploaded_bytes":1000}"#
+            )
+        );
+        let back: ManifestHeader = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, h);
+        // A header whose id is not an id is refused, checksum or not.
+        let bad = json.replace("snap-0123456789abcdef", "snap-../../x");
+        assert!(serde_json::from_str::<ManifestHeader>(&bad).is_err());
+        let m = Manifest::new(h);
+        let bytes = m.encode();
+        let body = bytes[..bytes.len() - 32].to_vec();
+        let pos = body
+            .windows(5)
+            .position(|w| w == b"snap-")
+            .expect("the id is in the header");
+        let mut b = body.clone();
+        b[pos + 5] = b'X';
+        assert!(matches!(
+            Manifest::decode(&resign(b)),
+            Err(ManifestError::Header(_))
+        ));
     }
 
     proptest! {

@@ -1,23 +1,11 @@
 //! The snapshot repository over an object store: content-addressed chunk
-//! objects and manifests.
-//!
-//! Layout (every key relative to the store's root or prefix):
-//! - `chunks/<first two hex digits>/<64 hex digits>`: a chunk object
-//!   (see `codec`), named by the blake3 of its uncompressed bytes;
-//! - `manifests/<snapshot id>`: a manifest (see `manifest`);
-//! - `holds/<name>`: a copy of a manifest whose chunks a host still needs
-//!   (a volume restored from it and not yet hydrated), so gc keeps them even
-//!   if the snapshot is deleted;
-//! - `trash/<name>`: a deleted manifest or released hold, kept for gc's
-//!   grace period so a snapshot that started from it can still finish;
-//! - `pending/<snapshot id>`: a snapshot being written, kept fresh while it
-//!   runs, holding its start by the store's clock (see `gc`);
-//! - `gc/clock-<random>`: a probe gc writes to read the store's clock.
+//! objects and manifests, laid out as `keys` says.
 //!
 //! Objects are immutable. Chunks are written before the manifest that names
-//! them; a snapshot exists exactly when its manifest does. A leaked chunk
-//! (its snapshot never finished) costs space until gc; a manifest naming a
-//! missing chunk is a bug.
+//! them; a snapshot exists exactly when its manifest does, and the manifest
+//! is written create-if-absent, so a snapshot once committed never changes.
+//! A leaked chunk (its snapshot never finished) costs space until gc; a
+//! manifest naming a missing chunk is a bug.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -26,8 +14,9 @@ use bytes::Bytes;
 
 use crate::codec::{self, CodecError};
 use crate::hash::ChunkHash;
+use crate::keys;
 use crate::manifest::{Manifest, ManifestError, SnapshotId};
-use crate::store::{ObjectStore, StoreError};
+use crate::store::{ErrorKind, ObjectStore, PutOutcome, StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RepoError {
@@ -37,26 +26,36 @@ pub enum RepoError {
     MissingChunk(ChunkHash),
     #[error("chunk {hash} is damaged: {source}")]
     CorruptChunk { hash: ChunkHash, source: CodecError },
+    /// The snapshot id as it was asked for.
     #[error("snapshot {0} not found")]
     MissingManifest(String),
+    /// `id` is the snapshot id, or the key of a hold or trash entry.
     #[error("manifest of snapshot {id} is damaged: {source}")]
     CorruptManifest { id: String, source: ManifestError },
+    /// A different manifest is already committed under this id.
+    #[error("snapshot {0} already exists with a different manifest")]
+    ManifestConflict(SnapshotId),
 }
 
 impl RepoError {
+    /// A store error's own kind; every other error is about the data
+    /// (missing, damaged, conflicting), which trying again does not change.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            RepoError::Store(e) => e.kind,
+            _ => ErrorKind::Permanent,
+        }
+    }
+
     /// Whether trying again may help.
     pub fn is_transient(&self) -> bool {
-        matches!(self, RepoError::Store(e) if e.is_transient())
+        self.kind() == ErrorKind::Transient
     }
-}
 
-pub fn chunk_key(hash: &ChunkHash) -> String {
-    let hex = hash.to_hex();
-    format!("chunks/{}/{}", &hex[..2], hex)
-}
-
-pub fn manifest_key(id: &SnapshotId) -> String {
-    format!("manifests/{id}")
+    /// Whether the store gave up because the caller is shutting down.
+    pub fn is_cancelled(&self) -> bool {
+        self.kind() == ErrorKind::Cancelled
+    }
 }
 
 /// What storing one chunk did.
@@ -65,18 +64,6 @@ pub struct PutChunk {
     pub hash: ChunkHash,
     /// Bytes written to the store: 0 when the chunk was already there.
     pub uploaded: u64,
-}
-
-pub fn pending_key(id: &SnapshotId) -> String {
-    format!("pending/{id}")
-}
-
-pub fn hold_key(name: &str) -> String {
-    format!("holds/{name}")
-}
-
-pub fn trash_key(name: &str) -> String {
-    format!("trash/{name}")
 }
 
 /// gc's default grace period: an unreferenced object younger than this is
@@ -120,15 +107,8 @@ impl Repo {
         let level = self.level;
         let encoded = tokio::task::spawn_blocking(move || codec::encode(&data, level))
             .await
-            .map_err(|e| {
-                StoreError::new(
-                    "encode",
-                    "",
-                    crate::store::ErrorKind::Transient,
-                    e.to_string(),
-                )
-            })?;
-        let key = chunk_key(&encoded.hash);
+            .map_err(|e| StoreError::new("encode", "", ErrorKind::Transient, e.to_string()))?;
+        let key = keys::chunk_key(&encoded.hash);
         if let Some(info) = self.store.head(&key).await? {
             // An old object may be unreferenced and about to be swept by a
             // gc that cannot see this snapshot yet: make it young again, so
@@ -161,27 +141,29 @@ impl Repo {
     /// A chunk object as stored, not yet verified.
     pub async fn get_chunk_object(&self, hash: &ChunkHash) -> Result<Bytes, RepoError> {
         self.store
-            .get(&chunk_key(hash))
+            .get(&keys::chunk_key(hash))
             .await?
             .ok_or(RepoError::MissingChunk(*hash))
     }
 
     /// Whether the snapshot's manifest is in the store.
     pub async fn manifest_exists(&self, id: &SnapshotId) -> Result<bool, RepoError> {
-        Ok(self.store.exists(&manifest_key(id)).await?)
+        Ok(self.store.exists(&keys::manifest_key(id)).await?)
     }
 
     /// Deletes a snapshot: its manifest moves to the trash, where gc keeps
     /// honouring it for the grace period, then leaves `manifests/`. A crash
     /// in between leaves the snapshot in place; deleting again finishes.
     pub async fn trash_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        let key = manifest_key(id);
+        let key = keys::manifest_key(id);
         let bytes = self
             .store
             .get(&key)
             .await?
             .ok_or_else(|| RepoError::MissingManifest(id.to_string()))?;
-        self.store.put(&trash_key(id.as_str()), bytes).await?;
+        self.store
+            .put(&keys::trashed_manifest_key(id), bytes)
+            .await?;
         self.store.delete(&key).await?;
         Ok(())
     }
@@ -189,29 +171,30 @@ impl Repo {
     /// Records that this host still needs the chunks of `m`.
     pub async fn put_hold(&self, name: &str, m: &Manifest) -> Result<(), RepoError> {
         self.store
-            .put(&hold_key(name), Bytes::from(m.encode()))
+            .put(&keys::hold_key(name), Bytes::from(m.encode()))
             .await?;
         Ok(())
     }
 
-    /// Names of the holds whose name starts with `name_prefix`.
+    /// The names of the holds whose name starts with `name_prefix`, so a
+    /// host can find the ones it recorded.
     pub async fn list_holds(&self, name_prefix: &str) -> Result<Vec<String>, RepoError> {
-        let prefix = hold_key(name_prefix);
-        let objects = self.store.list(&prefix).await?;
-        Ok(objects
-            .into_iter()
-            .filter_map(|o| o.key.strip_prefix(&hold_key("")).map(str::to_owned))
-            .collect())
+        let listed = self.store.list(&keys::hold_key(name_prefix)).await?;
+        let mut names: Vec<String> = listed
+            .iter()
+            .filter_map(|o| keys::hold_of_key(&o.key))
+            .map(str::to_owned)
+            .collect();
+        names.sort();
+        Ok(names)
     }
 
     /// Releases a hold through the trash, so a snapshot that took chunk
     /// hashes from the held manifest a moment ago still finishes safely.
     pub async fn release_hold(&self, name: &str) -> Result<(), RepoError> {
-        let key = hold_key(name);
+        let key = keys::hold_key(name);
         if let Some(bytes) = self.store.get(&key).await? {
-            self.store
-                .put(&trash_key(&format!("hold-{name}")), bytes)
-                .await?;
+            self.store.put(&keys::trashed_hold_key(name), bytes).await?;
             self.store.delete(&key).await?;
         }
         Ok(())
@@ -220,7 +203,7 @@ impl Repo {
     /// Announces a snapshot in progress to gc. Returns its start by the
     /// store's clock: the marker's own modification time.
     pub async fn begin_pending(&self, id: &SnapshotId) -> Result<SystemTime, RepoError> {
-        let key = pending_key(id);
+        let key = keys::pending_key(id);
         self.store.put(&key, Bytes::from_static(b"0")).await?;
         Ok(self
             .store
@@ -242,19 +225,19 @@ impl Repo {
             .unwrap_or_default()
             .as_secs();
         self.store
-            .put(&pending_key(id), Bytes::from(secs.to_string()))
+            .put(&keys::pending_key(id), Bytes::from(secs.to_string()))
             .await?;
         Ok(())
     }
 
     pub async fn end_pending(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        Ok(self.store.delete(&pending_key(id)).await?)
+        Ok(self.store.delete(&keys::pending_key(id)).await?)
     }
 
     /// The store's own clock, read from a probe object: gc compares it with
     /// objects' modification times, which that clock wrote.
     pub async fn store_now(&self) -> Result<SystemTime, RepoError> {
-        let key = format!("gc/clock-{}", SnapshotId::generate().as_str());
+        let key = keys::clock_probe_key(SnapshotId::generate().as_str());
         self.store.put(&key, Bytes::from_static(b"clock")).await?;
         let info = self.store.head(&key).await;
         let _ = self.store.delete(&key).await;
@@ -281,31 +264,34 @@ pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Vec<u8>, RepoE
     let h = *hash;
     tokio::task::spawn_blocking(move || codec::decode(&obj, &h))
         .await
-        .map_err(|e| {
-            StoreError::new(
-                "decode",
-                "",
-                crate::store::ErrorKind::Transient,
-                e.to_string(),
-            )
-        })?
+        .map_err(|e| StoreError::new("decode", "", ErrorKind::Transient, e.to_string()))?
         .map_err(|source| RepoError::CorruptChunk { hash: h, source })
 }
 
 impl Repo {
-    /// Writes the manifest: the commit point of a snapshot.
+    /// Writes the manifest: the commit point of a snapshot. It never
+    /// replaces one: finding the very same bytes committed already is
+    /// success (an earlier attempt whose reply was lost), finding anything
+    /// else is a conflict.
     pub async fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
-        let id = m.header.id.clone();
-        self.store
-            .put(&manifest_key(&id), Bytes::from(m.encode()))
-            .await?;
-        Ok(())
+        let id = &m.header.id;
+        let key = keys::manifest_key(id);
+        let bytes = Bytes::from(m.encode());
+        match self.store.put_if_absent(&key, bytes.clone()).await? {
+            PutOutcome::Created => Ok(()),
+            // A manifest that vanished since is one deleted as it was
+            // written: not ours to recreate.
+            PutOutcome::AlreadyExists => match self.store.get(&key).await? {
+                Some(existing) if existing == bytes => Ok(()),
+                _ => Err(RepoError::ManifestConflict(id.clone())),
+            },
+        }
     }
 
     pub async fn get_manifest(&self, id: &SnapshotId) -> Result<Manifest, RepoError> {
         let bytes = self
             .store
-            .get(&manifest_key(id))
+            .get(&keys::manifest_key(id))
             .await?
             .ok_or_else(|| RepoError::MissingManifest(id.to_string()))?;
         Manifest::decode(&bytes).map_err(|source| RepoError::CorruptManifest {
@@ -318,17 +304,17 @@ impl Repo {
     pub async fn list_snapshots(&self) -> Result<Vec<SnapshotId>, RepoError> {
         let mut ids: Vec<SnapshotId> = self
             .store
-            .list("manifests/")
+            .list(keys::MANIFESTS)
             .await?
             .iter()
-            .filter_map(|o| o.key.strip_prefix("manifests/").and_then(SnapshotId::parse))
+            .filter_map(|o| keys::snapshot_of_manifest_key(&o.key))
             .collect();
         ids.sort();
         Ok(ids)
     }
 
     pub async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
-        Ok(self.store.delete(&manifest_key(id)).await?)
+        Ok(self.store.delete(&keys::manifest_key(id)).await?)
     }
 }
 
@@ -336,7 +322,8 @@ impl Repo {
 mod tests {
     use super::*;
     use crate::manifest::ManifestHeader;
-    use crate::store::LocalStore;
+    use crate::store::faulty::{Fault, Faulty};
+    use crate::store::{LocalStore, MemoryStore, RetryPolicy, Retrying};
 
     #[tokio::test]
     async fn dedup_verify_and_manifests_on_the_local_store() {
@@ -364,7 +351,7 @@ mod tests {
         ));
 
         // A flipped byte in the stored object is caught on read.
-        let path = dir.path().join(chunk_key(&first.hash));
+        let path = dir.path().join(keys::chunk_key(&first.hash));
         let mut obj = std::fs::read(&path).unwrap();
         let n = obj.len();
         obj[n - 3] ^= 0xff;
@@ -399,5 +386,93 @@ mod tests {
             repo.get_manifest(&id).await,
             Err(RepoError::MissingManifest(_))
         ));
+    }
+
+    fn header(id: &SnapshotId) -> ManifestHeader {
+        ManifestHeader {
+            id: id.clone(),
+            volume: "v".into(),
+            size: 4 << 20,
+            chunk_size: 1 << 20,
+            parent: None,
+            created_at: "2026-11-25T00:00:00Z".into(),
+            labels: Default::default(),
+            changed_chunks: 0,
+            logical_bytes: 0,
+            uploaded_bytes: 0,
+        }
+    }
+
+    /// The manifest is never replaced: the same bytes again are fine (a
+    /// retry), different ones are a conflict and leave the first in place.
+    async fn manifest_is_written_once(store: Arc<dyn ObjectStore>) {
+        let repo = Repo::new(store, codec::DEFAULT_LEVEL);
+        let id = SnapshotId::generate();
+        let mut m = Manifest::new(header(&id));
+        m.push(1, Some(ChunkHash::of(b"a")));
+        repo.put_manifest(&m).await.unwrap();
+        repo.put_manifest(&m).await.unwrap();
+        let mut other = Manifest::new(header(&id));
+        other.push(2, Some(ChunkHash::of(b"b")));
+        match repo.put_manifest(&other).await {
+            Err(RepoError::ManifestConflict(c)) => assert_eq!(c, id),
+            r => panic!("expected a conflict, got {r:?}"),
+        }
+        assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
+        let e = RepoError::ManifestConflict(id.clone());
+        assert!(!e.is_transient());
+        assert_eq!(
+            e.to_string(),
+            format!("snapshot {id} already exists with a different manifest")
+        );
+    }
+
+    #[tokio::test]
+    async fn manifest_is_written_once_on_the_local_store() {
+        let dir = tempfile::tempdir().unwrap();
+        manifest_is_written_once(Arc::new(LocalStore::open(dir.path()).unwrap())).await;
+    }
+
+    #[tokio::test]
+    async fn manifest_is_written_once_in_memory() {
+        manifest_is_written_once(Arc::new(MemoryStore::new())).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_reply_to_the_manifest_write_is_success_on_retry() {
+        let faulty = Arc::new(Faulty::new(MemoryStore::new()));
+        let store = Retrying::new(
+            Arc::clone(&faulty) as Arc<dyn ObjectStore>,
+            RetryPolicy::default(),
+        );
+        let repo = Repo::new(Arc::new(store), codec::DEFAULT_LEVEL);
+        let id = SnapshotId::generate();
+        let m = Manifest::new(header(&id));
+        faulty.fail_next(1, Fault::LostReply);
+        repo.put_manifest(&m).await.unwrap();
+        assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
+    }
+
+    #[tokio::test]
+    async fn holds_are_listed_by_name() {
+        let repo = Repo::new(Arc::new(MemoryStore::new()), codec::DEFAULT_LEVEL);
+        let m = Manifest::new(header(&SnapshotId::generate()));
+        for name in ["host-a-2", "host-a-1", "host-b-1"] {
+            repo.put_hold(name, &m).await.unwrap();
+        }
+        assert_eq!(
+            repo.list_holds("host-a-").await.unwrap(),
+            ["host-a-1", "host-a-2"]
+        );
+        assert_eq!(repo.list_holds("").await.unwrap().len(), 3);
+        repo.release_hold("host-a-1").await.unwrap();
+        assert_eq!(repo.list_holds("host-a-").await.unwrap(), ["host-a-2"]);
+        // The released hold waits in the trash for gc's grace period.
+        assert!(
+            repo.store()
+                .exists(&keys::trashed_hold_key("host-a-1"))
+                .await
+                .unwrap()
+        );
     }
 }

@@ -1,5 +1,7 @@
 //! Verification of a snapshot in the store: every chunk its manifest names
-//! is read and checked against its hash.
+//! is read and checked against its hash. Transient store failures are the
+//! store's to retry (see `store::Retrying`); one that outlasts it ends the
+//! verification, since then nothing can be said.
 
 use std::collections::BTreeMap;
 
@@ -8,6 +10,7 @@ use tokio::task::JoinSet;
 use crate::hash::ChunkHash;
 use crate::manifest::SnapshotId;
 use crate::repo::{Repo, RepoError};
+use crate::store::{ErrorKind, StoreError};
 
 const VERIFY_CONCURRENCY: usize = 16;
 
@@ -22,7 +25,7 @@ pub struct BadChunk {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
-    pub snapshot: String,
+    pub snapshot: SnapshotId,
     /// Non-zero chunks in the manifest.
     pub chunks: u64,
     /// Distinct objects read.
@@ -48,7 +51,7 @@ pub async fn verify(repo: &Repo, id: &SnapshotId) -> Result<VerifyReport, RepoEr
         by_hash.entry(*h).or_default().push(*i);
     }
     let mut report = VerifyReport {
-        snapshot: id.to_string(),
+        snapshot: id.clone(),
         chunks: m.hashed().len() as u64,
         objects: by_hash.len() as u64,
         ok_objects: 0,
@@ -64,27 +67,18 @@ pub async fn verify(repo: &Repo, id: &SnapshotId) -> Result<VerifyReport, RepoEr
             };
             let repo = repo.clone();
             set.spawn(async move {
-                let mut attempt = 0;
-                loop {
-                    match repo.get_chunk(&h).await {
-                        Err(e) if e.is_transient() && attempt < 3 => {
-                            attempt += 1;
-                            tokio::time::sleep(std::time::Duration::from_millis(200 << attempt))
-                                .await;
-                        }
-                        r => return (h, indices, r.map(|_| ())),
-                    }
-                }
+                let r = repo.get_chunk(&h).await.map(|_| ());
+                (h, indices, r)
             });
         }
         let Some(joined) = set.join_next().await else {
             break;
         };
         let (hash, indices, r) = joined.map_err(|e| {
-            RepoError::Store(crate::StoreError::new(
+            RepoError::Store(StoreError::new(
                 "verify",
                 "",
-                crate::store::ErrorKind::Transient,
+                ErrorKind::Transient,
                 e.to_string(),
             ))
         })?;
@@ -114,8 +108,8 @@ mod tests {
 
     use super::*;
     use crate::codec;
+    use crate::keys::chunk_key;
     use crate::manifest::{Manifest, ManifestHeader};
-    use crate::repo::chunk_key;
     use crate::store::LocalStore;
 
     #[tokio::test]

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use snapshot::repo::chunk_key;
+use snapshot::keys::chunk_key;
 use snapshot::{ChunkHash, SnapshotId};
 use volumed_tests::snapkit::{Store, dump, fill_random, image, rt, snap, u};
 use volumed_tests::{TestDaemon, qemu_io};

@@ -8,9 +8,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use snapshot::codec::DEFAULT_LEVEL;
-use snapshot::repo::chunk_key;
+use snapshot::keys::chunk_key;
+use snapshot::keys::manifest_key;
 use snapshot::store::{LocalStore, S3Store};
-use snapshot::{ChunkHash, Manifest, ManifestHeader, ObjectStore, Repo, RepoError, SnapshotId};
+use snapshot::{
+    ChunkHash, Manifest, ManifestHeader, ObjectStore, PutOutcome, Repo, RepoError, SnapshotId,
+};
 use volumed_tests::s3::S3Server;
 
 fn header(id: &SnapshotId) -> ManifestHeader {
@@ -83,6 +86,49 @@ async fn exercise(store: Arc<dyn ObjectStore>) {
     assert!(repo.list_snapshots().await.unwrap().contains(&id));
     assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
 
+    // The manifest is written once: the same bytes again are a retry and
+    // succeed, different ones are a conflict that leaves the first alone.
+    repo.put_manifest(&m).await.unwrap();
+    let mut other = Manifest::new(header(&id));
+    other.push(2, Some(a.hash));
+    assert!(matches!(
+        repo.put_manifest(&other).await,
+        Err(RepoError::ManifestConflict(c)) if c == id
+    ));
+    assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
+
+    // Create-if-absent is atomic: of racing writers exactly one creates.
+    let racing = manifest_key(&SnapshotId::generate());
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8u8 {
+        let (store, key) = (Arc::clone(&store), racing.clone());
+        set.spawn(async move {
+            store
+                .put_if_absent(&key, Bytes::from(vec![i; 1000]))
+                .await
+                .unwrap()
+        });
+    }
+    let outcomes = set.join_all().await;
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Created)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    let won = store.get(&racing).await.unwrap().unwrap();
+    assert!(won.len() == 1000 && won.iter().all(|b| *b == won[0]));
+    assert_eq!(
+        store
+            .put_if_absent(&racing, Bytes::from_static(b"late"))
+            .await
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    store.delete(&racing).await.unwrap();
+
     // Damage: a flipped byte and a truncated object are caught on read.
     let key = chunk_key(&b.hash);
     let good = store.get(&key).await.unwrap().unwrap();
@@ -112,7 +158,7 @@ async fn exercise(store: Arc<dyn ObjectStore>) {
     ));
 
     // A damaged manifest is refused, never half-read.
-    let mkey = format!("manifests/{id}");
+    let mkey = manifest_key(&id);
     let mut mb = store.get(&mkey).await.unwrap().unwrap().to_vec();
     mb[10] ^= 0x10;
     store.put(&mkey, Bytes::from(mb)).await.unwrap();

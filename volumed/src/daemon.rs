@@ -41,6 +41,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let io = Arc::new(IoEngine::new(config.io_engine).context("start the I/O engine")?);
     let store = snapshot::store::open(&config.store).context("open the snapshot store")?;
+    // Every store operation retries its transient failures here, and stops
+    // waiting when the daemon shuts down.
+    let store = snapshot::Retrying::new(store, snapshot::RetryPolicy::default())
+        .with_cancel(root.child_token());
+    let store: Arc<dyn snapshot::ObjectStore> = Arc::new(store);
     let repo = snapshot::Repo::new(store, config.zstd_level).with_gc_grace(config.gc_grace);
     let cache_dir = config.data_dir.join("cache");
     let cache = snapshot::cache::ChunkCache::open(&cache_dir, config.cache_size)

@@ -1,7 +1,9 @@
 //! The local-directory store, the embedded default. Each object is a file:
 //! written to a temporary name, fsynced, renamed into place, and its
 //! directory fsynced, so a crash leaves the old state or the new object,
-//! never a torn one.
+//! never a torn one. A create-if-absent write hard-links the temporary file
+//! into place instead of renaming it: `link` fails with `EEXIST` rather than
+//! replace, which is what makes it atomic against another writer.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 
-use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, StoreError, valid_key};
+use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, PutOutcome, StoreError, valid_key};
 
 pub struct LocalStore {
     root: PathBuf,
@@ -52,6 +54,23 @@ impl LocalStore {
         }
         Ok(self.root.join(key))
     }
+
+    /// A fresh name in the temporary directory, unique across processes
+    /// sharing the store and across calls.
+    fn tmp_path(&self) -> PathBuf {
+        self.root.join(TMP_DIR).join(format!(
+            "{}-{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+}
+
+/// Writes `data` to a new file at `tmp` and makes it durable.
+fn write_tmp(tmp: &Path, data: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(tmp)?;
+    f.write_all(data)?;
+    f.sync_all()
 }
 
 fn io_err(op: &'static str, key: &str, e: std::io::Error) -> StoreError {
@@ -78,19 +97,48 @@ impl ObjectStore for LocalStore {
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             let path = self.path("put", key)?;
-            let tmp = self.root.join(TMP_DIR).join(format!(
-                "{}-{}",
-                std::process::id(),
-                self.tmp_seq.fetch_add(1, Ordering::Relaxed)
-            ));
+            let tmp = self.tmp_path();
             blocking("put", key, move || {
                 let dir = path.parent().expect("keys have a directory").to_owned();
                 std::fs::create_dir_all(&dir)?;
-                let mut f = std::fs::File::create(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()?;
+                write_tmp(&tmp, &data)?;
                 std::fs::rename(&tmp, &path)?;
                 std::fs::File::open(&dir)?.sync_all()
+            })
+            .await
+        })
+    }
+
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        Box::pin(async move {
+            let path = self.path("put_if_absent", key)?;
+            let tmp = self.tmp_path();
+            blocking("put_if_absent", key, move || {
+                let dir = path.parent().expect("keys have a directory").to_owned();
+                std::fs::create_dir_all(&dir)?;
+                if let Err(e) = write_tmp(&tmp, &data) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
+                // The complete, durable file appears under its key or not at
+                // all; a crash before the temporary name is removed leaves
+                // it for `open` to clear.
+                let linked = std::fs::hard_link(&tmp, &path);
+                let _ = std::fs::remove_file(&tmp);
+                match linked {
+                    Ok(()) => {
+                        std::fs::File::open(&dir)?.sync_all()?;
+                        Ok(PutOutcome::Created)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        Ok(PutOutcome::AlreadyExists)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await
         })
@@ -268,5 +316,53 @@ mod tests {
             s.list("").await.unwrap().len() == 2,
             "the temp dir is not listed"
         );
+    }
+
+    #[tokio::test]
+    async fn put_if_absent_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalStore::open(dir.path()).unwrap();
+        let key = "manifests/snap-1";
+        assert_eq!(
+            s.put_if_absent(key, Bytes::from_static(b"first"))
+                .await
+                .unwrap(),
+            PutOutcome::Created
+        );
+        assert_eq!(
+            s.put_if_absent(key, Bytes::from_static(b"second"))
+                .await
+                .unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        assert_eq!(s.get(key).await.unwrap().unwrap(), &b"first"[..]);
+        assert!(
+            std::fs::read_dir(dir.path().join(TMP_DIR))
+                .unwrap()
+                .next()
+                .is_none(),
+            "no temporary file is left behind"
+        );
+        assert!(s.put_if_absent("../x", Bytes::new()).await.is_err());
+
+        // Racing writers: exactly one creates, every other finds it.
+        let s = std::sync::Arc::new(s);
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..16u8 {
+            let s = std::sync::Arc::clone(&s);
+            set.spawn(async move {
+                s.put_if_absent("manifests/snap-2", Bytes::from(vec![i; 64]))
+                    .await
+                    .unwrap()
+            });
+        }
+        let outcomes = set.join_all().await;
+        let created = outcomes
+            .iter()
+            .filter(|o| **o == PutOutcome::Created)
+            .count();
+        assert_eq!(created, 1, "{outcomes:?}");
+        let won = s.get("manifests/snap-2").await.unwrap().unwrap();
+        assert!(won.len() == 64 && won.iter().all(|b| *b == won[0]));
     }
 }

@@ -2,9 +2,14 @@
 //!
 //! Backends sit behind one small trait so the repository above them (and
 //! tests' fault wrappers) never care which one they talk to. Each error says
-//! whether trying again may help.
+//! whether trying again may help; [`Retrying`] is the one place that acts
+//! on it.
 
+#[cfg(test)]
+pub(crate) mod faulty;
 mod local;
+mod memory;
+mod retry;
 mod s3;
 
 use std::future::Future;
@@ -14,6 +19,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 pub use local::LocalStore;
+pub use memory::MemoryStore;
+pub use retry::{RetryPolicy, Retrying};
 pub use s3::{S3Settings, S3Store};
 
 use crate::StoreUrl;
@@ -37,6 +44,18 @@ pub enum ErrorKind {
     Transient,
     /// Bad credentials, missing bucket, a corrupt local file, ...
     Permanent,
+    /// The caller gave up (shutdown): not worth retrying in this process.
+    Cancelled,
+}
+
+/// What a create-if-absent write did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object did not exist and now holds the given bytes.
+    Created,
+    /// An object was already there and was left alone; its bytes may
+    /// differ from the ones given.
+    AlreadyExists,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -61,12 +80,24 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
     }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.kind == ErrorKind::Cancelled
+    }
 }
 
 pub trait ObjectStore: Send + Sync {
     /// Stores `data` under `key`, replacing nothing visible half-written: a
     /// reader sees the whole object or none.
     fn put<'a>(&'a self, key: &'a str, data: Bytes) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Stores `data` under `key` only if no object is there, atomically
+    /// with respect to other writers: of two racing calls exactly one gets
+    /// `Created`. This is how commit points are written.
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>>;
     /// The object's bytes, or `None` if there is no such object.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
     /// The object's size and age, or `None` if there is no such object.

@@ -1,8 +1,15 @@
 //! The S3 store on aws-sdk-s3: path-style addressing (for S3-compatible
 //! servers), a timeout on every operation, the SDK's standard retries with
 //! backoff on throttling and 5xx, and a bound on requests in flight.
+//!
+//! Create-if-absent writes send `If-None-Match: *`, which S3 honours
+//! atomically (412 when the key exists). A server that answers 501 to the
+//! header gets a HEAD then a PUT instead: not atomic against a concurrent
+//! writer of the same key, which for manifests means two hosts writing one
+//! snapshot id, which ids make practically impossible.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -14,8 +21,9 @@ use aws_sdk_s3::types::MetadataDirective;
 use aws_smithy_http_client::tls;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
+use tracing::warn;
 
-use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, StoreError};
+use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, PutOutcome, StoreError};
 
 /// Requests in flight per store: enough to fill a link with 512 KiB
 /// chunks, few enough not to be throttled by a small server.
@@ -84,6 +92,8 @@ pub struct S3Store {
     bucket: String,
     prefix: String,
     permits: Arc<Semaphore>,
+    /// Set once the server has refused `If-None-Match` on PUT.
+    no_conditional_put: AtomicBool,
 }
 
 impl S3Store {
@@ -122,7 +132,17 @@ impl S3Store {
             bucket: s.bucket,
             prefix: s.prefix,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            no_conditional_put: AtomicBool::new(false),
         }
+    }
+
+    /// Create-if-absent for servers without conditional writes.
+    async fn head_then_put(&self, key: &str, data: Bytes) -> Result<PutOutcome, StoreError> {
+        if self.head(key).await?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        self.put(key, data).await?;
+        Ok(PutOutcome::Created)
     }
 
     fn full_key(&self, key: &str) -> String {
@@ -192,6 +212,57 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| classify("put", key, e))?;
             Ok(())
+        })
+    }
+
+    fn put_if_absent<'a>(
+        &'a self,
+        key: &'a str,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<PutOutcome, StoreError>> {
+        Box::pin(async move {
+            if self.no_conditional_put.load(Ordering::Relaxed) {
+                return self.head_then_put(key, data).await;
+            }
+            let sent = {
+                let _permit = self.permits.acquire().await.expect("never closed");
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(self.full_key(key))
+                    .if_none_match("*")
+                    .body(ByteStream::from(data.clone()))
+                    .send()
+                    .await
+            };
+            let err = match sent {
+                Ok(_) => return Ok(PutOutcome::Created),
+                Err(e) => e,
+            };
+            let status = match &err {
+                SdkError::ServiceError(se) => se.raw().status().as_u16(),
+                _ => 0,
+            };
+            match status {
+                412 => Ok(PutOutcome::AlreadyExists),
+                // S3 answers 409 when another conditional write of the key
+                // is in flight: trying again gets a clear answer.
+                409 => Err(StoreError::new(
+                    "put_if_absent",
+                    key,
+                    ErrorKind::Transient,
+                    "HTTP 409: a concurrent conditional write of the key",
+                )),
+                501 => {
+                    if !self.no_conditional_put.swap(true, Ordering::Relaxed) {
+                        warn!(store = %self.describe(),
+                              "the store does not support conditional PUT (If-None-Match); \
+                               manifests are written after a HEAD instead");
+                    }
+                    self.head_then_put(key, data).await
+                }
+                _ => Err(classify("put_if_absent", key, err)),
+            }
         })
     }
 

@@ -175,7 +175,7 @@ pub fn verify_report(r: snapshot::verify::VerifyReport) -> volumed_api::VerifyRe
         error: b.error,
     };
     volumed_api::VerifyReport {
-        snapshot: r.snapshot.clone(),
+        snapshot: r.snapshot.to_string(),
         ok: r.is_ok(),
         chunks: r.chunks,
         objects: r.objects,

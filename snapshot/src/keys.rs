@@ -1,0 +1,138 @@
+//! The store's key layout: every prefix and every key the repository, gc
+//! and the daemon use is spelled here and nowhere else.
+//!
+//! Every key is relative to the store's root or prefix:
+//!
+//! | key | object |
+//! | --- | --- |
+//! | `chunks/<first two hex digits>/<64 hex digits>` | a chunk object (see `codec`), named by the blake3 of its uncompressed bytes |
+//! | `manifests/<snapshot id>` | a manifest (see `manifest`): the snapshot exists exactly when it does |
+//! | `holds/<name>` | a copy of a manifest whose chunks a host still needs (a volume restored from it and not yet hydrated), so gc keeps them even if the snapshot is deleted |
+//! | `trash/<snapshot id>` | a deleted manifest, kept for gc's grace period so a snapshot that started from it can still finish |
+//! | `trash/hold-<name>` | a released hold, kept for the same reason |
+//! | `pending/<snapshot id>` | a snapshot being written, kept fresh while it runs, holding its start by the store's clock (see `gc`) |
+//! | `gc/clock-<random>` | a probe written and removed to read the store's clock |
+//!
+//! Hold names are chosen by the daemon; like every key component they must
+//! be `[a-z0-9._-]` (see `store::valid_key`). Keys for trash entries of
+//! manifests and of holds cannot collide: a snapshot id starts with `snap-`.
+
+use crate::hash::ChunkHash;
+use crate::manifest::SnapshotId;
+
+/// Chunk objects, fanned out by the first byte of their hash.
+pub const CHUNKS: &str = "chunks/";
+/// Manifests: the commit points of snapshots.
+pub const MANIFESTS: &str = "manifests/";
+/// Markers of snapshots being written.
+pub const PENDING: &str = "pending/";
+/// Manifests whose chunks a host still needs.
+pub const HOLDS: &str = "holds/";
+/// Deleted manifests and released holds, honoured for gc's grace period.
+pub const TRASH: &str = "trash/";
+/// Probes gc writes to read the store's clock.
+pub const GC_CLOCK: &str = "gc/clock-";
+
+/// What distinguishes a released hold from a deleted manifest in the trash.
+const TRASHED_HOLD: &str = "hold-";
+
+pub fn chunk_key(hash: &ChunkHash) -> String {
+    let hex = hash.to_hex();
+    format!("{CHUNKS}{}/{hex}", &hex[..2])
+}
+
+/// The chunk a `chunks/hh/<hex>` key names; any other key (a stray file,
+/// a key in the wrong fan-out directory) names none, so gc never deletes
+/// what is not ours.
+pub fn chunk_of_key(key: &str) -> Option<ChunkHash> {
+    let rest = key.strip_prefix(CHUNKS)?;
+    let (dir, hex) = rest.split_once('/')?;
+    let h: ChunkHash = hex.parse().ok()?;
+    (hex.get(..2) == Some(dir)).then_some(h)
+}
+
+pub fn manifest_key(id: &SnapshotId) -> String {
+    format!("{MANIFESTS}{id}")
+}
+
+/// The snapshot a `manifests/<id>` key names, if it is one.
+pub fn snapshot_of_manifest_key(key: &str) -> Option<SnapshotId> {
+    key.strip_prefix(MANIFESTS).and_then(SnapshotId::parse)
+}
+
+pub fn pending_key(id: &SnapshotId) -> String {
+    format!("{PENDING}{id}")
+}
+
+pub fn hold_key(name: &str) -> String {
+    format!("{HOLDS}{name}")
+}
+
+/// The hold name in a `holds/<name>` key.
+pub fn hold_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix(HOLDS).filter(|n| !n.is_empty())
+}
+
+/// Where a deleted snapshot's manifest waits out the grace period.
+pub fn trashed_manifest_key(id: &SnapshotId) -> String {
+    format!("{TRASH}{id}")
+}
+
+/// Where a released hold waits out the grace period.
+pub fn trashed_hold_key(name: &str) -> String {
+    format!("{TRASH}{TRASHED_HOLD}{name}")
+}
+
+/// A clock probe's key; `nonce` keeps concurrent probes apart.
+pub fn clock_probe_key(nonce: &str) -> String {
+    format!("{GC_CLOCK}{nonce}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::valid_key;
+
+    #[test]
+    fn chunk_keys_round_trip_and_only_they_parse() {
+        let h = ChunkHash::of(b"x");
+        let key = chunk_key(&h);
+        assert!(valid_key(&key));
+        assert_eq!(key, format!("chunks/{}/{}", &h.to_hex()[..2], h.to_hex()));
+        assert_eq!(chunk_of_key(&key), Some(h));
+        let hex = h.to_hex();
+        assert_eq!(chunk_of_key(&format!("chunks/zz/{hex}")), None);
+        assert_eq!(chunk_of_key("chunks/ab/cd"), None);
+        assert_eq!(chunk_of_key("manifests/x"), None);
+    }
+
+    #[test]
+    fn manifest_hold_trash_and_pending_keys() {
+        let id = SnapshotId::parse("snap-00ab").unwrap();
+        assert_eq!(manifest_key(&id), "manifests/snap-00ab");
+        assert_eq!(
+            snapshot_of_manifest_key(&manifest_key(&id)),
+            Some(id.clone())
+        );
+        assert_eq!(snapshot_of_manifest_key("manifests/junk"), None);
+        assert_eq!(snapshot_of_manifest_key("holds/snap-00ab"), None);
+        assert_eq!(pending_key(&id), "pending/snap-00ab");
+        assert_eq!(hold_key("host-1"), "holds/host-1");
+        assert_eq!(hold_of_key(&hold_key("host-1")), Some("host-1"));
+        assert_eq!(hold_of_key("holds/"), None);
+        assert_eq!(hold_of_key("trash/host-1"), None);
+        assert_eq!(trashed_manifest_key(&id), "trash/snap-00ab");
+        assert_eq!(trashed_hold_key("host-1"), "trash/hold-host-1");
+        assert_eq!(clock_probe_key("snap-1"), "gc/clock-snap-1");
+        for k in [
+            manifest_key(&id),
+            pending_key(&id),
+            hold_key("h"),
+            trashed_manifest_key(&id),
+            trashed_hold_key("h"),
+            clock_probe_key("n"),
+        ] {
+            assert!(valid_key(&k), "{k}");
+        }
+    }
+}
