@@ -26,8 +26,9 @@ use crate::disk::DataFile;
 /// captured exactly once, with its content at the snapshot's instant.
 pub struct Freeze {
     pending: Bitmap,
-    /// Chunks the uploader is reading from disk right now: a writer to one
-    /// of them waits for `read_done` rather than change it under the read.
+    /// Chunks being read from disk right now, by the uploader or by a
+    /// writer preserving them: a writer to one of them waits for
+    /// `read_done` rather than change it under the read.
     reading: Bitmap,
     read_done: tokio::sync::Notify,
     preserved: tokio::sync::Mutex<HashMap<u64, Vec<u8>>>,
@@ -156,9 +157,25 @@ impl Freeze {
             // under the lock.
             if self.pending.get(c) {
                 let mut preserved = self.preserved.lock().await;
-                if self.pending.clear(c) {
-                    let old = self.read_chunk(data, c).await?;
-                    preserved.insert(c, old);
+                if self.pending.get(c) {
+                    // Reading, like the uploader's: another writer to this
+                    // chunk sees it and waits until the old bytes are safe.
+                    // The lock, held across the read, makes the uploader's
+                    // `take` wait for the copy.
+                    self.reading.set(c);
+                    self.pending.clear(c);
+                    let failed = match self.read_chunk(data, c).await {
+                        Ok(bytes) => {
+                            preserved.insert(c, bytes);
+                            None
+                        }
+                        Err(e) => Some(e),
+                    };
+                    self.reading.clear(c);
+                    self.read_done.notify_waiters();
+                    if let Some(e) = failed {
+                        return Err(e);
+                    }
                     continue;
                 }
             }
