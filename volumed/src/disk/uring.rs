@@ -36,19 +36,20 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use super::engine::OpKind;
+use super::op::{OpKind, OpResult};
 
 /// Ring depth: the NBD window is 128 requests per connection, and a few
 /// connections share the ring; ops beyond it wait in a backlog.
 const RING_ENTRIES: u32 = 256;
 
-pub(super) struct Op {
-    pub file: Arc<File>,
-    pub offset: u64,
-    pub kind: OpKind,
+/// An op in flight: what the kernel reads or writes stays owned here.
+struct Op {
+    file: Arc<File>,
+    offset: u64,
+    kind: OpKind,
     /// Bytes of a read or write already done (short transfers resubmit).
-    pub done_bytes: usize,
-    pub reply: oneshot::Sender<(io::Result<()>, OpKind)>,
+    done_bytes: usize,
+    reply: oneshot::Sender<OpResult>,
 }
 
 pub struct Uring {
@@ -101,7 +102,25 @@ impl Uring {
         Ok(Uring { shared })
     }
 
-    pub(super) fn submit(&self, op: Op) {
+    /// Runs one op; returns its result and the op (with its buffer).
+    pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op {
+            file,
+            offset,
+            kind,
+            done_bytes: 0,
+            reply: tx,
+        });
+        rx.await.unwrap_or_else(|_| {
+            (
+                Err(io::Error::other("io_uring op dropped")),
+                OpKind::Sync { data_only: true },
+            )
+        })
+    }
+
+    fn submit(&self, op: Op) {
         let mut r = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
         r.backlog.push_back(op);
         r.pump();
