@@ -199,29 +199,74 @@ impl TestDaemon {
             .collect()
     }
 
-    /// Fails on ERROR lines in the daemon's log that the test did not expect.
-    pub fn assert_log_clean(&self, allowed: &[&str]) {
+    /// Fails on ERROR and WARN lines in the daemon's log that the test did
+    /// not expect: an ERROR line must contain one of `errors`, a WARN line
+    /// one of `warnings` (message substrings, as specific as the test can
+    /// make them).
+    pub fn assert_log_clean(&self, errors: &[&str], warnings: &[&str]) {
         let log = self.log();
-        let bad: Vec<&str> = log
-            .lines()
-            .filter(|l| l.contains(" ERROR ") && !allowed.iter().any(|a| l.contains(a)))
-            .collect();
+        let unexpected = |level: &str, allowed: &[&str]| -> Vec<String> {
+            log.lines()
+                .filter(|l| l.contains(level) && !allowed.iter().any(|a| l.contains(a)))
+                .map(str::to_owned)
+                .collect()
+        };
+        let bad = [
+            unexpected(" ERROR ", errors),
+            unexpected(" WARN ", warnings),
+        ]
+        .concat();
         assert!(
             bad.is_empty(),
-            "unexpected ERROR lines in the daemon log:\n{}",
+            "unexpected ERROR or WARN lines in the daemon log:\n{}",
             bad.join("\n")
         );
     }
 
     /// Stops the daemon cleanly and checks its log: the end of most tests.
     pub fn finish(self) {
-        self.finish_allowing(&[]);
+        self.finish_expecting(&[], &[]);
     }
 
-    /// As `finish`, allowing ERROR lines that contain one of `allowed`.
-    pub fn finish_allowing(mut self, allowed: &[&str]) {
+    /// As `finish`, allowing ERROR lines that contain one of `errors` and
+    /// WARN lines that contain one of `warnings`.
+    pub fn finish_expecting(mut self, errors: &[&str], warnings: &[&str]) {
         self.stop();
-        self.assert_log_clean(allowed);
+        self.assert_log_clean(errors, warnings);
+    }
+
+    /// Polls `vol snapshot inspect` until snapshot `id` is no longer
+    /// pending; returns that last inspection. Panics after a minute.
+    pub fn wait_snapshot_settled(&self, id: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let s = self.vol_json(&["snapshot", "inspect", id]);
+            if s["state"] != "pending" {
+                return s;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "snapshot {id} stayed pending: {s}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Polls `vol inspect` until volume `name`'s hydration is complete;
+    /// returns that last inspection. Panics after two minutes.
+    pub fn wait_hydrated(&self, name: &str) -> Value {
+        let t = Instant::now();
+        loop {
+            let v = self.vol_json(&["inspect", name]);
+            if v["hydration"]["state"] == "complete" {
+                return v;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "{name} not hydrated: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn vol(&self, args: &[&str]) -> Output {

@@ -2,8 +2,10 @@
 //! uses (local directory or the S3 test server), snapshots read back
 //! through the `snapshot` crate, and volumes read and filled over NBD.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 use snapshot::store::{LocalStore, S3Store};
@@ -60,6 +62,22 @@ impl Store {
         TestDaemon::start_with_env(&refs)
     }
 
+    /// Makes every object now in `d`'s store at least `age` old to gc, as
+    /// if that much time had passed since `written`, the last write that
+    /// must look old. A local store's object times are its files' mtimes,
+    /// so they move back by `age` and nothing waits. An S3 server stamps
+    /// Last-Modified itself, in whole seconds, so there this sleeps until
+    /// `age` and one second of that rounding have passed since `written`.
+    pub fn age_objects(&self, d: &TestDaemon, written: Instant, age: Duration) {
+        match self {
+            Store::Local => backdate_files(&d.data_dir().join("store"), age),
+            Store::S3(_) => {
+                let until = written + age + Duration::from_secs(1);
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+            }
+        }
+    }
+
     /// The same store, opened by the test to read snapshots back.
     pub fn repo(&self, d: &TestDaemon, prefix: &str) -> Repo {
         let store: Arc<dyn ObjectStore> = match self {
@@ -67,6 +85,21 @@ impl Store {
             Store::S3(s) => Arc::new(S3Store::new(s.settings(prefix))),
         };
         Repo::new(store, 3)
+    }
+}
+
+/// Moves the mtime of every file under `dir` back by `by`.
+fn backdate_files(dir: &Path, by: Duration) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            backdate_files(&path, by);
+            continue;
+        }
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        let modified = file.metadata().unwrap().modified().unwrap();
+        let earlier = modified.checked_sub(by).unwrap_or(SystemTime::UNIX_EPOCH);
+        file.set_modified(earlier).unwrap();
     }
 }
 

@@ -142,5 +142,5 @@ fn kill9_mid_io_loses_no_flushed_write() {
         }
     }
     assert!(d.log().contains("previous run did not shut down cleanly"));
-    d.finish();
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }

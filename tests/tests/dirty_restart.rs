@@ -38,5 +38,5 @@ fn changed_chunks_survive_sigterm_but_not_kill9() {
     d.start_again();
     let after_crash = snap(&d, "data");
     assert_eq!(u(&after_crash["changed_chunks"]), 32, "{after_crash}");
-    d.finish_allowing(&["previous run did not shut down cleanly"]);
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }

@@ -67,6 +67,13 @@ fn modify_toggles_delete_on_detach() {
     d.finish();
 }
 
+/// Warnings a failpoint's kill leaves: its own notice, and the next start's
+/// notice of the unclean shutdown.
+const KILLED: &[&str] = &[
+    "failpoint reached: killing the daemon",
+    "previous run did not shut down cleanly",
+];
+
 /// The daemon is killed at each step of an ephemeral volume's removal; the
 /// restart finishes it: no orphaned data files, no entry without files.
 #[test]
@@ -100,7 +107,7 @@ fn crash_during_ephemeral_removal_is_finished_on_restart() {
         );
         // The other volume kept its data and its attachment.
         qemu_io(&d.uri("other"), &["read -P 0x33 0 1M"]);
-        d.finish();
+        d.finish_expecting(&[], KILLED);
     }
 }
 
@@ -125,5 +132,5 @@ fn crash_during_create_leaves_no_orphan() {
     );
     assert_eq!(d.vol_json(&["list"]), serde_json::json!([]));
     d.vol_ok(&["create", "half", "--size", "4M"]);
-    d.finish();
+    d.finish_expecting(&[], &[KILLED, &["removing orphaned volume data"]].concat());
 }

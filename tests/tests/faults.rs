@@ -209,14 +209,23 @@ fn fault_matrix() {
             format!("{f:?}")
         );
     }
-    d.finish_allowing(&[
-        "retrying",
-        "failed",
-        "could not",
-        "snapshot failed",
-        "cannot fetch",
-        "I/O failed",
-        "hydrat",
-        "control API request failed",
-    ]);
+    d.finish_expecting(
+        &[
+            "retrying",
+            "failed",
+            "could not",
+            "snapshot failed",
+            "cannot fetch",
+            "I/O failed",
+            "hydrat",
+            "control API request failed",
+        ],
+        // Each injected fault is retried, a snapshot whose store keeps
+        // failing ends in error, and hydration retries failed fetches.
+        &[
+            "store operation failed; retrying",
+            "snapshot failed; its changes go to the next one",
+            "some chunks could not be hydrated; retrying",
+        ],
+    );
 }

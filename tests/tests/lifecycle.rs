@@ -134,7 +134,7 @@ fn attachment_survives_restart_and_kill() {
     d.start_again();
     assert_eq!(d.vol_json(&["inspect", "idle"])["state"], "attached");
     assert!(d.log().contains("previous run did not shut down cleanly"));
-    d.finish();
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 #[test]

@@ -90,7 +90,7 @@ fn data_survives_detach_attach_restart_and_kill_after_flush() {
     d.start_again();
     check(&d);
     qemu_io(&d.uri("data"), &["read -P 0x77 32M 64k"]);
-    d.finish();
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 #[test]

@@ -90,16 +90,7 @@ fn point_in_time(s3: Option<&S3Server>) {
     let id = started["id"].as_str().unwrap().to_owned();
     assert!(writer.wait().unwrap().success());
 
-    for _ in 0..600 {
-        if d.vol_json(&["snapshot", "inspect", &id])["state"] != "pending" {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        d.vol_json(&["snapshot", "inspect", &id])["state"],
-        "completed"
-    );
+    assert_eq!(d.wait_snapshot_settled(&id)["state"], "completed");
 
     let store: Arc<dyn ObjectStore> = match s3 {
         None => Arc::new(LocalStore::open(&d.data_dir().join("store")).unwrap()),

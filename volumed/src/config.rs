@@ -1,10 +1,12 @@
 //! Command-line flags and environment, resolved into concrete paths.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::error::ErrorKind;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use snapshot::StoreUrl;
 
 use crate::disk::EngineChoice;
@@ -113,6 +115,56 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 impl Args {
+    /// The process's arguments and environment; on a bad one, prints
+    /// clap's message and exits as `Parser::parse` does.
+    pub fn from_process() -> Args {
+        Args::try_parse_with_env(std::env::args_os(), &|var| std::env::var_os(var))
+            .unwrap_or_else(|e| e.exit())
+    }
+
+    /// Parses `argv` (program name first) against `env` rather than the
+    /// process environment: a flag's variable (`VOLUMED_*`) stands in for
+    /// the flag when the flag is absent, as clap's `env` does. Tests pass
+    /// their own environment, so none depends on the one they run in.
+    pub fn try_parse_with_env<I, T>(
+        argv: I,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Args, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let cmd = Args::command();
+        let mut full = argv.clone();
+        for arg in cmd.get_arguments() {
+            let (Some(var), Some(long)) = (arg.get_env(), arg.get_long()) else {
+                continue;
+            };
+            if flag_given(&argv, long) {
+                continue;
+            }
+            if let Some(value) = var.to_str().and_then(env) {
+                let mut flag = OsString::from(format!("--{long}="));
+                flag.push(value);
+                full.push(flag);
+            }
+        }
+        // clap's `env` read the process environment when the command was
+        // built; without it, the variables above are the only ones seen.
+        let bare = cmd.mut_args(|a| a.env(None::<&'static str>));
+        match bare.try_get_matches_from(full) {
+            Ok(m) => Args::from_arg_matches(&m),
+            // Help names each flag's variable, which only the full command
+            // still knows.
+            Err(e) if e.kind() == ErrorKind::DisplayHelp => Err(Args::command()
+                .try_get_matches_from(argv)
+                .err()
+                .unwrap_or(e)),
+            Err(e) => Err(e),
+        }
+    }
+
     pub fn resolve(self) -> anyhow::Result<Config> {
         let data_dir = match self.data_dir {
             Some(d) => d,
@@ -147,6 +199,20 @@ impl Args {
     }
 }
 
+/// Whether `--long` (alone or as `--long=VALUE`) is among the arguments
+/// before a `--`.
+fn flag_given(argv: &[OsString], long: &str) -> bool {
+    let flag = format!("--{long}");
+    argv.iter()
+        .skip(1)
+        .map(|a| a.as_encoded_bytes())
+        .take_while(|a| *a != b"--")
+        .any(|a| {
+            a.strip_prefix(flag.as_bytes())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"="))
+        })
+}
+
 /// `$XDG_DATA_HOME/volumed`, else `~/.local/share/volumed`.
 pub fn default_data_dir() -> anyhow::Result<PathBuf> {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
@@ -166,19 +232,62 @@ fn absolute(p: PathBuf) -> anyhow::Result<PathBuf> {
 mod tests {
     use super::*;
 
+    /// Parses `args` against exactly the environment `env`.
+    fn parse_env(args: &[&str], env: &[(&str, &str)]) -> Result<Args, clap::Error> {
+        let lookup = |var: &str| {
+            env.iter()
+                .find(|(k, _)| *k == var)
+                .map(|(_, v)| OsString::from(v))
+        };
+        Args::try_parse_with_env(
+            std::iter::once("volumed").chain(args.iter().copied()),
+            &lookup,
+        )
+    }
+
     fn parse(args: &[&str]) -> Result<Args, clap::Error> {
-        Args::try_parse_from(std::iter::once("volumed").chain(args.iter().copied()))
+        parse_env(args, &[])
     }
 
     #[test]
     fn nbd_listens_on_loopback_unless_told() {
-        // The environment could override the default; these tests never set it.
-        if std::env::var_os("VOLUMED_NBD_LISTEN").is_none() {
-            let a = parse(&["--data-dir", "/tmp/x"]).unwrap();
-            assert!(a.nbd_listen.ip().is_loopback(), "{}", a.nbd_listen);
-        }
+        let a = parse(&["--data-dir", "/tmp/x"]).unwrap();
+        assert!(a.nbd_listen.ip().is_loopback(), "{}", a.nbd_listen);
         let a = parse(&["--nbd-listen", "0.0.0.0:10809"]).unwrap();
         assert!(a.nbd_listen.ip().is_unspecified());
+    }
+
+    #[test]
+    fn a_variable_stands_in_for_an_absent_flag() {
+        let env = [
+            ("VOLUMED_NBD_LISTEN", "0.0.0.0:10809"),
+            ("VOLUMED_GC_GRACE", "10s"),
+            ("VOLUMED_IO_ENGINE", "threads"),
+        ];
+        let a = parse_env(&[], &env).unwrap();
+        assert!(a.nbd_listen.ip().is_unspecified());
+        assert_eq!(a.gc_grace, std::time::Duration::from_secs(10));
+        assert_eq!(a.io_engine, EngineChoice::Threads);
+        // The flag wins over its variable, in both spellings.
+        let a = parse_env(&["--nbd-listen", "127.0.0.1:1"], &env).unwrap();
+        assert_eq!(a.nbd_listen.port(), 1);
+        let a = parse_env(&["--gc-grace=1m"], &env).unwrap();
+        assert_eq!(a.gc_grace, std::time::Duration::from_secs(60));
+        // A bad value in a variable is an error, as on the command line.
+        assert!(parse_env(&[], &[("VOLUMED_ZSTD_LEVEL", "40")]).is_err());
+        // The variable of one flag satisfies another's `requires`.
+        let a = parse_env(
+            &["--nbd-tls-cert", "c.pem"],
+            &[("VOLUMED_NBD_TLS_KEY", "k.pem")],
+        );
+        assert_eq!(a.unwrap().nbd_tls_key, Some(PathBuf::from("k.pem")));
+    }
+
+    #[test]
+    fn help_still_names_the_variables() {
+        let e = parse(&["--help"]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::DisplayHelp);
+        assert!(e.to_string().contains("VOLUMED_GC_GRACE"), "{e}");
     }
 
     #[test]

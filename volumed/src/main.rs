@@ -1,6 +1,5 @@
 use std::io::IsTerminal;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use volumed::config::Args;
 
@@ -18,7 +17,7 @@ fn main() -> std::process::ExitCode {
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
 
-    let config = match Args::parse().resolve() {
+    let config = match Args::from_process().resolve() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("volumed: error: {e:#}");

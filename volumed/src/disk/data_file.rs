@@ -7,7 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use super::engine::{IoEngine, OpKind};
+use super::engine::IoEngine;
+use super::op::OpKind;
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.

@@ -8,24 +8,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
-use tokio::sync::oneshot;
 use tracing::warn;
 
-use super::uring::{Op, Uring};
-
-/// One positional operation on one file.
-pub enum OpKind {
-    /// Fill the buffer from the offset.
-    Read(Vec<u8>),
-    /// Write the buffer at the offset.
-    Write(Vec<u8>),
-    /// fdatasync (`data_only`) or fsync.
-    Sync { data_only: bool },
-    /// fallocate(2) with `mode` over `[offset, offset + len)`.
-    Fallocate { mode: i32, len: u64 },
-    /// posix_fadvise WILLNEED: start reading into the page cache.
-    WillNeed { len: u64 },
-}
+use super::op::{OpKind, OpResult};
+use super::uring::Uring;
 
 pub enum IoEngine {
     Uring(Uring),
@@ -63,29 +49,9 @@ impl IoEngine {
     }
 
     /// Runs one op; returns its result and the op (with its buffer).
-    pub async fn run(
-        &self,
-        file: Arc<File>,
-        offset: u64,
-        kind: OpKind,
-    ) -> (io::Result<()>, OpKind) {
+    pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         match self {
-            IoEngine::Uring(u) => {
-                let (tx, rx) = oneshot::channel();
-                u.submit(Op {
-                    file,
-                    offset,
-                    kind,
-                    done_bytes: 0,
-                    reply: tx,
-                });
-                rx.await.unwrap_or_else(|_| {
-                    (
-                        Err(io::Error::other("io_uring op dropped")),
-                        OpKind::Sync { data_only: true },
-                    )
-                })
-            }
+            IoEngine::Uring(u) => u.run(file, offset, kind).await,
             IoEngine::Threads => tokio::task::spawn_blocking(move || run_sync(&file, offset, kind))
                 .await
                 .unwrap_or_else(|e| {
@@ -98,7 +64,7 @@ impl IoEngine {
     }
 }
 
-fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> (io::Result<()>, OpKind) {
+fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
     let r = match &mut kind {
         OpKind::Read(buf) => file.read_exact_at(buf, offset),
         OpKind::Write(buf) => file.write_all_at(buf, offset),

@@ -13,6 +13,7 @@
 
 pub mod data_file;
 pub mod engine;
+mod op;
 mod uring;
 
 pub use data_file::{DataFile, sync_dir};

@@ -36,19 +36,20 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 use tracing::{error, info};
 
-use super::engine::OpKind;
+use super::op::{OpKind, OpResult};
 
 /// Ring depth: the NBD window is 128 requests per connection, and a few
 /// connections share the ring; ops beyond it wait in a backlog.
 const RING_ENTRIES: u32 = 256;
 
-pub(super) struct Op {
-    pub file: Arc<File>,
-    pub offset: u64,
-    pub kind: OpKind,
+/// An op in flight: what the kernel reads or writes stays owned here.
+struct Op {
+    file: Arc<File>,
+    offset: u64,
+    kind: OpKind,
     /// Bytes of a read or write already done (short transfers resubmit).
-    pub done_bytes: usize,
-    pub reply: oneshot::Sender<(io::Result<()>, OpKind)>,
+    done_bytes: usize,
+    reply: oneshot::Sender<OpResult>,
 }
 
 pub struct Uring {
@@ -101,7 +102,25 @@ impl Uring {
         Ok(Uring { shared })
     }
 
-    pub(super) fn submit(&self, op: Op) {
+    /// Runs one op; returns its result and the op (with its buffer).
+    pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Op {
+            file,
+            offset,
+            kind,
+            done_bytes: 0,
+            reply: tx,
+        });
+        rx.await.unwrap_or_else(|_| {
+            (
+                Err(io::Error::other("io_uring op dropped")),
+                OpKind::Sync { data_only: true },
+            )
+        })
+    }
+
+    fn submit(&self, op: Op) {
         let mut r = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
         r.backlog.push_back(op);
         r.pump();
@@ -281,4 +300,199 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
         }
     };
     sqe.user_data(slot as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::FileExt;
+
+    use tokio::task::JoinSet;
+
+    use super::*;
+    use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
+
+    const BLOCK: usize = 4096;
+    /// More ops at once than the ring has entries, so some wait in the
+    /// backlog and go in as completions free slots.
+    const OPS: usize = RING_ENTRIES as usize * 2 + 17;
+
+    fn pattern(i: usize) -> Vec<u8> {
+        (0..BLOCK).map(|b| (i * 31 + b) as u8).collect()
+    }
+
+    fn file_of(dir: &tempfile::TempDir, name: &str, len: u64) -> Arc<File> {
+        let f = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join(name))
+            .unwrap();
+        f.set_len(len).unwrap();
+        Arc::new(f)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_ops_of_every_kind_complete() {
+        let ring = Arc::new(Uring::new().expect("io_uring works on this machine"));
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_of(&dir, "data", (OPS * BLOCK) as u64);
+
+        // Writes, each of its own block, with syncs of both kinds among them.
+        let mut set = JoinSet::new();
+        for i in 0..OPS {
+            let (rg, f) = (Arc::clone(&ring), Arc::clone(&file));
+            set.spawn(async move {
+                let off = (i * BLOCK) as u64;
+                let (r, kind) = rg.run(f, off, OpKind::Write(pattern(i))).await;
+                r.unwrap();
+                match kind {
+                    OpKind::Write(buf) => {
+                        assert_eq!(buf, pattern(i), "write {i} gave back its buffer")
+                    }
+                    other => panic!("write {i} came back as {other:?}"),
+                }
+            });
+            if i % 16 == 0 {
+                let (rg, f) = (Arc::clone(&ring), Arc::clone(&file));
+                set.spawn(async move {
+                    let data_only = i % 32 == 0;
+                    let (r, kind) = rg.run(f, 0, OpKind::Sync { data_only }).await;
+                    r.unwrap();
+                    assert!(matches!(kind, OpKind::Sync { data_only: d } if d == data_only));
+                });
+            }
+        }
+        while let Some(t) = set.join_next().await {
+            t.unwrap();
+        }
+
+        // Reads of every block but the ones being punched or zeroed.
+        let cleared = |i: usize| i % 10 == 3 || i % 10 == 7;
+        for i in 0..OPS {
+            let (rg, f) = (Arc::clone(&ring), Arc::clone(&file));
+            let off = (i * BLOCK) as u64;
+            if cleared(i) {
+                let mode = if i % 10 == 3 { PUNCH_HOLE } else { ZERO_RANGE };
+                let len = BLOCK as u64;
+                set.spawn(async move {
+                    let (r, kind) = rg.run(f, off, OpKind::Fallocate { mode, len }).await;
+                    r.unwrap();
+                    assert!(matches!(kind, OpKind::Fallocate { mode: m, len: l } if m == mode && l == len));
+                });
+            } else {
+                set.spawn(async move {
+                    let (r, kind) = rg.run(f, off, OpKind::Read(vec![0xee; BLOCK])).await;
+                    r.unwrap();
+                    match kind {
+                        OpKind::Read(buf) => assert_eq!(buf, pattern(i), "read {i}"),
+                        other => panic!("read {i} came back as {other:?}"),
+                    }
+                });
+            }
+        }
+        while let Some(t) = set.join_next().await {
+            t.unwrap();
+        }
+
+        // The file as the kernel has it, read around the ring.
+        let mut all = vec![0u8; OPS * BLOCK];
+        file.read_exact_at(&mut all, 0).unwrap();
+        for (i, block) in all.chunks(BLOCK).enumerate() {
+            if cleared(i) {
+                assert!(block.iter().all(|b| *b == 0), "block {i} cleared");
+            } else {
+                assert_eq!(block, pattern(i), "block {i}");
+            }
+        }
+        let (r, _) = ring
+            .run(Arc::clone(&file), 0, OpKind::WillNeed { len: 1 << 20 })
+            .await;
+        r.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_past_the_end_of_file_is_unexpected_eof() {
+        let ring = Uring::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_of(&dir, "short", 0);
+        file.write_all_at(&[5u8; 100], BLOCK as u64).unwrap();
+
+        // Straddling the end: the 100 bytes there arrive, then the rest of
+        // the buffer cannot be filled.
+        let (r, kind) = ring
+            .run(
+                Arc::clone(&file),
+                BLOCK as u64,
+                OpKind::Read(vec![0; BLOCK]),
+            )
+            .await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        let OpKind::Read(buf) = kind else {
+            panic!("not a read")
+        };
+        assert_eq!(buf.len(), BLOCK);
+        assert!(buf[..100].iter().all(|b| *b == 5) && buf[100..].iter().all(|b| *b == 0));
+
+        // Wholly past the end.
+        let (r, kind) = ring.run(file, 1 << 20, OpKind::Read(vec![9; 512])).await;
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+        assert!(matches!(kind, OpKind::Read(b) if b == vec![9; 512]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_op_on_a_bad_descriptor_fails_alone() {
+        let ring = Arc::new(Uring::new().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let good = file_of(&dir, "good", (64 * BLOCK) as u64);
+        // A descriptor opened read-only: writing or allocating through it is
+        // EBADF, the errno of a descriptor not open for that.
+        let read_only = Arc::new(File::open(dir.path().join("good")).unwrap());
+
+        let mut set = JoinSet::new();
+        for i in 0..64 {
+            let ring = Arc::clone(&ring);
+            let (good, bad) = (Arc::clone(&good), Arc::clone(&read_only));
+            set.spawn(async move {
+                let off = (i * BLOCK) as u64;
+                if i % 8 == 0 {
+                    let (r, kind) = ring.run(bad, off, OpKind::Write(pattern(i))).await;
+                    assert_eq!(
+                        r.unwrap_err().raw_os_error(),
+                        Some(libc::EBADF),
+                        "write {i}"
+                    );
+                    assert!(matches!(kind, OpKind::Write(b) if b == pattern(i)));
+                } else if i % 8 == 4 {
+                    let kind = OpKind::Fallocate {
+                        mode: PUNCH_HOLE,
+                        len: BLOCK as u64,
+                    };
+                    let (r, _) = ring.run(bad, off, kind).await;
+                    assert_eq!(
+                        r.unwrap_err().raw_os_error(),
+                        Some(libc::EBADF),
+                        "fallocate {i}"
+                    );
+                } else {
+                    let (r, _) = ring
+                        .run(Arc::clone(&good), off, OpKind::Write(pattern(i)))
+                        .await;
+                    r.unwrap();
+                    let (r, kind) = ring.run(good, off, OpKind::Read(vec![0; BLOCK])).await;
+                    r.unwrap();
+                    assert!(
+                        matches!(kind, OpKind::Read(b) if b == pattern(i)),
+                        "read {i}"
+                    );
+                }
+            });
+        }
+        while let Some(t) = set.join_next().await {
+            t.unwrap();
+        }
+        // The ring is still good after the failures.
+        let (r, _) = ring.run(good, 0, OpKind::Sync { data_only: false }).await;
+        r.unwrap();
+    }
 }
