@@ -32,7 +32,9 @@ pub fn bin_dir() -> &'static Path {
             .to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "volumed", "-p", "vol"]);
+        // The same selection scripts/test builds: `-p` would resolve
+        // dependency features differently and build everything twice.
+        cmd.args(["build", "--quiet", "--workspace", "--bins"]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
