@@ -125,7 +125,20 @@ impl Repo {
             });
         }
         let len = encoded.bytes.len() as u64;
-        self.store.put(&key, Bytes::from(encoded.bytes)).await?;
+        if let Err(e) = self.store.put(&key, Bytes::from(encoded.bytes)).await {
+            // A PUT whose answer was lost may have been done: the object is
+            // content-addressed, so finding it settles the outcome (its
+            // bytes are verified against the hash whenever they are read).
+            if e.is_transient()
+                && matches!(self.store.head(&key).await, Ok(Some(info)) if info.size == len)
+            {
+                return Ok(PutChunk {
+                    hash: encoded.hash,
+                    uploaded: len,
+                });
+            }
+            return Err(e.into());
+        }
         Ok(PutChunk {
             hash: encoded.hash,
             uploaded: len,
@@ -451,6 +464,78 @@ mod tests {
         faulty.fail_next(1, Fault::LostReply);
         repo.put_manifest(&m).await.unwrap();
         assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
+    }
+
+    /// Every PUT is done but its answer is lost.
+    struct LostPuts(MemoryStore);
+
+    impl ObjectStore for LostPuts {
+        fn put<'a>(
+            &'a self,
+            key: &'a str,
+            data: Bytes,
+        ) -> crate::store::BoxFuture<'a, Result<(), StoreError>> {
+            Box::pin(async move {
+                self.0.put(key, data).await?;
+                Err(StoreError::new(
+                    "put",
+                    key,
+                    ErrorKind::Transient,
+                    "connection reset",
+                ))
+            })
+        }
+        fn put_if_absent<'a>(
+            &'a self,
+            key: &'a str,
+            data: Bytes,
+        ) -> crate::store::BoxFuture<'a, Result<crate::store::PutOutcome, StoreError>> {
+            self.0.put_if_absent(key, data)
+        }
+        fn get<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+            self.0.get(key)
+        }
+        fn head<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<Option<crate::store::ObjectInfo>, StoreError>>
+        {
+            self.0.head(key)
+        }
+        fn touch<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<(), StoreError>> {
+            self.0.touch(key)
+        }
+        fn list<'a>(
+            &'a self,
+            prefix: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<Vec<crate::store::ObjectInfo>, StoreError>>
+        {
+            self.0.list(prefix)
+        }
+        fn delete<'a>(
+            &'a self,
+            key: &'a str,
+        ) -> crate::store::BoxFuture<'a, Result<(), StoreError>> {
+            self.0.delete(key)
+        }
+        fn describe(&self) -> String {
+            "lost-puts".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_put_whose_answer_was_lost_is_found_and_kept() {
+        let repo = Repo::new(Arc::new(LostPuts(MemoryStore::new())), codec::DEFAULT_LEVEL);
+        let data = vec![7u8; 100_000];
+        let put = repo.put_chunk(data.clone()).await.unwrap();
+        assert!(put.uploaded > 0);
+        assert_eq!(repo.get_chunk(&put.hash).await.unwrap(), data);
     }
 
     #[tokio::test]
