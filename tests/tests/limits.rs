@@ -55,7 +55,7 @@ fn daemon_pid(d: &TestDaemon) -> u32 {
         let is_volumed = args
             .first()
             .is_some_and(|a| a.ends_with(b"/volumed") || *a == b"volumed");
-        if is_volumed && args.iter().any(|a| *a == data.as_bytes()) {
+        if is_volumed && args.contains(&data.as_bytes()) {
             return pid;
         }
     }
