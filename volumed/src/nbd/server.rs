@@ -119,7 +119,9 @@ impl NbdServer {
             Some(_) => (Tls::Required, Tls::Offered),
             None => (Tls::Off, Tls::Off),
         };
-        let open = Arc::new(Semaphore::new(self.limits.max_connections));
+        // More permits than a semaphore holds would panic; no host gets near.
+        let cap = self.limits.max_connections.min(Semaphore::MAX_PERMITS);
+        let open = Arc::new(Semaphore::new(cap));
         let log = Arc::new(RefusalLog::default());
         let mut tick = tokio::time::interval(RefusalLog::INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
