@@ -65,6 +65,18 @@ pub struct Args {
     )]
     pub nbd_tls_client_ca: Option<PathBuf>,
 
+    /// Most NBD connections open at once, TCP and Unix socket together,
+    /// negotiating or serving; more are closed as soon as they are accepted
+    #[arg(long, env = "VOLUMED_NBD_MAX_CONNECTIONS", value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub nbd_max_connections: u32,
+
+    /// An NBD client must finish negotiation, TLS handshake included,
+    /// within this, or it is disconnected
+    #[arg(long, env = "VOLUMED_NBD_HANDSHAKE_TIMEOUT", value_name = "DURATION", default_value = "10s",
+          value_parser = parse_timeout)]
+    pub nbd_handshake_timeout: std::time::Duration,
+
     /// NBD over a Unix socket [default: DATA_DIR/nbd.sock]
     #[arg(long, env = "VOLUMED_NBD_SOCKET", value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
@@ -103,6 +115,7 @@ pub struct Config {
     pub nbd_listen: SocketAddr,
     pub nbd_socket: PathBuf,
     pub nbd_tls: Option<TlsFiles>,
+    pub nbd_limits: crate::nbd::server::Limits,
     pub store: StoreUrl,
     pub io_engine: EngineChoice,
     pub zstd_level: i32,
@@ -112,6 +125,15 @@ pub struct Config {
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
     volumed_api::parse_size(s).map_err(|e| e.to_string())
+}
+
+/// A duration that cannot be zero: a zero deadline would drop every client.
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl Args {
@@ -189,6 +211,11 @@ impl Args {
             socket: absolute(self.socket.unwrap_or_else(|| data_dir.join("volumed.sock")))?,
             nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
             nbd_listen: self.nbd_listen,
+            nbd_limits: crate::nbd::server::Limits {
+                // A u32 always fits a usize on the targets we build for.
+                max_connections: usize::try_from(self.nbd_max_connections).unwrap_or(usize::MAX),
+                handshake_timeout: self.nbd_handshake_timeout,
+            },
             io_engine: self.io_engine,
             zstd_level: self.zstd_level,
             cache_size: self.cache_size,
@@ -288,6 +315,29 @@ mod tests {
         let e = parse(&["--help"]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::DisplayHelp);
         assert!(e.to_string().contains("VOLUMED_GC_GRACE"), "{e}");
+    }
+
+    #[test]
+    fn nbd_limits_parse_and_refuse_zero() {
+        let c = parse(&[
+            "--data-dir",
+            "/tmp/x",
+            "--nbd-max-connections",
+            "8",
+            "--nbd-handshake-timeout",
+            "1500ms",
+        ])
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.nbd_limits.max_connections, 8);
+        assert_eq!(
+            c.nbd_limits.handshake_timeout,
+            std::time::Duration::from_millis(1500)
+        );
+        assert!(parse(&["--nbd-max-connections", "0"]).is_err());
+        assert!(parse(&["--nbd-handshake-timeout", "0s"]).is_err());
+        assert!(parse(&["--nbd-handshake-timeout", "soon"]).is_err());
     }
 
     #[test]

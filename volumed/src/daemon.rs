@@ -62,7 +62,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let engine = Arc::new(engine);
     engine.start_background();
 
-    let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls).await?;
+    let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
+        .await?
+        .with_limits(config.nbd_limits);
     let api_listener = api::server::bind(&config.socket).await?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),

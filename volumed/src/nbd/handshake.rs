@@ -66,6 +66,30 @@ pub enum HandshakeError {
     TlsWithoutFixedNewstyle,
 }
 
+impl HandshakeError {
+    /// The refusal this error is, when the server turned the client away
+    /// rather than the client breaking the protocol.
+    pub fn refused(&self) -> Option<Refused> {
+        match self {
+            HandshakeError::UnknownExportName(name) => Some(Refused::UnknownExport(name.clone())),
+            HandshakeError::ExportNameWithoutTls | HandshakeError::TlsWithoutFixedNewstyle => {
+                Some(Refused::TlsRequired)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Why a client was turned away during negotiation, so the server can say
+/// so in its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// TLS is required and the client asked for something else first.
+    TlsRequired,
+    /// The export named does not exist or is not attached.
+    UnknownExport(String),
+}
+
 /// What negotiation ended with.
 pub enum Negotiated {
     /// The client entered transmission on this export; `size` is the one it
@@ -80,6 +104,9 @@ pub enum Negotiated {
     StartTls(ClientFlags),
     /// The client aborted or left during option haggling.
     Closed,
+    /// The client left after the server refused what it asked for, and
+    /// nothing it asked afterwards succeeded.
+    Refused(Refused),
 }
 
 /// Option-haggling state of one connection.
@@ -89,6 +116,8 @@ struct State {
     /// The export named by the last NBD_OPT_SET_META_CONTEXT that selected
     /// base:allocation; contexts apply only to that export.
     meta_export: Option<String>,
+    /// The last refusal, reported if the client leaves after it.
+    refused: Option<Refused>,
 }
 
 impl State {
@@ -132,6 +161,25 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut st = State::default();
+    match haggle(stream, exports, client, tls, &mut st).await {
+        Ok(Negotiated::Closed) => Ok(match st.refused {
+            Some(r) => Negotiated::Refused(r),
+            None => Negotiated::Closed,
+        }),
+        other => other,
+    }
+}
+
+async fn haggle<S>(
+    stream: &mut S,
+    exports: &dyn ExportLookup,
+    client: ClientFlags,
+    tls: Tls,
+    st: &mut State,
+) -> Result<Negotiated, HandshakeError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut out = Vec::new();
     loop {
         let mut hdr = [0u8; OPTION_HEADER_LEN];
@@ -171,6 +219,7 @@ where
                 OPT_STARTTLS | OPT_ABORT => {}
                 OPT_EXPORT_NAME => return Err(HandshakeError::ExportNameWithoutTls),
                 other => {
+                    st.refused = Some(Refused::TlsRequired);
                     reply(
                         stream,
                         &mut out,
@@ -243,6 +292,7 @@ where
                     }
                 };
                 let Some(export) = exports.export(&req.name) else {
+                    st.refused = Some(Refused::UnknownExport(req.name.clone()));
                     let msg = unknown_export(&req.name);
                     reply(
                         stream,
@@ -311,7 +361,7 @@ where
                 reply(stream, &mut out, opt.option, REP_ACK, &[]).await?;
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(stream, &mut out, &mut st, exports, opt.option, &data).await?;
+                meta_context(stream, &mut out, st, exports, opt.option, &data).await?;
             }
             OPT_STARTTLS => {
                 let refusal: Option<(u32, &[u8])> = match tls {

@@ -1,22 +1,29 @@
 //! Listeners for NBD over TCP and over a Unix socket, and the connection
 //! task that runs handshake, TLS upgrade and session in turn. The engine is
 //! reached only through [`ExportLookup`], implemented for it here.
+//!
+//! What a client can hold before it is served is bounded by [`Limits`]: a
+//! cap on open connections, counted from accept to close, and a deadline on
+//! negotiation. Connections turned away are logged, at most one line per
+//! second per reason with a count of those left out.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use tokio_rustls::TlsAcceptor;
 
-use super::handshake::{ExportLookup, HandshakeError, Negotiated, negotiate, options};
+use super::handshake::{ExportLookup, HandshakeError, Negotiated, Refused, negotiate, options};
 use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
@@ -35,9 +42,26 @@ impl ExportLookup for Engine {
     }
 }
 
-/// A client must finish option haggling (and any TLS handshake) within
-/// this time; an idle half-open connection otherwise holds a task forever.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bounds on what clients hold of the daemon (`--nbd-max-connections`,
+/// `--nbd-handshake-timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections open at once over TCP and the Unix socket together,
+    /// negotiating or in transmission; more are closed as they are accepted.
+    pub max_connections: usize,
+    /// A client must finish negotiation, TLS handshake included, within
+    /// this; an idle half-open connection otherwise holds a task forever.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
 
 pub struct NbdServer {
     tcp: TcpListener,
@@ -45,6 +69,7 @@ pub struct NbdServer {
     exports: Arc<dyn ExportLookup>,
     /// Required on TCP, offered on the Unix socket.
     tls: Option<TlsAcceptor>,
+    limits: Limits,
 }
 
 impl NbdServer {
@@ -68,7 +93,14 @@ impl NbdServer {
             unix,
             exports,
             tls,
+            limits: Limits::default(),
         })
+    }
+
+    /// Replaces the default [`Limits`].
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -80,26 +112,46 @@ impl NbdServer {
     pub async fn run(self, shutdown: CancellationToken, socket_path: PathBuf) {
         let conns = TaskTracker::new();
         info!(tcp = %self.tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-              unix = %socket_path.display(), tls = self.tls.is_some(), "NBD server listening");
+              unix = %socket_path.display(), tls = self.tls.is_some(),
+              max_connections = self.limits.max_connections,
+              handshake_timeout = ?self.limits.handshake_timeout, "NBD server listening");
         let (tcp_tls, unix_tls) = match self.tls {
             Some(_) => (Tls::Required, Tls::Offered),
             None => (Tls::Off, Tls::Off),
         };
+        // More permits than a semaphore holds would panic; no host gets near.
+        let cap = self.limits.max_connections.min(Semaphore::MAX_PERMITS);
+        let open = Arc::new(Semaphore::new(cap));
+        let log = Arc::new(RefusalLog::default());
+        let mut tick = tokio::time::interval(RefusalLog::INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ctx = |peer: String, mode: Tls, slot: OwnedSemaphorePermit| Ctx {
+            peer,
+            exports: Arc::clone(&self.exports),
+            tls: self.tls.clone(),
+            mode,
+            handshake_timeout: self.limits.handshake_timeout,
+            log: Arc::clone(&log),
+            _slot: slot,
+        };
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = tick.tick() => log.flush(Instant::now()),
                 r = self.tcp.accept() => match r {
                     Ok((stream, peer)) => {
+                        // Dropping the stream closes it before anything is
+                        // read or written.
+                        let Some(slot) = admit(&open, &log, &peer.to_string(), self.limits) else { continue };
                         let _ = stream.set_nodelay(true);
-                        let ctx = Ctx { peer: peer.to_string(), exports: Arc::clone(&self.exports), tls: self.tls.clone(), mode: tcp_tls };
-                        conns.spawn(handle(stream, ctx, shutdown.clone()));
+                        conns.spawn(handle(stream, ctx(peer.to_string(), tcp_tls, slot), shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = self.unix.accept() => match r {
                     Ok((stream, _)) => {
-                        let ctx = Ctx { peer: "unix".into(), exports: Arc::clone(&self.exports), tls: self.tls.clone(), mode: unix_tls };
-                        conns.spawn(handle(stream, ctx, shutdown.clone()));
+                        let Some(slot) = admit(&open, &log, "unix", self.limits) else { continue };
+                        conns.spawn(handle(stream, ctx("unix".into(), unix_tls, slot), shutdown.clone()));
                     }
                     Err(e) => accept_failed(e).await,
                 },
@@ -108,6 +160,26 @@ impl NbdServer {
         conns.close();
         conns.wait().await;
         let _ = std::fs::remove_file(&socket_path);
+    }
+}
+
+/// A slot for a new connection, or `None` (logged) when every slot is taken.
+fn admit(
+    open: &Arc<Semaphore>,
+    log: &RefusalLog,
+    peer: &str,
+    limits: Limits,
+) -> Option<OwnedSemaphorePermit> {
+    match Arc::clone(open).try_acquire_owned() {
+        Ok(slot) => Some(slot),
+        Err(_) => {
+            log.refused(
+                Reason::ConnectionLimit,
+                peer,
+                &format!("max_connections={}", limits.max_connections),
+            );
+            None
+        }
     }
 }
 
@@ -164,66 +236,131 @@ struct Ctx {
     exports: Arc<dyn ExportLookup>,
     tls: Option<TlsAcceptor>,
     mode: Tls,
+    handshake_timeout: Duration,
+    log: Arc<RefusalLog>,
+    /// This connection's place under `max_connections`, given back when the
+    /// task ends, whatever phase it ended in.
+    _slot: OwnedSemaphorePermit,
+}
+
+/// How negotiation (or the part of it after STARTTLS) ended.
+enum Step<T> {
+    Done(T),
+    /// The server refused the client, which then left.
+    Refused(Reason, String),
+    /// Ended otherwise: the client left, broke the protocol or was cut off
+    /// by shutdown. Logged at debug where it happens.
+    Ended,
 }
 
 async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationToken) {
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let deadline = Instant::now() + ctx.handshake_timeout;
     let first = tokio::select! {
         _ = shutdown.cancelled() => return,
         r = tokio::time::timeout_at(deadline, negotiate(&mut stream, &*ctx.exports, ctx.mode)) => r,
     };
-    let client = match outcome(first, &ctx.peer) {
-        Some(Negotiated::Export {
+    let client = match negotiated(first, &ctx) {
+        Step::Done(Negotiated::Export {
             export,
             size,
             options,
         }) => return serve(stream, &ctx.peer, false, export, size, options).await,
-        Some(Negotiated::StartTls(client)) => client,
-        Some(Negotiated::Closed) | None => return,
+        Step::Done(Negotiated::StartTls(client)) => client,
+        Step::Done(Negotiated::Refused(r)) => return ctx.refused_in_handshake(&r),
+        Step::Done(Negotiated::Closed) | Step::Ended => return,
+        Step::Refused(reason, detail) => return ctx.log.refused(reason, &ctx.peer, &detail),
     };
-    let Some(acceptor) = ctx.tls else {
+    let Some(acceptor) = ctx.tls.clone() else {
         // negotiate acknowledges STARTTLS only in a TLS mode.
         return warn!(peer = %ctx.peer, "STARTTLS acknowledged without TLS configured");
     };
-    let upgrade = async {
-        let mut tls = acceptor.accept(stream).await?;
-        let n = options(&mut tls, &*ctx.exports, client, Tls::Active).await?;
-        Ok::<_, HandshakeError>((tls, n))
+    let accepted = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        r = tokio::time::timeout_at(deadline, acceptor.accept(stream)) => r,
+    };
+    let mut tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        // A bad or missing client certificate ends here too.
+        Ok(Err(e)) => {
+            return ctx
+                .log
+                .refused(Reason::TlsHandshake, &ctx.peer, &e.to_string());
+        }
+        Err(_) => return ctx.timed_out(),
     };
     let second = tokio::select! {
         _ = shutdown.cancelled() => return,
-        r = tokio::time::timeout_at(deadline, upgrade) => r,
+        r = tokio::time::timeout_at(deadline, options(&mut tls, &*ctx.exports, client, Tls::Active)) => r,
     };
-    if let Some((
-        tls,
-        Negotiated::Export {
+    match negotiated(second, &ctx) {
+        Step::Done(Negotiated::Export {
             export,
             size,
             options,
-        },
-    )) = outcome(second, &ctx.peer)
-    {
-        serve(tls, &ctx.peer, true, export, size, options).await;
+        }) => serve(tls, &ctx.peer, true, export, size, options).await,
+        Step::Done(Negotiated::Refused(r)) => ctx.refused_in_handshake(&r),
+        Step::Refused(reason, detail) => ctx.log.refused(reason, &ctx.peer, &detail),
+        Step::Done(Negotiated::StartTls(_) | Negotiated::Closed) | Step::Ended => {}
     }
 }
 
-/// Logs why a handshake (or TLS upgrade) ended without an outcome.
-fn outcome<T>(
-    r: Result<Result<T, HandshakeError>, tokio::time::error::Elapsed>,
-    peer: &str,
-) -> Option<T> {
+impl Ctx {
+    fn timed_out(&self) {
+        let detail = format!("no export chosen within {:?}", self.handshake_timeout);
+        self.log
+            .refused(Reason::HandshakeTimeout, &self.peer, &detail);
+    }
+
+    fn refused_in_handshake(&self, r: &Refused) {
+        let (reason, detail) = refusal(r);
+        self.log.refused(reason, &self.peer, &detail);
+    }
+}
+
+/// Sorts out how a handshake (or TLS upgrade) ended; timeouts are logged
+/// here, refusals by the caller.
+fn negotiated(
+    r: Result<Result<Negotiated, HandshakeError>, tokio::time::error::Elapsed>,
+    ctx: &Ctx,
+) -> Step<Negotiated> {
     match r {
-        Ok(Ok(n)) => Some(n),
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "NBD handshake ended");
-            None
-        }
+        Ok(Ok(n)) => Step::Done(n),
+        Ok(Err(e)) => match e.refused() {
+            Some(r) => {
+                let (reason, detail) = refusal(&r);
+                Step::Refused(reason, detail)
+            }
+            None => {
+                debug!(peer = %ctx.peer, error = %e, "NBD handshake ended");
+                Step::Ended
+            }
+        },
         Err(_) => {
-            debug!(%peer, "NBD handshake timed out");
-            None
+            ctx.timed_out();
+            Step::Ended
         }
     }
 }
+
+fn refusal(r: &Refused) -> (Reason, String) {
+    match r {
+        Refused::TlsRequired => (
+            Reason::TlsRequired,
+            "the client did not start TLS".to_owned(),
+        ),
+        Refused::UnknownExport(name) => {
+            // The name is the client's: bounded, cut on a character boundary.
+            let mut end = name.len().min(MAX_LOGGED_NAME);
+            while !name.is_char_boundary(end) {
+                end -= 1;
+            }
+            (Reason::UnknownExport, format!("export={:?}", &name[..end]))
+        }
+    }
+}
+
+/// Bytes of a client's export name that go into a log line.
+const MAX_LOGGED_NAME: usize = 128;
 
 async fn serve<C: Connection>(
     stream: C,
@@ -250,5 +387,162 @@ async fn serve<C: Connection>(
     match export.sessions.track_future(session).await {
         Ok(()) => info!(%peer, volume = %volume.name, "NBD client disconnected"),
         Err(e) => warn!(%peer, volume = %volume.name, error = %e, "NBD session closed on error"),
+    }
+}
+
+/// Why a connection was turned away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reason {
+    ConnectionLimit,
+    HandshakeTimeout,
+    TlsRequired,
+    TlsHandshake,
+    UnknownExport,
+}
+
+impl Reason {
+    const ALL: [Reason; 5] = [
+        Reason::ConnectionLimit,
+        Reason::HandshakeTimeout,
+        Reason::TlsRequired,
+        Reason::TlsHandshake,
+        Reason::UnknownExport,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::ConnectionLimit => "connection limit reached",
+            Reason::HandshakeTimeout => "handshake timed out",
+            Reason::TlsRequired => "TLS required",
+            Reason::TlsHandshake => "TLS handshake failed",
+            Reason::UnknownExport => "unknown export",
+        }
+    }
+}
+
+/// Refused connections in the log: a flood of them must not become a flood
+/// of lines, so each reason logs at most once per [`RefusalLog::INTERVAL`]
+/// and the next line (or the periodic flush) says how many were left out.
+#[derive(Default)]
+struct RefusalLog {
+    limits: [RateLimit; Reason::ALL.len()],
+}
+
+impl RefusalLog {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    fn refused(&self, reason: Reason, peer: &str, detail: &str) {
+        let Some(suppressed) = self.limits[reason as usize].admit(Instant::now(), Self::INTERVAL)
+        else {
+            return;
+        };
+        // Hitting the cap is the operator's problem, the rest the client's.
+        let limit = reason == Reason::ConnectionLimit;
+        let reason = reason.as_str();
+        if limit {
+            warn!(%peer, reason, detail, suppressed, "NBD connection refused");
+        } else {
+            info!(%peer, reason, detail, suppressed, "NBD connection refused");
+        }
+    }
+
+    /// Reports the refusals left out since each reason's last line, once
+    /// that line is an interval old, so a burst's count is not held back
+    /// until the next refusal.
+    fn flush(&self, now: Instant) {
+        for reason in Reason::ALL {
+            if let Some(n) = self.limits[reason as usize].take_suppressed(now, Self::INTERVAL) {
+                let limit = reason == Reason::ConnectionLimit;
+                let reason = reason.as_str();
+                if limit {
+                    warn!(
+                        reason,
+                        suppressed = n,
+                        "NBD connections refused without a line each"
+                    );
+                } else {
+                    info!(
+                        reason,
+                        suppressed = n,
+                        "NBD connections refused without a line each"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One line per interval; events in between are counted.
+#[derive(Default)]
+struct RateLimit(Mutex<RateState>);
+
+#[derive(Default)]
+struct RateState {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    /// `Some(events left out before this one)` if this event gets a line.
+    fn admit(&self, now: Instant, interval: Duration) -> Option<u64> {
+        // A panic while holding it cannot leave the counter inconsistent.
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match st.last {
+            Some(t) if now.saturating_duration_since(t) < interval => {
+                st.suppressed = st.suppressed.saturating_add(1);
+                None
+            }
+            _ => {
+                st.last = Some(now);
+                Some(std::mem::take(&mut st.suppressed))
+            }
+        }
+    }
+
+    /// The count left out, if any and the last line is an interval old;
+    /// reporting it counts as a line.
+    fn take_suppressed(&self, now: Instant, interval: Duration) -> Option<u64> {
+        let mut st = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let due = st
+            .last
+            .is_none_or(|t| now.saturating_duration_since(t) >= interval);
+        if st.suppressed == 0 || !due {
+            return None;
+        }
+        st.last = Some(now);
+        Some(std::mem::take(&mut st.suppressed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_line_per_interval_with_the_count_left_out() {
+        let r = RateLimit::default();
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        assert_eq!(r.admit(t0, s), Some(0));
+        for i in 1..=5 {
+            assert_eq!(r.admit(t0 + Duration::from_millis(i * 100), s), None);
+        }
+        // Not due yet: the last line is younger than the interval.
+        assert_eq!(r.take_suppressed(t0 + Duration::from_millis(900), s), None);
+        assert_eq!(r.admit(t0 + s, s), Some(5));
+        assert_eq!(r.admit(t0 + s, s), None);
+        assert_eq!(r.take_suppressed(t0 + 2 * s, s), Some(1));
+        assert_eq!(r.take_suppressed(t0 + 3 * s, s), None);
+        // The flush counted as a line.
+        assert_eq!(r.admit(t0 + 2 * s + Duration::from_millis(1), s), None);
+        assert_eq!(r.admit(t0 + 3 * s, s), Some(1));
+    }
+
+    #[test]
+    fn long_export_names_are_cut_on_a_character_boundary() {
+        let name = "é".repeat(200);
+        let (reason, detail) = refusal(&Refused::UnknownExport(name));
+        assert_eq!(reason, Reason::UnknownExport);
+        assert!(detail.len() <= MAX_LOGGED_NAME + 16, "{detail}");
     }
 }

@@ -8,6 +8,12 @@
 //! is bounded twice: by a count of requests and by a budget of payload
 //! bytes. When either is exhausted the reader stops reading, which is
 //! backpressure on the client, never an error.
+//!
+//! Every reply holds its request's share of the window until the writer has
+//! written it, refusals and block status included: a client that pipelines
+//! requests and never reads its replies stops being read once the window is
+//! full, instead of growing the daemon's memory. The reply channel holds at
+//! most one entry per slot of the window.
 
 use std::sync::Arc;
 
@@ -29,6 +35,13 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Payload bytes in flight per connection, counted in KiB permits.
 const PAYLOAD_BUDGET_KIB: u32 = 256 << 10;
 
+/// Encoded replies the writer gathers before a flush. Beyond the window,
+/// this is all the memory replies a client does not read can hold.
+pub(crate) const WRITE_BUFFER: usize = 256 << 10;
+
+/// Bytes of a block-status extent on the wire (length and flags).
+const EXTENT_LEN: u64 = 8;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error("{0}")]
@@ -40,9 +53,9 @@ pub enum SessionError {
 /// What a request's task hands to the writer.
 struct Outgoing {
     reply: Reply,
-    /// Released once the reply is on the wire, so read buffers count against
-    /// the budget until they are sent.
-    _permit: Option<InFlight>,
+    /// Released once the reply is written, so read buffers and queued
+    /// replies count against the window until they are sent.
+    _permit: InFlight,
 }
 
 struct InFlight {
@@ -101,7 +114,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
+    // Every entry holds a slot of the window, so a send never waits on
+    // capacity; the bound is there so the channel cannot outgrow it.
+    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
     let writer_task = tokio::spawn(write_replies(writer, rx, options.structured));
     let window = Window::new();
     let ctx = Ctx {
@@ -122,18 +137,24 @@ where
 }
 
 struct Ctx {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::Sender<Outgoing>,
     volume: Arc<Volume>,
     size: u64,
     options: SessionOptions,
 }
 
 impl Ctx {
-    fn reply_now(&self, cookie: u64, body: ReplyBody) {
-        let _ = self.tx.send(Outgoing {
-            reply: Reply { cookie, body },
-            _permit: None,
-        });
+    /// Queues a reply the reader made itself; it keeps `permit` until
+    /// written, like any other. A closed channel means the writer has
+    /// stopped (the client is gone): the reply is dropped with its permit.
+    async fn reply_now(&self, cookie: u64, body: ReplyBody, permit: InFlight) {
+        let _ = self
+            .tx
+            .send(Outgoing {
+                reply: Reply { cookie, body },
+                _permit: permit,
+            })
+            .await;
     }
 
     /// Runs `work` on its own task and sends what it returns.
@@ -144,13 +165,15 @@ impl Ctx {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let body = work.await;
-            let _ = tx.send(Outgoing {
-                reply: Reply {
-                    cookie: req.cookie,
-                    body,
-                },
-                _permit: Some(permit),
-            });
+            let _ = tx
+                .send(Outgoing {
+                    reply: Reply {
+                        cookie: req.cookie,
+                        body,
+                    },
+                    _permit: permit,
+                })
+                .await;
         });
     }
 }
@@ -176,11 +199,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if req.command == Command::Disc {
             return Ok(());
         }
-        let payload = match req.command {
-            Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
-            _ => 0,
+        // A full window waits for the client to read replies; a detach must
+        // not wait for that.
+        let permit = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(()),
+            p = window.acquire(reply_budget(&req, ctx)) => p,
         };
-        let permit = window.acquire(payload).await;
 
         let mut data = Vec::new();
         if req.command == Command::Write {
@@ -195,7 +220,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
                 ctx.reply_now(
                     req.cookie,
                     error(EINVAL, "write larger than the maximum payload"),
-                );
+                    permit,
+                )
+                .await;
                 continue;
             }
             data = vec![0u8; req.length as usize];
@@ -204,15 +231,32 @@ async fn read_requests<R: AsyncRead + Unpin>(
         if let Err(refusal) = validate(&req, ctx.size, ctx.options) {
             let (errno, msg) = (refusal.errno, refusal.message);
             debug!(volume = %ctx.volume.name, ?req, errno, msg, "request refused");
-            ctx.reply_now(req.cookie, error(errno, msg));
+            ctx.reply_now(req.cookie, error(errno, msg), permit).await;
             continue;
         }
-        dispatch(ctx, req, data, permit);
+        dispatch(ctx, req, data, permit).await;
+    }
+}
+
+/// The bytes of the window a request takes: its payload, or for block
+/// status the largest reply it can get (one extent per chunk it spans, plus
+/// one for a range that starts inside a chunk). Other replies are small and
+/// take the minimum.
+fn reply_budget(req: &Request, ctx: &Ctx) -> u32 {
+    match req.command {
+        Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
+        Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => EXTENT_LEN as u32,
+        Command::BlockStatus => {
+            let chunk = ctx.volume.chunk_size.max(1);
+            let extents = u64::from(req.length).div_ceil(chunk).saturating_add(1);
+            u32::try_from(extents.saturating_mul(EXTENT_LEN)).unwrap_or(u32::MAX)
+        }
+        _ => 0,
     }
 }
 
 /// Starts a validated request.
-fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
+async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
     let vol = Arc::clone(&ctx.volume);
     let (off, len) = (req.offset, u64::from(req.length));
     let fua = req.flags & CMD_FLAG_FUA != 0;
@@ -262,11 +306,12 @@ fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             if req.flags & CMD_FLAG_REQ_ONE != 0 {
                 extents.truncate(1);
             }
-            ctx.reply_now(req.cookie, base_allocation(extents));
-            drop(permit);
+            ctx.reply_now(req.cookie, base_allocation(extents), permit)
+                .await;
         }
         Command::Disc | Command::Unknown(_) => {
-            ctx.reply_now(req.cookie, error(EINVAL, "unknown command"));
+            ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)
+                .await;
         }
     }
 }
@@ -288,10 +333,10 @@ fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> R
 
 async fn write_replies<W: AsyncWrite + Unpin>(
     writer: W,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    mut rx: mpsc::Receiver<Outgoing>,
     structured: bool,
 ) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, writer);
+    let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         // Batch whatever else is ready into one flush.

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use tokio::task::JoinHandle;
@@ -35,10 +36,15 @@ struct Harness {
 }
 
 async fn start(options: SessionOptions) -> Harness {
+    start_with(options, 4 << 20).await
+}
+
+/// A session whose pipe holds `pipe` bytes each way.
+async fn start_with(options: SessionOptions, pipe: usize) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let engine = engine_with(dir.path(), &[("v", SIZE)]).await;
     let export = engine.export("v").unwrap();
-    let (c, s) = duplex(4 << 20);
+    let (c, s) = duplex(pipe);
     let (r, w) = tokio::io::split(s);
     let task = tokio::spawn(session::serve(
         r,
@@ -335,4 +341,73 @@ async fn disc_and_detach_end_the_session_cleanly() {
     let mut rest = Vec::new();
     h.c.read_to_end(&mut rest).await.unwrap();
     assert!(rest.is_empty());
+}
+
+/// A client that pipelines requests and never reads: every reply, those the
+/// reader makes itself (refusals, unknown commands, block status) included,
+/// holds its share of the window until it is written, so the session stops
+/// taking requests once the window and the writer's buffer are full. Each
+/// time the client's writes stall, it has sent at most that many requests
+/// beyond those it read the replies of.
+#[tokio::test]
+async fn replies_a_client_does_not_read_stay_within_the_window() {
+    const PIPE: usize = 4096;
+    const TOTAL: u64 = 100_000;
+    let mut h = start_with(STRUCTURED, PIPE).await;
+    let mut buf = Vec::with_capacity(TOTAL as usize * REQUEST_HEADER_LEN);
+    for cookie in 0..TOTAL {
+        let (cmd, offset) = match cookie % 3 {
+            0 => (BLOCK_STATUS, 0),
+            1 => (42, 0),
+            _ => (READ, SIZE),
+        };
+        buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        buf.extend_from_slice(&0u16.to_be_bytes());
+        buf.extend_from_slice(&cmd.to_be_bytes());
+        buf.extend_from_slice(&cookie.to_be_bytes());
+        buf.extend_from_slice(&offset.to_be_bytes());
+        buf.extend_from_slice(&(CHUNK as u32).to_be_bytes());
+    }
+    // The smallest reply here, a one-extent block status, is 32 bytes; the
+    // pipe holds the last requests sent, not yet read.
+    let bound = session::MAX_IN_FLIGHT
+        + (session::WRITE_BUFFER + PIPE) / 32
+        + PIPE / REQUEST_HEADER_LEN
+        + 1;
+    let (mut pos, mut answered, mut stalls, mut most) = (0, 0u64, 0, 0);
+    while pos < buf.len() {
+        match tokio::time::timeout(Duration::from_millis(100), h.c.write(&buf[pos..])).await {
+            Ok(n) => pos += n.unwrap(),
+            Err(_) => {
+                stalls += 1;
+                let sent = (pos / REQUEST_HEADER_LEN) as u64;
+                let unread = (sent - answered) as usize;
+                assert!(
+                    unread <= bound,
+                    "{unread} requests taken unanswered, bound {bound}"
+                );
+                most = most.max(unread);
+                let replies = h.replies(unread).await;
+                assert!(replies.keys().all(|c| (answered..sent).contains(c)));
+                answered = sent;
+            }
+        }
+    }
+    // Without the bound every request is taken at once and nothing stalls.
+    assert!(
+        stalls as u64 >= TOTAL / bound as u64,
+        "{stalls} stalls, at most {most} unread"
+    );
+    let replies = h.replies((TOTAL - answered) as usize).await;
+    for (cookie, m) in replies {
+        match cookie % 3 {
+            0 => assert!(matches!(m, Meaning::BlockStatus { .. }), "{m:?}"),
+            _ => assert_eq!(errno(&m), Some(EINVAL), "{cookie}"),
+        }
+    }
+    // The session goes on.
+    assert!(matches!(
+        h.call(READ, 0, 0, 512, &[]).await,
+        Meaning::Read { .. }
+    ));
 }
