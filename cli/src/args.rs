@@ -109,6 +109,46 @@ pub enum SnapshotCommand {
     Delete { id: String },
     /// Read every chunk of a snapshot and check it against its hash
     Verify { id: String },
+    /// The byte ranges that differ between two snapshots (of any volumes,
+    /// same chunk size), exact by content; without --from, the ranges of TO
+    /// that hold data
+    Diff {
+        /// The older snapshot
+        #[arg(long, value_parser = parse_snapshot_id)]
+        from: Option<String>,
+        /// The newer snapshot
+        #[arg(value_parser = parse_snapshot_id)]
+        to: String,
+        /// Print JSON in this shape: ours (json), `rbd diff --format json`
+        /// (rbd), or EBS ListChangedBlocks (ebs, 512 KiB chunks only)
+        #[arg(long, value_enum)]
+        format: Option<DiffFormat>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DiffFormat {
+    Json,
+    Rbd,
+    Ebs,
+}
+
+/// `snap-` and 1 to 64 of `[0-9a-z]`, as the daemon's ids; checked here
+/// so an id never carries anything else into a request path or query.
+fn parse_snapshot_id(s: &str) -> Result<String, String> {
+    let ok = s.strip_prefix("snap-").is_some_and(|rest| {
+        (1..=64).contains(&rest.len())
+            && rest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase())
+    });
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "invalid snapshot id {s:?}: expected snap- followed by 1 to 64 of [0-9a-z]"
+        ))
+    }
 }
 
 fn parse_label(s: &str) -> Result<(String, String), String> {

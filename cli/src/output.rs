@@ -16,6 +16,13 @@ impl Out {
         write_stdout(&s)
     }
 
+    /// One JSON document on one line, for shapes other tools print so.
+    pub fn compact_json<T: Serialize>(&self, value: &T) -> io::Result<()> {
+        let mut s = serde_json::to_string(value).map_err(io::Error::other)?;
+        s.push('\n');
+        write_stdout(&s)
+    }
+
     pub fn line(&self, s: impl AsRef<str>) -> io::Result<()> {
         write_stdout(&format!("{}\n", s.as_ref()))
     }

@@ -1,5 +1,6 @@
 //! Snapshot formats and object stores for volumed.
 //!
+//! - `diff`: changed blocks between any two snapshots, exact by content;
 //! - `geometry`: how a volume splits into chunks (counts, ranges, the short last one);
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
@@ -18,6 +19,7 @@
 
 pub mod cache;
 pub mod codec;
+pub mod diff;
 pub mod gc;
 pub mod geometry;
 pub mod hash;

@@ -151,6 +151,9 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
             out.line(format!("deleted snapshot {id}"))?;
             Ok(())
         }
+        SnapshotCommand::Diff { from, to, format } => {
+            super::diff::run(client, out, from, to, format).await
+        }
         SnapshotCommand::Verify { id } => {
             let r: VerifyReport = client
                 .send(

@@ -5,10 +5,12 @@
 //! thiserror only, so the CLI never links sled, tokio's runtime internals or
 //! io_uring.
 
+pub mod diff;
 pub mod name;
 pub mod size;
 pub mod types;
 
+pub use diff::*;
 pub use name::{NameError, VolumeName};
 pub use size::{SizeError, format_size, parse_size};
 pub use types::*;

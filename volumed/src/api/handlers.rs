@@ -53,6 +53,8 @@ pub fn router(state: ApiState) -> Router {
             get(get_snapshot).delete(delete_snapshot),
         )
         .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
+        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
+        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
         .route("/v1/gc", post(gc))
         .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
         .method_not_allowed_fallback(|| async {
@@ -266,6 +268,66 @@ async fn verify_snapshot(
 ) -> ApiResult<Json<VerifyReport>> {
     let report = s.engine.verify_snapshot(&snapshot_id(&id)?).await?;
     Ok(Json(views::verify_report(report)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    from: Option<String>,
+}
+
+async fn diff_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<volumed_api::SnapshotDiff>> {
+    let Query(q) = query.map_err(|e| ApiFailure::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let to = snapshot_id(&id)?;
+    let from = q.from.as_deref().map(snapshot_id).transpose()?;
+    let d = s.engine.diff_snapshots(from.as_ref(), &to).await?;
+    Ok(Json(views::snapshot_diff(d)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangedBlocksQuery {
+    from: Option<String>,
+    starting_offset: Option<u64>,
+    max_results: Option<usize>,
+    next_token: Option<String>,
+}
+
+/// Paged changed blocks with CSI SnapshotMetadata's names; `next_token`,
+/// when given, wins over `starting_offset`.
+async fn changed_blocks(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<ChangedBlocksQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Json<volumed_api::ChangedBlocks>> {
+    let Query(q) = query.map_err(|e| ApiFailure::new(ErrorCode::InvalidRequest, e.body_text()))?;
+    let max = q.max_results.unwrap_or(views::CHANGED_BLOCKS_PAGE);
+    if max == 0 || max > views::CHANGED_BLOCKS_MAX_PAGE {
+        return Err(ApiFailure::new(
+            ErrorCode::InvalidRequest,
+            format!(
+                "max_results must be 1 to {}",
+                views::CHANGED_BLOCKS_MAX_PAGE
+            ),
+        ));
+    }
+    let start = match &q.next_token {
+        Some(t) => t.parse::<u64>().map_err(|_| {
+            ApiFailure::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid next_token {t:?}"),
+            )
+        })?,
+        None => q.starting_offset.unwrap_or(0),
+    };
+    let to = snapshot_id(&id)?;
+    let from = q.from.as_deref().map(snapshot_id).transpose()?;
+    let d = s.engine.diff_snapshots(from.as_ref(), &to).await?;
+    Ok(Json(views::changed_blocks(&d, start, max)))
 }
 
 async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {

@@ -453,6 +453,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Changed blocks between two snapshots of any volumes, by content.
+    pub async fn diff_snapshots(
+        &self,
+        from: Option<&SnapshotId>,
+        to: &SnapshotId,
+    ) -> Result<snapshot::diff::Diff> {
+        self.snapshots.diff(from, to).await
+    }
+
     pub async fn verify_snapshot(&self, id: &SnapshotId) -> Result<snapshot::verify::VerifyReport> {
         self.snapshots.verify(id).await
     }

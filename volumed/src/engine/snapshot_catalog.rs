@@ -4,13 +4,14 @@
 //! ones read are cached by id.
 //!
 //! It also carries the store-wide operations on snapshots: delete (through
-//! the trash), verify, and gc.
+//! the trash), verify, diff, and gc.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use snapshot::{ManifestHeader, Repo, RepoError, SnapshotId};
+use snapshot::diff::Diff;
+use snapshot::{Manifest, ManifestHeader, Repo, RepoError, SnapshotId};
 use tracing::{info, warn};
 
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotState};
@@ -162,6 +163,32 @@ impl SnapshotCatalog {
             warn!(snapshot = %id, missing = r.missing.len(), damaged = r.damaged.len(), "snapshot verification found problems");
         }
         Ok(r)
+    }
+
+    /// A snapshot's whole manifest, from the store.
+    async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        match self.repo.get_manifest(id).await {
+            Ok(m) => Ok(m),
+            Err(RepoError::MissingManifest(_)) => match self.record(id)? {
+                // Ours, and not in the store: it never completed.
+                Some(rec) if rec.state != SnapshotState::Completed => Err(Error::InvalidRequest(
+                    format!("snapshot {id} is not completed"),
+                )),
+                _ => Err(Error::SnapshotNotFound(id.to_string())),
+            },
+            Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
+        }
+    }
+
+    /// The ranges that differ from `from` to `to` (see `snapshot::diff`);
+    /// without `from`, the ranges of `to` that hold data.
+    pub async fn diff(&self, from: Option<&SnapshotId>, to: &SnapshotId) -> Result<Diff> {
+        let to = self.manifest(to).await?;
+        let from = match from {
+            Some(id) => Some(self.manifest(id).await?),
+            None => None,
+        };
+        snapshot::diff::diff(from.as_ref(), &to).map_err(|e| Error::InvalidRequest(e.to_string()))
     }
 
     /// Collects garbage in the store; `grace` overrides the configured
