@@ -432,7 +432,7 @@ fn connections_above_the_cap_are_closed_at_once() {
     drop(held);
     drop(serving);
     qemu_io(&d.uri("v"), &["write -P 7 0 4k", "read -P 7 0 4k"]);
-    d.finish();
+    d.finish_expecting(&[], &["connection limit reached"]);
 }
 
 #[test]
