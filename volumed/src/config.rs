@@ -103,6 +103,7 @@ pub struct Args {
     pub gc_grace: std::time::Duration,
 
     /// Disk I/O engine: io_uring, a thread pool, or io_uring when the kernel allows it
+    /// (`powerloss-sim` is for crash tests only: unsynced writes stay in memory)
     #[arg(long, env = "VOLUMED_IO_ENGINE", value_enum, default_value = "auto")]
     pub io_engine: EngineChoice,
 }

@@ -3,7 +3,8 @@
 //! `VOLUMED_FAILPOINTS=name[,name...]` makes the daemon kill itself with
 //! SIGKILL when it reaches one of those points, exactly as `kill -9` at that
 //! instant would; `name=MS` instead makes a delay point wait that many
-//! milliseconds, so a test can hold a background job at a known step. Points
+//! milliseconds, so a test can hold a background job at a known step
+//! (or, for a counting point, is the count: see [`value`]). Points
 //! sit only on control paths and background jobs (never on the client data
 //! path), so the lookup costs nothing that matters.
 
@@ -34,6 +35,12 @@ pub async fn delay(name: &str) {
         tracing::info!(failpoint = name, ms, "failpoint: delaying");
         tokio::time::sleep(std::time::Duration::from_millis(*ms)).await;
     }
+}
+
+/// The number `name` is armed with (`name=N`), for points that count
+/// rather than wait: `io-uring-enter-error=N` fails the ring's N-th enter.
+pub fn value(name: &str) -> Option<u64> {
+    armed().get(name).copied().flatten()
 }
 
 /// Dies here if `name` is armed.

@@ -11,11 +11,14 @@ use std::sync::Arc;
 use tracing::warn;
 
 use super::op::{OpKind, OpResult};
-use super::uring::Uring;
+use super::powerloss::PowerlossSim;
+use super::uring::{Uring, is_ring_down};
 
 pub enum IoEngine {
     Uring(Uring),
     Threads,
+    /// Test-only: unsynced changes live in memory (see `powerloss`).
+    PowerlossSim(Arc<PowerlossSim>),
 }
 
 /// Which engine to use; `Auto` tries io_uring and falls back.
@@ -24,12 +27,25 @@ pub enum EngineChoice {
     Auto,
     Uring,
     Threads,
+    /// Test-only: a thread pool that keeps every change since a file's last
+    /// sync in memory, so `kill -9` loses it as a power cut would. Never in
+    /// production.
+    #[value(name = "powerloss-sim")]
+    PowerlossSim,
 }
 
 impl IoEngine {
     pub fn new(choice: EngineChoice) -> io::Result<Self> {
         match choice {
             EngineChoice::Threads => Ok(IoEngine::Threads),
+            EngineChoice::PowerlossSim => {
+                // Info, not warn: the crash tests fail on warnings they do
+                // not expect, and they choose this engine on purpose.
+                tracing::info!(
+                    "powerloss-sim I/O engine: for tests only, unsynced writes are held in memory"
+                );
+                Ok(IoEngine::PowerlossSim(Arc::default()))
+            }
             EngineChoice::Uring => Ok(IoEngine::Uring(Uring::new()?)),
             EngineChoice::Auto => match Uring::new() {
                 Ok(u) => Ok(IoEngine::Uring(u)),
@@ -45,23 +61,85 @@ impl IoEngine {
         match self {
             IoEngine::Uring(_) => "io_uring",
             IoEngine::Threads => "threadpool",
+            IoEngine::PowerlossSim(_) => "powerloss-sim",
+        }
+    }
+
+    /// A data file opened `file`; the power-loss model counts its holders.
+    pub fn hold(&self, file: &File) {
+        if let IoEngine::PowerlossSim(s) = self {
+            s.hold(file);
+        }
+    }
+
+    /// A data file let `file` go; under the power-loss model its last holder
+    /// loses what it never synced.
+    pub fn release(&self, file: &File) {
+        if let IoEngine::PowerlossSim(s) = self {
+            s.release(file);
+        }
+    }
+
+    /// fsync, blocking, for the control path.
+    pub fn sync_blocking(&self, file: &File) -> io::Result<()> {
+        self.run_blocking(file, 0, OpKind::Sync { data_only: false })
+    }
+
+    /// fallocate, blocking, for repairs while a volume is being opened.
+    pub fn fallocate_blocking(
+        &self,
+        file: &File,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    ) -> io::Result<()> {
+        self.run_blocking(file, offset, OpKind::Fallocate { mode, len })
+    }
+
+    fn run_blocking(&self, file: &File, offset: u64, kind: OpKind) -> io::Result<()> {
+        match self {
+            IoEngine::PowerlossSim(s) => s.run_blocking(file, offset, kind).0,
+            IoEngine::Uring(_) | IoEngine::Threads => run_sync(file, offset, kind).0,
         }
     }
 
     /// Runs one op; returns its result and the op (with its buffer).
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         match self {
-            IoEngine::Uring(u) => u.run(file, offset, kind).await,
-            IoEngine::Threads => tokio::task::spawn_blocking(move || run_sync(&file, offset, kind))
-                .await
-                .unwrap_or_else(|e| {
-                    (
-                        Err(io::Error::other(format!("I/O task failed: {e}"))),
-                        OpKind::Sync { data_only: true },
-                    )
-                }),
+            IoEngine::Uring(u) => {
+                let (r, kind) = u.run(Arc::clone(&file), offset, kind).await;
+                match r {
+                    // The ring stopped before the kernel saw this op: it
+                    // never ran, so running it here runs it once.
+                    Err(e) if is_ring_down(&e) => run_on_thread(file, offset, kind).await,
+                    r => (r, kind),
+                }
+            }
+            IoEngine::Threads => run_on_thread(file, offset, kind).await,
+            IoEngine::PowerlossSim(s) => {
+                let s = Arc::clone(s);
+                tokio::task::spawn_blocking(move || s.run_blocking(&file, offset, kind))
+                    .await
+                    .unwrap_or_else(|e| {
+                        (
+                            Err(io::Error::other(format!("I/O task failed: {e}"))),
+                            OpKind::Sync { data_only: true },
+                        )
+                    })
+            }
         }
     }
+}
+
+async fn run_on_thread(file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
+    tokio::task::spawn_blocking(move || run_sync(&file, offset, kind))
+        .await
+        .unwrap_or_else(|e| {
+            (
+                Err(io::Error::other(format!("I/O task failed: {e}"))),
+                OpKind::Sync { data_only: true },
+            )
+        })
 }
 
 fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {

@@ -14,6 +14,7 @@
 pub mod data_file;
 pub mod engine;
 mod op;
+mod powerloss;
 mod uring;
 
 pub use data_file::{DataFile, sync_dir};

@@ -24,6 +24,17 @@
 //! Ownership: an op owns its buffer and an `Arc` of its file until its
 //! completion is reaped, so neither can be freed or closed while the kernel
 //! uses them, even if the awaiting task was cancelled.
+//!
+//! A failed `io_uring_enter` (other than EINTR or EBUSY) takes the ring
+//! down for good. The kernel may still own every op whose SQE it consumed,
+//! so those stay in their slots, slots are never renumbered, and their
+//! completions are reaped as before. Only what the kernel never saw comes
+//! back at once, with an error [`is_ring_down`] recognises: the backlog and
+//! the SQEs left in the queue, which are safe to release because no later
+//! enter passes a `to_submit` again. The engine runs those, and everything
+//! after them, on its thread pool. Ring set-up requires IORING_FEAT_NODROP,
+//! without which a completion finding the queue full is lost and its op
+//! would hold its slot for ever.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -62,12 +73,56 @@ struct Shared {
 
 struct Ring {
     ring: IoUring,
-    /// Ops in the kernel, by slot; `free` lists empty slots.
+    /// Ops pushed to the ring, by slot (the SQE's user data); `free` lists
+    /// empty slots. An op stays in its slot until its completion is reaped:
+    /// until then the kernel may be reading or writing its buffer.
     slots: Vec<Option<Op>>,
     free: Vec<usize>,
+    /// Slots whose SQEs are in the submission queue but not yet consumed by
+    /// the kernel, in queue order (the kernel consumes from the front).
+    queued: VecDeque<usize>,
     /// Ops waiting for room in the submission queue.
     backlog: VecDeque<Op>,
+    /// Set when `io_uring_enter` failed for good. From then on nothing new
+    /// goes in, and no enter ever again passes a `to_submit`, so SQEs the
+    /// kernel did not consume are never read and their ops can be handed
+    /// back; ops the kernel took stay in their slots until they complete.
+    down: Option<String>,
+    /// Enters made so far, and the one to fail: the `io-uring-enter-error`
+    /// failpoint, or a unit test.
+    enters: u64,
+    inject: Option<Inject>,
 }
+
+/// An injected `io_uring_enter` failure: on the `at`-th enter, either
+/// before the kernel saw anything or after it consumed every SQE.
+#[derive(Debug, Clone, Copy)]
+struct Inject {
+    at: u64,
+    after_consuming: bool,
+}
+
+/// The error an op comes back with when the ring stopped before the kernel
+/// ever saw it: the op did not run, so it may be run another way.
+#[derive(Debug)]
+struct RingDown(String);
+
+impl std::fmt::Display for RingDown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "io_uring is down, op not submitted: cause={}", self.0)
+    }
+}
+
+impl std::error::Error for RingDown {}
+
+/// Whether `e` says the op never reached the kernel because the ring is
+/// down (so running it elsewhere cannot run it twice).
+pub fn is_ring_down(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|i| i.is::<RingDown>())
+}
+
+/// `IORING_ENTER_GETEVENTS`; the crate keeps its constants private.
+const ENTER_GETEVENTS: u32 = 1;
 
 impl Uring {
     /// Sets up the ring and its reaper; must run inside the tokio runtime.
@@ -75,6 +130,15 @@ impl Uring {
     /// caller can fall back.
     pub fn new() -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
+        // Without NODROP a completion that finds the completion queue full
+        // is dropped, and its op would sit in its slot for ever (more ops
+        // than the queue has entries can be in flight).
+        if !ring.params().is_feature_nodrop() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "io_uring lacks IORING_FEAT_NODROP (kernel older than 5.5)",
+            ));
+        }
         // SAFETY: eventfd returns a new descriptor or -1; checked below.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -89,12 +153,20 @@ impl Uring {
             .map_err(|e| {
                 io::Error::other(format!("register the io_uring eventfd with tokio: {e}"))
             })?;
+        let inject = crate::failpoint::value("io-uring-enter-error").map(|at| Inject {
+            at,
+            after_consuming: false,
+        });
         let shared = Arc::new(Shared {
             ring: Mutex::new(Ring {
                 ring,
                 slots: Vec::new(),
                 free: Vec::new(),
+                queued: VecDeque::new(),
                 backlog: VecDeque::new(),
+                down: None,
+                enters: 0,
+                inject,
             }),
         });
         tokio::spawn(reaper(Arc::downgrade(&shared), efd));
@@ -102,7 +174,8 @@ impl Uring {
         Ok(Uring { shared })
     }
 
-    /// Runs one op; returns its result and the op (with its buffer).
+    /// Runs one op; returns its result and the op (with its buffer). An
+    /// error for which [`is_ring_down`] holds means the op never ran.
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         let (tx, rx) = oneshot::channel();
         self.submit(Op {
@@ -122,8 +195,17 @@ impl Uring {
 
     fn submit(&self, op: Op) {
         let mut r = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
+        // On a ring that is down, `pump` hands it straight back.
         r.backlog.push_back(op);
         r.pump();
+    }
+}
+
+impl Op {
+    fn ring_down(self, cause: &str) {
+        let _ = self
+            .reply
+            .send((Err(io::Error::other(RingDown(cause.to_owned()))), self.kind));
     }
 }
 
@@ -151,28 +233,102 @@ impl Ring {
     /// (a reaped short transfer goes back to the backlog).
     fn pump(&mut self) {
         loop {
-            let pushed = self.fill();
+            let pushed = if self.down.is_none() { self.fill() } else { 0 };
             // Also when nothing new was pushed: a short submit may have left
             // entries in the queue.
-            if !self.ring.submission().is_empty() {
+            if self.down.is_none() && !self.ring.submission().is_empty() {
                 loop {
-                    match self.ring.submit() {
+                    let r = self.enter();
+                    // Whatever the answer, the queue's head says what the
+                    // kernel took.
+                    self.note_consumed();
+                    match r {
                         Ok(_) => break,
                         Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                         // The completion queue is full: reap first.
                         Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break,
                         Err(e) => {
-                            error!(error = %e, "io_uring_enter failed; failing queued I/O");
-                            self.fail_all(&e);
-                            return;
+                            self.go_down(&e);
+                            break;
                         }
                     }
                 }
             }
+            if let Some(cause) = self.down.clone() {
+                for op in std::mem::take(&mut self.backlog) {
+                    op.ring_down(&cause);
+                }
+            }
+            self.flush_overflow();
             let reaped = self.reap();
             if reaped == 0 && (pushed == 0 || self.backlog.is_empty()) {
                 return;
             }
+        }
+    }
+
+    /// `io_uring_enter` submitting the queue, or the injected failure.
+    fn enter(&mut self) -> io::Result<usize> {
+        self.enters += 1;
+        match self.inject {
+            Some(i) if i.at == self.enters => {
+                if i.after_consuming {
+                    self.ring.submit()?;
+                }
+                Err(io::Error::from_raw_os_error(libc::EFAULT))
+            }
+            _ => self.ring.submit(),
+        }
+    }
+
+    /// Forgets the queued slots the kernel has consumed: their ops are the
+    /// kernel's now, until their completions.
+    fn note_consumed(&mut self) {
+        let left = self.ring.submission().len();
+        while self.queued.len() > left {
+            self.queued.pop_front();
+        }
+    }
+
+    /// Stops submitting after an enter failed. Hands back only what the
+    /// kernel never saw: the backlog, and the SQEs still queued, which no
+    /// later enter will submit. Ops in the kernel stay in their slots, and
+    /// their slots are not reused, until their completions are reaped.
+    fn go_down(&mut self, e: &io::Error) {
+        let cause = e.to_string();
+        error!(
+            error = %e,
+            in_kernel = self.slots.iter().flatten().count().saturating_sub(self.queued.len()),
+            not_submitted = self.queued.len() + self.backlog.len(),
+            "io_uring_enter failed; the ring takes no more I/O (ops it never submitted go to the thread pool)"
+        );
+        for slot in std::mem::take(&mut self.queued) {
+            if let Some(op) = self.slots.get_mut(slot).and_then(Option::take) {
+                op.ring_down(&cause);
+            }
+        }
+        for op in std::mem::take(&mut self.backlog) {
+            op.ring_down(&cause);
+        }
+        self.down = Some(cause);
+    }
+
+    /// Completions that found the completion queue full wait in the kernel
+    /// (NODROP) until an enter with GETEVENTS moves them over. Submits
+    /// nothing, so it is safe on a ring that is down.
+    fn flush_overflow(&mut self) {
+        if !self.ring.submission().cq_overflow() {
+            return;
+        }
+        // SAFETY: to_submit 0 and no argument: the kernel reads no SQE and
+        // no memory of ours; it only moves completions into the queue.
+        let r = unsafe {
+            self.ring
+                .submitter()
+                .enter::<libc::sigset_t>(0, 0, ENTER_GETEVENTS, None)
+        };
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "io_uring overflow flush failed");
         }
     }
 
@@ -188,13 +344,16 @@ impl Ring {
             };
             let sqe = build_sqe(&mut self.slots, slot, op);
             // SAFETY: the op (buffer and file) stays in `slots` until its
-            // completion is reaped.
+            // completion is reaped, or, if the ring goes down before the
+            // kernel consumed this SQE, until it is certain no enter will
+            // ever submit it.
             if unsafe { self.ring.submission().push(&sqe) }.is_err() {
                 let op = self.slots[slot].take().expect("slot just filled");
                 self.free.push(slot);
                 self.backlog.push_front(op);
                 break;
             }
+            self.queued.push_back(slot);
             pushed += 1;
         }
         pushed
@@ -225,7 +384,10 @@ impl Ring {
                                 "short transfer at end of file",
                             ))
                         } else if op.done_bytes + got < buf.len() {
-                            // A short transfer: submit the rest.
+                            // A short transfer: submit the rest. If the ring
+                            // is down, `pump` hands the op back and the whole
+                            // of it is redone elsewhere (positional I/O, so
+                            // that is harmless).
                             op.done_bytes += got;
                             self.backlog.push_back(op);
                             continue;
@@ -239,21 +401,6 @@ impl Ring {
             let _ = op.reply.send((result, op.kind));
         }
         n
-    }
-
-    fn fail_all(&mut self, e: &io::Error) {
-        let ops = self
-            .slots
-            .drain(..)
-            .flatten()
-            .chain(self.backlog.drain(..))
-            .collect::<Vec<_>>();
-        self.free.clear();
-        for op in ops {
-            let _ = op
-                .reply
-                .send((Err(io::Error::new(e.kind(), e.to_string())), op.kind));
-        }
     }
 }
 
@@ -494,5 +641,161 @@ mod tests {
         // The ring is still good after the failures.
         let (r, _) = ring.run(good, 0, OpKind::Sync { data_only: false }).await;
         r.unwrap();
+    }
+    /// Hands `ops` to the ring in one go, as one enter, and returns their
+    /// replies in order.
+    fn submit_batch(
+        ring: &Uring,
+        ops: Vec<(Arc<File>, u64, OpKind)>,
+    ) -> Vec<oneshot::Receiver<OpResult>> {
+        let mut r = ring.shared.ring.lock().unwrap();
+        let mut rxs = Vec::new();
+        for (file, offset, kind) in ops {
+            let (tx, rx) = oneshot::channel();
+            r.backlog.push_back(Op {
+                file,
+                offset,
+                kind,
+                done_bytes: 0,
+                reply: tx,
+            });
+            rxs.push(rx);
+        }
+        r.pump();
+        rxs
+    }
+
+    /// 64 reads in the kernel, then an enter fails on 64 writes: the reads
+    /// end with their own data, the writes come back unrun with their own
+    /// buffers, nothing after is submitted, and no result goes to another op.
+    async fn enter_failure_under_64_in_flight(after_consuming: bool) {
+        const N: usize = 64;
+        let ring = Uring::new().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_of(&dir, "data", (3 * N * BLOCK) as u64);
+        for i in 0..N {
+            file.write_all_at(&pattern(i), (i * BLOCK) as u64).unwrap();
+        }
+        ring.shared.ring.lock().unwrap().inject = Some(Inject {
+            at: 2,
+            after_consuming,
+        });
+        let reads = submit_batch(
+            &ring,
+            (0..N)
+                .map(|i| {
+                    let kind = OpKind::Read(vec![0xee; BLOCK]);
+                    (Arc::clone(&file), (i * BLOCK) as u64, kind)
+                })
+                .collect(),
+        );
+        let writes = submit_batch(
+            &ring,
+            (N..2 * N)
+                .map(|i| {
+                    (
+                        Arc::clone(&file),
+                        (i * BLOCK) as u64,
+                        OpKind::Write(pattern(i)),
+                    )
+                })
+                .collect(),
+        );
+        assert!(ring.shared.ring.lock().unwrap().down.is_some());
+        // After the failure: refused at once, never submitted.
+        let late = submit_batch(
+            &ring,
+            (2 * N..3 * N)
+                .map(|i| {
+                    (
+                        Arc::clone(&file),
+                        (i * BLOCK) as u64,
+                        OpKind::Write(pattern(i)),
+                    )
+                })
+                .collect(),
+        );
+
+        for (i, rx) in reads.into_iter().enumerate() {
+            let (r, kind) = rx.await.unwrap();
+            r.unwrap_or_else(|e| panic!("read {i} was in the kernel: {e}"));
+            assert!(
+                matches!(kind, OpKind::Read(b) if b == pattern(i)),
+                "read {i}"
+            );
+        }
+        let mut ok = 0;
+        for (j, rx) in writes.into_iter().chain(late).enumerate() {
+            let i = N + j;
+            let (r, kind) = rx.await.unwrap();
+            assert!(
+                matches!(&kind, OpKind::Write(b) if *b == pattern(i)),
+                "write {i} got its own buffer back"
+            );
+            let mut on_disk = vec![0u8; BLOCK];
+            file.read_exact_at(&mut on_disk, (i * BLOCK) as u64)
+                .unwrap();
+            match r {
+                Ok(()) => {
+                    ok += 1;
+                    assert_eq!(on_disk, pattern(i), "write {i} reported done");
+                }
+                Err(e) => {
+                    assert!(is_ring_down(&e), "write {i}: {e}");
+                    assert!(on_disk.iter().all(|b| *b == 0), "write {i} never ran");
+                }
+            }
+        }
+        // Consumed before the error: the kernel ran them all; else none.
+        assert_eq!(ok, if after_consuming { N } else { 0 });
+        let r = ring.shared.ring.lock().unwrap();
+        assert!(r.slots.iter().all(Option::is_none), "every slot reaped");
+        assert!(r.queued.is_empty() && r.backlog.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_enter_fails_only_what_the_kernel_never_saw() {
+        enter_failure_under_64_in_flight(false).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_enter_after_consuming_keeps_every_op_in_its_slot() {
+        enter_failure_under_64_in_flight(true).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_engine_runs_on_threads_once_the_ring_is_down() {
+        use crate::disk::IoEngine;
+        const N: usize = 64;
+        let ring = Uring::new().unwrap();
+        ring.shared.ring.lock().unwrap().inject = Some(Inject {
+            at: 5,
+            after_consuming: false,
+        });
+        let engine = Arc::new(IoEngine::Uring(ring));
+        let dir = tempfile::tempdir().unwrap();
+        let file = file_of(&dir, "data", (N * BLOCK) as u64);
+        let mut set = JoinSet::new();
+        for i in 0..N {
+            let (e, f) = (Arc::clone(&engine), Arc::clone(&file));
+            set.spawn(async move {
+                let off = (i * BLOCK) as u64;
+                let (r, _) = e.run(Arc::clone(&f), off, OpKind::Write(pattern(i))).await;
+                r.unwrap();
+                let (r, kind) = e.run(f, off, OpKind::Read(vec![0; BLOCK])).await;
+                r.unwrap();
+                assert!(matches!(kind, OpKind::Read(b) if b == pattern(i)), "{i}");
+            });
+        }
+        while let Some(t) = set.join_next().await {
+            t.unwrap();
+        }
+        let IoEngine::Uring(u) = &*engine else {
+            unreachable!()
+        };
+        assert!(
+            u.shared.ring.lock().unwrap().down.is_some(),
+            "the failure was hit"
+        );
     }
 }
