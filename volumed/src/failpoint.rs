@@ -90,3 +90,18 @@ pub fn io_error(name: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Action, parse};
+
+    #[test]
+    fn values_parse_into_actions() {
+        assert!(matches!(parse("250"), Action::Delay(250)));
+        assert!(matches!(parse("eio"), Action::Eio { nth: None, .. }));
+        assert!(matches!(parse("eio@3"), Action::Eio { nth: Some(3), .. }));
+        // Anything else kills, as a bare name always did.
+        assert!(matches!(parse("eio@x"), Action::Kill));
+        assert!(matches!(parse("whatever"), Action::Kill));
+    }
+}
