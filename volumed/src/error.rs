@@ -30,6 +30,8 @@ pub enum Error {
     VolumeNotAttached(VolumeName),
     #[error("volume '{0}' has snapshot {1} in progress; wait for it")]
     SnapshotInProgress(VolumeName, String),
+    #[error("volume '{0}' failed ({1}); detach and attach it to reopen it before a snapshot")]
+    VolumeFailed(VolumeName, String),
     #[error("invalid label {0:?}: {1}")]
     InvalidLabel(String, &'static str),
     #[error("volumed is shutting down")]
@@ -76,7 +78,7 @@ impl Error {
             Error::VolumeExists(_) => ErrorCode::AlreadyExists,
             Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => ErrorCode::VolumeAttached,
             Error::VolumeNotAttached(_) => ErrorCode::VolumeNotAttached,
-            Error::SnapshotInProgress(..) => ErrorCode::Conflict,
+            Error::SnapshotInProgress(..) | Error::VolumeFailed(..) => ErrorCode::Conflict,
             Error::InvalidLabel(..) => ErrorCode::InvalidRequest,
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::Store { .. } => ErrorCode::StoreUnavailable,

@@ -100,11 +100,20 @@ pub async fn list(client: &Client, out: &Out) -> anyhow::Result<()> {
                 if v.ephemeral { "yes" } else { "no" }.to_owned(),
                 v.instance.clone().unwrap_or_else(|| "-".into()),
                 v.uri.clone().unwrap_or_else(|| "-".into()),
+                v.health.as_str().to_owned(),
             ]
         })
         .collect();
     out.table(
-        &["NAME", "SIZE", "STATE", "EPHEMERAL", "INSTANCE", "URI"],
+        &[
+            "NAME",
+            "SIZE",
+            "STATE",
+            "EPHEMERAL",
+            "INSTANCE",
+            "URI",
+            "HEALTH",
+        ],
         &rows,
     )?;
     Ok(())
@@ -125,6 +134,13 @@ pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Re
         ("chunk size", format_size(v.chunk_size)),
         ("ephemeral", v.ephemeral.to_string()),
         ("state", v.state.as_str().to_owned()),
+        (
+            "health",
+            match &v.health_reason {
+                Some(r) => format!("{} ({r})", v.health.as_str()),
+                None => v.health.as_str().to_owned(),
+            },
+        ),
         ("instance", dash(&v.instance)),
         ("uri", dash(&v.uri)),
         ("unix uri", dash(&v.unix_uri)),

@@ -59,6 +59,31 @@ pub struct Volume {
     /// snapshot's chunks in. Null for other volumes.
     #[serde(default)]
     pub hydration: Option<Hydration>,
+    /// `failed` once a write or sync on its files failed: every NBD request
+    /// then gets EIO and snapshots are refused until a detach and attach
+    /// reopen it.
+    #[serde(default)]
+    pub health: VolumeHealth,
+    /// Why it failed (the first failure), else null.
+    #[serde(default)]
+    pub health_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VolumeHealth {
+    #[default]
+    Ok,
+    Failed,
+}
+
+impl VolumeHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeHealth::Ok => "ok",
+            VolumeHealth::Failed => "failed",
+        }
+    }
 }
 
 /// Progress of a restored volume filling itself from the store.

@@ -67,6 +67,11 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
         attached_at: rec.attachment.as_ref().map(|a| rfc3339(a.attached_at)),
         allocated_bytes: vol.data().allocated_bytes(),
         hydration: hydration(engine, vol),
+        health: match vol.failure() {
+            Some(_) => volumed_api::VolumeHealth::Failed,
+            None => volumed_api::VolumeHealth::Ok,
+        },
+        health_reason: vol.failure().map(str::to_owned),
     }
 }
 

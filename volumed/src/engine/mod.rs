@@ -292,8 +292,12 @@ impl Engine {
             validate::instance(i)?;
         }
         let _guard = self.registry.lock().await;
-        let vol = self.get(name)?;
+        let mut vol = self.get(name)?;
         let mut rec = vol.record();
+        if rec.attachment.is_none() && vol.failure().is_some() {
+            // Left failed by a detach whose reopen failed: try again.
+            vol = self.reopen(&vol, &rec)?;
+        }
         if let Some(att) = &rec.attachment {
             // Attaching again for the same instance is a no-op, so a
             // hypervisor retrying after a timeout gets the same answer.
@@ -327,7 +331,10 @@ impl Engine {
         if let Some(export) = vol.take_export() {
             export.close().await;
         }
-        vol.flush().await.ctx(|| format!("flush volume '{name}'"))?;
+        let failed = vol.failure().is_some();
+        if !failed {
+            vol.flush().await.ctx(|| format!("flush volume '{name}'"))?;
+        }
         if rec.ephemeral {
             self.delete_locked(&vol).await?;
             info!(volume = %name, "ephemeral volume detached and deleted");
@@ -335,9 +342,38 @@ impl Engine {
         }
         rec.attachment = None;
         self.catalog.put_volume(&rec)?;
-        vol.set_record(rec);
+        vol.set_record(rec.clone());
         info!(volume = %name, "volume detached");
+        if failed {
+            // Detached either way; a reopen that fails leaves it failed,
+            // and attach tries again.
+            match self.reopen(&vol, &rec) {
+                Ok(v) => return Ok((v, false)),
+                Err(e) => {
+                    warn!(volume = %name, error = %e, "could not reopen the failed volume");
+                }
+            }
+        }
         Ok((vol, false))
+    }
+
+    /// Replaces a failed, detached volume with one opened afresh from its
+    /// files, as after an unclean stop: the map rebuilt from the files'
+    /// allocation, a base reopened from its log, every chunk dirty (nothing
+    /// proves what the failure lost). The old one keeps refusing requests.
+    fn reopen(&self, old: &Arc<Volume>, rec: &VolumeRecord) -> Result<Arc<Volume>> {
+        let dir = self.dirs.volume(rec.id);
+        let vol = recovery::open_volume(rec, &dir, &self.io, &self.fetcher, false)
+            .ctx(|| format!("reopen volume '{}' from {}", rec.name, dir.display()))?;
+        if let Some(m) = old.parent_manifest() {
+            vol.set_parent_manifest(m);
+        }
+        self.hydrator.stop(old);
+        self.registry.insert(Arc::clone(&vol));
+        self.hydrator.adopt(Arc::clone(&vol));
+        info!(volume = %rec.name, reason = old.failure().unwrap_or_default(),
+              "failed volume reopened from its files; every chunk counts as changed");
+        Ok(vol)
     }
 
     pub async fn modify(&self, name: &VolumeName, req: ModifyVolume) -> Result<Arc<Volume>> {
@@ -482,6 +518,12 @@ impl Engine {
         for vol in self.list() {
             if let Some(export) = vol.export() {
                 export.close().await;
+            }
+            if let Some(reason) = vol.failure() {
+                // Nothing to make durable that can be trusted; without a
+                // saved dirty set the next start reads the whole volume.
+                warn!(volume = %vol.name, reason, "failed volume not flushed at shutdown");
+                continue;
             }
             vol.flush()
                 .await

@@ -75,6 +75,7 @@ pub(super) fn open_volume(
     let geometry = ChunkGeometry::new(rec.size, rec.chunk_size)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let data = DataFile::open(dir, rec.size, Arc::clone(io))?;
+    super::freeze::remove_spill(dir)?;
     let map = rebuild_map(rec, geometry, &data, clean)?;
     let base = open_base(rec, geometry, &map, &data, fetcher)?;
     let attached = rec.attachment.is_some();

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -52,6 +52,11 @@ pub struct Volume {
     /// Client requests in progress: background hydration backs off while
     /// there are any.
     client_ops: AtomicU64,
+    /// Why the volume stopped trusting its files, set by the first failed
+    /// write or sync and never cleared: Linux marks the pages a failed
+    /// fsync dropped as clean, so a retried FLUSH could report durable data
+    /// that is gone. Only reopening the files (detach, attach) ends it.
+    failure: OnceLock<String>,
 }
 
 /// Counts a client request for as long as it lives.
@@ -130,7 +135,54 @@ impl Volume {
             parent_manifest: Mutex::new(None),
             base,
             client_ops: AtomicU64::new(0),
+            failure: OnceLock::new(),
         })
+    }
+
+    /// Why the volume failed, if it did: see `failure`.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    /// Every request on a failed volume fails with EIO: not even its reads
+    /// can be trusted.
+    fn check_health(&self) -> io::Result<()> {
+        match self.failure() {
+            None => Ok(()),
+            Some(reason) => Err(io::Error::other(format!(
+                "volume '{}' failed ({reason}); detach and attach it to reopen",
+                self.name
+            ))),
+        }
+    }
+
+    /// Puts the volume in the failed state; the first reason stays.
+    fn fail(&self, what: &str, e: &io::Error) {
+        let reason = format!("{what} failed: {e}");
+        if self.failure.set(reason).is_ok() {
+            tracing::error!(volume = %self.name, error = %e, op = what,
+                "I/O failure: the volume refuses every request until it is detached and attached");
+        }
+    }
+
+    /// A write's result: a full disk fails only this write (space may come
+    /// back); any other error fails the volume.
+    fn written<T>(&self, what: &str, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r
+            && !is_no_space(e)
+        {
+            self.fail(what, e);
+        }
+        r
+    }
+
+    /// A sync's result: any error fails the volume, since the kernel may
+    /// have dropped the pages it could not write.
+    fn synced<T>(&self, what: &str, r: io::Result<T>) -> io::Result<T> {
+        if let Err(e) = &r {
+            self.fail(what, e);
+        }
+        r
     }
 
     pub fn base(&self) -> Option<&Arc<BaseImage>> {
@@ -158,7 +210,9 @@ impl Volume {
             return Ok(());
         }
         let bytes = base.fetch(chunk, &self.name).await?;
-        self.data.write(self.chunks.offset(chunk), bytes).await?;
+        self.check_health()?;
+        let r = self.data.write(self.chunks.offset(chunk), bytes).await;
+        self.written("write", r)?;
         self.map.mark_hydrated(chunk);
         base.log.note(chunk);
         Ok(())
@@ -265,6 +319,7 @@ impl Volume {
     /// `Zero` chunks cost no disk I/O and come back as [`ReadPiece::Zero`].
     pub async fn read(&self, offset: u64, len: u64) -> io::Result<Vec<ReadPiece>> {
         let _op = ClientOp::new(&self.client_ops);
+        self.check_health()?;
         let mut out = Vec::new();
         for (off, n, state) in self.map.runs(offset, len) {
             match state {
@@ -336,6 +391,7 @@ impl Volume {
     /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
     pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
+        self.check_health()?;
         let len = buf.len() as u64;
         self.fetch_partial_bases(offset, len).await?;
         let _gate = self.gate.read().await;
@@ -345,9 +401,11 @@ impl Volume {
         // write sees either the old bytes or the new, never a stale Zero
         // after the write completed.
         self.map.mark_written(offset, buf.len() as u64);
-        self.data.write(offset, buf).await?;
+        let r = self.data.write(offset, buf).await;
+        self.written("write", r)?;
         if fua {
-            self.data.sync(false).await
+            let r = self.data.sync(false).await;
+            self.synced("fdatasync", r)
         } else {
             Ok(())
         }
@@ -365,18 +423,21 @@ impl Volume {
         fua: bool,
     ) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
+        self.check_health()?;
         self.fetch_partial_bases(offset, len).await?;
         let _gate = self.gate.read().await;
         self.unbase_whole(offset, len, no_hole).await?;
         self.capture(offset, len).await?;
         if no_hole {
             self.map.mark_written(offset, len);
-            self.data.fallocate(ZERO_RANGE, offset, len).await?;
+            let r = self.data.fallocate(ZERO_RANGE, offset, len).await;
+            self.written("zero range", r)?;
         } else {
             // Punch only where there is data: a Zero run is already zeros.
             for (off, n, state) in self.map.runs(offset, len) {
                 if state == ChunkState::Local {
-                    self.data.fallocate(PUNCH_HOLE, off, n).await?;
+                    let r = self.data.fallocate(PUNCH_HOLE, off, n).await;
+                    self.written("punch hole", r)?;
                 }
             }
             let g = self.geometry();
@@ -399,9 +460,14 @@ impl Volume {
     /// For a restored volume, the chunks that left the base are logged
     /// after the data is synced, never before (see `base`).
     pub async fn flush(&self) -> io::Result<()> {
+        self.check_health()?;
         let detached = self.base.as_ref().map(|b| b.log.take_pending());
         let metadata = self.metadata_changed.swap(false, Ordering::AcqRel);
-        let r = self.data.sync(metadata).await;
+        let r = match crate::failpoint::io_error("volume-sync") {
+            Err(e) => Err(e),
+            Ok(()) => self.data.sync(metadata).await,
+        };
+        let r = self.synced(if metadata { "fsync" } else { "fdatasync" }, r);
         if r.is_err() && metadata {
             self.metadata_changed.store(true, Ordering::Release);
         }
@@ -412,7 +478,8 @@ impl Volume {
                 if !chunks.is_empty() {
                     crate::failpoint::hit("flush-before-log");
                 }
-                base.log.append(chunks).await?;
+                let logged = base.log.append(chunks).await;
+                self.synced("detach log write", logged)?;
             }
         }
         r
@@ -420,6 +487,7 @@ impl Volume {
 
     /// NBD CACHE: start reading the range's data into the page cache.
     pub async fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.check_health()?;
         for (off, n, state) in self.map.runs(offset, len) {
             match state {
                 ChunkState::Local => self.data.will_need(off, n).await?,
@@ -435,15 +503,26 @@ impl Volume {
         Ok(())
     }
 
-    /// Allocation of `[offset, offset + len)` from the chunk map.
-    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        self.map
+    /// Allocation of `[offset, offset + len)` from the chunk map; EIO on a
+    /// failed volume, whose map may not match its files.
+    pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.check_health()?;
+        Ok(self
+            .map
             .runs(offset, len)
             .into_iter()
             .map(|(_, n, s)| Extent {
                 len: n,
                 zero: s == ChunkState::Zero,
             })
-            .collect()
+            .collect())
     }
+}
+
+/// ENOSPC and its kin: the disk (or the quota) is full, the files are fine.
+fn is_no_space(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG)
+    )
 }

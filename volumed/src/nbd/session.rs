@@ -302,12 +302,16 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             }
         }),
         Command::BlockStatus => {
-            let mut extents = vol.extents(off, len);
-            if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                extents.truncate(1);
-            }
-            ctx.reply_now(req.cookie, base_allocation(extents), permit)
-                .await;
+            let body = match vol.extents(off, len) {
+                Ok(mut extents) => {
+                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                        extents.truncate(1);
+                    }
+                    base_allocation(extents)
+                }
+                Err(e) => io_failure(&vol, "block status", &req, &e),
+            };
+            ctx.reply_now(req.cookie, body, permit).await;
         }
         Command::Disc | Command::Unknown(_) => {
             ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)

@@ -75,6 +75,8 @@ pub enum SnapshotError {
     StaleMarker(Duration),
     #[error("write manifest: {0}")]
     Manifest(#[source] RepoError),
+    #[error("the volume failed during the snapshot: {0}")]
+    VolumeFailed(String),
 }
 
 /// Live progress of a pending snapshot, in chunks.
@@ -121,6 +123,9 @@ impl SnapshotJobs {
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
     ) -> Result<SnapshotRecord> {
+        if let Some(reason) = vol.failure() {
+            return Err(Error::VolumeFailed(vol.name.clone(), reason.to_owned()));
+        }
         let id = SnapshotId::generate();
         let progress = Arc::new(Progress::default());
         {
@@ -371,11 +376,17 @@ impl SnapshotJob {
             return Err(SnapshotError::StaleMarker(grace / 2));
         }
 
+        // A write or sync that failed since the instant may have lost
+        // bytes a copy-before-write or a read here depended on.
+        if let Some(reason) = self.vol.failure() {
+            return Err(SnapshotError::VolumeFailed(reason.to_owned()));
+        }
+
         crate::failpoint::hit("snapshot-before-manifest");
         // Step 4: the commit point.
-        repo.put_manifest(&manifest)
-            .await
-            .map_err(SnapshotError::Manifest)?;
+        if let Err(e) = repo.put_manifest(&manifest).await {
+            settle_lost_manifest_reply(repo, &manifest, e).await?;
+        }
         crate::failpoint::hit("snapshot-after-manifest");
         Ok(manifest)
     }
@@ -396,6 +407,7 @@ impl SnapshotJob {
                 let Some(&c) = next.next() else { break };
                 let (reader, repo) = (self.guard.reader(), self.jobs.repo.clone());
                 set.spawn(async move {
+                    crate::failpoint::delay("snapshot-chunk-upload").await;
                     let data = reader
                         .take(c)
                         .await
@@ -424,6 +436,36 @@ impl SnapshotJob {
         }
         hashed.sort_unstable_by_key(|(c, _)| *c);
         Ok((hashed, uploaded))
+    }
+}
+
+/// The manifest write failed. If its outcome is unknown (the retries gave
+/// up on a transient error: the last attempt may have landed and only its
+/// reply been lost), the store decides: the snapshot exists exactly when
+/// its manifest does, so one there that decodes to what we built is a
+/// success. Anything else stays the write's error.
+async fn settle_lost_manifest_reply(
+    repo: &Repo,
+    built: &Manifest,
+    err: RepoError,
+) -> std::result::Result<(), SnapshotError> {
+    if !err.is_transient() {
+        return Err(SnapshotError::Manifest(err));
+    }
+    match repo.get_manifest(&built.header.id).await {
+        Ok(found) if found == *built => {
+            warn!(snapshot = %built.header.id, error = %err,
+                  "the manifest write's reply was lost, but the manifest is in the store: the snapshot completed");
+            Ok(())
+        }
+        Ok(_) => {
+            warn!(snapshot = %built.header.id, "the store holds a different manifest under this snapshot's id");
+            Err(SnapshotError::Manifest(err))
+        }
+        Err(e) => {
+            info!(snapshot = %built.header.id, error = %e, "manifest not found after its write failed");
+            Err(SnapshotError::Manifest(err))
+        }
     }
 }
 
