@@ -104,6 +104,11 @@ fn a_full_disk_refuses_writes_with_enospc_and_recovers() {
         "h = nbd.NBD(); h.connect_uri(URI)\nh.pwrite(b'b' * (1 << 20), 0)\nh.flush()\nh.shutdown()\n",
     );
 
+    // A snapshot of b, taken while there is room, to restore later.
+    let sb = d.vol_json(&["snapshot", "create", "b", "--wait"]);
+    assert_eq!(sb["state"], "completed", "{sb}");
+    let sb = sb["id"].as_str().unwrap().to_owned();
+
     let first = d.dir.path().join("first.bin");
     let script = format!("sys.argv = ['', {:?}]\n{FILL}", first.display().to_string());
     let out = nbd_py(&d.unix_uri("a"), &script);
@@ -129,6 +134,42 @@ fn a_full_disk_refuses_writes_with_enospc_and_recovers() {
     );
     assert_eq!(d.vol_json(&["inspect", "a"])["health"], "ok");
 
+    // A restore with no room left at all fails in one line and leaves no
+    // volume, record or directory behind; with room again it works.
+    let filler = d.data_dir().join("filler");
+    let _ = Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", filler.display()))
+        .arg("bs=4k")
+        .stderr(std::process::Stdio::null())
+        .status();
+    let e = d.vol_err(&["create", "r", "--from-snapshot", &sb]);
+    assert!(e.contains("'r'") || e.contains("space"), "{e}");
+    assert!(!d.volume_names().contains(&"r".to_owned()));
+    assert_eq!(
+        std::fs::read_dir(d.data_dir().join("volumes"))
+            .unwrap()
+            .count(),
+        2,
+        "a failed restore left a directory"
+    );
+    std::fs::remove_file(&filler).unwrap();
+    // Room for the restore: trim all of a but its flushed first 8 MiB.
+    nbd_py(
+        &d.unix_uri("a"),
+        "h = nbd.NBD(); h.connect_uri(URI)\nfor i in range(1, 16):\n    h.trim(8 << 20, i * (8 << 20))\nh.flush()\nh.shutdown()\n",
+    );
+    d.vol_ok(&["create", "r", "--from-snapshot", &sb]);
+    let h = d.wait_hydrated("r");
+    assert_eq!(h["hydration"]["state"], "complete", "{h}");
+    d.vol_ok(&["attach", "r"]);
+    let same = nbd_py(
+        &d.unix_uri("r"),
+        "h = nbd.NBD(); h.connect_uri(URI)\nprint(h.pread(1 << 20, 0) == b'b' * (1 << 20))\nh.shutdown()\n",
+    );
+    assert_eq!(same.trim(), "True");
+    d.vol_ok(&["detach", "r"]);
+
     // A trim of all but the flushed 8 MiB frees the space: writes to holes
     // and a snapshot succeed again.
     let again = nbd_py(
@@ -143,7 +184,7 @@ fn a_full_disk_refuses_writes_with_enospc_and_recovers() {
     d.restart();
     let mut names = d.volume_names();
     names.sort();
-    assert_eq!(names, ["a", "b"]);
+    assert_eq!(names, ["a", "b", "r"]);
     let want = std::fs::read(&first).unwrap();
     let back = nbd_py(
         &d.unix_uri("a"),
@@ -155,7 +196,7 @@ fn a_full_disk_refuses_writes_with_enospc_and_recovers() {
     assert_eq!(back.trim(), "True", "{} bytes expected", want.len());
     d.stop();
     d.assert_log_clean(
-        &["I/O failed"],
+        &["I/O failed", "control API request failed"],
         &["snapshot failed", "store operation failed"],
     );
 }

@@ -101,8 +101,11 @@ impl ObjectStore for LocalStore {
             blocking("put", key, move || {
                 let dir = path.parent().expect("keys have a directory").to_owned();
                 std::fs::create_dir_all(&dir)?;
-                write_tmp(&tmp, &data)?;
-                std::fs::rename(&tmp, &path)?;
+                // A write cut short (a full disk) leaves no half object.
+                if let Err(e) = write_tmp(&tmp, &data).and_then(|()| std::fs::rename(&tmp, &path)) {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e);
+                }
                 std::fs::File::open(&dir)?.sync_all()
             })
             .await
