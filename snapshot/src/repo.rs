@@ -290,7 +290,22 @@ impl Repo {
         let id = &m.header.id;
         let key = keys::manifest_key(id);
         let bytes = Bytes::from(m.encode());
-        match self.store.put_if_absent(&key, bytes.clone()).await? {
+        let outcome = match self.store.put_if_absent(&key, bytes.clone()).await {
+            Ok(o) => o,
+            // The retries gave up on a transient error: the last attempt may
+            // have landed and only its reply been lost. The snapshot exists
+            // exactly when its manifest does, so the store decides.
+            Err(e) if e.is_transient() => match self.store.get(&key).await {
+                Ok(Some(existing)) if existing == bytes => {
+                    tracing::warn!(snapshot = %id, error = %e,
+                        "the manifest write's reply was lost, but the manifest is in the store: the snapshot completed");
+                    return Ok(());
+                }
+                _ => return Err(e.into()),
+            },
+            Err(e) => return Err(e.into()),
+        };
+        match outcome {
             PutOutcome::Created => Ok(()),
             // A manifest that vanished since is one deleted as it was
             // written: not ours to recreate.

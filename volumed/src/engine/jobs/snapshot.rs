@@ -384,9 +384,10 @@ impl SnapshotJob {
 
         crate::failpoint::hit("snapshot-before-manifest");
         // Step 4: the commit point.
-        if let Err(e) = repo.put_manifest(&manifest).await {
-            settle_lost_manifest_reply(repo, &manifest, e).await?;
-        }
+        // A lost reply is settled inside `put_manifest` by reading back.
+        repo.put_manifest(&manifest)
+            .await
+            .map_err(SnapshotError::Manifest)?;
         crate::failpoint::hit("snapshot-after-manifest");
         Ok(manifest)
     }
@@ -436,36 +437,6 @@ impl SnapshotJob {
         }
         hashed.sort_unstable_by_key(|(c, _)| *c);
         Ok((hashed, uploaded))
-    }
-}
-
-/// The manifest write failed. If its outcome is unknown (the retries gave
-/// up on a transient error: the last attempt may have landed and only its
-/// reply been lost), the store decides: the snapshot exists exactly when
-/// its manifest does, so one there that decodes to what we built is a
-/// success. Anything else stays the write's error.
-async fn settle_lost_manifest_reply(
-    repo: &Repo,
-    built: &Manifest,
-    err: RepoError,
-) -> std::result::Result<(), SnapshotError> {
-    if !err.is_transient() {
-        return Err(SnapshotError::Manifest(err));
-    }
-    match repo.get_manifest(&built.header.id).await {
-        Ok(found) if found == *built => {
-            warn!(snapshot = %built.header.id, error = %err,
-                  "the manifest write's reply was lost, but the manifest is in the store: the snapshot completed");
-            Ok(())
-        }
-        Ok(_) => {
-            warn!(snapshot = %built.header.id, "the store holds a different manifest under this snapshot's id");
-            Err(SnapshotError::Manifest(err))
-        }
-        Err(e) => {
-            info!(snapshot = %built.header.id, error = %e, "manifest not found after its write failed");
-            Err(SnapshotError::Manifest(err))
-        }
     }
 }
 
