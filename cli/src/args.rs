@@ -83,6 +83,70 @@ pub enum Command {
     },
     /// Show the daemon's status
     Status,
+    /// Import a VM image (raw, qcow2, vmdk, vhdx, vpc, ova) into a new volume
+    Import {
+        /// An image file the daemon can read, or - for raw bytes on stdin
+        source: String,
+        name: VolumeName,
+        /// The image's format [default: detected from its header]
+        #[arg(long, value_parser = ["raw", "qcow2", "vmdk", "vhdx", "vpc", "ova"])]
+        format: Option<String>,
+        /// Unit of copy-on-write and snapshots: a power of two, 64K to 4M [default: 512K]
+        #[arg(long, value_parser = parse_size)]
+        chunk_size: Option<u64>,
+        /// Delete the volume when it is detached
+        #[arg(long)]
+        ephemeral: bool,
+        /// Take a snapshot of the new volume at the end
+        #[arg(long)]
+        snapshot: bool,
+        /// A label KEY=VALUE for that snapshot (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, requires = "snapshot")]
+        labels: Vec<(String, String)>,
+        /// Expected SHA-256 of the image's logical bytes; a mismatch removes the volume
+        #[arg(long, value_name = "HEX", value_parser = parse_sha256)]
+        sha256: Option<String>,
+        /// Print the job id and return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Export a snapshot, or a volume (snapshotted first), as an image
+    Export {
+        /// A snapshot id, or a volume name
+        source: String,
+        /// The image file to write (it must not exist), or - for raw on stdout
+        dest: String,
+        /// raw (sparse), qcow2, vmdk (stream-optimized), vhdx, vpc (VHD, fixed)
+        #[arg(long, value_parser = ["raw", "qcow2", "vmdk", "vhdx", "vpc"], default_value = "raw")]
+        format: String,
+        /// zstd-compressed clusters (qcow2 only)
+        #[arg(long)]
+        compress: bool,
+        /// Print the job id and return at once
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Import and export jobs
+    #[command(subcommand)]
+    Job(JobCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// List jobs
+    List,
+    /// Show one job
+    Inspect { id: String },
+    /// Cancel a running job; an import's volumes are removed
+    Cancel { id: String },
+}
+
+fn parse_sha256(s: &str) -> Result<String, String> {
+    if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(s.to_ascii_lowercase())
+    } else {
+        Err(format!("invalid sha256 {s:?}: expected 64 hex digits"))
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -75,7 +75,90 @@ impl Client {
             .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
     }
 
+    /// POST with a streamed body and one extra header; answered with JSON.
+    pub async fn post_stream<B, T>(
+        &self,
+        path: &str,
+        header: (&str, String),
+        body: B,
+    ) -> Result<T, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        T: DeserializeOwned,
+    {
+        let resp = self
+            .request(
+                Method::POST,
+                path,
+                Some(header),
+                "application/octet-stream",
+                body,
+            )
+            .await?;
+        serde_json::from_slice(&resp)
+            .map_err(|e| ClientError::Http(format!("unexpected answer: {e}")))
+    }
+
     async fn raw(&self, method: Method, path: &str, body: Bytes) -> Result<Bytes, ClientError> {
+        self.request(method, path, None, "application/json", Full::new(body))
+            .await
+    }
+
+    /// POSTs JSON and hands the answer's body to `sink` as it arrives (a
+    /// download); an error answer is returned as usual.
+    pub async fn download<T: Serialize>(
+        &self,
+        path: &str,
+        body: &T,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        let bytes =
+            Bytes::from(serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?);
+        let resp = self
+            .response(
+                Method::POST,
+                path,
+                None,
+                "application/json",
+                Full::new(bytes),
+            )
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| ClientError::Http(e.to_string()))?
+                .to_bytes();
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(err) => ClientError::Api(err),
+                Err(_) => ClientError::Http(format!("HTTP {}", status.as_u16())),
+            });
+        }
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|e| ClientError::Http(format!("the stream broke off: {e}")))?;
+            if let Some(data) = frame.data_ref() {
+                sink(data).map_err(|e| ClientError::Http(format!("write: {e}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn response<B>(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(&str, String)>,
+        content_type: &str,
+        body: B,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
@@ -87,17 +170,39 @@ impl Client {
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
         tokio::spawn(conn);
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method)
             .uri(path)
             .header("host", "volumed")
-            .header("content-type", "application/json")
-            .body(Full::new(body))
+            .header("content-type", content_type);
+        if let Some((k, v)) = header {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(body)
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let resp = sender
             .send_request(req)
             .await
             .map_err(|e| ClientError::Http(e.to_string()))?;
+        Ok(resp)
+    }
+
+    async fn request<B>(
+        &self,
+        method: Method,
+        path: &str,
+        header: Option<(&str, String)>,
+        content_type: &str,
+        body: B,
+    ) -> Result<Bytes, ClientError>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let resp = self
+            .response(method, path, header, content_type, body)
+            .await?;
         let status = resp.status();
         let bytes = resp
             .into_body()

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket_path(cli.socket)?);
     let out = Out { json: cli.json };
-    use commands::{snapshot, status, volume};
+    use commands::{job, snapshot, status, volume};
     match cli.command {
         Command::Create {
             name,
@@ -99,6 +99,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status::status(&client, &out).await,
         Command::Gc { grace } => snapshot::gc(&client, &out, grace).await,
         Command::Snapshot(cmd) => snapshot::run(&client, &out, cmd).await,
+        Command::Import {
+            source,
+            name,
+            format,
+            chunk_size,
+            ephemeral,
+            snapshot,
+            labels,
+            sha256,
+            no_wait,
+        } => {
+            let req = volumed_api::ImportRequest {
+                source,
+                name,
+                format,
+                chunk_size,
+                ephemeral,
+                snapshot,
+                labels: labels.into_iter().collect(),
+                sha256,
+            };
+            commands::import::import(&client, &out, req, no_wait).await
+        }
+        Command::Job(cmd) => job::run(&client, &out, cmd).await,
+        Command::Export {
+            source,
+            dest,
+            format,
+            compress,
+            no_wait,
+        } => {
+            let req = volumed_api::ExportRequest {
+                source,
+                destination: dest,
+                format: Some(format),
+                compress,
+            };
+            commands::export::export(&client, &out, req, no_wait).await
+        }
     }
 }
 

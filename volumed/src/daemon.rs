@@ -84,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store_fetched_bytes: 0,
         cache_bytes: 0,
         cache_hits: 0,
+        image_tools: crate::image::qemu::tools_version(),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),

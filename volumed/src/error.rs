@@ -45,6 +45,13 @@ pub enum Error {
     },
     #[error("snapshot {0} is in progress; wait for it to end")]
     SnapshotBusy(String),
+    #[error("job '{0}' not found")]
+    JobNotFound(String),
+    #[error("volume '{0}' is being imported by {1}; wait for it or cancel it")]
+    VolumeImporting(VolumeName, String),
+    /// An image refused, unreadable, or failing while it was read.
+    #[error("{0}")]
+    Image(#[from] crate::image::ImageError),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -83,6 +90,9 @@ impl Error {
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::Store { .. } => ErrorCode::StoreUnavailable,
             Error::SnapshotBusy(_) => ErrorCode::Conflict,
+            Error::JobNotFound(_) => ErrorCode::NotFound,
+            Error::VolumeImporting(..) => ErrorCode::Conflict,
+            Error::Image(e) => e.code(),
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

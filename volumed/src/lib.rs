@@ -15,5 +15,6 @@ pub(crate) mod disk;
 pub mod engine;
 pub(crate) mod error;
 pub(crate) mod failpoint;
+pub mod image;
 pub mod nbd;
 pub(crate) mod socket_path;

@@ -18,6 +18,7 @@ pub async fn status(client: &Client, out: &Out) -> anyhow::Result<()> {
         ("store", st.store),
         ("volumes", st.volumes.to_string()),
         ("io backend", st.io_backend),
+        ("image tools", st.image_tools),
     ])?;
     Ok(())
 }

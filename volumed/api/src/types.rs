@@ -23,6 +23,8 @@ pub const SIZE_ALIGNMENT: u64 = 512;
 pub enum VolumeState {
     Available,
     Attached,
+    /// Being filled by an import job: not usable until it completes.
+    Importing,
 }
 
 impl VolumeState {
@@ -30,6 +32,7 @@ impl VolumeState {
         match self {
             VolumeState::Available => "available",
             VolumeState::Attached => "attached",
+            VolumeState::Importing => "importing",
         }
     }
 }
@@ -282,6 +285,10 @@ pub struct Status {
     pub cache_bytes: u64,
     #[serde(default)]
     pub cache_hits: u64,
+    /// `qemu-img` and `qemu-nbd` (qemu-utils), needed to import and export
+    /// images other than raw: their version, or `missing`.
+    #[serde(default)]
+    pub image_tools: String,
 }
 
 #[cfg(test)]

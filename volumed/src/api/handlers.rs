@@ -18,6 +18,7 @@ use volumed_api::{
 
 use snapshot::SnapshotId;
 
+use super::jobs;
 use super::views::{self, NbdEndpoints};
 use crate::engine::{Engine, Volume};
 use crate::error::Error;
@@ -56,6 +57,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
         .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
         .route("/v1/gc", post(gc))
+        .route("/v1/imports", post(jobs::import_file))
+        .route("/v1/imports/stream", post(jobs::import_stream))
+        .route("/v1/exports", post(jobs::export))
+        .route("/v1/jobs", get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
         .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
         .method_not_allowed_fallback(|| async {
             ApiFailure {
@@ -75,7 +83,7 @@ pub struct ApiFailure {
 }
 
 impl ApiFailure {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         let status =
             StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         ApiFailure {
@@ -107,11 +115,11 @@ impl IntoResponse for ApiFailure {
     }
 }
 
-type ApiResult<T> = Result<T, ApiFailure>;
+pub(super) type ApiResult<T> = Result<T, ApiFailure>;
 
 /// Parses a JSON body; an empty body means the type's default when
 /// `default` is given (so `curl -X POST .../attach` works).
-fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> ApiResult<T> {
+pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> ApiResult<T> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return default.ok_or_else(|| {
             ApiFailure::new(
@@ -349,6 +357,8 @@ mod tests {
         let _ = body::<AttachVolume>(b, Some(AttachVolume::default()));
         let _ = body::<CreateSnapshot>(b, Some(CreateSnapshot::default()));
         let _ = body::<GcRequest>(b, Some(GcRequest::default()));
+        let _ = body::<volumed_api::ImportRequest>(b, None);
+        let _ = body::<volumed_api::ExportRequest>(b, None);
     }
 
     proptest! {

@@ -18,6 +18,13 @@
 //! | GET | /v1/snapshots/{id}/diff?from=ID | | SnapshotDiff |
 //! | GET | /v1/snapshots/{id}/changed-blocks?from=ID&starting_offset=N&max_results=N&next_token=T | | ChangedBlocks |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
+//! | POST | /v1/imports | ImportRequest (a file) | 202 Job (running) |
+//! | POST | /v1/imports/stream | raw bytes; ImportRequest in `x-volumed-import` | Job (completed) |
+//! | POST | /v1/exports | ExportRequest | 202 Job, or for destination `-` the raw bytes |
+//! | GET | /v1/jobs | | JobList |
+//! | GET | /v1/jobs/{id} | | Job |
+//! | GET | /v1/jobs/{id}/events | | NDJSON stream of Job, one per change, the last final |
+//! | POST | /v1/jobs/{id}/cancel | | Job |
 //!
 //! `handlers` parses and routes; `views` builds every answer and URI from
 //! engine state; `server` runs axum on the socket.
@@ -26,6 +33,7 @@
 //! code (see `volumed_api::ErrorCode::http_status`).
 
 mod handlers;
+mod jobs;
 pub mod server;
 pub mod views;
 

@@ -7,12 +7,15 @@
 //! Trees (keys are UTF-8 names; values are JSON documents, see docs/formats.md):
 //! - `volumes`: volume name -> [`VolumeRecord`]
 //! - `snapshots`: snapshot id -> [`SnapshotRecord`] (snapshots this host took)
+//! - `jobs`: job id -> [`JobRecord`] (imports and exports)
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
+mod job;
 mod record;
 
 use std::path::Path;
 
+pub use job::{Checkpoint, JobRecord};
 pub use record::{
     AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339, unix_now,
 };
@@ -50,6 +53,7 @@ pub struct Catalog {
     volumes: sled::Tree,
     snapshots: sled::Tree,
     meta: sled::Tree,
+    jobs: sled::Tree,
 }
 
 impl Catalog {
@@ -75,7 +79,9 @@ impl Catalog {
         let snapshots = db
             .open_tree("snapshots")
             .map_err(sled_err("open tree snapshots"))?;
+        let jobs = db.open_tree("jobs").map_err(sled_err("open tree jobs"))?;
         let catalog = Catalog {
+            jobs,
             db,
             volumes,
             snapshots,
@@ -163,6 +169,33 @@ impl Catalog {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(sled_err("scan snapshots"))?;
+                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn put_job(&self, rec: &JobRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("a JobRecord always serializes");
+        self.jobs
+            .insert(rec.id.as_str(), value)
+            .map_err(sled_err("write job"))?;
+        self.flush()
+    }
+
+    pub fn remove_job(&self, id: &str) -> Result<()> {
+        self.jobs.remove(id).map_err(sled_err("remove job"))?;
+        self.flush()
+    }
+
+    /// Every job record, oldest first (ids grow).
+    pub fn jobs(&self) -> Result<Vec<JobRecord>> {
+        self.jobs
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(sled_err("scan jobs"))?;
                 serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     source,

@@ -33,6 +33,10 @@ pub struct VolumeRecord {
     /// the volume no longer needs the store.
     #[serde(default)]
     pub hydrated: bool,
+    /// The import job filling the volume: until it completes the volume is
+    /// `importing`, cannot be attached, and is removed if the job fails.
+    #[serde(default)]
+    pub importing: Option<String>,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -96,6 +100,7 @@ impl VolumeRecord {
             last_snapshot: None,
             hydrate: false,
             hydrated: false,
+            importing: None,
         }
     }
 }

@@ -8,7 +8,8 @@
 //! - `volume`: one volume and its data path; `freeze`: a snapshot's hold on
 //!   it; `chunk_map`: chunk states and the dirty set; `base`: a restored
 //!   volume's snapshot and detach log;
-//! - `jobs::snapshot` and `jobs::hydrate`: background work;
+//! - `jobs::snapshot`, `jobs::hydrate`, `jobs::import`, `jobs::export`:
+//!   background work (the last two listed in `jobs::registry`);
 //! - `snapshot_catalog`: the snapshots this host can see, and store-wide
 //!   operations on them;
 //! - `validate`: the rules for request values.
@@ -38,8 +39,8 @@ use snapshot::cache::Fetcher;
 use snapshot::{ChunkGeometry, SnapshotId};
 use tracing::{info, warn};
 use volumed_api::{
-    AttachVolume, CreateSnapshot, CreateVolume, DEFAULT_CHUNK_SIZE, ModifyVolume, VolumeName,
-    format_size,
+    AttachVolume, CreateSnapshot, CreateVolume, DEFAULT_CHUNK_SIZE, ImportRequest, ModifyVolume,
+    VolumeName, format_size,
 };
 
 pub use volume::{Export, Extent, ReadPiece, Volume};
@@ -48,13 +49,17 @@ use crate::catalog::{AttachmentRecord, Catalog, SnapshotRecord, VolumeRecord, un
 use crate::disk::{DataFile, IoEngine, sync_dir};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
+use jobs::export::{ExportJobs, ExportSource, Sink};
 use jobs::hydrate::Hydrator;
+use jobs::import::ImportJobs;
+use jobs::registry::{JobHandle, JobRegistry};
 use jobs::snapshot::SnapshotJobs;
 use registry::Registry;
 use snapshot_catalog::{SnapshotCatalog, SnapshotInfo};
 
 /// Where volumes' data directories live: one per volume, named by its id in
 /// hex, never reused.
+#[derive(Clone)]
 pub struct VolumeDirs {
     root: PathBuf,
 }
@@ -97,6 +102,9 @@ pub struct Engine {
     snapshot_jobs: Arc<SnapshotJobs>,
     hydrator: Arc<Hydrator>,
     snapshots: SnapshotCatalog,
+    /// Imports and exports, and the registry listing them.
+    imports: Arc<ImportJobs>,
+    exports: Arc<ExportJobs>,
 }
 
 impl Engine {
@@ -122,8 +130,27 @@ impl Engine {
         for vol in recovery::open_volumes(&catalog, &dirs, &io, &fetcher, clean)? {
             registry.insert(vol);
         }
+        let snapshot_jobs = Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone()));
+        let job_registry = Arc::new(JobRegistry::open(Arc::clone(&catalog)).context("load jobs")?);
+        let imports = Arc::new(ImportJobs::new(
+            Arc::clone(&catalog),
+            Arc::clone(&registry),
+            dirs.clone(),
+            Arc::clone(&job_registry),
+            Arc::clone(&snapshot_jobs),
+            data_dir.join("jobs"),
+        ));
+        let exports = Arc::new(ExportJobs::new(
+            Arc::clone(&catalog),
+            job_registry,
+            Arc::clone(&snapshot_jobs),
+            repo.clone(),
+            Arc::clone(&fetcher),
+        ));
         let engine = Engine {
-            snapshot_jobs: Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone())),
+            imports,
+            exports,
+            snapshot_jobs,
             hydrator: Arc::new(Hydrator::new(
                 Arc::clone(&catalog),
                 repo.clone(),
@@ -150,6 +177,16 @@ impl Engine {
         self.hydrator.start_all();
         let jobs = Arc::clone(&self.snapshot_jobs);
         tokio::spawn(async move { jobs.settle_interrupted().await });
+        let imports = Arc::clone(&self.imports);
+        let registry = Arc::clone(&self.registry);
+        tokio::spawn(async move {
+            imports
+                .settle_interrupted(|rec| {
+                    let registry = Arc::clone(&registry);
+                    async move { reopen_import(&registry, rec).await }
+                })
+                .await
+        });
     }
 
     pub fn io_engine_name(&self) -> &'static str {
@@ -198,6 +235,17 @@ impl Engine {
     }
 
     pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
+        self.create_with(req, None).await
+    }
+
+    /// `create`, for an import job's volume when `importing` names the job:
+    /// recorded `importing` from the start, so it is never `available`
+    /// half filled.
+    async fn create_with(
+        &self,
+        req: CreateVolume,
+        importing: Option<String>,
+    ) -> Result<Arc<Volume>> {
         let source = match &req.from_snapshot {
             Some(raw) => {
                 let id =
@@ -254,6 +302,7 @@ impl Engine {
         );
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
+        rec.importing = importing;
         let dir = self.dirs.volume(id);
         let data = DataFile::create(&dir, size, Arc::clone(&self.io))
             .ctx(|| format!("create data files in {}", dir.display()))?;
@@ -294,6 +343,7 @@ impl Engine {
         let _guard = self.registry.lock().await;
         let mut vol = self.get(name)?;
         let mut rec = vol.record();
+        not_importing(&vol)?;
         if rec.attachment.is_none() && vol.failure().is_some() {
             // Left failed by a detach whose reopen failed: try again.
             vol = self.reopen(&vol, &rec)?;
@@ -379,6 +429,7 @@ impl Engine {
     pub async fn modify(&self, name: &VolumeName, req: ModifyVolume) -> Result<Arc<Volume>> {
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
+        not_importing(&vol)?;
         let mut rec = vol.record();
         if let Some(size) = req.size {
             validate::size(size)?;
@@ -408,6 +459,7 @@ impl Engine {
     pub async fn delete(&self, name: &VolumeName) -> Result<()> {
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
+        not_importing(&vol)?;
         if vol.record().attachment.is_some() {
             return Err(Error::VolumeAttached(name.clone()));
         }
@@ -444,6 +496,7 @@ impl Engine {
     ) -> Result<SnapshotRecord> {
         validate::labels(&req.labels)?;
         let vol = self.get(name)?;
+        not_importing(&vol)?;
         self.snapshot_jobs.start(vol, req.labels).await
     }
 
@@ -506,12 +559,308 @@ impl Engine {
         self.snapshots.gc(grace).await
     }
 
+    /// Starts importing the image file `req.source` into new volumes;
+    /// returns the running job. The image is inspected (and refused) first,
+    /// so a bad one changes nothing.
+    pub async fn import(&self, req: ImportRequest) -> Result<Arc<JobHandle>> {
+        let path = std::path::PathBuf::from(&req.source);
+        if !path.is_absolute() {
+            return Err(Error::InvalidRequest(format!(
+                "import source {:?} must be an absolute path the daemon can read",
+                req.source
+            )));
+        }
+        let format = self.check_import(&req)?;
+        if self.get(&req.name).is_ok() {
+            return Err(Error::VolumeExists(req.name.clone()));
+        }
+        let disks = crate::image::inspect::open(&path, format).await?;
+        if disks.len() > 1 && req.sha256.is_some() {
+            return Err(Error::InvalidRequest(
+                "--sha256 checks one image; an OVA with several disks has no single hash".into(),
+            ));
+        }
+        let names = import_names(&req.name, disks.len())?;
+        let sizes: Vec<u64> = disks.iter().map(|d| d.size.next_multiple_of(512)).collect();
+        let fmt = disks
+            .first()
+            .map_or("raw".into(), |d| d.spec.format.to_string());
+        let fmt = if format == Some(crate::image::ImageFormat::Ova)
+            || disks.iter().any(|d| d.spec.range.is_some())
+        {
+            "ova".to_owned()
+        } else {
+            fmt
+        };
+        let (h, vols) = self.start_import(req, fmt, names, sizes).await?;
+        self.imports.spawn_file(Arc::clone(&h), disks, vols);
+        Ok(h)
+    }
+
+    /// Starts importing the raw bytes of `body` into a new volume, which
+    /// grows as they arrive; the returned task ends with the job.
+    pub async fn import_stream<S, B, E>(
+        &self,
+        req: ImportRequest,
+        body: S,
+    ) -> Result<(Arc<JobHandle>, tokio::task::JoinHandle<()>)>
+    where
+        S: futures_util::Stream<Item = std::result::Result<B, E>> + Send + Unpin + 'static,
+        B: AsRef<[u8]> + Send,
+        E: std::fmt::Display,
+    {
+        if req.source != "-" {
+            return Err(Error::InvalidRequest(
+                "a stream import's source is -".into(),
+            ));
+        }
+        match self.check_import(&req)? {
+            None | Some(crate::image::ImageFormat::Raw) => {}
+            Some(f) => {
+                return Err(Error::InvalidRequest(format!(
+                    "a stream import reads raw bytes only, not {f}; save the image to a file first"
+                )));
+            }
+        }
+        // The volume starts one sector long and grows with the stream.
+        let (h, vols) = self
+            .start_import(req, "raw".into(), Vec::new(), vec![512])
+            .await?;
+        let vol = Arc::clone(&vols[0]);
+        let task = self.imports.spawn_stream(Arc::clone(&h), vol, body);
+        Ok((h, task))
+    }
+
+    /// Checks an import request's values; returns the format asked for.
+    fn check_import(&self, req: &ImportRequest) -> Result<Option<crate::image::ImageFormat>> {
+        if let Some(c) = req.chunk_size {
+            validate::chunk_size(c)?;
+        }
+        validate::labels(&req.labels)?;
+        if let Some(h) = &req.sha256
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(Error::InvalidRequest(format!(
+                "sha256 {h:?} is not 64 hex digits"
+            )));
+        }
+        req.format
+            .as_deref()
+            .map(|f| {
+                crate::image::ImageFormat::parse(f).ok_or_else(|| {
+                    Error::InvalidRequest(format!(
+                        "unknown image format {f:?}: expected raw, qcow2, vmdk, vhdx, vpc or ova"
+                    ))
+                })
+            })
+            .transpose()
+    }
+
+    /// Records the job, then creates its volumes `importing`. Empty `names`
+    /// means the one volume the request names.
+    async fn start_import(
+        &self,
+        req: ImportRequest,
+        format: String,
+        names: Vec<VolumeName>,
+        sizes: Vec<u64>,
+    ) -> Result<(Arc<JobHandle>, Vec<Arc<Volume>>)> {
+        let names = if names.is_empty() {
+            vec![req.name.clone()]
+        } else {
+            names
+        };
+        for s in &sizes {
+            validate::size(*s)?;
+        }
+        let id = self.imports.jobs.next_id()?;
+        let rec = crate::catalog::JobRecord {
+            id: id.clone(),
+            kind: volumed_api::JobKind::Import,
+            state: volumed_api::JobState::Running,
+            created_at: unix_now(),
+            finished_at: None,
+            import: Some(req.clone()),
+            export: None,
+            format,
+            volumes: names.clone(),
+            bytes_total: if req.source == "-" {
+                0
+            } else {
+                sizes.iter().sum()
+            },
+            checkpoint: crate::catalog::Checkpoint::default(),
+            error: None,
+            snapshot: None,
+            sha256: None,
+        };
+        let h = self.imports.jobs.add(rec)?;
+        let mut vols = Vec::new();
+        for (name, size) in names.iter().zip(&sizes) {
+            let create = CreateVolume {
+                name: name.clone(),
+                size: Some(*size),
+                ephemeral: req.ephemeral,
+                from_snapshot: None,
+                chunk_size: req.chunk_size,
+                hydrate: None,
+            };
+            match self.create_with(create, Some(id.clone())).await {
+                Ok(v) => vols.push(v),
+                Err(e) => {
+                    let _guard = self.registry.lock().await;
+                    for v in &vols {
+                        self.registry.remove(&v.name);
+                        let _ = remove_files_and_record(&self.catalog, &self.dirs, &v.record());
+                    }
+                    self.imports
+                        .jobs
+                        .finish(&h, volumed_api::JobState::Error, Some(e.to_string()));
+                    return Err(e);
+                }
+            }
+        }
+        info!(job = %id, volumes = ?names.iter().map(VolumeName::as_str).collect::<Vec<_>>(),
+              source = %req.source, "import started");
+        Ok((h, vols))
+    }
+
+    /// Starts exporting a snapshot (or a volume, snapshotted first) as an
+    /// image. For destination `-` the raw bytes come through the returned
+    /// receiver, in order.
+    pub async fn export(
+        &self,
+        req: volumed_api::ExportRequest,
+    ) -> Result<(
+        Arc<JobHandle>,
+        Option<tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>>,
+    )> {
+        use crate::image::ImageFormat;
+        let format = match req.format.as_deref() {
+            None => ImageFormat::Raw,
+            Some(f) => match ImageFormat::parse(f) {
+                Some(ImageFormat::Ova) | None => {
+                    return Err(Error::InvalidRequest(format!(
+                        "unknown export format {f:?}: expected raw, qcow2, vmdk, vhdx or vpc"
+                    )));
+                }
+                Some(f) => f,
+            },
+        };
+        if req.compress && format != ImageFormat::Qcow2 {
+            return Err(Error::InvalidRequest(
+                "--compress applies to qcow2 exports only".into(),
+            ));
+        }
+        let stream = req.destination == "-";
+        if stream && format != ImageFormat::Raw {
+            return Err(Error::InvalidRequest(format!(
+                "only raw exports go to stdout, not {format}; give a file"
+            )));
+        }
+        if !stream {
+            let dest = std::path::Path::new(&req.destination);
+            if !dest.is_absolute() {
+                return Err(Error::InvalidRequest(format!(
+                    "export destination {:?} must be an absolute path",
+                    req.destination
+                )));
+            }
+            if dest.symlink_metadata().is_ok() {
+                return Err(Error::InvalidRequest(format!(
+                    "export destination {} exists; remove it or choose another",
+                    dest.display()
+                )));
+            }
+            if !dest.parent().is_some_and(Path::is_dir) {
+                return Err(Error::InvalidRequest(format!(
+                    "the directory of export destination {} does not exist",
+                    dest.display()
+                )));
+            }
+        }
+        let (source, size) = match SnapshotId::parse(&req.source) {
+            Some(id) if req.source.starts_with("snap-") => {
+                let info = self.snapshots.get(&id).await?;
+                let size = match &info {
+                    SnapshotInfo::Recorded { rec, .. } => rec.size,
+                    SnapshotInfo::Stored(h) => h.size,
+                };
+                (ExportSource::Snapshot(id), size)
+            }
+            _ => {
+                let name = VolumeName::parse(&req.source).map_err(|reason| Error::InvalidName {
+                    name: req.source.clone(),
+                    reason,
+                })?;
+                let vol = self.get(&name)?;
+                not_importing(&vol)?;
+                let size = vol.size();
+                (ExportSource::Volume(vol), size)
+            }
+        };
+        let id = self.imports.jobs.next_id()?;
+        let rec = crate::catalog::JobRecord {
+            id: id.clone(),
+            kind: volumed_api::JobKind::Export,
+            state: volumed_api::JobState::Running,
+            created_at: unix_now(),
+            finished_at: None,
+            import: None,
+            export: Some(req.clone()),
+            format: format.to_string(),
+            volumes: match &source {
+                ExportSource::Volume(v) => vec![v.name.clone()],
+                ExportSource::Snapshot(_) => Vec::new(),
+            },
+            bytes_total: size,
+            checkpoint: crate::catalog::Checkpoint::default(),
+            error: None,
+            snapshot: match &source {
+                ExportSource::Snapshot(id) => Some(id.clone()),
+                ExportSource::Volume(_) => None,
+            },
+            sha256: None,
+        };
+        let h = self.imports.jobs.add(rec)?;
+        let (sink, rx) = if stream {
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            (Sink::Stream(tx), Some(rx))
+        } else {
+            (Sink::File(req.destination.clone().into()), None)
+        };
+        info!(job = %id, source = %req.source, destination = %req.destination, %format, "export started");
+        self.exports
+            .spawn(Arc::clone(&h), source, format, req.compress, sink);
+        Ok((h, rx))
+    }
+
+    /// Fires when the jobs stop for shutdown: event streams end with it.
+    pub fn jobs_stopping(&self) -> tokio_util::sync::CancellationToken {
+        self.imports.jobs.shutdown.clone()
+    }
+
+    pub fn jobs(&self) -> Vec<Arc<JobHandle>> {
+        self.imports.jobs.list()
+    }
+
+    pub fn job(&self, id: &str) -> Result<Arc<JobHandle>> {
+        self.imports.jobs.get(id)
+    }
+
+    /// Cancels a running job: it ends `cancelled`, its volumes removed.
+    pub fn cancel_job(&self, id: &str) -> Result<Arc<JobHandle>> {
+        self.imports.jobs.cancel(id)
+    }
+
     /// Shutdown: ends every session after its in-flight requests (the
     /// attachments stay recorded), makes all data durable, saves each
     /// volume's dirty set, and records a clean shutdown.
     pub async fn shutdown(&self) -> Result<()> {
-        // Snapshot jobs stop first: each puts its changes back into the dirty
+        // Imports stop first (a file import resumes from its checkpoint),
+        // then snapshot jobs: each puts its changes back into the dirty
         // set, which is saved below.
+        self.imports.jobs.stop().await;
         self.snapshot_jobs.shutdown().await;
         self.hydrator.shutdown().await;
         let _guard = self.registry.lock().await;
@@ -540,8 +889,63 @@ impl Engine {
     }
 }
 
+/// A volume being imported takes no lifecycle change but the import's own.
+fn not_importing(vol: &Volume) -> Result<()> {
+    match vol.record().importing {
+        Some(job) => Err(Error::VolumeImporting(vol.name.clone(), job)),
+        None => Ok(()),
+    }
+}
+
+/// `NAME`, `NAME-1`, ... for the disks of one import.
+fn import_names(name: &VolumeName, n: usize) -> Result<Vec<VolumeName>> {
+    (0..n)
+        .map(|i| {
+            if i == 0 {
+                return Ok(name.clone());
+            }
+            let raw = format!("{name}-{i}");
+            VolumeName::parse(&raw).map_err(|reason| Error::InvalidName { name: raw, reason })
+        })
+        .collect()
+}
+
+/// What a file import resumed after a restart reads and writes: its image
+/// inspected again, and its volumes, still `importing` for it.
+async fn reopen_import(
+    registry: &Registry,
+    rec: crate::catalog::JobRecord,
+) -> std::result::Result<(Vec<crate::image::inspect::Disk>, Vec<Arc<Volume>>), String> {
+    let req = rec.import.ok_or("the job has no import request")?;
+    let format = req
+        .format
+        .as_deref()
+        .and_then(crate::image::ImageFormat::parse);
+    let disks = crate::image::inspect::open(std::path::Path::new(&req.source), format)
+        .await
+        .map_err(|e| e.to_string())?;
+    if disks.len() != rec.volumes.len() {
+        return Err("the image's disks changed".into());
+    }
+    let mut vols = Vec::new();
+    for (d, name) in disks.iter().zip(&rec.volumes) {
+        let v = registry.get(name).map_err(|e| e.to_string())?;
+        if v.record().importing.as_deref() != Some(rec.id.as_str())
+            || v.size() != d.size.next_multiple_of(512)
+        {
+            return Err(format!("volume '{name}' no longer matches the image"));
+        }
+        vols.push(v);
+    }
+    Ok((disks, vols))
+}
+
 /// Removes a volume's files, then its record: the second half of a delete.
-fn remove_files_and_record(catalog: &Catalog, dirs: &VolumeDirs, rec: &VolumeRecord) -> Result<()> {
+pub(crate) fn remove_files_and_record(
+    catalog: &Catalog,
+    dirs: &VolumeDirs,
+    rec: &VolumeRecord,
+) -> Result<()> {
     let dir = dirs.volume(rec.id);
     match std::fs::remove_dir_all(&dir) {
         Ok(()) => {}

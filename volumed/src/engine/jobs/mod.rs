@@ -1,10 +1,16 @@
 //! Background work on volumes, each kind a struct that owns its running
 //! jobs, their cancellation tokens and their task tracker:
 //! - [`snapshot::SnapshotJobs`]: uploads of frozen volumes to the store;
-//! - [`hydrate::Hydrator`]: restored volumes filling themselves in.
+//! - [`hydrate::Hydrator`]: restored volumes filling themselves in;
+//! - [`import::ImportJobs`]: VM images copied into new volumes, tracked in
+//!   [`registry::JobRegistry`] with the exports;
+//! - [`export::ExportJobs`]: snapshots written out as images.
 //!
 //! Shutdown cancels them first (their tokens are children of nothing the
 //! data path uses), waits for their tasks, then the engine flushes.
 
+pub mod export;
 pub mod hydrate;
+pub mod import;
+pub mod registry;
 pub mod snapshot;

@@ -1,0 +1,318 @@
+//! Exports: a snapshot's bytes written out as an image. A volume given as
+//! the source is snapshotted first, so the export is point-in-time even
+//! while the volume is attached and written.
+//!
+//! Raw is written by us: the manifest's chunks fetched (through the host
+//! cache, each verified against its hash), 16 at a time, into a sparse file
+//! (zero chunks are never written) or, for `-`, in order into the answer's
+//! body. Other formats are made by `qemu-img convert` from that raw file,
+//! written beside the destination and removed after.
+//!
+//! A job cut short (error, cancel) removes its partial destination; one
+//! interrupted by a restart ends `error` (it is not resumed).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use snapshot::SnapshotId;
+use snapshot::cache::Fetcher;
+use tokio::sync::mpsc;
+use tracing::info;
+use volumed_api::JobState;
+
+use super::registry::{JobHandle, JobRegistry};
+use super::snapshot::SnapshotJobs;
+use crate::catalog::{Catalog, SnapshotState};
+use crate::engine::Volume;
+use crate::image::ImageFormat;
+
+const FETCHES_IN_FLIGHT: usize = 16;
+const SNAPSHOT_POLL: Duration = Duration::from_millis(200);
+
+/// What an export reads.
+pub enum ExportSource {
+    Snapshot(SnapshotId),
+    /// Snapshotted first.
+    Volume(Arc<Volume>),
+}
+
+/// Where an export writes.
+pub enum Sink {
+    File(PathBuf),
+    /// The answer's body, in order; a closed receiver ends the job.
+    Stream(mpsc::Sender<std::io::Result<Vec<u8>>>),
+}
+
+pub struct ExportJobs {
+    catalog: Arc<Catalog>,
+    jobs: Arc<JobRegistry>,
+    snapshot_jobs: Arc<SnapshotJobs>,
+    repo: snapshot::Repo,
+    fetcher: Arc<Fetcher>,
+}
+
+impl ExportJobs {
+    pub fn new(
+        catalog: Arc<Catalog>,
+        jobs: Arc<JobRegistry>,
+        snapshot_jobs: Arc<SnapshotJobs>,
+        repo: snapshot::Repo,
+        fetcher: Arc<Fetcher>,
+    ) -> Self {
+        ExportJobs {
+            catalog,
+            jobs,
+            snapshot_jobs,
+            repo,
+            fetcher,
+        }
+    }
+
+    pub fn spawn(
+        self: &Arc<Self>,
+        h: Arc<JobHandle>,
+        source: ExportSource,
+        format: ImageFormat,
+        compress: bool,
+        sink: Sink,
+    ) {
+        let this = Arc::clone(self);
+        self.jobs.tasks.spawn(async move {
+            let dest = match &sink {
+                Sink::File(p) => Some(p.clone()),
+                Sink::Stream(_) => None,
+            };
+            let r = this.run(&h, source, format, compress, sink).await;
+            let id = h.id();
+            match r {
+                Ok(()) => {
+                    info!(job = %id, "export completed");
+                    this.jobs.finish(&h, JobState::Completed, None);
+                }
+                Err(e) => {
+                    if let Some(d) = dest {
+                        let _ = std::fs::remove_file(&d);
+                    }
+                    let cancelled = h.cancel.is_cancelled();
+                    info!(job = %id, error = %e, "export ended early");
+                    if cancelled {
+                        this.jobs.finish(&h, JobState::Cancelled, None);
+                    } else {
+                        this.jobs.finish(&h, JobState::Error, Some(e));
+                    }
+                }
+            }
+        });
+    }
+
+    async fn run(
+        &self,
+        h: &JobHandle,
+        source: ExportSource,
+        format: ImageFormat,
+        compress: bool,
+        sink: Sink,
+    ) -> Result<(), String> {
+        let id = match source {
+            ExportSource::Snapshot(id) => id,
+            ExportSource::Volume(vol) => {
+                let labels = [("export".to_owned(), h.id())].into_iter().collect();
+                let rec = self
+                    .snapshot_jobs
+                    .start(vol, labels)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                while self.snapshot_jobs.is_running(&rec.id) {
+                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
+                        return Err("stopped".into());
+                    }
+                    tokio::time::sleep(SNAPSHOT_POLL).await;
+                }
+                let done = self
+                    .catalog
+                    .snapshots()
+                    .map_err(|e| e.to_string())?
+                    .into_iter()
+                    .find(|s| s.id == rec.id);
+                match done {
+                    Some(s) if s.state == SnapshotState::Completed => {}
+                    Some(s) => {
+                        return Err(format!(
+                            "snapshot {} failed: {}",
+                            s.id,
+                            s.error.unwrap_or_default()
+                        ));
+                    }
+                    None => return Err(format!("snapshot {} vanished", rec.id)),
+                }
+                rec.id
+            }
+        };
+        let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone()));
+        let m = self
+            .repo
+            .get_manifest(&id)
+            .await
+            .map_err(|e| format!("read snapshot {id}: {e}"))?;
+        let _ = self.jobs.update(h, |r| r.bytes_total = m.header.size);
+        match (format, sink) {
+            (ImageFormat::Raw, sink) => self.write_raw(h, &m, sink).await,
+            (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
+            (fmt, Sink::File(dest)) => {
+                let tmp = part_path(&dest);
+                let r = async {
+                    self.write_raw(h, &m, Sink::File(tmp.clone())).await?;
+                    // qemu-img is killed when this future is dropped.
+                    tokio::select! {
+                        r = convert(&tmp, fmt, compress, &dest) => r,
+                        () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
+                        () = h.cancel.cancelled() => Err("stopped".into()),
+                    }
+                }
+                .await;
+                let _ = std::fs::remove_file(&tmp);
+                r
+            }
+        }
+    }
+
+    /// The snapshot's bytes into a sparse file or, in order, a stream.
+    async fn write_raw(
+        &self,
+        h: &JobHandle,
+        m: &snapshot::Manifest,
+        sink: Sink,
+    ) -> Result<(), String> {
+        let size = m.header.size;
+        let cs = m.header.chunk_size;
+        let chunk_len = |i: u64| cs.min(size - i * cs);
+        match sink {
+            Sink::File(path) => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| format!("create {}: {e}", path.display()))?;
+                f.set_len(size)
+                    .map_err(|e| format!("size {}: {e}", path.display()))?;
+                let f = Arc::new(f);
+                let mut fetches = futures_util::stream::iter(m.hashed().iter().copied())
+                    .map(|(i, hash)| {
+                        let fetcher = Arc::clone(&self.fetcher);
+                        async move { (i, fetcher.get(&hash).await) }
+                    })
+                    .buffer_unordered(FETCHES_IN_FLIGHT);
+                let zero_bytes = size - m.hashed().iter().map(|(i, _)| chunk_len(*i)).sum::<u64>();
+                h.add_done(zero_bytes);
+                while let Some((i, data)) = fetches.next().await {
+                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
+                        return Err("stopped".into());
+                    }
+                    let data = data
+                        .map_err(|e| format!("read chunk {i} of snapshot {}: {e}", m.header.id))?;
+                    let f = Arc::clone(&f);
+                    let n = data.len() as u64;
+                    tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        f.write_all_at(&data, i * cs)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("write {}: {e}", path.display()))?;
+                    h.add_done(n);
+                }
+                let f2 = Arc::clone(&f);
+                tokio::task::spawn_blocking(move || f2.sync_all())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("sync {}: {e}", path.display()))?;
+                Ok(())
+            }
+            Sink::Stream(tx) => {
+                let count = m.chunk_count();
+                let mut fetches = futures_util::stream::iter(0..count)
+                    .map(|i| {
+                        let fetcher = Arc::clone(&self.fetcher);
+                        let hash = m.get(i);
+                        let n = chunk_len(i);
+                        async move {
+                            match hash {
+                                None => Ok(vec![0u8; n as usize]),
+                                Some(hash) => fetcher
+                                    .get(&hash)
+                                    .await
+                                    .map(|d| d.as_ref().clone())
+                                    .map_err(|e| format!("read chunk {i}: {e}")),
+                            }
+                        }
+                    })
+                    .buffered(FETCHES_IN_FLIGHT);
+                while let Some(data) = fetches.next().await {
+                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
+                        return Err("stopped".into());
+                    }
+                    let data = match data {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = tx.send(Err(std::io::Error::other(e.clone()))).await;
+                            return Err(e);
+                        }
+                    };
+                    let n = data.len() as u64;
+                    tokio::select! {
+                        r = tx.send(Ok(data)) => r.map_err(|_| "the reader went away".to_owned())?,
+                        () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
+                        () = h.cancel.cancelled() => return Err("stopped".into()),
+                    }
+                    h.add_done(n);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `DEST.volumed-part`: the raw bytes qemu-img converts from.
+fn part_path(dest: &Path) -> PathBuf {
+    let mut s = dest.as_os_str().to_owned();
+    s.push(".volumed-part");
+    PathBuf::from(s)
+}
+
+/// `qemu-img convert` of a raw file into `fmt`: VMDK stream-optimized, VHD
+/// fixed with `force_size` (what AWS and Azure accept), qcow2 optionally
+/// zstd-compressed.
+async fn convert(raw: &Path, fmt: ImageFormat, compress: bool, dest: &Path) -> Result<(), String> {
+    let mut args: Vec<String> = vec!["convert".into(), "-q".into(), "-f".into(), "raw".into()];
+    args.extend(["-O".into(), fmt.to_string()]);
+    match fmt {
+        ImageFormat::Vmdk => args.extend(["-o".into(), "subformat=streamOptimized".into()]),
+        ImageFormat::Vpc => args.extend(["-o".into(), "subformat=fixed,force_size=on".into()]),
+        ImageFormat::Qcow2 if compress => {
+            args.extend(["-c".into(), "-o".into(), "compression_type=zstd".into()])
+        }
+        _ => {}
+    }
+    args.push(raw.display().to_string());
+    args.push(dest.display().to_string());
+    let out = tokio::process::Command::new("qemu-img")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| format!("qemu-img: {e} (install qemu-utils to export {fmt})"))?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(dest);
+        return Err(format!(
+            "qemu-img convert: {}",
+            crate::image::qemu::one_line("qemu-img", &out.stderr)
+        ));
+    }
+    Ok(())
+}
