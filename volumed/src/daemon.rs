@@ -61,6 +61,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let engine = Arc::new(engine);
     engine.start_background();
+    engine.set_nbd_socket(config.nbd_socket.clone());
+    // Before the NBD server accepts: a client reconnecting after a restart
+    // finds its snapshot export where it was.
+    engine.reopen_snapshot_exports().await;
 
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
         .await?

@@ -45,6 +45,10 @@ pub enum Error {
     },
     #[error("snapshot {0} is in progress; wait for it to end")]
     SnapshotBusy(String),
+    #[error("snapshot '{0}' is attached; detach it first")]
+    SnapshotAttached(String),
+    #[error("snapshot '{0}' is not attached")]
+    SnapshotNotAttached(String),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -83,6 +87,8 @@ impl Error {
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::Store { .. } => ErrorCode::StoreUnavailable,
             Error::SnapshotBusy(_) => ErrorCode::Conflict,
+            Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
+            Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

@@ -109,12 +109,21 @@ fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
     })
 }
 
-/// The API's view of a snapshot.
-pub fn snapshot(s: SnapshotInfo) -> volumed_api::Snapshot {
-    match s {
+/// The API's view of a snapshot, with its NBD export while attached.
+pub fn snapshot(engine: &Engine, ep: &NbdEndpoints, s: SnapshotInfo) -> volumed_api::Snapshot {
+    let export = engine
+        .snapshot_attached_at(s.id())
+        .map(|at| volumed_api::SnapshotExport {
+            uri: ep.tcp_uri(s.id().as_str()),
+            unix_uri: ep.unix_uri(s.id().as_str()),
+            attached_at: rfc3339(at),
+        });
+    let mut view = match s {
         SnapshotInfo::Recorded { rec, live } => recorded(rec, live),
         SnapshotInfo::Stored(h) => stored(h),
-    }
+    };
+    view.export = export;
+    view
 }
 
 fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snapshot {
@@ -148,6 +157,7 @@ fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snaps
         chunks_done: done,
         chunks_total: total,
         error: rec.error,
+        export: None,
     }
 }
 
@@ -170,6 +180,7 @@ fn stored(h: ManifestHeader) -> volumed_api::Snapshot {
         chunks_done: h.changed_chunks,
         chunks_total: h.changed_chunks,
         error: None,
+        export: None,
     }
 }
 

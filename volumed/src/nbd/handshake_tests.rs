@@ -189,7 +189,7 @@ async fn info_describes_and_go_enters_transmission() {
 
     c.option(OPT_INFO, &info("data", &[INFO_NAME, INFO_DESCRIPTION]))
         .await;
-    let flags = transmission_flags(false);
+    let flags = transmission_flags(false, false);
     assert_eq!(
         c.replies(OPT_INFO).await,
         [
@@ -212,11 +212,12 @@ async fn info_describes_and_go_enters_transmission() {
         export,
         size,
         options,
+        ..
     }) = task.await.unwrap()
     else {
         panic!("GO should enter transmission");
     };
-    assert_eq!(export.volume.name.as_str(), "data");
+    assert_eq!(export.backend.name(), "data");
     assert_eq!(size, 1 << 20);
     assert_eq!(options, SessionOptions::default());
 }
@@ -263,9 +264,12 @@ async fn structured_replies_and_base_allocation() {
     let r = c.replies(OPT_GO).await;
     assert_eq!(
         r[0],
-        (REP_INFO, info_export(1 << 20, transmission_flags(true)))
+        (
+            REP_INFO,
+            info_export(1 << 20, transmission_flags(true, false))
+        )
     );
-    assert_ne!(transmission_flags(true) & FLAG_SEND_DF, 0);
+    assert_ne!(transmission_flags(true, false) & FLAG_SEND_DF, 0);
     let Ok(Negotiated::Export { options, .. }) = task.await.unwrap() else {
         panic!("GO should enter transmission");
     };
@@ -273,7 +277,7 @@ async fn structured_replies_and_base_allocation() {
         options,
         SessionOptions {
             structured: true,
-            base_allocation: true,
+            block_status: true,
             read_only: false,
         }
     );
@@ -289,7 +293,7 @@ async fn export_name_enters_transmission_or_closes() {
     c.0.read_exact(&mut reply).await.unwrap();
     assert_eq!(
         reply[..],
-        encode_export_name_reply(1 << 20, transmission_flags(false), true)
+        encode_export_name_reply(1 << 20, transmission_flags(false, false), true)
     );
     assert!(matches!(
         task.await.unwrap(),
