@@ -13,7 +13,7 @@
 //! with its last holder and does not survive a restart: its hold is found
 //! stale and released at the next start.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -47,7 +47,14 @@ pub struct SnapshotImage {
     /// Changed blocks from other snapshots (dirty-bitmap contexts), made on
     /// first use: a diff costs a walk of both manifests.
     changed: Mutex<HashMap<SnapshotId, Arc<Diff>>>,
+    /// The chunks read last, decoded: clients read a chunk in several
+    /// requests (nbdcopy and qemu-img in 256 KiB pieces), and each would
+    /// otherwise decode and hash it again.
+    recent: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
 }
+
+/// Decoded chunks an image keeps, most recent first.
+const RECENT_CHUNKS: usize = 32;
 
 impl SnapshotImage {
     pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>) -> io::Result<Self> {
@@ -64,6 +71,7 @@ impl SnapshotImage {
             fetcher,
             geometry,
             changed: Mutex::new(HashMap::new()),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_CHUNKS)),
         })
     }
 
@@ -75,11 +83,23 @@ impl SnapshotImage {
         self.geometry.chunk_size()
     }
 
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Vec<u8>>)>> {
+        self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The bytes of chunk `chunk`, verified against its hash and length.
-    async fn chunk(&self, chunk: u64) -> io::Result<Option<Vec<u8>>> {
+    async fn chunk(&self, chunk: u64) -> io::Result<Option<Arc<Vec<u8>>>> {
         let Some(hash) = self.manifest.get(chunk) else {
             return Ok(None);
         };
+        if let Some(data) = self
+            .recent()
+            .iter()
+            .find(|(c, _)| *c == chunk)
+            .map(|(_, d)| Arc::clone(d))
+        {
+            return Ok(Some(data));
+        }
         let data = self.fetcher.get(&hash).await.map_err(|e| {
             tracing::error!(snapshot = %self.id, chunk, %hash, error = %e,
                 "cannot read a chunk of an exported snapshot");
@@ -96,9 +116,12 @@ impl SnapshotImage {
                 data.len()
             )));
         }
-        Ok(Some(
-            Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec()),
-        ))
+        let mut recent = self.recent();
+        if recent.len() == RECENT_CHUNKS {
+            recent.pop_back();
+        }
+        recent.push_front((chunk, Arc::clone(&data)));
+        Ok(Some(data))
     }
 
     /// Reads `[offset, offset + len)`; the caller has checked the range.
@@ -117,14 +140,9 @@ impl SnapshotImage {
                     Some(ReadPiece::Zero(n)) => *n += to - from,
                     _ => out.push(ReadPiece::Zero(to - from)),
                 },
-                Some(mut data) => {
+                Some(data) => {
                     let (a, b) = ((from - r.start) as usize, (to - r.start) as usize);
-                    if a == 0 && b == data.len() {
-                        out.push(ReadPiece::Data(data));
-                    } else {
-                        data.truncate(b);
-                        out.push(ReadPiece::Data(data.split_off(a)));
-                    }
+                    out.push(ReadPiece::Data(data[a..b].to_vec()));
                 }
             }
         }
