@@ -575,7 +575,7 @@ mod tests {
             let mut pos = start;
             for e in extents {
                 let chunk = pos / CS;
-                prop_assert_eq!(e.zero, chunk % 2 == 0);
+                prop_assert_eq!(e.zero, chunk.is_multiple_of(2));
                 pos += e.len;
             }
         }
