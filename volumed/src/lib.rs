@@ -15,5 +15,6 @@ pub(crate) mod disk;
 pub mod engine;
 pub(crate) mod error;
 pub(crate) mod failpoint;
+pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod socket_path;

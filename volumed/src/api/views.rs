@@ -76,7 +76,7 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
 }
 
 /// A restored volume's hydration; null for other volumes.
-fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
+pub(crate) fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
     let rec = vol.record();
     rec.source_snapshot.as_ref()?;
     let Some(base) = vol.base() else {

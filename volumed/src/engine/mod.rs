@@ -295,6 +295,11 @@ impl Engine {
         }
     }
 
+    /// (done, total) chunks of `vol`'s snapshot in progress, if one runs.
+    pub fn snapshot_progress(&self, vol: &Volume) -> Option<(u64, u64)> {
+        self.snapshot_jobs.progress_of(&vol.name)
+    }
+
     pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationStatus> {
         self.hydrator.status(vol)
     }

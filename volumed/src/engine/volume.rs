@@ -56,6 +56,8 @@ pub struct Volume {
     /// fsync dropped as clean, so a retried FLUSH could report durable data
     /// that is gone. Only reopening the files (detach, attach) ends it.
     failure: OnceLock<String>,
+    /// Requests served, by command, for metrics.
+    pub stats: crate::metrics::IoStats,
 }
 
 /// Counts a client request for as long as it lives.
@@ -115,6 +117,7 @@ impl Volume {
             base,
             client_ops: AtomicU64::new(0),
             failure: OnceLock::new(),
+            stats: Default::default(),
         })
     }
 

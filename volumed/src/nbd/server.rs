@@ -385,6 +385,7 @@ async fn serve<C: Connection>(
     contexts: Vec<(u32, MetaContext)>,
 ) {
     let name = export.backend.name().to_owned();
+    let _counted = crate::metrics::ConnectionGauge::new();
     info!(%peer, export = %name, size, structured = options.structured, read_only = options.read_only,
           tls, "NBD client connected");
     let (r, w) = stream.halves();

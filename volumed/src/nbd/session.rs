@@ -30,6 +30,7 @@ use super::proto::{
     STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
 };
 use crate::engine::{Backend, Extent, ReadPiece};
+use crate::metrics;
 
 /// Requests in flight per connection (fio and qemu use up to 128).
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -164,13 +165,14 @@ impl Ctx {
     }
 
     /// Runs `work` on its own task and sends what it returns.
-    fn spawn<F>(&self, req: Request, permit: InFlight, work: F)
+    fn spawn<F>(&self, req: Request, permit: InFlight, timing: Timing, work: F)
     where
         F: std::future::Future<Output = ReplyBody> + Send + 'static,
     {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let body = work.await;
+            metrics::finish(timing.0, timing.1);
             let _ = tx
                 .send(Outgoing {
                     reply: Reply {
@@ -271,15 +273,48 @@ fn reply_budget(req: &Request, ctx: &Ctx) -> u32 {
     }
 }
 
+/// A request's command and, while metrics are on, when it was read.
+type Timing = (metrics::Op, Option<std::time::Instant>);
+
+fn metric_op(c: Command) -> Option<metrics::Op> {
+    use metrics::Op;
+    Some(match c {
+        Command::Read => Op::Read,
+        Command::Write => Op::Write,
+        Command::Trim => Op::Trim,
+        Command::WriteZeroes => Op::WriteZeroes,
+        Command::Flush => Op::Flush,
+        Command::Cache => Op::Cache,
+        Command::BlockStatus => Op::BlockStatus,
+        Command::Disc | Command::Unknown(_) => return None,
+    })
+}
+
 /// Starts a validated request.
 async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
     let backend = ctx.backend.clone();
     let (off, len) = (req.offset, u64::from(req.length));
     let fua = req.flags & CMD_FLAG_FUA != 0;
+    let Some(op) = metric_op(req.command) else {
+        ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)
+            .await;
+        return;
+    };
+    let timing: Timing = (op, metrics::start());
+    if let Some(vol) = backend.volume() {
+        let moved = match op {
+            metrics::Op::Read
+            | metrics::Op::Write
+            | metrics::Op::Trim
+            | metrics::Op::WriteZeroes => len,
+            _ => 0,
+        };
+        vol.stats.record(op, moved);
+    }
     match req.command {
         Command::Read => {
             let df = req.flags & CMD_FLAG_DF != 0;
-            ctx.spawn(req, permit, async move {
+            ctx.spawn(req, permit, timing, async move {
                 match backend.read(off, len).await {
                     Ok(read) => ReplyBody::Read {
                         offset: off,
@@ -299,7 +334,7 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
                 return;
             };
             if req.command == Command::Write {
-                ctx.spawn(req, permit, async move {
+                ctx.spawn(req, permit, timing, async move {
                     match vol.write(off, data, fua).await {
                         Ok(()) => ReplyBody::Done,
                         Err(e) => io_failure(&backend, "write", &req, &e),
@@ -308,20 +343,20 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
                 return;
             }
             let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
-            ctx.spawn(req, permit, async move {
+            ctx.spawn(req, permit, timing, async move {
                 match vol.write_zeroes(off, len, no_hole, fua).await {
                     Ok(()) => ReplyBody::Done,
                     Err(e) => io_failure(&backend, "zero", &req, &e),
                 }
             });
         }
-        Command::Flush => ctx.spawn(req, permit, async move {
+        Command::Flush => ctx.spawn(req, permit, timing, async move {
             match backend.flush().await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "flush", &req, &e),
             }
         }),
-        Command::Cache => ctx.spawn(req, permit, async move {
+        Command::Cache => ctx.spawn(req, permit, timing, async move {
             match backend.cache(off, len).await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "cache", &req, &e),
@@ -331,6 +366,7 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             let body = block_status(&backend, &ctx.contexts, off, len, one)
                 .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e));
+            metrics::finish(timing.0, timing.1);
             ctx.reply_now(req.cookie, body, permit).await;
         }
         Command::Disc | Command::Unknown(_) => {
