@@ -173,6 +173,17 @@ pub enum SnapshotCommand {
     Delete { id: String },
     /// Read every chunk of a snapshot and check it against its hash
     Verify { id: String },
+    /// Export a snapshot read-only over NBD on this host (any host's
+    /// snapshot in the store), under its id, until detached; prints its URI
+    Attach {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+    },
+    /// End a snapshot's read-only export
+    Detach {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+    },
     /// The byte ranges that differ between two snapshots (of any volumes,
     /// same chunk size), exact by content; without --from, the ranges of TO
     /// that hold data

@@ -112,6 +112,44 @@ pub fn diff(from: Option<&Manifest>, to: &Manifest) -> Result<Diff, DiffError> {
     })
 }
 
+impl Diff {
+    /// `[offset, offset + len)` cut at the end of the volume, as runs of
+    /// (length, changed): what an NBD dirty-bitmap context answers. Runs
+    /// alternate, so changed extents of both kinds that touch are one run.
+    pub fn runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.volume_size);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |n: u64, changed: bool| match out.last_mut() {
+            Some((m, c)) if *c == changed => *m += n,
+            _ if n > 0 => out.push((n, changed)),
+            _ => {}
+        };
+        let mut pos = offset;
+        let first = self
+            .extents
+            .partition_point(|e| e.offset.saturating_add(e.length) <= offset);
+        for e in &self.extents[first..] {
+            if pos >= end {
+                break;
+            }
+            let (start, stop) = (
+                e.offset.max(pos),
+                e.offset.saturating_add(e.length).min(end),
+            );
+            if start >= end {
+                break;
+            }
+            push(start - pos, false);
+            push(stop - start, true);
+            pos = stop;
+        }
+        if pos < end {
+            push(end - pos, false);
+        }
+        out
+    }
+}
+
 /// Builds merged extents from changed chunks given in ascending order.
 struct Extents {
     geometry: ChunkGeometry,
@@ -188,6 +226,23 @@ mod tests {
     }
 
     #[test]
+    fn runs_cover_the_range_and_merge_touching_extents() {
+        let a = manifest("snap-a", 64 * CS, &[(1, 1), (2, 2), (10, 3)]);
+        let b = manifest("snap-b", 64 * CS, &[(2, 9), (3, 9), (10, 3)]);
+        // chunk 1 zero now, chunks 2-3 data: one changed run of 3 chunks.
+        let d = diff(Some(&a), &b).unwrap();
+        assert_eq!(
+            d.runs(0, 64 * CS),
+            vec![(CS, false), (3 * CS, true), (60 * CS, false)]
+        );
+        assert_eq!(d.runs(CS + 10, 10), vec![(10, true)]);
+        assert_eq!(d.runs(5 * CS, CS), vec![(CS, false)]);
+        // Cut at the volume's end.
+        assert_eq!(d.runs(63 * CS, 10 * CS), vec![(CS, false)]);
+        assert!(d.runs(64 * CS, CS).is_empty());
+    }
+
+    #[test]
     fn writes_trims_and_identical_rewrites() {
         let a = manifest("snap-a", 64 * CS, &[(1, 1), (2, 2), (10, 3)]);
         // Chunks 4 and 5 written (adjacent), 20 written, 10 trimmed, 1
@@ -260,6 +315,8 @@ mod tests {
         fn agrees_with_a_model(
             a in proptest::collection::btree_map(0u64..64, 0u8..3, 0..40),
             b in proptest::collection::btree_map(0u64..64, 0u8..3, 0..40),
+            start in any::<u64>(),
+            span in any::<u64>(),
         ) {
             let ma = manifest("snap-a", 64 * CS, &a.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
             let mb = manifest("snap-b", 64 * CS, &b.iter().map(|(k, v)| (*k, *v)).collect::<Vec<_>>());
@@ -279,6 +336,20 @@ mod tests {
             }
             for w in d.extents.windows(2) {
                 prop_assert!(w[0].offset + w[0].length < w[1].offset || w[0].zero != w[1].zero);
+            }
+            // Runs of any range tile it, alternate, and agree with the model
+            // byte by byte.
+            let (off, len) = (start % (64 * CS), span % (70 * CS));
+            let runs = d.runs(off, len);
+            let end = (off + len).min(64 * CS);
+            prop_assert_eq!(runs.iter().map(|r| r.0).sum::<u64>(), end - off);
+            prop_assert!(runs.windows(2).all(|w| w[0].1 != w[1].1));
+            let mut pos = off;
+            for (n, changed) in runs {
+                for c in pos / CS..=(pos + n - 1) / CS {
+                    prop_assert_eq!(changed, covered[c as usize].is_some());
+                }
+                pos += n;
             }
         }
     }

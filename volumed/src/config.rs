@@ -106,6 +106,11 @@ pub struct Args {
     /// (`powerloss-sim` is for crash tests only: unsynced writes stay in memory)
     #[arg(long, env = "VOLUMED_IO_ENGINE", value_enum, default_value = "auto")]
     pub io_engine: EngineChoice,
+
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (off by default;
+    /// give a loopback address unless a scraper elsewhere must reach it)
+    #[arg(long, env = "VOLUMED_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Settings with every default filled in.
@@ -122,6 +127,7 @@ pub struct Config {
     pub zstd_level: i32,
     pub cache_size: u64,
     pub gc_grace: std::time::Duration,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -221,6 +227,7 @@ impl Args {
             zstd_level: self.zstd_level,
             cache_size: self.cache_size,
             gc_grace: self.gc_grace,
+            metrics_listen: self.metrics_listen,
             store,
             data_dir,
         })

@@ -43,6 +43,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = snapshot::store::open(&config.store).context("open the snapshot store")?;
     // Every store operation retries its transient failures here, and stops
     // waiting when the daemon shuts down.
+    // Measured under the retries, so each attempt is seen.
+    let store: Arc<dyn snapshot::ObjectStore> =
+        Arc::new(crate::metrics::store::MeteredStore::new(store));
     let store = snapshot::Retrying::new(store, snapshot::RetryPolicy::default())
         .with_cancel(root.child_token());
     let store: Arc<dyn snapshot::ObjectStore> = Arc::new(store);
@@ -61,6 +64,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let engine = Arc::new(engine);
     engine.start_background();
+    engine.set_nbd_socket(config.nbd_socket.clone());
+    // Before the NBD server accepts: a client reconnecting after a restart
+    // finds its snapshot export where it was.
+    engine.reopen_snapshot_exports().await;
 
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
         .await?
@@ -92,6 +99,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         endpoints: Arc::new(endpoints),
     };
 
+    let metrics_task = match config.metrics_listen {
+        Some(addr) => Some(
+            crate::metrics::server::serve(addr, Arc::clone(&engine), root.child_token()).await?,
+        ),
+        None => None,
+    };
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, state, root.child_token()));
     info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
@@ -110,6 +123,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("flush volumes at shutdown")?;
     let _ = nbd_task.await;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
     match api_task.await {
         Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
         Err(e) => warn!(error = %e, "control API task failed"),

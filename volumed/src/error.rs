@@ -52,6 +52,10 @@ pub enum Error {
     /// An image refused, unreadable, or failing while it was read.
     #[error("{0}")]
     Image(#[from] crate::image::ImageError),
+    #[error("snapshot '{0}' is attached; detach it first")]
+    SnapshotAttached(String),
+    #[error("snapshot '{0}' is not attached")]
+    SnapshotNotAttached(String),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -93,6 +97,8 @@ impl Error {
             Error::JobNotFound(_) => ErrorCode::NotFound,
             Error::VolumeImporting(..) => ErrorCode::Conflict,
             Error::Image(e) => e.code(),
+            Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
+            Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

@@ -16,5 +16,6 @@ pub mod engine;
 pub(crate) mod error;
 pub(crate) mod failpoint;
 pub mod image;
+pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod socket_path;

@@ -1,4 +1,5 @@
-//! `vol snapshot create | list | inspect | delete | verify`, and `vol gc`.
+//! `vol snapshot create | list | inspect | delete | verify | attach |
+//! detach`, and `vol gc`.
 
 use std::time::Duration;
 
@@ -140,6 +141,12 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                     },
                 ),
                 ("error", s.error.clone().unwrap_or_else(|| "-".into())),
+                (
+                    "export",
+                    s.export
+                        .as_ref()
+                        .map_or_else(|| "-".into(), |e| e.uri.clone()),
+                ),
             ])?;
             Ok(())
         }
@@ -149,6 +156,37 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                 return Ok(out.json(&serde_json::json!({ "id": id, "deleted": true }))?);
             }
             out.line(format!("deleted snapshot {id}"))?;
+            Ok(())
+        }
+        SnapshotCommand::Attach { id } => {
+            let s: Snapshot = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/snapshots/{id}/attach"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if out.json {
+                return Ok(out.json(&s)?);
+            }
+            let Some(export) = &s.export else {
+                anyhow::bail!("snapshot {id} was attached but the daemon reports no export");
+            };
+            out.line(&export.uri)?;
+            Ok(())
+        }
+        SnapshotCommand::Detach { id } => {
+            let s: Snapshot = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/snapshots/{id}/detach"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if out.json {
+                return Ok(out.json(&s)?);
+            }
+            out.line(format!("detached snapshot {id}"))?;
             Ok(())
         }
         SnapshotCommand::Diff { from, to, format } => {

@@ -178,6 +178,8 @@ pub enum ErrorCode {
     AlreadyExists,
     VolumeAttached,
     VolumeNotAttached,
+    SnapshotAttached,
+    SnapshotNotAttached,
     Conflict,
     Unsupported,
     ShuttingDown,
@@ -194,6 +196,8 @@ impl ErrorCode {
             ErrorCode::AlreadyExists
             | ErrorCode::VolumeAttached
             | ErrorCode::VolumeNotAttached
+            | ErrorCode::SnapshotAttached
+            | ErrorCode::SnapshotNotAttached
             | ErrorCode::Conflict => 409,
             ErrorCode::Unsupported => 501,
             ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => 503,
@@ -247,6 +251,19 @@ pub struct Snapshot {
     pub chunks_total: u64,
     /// Why the snapshot ended in `error`.
     pub error: Option<String>,
+    /// Its read-only NBD export on this host, while `vol snapshot attach`
+    /// keeps it; null otherwise.
+    #[serde(default)]
+    pub export: Option<SnapshotExport>,
+}
+
+/// Where a snapshot attached read-only is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotExport {
+    pub uri: String,
+    pub unix_uri: String,
+    /// RFC 3339, UTC.
+    pub attached_at: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ use snapshot::SnapshotId;
 
 use super::jobs;
 use super::views::{self, NbdEndpoints};
+use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, Volume};
 use crate::error::Error;
 
@@ -34,6 +35,10 @@ pub struct ApiState {
 impl ApiState {
     fn volume(&self, vol: &Volume) -> volumed_api::Volume {
         views::volume(&self.engine, &self.endpoints, vol)
+    }
+
+    fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
+        views::snapshot(&self.engine, &self.endpoints, info)
     }
 }
 
@@ -53,6 +58,8 @@ pub fn router(state: ApiState) -> Router {
             "/v1/snapshots/{id}",
             get(get_snapshot).delete(delete_snapshot),
         )
+        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
+        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
         .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
         .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
         .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
@@ -225,7 +232,7 @@ async fn create_snapshot(
     let rec = s.engine.create_snapshot(&n, req).await?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(views::snapshot(s.engine.snapshot(&rec.id).await?)),
+        Json(s.snapshot(s.engine.snapshot(&rec.id).await?)),
     ))
 }
 
@@ -249,7 +256,7 @@ async fn list_snapshots(
             .snapshots(q.volume.as_deref())
             .await?
             .into_iter()
-            .map(views::snapshot)
+            .map(|info| s.snapshot(info))
             .collect(),
     }))
 }
@@ -259,7 +266,23 @@ async fn get_snapshot(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
     let id = snapshot_id(&id)?;
-    Ok(Json(views::snapshot(s.engine.snapshot(&id).await?)))
+    Ok(Json(s.snapshot(s.engine.snapshot(&id).await?)))
+}
+
+async fn attach_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    let id = snapshot_id(&id)?;
+    Ok(Json(s.snapshot(s.engine.attach_snapshot(&id).await?)))
+}
+
+async fn detach_snapshot(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    let id = snapshot_id(&id)?;
+    Ok(Json(s.snapshot(s.engine.detach_snapshot(&id).await?)))
 }
 
 async fn delete_snapshot(

@@ -14,6 +14,8 @@
 //! | GET | /v1/snapshots?volume=NAME | | SnapshotList |
 //! | GET | /v1/snapshots/{id} | | Snapshot (this host's, or any in the store) |
 //! | DELETE | /v1/snapshots/{id} | | 204 |
+//! | POST | /v1/snapshots/{id}/attach | | Snapshot (with `export`) |
+//! | POST | /v1/snapshots/{id}/detach | | Snapshot |
 //! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
 //! | GET | /v1/snapshots/{id}/diff?from=ID | | SnapshotDiff |
 //! | GET | /v1/snapshots/{id}/changed-blocks?from=ID&starting_offset=N&max_results=N&next_token=T | | ChangedBlocks |

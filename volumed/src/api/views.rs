@@ -78,7 +78,7 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
 }
 
 /// A restored volume's hydration; null for other volumes.
-fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
+pub(crate) fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
     let rec = vol.record();
     rec.source_snapshot.as_ref()?;
     let Some(base) = vol.base() else {
@@ -111,12 +111,21 @@ fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
     })
 }
 
-/// The API's view of a snapshot.
-pub fn snapshot(s: SnapshotInfo) -> volumed_api::Snapshot {
-    match s {
+/// The API's view of a snapshot, with its NBD export while attached.
+pub fn snapshot(engine: &Engine, ep: &NbdEndpoints, s: SnapshotInfo) -> volumed_api::Snapshot {
+    let export = engine
+        .snapshot_attached_at(s.id())
+        .map(|at| volumed_api::SnapshotExport {
+            uri: ep.tcp_uri(s.id().as_str()),
+            unix_uri: ep.unix_uri(s.id().as_str()),
+            attached_at: rfc3339(at),
+        });
+    let mut view = match s {
         SnapshotInfo::Recorded { rec, live } => recorded(rec, live),
         SnapshotInfo::Stored(h) => stored(h),
-    }
+    };
+    view.export = export;
+    view
 }
 
 fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snapshot {
@@ -150,6 +159,7 @@ fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snaps
         chunks_done: done,
         chunks_total: total,
         error: rec.error,
+        export: None,
     }
 }
 
@@ -172,6 +182,7 @@ fn stored(h: ManifestHeader) -> volumed_api::Snapshot {
         chunks_done: h.changed_chunks,
         chunks_total: h.changed_chunks,
         error: None,
+        export: None,
     }
 }
 

@@ -17,7 +17,8 @@ use std::path::Path;
 
 pub use job::{Checkpoint, JobRecord};
 pub use record::{
-    AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339, unix_now,
+    AttachmentRecord, SnapshotExportRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339,
+    unix_now,
 };
 use volumed_api::VolumeName;
 
@@ -52,6 +53,8 @@ pub struct Catalog {
     db: sled::Db,
     volumes: sled::Tree,
     snapshots: sled::Tree,
+    /// Snapshots exported with `vol snapshot attach`, by id.
+    snapshot_exports: sled::Tree,
     meta: sled::Tree,
     jobs: sled::Tree,
 }
@@ -80,11 +83,15 @@ impl Catalog {
             .open_tree("snapshots")
             .map_err(sled_err("open tree snapshots"))?;
         let jobs = db.open_tree("jobs").map_err(sled_err("open tree jobs"))?;
+        let snapshot_exports = db
+            .open_tree("snapshot_exports")
+            .map_err(sled_err("open tree snapshot_exports"))?;
         let catalog = Catalog {
             jobs,
             db,
             volumes,
             snapshots,
+            snapshot_exports,
             meta,
         };
         catalog.check_format()?;
@@ -196,6 +203,34 @@ impl Catalog {
             .iter()
             .map(|kv| {
                 let (k, v) = kv.map_err(sled_err("scan jobs"))?;
+                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
+                    key: String::from_utf8_lossy(&k).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    pub fn put_snapshot_export(&self, rec: &SnapshotExportRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("a SnapshotExportRecord always serializes");
+        self.snapshot_exports
+            .insert(rec.id.as_str(), value)
+            .map_err(sled_err("write snapshot export"))?;
+        self.flush()
+    }
+
+    pub fn remove_snapshot_export(&self, id: &str) -> Result<()> {
+        self.snapshot_exports
+            .remove(id)
+            .map_err(sled_err("remove snapshot export"))?;
+        self.flush()
+    }
+
+    pub fn snapshot_exports(&self) -> Result<Vec<SnapshotExportRecord>> {
+        self.snapshot_exports
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv.map_err(sled_err("scan snapshot exports"))?;
                 serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
                     key: String::from_utf8_lossy(&k).into_owned(),
                     source,

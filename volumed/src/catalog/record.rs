@@ -78,6 +78,15 @@ pub struct AttachmentRecord {
     pub attached_at: u64,
 }
 
+/// A snapshot exported read-only over NBD by `vol snapshot attach`: opened
+/// again at every start until detached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotExportRecord {
+    pub id: SnapshotId,
+    /// Seconds since the Unix epoch.
+    pub attached_at: u64,
+}
+
 impl VolumeRecord {
     pub fn new(
         id: u64,

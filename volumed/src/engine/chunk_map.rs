@@ -294,6 +294,12 @@ impl ChunkMap {
         self.dirty.ones()
     }
 
+    /// How many chunks changed since the last snapshot; `None` when every
+    /// chunk counts as changed (after an unclean stop).
+    pub fn dirty_count(&self) -> Option<u64> {
+        (!self.dirty_all.load(Ordering::Acquire)).then(|| self.dirty.count())
+    }
+
     /// After an unclean shutdown nothing proves which chunks changed. Not a
     /// bit per chunk: a 64 TiB volume would need a gigabit of them.
     pub fn mark_all_dirty(&self) {

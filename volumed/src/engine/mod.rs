@@ -22,12 +22,14 @@
 
 pub(crate) mod base;
 pub mod chunk_map;
+mod export;
 pub(crate) mod freeze;
 pub(crate) mod jobs;
 pub(crate) mod recovery;
 pub(crate) mod registry;
 pub(crate) mod restore;
 pub(crate) mod snapshot_catalog;
+pub(crate) mod snapshot_export;
 pub(crate) mod validate;
 mod volume;
 
@@ -43,7 +45,9 @@ use volumed_api::{
     VolumeName, format_size,
 };
 
-pub use volume::{Export, Extent, ReadPiece, Volume};
+pub use export::{Backend, Export};
+pub use snapshot_export::{SnapshotExportLease, SnapshotImage};
+pub use volume::{Extent, ReadPiece, Volume};
 
 use crate::catalog::{AttachmentRecord, Catalog, SnapshotRecord, VolumeRecord, unix_now};
 use crate::disk::{DataFile, IoEngine, sync_dir};
@@ -56,6 +60,7 @@ use jobs::registry::{JobHandle, JobRegistry};
 use jobs::snapshot::SnapshotJobs;
 use registry::Registry;
 use snapshot_catalog::{SnapshotCatalog, SnapshotInfo};
+use snapshot_export::SnapshotExports;
 
 /// Where volumes' data directories live: one per volume, named by its id in
 /// hex, never reused.
@@ -105,6 +110,7 @@ pub struct Engine {
     /// Imports and exports, and the registry listing them.
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
+    snapshot_exports: Arc<SnapshotExports>,
 }
 
 impl Engine {
@@ -158,6 +164,12 @@ impl Engine {
                 host_id.clone(),
             )),
             snapshots: SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()),
+            snapshot_exports: Arc::new(SnapshotExports::new(
+                Arc::clone(&catalog),
+                repo.clone(),
+                Arc::clone(&fetcher),
+                host_id.clone(),
+            )),
             catalog,
             dirs,
             registry,
@@ -201,19 +213,128 @@ impl Engine {
         self.registry.list()
     }
 
-    /// The export of an attached volume, for the NBD server.
+    /// The export named `name`, for the NBD server: an exported snapshot
+    /// by id, else an attached volume.
     pub fn export(&self, name: &str) -> Option<Export> {
+        if let Some(id) = SnapshotId::parse(name)
+            && let Some(e) = self.snapshot_exports.export(&id)
+        {
+            return Some(e);
+        }
         let name = VolumeName::parse(name).ok()?;
         self.get(&name).ok()?.export()
     }
 
-    /// Names of the attached volumes, for NBD_OPT_LIST.
-    pub fn export_names(&self) -> Vec<VolumeName> {
-        self.list()
+    /// Names of the exports, for NBD_OPT_LIST: attached volumes, then
+    /// exported snapshots.
+    pub fn export_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .list()
             .into_iter()
             .filter(|v| v.export().is_some())
-            .map(|v| v.name.clone())
-            .collect()
+            .map(|v| v.name.as_str().to_owned())
+            .collect();
+        names.extend(self.snapshot_exports.names().into_iter().map(String::from));
+        names
+    }
+
+    /// The NBD Unix socket, for the URIs of snapshot export leases.
+    pub fn set_nbd_socket(&self, path: PathBuf) {
+        self.snapshot_exports.set_nbd_socket(path);
+    }
+
+    /// Exports the snapshots `vol snapshot attach` left exported (after a
+    /// restart) and releases the holds of exports that ended.
+    pub async fn reopen_snapshot_exports(&self) {
+        self.snapshot_exports.reopen().await;
+    }
+
+    /// When snapshot `id` was exported by `vol snapshot attach`, if it is.
+    pub fn snapshot_attached_at(&self, id: &SnapshotId) -> Option<u64> {
+        self.snapshot_exports.attached_at(id)
+    }
+
+    /// Exports snapshot `id` read-only over NBD under its id, on this host,
+    /// until [`Engine::detach_snapshot`]; it survives restarts.
+    pub async fn attach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        let m = self.exportable_manifest(id).await?;
+        self.snapshot_exports.attach(m).await?;
+        self.snapshot(id).await
+    }
+
+    pub async fn detach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        let header = self.snapshot_exports.detach(id).await?;
+        match self.snapshot(id).await {
+            // Deleted by another host while exported here: what was served.
+            Err(Error::SnapshotNotFound(_)) => Ok(SnapshotInfo::Stored(header)),
+            other => other,
+        }
+    }
+
+    /// Exports snapshot `id` over the NBD Unix socket for as long as the
+    /// lease lives, for the daemon's own readers (image export).
+    pub async fn lease_snapshot_export(&self, id: &SnapshotId) -> Result<SnapshotExportLease> {
+        let m = self.exportable_manifest(id).await?;
+        self.snapshot_exports.lease(m).await
+    }
+
+    async fn exportable_manifest(&self, id: &SnapshotId) -> Result<Arc<snapshot::Manifest>> {
+        if self.snapshot_jobs.is_running(id) {
+            return Err(Error::SnapshotBusy(id.to_string()));
+        }
+        Ok(Arc::new(self.snapshots.manifest(id).await?))
+    }
+
+    /// The changed blocks from snapshot `from` to the snapshot `export`
+    /// serves, for a dirty-bitmap context; `None` when the export is a
+    /// volume, `from` is unknown, or it cannot be compared.
+    pub async fn changed_since(
+        &self,
+        export: &Export,
+        from: &str,
+    ) -> Option<Arc<snapshot::diff::Diff>> {
+        let image = export.backend.snapshot()?;
+        let from = SnapshotId::parse(from)?;
+        let m = match self.snapshots.manifest(&from).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
+                return None;
+            }
+        };
+        match image.changed_from(&m) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
+                None
+            }
+        }
+    }
+
+    /// The snapshots a snapshot export can be compared with, for
+    /// NBD_OPT_LIST_META_CONTEXT: the completed snapshots of its volume
+    /// with its chunk size, itself excluded.
+    pub async fn changed_candidates(&self, export: &Export) -> Vec<String> {
+        let Some(image) = export.backend.snapshot() else {
+            return Vec::new();
+        };
+        let h = &image.manifest.header;
+        match self.snapshots.list(Some(&h.volume)).await {
+            Ok(list) => list
+                .iter()
+                .filter(|s| s.completed() && s.chunk_size() == h.chunk_size && *s.id() != h.id)
+                .map(|s| s.id().to_string())
+                .collect(),
+            Err(e) => {
+                tracing::debug!(snapshot = %h.id, error = %e, "cannot list dirty bitmaps");
+                Vec::new()
+            }
+        }
+    }
+
+    /// (done, total) chunks of `vol`'s snapshot in progress, if one runs.
+    pub fn snapshot_progress(&self, vol: &Volume) -> Option<(u64, u64)> {
+        self.snapshot_jobs.progress_of(&vol.name)
     }
 
     pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationStatus> {
@@ -526,6 +647,9 @@ impl Engine {
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
         if self.snapshot_jobs.is_running(id) {
             return Err(Error::SnapshotBusy(id.to_string()));
+        }
+        if self.snapshot_exports.is_exported(id) {
+            return Err(Error::SnapshotAttached(id.to_string()));
         }
         self.snapshots.delete(id).await?;
         let _guard = self.registry.lock().await;
@@ -863,6 +987,7 @@ impl Engine {
         self.imports.jobs.stop().await;
         self.snapshot_jobs.shutdown().await;
         self.hydrator.shutdown().await;
+        self.snapshot_exports.close_sessions().await;
         let _guard = self.registry.lock().await;
         for vol in self.list() {
             if let Some(export) = vol.export() {

@@ -36,6 +36,28 @@ impl SnapshotInfo {
             SnapshotInfo::Stored(h) => &h.volume,
         }
     }
+
+    pub fn id(&self) -> &SnapshotId {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => &rec.id,
+            SnapshotInfo::Stored(h) => &h.id,
+        }
+    }
+
+    pub fn chunk_size(&self) -> u64 {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => rec.chunk_size,
+            SnapshotInfo::Stored(h) => h.chunk_size,
+        }
+    }
+
+    /// Its manifest is in the store: it can be read and compared.
+    pub fn completed(&self) -> bool {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => rec.state == SnapshotState::Completed,
+            SnapshotInfo::Stored(_) => true,
+        }
+    }
 }
 
 pub struct SnapshotCatalog {
@@ -127,7 +149,7 @@ impl SnapshotCatalog {
         out.sort_by(|a, b| {
             (&a.0, a.1)
                 .cmp(&(&b.0, b.1))
-                .then_with(|| id_of(&a.2).cmp(id_of(&b.2)))
+                .then_with(|| a.2.id().cmp(b.2.id()))
         });
         Ok(out.into_iter().map(|(_, _, s)| s).collect())
     }
@@ -166,7 +188,7 @@ impl SnapshotCatalog {
     }
 
     /// A snapshot's whole manifest, from the store.
-    async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+    pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         match self.repo.get_manifest(id).await {
             Ok(m) => Ok(m),
             Err(RepoError::MissingManifest(_)) => match self.record(id)? {
@@ -203,12 +225,5 @@ impl SnapshotCatalog {
         .await
         .map_err(|e| Error::store("gc stopped before deleting anything unsafe", e))?;
         Ok((grace, r))
-    }
-}
-
-fn id_of(s: &SnapshotInfo) -> &SnapshotId {
-    match s {
-        SnapshotInfo::Recorded { rec, .. } => &rec.id,
-        SnapshotInfo::Stored(h) => &h.id,
     }
 }

@@ -8,14 +8,13 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use volumed_api::VolumeName;
 
 use snapshot::ChunkGeometry;
 
 use super::base::BaseImage;
 use super::chunk_map::{ChunkMap, ChunkState};
+use super::export::{Backend, Export};
 use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
 use crate::catalog::VolumeRecord;
 use crate::disk::DataFile;
@@ -57,6 +56,8 @@ pub struct Volume {
     /// fsync dropped as clean, so a retried FLUSH could report durable data
     /// that is gone. Only reopening the files (detach, attach) ends it.
     failure: OnceLock<String>,
+    /// Requests served, by command, for metrics.
+    pub stats: crate::metrics::IoStats,
 }
 
 /// Counts a client request for as long as it lives.
@@ -72,26 +73,6 @@ impl<'a> ClientOp<'a> {
 impl Drop for ClientOp<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// An attached volume's NBD export. Detach cancels `cancel`, which makes
-/// every session stop reading requests, finish the ones in flight and close;
-/// `sessions` is how detach waits for that.
-#[derive(Clone)]
-pub struct Export {
-    pub volume: Arc<Volume>,
-    pub cancel: CancellationToken,
-    pub sessions: TaskTracker,
-}
-
-impl Export {
-    /// Ends the export's sessions: they stop reading requests, finish the
-    /// ones in flight and close; returns once all are gone.
-    pub async fn close(&self) {
-        self.cancel.cancel();
-        self.sessions.close();
-        self.sessions.wait().await;
     }
 }
 
@@ -136,6 +117,7 @@ impl Volume {
             base,
             client_ops: AtomicU64::new(0),
             failure: OnceLock::new(),
+            stats: Default::default(),
         })
     }
 
@@ -301,12 +283,8 @@ impl Volume {
     /// Publishes the export; new NBD connections can find it from now on.
     pub(crate) fn open_export(self: &Arc<Self>) -> Export {
         let mut slot = self.export.lock().unwrap_or_else(|e| e.into_inner());
-        slot.get_or_insert_with(|| Export {
-            volume: Arc::clone(self),
-            cancel: CancellationToken::new(),
-            sessions: TaskTracker::new(),
-        })
-        .clone()
+        slot.get_or_insert_with(|| Export::new(Backend::Volume(Arc::clone(self))))
+            .clone()
     }
 
     /// Withdraws the export so no new connection finds it, and returns it so

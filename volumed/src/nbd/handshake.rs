@@ -4,6 +4,11 @@
 //! It finds exports through [`ExportLookup`], two lookups and nothing else
 //! of the engine, so it can be tested with a fake.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use snapshot::diff::Diff;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
@@ -11,12 +16,36 @@ use super::proto::{self, *};
 use super::tls::Tls;
 use crate::engine::Export;
 
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
 /// What the handshake needs to know about exports.
 pub trait ExportLookup: Send + Sync {
     /// The export of this name, if it exists and may be served now.
     fn export(&self, name: &str) -> Option<Export>;
     /// Every export a client may see, for NBD_OPT_LIST.
     fn export_names(&self) -> Vec<String>;
+    /// What changed from snapshot `from` to what `export` serves, for a
+    /// dirty-bitmap context; `None` if there is no such bitmap.
+    fn changed_since<'a>(
+        &'a self,
+        _export: &'a Export,
+        _from: &'a str,
+    ) -> BoxFuture<'a, Option<Arc<Diff>>> {
+        Box::pin(async { None })
+    }
+    /// The snapshots `export` has dirty bitmaps against, for a namespace
+    /// query of NBD_OPT_LIST_META_CONTEXT.
+    fn changed_candidates<'a>(&'a self, _export: &'a Export) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async { Vec::new() })
+    }
+}
+
+/// A metadata context selected for a session, with what it answers from.
+#[derive(Clone)]
+pub enum MetaContext {
+    BaseAllocation,
+    /// Bit 0 set on the ranges that changed since a snapshot.
+    Changed(Arc<Diff>),
 }
 
 /// Options longer than this are refused: the longest valid one (NBD_OPT_GO
@@ -41,12 +70,23 @@ const BASE_FLAGS: u16 = FLAG_HAS_FLAGS
     | FLAG_SEND_FAST_ZERO
     | FLAG_CAN_MULTI_CONN;
 
+/// Transmission flags of a read-only export (a snapshot): no command that
+/// changes data is offered; FLUSH is, and is a no-op, since clients issue
+/// it at the end of any session.
+const READ_ONLY_FLAGS: u16 =
+    FLAG_HAS_FLAGS | FLAG_READ_ONLY | FLAG_SEND_FLUSH | FLAG_SEND_CACHE | FLAG_CAN_MULTI_CONN;
+
 /// The flags for a session; DF exists only with structured replies.
-pub fn transmission_flags(structured: bool) -> u16 {
-    if structured {
-        BASE_FLAGS | FLAG_SEND_DF
+pub fn transmission_flags(structured: bool, read_only: bool) -> u16 {
+    let base = if read_only {
+        READ_ONLY_FLAGS
     } else {
         BASE_FLAGS
+    };
+    if structured {
+        base | FLAG_SEND_DF
+    } else {
+        base
     }
 }
 
@@ -98,6 +138,8 @@ pub enum Negotiated {
         export: Export,
         size: u64,
         options: SessionOptions,
+        /// The metadata contexts selected, by the ids the client was given.
+        contexts: Vec<(u32, MetaContext)>,
     },
     /// STARTTLS was acknowledged: the caller runs the TLS handshake, then
     /// resumes with [`options`] on the encrypted stream.
@@ -114,19 +156,31 @@ pub enum Negotiated {
 struct State {
     structured: bool,
     /// The export named by the last NBD_OPT_SET_META_CONTEXT that selected
-    /// base:allocation; contexts apply only to that export.
+    /// any context; contexts apply only to that export.
     meta_export: Option<String>,
+    /// What that SET selected.
+    contexts: Vec<(u32, MetaContext)>,
     /// The last refusal, reported if the client leaves after it.
     refused: Option<Refused>,
 }
 
 impl State {
-    fn options_for(&self, export: &str) -> SessionOptions {
-        SessionOptions {
+    fn session_for(
+        &self,
+        name: &str,
+        export: &Export,
+    ) -> (SessionOptions, Vec<(u32, MetaContext)>) {
+        let contexts = if self.structured && self.meta_export.as_deref() == Some(name) {
+            self.contexts.clone()
+        } else {
+            Vec::new()
+        };
+        let options = SessionOptions {
             structured: self.structured,
-            base_allocation: self.structured && self.meta_export.as_deref() == Some(export),
-            read_only: false,
-        }
+            block_status: !contexts.is_empty(),
+            read_only: export.backend.read_only(),
+        };
+        (options, contexts)
     }
 }
 
@@ -239,9 +293,9 @@ where
                 let Some(export) = exports.export(&name) else {
                     return Err(HandshakeError::UnknownExportName(name));
                 };
-                let size = export.volume.size();
-                let options = st.options_for(&name);
-                let flags = transmission_flags(options.structured);
+                let size = export.backend.size();
+                let (options, contexts) = st.session_for(&name, &export);
+                let flags = transmission_flags(options.structured, options.read_only);
                 stream
                     .write_all(&encode_export_name_reply(size, flags, client.no_zeroes))
                     .await?;
@@ -250,6 +304,7 @@ where
                     export,
                     size,
                     options,
+                    contexts,
                 });
             }
             OPT_ABORT => {
@@ -304,14 +359,14 @@ where
                     .await?;
                     continue;
                 };
-                let size = export.volume.size();
-                let options = st.options_for(&req.name);
-                let flags = transmission_flags(options.structured);
+                let size = export.backend.size();
+                let (options, contexts) = st.session_for(&req.name, &export);
+                let flags = transmission_flags(options.structured, options.read_only);
                 out.clear();
                 encode_option_reply(&mut out, opt.option, REP_INFO, &info_export(size, flags));
                 // Sent whether or not it was asked for: the minimum of 1 means
                 // any alignment works, so no client is constrained by it.
-                let preferred = u32::try_from(export.volume.chunk_size).unwrap_or(u32::MAX);
+                let preferred = u32::try_from(export.backend.chunk_size()).unwrap_or(u32::MAX);
                 encode_option_reply(
                     &mut out,
                     opt.option,
@@ -327,7 +382,7 @@ where
                     );
                 }
                 if req.requests.contains(&INFO_DESCRIPTION) {
-                    let desc = format!("volumed volume {}", export.volume.name);
+                    let desc = export.backend.description();
                     encode_option_reply(
                         &mut out,
                         opt.option,
@@ -342,6 +397,7 @@ where
                         export,
                         size,
                         options,
+                        contexts,
                     });
                 }
             }
@@ -395,9 +451,12 @@ where
     }
 }
 
-/// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. The one context
-/// is `base:allocation`; LIST also answers the namespace query `base:` and
-/// an empty query list with it.
+/// NBD_OPT_LIST_META_CONTEXT and NBD_OPT_SET_META_CONTEXT. Contexts are
+/// `base:allocation` and, on a snapshot export, one dirty bitmap per
+/// snapshot it can be compared with, under `qemu:dirty-bitmap:FROM` and
+/// `x-volumed:changed:FROM`. LIST also answers namespace queries (`base:`,
+/// `qemu:`, `qemu:dirty-bitmap:`, `x-volumed:`, `x-volumed:changed:`) and an
+/// empty query list with every context.
 async fn meta_context<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Vec<u8>,
@@ -420,7 +479,7 @@ async fn meta_context<S: AsyncWrite + Unpin>(
         Ok(r) => r,
         Err(msg) => return reply(stream, out, option, REP_ERR_INVALID, msg.as_bytes()).await,
     };
-    if exports.export(&req.name).is_none() {
+    let Some(export) = exports.export(&req.name) else {
         return reply(
             stream,
             out,
@@ -429,34 +488,87 @@ async fn meta_context<S: AsyncWrite + Unpin>(
             unknown_export(&req.name).as_bytes(),
         )
         .await;
-    }
-    let set = option == OPT_SET_META_CONTEXT;
-    let selected = if set {
-        req.queries.iter().any(|q| q == META_BASE_ALLOCATION)
-    } else {
-        req.queries.is_empty()
-            || req
-                .queries
-                .iter()
-                .any(|q| q == META_BASE_ALLOCATION || q == "base:")
     };
+    let set = option == OPT_SET_META_CONTEXT;
+    let everything = [
+        META_BASE_ALLOCATION.to_owned(),
+        META_QEMU_DIRTY_BITMAP.to_owned(),
+        META_VOLUMED_CHANGED.to_owned(),
+    ];
+    let queries: &[String] = if !set && req.queries.is_empty() {
+        &everything
+    } else {
+        &req.queries
+    };
+    let mut found: Vec<(String, Option<MetaContext>)> = Vec::new();
+    let mut candidates: Option<Vec<String>> = None;
+    for q in queries {
+        if q == META_BASE_ALLOCATION || (!set && q == "base:") {
+            found.push((
+                META_BASE_ALLOCATION.to_owned(),
+                Some(MetaContext::BaseAllocation),
+            ));
+            continue;
+        }
+        let Some((ns, from)) = changed_query(q, set) else {
+            continue;
+        };
+        if from.is_empty() {
+            // A namespace query (LIST only): every bitmap, none computed.
+            if candidates.is_none() {
+                candidates = Some(exports.changed_candidates(&export).await);
+            }
+            for c in candidates.iter().flatten() {
+                found.push((format!("{ns}{c}"), None));
+            }
+        } else if let Some(d) = exports.changed_since(&export, from).await {
+            found.push((format!("{ns}{from}"), Some(MetaContext::Changed(d))));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    found.retain(|(name, _)| seen.insert(name.clone()));
+    out.clear();
     if set {
         // SET replaces whatever an earlier SET selected.
-        st.meta_export = selected.then(|| req.name.clone());
-    }
-    out.clear();
-    if selected {
+        let mut next = META_BASE_ALLOCATION_ID + 1;
+        st.contexts.clear();
+        for (name, ctx) in found {
+            let Some(ctx) = ctx else { continue };
+            let id = match ctx {
+                MetaContext::BaseAllocation => META_BASE_ALLOCATION_ID,
+                MetaContext::Changed(_) => {
+                    next += 1;
+                    next - 1
+                }
+            };
+            encode_option_reply(out, option, REP_META_CONTEXT, &meta_context_data(id, &name));
+            st.contexts.push((id, ctx));
+        }
+        st.meta_export = (!st.contexts.is_empty()).then(|| req.name.clone());
+    } else {
         // LIST replies carry id 0, as the spec reserves.
-        let id = if set { META_BASE_ALLOCATION_ID } else { 0 };
-        encode_option_reply(
-            out,
-            option,
-            REP_META_CONTEXT,
-            &meta_context_data(id, META_BASE_ALLOCATION),
-        );
+        for (name, _) in found {
+            encode_option_reply(out, option, REP_META_CONTEXT, &meta_context_data(0, &name));
+        }
     }
     encode_option_reply(out, option, REP_ACK, &[]);
     send(stream, out).await
+}
+
+/// A query in one of the changed-blocks namespaces: the namespace as it
+/// prefixes a context name, and what follows it (empty: every bitmap).
+/// `qemu:` and `x-volumed:` alone are namespace queries too, in LIST only.
+fn changed_query(q: &str, set: bool) -> Option<(&'static str, &str)> {
+    for ns in [META_QEMU_DIRTY_BITMAP, META_VOLUMED_CHANGED] {
+        if let Some(rest) = q.strip_prefix(ns) {
+            return (!set || !rest.is_empty()).then_some((ns, rest));
+        }
+        let leader = &ns[..ns.find(':').map_or(ns.len(), |i| i + 1)];
+        if !set && q == leader {
+            return Some((ns, ""));
+        }
+    }
+    None
 }
 
 fn unknown_export(name: &str) -> String {

@@ -189,7 +189,7 @@ async fn info_describes_and_go_enters_transmission() {
 
     c.option(OPT_INFO, &info("data", &[INFO_NAME, INFO_DESCRIPTION]))
         .await;
-    let flags = transmission_flags(false);
+    let flags = transmission_flags(false, false);
     assert_eq!(
         c.replies(OPT_INFO).await,
         [
@@ -212,11 +212,12 @@ async fn info_describes_and_go_enters_transmission() {
         export,
         size,
         options,
+        ..
     }) = task.await.unwrap()
     else {
         panic!("GO should enter transmission");
     };
-    assert_eq!(export.volume.name.as_str(), "data");
+    assert_eq!(export.backend.name(), "data");
     assert_eq!(size, 1 << 20);
     assert_eq!(options, SessionOptions::default());
 }
@@ -263,9 +264,12 @@ async fn structured_replies_and_base_allocation() {
     let r = c.replies(OPT_GO).await;
     assert_eq!(
         r[0],
-        (REP_INFO, info_export(1 << 20, transmission_flags(true)))
+        (
+            REP_INFO,
+            info_export(1 << 20, transmission_flags(true, false))
+        )
     );
-    assert_ne!(transmission_flags(true) & FLAG_SEND_DF, 0);
+    assert_ne!(transmission_flags(true, false) & FLAG_SEND_DF, 0);
     let Ok(Negotiated::Export { options, .. }) = task.await.unwrap() else {
         panic!("GO should enter transmission");
     };
@@ -273,7 +277,7 @@ async fn structured_replies_and_base_allocation() {
         options,
         SessionOptions {
             structured: true,
-            base_allocation: true,
+            block_status: true,
             read_only: false,
         }
     );
@@ -289,7 +293,7 @@ async fn export_name_enters_transmission_or_closes() {
     c.0.read_exact(&mut reply).await.unwrap();
     assert_eq!(
         reply[..],
-        encode_export_name_reply(1 << 20, transmission_flags(false), true)
+        encode_export_name_reply(1 << 20, transmission_flags(false, false), true)
     );
     assert!(matches!(
         task.await.unwrap(),
@@ -326,4 +330,175 @@ async fn tls_modes() {
         failed(task).await,
         HandshakeError::TlsWithoutFixedNewstyle
     ));
+}
+
+/// A snapshot export with dirty bitmaps against `snap-a` (and nothing
+/// else), through a lookup that answers the bitmap queries.
+struct SnapshotExports {
+    export: crate::engine::Export,
+    diff: Arc<snapshot::diff::Diff>,
+}
+
+impl super::handshake::ExportLookup for SnapshotExports {
+    fn export(&self, name: &str) -> Option<crate::engine::Export> {
+        (name == "snap-b").then(|| self.export.clone())
+    }
+
+    fn export_names(&self) -> Vec<String> {
+        vec!["snap-b".into()]
+    }
+
+    fn changed_since<'a>(
+        &'a self,
+        _export: &'a crate::engine::Export,
+        from: &'a str,
+    ) -> super::handshake::BoxFuture<'a, Option<Arc<snapshot::diff::Diff>>> {
+        let d = (from == "snap-a").then(|| Arc::clone(&self.diff));
+        Box::pin(async move { d })
+    }
+
+    fn changed_candidates<'a>(
+        &'a self,
+        _export: &'a crate::engine::Export,
+    ) -> super::handshake::BoxFuture<'a, Vec<String>> {
+        Box::pin(async { vec!["snap-a".into()] })
+    }
+}
+
+fn snapshot_export() -> SnapshotExports {
+    use snapshot::{ChunkHash, Manifest, ManifestHeader, Repo, SnapshotId, cache::Fetcher};
+    let manifest = |id: &str, chunks: &[(u64, u8)]| {
+        let mut m = Manifest::new(ManifestHeader {
+            id: SnapshotId::parse(id).unwrap(),
+            volume: "v".into(),
+            size: 8 * CHUNK,
+            chunk_size: CHUNK,
+            parent: None,
+            created_at: "2026-12-02T00:00:00Z".into(),
+            labels: Default::default(),
+            changed_chunks: 0,
+            logical_bytes: 0,
+            uploaded_bytes: 0,
+        });
+        for &(i, b) in chunks {
+            m.push(i, Some(ChunkHash::of(&[b])));
+        }
+        m
+    };
+    let a = manifest("snap-a", &[(0, 1)]);
+    let b = manifest("snap-b", &[(0, 1), (3, 2)]);
+    let diff = Arc::new(snapshot::diff::diff(Some(&a), &b).unwrap());
+    let store = Arc::new(snapshot::store::MemoryStore::new());
+    let fetcher = Arc::new(Fetcher::new(Repo::new(store, 3), None));
+    let image = crate::engine::SnapshotImage::new(Arc::new(b), fetcher).unwrap();
+    SnapshotExports {
+        export: crate::engine::Export::new(crate::engine::Backend::Snapshot(Arc::new(image))),
+        diff,
+    }
+}
+
+/// The context names LIST_META_CONTEXT answers `queries` with on snap-b.
+async fn list_contexts(c: &mut Client, queries: &[&str]) -> Vec<String> {
+    c.option(OPT_LIST_META_CONTEXT, &meta("snap-b", queries))
+        .await;
+    c.replies(OPT_LIST_META_CONTEXT)
+        .await
+        .into_iter()
+        .filter(|(rep, _)| *rep == REP_META_CONTEXT)
+        .map(|(_, d)| {
+            assert_eq!(&d[..4], &[0, 0, 0, 0], "LIST ids are 0");
+            String::from_utf8(d[4..].to_vec()).unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn snapshot_exports_are_read_only_and_offer_dirty_bitmaps() {
+    let exports = Arc::new(snapshot_export());
+    let (client, mut server) = duplex(1 << 20);
+    let lookup = Arc::clone(&exports);
+    let task = tokio::spawn(async move { negotiate(&mut server, &*lookup, Tls::Off).await });
+    let mut c = Client(client);
+    let mut greeting = [0u8; 18];
+    c.0.read_exact(&mut greeting).await.unwrap();
+    c.0.write_u32(FLAGS).await.unwrap();
+    assert_eq!(c.only_reply(OPT_STRUCTURED_REPLY, &[]).await, REP_ACK);
+
+    assert_eq!(
+        list_contexts(&mut c, &[]).await,
+        [
+            "base:allocation",
+            "qemu:dirty-bitmap:snap-a",
+            "x-volumed:changed:snap-a"
+        ]
+    );
+    assert_eq!(
+        list_contexts(&mut c, &["qemu:"]).await,
+        ["qemu:dirty-bitmap:snap-a"]
+    );
+    assert_eq!(
+        list_contexts(&mut c, &["x-volumed:changed:"]).await,
+        ["x-volumed:changed:snap-a"]
+    );
+    assert!(
+        list_contexts(&mut c, &["qemu:dirty-bitmap:snap-zz", "other:"])
+            .await
+            .is_empty()
+    );
+
+    // SET: base:allocation keeps its id; bitmaps take the next ones; a
+    // namespace query selects nothing, and unknown snapshots are skipped.
+    c.option(
+        OPT_SET_META_CONTEXT,
+        &meta(
+            "snap-b",
+            &[
+                "qemu:dirty-bitmap:snap-a",
+                "qemu:dirty-bitmap:",
+                "qemu:dirty-bitmap:snap-zz",
+                META_BASE_ALLOCATION,
+                "x-volumed:changed:snap-a",
+            ],
+        ),
+    )
+    .await;
+    let set = c.replies(OPT_SET_META_CONTEXT).await;
+    assert_eq!(
+        set,
+        [
+            (
+                REP_META_CONTEXT,
+                meta_context_data(2, "qemu:dirty-bitmap:snap-a")
+            ),
+            (
+                REP_META_CONTEXT,
+                meta_context_data(META_BASE_ALLOCATION_ID, META_BASE_ALLOCATION)
+            ),
+            (
+                REP_META_CONTEXT,
+                meta_context_data(3, "x-volumed:changed:snap-a")
+            ),
+            (REP_ACK, vec![])
+        ]
+    );
+
+    c.option(OPT_GO, &info("snap-b", &[INFO_DESCRIPTION])).await;
+    let r = c.replies(OPT_GO).await;
+    let flags = transmission_flags(true, true);
+    assert_eq!(r[0], (REP_INFO, info_export(8 * CHUNK, flags)));
+    assert_ne!(flags & FLAG_READ_ONLY, 0);
+    assert_eq!(
+        flags & (FLAG_SEND_TRIM | FLAG_SEND_WRITE_ZEROES | FLAG_SEND_FUA),
+        0
+    );
+    assert_ne!(flags & FLAG_CAN_MULTI_CONN, 0);
+    let Ok(Negotiated::Export {
+        options, contexts, ..
+    }) = task.await.unwrap()
+    else {
+        panic!("GO should enter transmission");
+    };
+    assert!(options.read_only && options.block_status && options.structured);
+    let ids: Vec<u32> = contexts.iter().map(|(id, _)| *id).collect();
+    assert_eq!(ids, [2, META_BASE_ALLOCATION_ID, 3]);
 }

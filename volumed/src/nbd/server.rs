@@ -23,7 +23,9 @@ use tracing::{debug, info, warn};
 
 use tokio_rustls::TlsAcceptor;
 
-use super::handshake::{ExportLookup, HandshakeError, Negotiated, Refused, negotiate, options};
+use super::handshake::{
+    BoxFuture, ExportLookup, HandshakeError, MetaContext, Negotiated, Refused, negotiate, options,
+};
 use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
@@ -36,9 +38,18 @@ impl ExportLookup for Engine {
 
     fn export_names(&self) -> Vec<String> {
         Engine::export_names(self)
-            .into_iter()
-            .map(|n| n.as_str().to_owned())
-            .collect()
+    }
+
+    fn changed_since<'a>(
+        &'a self,
+        export: &'a Export,
+        from: &'a str,
+    ) -> BoxFuture<'a, Option<Arc<snapshot::diff::Diff>>> {
+        Box::pin(Engine::changed_since(self, export, from))
+    }
+
+    fn changed_candidates<'a>(&'a self, export: &'a Export) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(Engine::changed_candidates(self, export))
     }
 }
 
@@ -264,7 +275,8 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
             export,
             size,
             options,
-        }) => return serve(stream, &ctx.peer, false, export, size, options).await,
+            contexts,
+        }) => return serve(stream, &ctx.peer, false, export, size, options, contexts).await,
         Step::Done(Negotiated::StartTls(client)) => client,
         Step::Done(Negotiated::Refused(r)) => return ctx.refused_in_handshake(&r),
         Step::Done(Negotiated::Closed) | Step::Ended => return,
@@ -297,7 +309,8 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
             export,
             size,
             options,
-        }) => serve(tls, &ctx.peer, true, export, size, options).await,
+            contexts,
+        }) => serve(tls, &ctx.peer, true, export, size, options, contexts).await,
         Step::Done(Negotiated::Refused(r)) => ctx.refused_in_handshake(&r),
         Step::Refused(reason, detail) => ctx.log.refused(reason, &ctx.peer, &detail),
         Step::Done(Negotiated::StartTls(_) | Negotiated::Closed) | Step::Ended => {}
@@ -369,24 +382,27 @@ async fn serve<C: Connection>(
     export: Export,
     size: u64,
     options: SessionOptions,
+    contexts: Vec<(u32, MetaContext)>,
 ) {
-    let volume = Arc::clone(&export.volume);
-    info!(%peer, volume = %volume.name, size, structured = options.structured, tls,
-          "NBD client connected");
+    let name = export.backend.name().to_owned();
+    let _counted = crate::metrics::ConnectionGauge::new();
+    info!(%peer, export = %name, size, structured = options.structured, read_only = options.read_only,
+          tls, "NBD client connected");
     let (r, w) = stream.halves();
     let r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     // Tracked by the export so detach and shutdown wait for this session.
     let session = session::serve(
         r,
         w,
-        Arc::clone(&volume),
+        export.backend.clone(),
         size,
         options,
+        contexts,
         export.cancel.clone(),
     );
     match export.sessions.track_future(session).await {
-        Ok(()) => info!(%peer, volume = %volume.name, "NBD client disconnected"),
-        Err(e) => warn!(%peer, volume = %volume.name, error = %e, "NBD session closed on error"),
+        Ok(()) => info!(%peer, export = %name, "NBD client disconnected"),
+        Err(e) => warn!(%peer, export = %name, error = %e, "NBD session closed on error"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The transmission phase of one connection. It only moves bytes: the
 //! rules are in `proto` (`validate` for requests, `Reply::encode` for the
-//! wire bytes of replies) and the data path is `Volume`.
+//! wire bytes of replies) and the data path is the export's `Backend` (a
+//! volume, or a read-only snapshot).
 //!
 //! The reader (this task) parses requests and starts one task per request;
 //! each task sends its reply through a channel to the writer task, so
@@ -22,12 +23,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::handshake::MetaContext;
 use super::proto::{
     BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
-    MAX_PAYLOAD, META_BASE_ALLOCATION_ID, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody,
-    Request, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
+    EPERM, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
+    STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
 };
-use crate::engine::{Extent, ReadPiece, Volume};
+use crate::engine::{Backend, Extent, ReadPiece};
+use crate::metrics;
 
 /// Requests in flight per connection (fio and qemu use up to 128).
 pub const MAX_IN_FLIGHT: usize = 128;
@@ -105,9 +108,10 @@ impl Window {
 pub async fn serve<R, W>(
     mut reader: R,
     writer: W,
-    volume: Arc<Volume>,
+    backend: Backend,
     size: u64,
     options: SessionOptions,
+    contexts: Vec<(u32, MetaContext)>,
     cancel: CancellationToken,
 ) -> Result<(), SessionError>
 where
@@ -121,9 +125,10 @@ where
     let window = Window::new();
     let ctx = Ctx {
         tx,
-        volume,
+        backend,
         size,
         options,
+        contexts: contexts.into(),
     };
     let result = read_requests(&mut reader, &ctx, &window, &cancel).await;
     window.drain().await;
@@ -138,9 +143,11 @@ where
 
 struct Ctx {
     tx: mpsc::Sender<Outgoing>,
-    volume: Arc<Volume>,
+    backend: Backend,
     size: u64,
     options: SessionOptions,
+    /// The metadata contexts BLOCK_STATUS answers, by id.
+    contexts: Arc<[(u32, MetaContext)]>,
 }
 
 impl Ctx {
@@ -158,13 +165,14 @@ impl Ctx {
     }
 
     /// Runs `work` on its own task and sends what it returns.
-    fn spawn<F>(&self, req: Request, permit: InFlight, work: F)
+    fn spawn<F>(&self, req: Request, permit: InFlight, timing: Timing, work: F)
     where
         F: std::future::Future<Output = ReplyBody> + Send + 'static,
     {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let body = work.await;
+            metrics::finish(timing.0, timing.1);
             let _ = tx
                 .send(Outgoing {
                     reply: Reply {
@@ -230,7 +238,13 @@ async fn read_requests<R: AsyncRead + Unpin>(
         }
         if let Err(refusal) = validate(&req, ctx.size, ctx.options) {
             let (errno, msg) = (refusal.errno, refusal.message);
-            debug!(volume = %ctx.volume.name, ?req, errno, msg, "request refused");
+            debug!(
+                export = ctx.backend.name(),
+                ?req,
+                errno,
+                msg,
+                "request refused"
+            );
             ctx.reply_now(req.cookie, error(errno, msg), permit).await;
             continue;
         }
@@ -239,78 +253,120 @@ async fn read_requests<R: AsyncRead + Unpin>(
 }
 
 /// The bytes of the window a request takes: its payload, or for block
-/// status the largest reply it can get (one extent per chunk it spans, plus
-/// one for a range that starts inside a chunk). Other replies are small and
-/// take the minimum.
+/// status the largest reply it can get (per context, one extent per chunk
+/// it spans, plus one for a range that starts inside a chunk). Other
+/// replies are small and take the minimum.
 fn reply_budget(req: &Request, ctx: &Ctx) -> u32 {
+    let contexts = ctx.contexts.len().max(1) as u64;
     match req.command {
         Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
-        Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => EXTENT_LEN as u32,
+        Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => {
+            u32::try_from(EXTENT_LEN * contexts).unwrap_or(u32::MAX)
+        }
         Command::BlockStatus => {
-            let chunk = ctx.volume.chunk_size.max(1);
+            let chunk = ctx.backend.chunk_size().max(1);
             let extents = u64::from(req.length).div_ceil(chunk).saturating_add(1);
-            u32::try_from(extents.saturating_mul(EXTENT_LEN)).unwrap_or(u32::MAX)
+            let bytes = extents.saturating_mul(EXTENT_LEN).saturating_mul(contexts);
+            u32::try_from(bytes).unwrap_or(u32::MAX)
         }
         _ => 0,
     }
 }
 
+/// A request's command and, while metrics are on, when it was read.
+type Timing = (metrics::Op, Option<std::time::Instant>);
+
+fn metric_op(c: Command) -> Option<metrics::Op> {
+    use metrics::Op;
+    Some(match c {
+        Command::Read => Op::Read,
+        Command::Write => Op::Write,
+        Command::Trim => Op::Trim,
+        Command::WriteZeroes => Op::WriteZeroes,
+        Command::Flush => Op::Flush,
+        Command::Cache => Op::Cache,
+        Command::BlockStatus => Op::BlockStatus,
+        Command::Disc | Command::Unknown(_) => return None,
+    })
+}
+
 /// Starts a validated request.
 async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
-    let vol = Arc::clone(&ctx.volume);
+    let backend = ctx.backend.clone();
     let (off, len) = (req.offset, u64::from(req.length));
     let fua = req.flags & CMD_FLAG_FUA != 0;
+    let Some(op) = metric_op(req.command) else {
+        ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)
+            .await;
+        return;
+    };
+    let timing: Timing = (op, metrics::start());
+    if let Some(vol) = backend.volume() {
+        let moved = match op {
+            metrics::Op::Read
+            | metrics::Op::Write
+            | metrics::Op::Trim
+            | metrics::Op::WriteZeroes => len,
+            _ => 0,
+        };
+        vol.stats.record(op, moved);
+    }
     match req.command {
         Command::Read => {
             let df = req.flags & CMD_FLAG_DF != 0;
-            ctx.spawn(req, permit, async move {
-                match vol.read(off, len).await {
+            ctx.spawn(req, permit, timing, async move {
+                match backend.read(off, len).await {
                     Ok(read) => ReplyBody::Read {
                         offset: off,
                         pieces: pieces(read),
                         df,
                     },
-                    Err(e) => io_failure(&vol, "read", &req, &e),
+                    Err(e) => io_failure(&backend, "read", &req, &e),
                 }
             });
         }
-        Command::Write => ctx.spawn(req, permit, async move {
-            match vol.write(off, data, fua).await {
-                Ok(()) => ReplyBody::Done,
-                Err(e) => io_failure(&vol, "write", &req, &e),
+        Command::Write | Command::WriteZeroes | Command::Trim => {
+            // Validation refuses these on a read-only export; this is the
+            // second lock on the same door.
+            let Some(vol) = backend.volume().cloned() else {
+                ctx.reply_now(req.cookie, error(EPERM, "the export is read-only"), permit)
+                    .await;
+                return;
+            };
+            if req.command == Command::Write {
+                ctx.spawn(req, permit, timing, async move {
+                    match vol.write(off, data, fua).await {
+                        Ok(()) => ReplyBody::Done,
+                        Err(e) => io_failure(&backend, "write", &req, &e),
+                    }
+                });
+                return;
             }
-        }),
-        Command::WriteZeroes | Command::Trim => {
             let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
-            ctx.spawn(req, permit, async move {
+            ctx.spawn(req, permit, timing, async move {
                 match vol.write_zeroes(off, len, no_hole, fua).await {
                     Ok(()) => ReplyBody::Done,
-                    Err(e) => io_failure(&vol, "zero", &req, &e),
+                    Err(e) => io_failure(&backend, "zero", &req, &e),
                 }
             });
         }
-        Command::Flush => ctx.spawn(req, permit, async move {
-            match vol.flush().await {
+        Command::Flush => ctx.spawn(req, permit, timing, async move {
+            match backend.flush().await {
                 Ok(()) => ReplyBody::Done,
-                Err(e) => io_failure(&vol, "flush", &req, &e),
+                Err(e) => io_failure(&backend, "flush", &req, &e),
             }
         }),
-        Command::Cache => ctx.spawn(req, permit, async move {
-            match vol.cache(off, len).await {
+        Command::Cache => ctx.spawn(req, permit, timing, async move {
+            match backend.cache(off, len).await {
                 Ok(()) => ReplyBody::Done,
-                Err(e) => io_failure(&vol, "cache", &req, &e),
+                Err(e) => io_failure(&backend, "cache", &req, &e),
             }
         }),
         Command::BlockStatus => {
-            let body = match vol.extents(off, len) {
-                Ok(mut extents) => {
-                    if req.flags & CMD_FLAG_REQ_ONE != 0 {
-                        extents.truncate(1);
-                    }
-                    base_allocation(extents)
-                }
-                Err(e) => io_failure(&vol, "block status", &req, &e),
-            };
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            let body = block_status(&backend, &ctx.contexts, off, len, one)
+                .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e));
+            metrics::finish(timing.0, timing.1);
             ctx.reply_now(req.cookie, body, permit).await;
         }
         Command::Disc | Command::Unknown(_) => {
@@ -320,6 +376,35 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
     }
 }
 
+/// Each selected context's runs of `[off, off + len)`.
+fn block_status(
+    backend: &Backend,
+    contexts: &[(u32, MetaContext)],
+    off: u64,
+    len: u64,
+    one: bool,
+) -> std::io::Result<ReplyBody> {
+    let mut out = Vec::with_capacity(contexts.len());
+    for (id, context) in contexts {
+        let mut extents = match context {
+            MetaContext::BaseAllocation => base_allocation(backend.extents(off, len)?),
+            MetaContext::Changed(diff) => diff
+                .runs(off, len)
+                .into_iter()
+                .map(|(len, changed)| BlockExtent {
+                    len,
+                    flags: if changed { STATE_DIRTY } else { 0 },
+                })
+                .collect(),
+        };
+        if one {
+            extents.truncate(1);
+        }
+        out.push((*id, extents));
+    }
+    Ok(ReplyBody::BlockStatus { contexts: out })
+}
+
 fn error(errno: u32, message: &str) -> ReplyBody {
     ReplyBody::Error {
         errno,
@@ -327,8 +412,8 @@ fn error(errno: u32, message: &str) -> ReplyBody {
     }
 }
 
-fn io_failure(volume: &Volume, op: &str, req: &Request, e: &std::io::Error) -> ReplyBody {
-    tracing::error!(volume = %volume.name, op, offset = req.offset, length = req.length, error = %e, "I/O failed");
+fn io_failure(backend: &Backend, op: &str, req: &Request, e: &std::io::Error) -> ReplyBody {
+    tracing::error!(export = backend.name(), op, offset = req.offset, length = req.length, error = %e, "I/O failed");
     ReplyBody::Error {
         errno: errno_of(e),
         message: format!("{op} failed: {e}"),
@@ -384,15 +469,12 @@ fn pieces(read: Vec<ReadPiece>) -> Vec<Piece> {
 }
 
 /// The chunk map's extents as base:allocation reports them.
-fn base_allocation(extents: Vec<Extent>) -> ReplyBody {
-    ReplyBody::BlockStatus {
-        context: META_BASE_ALLOCATION_ID,
-        extents: extents
-            .into_iter()
-            .map(|e| BlockExtent {
-                len: e.len,
-                flags: if e.zero { STATE_HOLE | STATE_ZERO } else { 0 },
-            })
-            .collect(),
-    }
+fn base_allocation(extents: Vec<Extent>) -> Vec<BlockExtent> {
+    extents
+        .into_iter()
+        .map(|e| BlockExtent {
+            len: e.len,
+            flags: if e.zero { STATE_HOLE | STATE_ZERO } else { 0 },
+        })
+        .collect()
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use tokio::task::JoinHandle;
 
+use super::handshake::MetaContext;
 use super::proto::decode::{Meaning, Wire, header, header_rest, meaning};
 use super::proto::*;
 use super::session::{self, SessionError};
@@ -49,9 +50,14 @@ async fn start_with(options: SessionOptions, pipe: usize) -> Harness {
     let task = tokio::spawn(session::serve(
         r,
         w,
-        Arc::clone(&export.volume),
+        export.backend.clone(),
         SIZE,
         options,
+        if options.block_status {
+            vec![(META_BASE_ALLOCATION_ID, MetaContext::BaseAllocation)]
+        } else {
+            Vec::new()
+        },
         export.cancel.clone(),
     ));
     Harness {
@@ -67,7 +73,7 @@ async fn start_with(options: SessionOptions, pipe: usize) -> Harness {
 
 const STRUCTURED: SessionOptions = SessionOptions {
     structured: true,
-    base_allocation: true,
+    block_status: true,
     read_only: false,
 };
 
@@ -210,8 +216,7 @@ async fn trim_then_block_status() {
     h.call(WRITE, 0, 0, two, &pattern(two as usize, 1)).await;
     let hole = STATE_HOLE | STATE_ZERO;
     let status = |extents: Vec<(u32, u32)>| Meaning::BlockStatus {
-        context: META_BASE_ALLOCATION_ID,
-        extents,
+        contexts: vec![(META_BASE_ALLOCATION_ID, extents)],
     };
     assert_eq!(
         h.call(BLOCK_STATUS, 0, 0, three, &[]).await,
@@ -233,7 +238,7 @@ async fn trim_then_block_status() {
 
     // Without base:allocation negotiated, BLOCK_STATUS is refused.
     let mut h = start(SessionOptions {
-        base_allocation: false,
+        block_status: false,
         ..STRUCTURED
     })
     .await;
@@ -307,7 +312,7 @@ async fn pipelined_replies_are_matched_by_cookie() {
         // Reads take a task each; block status and flushes interleave.
         for i in 0..n {
             h.send(READ, 0, 1000 + i, i * CHUNK / 4, 4096, &[]).await;
-            if options.base_allocation {
+            if options.block_status {
                 h.send(BLOCK_STATUS, 0, 2000 + i, 0, CHUNK as u32, &[])
                     .await;
             } else {

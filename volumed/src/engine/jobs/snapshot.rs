@@ -203,6 +203,19 @@ impl SnapshotJobs {
         })
     }
 
+    /// (done, total) chunks of the snapshot of `volume` in progress, if any.
+    pub fn progress_of(&self, volume: &VolumeName) -> Option<(u64, u64)> {
+        self.running()
+            .values()
+            .find(|r| r.volume == *volume)
+            .map(|r| {
+                (
+                    r.progress.done.load(Ordering::Relaxed),
+                    r.progress.total.load(Ordering::Relaxed),
+                )
+            })
+    }
+
     pub fn is_running(&self, id: &SnapshotId) -> bool {
         self.running().contains_key(id)
     }

@@ -115,9 +115,9 @@ pub enum Meaning {
         data: Vec<u8>,
         chunks: usize,
     },
+    /// Each context's id and (length, flags) extents, in chunk order.
     BlockStatus {
-        context: u32,
-        extents: Vec<(u32, u32)>,
+        contexts: Vec<(u32, Vec<(u32, u32)>)>,
     },
 }
 
@@ -140,12 +140,23 @@ pub fn meaning(units: &[Wire], offset: u64, len: usize) -> Option<Meaning> {
             },
         });
     }
-    if let [Wire::Chunk { typ, payload, .. }] = units {
-        match *typ {
-            REPLY_TYPE_ERROR => return error(payload),
-            REPLY_TYPE_BLOCK_STATUS => return block_status(payload),
-            _ => {}
-        }
+    if let [Wire::Chunk { typ, payload, .. }] = units
+        && *typ == REPLY_TYPE_ERROR
+    {
+        return error(payload);
+    }
+    if units
+        .iter()
+        .all(|u| matches!(u, Wire::Chunk { typ, .. } if *typ == REPLY_TYPE_BLOCK_STATUS))
+    {
+        let contexts = units
+            .iter()
+            .map(|u| match u {
+                Wire::Chunk { payload, .. } => block_status(payload),
+                Wire::Simple { .. } => None,
+            })
+            .collect::<Option<Vec<_>>>()?;
+        return Some(Meaning::BlockStatus { contexts });
     }
     // Only now, once this is a read, is the content allocated.
     let mut data = vec![None::<u8>; len];
@@ -191,13 +202,15 @@ fn error(p: &[u8]) -> Option<Meaning> {
     })
 }
 
-fn block_status(p: &[u8]) -> Option<Meaning> {
-    (p.len() >= 4 && (p.len() - 4).is_multiple_of(8)).then(|| Meaning::BlockStatus {
-        context: be_u32(&p[..4]),
-        extents: p[4..]
-            .chunks_exact(8)
-            .map(|e| (be_u32(&e[..4]), be_u32(&e[4..])))
-            .collect(),
+fn block_status(p: &[u8]) -> Option<(u32, Vec<(u32, u32)>)> {
+    (p.len() >= 4 && (p.len() - 4).is_multiple_of(8)).then(|| {
+        (
+            be_u32(&p[..4]),
+            p[4..]
+                .chunks_exact(8)
+                .map(|e| (be_u32(&e[..4]), be_u32(&e[4..])))
+                .collect(),
+        )
     })
 }
 
@@ -298,19 +311,21 @@ mod tests {
                     pos += p.len();
                 }
             }
-            (ReplyBody::BlockStatus { context, extents }, true) => {
-                let mut p = context.to_be_bytes().to_vec();
-                for e in extents {
-                    p.extend_from_slice(&(e.len as u32).to_be_bytes());
-                    p.extend_from_slice(&e.flags.to_be_bytes());
+            (ReplyBody::BlockStatus { contexts }, true) => {
+                for (i, (context, extents)) in contexts.iter().enumerate() {
+                    let mut p = context.to_be_bytes().to_vec();
+                    for e in extents {
+                        p.extend_from_slice(&(e.len as u32).to_be_bytes());
+                        p.extend_from_slice(&e.flags.to_be_bytes());
+                    }
+                    let done = if i + 1 == contexts.len() {
+                        REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    hdr(&mut w, done, REPLY_TYPE_BLOCK_STATUS, p.len() as u32);
+                    w.extend_from_slice(&p);
                 }
-                hdr(
-                    &mut w,
-                    REPLY_FLAG_DONE,
-                    REPLY_TYPE_BLOCK_STATUS,
-                    p.len() as u32,
-                );
-                w.extend_from_slice(&p);
             }
         }
         w
@@ -335,20 +350,27 @@ mod tests {
                     pieces,
                     df
                 }),
-            (
-                any::<u32>(),
-                proptest::collection::vec((any::<u32>(), any::<u32>()), 0..10)
+            proptest::collection::vec(
+                (
+                    any::<u32>(),
+                    proptest::collection::vec((any::<u32>(), any::<u32>()), 0..10)
+                ),
+                1..4
             )
-                .prop_map(|(context, e)| ReplyBody::BlockStatus {
-                    context,
-                    extents: e
-                        .into_iter()
-                        .map(|(len, flags)| BlockExtent {
-                            len: len.into(),
-                            flags
-                        })
-                        .collect(),
-                }),
+            .prop_map(|contexts| ReplyBody::BlockStatus {
+                contexts: contexts
+                    .into_iter()
+                    .map(|(context, e)| (
+                        context,
+                        e.into_iter()
+                            .map(|(len, flags)| BlockExtent {
+                                len: len.into(),
+                                flags
+                            })
+                            .collect()
+                    ))
+                    .collect(),
+            }),
         ]
     }
 
@@ -411,18 +433,23 @@ mod tests {
 
         #[test]
         fn block_status_round_trips(
-            context in any::<u32>(),
-            extents in proptest::collection::vec((any::<u32>(), any::<u32>()), 0..50),
+            contexts in proptest::collection::vec(
+                (any::<u32>(), proptest::collection::vec((any::<u32>(), any::<u32>()), 0..50)),
+                1..4,
+            ),
         ) {
             let r = Reply {
                 cookie: 5,
                 body: ReplyBody::BlockStatus {
-                    context,
-                    extents: extents.iter().map(|&(len, flags)| BlockExtent { len: len.into(), flags }).collect(),
+                    contexts: contexts
+                        .iter()
+                        .map(|(c, e)| (*c, e.iter().map(|&(len, flags)| BlockExtent { len: len.into(), flags }).collect()))
+                        .collect(),
                 },
             };
             let units = structured(&bytes(&r, true)).unwrap();
-            prop_assert_eq!(meaning(&units, 0, 0), Some(Meaning::BlockStatus { context, extents }));
+            prop_assert_eq!(units.len(), contexts.len());
+            prop_assert_eq!(meaning(&units, 0, 0), Some(Meaning::BlockStatus { contexts }));
         }
 
     }

@@ -98,6 +98,13 @@ pub const STRUCTURED_REPLY_HEADER_LEN: usize = 20;
 // and its extent flags.
 pub const META_BASE_ALLOCATION: &str = "base:allocation";
 pub const META_BASE_ALLOCATION_ID: u32 = 1;
+/// qemu's namespace for dirty bitmaps, which backup tools (virtnbdbackup,
+/// oVirt imageio, Proxmox) read incrementals through: bit 0 set = changed.
+pub const META_QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
+/// The same contexts under our own namespace, as the spec asks of servers
+/// for anything not registered.
+pub const META_VOLUMED_CHANGED: &str = "x-volumed:changed:";
+pub const STATE_DIRTY: u32 = 1 << 0;
 pub const STATE_HOLE: u32 = 1 << 0;
 pub const STATE_ZERO: u32 = 1 << 1;
 

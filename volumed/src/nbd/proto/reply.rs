@@ -69,10 +69,10 @@ pub enum ReplyBody {
         pieces: Vec<Piece>,
         df: bool,
     },
-    /// Extents of one metadata context, by the id the client was given.
+    /// Extents of each selected metadata context, by the id the client
+    /// was given: one chunk per context, the last one done.
     BlockStatus {
-        context: u32,
-        extents: Vec<BlockExtent>,
+        contexts: Vec<(u32, Vec<BlockExtent>)>,
     },
 }
 
@@ -93,6 +93,8 @@ pub enum EncodeError {
     OffsetOverflow { offset: u64 },
     #[error("structured read reply without any piece")]
     EmptyRead,
+    #[error("block status reply without any context")]
+    EmptyBlockStatus,
 }
 
 /// A reply's wire bytes: headers in one owned buffer, data borrowed.
@@ -288,14 +290,24 @@ impl Reply {
                         .ok_or(EncodeError::OffsetOverflow { offset: *offset })?;
                 }
             }
-            ReplyBody::BlockStatus { context, extents } => {
-                let n = extents.len() as u64;
-                let len = fit_u32("block status", n.saturating_mul(8).saturating_add(4))?;
-                out.head(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, len));
-                out.head(&context.to_be_bytes());
-                for e in extents {
-                    out.head(&fit_u32("extent", e.len)?.to_be_bytes());
-                    out.head(&e.flags.to_be_bytes());
+            ReplyBody::BlockStatus { contexts } => {
+                if contexts.is_empty() {
+                    return Err(EncodeError::EmptyBlockStatus);
+                }
+                for (i, (context, extents)) in contexts.iter().enumerate() {
+                    let n = extents.len() as u64;
+                    let len = fit_u32("block status", n.saturating_mul(8).saturating_add(4))?;
+                    let flags = if i + 1 == contexts.len() {
+                        REPLY_FLAG_DONE
+                    } else {
+                        0
+                    };
+                    out.head(&chunk(flags, REPLY_TYPE_BLOCK_STATUS, len));
+                    out.head(&context.to_be_bytes());
+                    for e in extents {
+                        out.head(&fit_u32("extent", e.len)?.to_be_bytes());
+                        out.head(&e.flags.to_be_bytes());
+                    }
                 }
             }
         }
@@ -405,17 +417,19 @@ mod tests {
         let bs = Reply {
             cookie: 3,
             body: ReplyBody::BlockStatus {
-                context: META_BASE_ALLOCATION_ID,
-                extents: vec![
-                    BlockExtent {
-                        len: 4096,
-                        flags: 0,
-                    },
-                    BlockExtent {
-                        len: 512,
-                        flags: STATE_HOLE | STATE_ZERO,
-                    },
-                ],
+                contexts: vec![(
+                    META_BASE_ALLOCATION_ID,
+                    vec![
+                        BlockExtent {
+                            len: 4096,
+                            flags: 0,
+                        },
+                        BlockExtent {
+                            len: 512,
+                            flags: STATE_HOLE | STATE_ZERO,
+                        },
+                    ],
+                )],
             },
         };
         let mut b =
@@ -477,14 +491,21 @@ mod tests {
         let extent = Reply {
             cookie: 1,
             body: ReplyBody::BlockStatus {
-                context: 1,
-                extents: vec![BlockExtent {
-                    len: 1 << 32,
-                    flags: 0,
-                }],
+                contexts: vec![(
+                    1,
+                    vec![BlockExtent {
+                        len: 1 << 32,
+                        flags: 0,
+                    }],
+                )],
             },
         };
         assert!(extent.encode(true).is_err());
+        let none = Reply {
+            cookie: 1,
+            body: ReplyBody::BlockStatus { contexts: vec![] },
+        };
+        assert_eq!(none.encode(true).err(), Some(EncodeError::EmptyBlockStatus));
     }
 
     proptest! {

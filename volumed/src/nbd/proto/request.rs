@@ -110,10 +110,11 @@ pub fn check_range(offset: u64, length: u32, size: u64) -> Result<(), RangeError
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SessionOptions {
     pub structured: bool,
-    /// base:allocation was selected for this export: BLOCK_STATUS allowed.
-    pub base_allocation: bool,
-    /// The export refuses WRITE, TRIM and WRITE_ZEROES with EPERM. Nothing
-    /// sets it yet, and the handshake does not advertise FLAG_READ_ONLY.
+    /// A metadata context was selected for this export: BLOCK_STATUS
+    /// allowed.
+    pub block_status: bool,
+    /// The export (a snapshot) refuses WRITE, TRIM and WRITE_ZEROES with
+    /// EPERM; the handshake advertised FLAG_READ_ONLY.
     pub read_only: bool,
 }
 
@@ -148,7 +149,7 @@ pub fn validate(req: &Request, size: u64, opts: SessionOptions) -> Result<(), Re
         ),
         Command::Trim | Command::Cache | Command::Flush => (CMD_FLAG_FUA, u32::MAX),
         Command::BlockStatus => {
-            if !opts.base_allocation {
+            if !opts.block_status {
                 return refuse(EINVAL, "no metadata context was negotiated");
             }
             (CMD_FLAG_FUA | CMD_FLAG_REQ_ONE, u32::MAX)
@@ -243,7 +244,7 @@ mod tests {
 
     const STRUCTURED: SessionOptions = SessionOptions {
         structured: true,
-        base_allocation: true,
+        block_status: true,
         read_only: false,
     };
 
@@ -335,7 +336,7 @@ mod tests {
             Read if o.structured => 0b00101,
             Read | Write | Trim | Cache | Flush => 0b00001,
             WriteZeroes => 0b10011,
-            BlockStatus if o.base_allocation => 0b01001,
+            BlockStatus if o.block_status => 0b01001,
             BlockStatus | Disc | Unknown(_) => return Some(EINVAL),
         };
         if r.flags & !flags != 0 {
@@ -424,11 +425,11 @@ mod tests {
             r in arb_request(),
             size in prop_oneof![edgy_u64(), Just(1u64 << 20)],
             structured in any::<bool>(),
-            base_allocation in any::<bool>(),
+            block_status in any::<bool>(),
             read_only in any::<bool>(),
         ) {
             // base:allocation can only be selected with structured replies.
-            let o = SessionOptions { structured, base_allocation: structured && base_allocation, read_only };
+            let o = SessionOptions { structured, block_status: structured && block_status, read_only };
             let got = validate(&r, size, o);
             prop_assert_eq!(got.err().map(|e| e.errno), model(&r, size, o));
             if let Err(e) = got {
@@ -440,7 +441,7 @@ mod tests {
         fn accepted_requests_are_in_range_and_within_the_payload(
             r in arb_request(), size in edgy_u64(), structured in any::<bool>(),
         ) {
-            let o = SessionOptions { structured, base_allocation: structured, read_only: false };
+            let o = SessionOptions { structured, block_status: structured, read_only: false };
             if validate(&r, size, o).is_ok() && r.command != Command::Flush {
                 prop_assert!(u128::from(r.offset) + u128::from(r.length) <= u128::from(size));
                 prop_assert!(r.length > 0);

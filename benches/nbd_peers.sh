@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# volumed against its three peers, side by side in one run, through fio's
+# nbd engine, each pair from the same history:
+#   volumed            release build, io_uring engine, page cache
+#   nbdkit(file)       nbdkit's file plugin on a raw file (thread pool, pread/pwrite)
+#   qemu-nbd(default)  qemu-nbd's defaults (writeback cache, thread pool)
+#   qemu-nbd(none)     --cache=none --aio=io_uring (O_DIRECT)
+#
+# History (the page-cache state the jobs meet, which decides 4k write
+# speed on this kernel more than any server does): every target starts
+# empty (a fresh volume; fresh sparse files for the peers), is filled with
+# SIZE_MIB of random data through its own server with writes of FILL_BS
+# (1m: large page-cache folios; 4k: small ones), then `sync`.
+#
+# Every job runs against each target in turn. Printed: IOPS, MiB/s, mean and
+# p99 completion latency, server CPU per I/O (user+system µs of the server
+# process over the job / I/Os done), then volumed/peer IOPS ratios and the
+# ratio to the best peer.
+#
+# Usage: benches/nbd_peers.sh [runtime-seconds] [size-MiB] [fill-bs]
+#        (defaults 6 2048 1m)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNTIME=${1:-6}
+SIZE_MIB=${2:-2048}
+FILL_BS=${3:-1m}
+command -v qemu-nbd nbdkit fio >/dev/null
+
+cargo build --release --quiet -p volumed -p vol
+BIN=target/release
+NAME=peers
+# shellcheck source=benches/common.sh
+. benches/common.sh
+
+start_volumed "$WORK/vd" "file://$WORK/store"
+$VOL create bench --size "${SIZE_MIB}M" >/dev/null
+VURI=$($VOL attach bench)
+for f in nbdkit qemu-default qemu-none; do truncate -s "${SIZE_MIB}M" "$WORK/$f.img"; done
+
+KPORT=$(free_port)
+nbdkit --foreground --exit-with-parent --ipaddr 127.0.0.1 --port "$KPORT" file "$WORK/nbdkit.img" &
+KPID=$!; PIDS+=($KPID)
+QPORT1=$(free_port)
+qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$QPORT1" -t -e 16 "$WORK/qemu-default.img" &
+QPID1=$!; PIDS+=($QPID1)
+QPORT2=$(free_port)
+qemu-nbd -f raw -x bench -b 127.0.0.1 -p "$QPORT2" -t -e 16 --cache=none --aio=io_uring "$WORK/qemu-none.img" &
+QPID2=$!; PIDS+=($QPID2)
+sleep 1
+
+TARGETS=(
+  "volumed:$VPID:$VURI"
+  "nbdkit(file):$KPID:nbd://127.0.0.1:$KPORT/"
+  "qemu-nbd(default):$QPID1:nbd://127.0.0.1:$QPORT1/bench"
+  "qemu-nbd(none):$QPID2:nbd://127.0.0.1:$QPORT2/bench"
+)
+
+# The same history everywhere: random data in FILL_BS writes, then sync.
+for t in "${TARGETS[@]}"; do
+    uri=${t#*:*:}
+    fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs="$FILL_BS" --iodepth=8 \
+        --size="${SIZE_MIB}M" --refill_buffers --output-format=terse >/dev/null 2>&1
+done
+sync
+
+cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"; }
+
+JOBS=(
+  "randread-4k-qd1:randread:4k:1"
+  "randread-4k-qd32:randread:4k:32"
+  "randwrite-4k-qd1:randwrite:4k:1"
+  "randwrite-4k-qd32:randwrite:4k:32"
+  "read-1m-qd8:read:1m:8"
+  "write-1m-qd8:write:1m:8"
+)
+RESULTS="$WORK/results.tsv"
+: > "$RESULTS"
+for job in "${JOBS[@]}"; do
+    IFS=: read -r name rw bs qd <<<"$job"
+    for t in "${TARGETS[@]}"; do
+        tname=${t%%:*}; rest=${t#*:}; pid=${rest%%:*}; uri=${rest#*:}
+        c0=$(cpu_us "$pid")
+        fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+            --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json > "$WORK/out.json" 2>/dev/null
+        c1=$(cpu_us "$pid")
+        /usr/bin/python3 - "$WORK/out.json" "$name" "$tname" "$((c1 - c0))" >> "$RESULTS" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()  # the nbd engine prints a line before the JSON
+j = json.loads(text[text.index("{"):])["jobs"][0]
+side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+lat = side["clat_ns"]
+p99 = lat.get("percentile", {}).get("99.000000", 0)
+ios = side["total_ios"] or 1
+print("\t".join([sys.argv[2], sys.argv[3], f"{side['iops']:.0f}", f"{side['bw'] / 1024:.1f}",
+                 f"{lat['mean'] / 1000:.1f}", f"{p99 / 1000:.1f}", f"{int(sys.argv[4]) / ios:.1f}"]))
+PY
+    done
+done
+
+echo "fill: ${FILL_BS} writes, ${SIZE_MIB} MiB, ${RUNTIME} s per job"
+/usr/bin/python3 - "$RESULTS" <<'PY'
+import sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
+print(f"{'job':<18} {'target':<18} {'IOPS':>9} {'MiB/s':>9} {'mean us':>9} {'p99 us':>9} {'cpu us/io':>10}")
+for r in rows:
+    print(f"{r[0]:<18} {r[1]:<18} {r[2]:>9} {r[3]:>9} {r[4]:>9} {r[5]:>9} {r[6]:>10}")
+print()
+peers = ["nbdkit(file)", "qemu-nbd(default)", "qemu-nbd(none)"]
+print(f"{'job':<18}" + "".join(f"{'vs ' + p:>22}" for p in peers) + f"{'vs best':>10}")
+jobs = []
+for r in rows:
+    if r[0] not in jobs:
+        jobs.append(r[0])
+for job in jobs:
+    by = {r[1]: float(r[2]) for r in rows if r[0] == job}
+    v = by["volumed"]
+    best = max(by[p] for p in peers)
+    print(f"{job:<18}" + "".join(f"{v / by[p]:>21.2f}x" for p in peers) + f"{v / best:>9.2f}x")
+PY
