@@ -87,10 +87,11 @@ async fn finish(client: &Client, out: &Out, job: &Job) -> anyhow::Result<()> {
         vols.push(client.get(&format!("/v1/volumes/{name}")).await?);
     }
     if out.json {
-        return Ok(match vols.len() {
+        match vols.len() {
             1 => out.json(&vols[0])?,
             _ => out.json(&VolumeList { volumes: vols })?,
-        });
+        }
+        return Ok(());
     }
     for v in &vols {
         out.line(format!(

@@ -68,7 +68,8 @@ pub async fn list_jobs(State(s): State<ApiState>) -> Json<JobList> {
 }
 
 pub async fn get_job(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
-    Ok(Json(views::job(&s.engine.job(&id)?)))
+    let h = s.engine.job(&id)?;
+    Ok(Json(views::job(&h)))
 }
 
 pub async fn cancel_job(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
@@ -117,7 +118,7 @@ pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> Ap
 /// bytes as the answer's body (the job's id in `x-volumed-job`).
 pub async fn export(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Response> {
     let req: volumed_api::ExportRequest = body(&bytes, None)?;
-    let (h, rx) = s.engine.export(req).await?;
+    let (h, rx) = s.engine.export_image(req).await?;
     let Some(rx) = rx else {
         return Ok((StatusCode::ACCEPTED, Json(views::job(&h))).into_response());
     };

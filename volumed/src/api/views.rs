@@ -295,6 +295,38 @@ pub fn changed_blocks(
     }
 }
 
+/// The API's view of a job, with its live progress.
+pub fn job(h: &crate::engine::jobs::registry::JobHandle) -> volumed_api::Job {
+    use std::sync::atomic::Ordering;
+    let rec = h.record();
+    let bytes_done = match rec.state {
+        volumed_api::JobState::Completed => rec.bytes_total,
+        _ => h.bytes_done.load(Ordering::Relaxed),
+    };
+    let (source, destination) = match (&rec.import, &rec.export) {
+        (Some(i), _) => (i.source.clone(), None),
+        (None, Some(e)) => (e.source.clone(), Some(e.destination.clone())),
+        (None, None) => (String::new(), None),
+    };
+    volumed_api::Job {
+        id: rec.id.clone(),
+        kind: rec.kind,
+        state: rec.state,
+        bytes_done,
+        bytes_total: rec.bytes_total.max(bytes_done),
+        volume: rec.volumes.first().map(ToString::to_string),
+        volumes: rec.volumes.iter().map(ToString::to_string).collect(),
+        error: rec.error.clone(),
+        source,
+        destination,
+        format: rec.format.clone(),
+        snapshot: rec.snapshot.as_ref().map(ToString::to_string),
+        sha256: rec.sha256.clone(),
+        created_at: rfc3339(rec.created_at),
+        finished_at: rec.finished_at.map(rfc3339),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -345,37 +377,5 @@ mod tests {
         );
         assert!(changed_blocks(&d, 25_000, 5).block_metadata.is_empty());
         assert!(changed_blocks(&d, u64::MAX, 5).next_token.is_none());
-    }
-}
-
-/// The API's view of a job, with its live progress.
-pub fn job(h: &crate::engine::jobs::registry::JobHandle) -> volumed_api::Job {
-    use std::sync::atomic::Ordering;
-    let rec = h.record();
-    let bytes_done = match rec.state {
-        volumed_api::JobState::Completed => rec.bytes_total,
-        _ => h.bytes_done.load(Ordering::Relaxed),
-    };
-    let (source, destination) = match (&rec.import, &rec.export) {
-        (Some(i), _) => (i.source.clone(), None),
-        (None, Some(e)) => (e.source.clone(), Some(e.destination.clone())),
-        (None, None) => (String::new(), None),
-    };
-    volumed_api::Job {
-        id: rec.id.clone(),
-        kind: rec.kind,
-        state: rec.state,
-        bytes_done,
-        bytes_total: rec.bytes_total.max(bytes_done),
-        volume: rec.volumes.first().map(ToString::to_string),
-        volumes: rec.volumes.iter().map(ToString::to_string).collect(),
-        error: rec.error.clone(),
-        source,
-        destination,
-        format: rec.format.clone(),
-        snapshot: rec.snapshot.as_ref().map(ToString::to_string),
-        sha256: rec.sha256.clone(),
-        created_at: rfc3339(rec.created_at),
-        finished_at: rec.finished_at.map(rfc3339),
     }
 }

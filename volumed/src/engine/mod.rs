@@ -146,10 +146,17 @@ impl Engine {
             Arc::clone(&snapshot_jobs),
             data_dir.join("jobs"),
         ));
+        let snapshot_exports = Arc::new(SnapshotExports::new(
+            Arc::clone(&catalog),
+            repo.clone(),
+            Arc::clone(&fetcher),
+            host_id.clone(),
+        ));
         let exports = Arc::new(ExportJobs::new(
             Arc::clone(&catalog),
             job_registry,
             Arc::clone(&snapshot_jobs),
+            Arc::clone(&snapshot_exports),
             repo.clone(),
             Arc::clone(&fetcher),
         ));
@@ -164,12 +171,7 @@ impl Engine {
                 host_id.clone(),
             )),
             snapshots: SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()),
-            snapshot_exports: Arc::new(SnapshotExports::new(
-                Arc::clone(&catalog),
-                repo.clone(),
-                Arc::clone(&fetcher),
-                host_id.clone(),
-            )),
+            snapshot_exports,
             catalog,
             dirs,
             registry,
@@ -731,7 +733,7 @@ impl Engine {
     where
         S: futures_util::Stream<Item = std::result::Result<B, E>> + Send + Unpin + 'static,
         B: AsRef<[u8]> + Send,
-        E: std::fmt::Display,
+        E: std::fmt::Display + Send,
     {
         if req.source != "-" {
             return Err(Error::InvalidRequest(
@@ -852,7 +854,7 @@ impl Engine {
     /// Starts exporting a snapshot (or a volume, snapshotted first) as an
     /// image. For destination `-` the raw bytes come through the returned
     /// receiver, in order.
-    pub async fn export(
+    pub async fn export_image(
         &self,
         req: volumed_api::ExportRequest,
     ) -> Result<(

@@ -237,10 +237,9 @@ fn parse_extent_line(line: &str) -> Option<VmdkExtent> {
     let rest = rest.trim_start();
     let (kind, rest) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
     let rest = rest.trim_start();
-    let file = match rest.strip_prefix('"') {
-        Some(r) => Some(r.split('"').next().unwrap_or("").to_owned()),
-        None => None,
-    };
+    let file = rest
+        .strip_prefix('"')
+        .map(|r| r.split('"').next().unwrap_or("").to_owned());
     Some(VmdkExtent {
         sectors,
         kind: kind.to_owned(),

@@ -15,12 +15,13 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use crate::nbd::proto::{
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
     INFO_EXPORT, META_BASE_ALLOCATION, NBDMAGIC, OPT_GO, OPT_SET_META_CONTEXT,
-    OPT_STRUCTURED_REPLY, OPTION_REPLY_MAGIC, REP_ACK, REP_ERR, REP_INFO, REP_META_CONTEXT,
-    REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_NONE,
-    REPLY_TYPE_OFFSET_DATA, REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_ZERO,
-    STRUCTURED_REPLY_MAGIC,
+    OPT_STRUCTURED_REPLY, OPTION_REPLY_MAGIC, REP_ACK, REP_INFO, REP_META_CONTEXT, REPLY_FLAG_DONE,
+    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
+    REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_ZERO, STRUCTURED_REPLY_MAGIC,
 };
 
+/// Option replies with this bit set are errors.
+const REP_ERR: u32 = 1 << 31;
 const CMD_READ: u16 = 0;
 const CMD_DISC: u16 = 2;
 const CMD_BLOCK_STATUS: u16 = 7;
@@ -152,7 +153,7 @@ pub fn parse_block_status(payload: &[u8], id: u32) -> Result<Vec<Run>, NbdError>
         return Err(proto(format!("block status for context {got}, not {id}")));
     }
     let body = &payload[4..];
-    if body.len() % 8 != 0 || body.is_empty() {
+    if !body.len().is_multiple_of(8) || body.is_empty() {
         return Err(proto("block status descriptors are not 8-byte pairs"));
     }
     Ok(body
@@ -252,10 +253,11 @@ impl NbdConn {
         loop {
             let (kind, data) = self.option_reply(OPT_GO).await?;
             match kind {
-                REP_INFO => {
-                    if data.len() >= 12 && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT {
-                        size = be64(&data, 2);
-                    }
+                REP_INFO
+                    if data.len() >= 12
+                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
+                {
+                    size = be64(&data, 2);
                 }
                 REP_ACK => break,
                 k if k & REP_ERR != 0 => {

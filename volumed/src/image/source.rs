@@ -262,7 +262,7 @@ mod tests {
         let total: u64 = runs.iter().map(|r| r.len).sum();
         assert_eq!(total, 4 << 20);
         let data: u64 = runs.iter().filter(|r| !r.zero).map(|r| r.len).sum();
-        assert!(data >= 4096 && data < (4 << 20), "{runs:?}");
+        assert!((4096..(4 << 20)).contains(&data), "{runs:?}");
         // The first run is the hole before the data.
         assert!(runs[0].zero && runs[0].len <= 1 << 20);
         // Past the end of the file is zero.

@@ -5,13 +5,14 @@
 //! Raw is written by us: the manifest's chunks fetched (through the host
 //! cache, each verified against its hash), 16 at a time, into a sparse file
 //! (zero chunks are never written) or, for `-`, in order into the answer's
-//! body. Other formats are made by `qemu-img convert` from that raw file,
-//! written beside the destination and removed after.
+//! body. Other formats are made by `qemu-img convert -f raw` reading the
+//! snapshot's read-only NBD export (a lease on it, dropped at the end).
 //!
 //! A job cut short (error, cancel) removes its partial destination; one
 //! interrupted by a restart ends `error` (it is not resumed).
 
 use std::path::{Path, PathBuf};
+
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +28,7 @@ use super::registry::{JobHandle, JobRegistry};
 use super::snapshot::SnapshotJobs;
 use crate::catalog::{Catalog, SnapshotState};
 use crate::engine::Volume;
+use crate::engine::snapshot_export::SnapshotExports;
 use crate::image::ImageFormat;
 
 const FETCHES_IN_FLIGHT: usize = 16;
@@ -50,6 +52,7 @@ pub struct ExportJobs {
     catalog: Arc<Catalog>,
     jobs: Arc<JobRegistry>,
     snapshot_jobs: Arc<SnapshotJobs>,
+    snapshot_exports: Arc<SnapshotExports>,
     repo: snapshot::Repo,
     fetcher: Arc<Fetcher>,
 }
@@ -59,6 +62,7 @@ impl ExportJobs {
         catalog: Arc<Catalog>,
         jobs: Arc<JobRegistry>,
         snapshot_jobs: Arc<SnapshotJobs>,
+        snapshot_exports: Arc<SnapshotExports>,
         repo: snapshot::Repo,
         fetcher: Arc<Fetcher>,
     ) -> Self {
@@ -66,6 +70,7 @@ impl ExportJobs {
             catalog,
             jobs,
             snapshot_jobs,
+            snapshot_exports,
             repo,
             fetcher,
         }
@@ -162,18 +167,20 @@ impl ExportJobs {
             (ImageFormat::Raw, sink) => self.write_raw(h, &m, sink).await,
             (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
             (fmt, Sink::File(dest)) => {
-                let tmp = part_path(&dest);
-                let r = async {
-                    self.write_raw(h, &m, Sink::File(tmp.clone())).await?;
-                    // qemu-img is killed when this future is dropped.
-                    tokio::select! {
-                        r = convert(&tmp, fmt, compress, &dest) => r,
-                        () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
-                        () = h.cancel.cancelled() => Err("stopped".into()),
-                    }
-                }
-                .await;
-                let _ = std::fs::remove_file(&tmp);
+                let lease = self
+                    .snapshot_exports
+                    .lease(Arc::new(m))
+                    .await
+                    .map_err(|e| format!("export snapshot {id} over NBD: {e}"))?;
+                let uri = lease.nbd_unix_uri();
+                // qemu-img is killed when this future is dropped; the lease
+                // ends when `lease` goes.
+                let r = tokio::select! {
+                    r = convert(h, &uri, fmt, compress, &dest) => r,
+                    () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
+                    () = h.cancel.cancelled() => Err("stopped".into()),
+                };
+                drop(lease);
                 r
             }
         }
@@ -275,18 +282,17 @@ impl ExportJobs {
     }
 }
 
-/// `DEST.volumed-part`: the raw bytes qemu-img converts from.
-fn part_path(dest: &Path) -> PathBuf {
-    let mut s = dest.as_os_str().to_owned();
-    s.push(".volumed-part");
-    PathBuf::from(s)
-}
-
-/// `qemu-img convert` of a raw file into `fmt`: VMDK stream-optimized, VHD
+/// `qemu-img convert` of the snapshot's NBD export into `fmt`: VMDK stream-optimized, VHD
 /// fixed with `force_size` (what AWS and Azure accept), qcow2 optionally
 /// zstd-compressed.
-async fn convert(raw: &Path, fmt: ImageFormat, compress: bool, dest: &Path) -> Result<(), String> {
-    let mut args: Vec<String> = vec!["convert".into(), "-q".into(), "-f".into(), "raw".into()];
+async fn convert(
+    h: &JobHandle,
+    uri: &str,
+    fmt: ImageFormat,
+    compress: bool,
+    dest: &Path,
+) -> Result<(), String> {
+    let mut args: Vec<String> = vec!["convert".into(), "-p".into(), "-f".into(), "raw".into()];
     args.extend(["-O".into(), fmt.to_string()]);
     match fmt {
         ImageFormat::Vmdk => args.extend(["-o".into(), "subformat=streamOptimized".into()]),
@@ -296,17 +302,45 @@ async fn convert(raw: &Path, fmt: ImageFormat, compress: bool, dest: &Path) -> R
         }
         _ => {}
     }
-    args.push(raw.display().to_string());
+    args.push(uri.to_owned());
     args.push(dest.display().to_string());
-    let out = tokio::process::Command::new("qemu-img")
+    let mut child = tokio::process::Command::new("qemu-img")
         .args(&args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .map_err(|e| format!("qemu-img: {e} (install qemu-utils to export {fmt})"))?;
+    // `-p` prints "(12.34/100%)" as it goes: the job's progress.
+    let total = h.record().bytes_total;
+    if let Some(mut stdout) = child.stdout.take() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        let mut done = 0u64;
+        while let Ok(n) = stdout.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if let Some(pct) = text
+                .rsplit('(')
+                .next()
+                .and_then(|t| t.split('/').next())
+                .and_then(|p| p.trim().parse::<f64>().ok())
+            {
+                let now = ((pct / 100.0) * total as f64) as u64;
+                if now > done {
+                    h.add_done(now - done);
+                    done = now;
+                }
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("qemu-img: {e}"))?;
     if !out.status.success() {
         let _ = std::fs::remove_file(dest);
         return Err(format!(

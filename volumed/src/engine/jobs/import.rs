@@ -121,7 +121,7 @@ impl ImportJobs {
     where
         S: futures_util::Stream<Item = Result<B, E>> + Send + Unpin + 'static,
         B: AsRef<[u8]> + Send,
-        E: std::fmt::Display,
+        E: std::fmt::Display + Send,
     {
         let this = Arc::clone(self);
         self.jobs.tasks.spawn(async move {
@@ -179,7 +179,7 @@ impl ImportJobs {
                 v.set_record(rec);
             }
         }
-        let req = h.record().import.unwrap_or_else(|| unreachable_request());
+        let req = h.record().import.unwrap_or_else(unreachable_request);
         if req.snapshot {
             for v in vols {
                 let snap = self
@@ -242,7 +242,7 @@ impl ImportJobs {
         vols: &[Arc<Volume>],
     ) -> Result<(), Stop> {
         let rec = h.record();
-        let req = rec.import.clone().unwrap_or_else(|| unreachable_request());
+        let req = rec.import.clone().unwrap_or_else(unreachable_request);
         let ck = rec.checkpoint;
         let done_before: u64 = disks.iter().take(ck.disk).map(|d| d.size).sum();
         h.bytes_done
@@ -399,9 +399,9 @@ impl ImportJobs {
     where
         S: futures_util::Stream<Item = Result<B, E>> + Unpin,
         B: AsRef<[u8]>,
-        E: std::fmt::Display,
+        E: std::fmt::Display + Send,
     {
-        let req = h.record().import.unwrap_or_else(|| unreachable_request());
+        let req = h.record().import.unwrap_or_else(unreachable_request);
         let cs = vol.chunk_size as usize;
         let mut hasher = req.sha256.is_some().then(Sha256::new);
         let mut buf: Vec<u8> = Vec::with_capacity(cs);
@@ -535,11 +535,6 @@ impl ImportJobs {
                 self.remove_volumes(&orphan).await;
             }
         }
-    }
-
-    /// The job directory root, for the engine to create.
-    pub fn work_dir(&self) -> &std::path::Path {
-        &self.work
     }
 }
 
