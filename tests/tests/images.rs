@@ -93,7 +93,7 @@ fn assert_volume_equals(d: &TestDaemon, name: &str, reference: &Path) {
     d.vol_ok(&["attach", name]);
     let uri = d.unix_uri(name);
     let out = Command::new("qemu-img")
-        .args(["compare", "-s", "-f", "raw", "-F", "raw"])
+        .args(["compare", "-f", "raw", "-F", "raw"])
         .arg(reference)
         .arg(&uri)
         .output()
@@ -449,7 +449,7 @@ fn kill9_mid_import_resumes_from_the_checkpoint() {
     );
     assert_eq!(inspect(&d, "big")["state"], "available");
     assert_volume_equals(&d, "big", &raw);
-    d.finish();
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 /// A stream import cut by kill -9 is rolled back at the restart.
@@ -492,7 +492,7 @@ fn kill9_mid_stream_import_rolls_back() {
     }
     assert!(d.volume_names().is_empty());
     assert_eq!(d.volume_dirs().len(), 0);
-    d.finish();
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 #[test]
