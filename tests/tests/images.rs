@@ -669,8 +669,15 @@ fn hostile_and_broken_images_are_refused() {
     assert_eq!(st, 400);
     let err = d.vol_err(&["import", &s("full.qcow2"), "x", "--sha256", "abc"]);
     assert!(err.contains("invalid sha256"), "{err}");
-    // The daemon is unharmed.
-    d.vol_ok(&["status"]);
+    // The daemon is unharmed, and reports the qemu tools it runs.
+    let st = d.vol_json(&["status"]);
+    assert!(
+        st["image_tools"]
+            .as_str()
+            .unwrap()
+            .starts_with("qemu-utils "),
+        "{st}"
+    );
     d.finish();
 }
 
