@@ -823,7 +823,7 @@ fn export_to_every_format() {
             "--bs=64k",
             "--size=64M",
             "--time_based",
-            "--runtime=5",
+            "--runtime=8",
             "--iodepth=4",
         ])
         .arg(format!("--uri={uri}"))
@@ -831,7 +831,14 @@ fn export_to_every_format() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The export starts once fio is writing (its writes fill holes, so the
+    // volume's allocation grows).
+    let alloc0 = inspect(&d, "src")["allocated_bytes"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while inspect(&d, "src")["allocated_bytes"].as_u64().unwrap() == alloc0 {
+        assert!(Instant::now() < deadline, "fio did not start writing");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let live = dir.path().join("live.raw");
     let j = d.vol_json(&["export", "src", live.to_str().unwrap()]);
     assert_eq!(j["state"], "completed", "{j}");
