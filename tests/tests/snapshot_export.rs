@@ -412,3 +412,56 @@ fn bad_requests_get_one_line_errors() {
     assert_eq!(d.vol_json(&["inspect", "data"])["state"], "attached");
     d.finish();
 }
+
+/// `qemu:dirty-bitmap:LAST` on a live volume's export: the chunks written
+/// since its last completed snapshot, what a live incremental backup reads.
+#[test]
+fn live_volume_bitmap_against_its_last_snapshot() {
+    let d = TestDaemon::start();
+    d.vol_ok(&["create", "data", "--size", "16M"]);
+    d.vol_ok(&["attach", "data"]);
+    let uri = d.uri("data");
+    // No snapshot yet: no LAST to compare with.
+    let listed = |uri: &str| {
+        nbd_py(
+            uri,
+            r#"
+h = nbd.NBD()
+h.set_opt_mode(True)
+h.connect_uri(URI)
+h.add_meta_context("qemu:dirty-bitmap:")
+names = []
+h.opt_list_meta_context(lambda name: names.append(name) or 0)
+print(",".join(names))
+h.opt_abort()
+"#,
+        )
+    };
+    assert_eq!(listed(&uri).trim(), "");
+    qemu_io(&uri, &["write -P 0x01 0 4M"]);
+    let a = snap(&d, "data");
+    assert_eq!(listed(&uri).trim(), "qemu:dirty-bitmap:LAST");
+    let last = "qemu:dirty-bitmap:LAST";
+    assert!(dirty(&map(&uri, last)).is_empty());
+
+    // Chunks 2 and 3 (one write across them), chunk 6 (data) trimmed, and
+    // chunk 20 (never written) trimmed: no change at all.
+    qemu_io(
+        &uri,
+        &[
+            "write -P 0x02 1100k 600k",
+            "discard 3M 512k",
+            "discard 10M 512k",
+        ],
+    );
+    let want = vec![(2 * CHUNK, 2 * CHUNK), (6 * CHUNK, CHUNK)];
+    assert_eq!(dirty(&map(&uri, last)), want);
+    assert_eq!(dirty(&map(&uri, "x-volumed:changed:LAST")), want);
+    // The next snapshot is the new LAST: nothing changed since.
+    let b = snap(&d, "data");
+    assert!(dirty(&map(&uri, last)).is_empty());
+    // What the bitmap said is what the two snapshots' diff says.
+    let (a_id, b_id) = (a["id"].as_str().unwrap(), b["id"].as_str().unwrap());
+    assert_eq!(cli_diff(&d, a_id, b_id), want);
+    d.finish();
+}

@@ -294,6 +294,11 @@ impl ChunkMap {
         self.dirty.ones()
     }
 
+    /// Whether chunk `chunk` changed since the last snapshot's instant.
+    pub fn is_dirty(&self, chunk: u64) -> bool {
+        self.all_dirty() || self.dirty.get(chunk)
+    }
+
     /// How many chunks changed since the last snapshot; `None` when every
     /// chunk counts as changed (after an unclean stop).
     pub fn dirty_count(&self) -> Option<u64> {

@@ -331,6 +331,38 @@ impl Volume {
     }
 
     /// Ends `freeze` (its guard is gone); copies not yet taken are dropped.
+    /// `[offset, offset + len)` as runs of (length, changed since the last
+    /// completed snapshot), for the `qemu:dirty-bitmap:LAST` context; the
+    /// caller has checked the range. While a snapshot is in progress every
+    /// chunk counts as changed (its changes are neither in the last
+    /// completed snapshot nor in the dirty set): a superset, never a miss.
+    pub fn changed_runs(&self, offset: u64, len: u64) -> Vec<(u64, bool)> {
+        let end = offset.saturating_add(len).min(self.size());
+        if offset >= end {
+            return Vec::new();
+        }
+        let freezing = self
+            .freeze
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some();
+        if freezing || self.map.all_dirty() {
+            return vec![(end - offset, true)];
+        }
+        let g = self.geometry();
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for c in g.chunks_of(offset, end - offset) {
+            let r = g.range(c);
+            let n = r.end.min(end) - r.start.max(offset);
+            let changed = self.map.is_dirty(c);
+            match out.last_mut() {
+                Some((m, d)) if *d == changed => *m += n,
+                _ => out.push((n, changed)),
+            }
+        }
+        out
+    }
+
     pub(super) fn end_freeze(&self, freeze: &Arc<Freeze>) {
         let mut slot = self.freeze.lock().unwrap_or_else(|e| e.into_inner());
         if slot.as_ref().is_some_and(|f| Arc::ptr_eq(f, freeze)) {

@@ -24,17 +24,18 @@ pub trait ExportLookup: Send + Sync {
     fn export(&self, name: &str) -> Option<Export>;
     /// Every export a client may see, for NBD_OPT_LIST.
     fn export_names(&self) -> Vec<String>;
-    /// What changed from snapshot `from` to what `export` serves, for a
-    /// dirty-bitmap context; `None` if there is no such bitmap.
+    /// The dirty bitmap of `export` against `from` (a snapshot id, or
+    /// `LAST` on a volume: its last completed snapshot); `None` if there
+    /// is no such bitmap.
     fn changed_since<'a>(
         &'a self,
         _export: &'a Export,
         _from: &'a str,
-    ) -> BoxFuture<'a, Option<Arc<Diff>>> {
+    ) -> BoxFuture<'a, Option<MetaContext>> {
         Box::pin(async { None })
     }
-    /// The snapshots `export` has dirty bitmaps against, for a namespace
-    /// query of NBD_OPT_LIST_META_CONTEXT.
+    /// What `export` has dirty bitmaps against (snapshot ids, or `LAST`),
+    /// for a namespace query of NBD_OPT_LIST_META_CONTEXT.
     fn changed_candidates<'a>(&'a self, _export: &'a Export) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async { Vec::new() })
     }
@@ -46,6 +47,9 @@ pub enum MetaContext {
     BaseAllocation,
     /// Bit 0 set on the ranges that changed since a snapshot.
     Changed(Arc<Diff>),
+    /// A live volume's chunks changed since its last completed snapshot,
+    /// read from its dirty set at each request.
+    LiveChanged,
 }
 
 /// Options longer than this are refused: the longest valid one (NBD_OPT_GO
@@ -521,8 +525,8 @@ async fn meta_context<S: AsyncWrite + Unpin>(
             for c in candidates.iter().flatten() {
                 found.push((format!("{ns}{c}"), None));
             }
-        } else if let Some(d) = exports.changed_since(&export, from).await {
-            found.push((format!("{ns}{from}"), Some(MetaContext::Changed(d))));
+        } else if let Some(ctx) = exports.changed_since(&export, from).await {
+            found.push((format!("{ns}{from}"), Some(ctx)));
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -536,7 +540,7 @@ async fn meta_context<S: AsyncWrite + Unpin>(
             let Some(ctx) = ctx else { continue };
             let id = match ctx {
                 MetaContext::BaseAllocation => META_BASE_ALLOCATION_ID,
-                MetaContext::Changed(_) => {
+                MetaContext::Changed(_) | MetaContext::LiveChanged => {
                     next += 1;
                     next - 1
                 }

@@ -352,8 +352,9 @@ impl super::handshake::ExportLookup for SnapshotExports {
         &'a self,
         _export: &'a crate::engine::Export,
         from: &'a str,
-    ) -> super::handshake::BoxFuture<'a, Option<Arc<snapshot::diff::Diff>>> {
-        let d = (from == "snap-a").then(|| Arc::clone(&self.diff));
+    ) -> super::handshake::BoxFuture<'a, Option<super::handshake::MetaContext>> {
+        let d = (from == "snap-a")
+            .then(|| super::handshake::MetaContext::Changed(Arc::clone(&self.diff)));
         Box::pin(async move { d })
     }
 

@@ -44,14 +44,34 @@ impl ExportLookup for Engine {
         &'a self,
         export: &'a Export,
         from: &'a str,
-    ) -> BoxFuture<'a, Option<Arc<snapshot::diff::Diff>>> {
-        Box::pin(Engine::changed_since(self, export, from))
+    ) -> BoxFuture<'a, Option<MetaContext>> {
+        Box::pin(async move {
+            if let Some(vol) = export.backend.volume() {
+                // A live volume: against its last completed snapshot only.
+                let last = vol.record().last_snapshot.is_some();
+                return (from == LAST && last).then_some(MetaContext::LiveChanged);
+            }
+            Engine::changed_since(self, export, from)
+                .await
+                .map(MetaContext::Changed)
+        })
     }
 
     fn changed_candidates<'a>(&'a self, export: &'a Export) -> BoxFuture<'a, Vec<String>> {
-        Box::pin(Engine::changed_candidates(self, export))
+        Box::pin(async move {
+            if let Some(vol) = export.backend.volume() {
+                return match vol.record().last_snapshot {
+                    Some(_) => vec![LAST.to_owned()],
+                    None => Vec::new(),
+                };
+            }
+            Engine::changed_candidates(self, export).await
+        })
     }
 }
+
+/// The dirty-bitmap name of a live volume's last completed snapshot.
+const LAST: &str = "LAST";
 
 /// Bounds on what clients hold of the daemon (`--nbd-max-connections`,
 /// `--nbd-handshake-timeout`).

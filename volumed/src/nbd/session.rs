@@ -388,14 +388,12 @@ fn block_status(
     for (id, context) in contexts {
         let mut extents = match context {
             MetaContext::BaseAllocation => base_allocation(backend.extents(off, len)?),
-            MetaContext::Changed(diff) => diff
-                .runs(off, len)
-                .into_iter()
-                .map(|(len, changed)| BlockExtent {
-                    len,
-                    flags: if changed { STATE_DIRTY } else { 0 },
-                })
-                .collect(),
+            MetaContext::Changed(diff) => dirty_bitmap(diff.runs(off, len)),
+            MetaContext::LiveChanged => match backend.volume() {
+                Some(vol) => dirty_bitmap(vol.changed_runs(off, len)),
+                // Selected only on a volume's export.
+                None => dirty_bitmap(vec![(len, true)]),
+            },
         };
         if one {
             extents.truncate(1);
@@ -464,6 +462,16 @@ fn pieces(read: Vec<ReadPiece>) -> Vec<Piece> {
         .map(|p| match p {
             ReadPiece::Data(d) => Piece::Data(d),
             ReadPiece::Zero(n) => Piece::Zero(n),
+        })
+        .collect()
+}
+
+/// (length, changed) runs as a dirty-bitmap context reports them.
+fn dirty_bitmap(runs: Vec<(u64, bool)>) -> Vec<BlockExtent> {
+    runs.into_iter()
+        .map(|(len, changed)| BlockExtent {
+            len,
+            flags: if changed { STATE_DIRTY } else { 0 },
         })
         .collect()
 }
