@@ -6,11 +6,13 @@
 //! io_uring.
 
 pub mod diff;
+pub mod filter;
 pub mod name;
 pub mod size;
 pub mod types;
 
 pub use diff::*;
+pub use filter::{FilterError, VolumeFilter, validate_tags};
 pub use name::{NameError, VolumeName};
 pub use size::{SizeError, format_size, parse_size};
 pub use types::*;

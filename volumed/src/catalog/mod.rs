@@ -7,6 +7,8 @@
 //! Trees (keys are UTF-8 names; values are JSON documents, see docs/formats.md):
 //! - `volumes`: volume name -> [`VolumeRecord`]
 //! - `snapshots`: snapshot id -> [`SnapshotRecord`] (snapshots this host took)
+//! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
+//!   description set through the AWS endpoint)
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod record;
@@ -14,7 +16,8 @@ mod record;
 use std::path::Path;
 
 pub use record::{
-    AttachmentRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339, unix_now,
+    AttachmentRecord, AwsSnapshotRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339,
+    unix_now,
 };
 use volumed_api::VolumeName;
 
@@ -50,6 +53,7 @@ pub struct Catalog {
     volumes: sled::Tree,
     snapshots: sled::Tree,
     meta: sled::Tree,
+    aws_snapshots: sled::Tree,
 }
 
 impl Catalog {
@@ -75,11 +79,15 @@ impl Catalog {
         let snapshots = db
             .open_tree("snapshots")
             .map_err(sled_err("open tree snapshots"))?;
+        let aws_snapshots = db
+            .open_tree("aws_snapshots")
+            .map_err(sled_err("open tree aws_snapshots"))?;
         let catalog = Catalog {
             db,
             volumes,
             snapshots,
             meta,
+            aws_snapshots,
         };
         catalog.check_format()?;
         Ok(catalog)
@@ -169,6 +177,37 @@ impl Catalog {
                 })
             })
             .collect()
+    }
+
+    pub fn aws_snapshot(&self, id: &str) -> Result<Option<AwsSnapshotRecord>> {
+        let Some(v) = self
+            .aws_snapshots
+            .get(id)
+            .map_err(sled_err("read aws snapshot"))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|source| CatalogError::Corrupt {
+                key: id.to_owned(),
+                source,
+            })
+    }
+
+    pub fn put_aws_snapshot(&self, id: &str, rec: &AwsSnapshotRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("an AwsSnapshotRecord always serializes");
+        self.aws_snapshots
+            .insert(id, value)
+            .map_err(sled_err("write aws snapshot"))?;
+        self.flush()
+    }
+
+    pub fn remove_aws_snapshot(&self, id: &str) -> Result<()> {
+        self.aws_snapshots
+            .remove(id)
+            .map_err(sled_err("remove aws snapshot"))?;
+        self.flush()
     }
 
     /// Whether the previous run ended with [`Catalog::mark_clean_shutdown`].

@@ -19,6 +19,7 @@
 //! record; delete marks the record, removes the files, then the record.
 //! `recovery` finishes or undoes whatever a crash interrupted.
 
+pub(crate) mod aws_attrs;
 pub(crate) mod base;
 pub mod chunk_map;
 pub(crate) mod freeze;
@@ -198,6 +199,18 @@ impl Engine {
     }
 
     pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
+        self.create_with(req, aws_attrs::VolumeAttrs::default())
+            .await
+    }
+
+    /// `create` with the attributes the AWS endpoint and `vol create --tag`
+    /// add (tags, EC2 volume type).
+    pub async fn create_with(
+        &self,
+        req: CreateVolume,
+        attrs: aws_attrs::VolumeAttrs,
+    ) -> Result<Arc<Volume>> {
+        attrs.validate()?;
         let source = match &req.from_snapshot {
             Some(raw) => {
                 let id =
@@ -254,6 +267,7 @@ impl Engine {
         );
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
+        attrs.apply(&mut rec);
         let dir = self.dirs.volume(id);
         let data = DataFile::create(&dir, size, Arc::clone(&self.io))
             .ctx(|| format!("create data files in {}", dir.display()))?;
@@ -288,6 +302,16 @@ impl Engine {
     }
 
     pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
+        self.attach_with(name, req, None).await
+    }
+
+    /// `attach`, recording the device name the attacher gave (EC2's).
+    pub async fn attach_with(
+        &self,
+        name: &VolumeName,
+        req: AttachVolume,
+        device: Option<String>,
+    ) -> Result<Arc<Volume>> {
         if let Some(i) = &req.instance {
             validate::instance(i)?;
         }
@@ -310,6 +334,8 @@ impl Engine {
         rec.attachment = Some(AttachmentRecord {
             instance: req.instance,
             attached_at: unix_now(),
+            device,
+            delete_on_termination: false,
         });
         self.catalog.put_volume(&rec)?;
         vol.set_record(rec);
@@ -475,6 +501,7 @@ impl Engine {
             return Err(Error::SnapshotBusy(id.to_string()));
         }
         self.snapshots.delete(id).await?;
+        self.catalog.remove_aws_snapshot(id.as_str())?;
         let _guard = self.registry.lock().await;
         for vol in self.list() {
             let mut rec = vol.record();

@@ -166,7 +166,7 @@ impl SnapshotCatalog {
     }
 
     /// A snapshot's whole manifest, from the store.
-    async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+    pub(crate) async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         match self.repo.get_manifest(id).await {
             Ok(m) => Ok(m),
             Err(RepoError::MissingManifest(_)) => match self.record(id)? {
