@@ -21,6 +21,14 @@ use crate::nbd::NbdServer;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     prepare_data_dir(&config.data_dir)?;
+    // First: a credentials file others can read stops the daemon before it
+    // touches anything.
+    let aws_credentials = config
+        .aws
+        .as_ref()
+        .map(|c| crate::aws::credentials::Credentials::load(&c.credentials))
+        .transpose()
+        .context("load --aws-credentials")?;
     let root = CancellationToken::new();
 
     // Bind NBD first so the URIs we report carry the real port when the
@@ -65,6 +73,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
         .await?
         .with_limits(config.nbd_limits);
+    let endpoints = Arc::new(endpoints);
+    // Before the control socket: a bad credentials file stops the daemon
+    // before it reports ready.
+    let aws = match (&config.aws, aws_credentials) {
+        (Some(c), Some(creds)) => Some(
+            crate::aws::server::bind(c, creds, Arc::clone(&engine), Arc::clone(&endpoints)).await?,
+        ),
+        _ => None,
+    };
+    let aws_addr = aws.as_ref().map(|a| a.local_addr()).transpose()?;
     let api_listener = api::server::bind(&config.socket).await?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -84,15 +102,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store_fetched_bytes: 0,
         cache_bytes: 0,
         cache_hits: 0,
+        aws_listen: aws_addr.map(|a| a.to_string()),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
         status: Arc::new(status),
-        endpoints: Arc::new(endpoints),
+        endpoints,
     };
 
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, state, root.child_token()));
+    let aws_task = aws.map(|a| tokio::spawn(a.run(root.child_token())));
     info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
           store = %config.store, volumes = engine.list().len(), "volumed ready");
 
@@ -109,6 +129,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("flush volumes at shutdown")?;
     let _ = nbd_task.await;
+    if let Some(t) = aws_task {
+        let _ = t.await;
+    }
     match api_task.await {
         Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
         Err(e) => warn!(error = %e, "control API task failed"),
