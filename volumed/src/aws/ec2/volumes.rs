@@ -220,7 +220,7 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["VolumeId", "Filter", "MaxResults", "NextToken"])?;
     let p = cx.p;
     let ids = p.list("VolumeId")?;
-    let max = max_results(p, 5, 500)?;
+    let max = max_results(p, 5, 1000)?;
     if !ids.is_empty() && max.is_some() {
         return Err(Ec2Error::new(
             "InvalidParameterCombination",
