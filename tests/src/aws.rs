@@ -85,8 +85,10 @@ impl AwsEndpoint {
         let daemon = TestDaemon::start_with_env(&env);
         let st = daemon.vol_json(&["status"]);
         let addr = st["aws_listen"].as_str().expect("aws_listen in status");
+        let tls = extra.iter().any(|(k, _)| *k == "VOLUMED_AWS_TLS_CERT");
+        let scheme = if tls { "https" } else { "http" };
         AwsEndpoint {
-            url: format!("http://{addr}"),
+            url: format!("{scheme}://{addr}"),
             daemon,
             _creds: creds,
             credentials,
