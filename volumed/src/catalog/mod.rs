@@ -58,6 +58,25 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self> {
+        // A handle dropped a moment ago may still hold the file lock while
+        // sled's I/O pool finishes a write (seen when a test reopens at
+        // once); waiting briefly is enough.
+        let mut tries = 0;
+        loop {
+            match Self::open_once(path) {
+                Err(CatalogError::Open {
+                    source: sled::Error::Io(ref e),
+                    ..
+                }) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self> {
         let db = sled::Config::new()
             .path(path)
             // The catalog is small and written rarely; a small cache keeps the

@@ -287,3 +287,36 @@ pub fn checksum(data: &[u8]) -> String {
 pub fn epoch_seconds(t: u64) -> serde_json::Value {
     serde_json::Value::from(t)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_indices_and_ids_are_checked() {
+        assert_eq!(block_index("0"), Ok(0));
+        assert_eq!(block_index("2147483647"), Ok(i32::MAX as u64));
+        for bad in [
+            "",
+            "-1",
+            "1.5",
+            "0x10",
+            "2147483648",
+            "18446744073709551616",
+            " 1",
+        ] {
+            let e = block_index(bad).unwrap_err();
+            assert_eq!(
+                (e.kind, e.reason),
+                ("ValidationException", Some("INVALID_BLOCK")),
+                "{bad:?}"
+            );
+        }
+        assert!(snapshot_id("snap-0123").is_ok());
+        assert!(snapshot_id("snap-../x").is_err());
+        let q = Query::parse("maxResults=50&X-Amz-Date=1").unwrap();
+        assert!(q.number("maxResults", 100, 10_000, 10_000).is_err());
+        assert!(q.only(&["maxResults"]).is_ok());
+        assert!(q.only(&[]).is_err());
+    }
+}
