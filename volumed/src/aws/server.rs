@@ -31,6 +31,8 @@ pub const MAX_BODY: usize = 2 << 20;
 const MAX_CONNECTIONS: usize = 256;
 /// A client must send its request headers within this.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// ... and its body within this (a 512 KiB block at well under 10 KiB/s).
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct AwsServer {
     listener: TcpListener,
@@ -153,12 +155,14 @@ async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
     let query = parts.uri.query().unwrap_or("").to_owned();
     let service = Service::of(&path);
     let request_id = super::request_id();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return refuse(service, &request_id, Refusal::TooLarge);
-        }
-    };
+    // The body must arrive in time too: the header timeout does not cover it.
+    let body =
+        match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            _ => {
+                return refuse(service, &request_id, Refusal::TooLarge);
+            }
+        };
     // hyper gives header names lowercase; a value that is not text cannot
     // be part of a valid signature, and is dropped.
     let headers: Vec<(String, String)> = parts

@@ -251,9 +251,10 @@ fn error_response(e: &EbsError, request_id: &str) -> Response {
 /// An unauthenticated or oversized request, as a JSON service answers it.
 pub fn refusal(request_id: &str, why: Refusal) -> Response {
     let e = match why {
-        Refusal::TooLarge => {
-            EbsError::validation("INVALID_PARAMETER_VALUE", "request body is too large")
-        }
+        Refusal::TooLarge => EbsError::validation(
+            "INVALID_PARAMETER_VALUE",
+            "request body is too large or too slow",
+        ),
         Refusal::Auth(a) => match a {
             AuthError::Missing => EbsError::auth(
                 "MissingAuthenticationTokenException",

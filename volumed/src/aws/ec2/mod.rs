@@ -255,7 +255,7 @@ fn xml_response(status: u16, body: String) -> Response {
 /// An unauthenticated or oversized request, in EC2's words.
 pub fn refusal(request_id: &str, why: Refusal) -> Response {
     let e = match why {
-        Refusal::TooLarge => Ec2Error::invalid_parameter("request body is too large"),
+        Refusal::TooLarge => Ec2Error::invalid_parameter("request body is too large or too slow"),
         Refusal::Auth(a) => match a {
             AuthError::Missing => Ec2Error::new(
                 "AuthFailure",
