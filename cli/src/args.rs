@@ -45,9 +45,33 @@ pub enum Command {
         /// Wait until the restored volume is fully hydrated, showing progress
         #[arg(long, requires = "from_snapshot", conflicts_with = "no_hydrate")]
         wait: bool,
+        /// A tag KEY=VALUE (repeatable), as EC2 tags
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_label)]
+        tags: Vec<(String, String)>,
     },
     /// List volumes
-    List,
+    List {
+        /// Only volumes matching NAME=VALUE[,VALUE...] (repeatable; all must
+        /// match), with EC2's DescribeVolumes filter names: status,
+        /// volume-id, snapshot-id, size (GiB), volume-type, tag:KEY,
+        /// tag-key, attachment.instance-id, attachment.device,
+        /// attachment.status, attachment.delete-on-termination
+        #[arg(long = "filter", value_name = "NAME=VALUE", value_parser = parse_filter)]
+        filters: Vec<volumed_api::VolumeFilter>,
+    },
+    /// Set tags on a volume (replacing the values of keys it has)
+    Tag {
+        name: VolumeName,
+        /// KEY=VALUE
+        #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_label)]
+        tags: Vec<(String, String)>,
+    },
+    /// Remove tags from a volume (keys it does not have are ignored)
+    Untag {
+        name: VolumeName,
+        #[arg(required = true, value_name = "KEY")]
+        keys: Vec<String>,
+    },
     /// Show one volume
     Inspect { name: VolumeName },
     /// Export a volume over NBD and print its URI
@@ -231,6 +255,10 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(format!("label {s:?} is not KEY=VALUE")),
     }
+}
+
+fn parse_filter(s: &str) -> Result<volumed_api::VolumeFilter, String> {
+    volumed_api::VolumeFilter::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {

@@ -70,6 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             chunk_size,
             no_hydrate,
             wait,
+            tags,
         } => {
             volume::create(
                 &client,
@@ -82,11 +83,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     chunk_size,
                     hydrate: no_hydrate.then_some(false),
                 },
+                tags.into_iter().collect(),
                 wait,
             )
             .await
         }
-        Command::List => volume::list(&client, &out).await,
+        Command::List { filters } => volume::list(&client, &out, &filters).await,
+        Command::Tag { name, tags } => {
+            volume::tag(&client, &out, name, tags.into_iter().collect()).await
+        }
+        Command::Untag { name, keys } => volume::untag(&client, &out, name, keys).await,
         Command::Inspect { name } => volume::inspect(&client, &out, name).await,
         Command::Attach { name, instance } => volume::attach(&client, &out, name, instance).await,
         Command::Detach { name } => volume::detach(&client, &out, name).await,

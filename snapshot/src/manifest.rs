@@ -226,7 +226,8 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// A snapshot id: `snap-` and 16 hex digits, unique across hosts sharing a
+/// A snapshot id: `snap-` and 17 hex digits, as EC2's (ids made before
+/// had 16, and still parse), unique across hosts sharing a
 /// store (derived from the time, the process and a counter, hashed).
 ///
 /// Serialized as its plain string; deserializing validates it, so a value
@@ -258,7 +259,7 @@ impl SnapshotId {
             h.update(&host);
         }
         let hex = ChunkHash(*h.finalize().as_bytes()).to_hex();
-        SnapshotId(format!("snap-{}", &hex[..16]))
+        SnapshotId(format!("snap-{}", &hex[..17]))
     }
 
     /// Accepts `snap-` followed by 1 to 64 of `[0-9a-z]`: safe as an object

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod aws;
 pub mod faults;
 pub mod pki;
 pub mod raw;

@@ -111,6 +111,52 @@ pub struct Args {
     /// give a loopback address unless a scraper elsewhere must reach it)
     #[arg(long, env = "VOLUMED_METRICS_LISTEN", value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve the AWS-compatible endpoint (EC2 volume and snapshot actions,
+    /// EBS direct APIs, SigV4) here [default: off]
+    #[arg(
+        long,
+        env = "VOLUMED_AWS_LISTEN",
+        value_name = "ADDR:PORT",
+        requires = "aws_credentials"
+    )]
+    pub aws_listen: Option<SocketAddr>,
+
+    /// AWS credentials file (INI, one or more profiles) whose keys may sign
+    /// requests; refused unless only its owner can read it
+    #[arg(
+        long,
+        env = "VOLUMED_AWS_CREDENTIALS",
+        value_name = "FILE",
+        requires = "aws_listen"
+    )]
+    pub aws_credentials: Option<PathBuf>,
+
+    /// The region requests must be signed for
+    #[arg(
+        long,
+        env = "VOLUMED_AWS_REGION",
+        value_name = "REGION",
+        default_value = "us-east-1"
+    )]
+    pub aws_region: String,
+
+    /// TLS certificate chain (PEM) for the AWS endpoint: it then speaks HTTPS only
+    #[arg(
+        long,
+        env = "VOLUMED_AWS_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["aws_tls_key", "aws_listen"]
+    )]
+    pub aws_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --aws-tls-cert
+    #[arg(
+        long,
+        env = "VOLUMED_AWS_TLS_KEY",
+        value_name = "FILE",
+        requires = "aws_tls_cert"
+    )]
+    pub aws_tls_key: Option<PathBuf>,
 }
 
 /// Settings with every default filled in.
@@ -128,6 +174,8 @@ pub struct Config {
     pub cache_size: u64,
     pub gc_grace: std::time::Duration,
     pub metrics_listen: Option<SocketAddr>,
+    /// The AWS-compatible endpoint, when configured.
+    pub aws: Option<crate::aws::AwsConfig>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -213,7 +261,25 @@ impl Args {
             // clap's `requires` makes one without the other an error.
             _ => None,
         };
+        let aws = match (self.aws_listen, self.aws_credentials) {
+            (Some(listen), Some(credentials)) => Some(crate::aws::AwsConfig {
+                listen,
+                credentials: absolute(credentials)?,
+                region: crate::aws::region(&self.aws_region)?,
+                tls: match (self.aws_tls_cert, self.aws_tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles {
+                        cert: absolute(cert)?,
+                        key: absolute(key)?,
+                        client_ca: None,
+                    }),
+                    _ => None,
+                },
+            }),
+            // clap's `requires` makes one without the other an error.
+            _ => None,
+        };
         Ok(Config {
+            aws,
             nbd_tls,
             socket: absolute(self.socket.unwrap_or_else(|| data_dir.join("volumed.sock")))?,
             nbd_socket: absolute(self.nbd_socket.unwrap_or_else(|| data_dir.join("nbd.sock")))?,
@@ -346,6 +412,38 @@ mod tests {
         assert!(parse(&["--nbd-max-connections", "0"]).is_err());
         assert!(parse(&["--nbd-handshake-timeout", "0s"]).is_err());
         assert!(parse(&["--nbd-handshake-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn aws_endpoint_is_off_unless_configured() {
+        let c = parse(&["--data-dir", "/tmp/x"]).unwrap().resolve().unwrap();
+        assert!(c.aws.is_none());
+        assert!(parse(&["--aws-listen", "127.0.0.1:0"]).is_err());
+        assert!(parse(&["--aws-credentials", "c"]).is_err());
+        let c = parse_env(
+            &["--data-dir", "/tmp/x", "--aws-credentials", "creds"],
+            &[("VOLUMED_AWS_LISTEN", "127.0.0.1:8080")],
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        let aws = c.aws.unwrap();
+        assert_eq!(aws.listen.port(), 8080);
+        assert_eq!(aws.region, "us-east-1");
+        assert!(aws.credentials.is_absolute() && aws.tls.is_none());
+        let bad = parse(&[
+            "--data-dir",
+            "/tmp/x",
+            "--aws-listen",
+            "127.0.0.1:1",
+            "--aws-credentials",
+            "c",
+            "--aws-region",
+            "Bad Region",
+        ])
+        .unwrap()
+        .resolve();
+        assert!(bad.is_err());
     }
 
     #[test]

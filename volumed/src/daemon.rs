@@ -21,6 +21,14 @@ use crate::nbd::NbdServer;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     prepare_data_dir(&config.data_dir)?;
+    // First: a credentials file others can read stops the daemon before it
+    // touches anything.
+    let aws_credentials = config
+        .aws
+        .as_ref()
+        .map(|c| crate::aws::credentials::Credentials::load(&c.credentials))
+        .transpose()
+        .context("load --aws-credentials")?;
     let root = CancellationToken::new();
 
     // Bind NBD first so the URIs we report carry the real port when the
@@ -72,6 +80,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
         .await?
         .with_limits(config.nbd_limits);
+    let endpoints = Arc::new(endpoints);
+    // Before the control socket: a bad credentials file stops the daemon
+    // before it reports ready.
+    let aws = match (&config.aws, aws_credentials) {
+        (Some(c), Some(creds)) => Some(
+            crate::aws::server::bind(c, creds, Arc::clone(&engine), Arc::clone(&endpoints)).await?,
+        ),
+        _ => None,
+    };
+    let aws_addr = aws.as_ref().map(|a| a.local_addr()).transpose()?;
     let api_listener = api::server::bind(&config.socket).await?;
     let status = Status {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -92,11 +110,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache_bytes: 0,
         cache_hits: 0,
         image_tools: crate::image::qemu::tools_version(),
+        aws_listen: aws_addr.map(|a| a.to_string()),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
         status: Arc::new(status),
-        endpoints: Arc::new(endpoints),
+        endpoints,
     };
 
     let metrics_task = match config.metrics_listen {
@@ -107,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));
     let api_task = tokio::spawn(api::serve(api_listener, state, root.child_token()));
+    let aws_task = aws.map(|a| tokio::spawn(a.run(root.child_token())));
     info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
           store = %config.store, volumes = engine.list().len(), "volumed ready");
 
@@ -124,6 +144,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("flush volumes at shutdown")?;
     let _ = nbd_task.await;
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    if let Some(t) = aws_task {
         let _ = t.await;
     }
     match api_task.await {

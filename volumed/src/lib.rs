@@ -8,6 +8,7 @@
 // Public only what another crate uses: the binary (config, daemon) and the
 // benches (the chunk map, the NBD wire format).
 pub(crate) mod api;
+pub mod aws;
 pub(crate) mod catalog;
 pub mod config;
 pub mod daemon;

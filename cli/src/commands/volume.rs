@@ -20,9 +20,14 @@ pub async fn create(
     client: &Client,
     out: &Out,
     req: CreateVolume,
+    tags: std::collections::BTreeMap<String, String>,
     wait: bool,
 ) -> anyhow::Result<()> {
-    let mut v: Volume = client.send(Method::POST, "/v1/volumes", &req).await?;
+    let mut body = serde_json::to_value(&req)?;
+    if !tags.is_empty() {
+        body["tags"] = serde_json::to_value(&tags)?;
+    }
+    let mut v: Volume = client.send(Method::POST, "/v1/volumes", &body).await?;
     if wait {
         v = wait_hydrated(client, out, v).await?;
     }
@@ -84,8 +89,14 @@ async fn wait_hydrated(client: &Client, out: &Out, mut v: Volume) -> anyhow::Res
     Ok(v)
 }
 
-pub async fn list(client: &Client, out: &Out) -> anyhow::Result<()> {
-    let list: VolumeList = client.get("/v1/volumes").await?;
+pub async fn list(
+    client: &Client,
+    out: &Out,
+    filters: &[volumed_api::VolumeFilter],
+) -> anyhow::Result<()> {
+    let mut list: VolumeList = client.get("/v1/volumes").await?;
+    list.volumes
+        .retain(|v| volumed_api::filter::matches_all(filters, v));
     if out.json {
         return Ok(out.json(&list.volumes)?);
     }
@@ -127,6 +138,8 @@ pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Re
     let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
     out.fields(&[
         ("name", v.name.to_string()),
+        ("volume id", v.volume_id.clone()),
+        ("tags", tags_text(&v)),
         (
             "size",
             format!("{} ({} bytes)", format_size(v.size), v.size),
@@ -160,6 +173,16 @@ pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Re
         ("allocated", format_size(v.allocated_bytes)),
         ("created", v.created_at.clone()),
         ("attached", dash(&v.attached_at)),
+        (
+            "device",
+            dash(&v.attachment.as_ref().and_then(|a| a.device.clone())),
+        ),
+        (
+            "delete on termination",
+            v.attachment
+                .as_ref()
+                .map_or("-".into(), |a| a.delete_on_termination.to_string()),
+        ),
     ])?;
     Ok(())
 }
@@ -230,4 +253,49 @@ pub async fn delete(client: &Client, out: &Out, name: VolumeName) -> anyhow::Res
     }
     out.line(format!("deleted volume '{name}'"))?;
     Ok(())
+}
+
+pub async fn tag(
+    client: &Client,
+    out: &Out,
+    name: VolumeName,
+    tags: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let req = volumed_api::TagVolume { tags };
+    let v: Volume = client
+        .send(Method::POST, &format!("{}/tags", path(&name)), &req)
+        .await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    out.line(format!("tagged volume '{}': {}", v.name, tags_text(&v)))?;
+    Ok(())
+}
+
+pub async fn untag(
+    client: &Client,
+    out: &Out,
+    name: VolumeName,
+    keys: Vec<String>,
+) -> anyhow::Result<()> {
+    let req = volumed_api::UntagVolume { keys };
+    let v: Volume = client
+        .send(Method::DELETE, &format!("{}/tags", path(&name)), &req)
+        .await?;
+    if out.json {
+        return Ok(out.json(&v)?);
+    }
+    out.line(format!("volume '{}' tags: {}", v.name, tags_text(&v)))?;
+    Ok(())
+}
+
+fn tags_text(v: &Volume) -> String {
+    if v.tags.is_empty() {
+        return "(none)".into();
+    }
+    v.tags
+        .iter()
+        .map(|(k, val)| format!("{k}={val}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -6,12 +6,14 @@
 //! io_uring.
 
 pub mod diff;
+pub mod filter;
 pub mod job;
 pub mod name;
 pub mod size;
 pub mod types;
 
 pub use diff::*;
+pub use filter::{FilterError, VolumeFilter, validate_tags};
 pub use job::*;
 pub use name::{NameError, VolumeName};
 pub use size::{SizeError, format_size, parse_size};

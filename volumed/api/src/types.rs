@@ -70,6 +70,49 @@ pub struct Volume {
     /// Why it failed (the first failure), else null.
     #[serde(default)]
     pub health_reason: Option<String>,
+    /// The EC2-style id (`vol-` and 17 hex digits), stable for the
+    /// volume's life; a volume created through the AWS endpoint is named by it.
+    #[serde(default)]
+    pub volume_id: String,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// While attached: to what, at which device name, and whether ending
+    /// the instance deletes the volume. Null when available.
+    #[serde(default)]
+    pub attachment: Option<Attachment>,
+    /// EC2 attributes recorded as given (`gp3`, IOPS, MiB/s); they do not
+    /// change how the volume performs.
+    #[serde(default)]
+    pub volume_type: Option<String>,
+    #[serde(default)]
+    pub iops: Option<u64>,
+    #[serde(default)]
+    pub throughput: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub instance: Option<String>,
+    pub device: Option<String>,
+    pub delete_on_termination: bool,
+    /// RFC 3339, UTC.
+    pub attached_at: String,
+}
+
+/// `POST /v1/volumes/{name}/tags`: sets these tags (replacing values of
+/// keys it names).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagVolume {
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
+/// `DELETE /v1/volumes/{name}/tags`: removes these keys (absent ones are
+/// not an error, as with EC2's DeleteTags).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UntagVolume {
+    pub keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -306,6 +349,9 @@ pub struct Status {
     /// images other than raw: their version, or `missing`.
     #[serde(default)]
     pub image_tools: String,
+    /// The AWS-compatible endpoint's address, null when it is off.
+    #[serde(default)]
+    pub aws_listen: Option<String>,
 }
 
 #[cfg(test)]

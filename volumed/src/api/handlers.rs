@@ -53,6 +53,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route(
+            "/v1/volumes/{name}/tags",
+            post(tag_volume).delete(untag_volume),
+        )
         .route("/v1/snapshots", get(list_snapshots))
         .route(
             "/v1/snapshots/{id}",
@@ -143,6 +147,56 @@ pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> Ap
     })
 }
 
+/// A CreateVolume body with optional `tags` (kept out of `CreateVolume`
+/// itself, whose literal other code builds).
+fn create_body(
+    bytes: &Bytes,
+) -> ApiResult<(CreateVolume, std::collections::BTreeMap<String, String>)> {
+    let mut v: serde_json::Value = body(bytes, None)?;
+    let tags = match v.as_object_mut().and_then(|o| o.remove("tags")) {
+        Some(t) => serde_json::from_value(t).map_err(|e| {
+            ApiFailure::new(
+                ErrorCode::InvalidRequest,
+                format!("invalid request body: tags: {e}"),
+            )
+        })?,
+        None => Default::default(),
+    };
+    let req = serde_json::from_value(v).map_err(|e| {
+        ApiFailure::new(
+            ErrorCode::InvalidRequest,
+            format!("invalid request body: {e}"),
+        )
+    })?;
+    Ok((req, tags))
+}
+
+async fn tag_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<volumed_api::Volume>> {
+    let n = name(&raw)?;
+    let req: volumed_api::TagVolume = body(&bytes, None)?;
+    let vol = s.engine.tag_volume(&n, &req.tags, &[]).await?;
+    Ok(Json(s.volume(&vol)))
+}
+
+async fn untag_volume(
+    State(s): State<ApiState>,
+    Path(raw): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<volumed_api::Volume>> {
+    let n = name(&raw)?;
+    let req: volumed_api::UntagVolume = body(&bytes, None)?;
+    let remove: Vec<(String, Option<String>)> = req.keys.into_iter().map(|k| (k, None)).collect();
+    let vol = s
+        .engine
+        .tag_volume(&n, &Default::default(), &remove)
+        .await?;
+    Ok(Json(s.volume(&vol)))
+}
+
 fn name(raw: &str) -> ApiResult<VolumeName> {
     VolumeName::parse(raw).map_err(|reason| {
         Error::InvalidName {
@@ -168,8 +222,12 @@ async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
 }
 
 async fn create_volume(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
-    let req: CreateVolume = body(&bytes, None)?;
-    let vol = s.engine.create(req).await?;
+    let (req, tags) = create_body(&bytes)?;
+    let attrs = crate::engine::aws_attrs::VolumeAttrs {
+        tags,
+        ..Default::default()
+    };
+    let vol = s.engine.create_with(req, attrs, None).await?;
     Ok((StatusCode::CREATED, Json(s.volume(&vol))))
 }
 
@@ -376,6 +434,9 @@ mod tests {
     /// Every request body the API parses, from the same bytes.
     fn parse_all(b: &Bytes) {
         let _ = body::<CreateVolume>(b, None);
+        let _ = create_body(b);
+        let _ = body::<volumed_api::TagVolume>(b, None);
+        let _ = body::<volumed_api::UntagVolume>(b, None);
         let _ = body::<ModifyVolume>(b, None);
         let _ = body::<AttachVolume>(b, Some(AttachVolume::default()));
         let _ = body::<CreateSnapshot>(b, Some(CreateSnapshot::default()));

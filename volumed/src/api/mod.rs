@@ -10,6 +10,8 @@
 //! | DELETE | /v1/volumes/{name} | | 204 |
 //! | POST | /v1/volumes/{name}/attach | AttachVolume (optional) | Volume |
 //! | POST | /v1/volumes/{name}/detach | | Detached |
+//! | POST | /v1/volumes/{name}/tags | TagVolume | Volume |
+//! | DELETE | /v1/volumes/{name}/tags | UntagVolume | Volume |
 //! | POST | /v1/volumes/{name}/snapshots | CreateSnapshot (optional) | 202 Snapshot (pending) |
 //! | GET | /v1/snapshots?volume=NAME | | SnapshotList |
 //! | GET | /v1/snapshots/{id} | | Snapshot (this host's, or any in the store) |

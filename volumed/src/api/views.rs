@@ -74,6 +74,17 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
             None => volumed_api::VolumeHealth::Ok,
         },
         health_reason: vol.failure().map(str::to_owned),
+        volume_id: engine.volume_id(&rec),
+        tags: rec.tags.clone(),
+        attachment: rec.attachment.as_ref().map(|a| volumed_api::Attachment {
+            instance: a.instance.clone(),
+            device: a.device.clone(),
+            delete_on_termination: a.delete_on_termination,
+            attached_at: rfc3339(a.attached_at),
+        }),
+        volume_type: rec.volume_type.clone(),
+        iops: rec.iops,
+        throughput: rec.throughput,
     }
 }
 

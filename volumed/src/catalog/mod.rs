@@ -8,6 +8,8 @@
 //! - `volumes`: volume name -> [`VolumeRecord`]
 //! - `snapshots`: snapshot id -> [`SnapshotRecord`] (snapshots this host took)
 //! - `jobs`: job id -> [`JobRecord`] (imports and exports)
+//! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
+//!   description set through the AWS endpoint)
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod job;
@@ -17,8 +19,8 @@ use std::path::Path;
 
 pub use job::{Checkpoint, JobRecord};
 pub use record::{
-    AttachmentRecord, SnapshotExportRecord, SnapshotRecord, SnapshotState, VolumeRecord, rfc3339,
-    unix_now,
+    AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotState,
+    VolumeRecord, rfc3339, unix_now,
 };
 use volumed_api::VolumeName;
 
@@ -57,10 +59,30 @@ pub struct Catalog {
     snapshot_exports: sled::Tree,
     meta: sled::Tree,
     jobs: sled::Tree,
+    aws_snapshots: sled::Tree,
 }
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Self> {
+        // A handle dropped a moment ago may still hold the file lock while
+        // sled's I/O pool finishes a write (seen when a test reopens at
+        // once); waiting briefly is enough.
+        let mut tries = 0;
+        loop {
+            match Self::open_once(path) {
+                Err(CatalogError::Open {
+                    source: sled::Error::Io(ref e),
+                    ..
+                }) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_once(path: &Path) -> Result<Self> {
         let db = sled::Config::new()
             .path(path)
             // The catalog is small and written rarely; a small cache keeps the
@@ -86,6 +108,9 @@ impl Catalog {
         let snapshot_exports = db
             .open_tree("snapshot_exports")
             .map_err(sled_err("open tree snapshot_exports"))?;
+        let aws_snapshots = db
+            .open_tree("aws_snapshots")
+            .map_err(sled_err("open tree aws_snapshots"))?;
         let catalog = Catalog {
             jobs,
             db,
@@ -93,6 +118,7 @@ impl Catalog {
             snapshots,
             snapshot_exports,
             meta,
+            aws_snapshots,
         };
         catalog.check_format()?;
         Ok(catalog)
@@ -237,6 +263,37 @@ impl Catalog {
                 })
             })
             .collect()
+    }
+
+    pub fn aws_snapshot(&self, id: &str) -> Result<Option<AwsSnapshotRecord>> {
+        let Some(v) = self
+            .aws_snapshots
+            .get(id)
+            .map_err(sled_err("read aws snapshot"))?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|source| CatalogError::Corrupt {
+                key: id.to_owned(),
+                source,
+            })
+    }
+
+    pub fn put_aws_snapshot(&self, id: &str, rec: &AwsSnapshotRecord) -> Result<()> {
+        let value = serde_json::to_vec(rec).expect("an AwsSnapshotRecord always serializes");
+        self.aws_snapshots
+            .insert(id, value)
+            .map_err(sled_err("write aws snapshot"))?;
+        self.flush()
+    }
+
+    pub fn remove_aws_snapshot(&self, id: &str) -> Result<()> {
+        self.aws_snapshots
+            .remove(id)
+            .map_err(sled_err("remove aws snapshot"))?;
+        self.flush()
     }
 
     /// Whether the previous run ended with [`Catalog::mark_clean_shutdown`].

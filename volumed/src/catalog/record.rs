@@ -37,6 +37,20 @@ pub struct VolumeRecord {
     /// `importing`, cannot be attached, and is removed if the job fails.
     #[serde(default)]
     pub importing: Option<String>,
+    /// The EC2-style id (`vol-` and 17 hex digits). Records from before it
+    /// existed have none; theirs is derived from the host and `id` (see
+    /// `Engine::volume_id`), so it is stable all the same.
+    #[serde(default)]
+    pub volume_id: Option<String>,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// EC2 attributes, recorded as given.
+    #[serde(default)]
+    pub volume_type: Option<String>,
+    #[serde(default)]
+    pub iops: Option<u64>,
+    #[serde(default)]
+    pub throughput: Option<u64>,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -64,6 +78,18 @@ pub struct SnapshotRecord {
     pub seq: u64,
 }
 
+/// What the AWS endpoint keeps about a snapshot beyond its manifest, whose
+/// labels cannot change: EC2 tags, description and source volume id.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AwsSnapshotRecord {
+    #[serde(default)]
+    pub volume_id: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub tags: std::collections::BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotState {
@@ -76,6 +102,12 @@ pub enum SnapshotState {
 pub struct AttachmentRecord {
     pub instance: Option<String>,
     pub attached_at: u64,
+    /// The device name the attacher gave (EC2's `/dev/sdf`).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Ending the instance (EC2 TerminateInstances) deletes the volume.
+    #[serde(default)]
+    pub delete_on_termination: bool,
 }
 
 /// A snapshot exported read-only over NBD by `vol snapshot attach`: opened
@@ -110,6 +142,11 @@ impl VolumeRecord {
             hydrate: false,
             hydrated: false,
             importing: None,
+            volume_id: None,
+            tags: Default::default(),
+            volume_type: None,
+            iops: None,
+            throughput: None,
         }
     }
 }

@@ -20,6 +20,7 @@
 //! record; delete marks the record, removes the files, then the record.
 //! `recovery` finishes or undoes whatever a crash interrupted.
 
+pub(crate) mod aws_attrs;
 pub(crate) mod base;
 pub mod chunk_map;
 mod export;
@@ -358,17 +359,21 @@ impl Engine {
     }
 
     pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
-        self.create_with(req, None).await
+        self.create_with(req, aws_attrs::VolumeAttrs::default(), None)
+            .await
     }
 
-    /// `create`, for an import job's volume when `importing` names the job:
-    /// recorded `importing` from the start, so it is never `available`
-    /// half filled.
-    async fn create_with(
+    /// `create` with the attributes the AWS endpoint and `vol create --tag`
+    /// add (tags, EC2 volume type), and for an import job's volume when
+    /// `importing` names the job: recorded `importing` from the start, so
+    /// it is never `available` half filled.
+    pub async fn create_with(
         &self,
         req: CreateVolume,
+        attrs: aws_attrs::VolumeAttrs,
         importing: Option<String>,
     ) -> Result<Arc<Volume>> {
+        attrs.validate()?;
         let source = match &req.from_snapshot {
             Some(raw) => {
                 let id =
@@ -426,6 +431,7 @@ impl Engine {
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
         rec.importing = importing;
+        attrs.apply(&mut rec);
         let dir = self.dirs.volume(id);
         let data = DataFile::create(&dir, size, Arc::clone(&self.io))
             .ctx(|| format!("create data files in {}", dir.display()))?;
@@ -460,6 +466,16 @@ impl Engine {
     }
 
     pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
+        self.attach_with(name, req, None).await
+    }
+
+    /// `attach`, recording the device name the attacher gave (EC2's).
+    pub async fn attach_with(
+        &self,
+        name: &VolumeName,
+        req: AttachVolume,
+        device: Option<String>,
+    ) -> Result<Arc<Volume>> {
         if let Some(i) = &req.instance {
             validate::instance(i)?;
         }
@@ -483,6 +499,8 @@ impl Engine {
         rec.attachment = Some(AttachmentRecord {
             instance: req.instance,
             attached_at: unix_now(),
+            device,
+            delete_on_termination: false,
         });
         self.catalog.put_volume(&rec)?;
         vol.set_record(rec);
@@ -654,6 +672,7 @@ impl Engine {
             return Err(Error::SnapshotAttached(id.to_string()));
         }
         self.snapshots.delete(id).await?;
+        self.catalog.remove_aws_snapshot(id.as_str())?;
         let _guard = self.registry.lock().await;
         for vol in self.list() {
             let mut rec = vol.record();
@@ -831,7 +850,10 @@ impl Engine {
                 chunk_size: req.chunk_size,
                 hydrate: None,
             };
-            match self.create_with(create, Some(id.clone())).await {
+            match self
+                .create_with(create, aws_attrs::VolumeAttrs::default(), Some(id.clone()))
+                .await
+            {
                 Ok(v) => vols.push(v),
                 Err(e) => {
                     let _guard = self.registry.lock().await;

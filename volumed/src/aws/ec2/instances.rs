@@ -1,0 +1,133 @@
+//! The two instance actions that concern volumes: ModifyInstanceAttribute
+//! with `BlockDeviceMapping.N.Ebs.DeleteOnTermination`, and
+//! TerminateInstances, which detaches every volume attached to the
+//! instance and deletes those marked DeleteOnTermination (ephemeral
+//! volumes go at detach anyway). An instance exists here exactly while
+//! some volume is attached to it.
+
+use std::sync::Arc;
+
+use super::volumes::instance_id;
+use super::xml::Xml;
+use super::{Cx, Ec2Error, Ec2Result};
+use crate::aws::AwsState;
+use crate::engine::Volume;
+
+/// The volumes attached to `instance`.
+fn attached_to(state: &AwsState, instance: &str) -> Vec<Arc<Volume>> {
+    state
+        .engine
+        .list()
+        .into_iter()
+        .filter(|v| {
+            v.record()
+                .attachment
+                .is_some_and(|a| a.instance.as_deref() == Some(instance))
+        })
+        .collect()
+}
+
+fn not_found(id: &str) -> Ec2Error {
+    Ec2Error::new(
+        "InvalidInstanceID.NotFound",
+        format!("The instance ID '{id}' does not exist"),
+    )
+}
+
+pub async fn modify_attribute(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["InstanceId", "BlockDeviceMapping"])?;
+    let instance = instance_id(cx.p.required("InstanceId")?)?;
+    let mappings = cx.p.block_device_mappings()?;
+    if mappings.is_empty() {
+        return Err(Ec2Error::new(
+            "UnsupportedOperation",
+            "Only BlockDeviceMapping.N.Ebs.DeleteOnTermination can be modified here",
+        ));
+    }
+    let vols = attached_to(cx.state, instance);
+    if vols.is_empty() {
+        return Err(not_found(instance));
+    }
+    // Every device is found before any volume changes.
+    let mut plan = Vec::with_capacity(mappings.len());
+    for (device, dot) in &mappings {
+        let vol = vols
+            .iter()
+            .find(|v| {
+                v.record()
+                    .attachment
+                    .is_some_and(|a| a.device.as_deref() == Some(device.as_str()))
+            })
+            .ok_or_else(|| {
+                Ec2Error::new(
+                    "InvalidInstanceAttributeValue",
+                    format!("No device is currently mapped at {device}"),
+                )
+            })?;
+        let dot = dot.ok_or_else(|| {
+            Ec2Error::missing(&format!(
+                "BlockDeviceMapping.N.Ebs.DeleteOnTermination for {device}"
+            ))
+        })?;
+        plan.push((vol.record().name.clone(), dot));
+    }
+    for (name, dot) in plan {
+        cx.state
+            .engine
+            .set_delete_on_termination(&name, dot)
+            .await?;
+    }
+    let mut x = Xml::response("ModifyInstanceAttribute", cx.rid);
+    x.elem("return", true);
+    Ok(x.finish("ModifyInstanceAttribute"))
+}
+
+pub async fn terminate(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["InstanceId"])?;
+    let ids = cx.p.list("InstanceId")?;
+    if ids.is_empty() {
+        return Err(Ec2Error::missing("InstanceId"));
+    }
+    let mut plan = Vec::with_capacity(ids.len());
+    for id in &ids {
+        instance_id(id)?;
+        let vols = attached_to(cx.state, id);
+        if vols.is_empty() {
+            return Err(not_found(id));
+        }
+        plan.push((id.clone(), vols));
+    }
+    let engine = &cx.state.engine;
+    for (id, vols) in &plan {
+        for vol in vols {
+            let rec = vol.record();
+            let dot = rec
+                .attachment
+                .as_ref()
+                .is_some_and(|a| a.delete_on_termination);
+            let (_, deleted) = engine.detach(&rec.name).await?;
+            if dot && !deleted {
+                engine.delete(&rec.name).await?;
+            }
+            tracing::info!(instance = %id, volume = %rec.name, deleted = dot || deleted,
+                           "instance terminated: volume detached");
+        }
+    }
+    let mut x = Xml::response("TerminateInstances", cx.rid);
+    x.open("instancesSet");
+    for (id, _) in &plan {
+        x.open("item")
+            .elem("instanceId", id)
+            .open("currentState")
+            .elem("code", 32)
+            .elem("name", "shutting-down")
+            .close("currentState")
+            .open("previousState")
+            .elem("code", 16)
+            .elem("name", "running")
+            .close("previousState")
+            .close("item");
+    }
+    x.close("instancesSet");
+    Ok(x.finish("TerminateInstances"))
+}

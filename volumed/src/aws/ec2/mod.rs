@@ -1,0 +1,329 @@
+//! The EC2 Query API: `Action=...&Version=2016-11-15` as a form body or a
+//! query string, answered in EC2's XML. One routing table from action name
+//! to handler; unknown actions get `InvalidAction`.
+//!
+//! - `params`: the flattened parameters (`X.N`, `Filter.N.Name`);
+//! - `xml`: the answer and error documents;
+//! - `volumes`, `snapshots`, `tags`, `instances`: the actions.
+
+pub mod instances;
+pub mod params;
+pub mod snapshots;
+pub mod tags;
+pub mod volumes;
+pub mod xml;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use super::server::Refusal;
+use super::sigv4::AuthError;
+use super::{AwsState, Request, Response};
+use crate::error::Error;
+use params::Params;
+
+/// The API version we answer as; requests may name it or omit it.
+pub const VERSION: &str = "2016-11-15";
+
+/// An EC2 error: its code, message and HTTP status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ec2Error {
+    pub code: &'static str,
+    pub message: String,
+    pub status: u16,
+}
+
+impl Ec2Error {
+    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+        let status = match code {
+            "AuthFailure" | "SignatureDoesNotMatch" | "IncompleteSignature" => 401,
+            "InternalError" => 500,
+            "Unavailable" => 503,
+            _ => 400,
+        };
+        Ec2Error {
+            code,
+            message: message.into(),
+            status,
+        }
+    }
+
+    pub fn missing(name: &str) -> Self {
+        Ec2Error::new(
+            "MissingParameter",
+            format!("The request must contain the parameter {name}"),
+        )
+    }
+
+    pub fn invalid_parameter(message: impl Into<String>) -> Self {
+        Ec2Error::new("InvalidParameterValue", message)
+    }
+
+    pub fn invalid_value(name: &str, value: &str, why: &str) -> Self {
+        Ec2Error::new(
+            "InvalidParameterValue",
+            format!("Value ({value}) for parameter {name} is invalid. {why}"),
+        )
+    }
+
+    pub fn volume_not_found(id: &str) -> Self {
+        Ec2Error::new(
+            "InvalidVolume.NotFound",
+            format!("The volume '{id}' does not exist."),
+        )
+    }
+
+    pub fn snapshot_not_found(id: &str) -> Self {
+        Ec2Error::new(
+            "InvalidSnapshot.NotFound",
+            format!("The snapshot '{id}' does not exist."),
+        )
+    }
+}
+
+/// The engine's errors in EC2's words.
+impl From<Error> for Ec2Error {
+    fn from(e: Error) -> Self {
+        let msg = e.to_string();
+        let code = match &e {
+            Error::VolumeNotFound(_) => "InvalidVolume.NotFound",
+            Error::SnapshotNotFound(_) => "InvalidSnapshot.NotFound",
+            Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => "VolumeInUse",
+            Error::VolumeNotAttached(_)
+            | Error::SnapshotInProgress(..)
+            | Error::VolumeFailed(..)
+            | Error::SnapshotBusy(_) => "IncorrectState",
+            Error::VolumeExists(_) => "InvalidParameterValue",
+            // A snapshot attached read-only, or a volume an import is
+            // still filling: not in a state for the call.
+            Error::SnapshotAttached(_)
+            | Error::SnapshotNotAttached(_)
+            | Error::VolumeImporting(..) => "IncorrectState",
+            Error::JobNotFound(_) => "InvalidParameterValue",
+            Error::Image(_) => "InvalidParameterValue",
+            Error::InvalidRequest(_)
+            | Error::InvalidName { .. }
+            | Error::InvalidSize(_)
+            | Error::InvalidLabel(..) => "InvalidParameterValue",
+            Error::ShuttingDown | Error::Store { .. } => "Unavailable",
+            Error::Catalog(_) | Error::Io { .. } => {
+                tracing::error!(error = %msg, "EC2 request failed");
+                "InternalError"
+            }
+        };
+        Ec2Error::new(code, msg)
+    }
+}
+
+pub type Ec2Result<T> = Result<T, Ec2Error>;
+
+/// Routes one authenticated request to its action.
+pub async fn handle(state: &AwsState, req: Request) -> Response {
+    let rid = req.request_id.clone();
+    let result = dispatch(state, &req).await;
+    match result {
+        Ok(body) => xml_response(200, body),
+        Err(e) => {
+            tracing::info!(request_id = rid, code = e.code, message = %e.message, "EC2 request failed");
+            xml_response(e.status, xml::error(e.code, &e.message, &rid))
+        }
+    }
+}
+
+async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
+    if req.path != "/" {
+        return Err(Ec2Error::new(
+            "InvalidAction",
+            format!("no EC2 API at path {}", req.path),
+        ));
+    }
+    let form: &[u8] = if req.method == hyper::Method::POST {
+        &req.body
+    } else {
+        &[]
+    };
+    let p = Params::parse(&req.query, form)?;
+    let action = p.required("Action")?.to_owned();
+    if let Some(v) = p.get("Version")
+        && v != VERSION
+    {
+        return Err(Ec2Error::invalid_value(
+            "Version",
+            v,
+            "this endpoint speaks 2016-11-15",
+        ));
+    }
+    if p.bool("DryRun")? == Some(true) {
+        return Err(Ec2Error::new(
+            "DryRunOperation",
+            "Request would have succeeded, but DryRun flag is set.",
+        ));
+    }
+    let rid = req.request_id.as_str();
+    let cx = Cx { state, p: &p, rid };
+    match action.as_str() {
+        "CreateVolume" => volumes::create(cx).await,
+        "DescribeVolumes" => volumes::describe(cx).await,
+        "ModifyVolume" => volumes::modify(cx).await,
+        "DeleteVolume" => volumes::delete(cx).await,
+        "AttachVolume" => volumes::attach(cx).await,
+        "DetachVolume" => volumes::detach(cx).await,
+        "CreateSnapshot" => snapshots::create(cx).await,
+        "DescribeSnapshots" => snapshots::describe(cx).await,
+        "DeleteSnapshot" => snapshots::delete(cx).await,
+        "CreateTags" => tags::create(cx).await,
+        "DeleteTags" => tags::delete(cx).await,
+        "DescribeTags" => tags::describe(cx).await,
+        "ModifyInstanceAttribute" => instances::modify_attribute(cx).await,
+        "TerminateInstances" => instances::terminate(cx).await,
+        other => Err(Ec2Error::new(
+            "InvalidAction",
+            format!("The action {other} is not valid for this web service."),
+        )),
+    }
+}
+
+/// What every action gets.
+#[derive(Clone, Copy)]
+pub struct Cx<'a> {
+    pub state: &'a AwsState,
+    pub p: &'a Params,
+    pub rid: &'a str,
+}
+
+impl Cx<'_> {
+    /// Refuses parameters the action does not know, besides the common ones.
+    pub fn only(&self, known: &[&str]) -> Ec2Result<()> {
+        let mut all = vec!["Action", "Version", "DryRun"];
+        all.extend_from_slice(known);
+        match self.p.unknown(&all) {
+            Some(k) => Err(Ec2Error::new(
+                "UnknownParameter",
+                format!("The parameter {k} is not recognized"),
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
+/// MaxResults within `min..=max`, if given.
+pub fn max_results(p: &Params, min: u64, max: u64) -> Ec2Result<Option<usize>> {
+    match p.u64("MaxResults")? {
+        None => Ok(None),
+        Some(n) if (min..=max).contains(&n) => Ok(usize::try_from(n).ok()),
+        Some(n) => Err(Ec2Error::invalid_value(
+            "MaxResults",
+            &n.to_string(),
+            &format!("Expecting a value from {min} to {max}."),
+        )),
+    }
+}
+
+/// One page of `items` (sorted by `key`) after `token` (the key of the last
+/// item of the page before); returns the page and the next token.
+pub fn page<T>(
+    items: Vec<T>,
+    key: impl Fn(&T) -> &str,
+    token: Option<&str>,
+    max: Option<usize>,
+) -> Ec2Result<(Vec<T>, Option<String>)> {
+    let start = match token {
+        None => 0,
+        Some(t) => {
+            if t.is_empty() || t.len() > 512 {
+                return Err(Ec2Error::invalid_value(
+                    "NextToken",
+                    t,
+                    "Invalid NextToken.",
+                ));
+            }
+            items.partition_point(|i| key(i) <= t)
+        }
+    };
+    let mut rest: Vec<T> = items.into_iter().skip(start).collect();
+    let next = match max {
+        Some(m) if rest.len() > m => {
+            rest.truncate(m);
+            rest.last().map(|i| key(i).to_owned())
+        }
+        _ => None,
+    };
+    Ok((rest, next))
+}
+
+fn xml_response(status: u16, body: String) -> Response {
+    hyper::Response::builder()
+        .status(status)
+        .header("content-type", "text/xml;charset=UTF-8")
+        .body(Full::new(Bytes::from(body)))
+        .expect("a static status and header always build")
+}
+
+/// An unauthenticated or oversized request, in EC2's words.
+pub fn refusal(request_id: &str, why: Refusal) -> Response {
+    let e = match why {
+        Refusal::TooLarge => Ec2Error::invalid_parameter("request body is too large or too slow"),
+        Refusal::Auth(a) => match a {
+            AuthError::Missing => Ec2Error::new(
+                "AuthFailure",
+                "AWS was not able to validate the provided access credentials: the request is not signed",
+            ),
+            AuthError::UnknownKey(_) => Ec2Error::new(
+                "AuthFailure",
+                "AWS was not able to validate the provided access credentials",
+            ),
+            AuthError::Malformed(m) => Ec2Error::new("IncompleteSignature", m),
+            AuthError::Expired(m) => Ec2Error::new("RequestExpired", m),
+            e @ (AuthError::Scope(_) | AuthError::Mismatch | AuthError::PayloadHash) => {
+                Ec2Error::new("SignatureDoesNotMatch", e.to_string())
+            }
+        },
+    };
+    xml_response(e.status, xml::error(e.code, &e.message, request_id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_cover_everything_once() {
+        let items: Vec<String> = (0..23).map(|i| format!("vol-{i:02}")).collect();
+        let mut token: Option<String> = None;
+        let mut seen = Vec::new();
+        loop {
+            let (p, next) = page(items.clone(), |s| s.as_str(), token.as_deref(), Some(5)).unwrap();
+            assert!(p.len() <= 5);
+            seen.extend(p);
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        assert_eq!(seen, items);
+        let (all, next) = page(items.clone(), |s| s.as_str(), None, None).unwrap();
+        assert_eq!((all.len(), next), (23, None));
+        assert!(page(items, |s| s.as_str(), Some(""), None).is_err());
+    }
+
+    #[test]
+    fn engine_errors_map_to_ec2_codes() {
+        let n = volumed_api::VolumeName::parse("v").unwrap();
+        assert_eq!(
+            Ec2Error::from(Error::VolumeNotFound(n.clone())).code,
+            "InvalidVolume.NotFound"
+        );
+        assert_eq!(
+            Ec2Error::from(Error::VolumeAttached(n.clone())).code,
+            "VolumeInUse"
+        );
+        assert_eq!(
+            Ec2Error::from(Error::VolumeNotAttached(n)).code,
+            "IncorrectState"
+        );
+        assert_eq!(
+            Ec2Error::from(Error::InvalidSize("x".into())).code,
+            "InvalidParameterValue"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! The AWS-compatible endpoint (`--aws-listen`): the EC2 Query API's volume,
+//! snapshot, tag and instance-attachment actions, and the EBS direct APIs,
+//! so `aws`, boto3, Terraform's EC2 resources and coldsnap work against
+//! volumed unchanged. See docs/aws-api.md for what is served.
+//!
+//! - `server`: the HTTP listener (plain or TLS), one request at a time per
+//!   connection, bodies bounded;
+//! - `credentials` and `sigv4`: who may call, checked on every request
+//!   before anything else reads it;
+//! - `ec2`: `POST /` (or `GET /?Action=`) with form parameters, XML answers;
+//! - `ebs`: REST/JSON under `/snapshots`.
+//!
+//! Architecture invariant: this module only translates. Every rule about
+//! volumes and snapshots is the engine's, reached through the same methods
+//! the control API calls.
+
+pub mod credentials;
+pub mod ebs;
+pub mod ec2;
+pub mod server;
+pub mod sigv4;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::api::views::NbdEndpoints;
+use crate::engine::Engine;
+use crate::nbd::tls::TlsFiles;
+use credentials::Credentials;
+
+/// The endpoint's settings from the command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsConfig {
+    pub listen: SocketAddr,
+    pub credentials: PathBuf,
+    pub region: String,
+    /// When set, the endpoint speaks HTTPS only.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The account id every resource reports as its owner, and `self` means.
+pub const OWNER_ID: &str = "000000000000";
+/// The availability zone volumes report: one host is one zone.
+pub fn availability_zone(region: &str) -> String {
+    format!("{region}a")
+}
+
+/// A region name as AWS spells them: lowercase letters, digits and dashes.
+pub fn region(s: &str) -> anyhow::Result<String> {
+    let ok = (1..=32).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !ok {
+        anyhow::bail!("invalid --aws-region {s:?}: expected lowercase letters, digits and dashes");
+    }
+    Ok(s.to_owned())
+}
+
+/// What every request handler shares.
+pub struct AwsState {
+    pub engine: Arc<Engine>,
+    pub endpoints: Arc<NbdEndpoints>,
+    pub credentials: Credentials,
+    pub region: String,
+    pub uploads: ebs::write::Uploads,
+}
+
+pub type Response = hyper::Response<Full<Bytes>>;
+
+/// A request as the handlers see it, after its signature was verified.
+pub struct Request {
+    pub method: hyper::Method,
+    pub path: String,
+    pub query: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+    pub request_id: String,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Which API a path belongs to, and so the service name it is signed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Ec2,
+    Ebs,
+}
+
+impl Service {
+    pub fn of(path: &str) -> Service {
+        if path == "/snapshots" || path.starts_with("/snapshots/") {
+            Service::Ebs
+        } else {
+            Service::Ec2
+        }
+    }
+
+    pub fn signing_name(self) -> &'static str {
+        match self {
+            Service::Ec2 => "ec2",
+            Service::Ebs => "ebs",
+        }
+    }
+}
+
+/// A request id in AWS's shape (a UUID), unique enough to find a request
+/// in the log.
+pub fn request_id() -> String {
+    let h = snapshot::ChunkHash::of(snapshot::SnapshotId::generate().as_str().as_bytes()).to_hex();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// Seconds since the Unix epoch as EC2 writes times: ISO 8601 with
+/// milliseconds, UTC.
+pub fn iso8601(secs: u64) -> String {
+    let t = i64::try_from(secs).unwrap_or(i64::MAX);
+    let (days, rem) = (t.div_euclid(86400), t.rem_euclid(86400));
+    let (y, m, d) = sigv4::civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.000Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// RFC 3339 as the control API and manifests write it, to Unix seconds.
+pub fn parse_rfc3339(s: &str) -> Option<u64> {
+    humantime::parse_rfc3339(s)
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_secs())
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_ids() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso8601(1_440_938_160), "2015-08-30T12:36:00.000Z");
+        assert_eq!(parse_rfc3339("2015-08-30T12:36:00Z"), Some(1_440_938_160));
+        assert_eq!(request_id().len(), 36);
+        assert!(region("us-east-1").is_ok());
+        assert!(region("US").is_err() && region("").is_err());
+        assert_eq!(Service::of("/snapshots/snap-1/blocks"), Service::Ebs);
+        assert_eq!(Service::of("/snapshots"), Service::Ebs);
+        assert_eq!(Service::of("/"), Service::Ec2);
+        assert_eq!(Service::of("/snapshotsx"), Service::Ec2);
+    }
+}
