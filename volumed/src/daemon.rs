@@ -20,6 +20,11 @@ use crate::engine::Engine;
 use crate::nbd::NbdServer;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Before anything can answer: a SIGTERM that arrives once the control
+    // socket or an NBD listener is up is a clean shutdown, never the
+    // default action (tokio keeps a signal that came before the select).
+    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     prepare_data_dir(&config.data_dir)?;
     // First: a credentials file others can read stops the daemon before it
     // touches anything.
@@ -130,8 +135,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
           store = %config.store, volumes = engine.list().len(), "volumed ready");
 
-    let mut term = signal(SignalKind::terminate()).context("install SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("install SIGINT handler")?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: shutting down"),
         _ = int.recv() => info!("SIGINT: shutting down"),
