@@ -150,9 +150,17 @@ print(len(h.pread(4096, 0)))
         ["EPERM", "EPERM", "EPERM", "4096"]
     );
 
-    // The live volume keeps changing; the export is B's bytes.
+    // The live volume keeps being written while the export is read; the
+    // export is B's bytes.
     qemu_io(&live, &["write -P 0x09 0 8M"]);
+    let mut writer = Command::new("fio")
+        .args(["--name=live", "--ioengine=nbd", &format!("--uri={live}")])
+        .args(["--rw=randwrite", "--bs=64k", "--iodepth=4", "--size=64M"])
+        .args(["--time_based", "--runtime=3", "--output=/dev/null"])
+        .spawn()
+        .unwrap();
     let exported = nbdcopy(&uri, &d.dir.path().join("b.img"));
+    assert!(writer.wait().unwrap().success());
     assert!(
         exported == at_b,
         "the export is not the volume's bytes at B"
