@@ -132,10 +132,16 @@ pub fn one_line(program: &str, stderr: &[u8]) -> String {
         .to_owned()
 }
 
-/// `qemu-img info --output=json` of the image, bounded.
-pub async fn info(spec: &ImageSpec) -> Result<Value, QemuError> {
+/// Runs `qemu-img SUBCOMMAND --output=json` on the image under the
+/// address-space limit, `cpu_secs` of CPU and a wall-clock `deadline`.
+async fn qemu_img_json(
+    subcommand: &str,
+    spec: &ImageSpec,
+    cpu_secs: u64,
+    deadline: Duration,
+) -> Result<std::process::Output, QemuError> {
     const P: &str = "qemu-img";
-    let mut args: Vec<String> = vec!["info".into(), "--output=json".into()];
+    let mut args: Vec<String> = vec![subcommand.into(), "--output=json".into()];
     args.extend(spec.args("-f"));
     let mut cmd = Command::new(P);
     cmd.args(&args)
@@ -143,15 +149,21 @@ pub async fn info(spec: &ImageSpec) -> Result<Value, QemuError> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    limit(&mut cmd, INFO_ADDRESS_SPACE, INFO_CPU_SECS);
+    limit(&mut cmd, INFO_ADDRESS_SPACE, cpu_secs);
     let child = cmd.spawn().map_err(spawn_error(P, spec.format))?;
-    let out = tokio::time::timeout(INFO_DEADLINE, child.wait_with_output())
+    tokio::time::timeout(deadline, child.wait_with_output())
         .await
         .map_err(|_| QemuError::Timeout {
             program: P,
-            secs: INFO_DEADLINE.as_secs(),
+            secs: deadline.as_secs(),
         })?
-        .map_err(|source| QemuError::Io { program: P, source })?;
+        .map_err(|source| QemuError::Io { program: P, source })
+}
+
+/// `qemu-img info --output=json` of the image, bounded.
+pub async fn info(spec: &ImageSpec) -> Result<Value, QemuError> {
+    const P: &str = "qemu-img";
+    let out = qemu_img_json("info", spec, INFO_CPU_SECS, INFO_DEADLINE).await?;
     if !out.status.success() {
         return Err(QemuError::Failed {
             program: P,
@@ -174,23 +186,7 @@ const CHECK_DEADLINE: Duration = Duration::from_secs(120);
 /// check sees that its tables point beyond it. Leaked clusters are fine.
 pub async fn check(spec: &ImageSpec) -> Result<(), QemuError> {
     const P: &str = "qemu-img";
-    let mut args: Vec<String> = vec!["check".into(), "--output=json".into()];
-    args.extend(spec.args("-f"));
-    let mut cmd = Command::new(P);
-    cmd.args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    limit(&mut cmd, INFO_ADDRESS_SPACE, CHECK_CPU_SECS);
-    let child = cmd.spawn().map_err(spawn_error(P, spec.format))?;
-    let out = tokio::time::timeout(CHECK_DEADLINE, child.wait_with_output())
-        .await
-        .map_err(|_| QemuError::Timeout {
-            program: P,
-            secs: CHECK_DEADLINE.as_secs(),
-        })?
-        .map_err(|source| QemuError::Io { program: P, source })?;
+    let out = qemu_img_json("check", spec, CHECK_CPU_SECS, CHECK_DEADLINE).await?;
     // 0: clean; 3: leaked clusters only; 63: this format has no check.
     match out.status.code() {
         Some(0 | 3 | 63) => Ok(()),

@@ -300,19 +300,17 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
             .await;
         return;
     };
+    use metrics::Op;
     let timing: Timing = (op, metrics::start());
     if let Some(vol) = backend.volume() {
         let moved = match op {
-            metrics::Op::Read
-            | metrics::Op::Write
-            | metrics::Op::Trim
-            | metrics::Op::WriteZeroes => len,
+            Op::Read | Op::Write | Op::Trim | Op::WriteZeroes => len,
             _ => 0,
         };
         vol.stats.record(op, moved);
     }
-    match req.command {
-        Command::Read => {
+    match op {
+        Op::Read => {
             let df = req.flags & CMD_FLAG_DF != 0;
             ctx.spawn(req, permit, timing, async move {
                 match backend.read(off, len).await {
@@ -325,7 +323,7 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
                 }
             });
         }
-        Command::Write | Command::WriteZeroes | Command::Trim => {
+        Op::Write | Op::WriteZeroes | Op::Trim => {
             // Validation refuses these on a read-only export; this is the
             // second lock on the same door.
             let Some(vol) = backend.volume().cloned() else {
@@ -350,28 +348,24 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
                 }
             });
         }
-        Command::Flush => ctx.spawn(req, permit, timing, async move {
+        Op::Flush => ctx.spawn(req, permit, timing, async move {
             match backend.flush().await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "flush", &req, &e),
             }
         }),
-        Command::Cache => ctx.spawn(req, permit, timing, async move {
+        Op::Cache => ctx.spawn(req, permit, timing, async move {
             match backend.cache(off, len).await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "cache", &req, &e),
             }
         }),
-        Command::BlockStatus => {
+        Op::BlockStatus => {
             let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             let body = block_status(&backend, &ctx.contexts, off, len, one)
                 .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e));
             metrics::finish(timing.0, timing.1);
             ctx.reply_now(req.cookie, body, permit).await;
-        }
-        Command::Disc | Command::Unknown(_) => {
-            ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)
-                .await;
         }
     }
 }
