@@ -115,14 +115,29 @@ impl Client {
     ) -> Result<(), ClientError> {
         let bytes =
             Bytes::from(serde_json::to_vec(body).map_err(|e| ClientError::Http(e.to_string()))?);
+        self.stream(Method::POST, path, bytes, &mut sink).await
+    }
+
+    /// GETs a streamed answer (NDJSON events) and hands it to `sink` as it
+    /// arrives.
+    pub async fn get_stream(
+        &self,
+        path: &str,
+        mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
+        self.stream(Method::GET, path, Bytes::new(), &mut sink)
+            .await
+    }
+
+    async fn stream(
+        &self,
+        method: Method,
+        path: &str,
+        bytes: Bytes,
+        sink: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), ClientError> {
         let resp = self
-            .response(
-                Method::POST,
-                path,
-                None,
-                "application/json",
-                Full::new(bytes),
-            )
+            .response(method, path, None, "application/json", Full::new(bytes))
             .await?;
         let status = resp.status();
         let mut body = resp.into_body();

@@ -16,6 +16,7 @@ fn main() -> std::process::ExitCode {
     // user unless a step says otherwise.
     // SAFETY: umask only swaps the process's file-mode mask; it cannot fail.
     unsafe { libc::umask(0o077) };
+    keep_io_buffers();
 
     let config = match Args::from_process().resolve() {
         Ok(c) => c,
@@ -41,5 +42,20 @@ fn main() -> std::process::ExitCode {
             eprintln!("volumed: error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// Request buffers (up to the 32 MiB NBD payload, chunk-sized for imports)
+/// come from malloc's arenas, and up to 16 MiB freed at an arena's top
+/// stays there: with glibc's defaults many are fresh mmaps, so each 4 KiB
+/// of a bulk write paid a page fault and the kernel's zeroing (a tenth of
+/// an import's CPU).
+fn keep_io_buffers() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters, before any thread is
+    // started; a refused value (returns 0) leaves the default.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }

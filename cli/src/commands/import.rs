@@ -13,7 +13,9 @@ use volumed_api::{ImportRequest, Job, JobState, Volume, VolumeList, format_size}
 use crate::client::Client;
 use crate::output::Out;
 
-/// How often a waiting `vol` asks for the job's progress.
+/// How often a waiting `vol` asks for the job when its event stream broke
+/// off: soon at first, then every [`POLL`].
+const FIRST_POLL: Duration = Duration::from_millis(10);
 const POLL: Duration = Duration::from_millis(250);
 /// Bytes of stdin per body frame.
 const FRAME: usize = 1 << 20;
@@ -45,8 +47,9 @@ pub async fn import(
     finish(client, out, &job).await
 }
 
-/// Polls the job with a progress bar until it ends; an error if it did not
-/// complete.
+/// Follows the job's event stream with a progress bar until it ends (the
+/// daemon sends its final state at once); an error if it did not complete.
+/// If the stream breaks off (the daemon is stopping), polls instead.
 pub async fn wait(client: &Client, out: &Out, mut job: Job) -> anyhow::Result<Job> {
     let bar = if out.json {
         indicatif::ProgressBar::hidden()
@@ -61,11 +64,31 @@ pub async fn wait(client: &Client, out: &Out, mut job: Job) -> anyhow::Result<Jo
         .progress_chars("=> "),
     );
     bar.set_message(format!("{} {}", job.kind.as_str(), job.id));
-    while job.state == JobState::Running {
-        tokio::time::sleep(POLL).await;
-        job = client.get(&format!("/v1/jobs/{}", job.id)).await?;
+    let show = |job: &Job| {
         bar.set_length(job.bytes_total);
         bar.set_position(job.bytes_done);
+    };
+    let mut line: Vec<u8> = Vec::new();
+    // A broken stream is not an error of the job: the polling below asks.
+    let _ = client
+        .get_stream(&format!("/v1/jobs/{}/events", job.id), |data| {
+            line.extend_from_slice(data);
+            while let Some(nl) = line.iter().position(|&b| b == b'\n') {
+                if let Ok(j) = serde_json::from_slice::<Job>(&line[..nl]) {
+                    show(&j);
+                    job = j;
+                }
+                line.drain(..=nl);
+            }
+            Ok(())
+        })
+        .await;
+    let mut every = FIRST_POLL;
+    while job.state == JobState::Running {
+        tokio::time::sleep(every).await;
+        every = (every * 2).min(POLL);
+        job = client.get(&format!("/v1/jobs/{}", job.id)).await?;
+        show(&job);
     }
     bar.finish_and_clear();
     if job.state != JobState::Completed {
@@ -124,6 +147,28 @@ impl hyper::body::Body for StdinBody {
     }
 }
 
+/// Up to [`FRAME`] bytes, fewer only at the end of the input. A pipe hands
+/// over at most its buffer per read; whole frames mean fewer, larger
+/// writes to the daemon.
+fn read_frame(r: &mut impl Read) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(FRAME);
+    // `take` + `read_to_end` fills the capacity without zeroing it first.
+    r.take(FRAME as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// A pipe on stdin gets a buffer as large as a frame (best effort: an
+/// unprivileged user may be capped by /proc/sys/fs/pipe-max-size), so the
+/// writer on the other side is switched out 16 times less often than with
+/// the default 64 KiB.
+fn widen_pipe(stdin: &impl std::os::fd::AsRawFd) {
+    // SAFETY: F_SETPIPE_SZ takes an int and only changes the pipe's buffer;
+    // on anything that is not a pipe it fails with EBADF/EINVAL, ignored.
+    unsafe {
+        libc::fcntl(stdin.as_raw_fd(), libc::F_SETPIPE_SZ, FRAME as libc::c_int);
+    }
+}
+
 async fn import_stdin(client: &Client, out: &Out, req: ImportRequest) -> anyhow::Result<()> {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let bar = if out.json {
@@ -139,18 +184,16 @@ async fn import_stdin(client: &Client, out: &Out, req: ImportRequest) -> anyhow:
     let counter = bar.clone();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
+        widen_pipe(&stdin);
         loop {
-            let mut buf = vec![0u8; FRAME];
-            match stdin.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    buf.truncate(n);
-                    counter.inc(n as u64);
+            match read_frame(&mut stdin) {
+                Ok(buf) if buf.is_empty() => break,
+                Ok(buf) => {
+                    counter.inc(buf.len() as u64);
                     if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                         break;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e));
                     break;

@@ -13,6 +13,7 @@ use volumed_api::{ErrorCode, ImportRequest, Job, JobList};
 
 use super::handlers::{ApiFailure, ApiResult, ApiState, body};
 use super::views;
+use crate::engine::jobs::registry::JobHandle;
 
 /// The header carrying a stream import's request (the body is the bytes).
 pub const IMPORT_HEADER: &str = "x-volumed-import";
@@ -97,10 +98,7 @@ pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> Ap
             line.push(b'\n');
             if !last {
                 tokio::select! {
-                    () = async {
-                        tokio::time::sleep(EVENT_INTERVAL).await;
-                        let _ = tokio::time::timeout(EVENT_HEARTBEAT, rx.changed()).await;
-                    } => {}
+                    () = next_event(&h, &mut rx) => {}
                     () = stop.cancelled() => {}
                 }
             }
@@ -112,6 +110,28 @@ pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> Ap
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// Waits until the next line is due: a change seen and [`EVENT_INTERVAL`]
+/// passed since the last line, the job ended (at once: a waiting `vol`
+/// exits as soon as it can), or [`EVENT_HEARTBEAT`] without a change.
+async fn next_event(h: &JobHandle, rx: &mut tokio::sync::watch::Receiver<u64>) {
+    let now = tokio::time::Instant::now();
+    let (due, heartbeat) = (now + EVENT_INTERVAL, now + EVENT_HEARTBEAT);
+    let mut changed = false;
+    loop {
+        let wake = if changed { due } else { heartbeat };
+        match tokio::time::timeout_at(wake, rx.changed()).await {
+            Ok(Ok(())) => {
+                changed = true;
+                if h.is_final() {
+                    return;
+                }
+            }
+            // Due, or the heartbeat; or the job is gone.
+            Err(_) | Ok(Err(_)) => return,
+        }
+    }
 }
 
 /// `POST /v1/exports`: 202 and the job, or for destination `-` the raw

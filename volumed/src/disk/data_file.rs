@@ -269,6 +269,7 @@ impl DataFile {
             ));
         }
         let mut segs = self.segments.write().unwrap_or_else(|e| e.into_inner());
+        let mut created = false;
         for idx in 0..segment_count(new_size) {
             let want = segment_len(new_size, idx);
             if let Some(f) = segs.get(idx as usize) {
@@ -282,9 +283,30 @@ impl DataFile {
                 self.engine.sync_blocking(&f)?;
                 self.engine.hold(&f);
                 segs.push(Arc::new(f));
+                created = true;
             }
         }
-        sync_dir(&self.dir)
+        // Only a new segment changed the directory.
+        if created { sync_dir(&self.dir) } else { Ok(()) }
+    }
+
+    /// Extends the existing segments to hold `len` bytes, ahead of the
+    /// size, so later grows up to `len` change no file. For a stream import,
+    /// which grows its volume chunk by chunk: one `set_len` per step instead
+    /// of a `set_len`, an fsync and a directory sync per chunk, each taking
+    /// the inode lock from the writes in flight. Not synced: `open` extends
+    /// files shorter than the record, so their length needs no durability.
+    pub fn reserve(&self, len: u64) -> io::Result<()> {
+        let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
+        for (idx, f) in segs.iter().enumerate() {
+            let want = len
+                .saturating_sub(idx as u64 * SEGMENT_SIZE)
+                .min(SEGMENT_SIZE);
+            if f.metadata()?.len() < want {
+                f.set_len(want)?;
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of the host's disk the segments occupy.
@@ -439,6 +461,25 @@ mod tests {
         df.write(SEGMENT_SIZE * 2, b"end".to_vec()).await.unwrap();
         assert_eq!(df.read(0, 5).await.unwrap(), b"hello");
         assert!(df.grow(SEGMENT_SIZE * 2 + 512, 4096).is_err());
+    }
+
+    #[tokio::test]
+    async fn reserve_extends_ahead_and_never_shrinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let e = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
+        let df = DataFile::create(&tmp.path().join("v"), 4096, e).unwrap();
+        let len = |df: &DataFile| df.segments.read().unwrap()[0].metadata().unwrap().len();
+        df.reserve(1 << 30).unwrap();
+        assert_eq!(len(&df), 1 << 30);
+        // A grow inside the reservation changes no file.
+        df.grow(4096, 1 << 20).unwrap();
+        assert_eq!(len(&df), 1 << 30);
+        df.reserve(8192).unwrap();
+        assert_eq!(len(&df), 1 << 30);
+        // Only existing segments are extended; nothing is allocated.
+        df.reserve(SEGMENT_SIZE * 2).unwrap();
+        assert_eq!(df.segments.read().unwrap().len(), 1);
+        assert_eq!(df.allocated_bytes(), 0);
     }
 
     #[tokio::test]

@@ -254,6 +254,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Room in the files for `len` bytes ahead of the size (see
+    /// `DataFile::reserve`).
+    pub(crate) fn reserve(&self, len: u64) -> io::Result<()> {
+        self.data.reserve(len)
+    }
+
     pub fn record(&self) -> VolumeRecord {
         self.record
             .lock()

@@ -320,7 +320,6 @@ impl NbdConn {
             return Err(proto("read larger than MAX_READ"));
         }
         let cookie = self.request(CMD_READ, offset, len).await?;
-        let mut buf = vec![0u8; len as usize];
         let magic = self.rd.read_u32().await?;
         if magic == SIMPLE_REPLY_MAGIC {
             let errno = self.rd.read_u32().await?;
@@ -335,19 +334,32 @@ impl NbdConn {
                     message: String::new(),
                 });
             }
-            self.rd.read_exact(&mut buf).await?;
-            return Ok(buf);
+            return Ok(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?);
         }
+        let mut buf: Option<Vec<u8>> = None;
         let mut first = Some(magic);
         loop {
             let h = self.chunk_header(first.take()).await?;
             if h.cookie != cookie {
                 return Err(proto("reply to another request"));
             }
-            let payload = self.payload(h.len).await?;
-            apply_read_chunk(h.kind, &payload, offset, &mut buf)?;
+            if h.kind == REPLY_TYPE_OFFSET_DATA
+                && buf.is_none()
+                && len.checked_add(8) == Some(h.len)
+            {
+                // The usual answer, one data chunk for the whole request:
+                // read straight into the result, no staging copy.
+                if self.rd.read_u64().await? != offset {
+                    return Err(proto("reply chunk outside the request"));
+                }
+                buf = Some(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?);
+            } else {
+                let payload = self.payload(h.len).await?;
+                let b = buf.get_or_insert_with(|| vec![0u8; len as usize]);
+                apply_read_chunk(h.kind, &payload, offset, b)?;
+            }
             if h.flags & REPLY_FLAG_DONE != 0 {
-                return Ok(buf);
+                return Ok(buf.unwrap_or_else(|| vec![0u8; len as usize]));
             }
         }
     }
@@ -403,9 +415,7 @@ impl NbdConn {
     }
 
     async fn payload(&mut self, len: u32) -> Result<Vec<u8>, NbdError> {
-        let mut p = vec![0u8; len as usize];
-        self.rd.read_exact(&mut p).await?;
-        Ok(p)
+        Ok(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?)
     }
 
     /// Says goodbye; the server closes the connection.

@@ -416,3 +416,28 @@ async fn replies_a_client_does_not_read_stay_within_the_window() {
         Meaning::Read { .. }
     ));
 }
+
+/// A payload arrives in pieces (a duplex pipe of 7 bytes): it is read
+/// whole, exactly its length, and what follows it stays unread; a stream
+/// that ends early is an `UnexpectedEof`.
+#[tokio::test]
+async fn read_payload_takes_exactly_its_length() {
+    let (mut tx, mut rx) = duplex(7);
+    let sent: Vec<u8> = (0..200u8).collect();
+    let writer = tokio::spawn(async move {
+        tx.write_all(&sent).await.unwrap();
+        tx.write_all(b"next").await.unwrap();
+    });
+    let got = session::read_payload(&mut rx, 200).await.unwrap();
+    assert_eq!(got, (0..200u8).collect::<Vec<_>>());
+    let mut next = [0u8; 4];
+    rx.read_exact(&mut next).await.unwrap();
+    assert_eq!(&next, b"next");
+    writer.await.unwrap();
+
+    let (mut tx, mut rx) = duplex(64);
+    tx.write_all(b"short").await.unwrap();
+    drop(tx);
+    let err = session::read_payload(&mut rx, 10).await.unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+}

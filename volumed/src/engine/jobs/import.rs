@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 use volumed_api::{JobKind, JobState, VolumeName};
@@ -40,6 +40,10 @@ const WINDOW: u64 = 32 << 20;
 /// Reads in flight, and qemu-nbd connections (one request each).
 const READS_IN_FLIGHT: usize = 16;
 const NBD_CONNECTIONS: usize = 8;
+/// A stream import's files are extended this far ahead of its data.
+const STREAM_RESERVE: u64 = 1 << 30;
+/// Writes into the volume in flight while the next reads arrive.
+const WRITES_IN_FLIGHT: usize = 8;
 /// The volume is flushed and the checkpoint recorded this often: a crash
 /// rereads at most this much.
 const CHECKPOINT_EVERY: u64 = 64 << 20;
@@ -53,6 +57,10 @@ static ZEROS: [u8; volumed_api::MAX_CHUNK_SIZE as usize] =
 fn is_zero(buf: &[u8]) -> bool {
     buf.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
+
+/// A flush of the volume, running beside the copy.
+type Flushing<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + 'a>>;
 
 /// Why an import stopped.
 enum Stop {
@@ -311,6 +319,12 @@ impl ImportJobs {
     /// Copies disk `disk` of the image into `vol`: reads from `from` (to
     /// hash), writes from `write_from`. Returns the SHA-256 when it read
     /// from the start.
+    ///
+    /// One pipeline from start to end: the runs of the next window are
+    /// asked for while the reads of this one are in flight, reads run
+    /// [`READS_IN_FLIGHT`] ahead in order (the hash needs the order), and up
+    /// to [`WRITES_IN_FLIGHT`] writes land while the next reads arrive. A
+    /// checkpoint waits for the writes before it, then flushes.
     async fn copy(
         &self,
         h: &JobHandle,
@@ -325,24 +339,31 @@ impl ImportJobs {
         let cs = vol.chunk_size;
         let mut hasher =
             (from == 0 && h.record().import.is_some_and(|r| r.sha256.is_some())).then(Sha256::new);
-        let mut off = from - from % cs;
-        h.add_done(off.min(size));
-        let mut last_ck = write_from;
-        while off < size {
-            if h.cancel.is_cancelled() {
-                return Err(Stop::Cancelled);
+        let start = from - from % cs;
+        h.add_done(start.min(size));
+        let runs_src = Arc::clone(src);
+        let windows = futures_util::stream::try_unfold(start, move |off| {
+            let src = Arc::clone(&runs_src);
+            async move {
+                if off >= size {
+                    return Ok(None);
+                }
+                crate::failpoint::delay("import-window").await;
+                let end = off.saturating_add(WINDOW).min(size);
+                let runs = src.runs(off, (end - off) as u32).await?;
+                let pieces = chunk_pieces(off, end, cs, &runs)
+                    .into_iter()
+                    .map(Ok::<_, Stop>);
+                Ok::<_, Stop>(Some((futures_util::stream::iter(pieces), end)))
             }
-            if self.jobs.shutdown.is_cancelled() {
-                return Err(Stop::Shutdown);
-            }
-            crate::failpoint::delay("import-window").await;
-            let end = off.saturating_add(WINDOW).min(size);
-            let runs = src.runs(off, (end - off) as u32).await?;
-            let pieces = chunk_pieces(off, end, cs, &runs);
-            let mut reads = futures_util::stream::iter(pieces)
-                .map(|(o, n, data)| {
+        })
+        .try_flatten();
+        let mut reads = std::pin::pin!(
+            windows
+                .map(|piece| {
                     let src = Arc::clone(src);
                     async move {
+                        let (o, n, data) = piece?;
                         if !data {
                             return Ok((o, n, None));
                         }
@@ -354,38 +375,82 @@ impl ImportJobs {
                         }
                     }
                 })
-                .buffered(READS_IN_FLIGHT);
-            while let Some(piece) = reads.next().await {
-                let (o, n, buf) = piece?;
-                if let Some(hs) = hasher.as_mut() {
-                    // The padding of a raw file's last sector is not the image's.
-                    let k = n.min(logical.saturating_sub(o));
-                    match &buf {
-                        Some(b) => hs.update(&b[..k as usize]),
-                        None => hash_zeros(hs, k),
-                    }
-                }
-                if let Some(b) = buf
-                    && o >= write_from
-                    && !is_zero(&b)
+                .buffered(READS_IN_FLIGHT)
+        );
+        let mut writes = futures_util::stream::FuturesUnordered::new();
+        let write_failed =
+            |e: std::io::Error| Stop::Failed(format!("write volume '{}': {e}", vol.name));
+        let flush_failed =
+            |e: std::io::Error| Stop::Failed(format!("flush volume '{}': {e}", vol.name));
+        let mut last_ck = write_from;
+        // The checkpoint being made: its offset and the flush that makes
+        // every write before it durable, while the copy goes on.
+        let mut flushing: Option<(u64, Flushing<'_>)> = None;
+        loop {
+            if h.cancel.is_cancelled() {
+                return Err(Stop::Cancelled);
+            }
+            if self.jobs.shutdown.is_cancelled() {
+                return Err(Stop::Shutdown);
+            }
+            let piece = tokio::select! {
+                biased;
+                r = async { flushing.as_mut().map(|f| f.1.as_mut()).expect("guarded").await },
+                    if flushing.is_some() =>
                 {
-                    vol.write(o, b, false)
-                        .await
-                        .map_err(|e| Stop::Failed(format!("write volume '{}': {e}", vol.name)))?;
+                    r.map_err(flush_failed)?;
+                    let at = flushing.take().map_or(0, |f| f.0);
+                    self.jobs
+                        .update(h, |r| r.checkpoint = Checkpoint { disk, offset: at })
+                        .map_err(|e| Stop::Failed(e.to_string()))?;
+                    crate::failpoint::hit("import-after-checkpoint");
+                    continue;
                 }
-                h.add_done(n);
+                // Writes next: a finished write frees its buffer and a slot.
+                Some(w) = writes.next(), if !writes.is_empty() => {
+                    let w: std::io::Result<()> = w;
+                    w.map_err(write_failed)?;
+                    continue;
+                }
+                p = reads.next(), if writes.len() < WRITES_IN_FLIGHT => match p {
+                    Some(p) => p?,
+                    None => break,
+                },
+            };
+            let (o, n, buf) = piece;
+            if let Some(hs) = hasher.as_mut() {
+                // The padding of a raw file's last sector is not the image's.
+                let k = n.min(logical.saturating_sub(o));
+                match &buf {
+                    Some(b) => hs.update(&b[..k as usize]),
+                    None => hash_zeros(hs, k),
+                }
             }
-            off = end;
-            if off >= last_ck.saturating_add(CHECKPOINT_EVERY) && off < size {
-                vol.flush()
-                    .await
-                    .map_err(|e| Stop::Failed(format!("flush volume '{}': {e}", vol.name)))?;
-                self.jobs
-                    .update(h, |r| r.checkpoint = Checkpoint { disk, offset: off })
-                    .map_err(|e| Stop::Failed(e.to_string()))?;
+            if let Some(b) = buf
+                && o >= write_from
+                && !is_zero(&b)
+            {
+                writes.push(vol.write(o, b, false));
+            }
+            h.add_done(n);
+            let off = o + n;
+            if off >= last_ck.saturating_add(CHECKPOINT_EVERY) && off < size && flushing.is_none() {
+                // Only the writes before `off` must be durable: wait for
+                // those in flight, then flush in the background.
+                while let Some(w) = writes.next().await {
+                    w.map_err(write_failed)?;
+                }
+                flushing = Some((off, Box::pin(vol.flush())));
                 last_ck = off;
-                crate::failpoint::hit("import-after-checkpoint");
             }
+        }
+        while let Some(w) = writes.next().await {
+            w.map_err(write_failed)?;
+        }
+        // The caller flushes the whole volume next; a checkpoint under way
+        // is only waited for, so nothing is left running on the volume.
+        if let Some((_, f)) = flushing {
+            f.await.map_err(flush_failed)?;
         }
         Ok(hasher.map(|hs| hex(&hs.finalize())))
     }
@@ -406,11 +471,22 @@ impl ImportJobs {
         let mut hasher = req.sha256.is_some().then(Sha256::new);
         let mut buf: Vec<u8> = Vec::with_capacity(cs);
         let mut off = 0u64;
+        let mut reserved = 0u64;
+        // Chunks land while the next ones arrive from the socket.
+        let mut writes = futures_util::stream::FuturesUnordered::new();
+        let write_failed =
+            |e: std::io::Error| Stop::Failed(format!("write volume '{}': {e}", vol.name));
         loop {
             let next = tokio::select! {
-                n = body.next() => n,
+                biased;
                 () = h.cancel.cancelled() => return Err(Stop::Cancelled),
                 () = self.jobs.shutdown.cancelled() => return Err(Stop::Shutdown),
+                Some(w) = writes.next(), if !writes.is_empty() => {
+                    let w: std::io::Result<()> = w;
+                    w.map_err(write_failed)?;
+                    continue;
+                }
+                n = body.next(), if writes.len() < WRITES_IN_FLIGHT => n,
             };
             let bytes = match next {
                 Some(Ok(b)) => Some(b),
@@ -437,15 +513,20 @@ impl ImportJobs {
                         Stop::Failed("the stream is larger than the largest volume".into())
                     })?;
                 let new_size = end.next_multiple_of(512);
+                if new_size > reserved {
+                    reserved = new_size
+                        .saturating_add(STREAM_RESERVE)
+                        .min(volumed_api::MAX_VOLUME_SIZE);
+                    vol.reserve(reserved)
+                        .map_err(|e| Stop::Failed(format!("grow volume '{}': {e}", vol.name)))?;
+                }
                 if new_size > vol.size() {
                     vol.grow(new_size)
                         .map_err(|e| Stop::Failed(format!("grow volume '{}': {e}", vol.name)))?;
                 }
                 let chunk = std::mem::replace(&mut buf, Vec::with_capacity(cs));
                 if !is_zero(&chunk) {
-                    vol.write(off, chunk, false)
-                        .await
-                        .map_err(|e| Stop::Failed(format!("write volume '{}': {e}", vol.name)))?;
+                    writes.push(vol.write(off, chunk, false));
                 }
                 off = end;
                 h.add_done(n);
@@ -453,6 +534,9 @@ impl ImportJobs {
             if eof {
                 break;
             }
+        }
+        while let Some(w) = writes.next().await {
+            w.map_err(write_failed)?;
         }
         if off == 0 {
             return Err(Stop::Failed("the stream was empty".into()));

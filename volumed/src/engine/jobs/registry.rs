@@ -46,6 +46,15 @@ impl JobHandle {
             .clone()
     }
 
+    /// Whether the job has ended (without copying the record).
+    pub fn is_final(&self) -> bool {
+        self.rec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .is_final()
+    }
+
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
