@@ -32,6 +32,8 @@ use crate::engine::snapshot_export::SnapshotExports;
 use crate::image::ImageFormat;
 
 const FETCHES_IN_FLIGHT: usize = 16;
+/// Chunk writes into a raw file in flight.
+const WRITES_IN_FLIGHT: usize = 4;
 const SNAPSHOT_POLL: Duration = Duration::from_millis(200);
 
 /// What an export reads.
@@ -214,22 +216,41 @@ impl ExportJobs {
                     .buffer_unordered(FETCHES_IN_FLIGHT);
                 let zero_bytes = size - m.hashed().iter().map(|(i, _)| chunk_len(*i)).sum::<u64>();
                 h.add_done(zero_bytes);
-                while let Some((i, data)) = fetches.next().await {
+                // Chunks are written in any order, several at once, while
+                // the next ones are fetched.
+                let mut writes = futures_util::stream::FuturesUnordered::new();
+                let written = |r: Result<std::io::Result<u64>, tokio::task::JoinError>| {
+                    let n = r
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("write {}: {e}", path.display()))?;
+                    h.add_done(n);
+                    Ok::<_, String>(())
+                };
+                loop {
                     if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
                         return Err("stopped".into());
                     }
+                    let (i, data) = tokio::select! {
+                        biased;
+                        Some(r) = writes.next(), if !writes.is_empty() => {
+                            written(r)?;
+                            continue;
+                        }
+                        next = fetches.next(), if writes.len() < WRITES_IN_FLIGHT => match next {
+                            Some(x) => x,
+                            None => break,
+                        },
+                    };
                     let data = data
                         .map_err(|e| format!("read chunk {i} of snapshot {}: {e}", m.header.id))?;
                     let f = Arc::clone(&f);
-                    let n = data.len() as u64;
-                    tokio::task::spawn_blocking(move || {
+                    writes.push(tokio::task::spawn_blocking(move || {
                         use std::os::unix::fs::FileExt;
-                        f.write_all_at(&data, i * cs)
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("write {}: {e}", path.display()))?;
-                    h.add_done(n);
+                        f.write_all_at(&data, i * cs).map(|()| data.len() as u64)
+                    }));
+                }
+                while let Some(r) = writes.next().await {
+                    written(r)?;
                 }
                 let f2 = Arc::clone(&f);
                 tokio::task::spawn_blocking(move || f2.sync_all())
