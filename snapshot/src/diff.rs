@@ -53,7 +53,7 @@ pub enum DiffError {
     Geometry(SnapshotId, crate::geometry::GeometryError),
     /// A manifest page could not be read.
     #[error("snapshot {0}: {1}")]
-    Read(SnapshotId, crate::repo::RepoError),
+    Read(SnapshotId, Box<crate::repo::RepoError>),
 }
 
 /// The ranges of `to` that differ from `from`; without `from`, the ranges
@@ -76,7 +76,8 @@ pub async fn diff_readers(
 ) -> Result<Diff, DiffError> {
     let h = to.header();
     let geometry = check(from.map(|f| f.header()), h)?;
-    let read = |id: &SnapshotId, e: crate::repo::RepoError| DiffError::Read(id.clone(), e);
+    let read =
+        |id: &SnapshotId, e: crate::repo::RepoError| DiffError::Read(id.clone(), Box::new(e));
     let mut out = Extents::new(geometry);
     let per = u64::from(to.page_chunks());
     let same_pages = from.is_some_and(|f| f.page_chunks() == to.page_chunks());

@@ -235,6 +235,10 @@ pub fn gc_report(grace: Duration, r: snapshot::gc::GcReport) -> volumed_api::GcR
         chunks_young: r.chunks_young,
         chunks_deleted: r.chunks_deleted,
         bytes_deleted: r.bytes_deleted,
+        pages_seen: r.pages_seen,
+        pages_referenced: r.pages_referenced,
+        pages_young: r.pages_young,
+        pages_deleted: r.pages_deleted,
     }
 }
 

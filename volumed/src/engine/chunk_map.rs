@@ -300,6 +300,13 @@ impl ChunkMap {
         self.base.set_range(range);
     }
 
+    /// A `Base` chunk its snapshot names zero (one of a format-2 page that
+    /// holds data) leaves the base as `Zero`. Not dirty: its content, zeros,
+    /// did not change.
+    pub fn drop_zero_base(&self, chunk: u64) {
+        self.base.clear(chunk);
+    }
+
     /// At open: a chunk the detach log records left the base; its state is
     /// what the data file's allocation said (`Local` or `Zero`).
     pub fn unbase_at_open(&self, chunk: u64) {

@@ -456,7 +456,8 @@ impl Engine {
         }
         info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral,
               source = ?rec.source_snapshot, "volume created");
-        let map = restore::initial_map(geometry, source.as_deref());
+        // From the base's copy, which is exact for a small manifest.
+        let map = restore::initial_map(geometry, base.as_ref().map(|b| &*b.manifest));
         let vol = Volume::new(rec, geometry, data, map, base);
         if let Some(m) = source {
             vol.set_parent_manifest(m);

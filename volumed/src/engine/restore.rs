@@ -46,9 +46,8 @@ pub async fn prepare_base(
     m: &Arc<ManifestReader>,
 ) -> Result<Arc<BaseImage>> {
     let path = dir.join(base::MANIFEST_FILE);
-    // The object as stored: for format 2 the root, whose pages the hold
-    // keeps in the store.
-    let encoded = m.stored().encode();
+    let local = local_copy(repo, m).await?;
+    let encoded = local.stored().encode();
     (|| {
         let mut f = std::fs::File::create(&path)?;
         f.write_all(&encoded)?;
@@ -61,9 +60,32 @@ pub async fn prepare_base(
     repo.put_hold_stored(hold, m.stored())
         .await
         .map_err(|e| Error::store(format!("record a hold on snapshot {}", m.header().id), e))?;
-    let base = BaseImage::new(Arc::clone(m), Arc::clone(fetcher), log)
+    let base = BaseImage::new(local, Arc::clone(fetcher), log)
         .ctx(|| format!("open the base of {}", dir.display()))?;
     Ok(Arc::new(base))
+}
+
+/// Format-2 manifests with at most this many stored pages are kept beside
+/// the volume whole, in format 1: 16 pages are 128 Ki entries (5 MiB in
+/// memory), and knowing every zero chunk keeps such a base exact. Larger
+/// ones keep the root only, read lazily.
+const WHOLE_PAGES: usize = 16;
+
+/// What the volume keeps as its base manifest: `m` whole (format 1) when it
+/// is small, else `m`'s root, whose pages the hold keeps in the store.
+async fn local_copy(repo: &Repo, m: &Arc<ManifestReader>) -> Result<Arc<ManifestReader>> {
+    match m.root() {
+        Some(r) if r.pages().len() <= WHOLE_PAGES => {
+            let whole = m.materialize().await.map_err(|e| {
+                Error::store(format!("read the pages of snapshot {}", m.header().id), e)
+            })?;
+            Ok(Arc::new(ManifestReader::new(
+                repo.clone(),
+                snapshot::StoredManifest::V1(whole),
+            )))
+        }
+        _ => Ok(Arc::clone(m)),
+    }
 }
 
 /// A new volume's chunk map: every chunk its snapshot may hold data for

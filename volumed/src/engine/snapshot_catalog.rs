@@ -222,7 +222,7 @@ impl SnapshotCatalog {
             .await
             .map_err(|e| match e {
                 snapshot::diff::DiffError::Read(id, e) => {
-                    Error::store(format!("read the manifest of snapshot {id}"), e)
+                    Error::store(format!("read the manifest of snapshot {id}"), *e)
                 }
                 e => Error::InvalidRequest(e.to_string()),
             })

@@ -192,10 +192,9 @@ impl Volume {
             return Ok(());
         }
         let Some(bytes) = base.fetch(chunk, &self.name).await? else {
-            // Zero in the snapshot: it leaves the base as a `Zero` chunk,
-            // logged like any other (dirty too, which costs the next
-            // snapshot nothing: it reads no bytes for a zero chunk).
-            self.map.unbase(chunk, false);
+            // Zero in the snapshot: it leaves the base as a `Zero` chunk
+            // (a hole in the data file), logged like any other.
+            self.map.drop_zero_base(chunk);
             base.log.note(chunk);
             return Ok(());
         };
