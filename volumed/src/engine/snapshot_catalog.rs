@@ -101,9 +101,11 @@ impl SnapshotCatalog {
         if let Some(h) = self.headers().get(id) {
             return Ok(h.clone());
         }
-        let m = self.repo.get_manifest(id).await?;
-        self.headers().insert(id.clone(), m.header.clone());
-        Ok(m.header)
+        // The object alone: a format-2 root has the header, no pages needed.
+        let m = self.repo.get_stored(id).await?;
+        let h = m.header().clone();
+        self.headers().insert(id.clone(), h.clone());
+        Ok(h)
     }
 
     /// Every snapshot, oldest first: this host's records, and every other
