@@ -39,10 +39,14 @@ echo "build       $BUILD"
 SNAP=$(echo "$BUILD" | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
 
 PORT=$(free_port)
-VOLUMED_STORE="file://$STORE" "$BIN/volumed" --data-dir "$DATA" --nbd-listen "127.0.0.1:$PORT" 2>>"$WORK/volumed.log" &
-VPID=$!; PIDS+=($VPID)
-for _ in $(seq 100); do [ -S "$DATA/volumed.sock" ] && break; sleep 0.1; done
+start() { # volumed on $DATA; sets VPID
+    VOLUMED_STORE="file://$STORE" "$BIN/volumed" --data-dir "$DATA" --nbd-listen "127.0.0.1:$PORT" 2>>"$WORK/volumed.log" &
+    VPID=$!; PIDS+=($VPID)
+    for _ in $(seq 300); do [ -S "$DATA/volumed.sock" ] && $VOL list >/dev/null 2>&1 && return 0; sleep 0.02; done
+    echo "volumed did not start; see $WORK/volumed.log" >&2; return 1
+}
 VOL="$BIN/vol --socket $DATA/volumed.sock"
+start
 echo "rss idle    $(rss_mib $VPID) MiB"
 
 t0=$(now)
@@ -104,4 +108,20 @@ G=$($VOL --json gc --grace 0s)
 t1=$(now)
 echo "gc          $(echo "$t1 - $t0" | bc) s over $SNAPS snapshots + the synthetic one: $(echo "$G" | tr -d '\n ')"
 echo "store       $(store_bytes) bytes; pages $(find "$STORE/pages" -type f | wc -l)"
-echo "rss         $(rss_mib $VPID) MiB at the end"
+echo "rss         $(rss_mib $VPID) MiB after gc"
+
+# A clean restart: the restored volume reopens from its root and detach log.
+kill -TERM "$VPID"; wait "$VPID" 2>/dev/null || true
+rm -f "$DATA/volumed.sock"
+t0=$(now)
+start
+t1=$(now)
+echo "reopen      $(echo "$t1 - $t0" | bc) s (start until the API answers), rss $(rss_mib $VPID) MiB"
+/usr/bin/python3 - "$URI" "$((CHUNKS * CS / 4))" <<'PY'
+import sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+t = time.monotonic()
+h.pread(4096, int(sys.argv[2]))
+print(f"first read  {(time.monotonic() - t) * 1000:.1f} ms after the restart")
+PY

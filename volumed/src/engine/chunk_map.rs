@@ -105,6 +105,30 @@ impl Bitmap {
         }
     }
 
+    /// Indices set in both `self` and `other`, ascending, a word at a time:
+    /// only the common bits are listed, however many each has.
+    pub fn ones_and(&self, other: &Bitmap) -> Vec<u64> {
+        let (a, b) = (
+            self.pages.read().unwrap_or_else(|e| e.into_inner()),
+            other.pages.read().unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut out = Vec::new();
+        for (p, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            let (Some(x), Some(y)) = (x.get(), y.get()) else {
+                continue;
+            };
+            for (w, (u, v)) in x.iter().zip(y.iter()).enumerate() {
+                let mut bits = u.load(Ordering::Acquire) & v.load(Ordering::Acquire);
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    out.push(p as u64 * PAGE_BITS + w as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        out
+    }
+
     /// The first `max` set bits, ascending.
     pub fn first_ones(&self, max: usize) -> Vec<u64> {
         let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
@@ -316,11 +340,7 @@ impl ChunkMap {
     /// Chunks both `Base` and `Local`, ascending: after
     /// [`ChunkMap::set_base_range`], the data file's stray bytes.
     pub fn base_and_local(&self) -> Vec<u64> {
-        self.local
-            .ones()
-            .into_iter()
-            .filter(|c| self.base.get(*c))
-            .collect()
+        self.local.ones_and(&self.base)
     }
 
     /// A `Base` chunk's bytes are now in the data file. Not dirty: its
