@@ -104,6 +104,41 @@ fn a_small_write_stores_one_page_and_names_the_rest() {
     d.finish();
 }
 
+/// A page of the parent gone from the store (damage, or an operator's
+/// mistake): the snapshot that needed it ends `error` naming the parent,
+/// and the next one is a full snapshot that completes.
+#[test]
+fn a_missing_parent_page_makes_the_next_snapshot_full() {
+    let store = Store::Local;
+    let d = store.daemon("gone");
+    let repo = store.repo(&d, "gone");
+    d.vol_ok(&["create", "data", "--size", "2G", "--chunk-size", "64K"]);
+    d.vol_ok(&["attach", "data"]);
+    let uri = d.uri("data");
+    write_pages(&uri, 3);
+    let a = id(&snap(&d, "data"));
+    let name = root(&repo, &a).page(1).unwrap();
+    rt().block_on(repo.store().delete(&snapshot::keys::page_key(&name)))
+        .unwrap();
+    qemu_io(
+        &uri,
+        &[&format!("write -P 0x44 {} 4k", PAGE_BYTES + 5 * CHUNK)],
+    );
+    let started = d.vol_json(&["snapshot", "create", "data"]);
+    let failed = d.wait_snapshot_settled(started["id"].as_str().unwrap());
+    assert_eq!(failed["state"], "error", "{failed}");
+    let err = failed["error"].as_str().unwrap();
+    assert!(
+        err.contains(&format!("parent snapshot {a} unusable")) && err.contains("missing"),
+        "{err}"
+    );
+    let full = snap(&d, "data");
+    assert_eq!(u(&full["logical_bytes"]), 4 * CHUNK, "{full}");
+    let v = d.vol_json(&["snapshot", "verify", &id(&full)]);
+    assert_eq!(v["ok"], true, "{v}");
+    d.finish_expecting(&[], &["snapshot failed"]);
+}
+
 /// 40 pages hold data: more than a restored base keeps whole, so it reads
 /// the root and fetches pages on demand.
 #[test]

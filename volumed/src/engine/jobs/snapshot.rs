@@ -389,7 +389,18 @@ impl SnapshotJob {
                     .collect();
                 snapshot::writer::write_incremental(repo, header, parent, &changes)
                     .await
-                    .map_err(SnapshotError::Manifest)?
+                    .map_err(|e| match e {
+                        // The parent's pages are read only now: one that is
+                        // gone or damaged makes the parent unusable, so the
+                        // next snapshot is a full one rather than fail again.
+                        RepoError::MissingPage(_) | RepoError::CorruptPage { .. } => {
+                            SnapshotError::Parent {
+                                id: parent.header().id.clone(),
+                                source: e,
+                            }
+                        }
+                        e => SnapshotError::Manifest(e),
+                    })?
                     .root
             }
             _ => {
