@@ -98,7 +98,7 @@ pub enum Command {
     /// Take, list and inspect snapshots
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
-    /// Delete chunk objects that no snapshot references any more
+    /// Delete chunk objects and manifest pages that no snapshot references any more
     Gc {
         /// Keep unreferenced objects younger than this (e.g. 0s, 10m, 1h)
         /// [default: the daemon's --gc-grace]

@@ -250,6 +250,11 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
+    /// The repository chunks are fetched from.
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
     pub fn new(repo: Repo, cache: Option<Arc<ChunkCache>>) -> Self {
         Fetcher {
             repo,

@@ -10,7 +10,8 @@
 //! 2. Mark every chunk named by a manifest, a hold (a volume somewhere still
 //!    lazily reading that snapshot) or a young trash entry (a deleted
 //!    snapshot or released hold, honoured for the grace period).
-//! 3. Sweep: delete every chunk object that is unmarked and not young.
+//! 3. Sweep: delete every chunk object and page that is unmarked and not
+//!    young.
 //! 4. Expire trash entries that are no longer young.
 //!
 //! Why a snapshot being written elsewhere never loses a chunk. It starts at
@@ -27,6 +28,10 @@
 //! snapshot gives up if it cannot refresh it for `grace / 2`) and also cuts
 //! off before `S - grace`. Either way everything above is young or marked,
 //! however long the snapshot takes; once its manifest exists, it is marked.
+//! Pages follow the same argument: a snapshot's new pages are uploaded
+//! after `S` or touched like found chunks, and those it names from its
+//! parent are marked through the parent's root or trash entry.
+//!
 //! A marker not refreshed within the grace period belongs to a snapshot
 //! that died with its host, and is removed. A manifest that could not be
 //! read stops gc before it deletes anything.
@@ -39,10 +44,14 @@ use tracing::{info, warn};
 
 use crate::hash::ChunkHash;
 use crate::keys;
+use crate::manifest::StoredManifest;
 use crate::repo::{Repo, RepoError};
+use futures_util::{StreamExt, TryStreamExt};
 
 /// Deletes in flight at once.
 const DELETE_CONCURRENCY: usize = 16;
+/// Pages read at once while marking.
+const MARK_CONCURRENCY: usize = 8;
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct GcReport {
@@ -62,13 +71,44 @@ pub struct GcReport {
     pub chunks_young: u64,
     pub chunks_deleted: u64,
     pub bytes_deleted: u64,
+    pub pages_seen: u64,
+    /// Distinct pages named by the roots marked (each read once).
+    pub pages_referenced: u64,
+    pub pages_young: u64,
+    pub pages_deleted: u64,
 }
 
-async fn mark(repo: &Repo, key: &str, live: &mut HashSet<ChunkHash>) -> Result<(), RepoError> {
+/// What marking found live.
+#[derive(Default)]
+struct Live {
+    chunks: HashSet<ChunkHash>,
+    pages: HashSet<ChunkHash>,
+}
+
+async fn mark(repo: &Repo, key: &str, live: &mut Live) -> Result<(), RepoError> {
     // A manifest deleted since the listing marks nothing: its deleter
     // trashed it first, and the trash is listed after.
-    if let Some(m) = repo.get_manifest_at(key).await? {
-        live.extend(m.hashed().iter().map(|(_, h)| *h));
+    match repo.get_stored_at(key).await? {
+        None => {}
+        Some(StoredManifest::V1(m)) => live.chunks.extend(m.hashed().iter().map(|(_, h)| *h)),
+        Some(StoredManifest::V2(root)) => {
+            // Pages new to this run, read a few at a time. A page that
+            // cannot be read stops gc before it deletes anything.
+            let fresh: Vec<_> = root
+                .pages()
+                .iter()
+                .filter(|(_, name)| live.pages.insert(*name))
+                .filter_map(|&(index, name)| root.span(index).map(|span| (name, span)))
+                .collect();
+            let mut reads = futures_util::stream::iter(fresh.into_iter().map(|(name, span)| {
+                let repo = repo.clone();
+                async move { repo.get_page(&name, span).await }
+            }))
+            .buffer_unordered(MARK_CONCURRENCY);
+            while let Some(page) = reads.try_next().await? {
+                live.chunks.extend(page.hashed().iter().map(|(_, h)| *h));
+            }
+        }
     }
     Ok(())
 }
@@ -90,7 +130,7 @@ pub async fn collect_observed(
     let before = |t: SystemTime| t.checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
     let mut cutoff = before(now);
     let mut report = GcReport::default();
-    let mut live = HashSet::new();
+    let mut live = Live::default();
 
     let mut dead = Vec::new();
     for o in store.list(keys::PENDING).await? {
@@ -130,21 +170,36 @@ pub async fn collect_observed(
             expired.push(o.key);
         }
     }
-    report.chunks_referenced = live.len() as u64;
+    report.chunks_referenced = live.chunks.len() as u64;
+    report.pages_referenced = live.pages.len() as u64;
 
     let mut doomed = Vec::new();
+    for o in store.list(keys::PAGES).await? {
+        let Some(name) = keys::page_of_key(&o.key) else {
+            continue;
+        };
+        report.pages_seen += 1;
+        if live.pages.contains(&name) {
+            continue;
+        }
+        if o.modified > cutoff {
+            report.pages_young += 1;
+        } else {
+            doomed.push((o.key, o.size, true));
+        }
+    }
     for o in store.list(keys::CHUNKS).await? {
         let Some(h) = keys::chunk_of_key(&o.key) else {
             continue;
         };
         report.chunks_seen += 1;
-        if live.contains(&h) {
+        if live.chunks.contains(&h) {
             continue;
         }
         if o.modified > cutoff {
             report.chunks_young += 1;
         } else {
-            doomed.push((o.key, o.size));
+            doomed.push((o.key, o.size, false));
         }
     }
 
@@ -152,17 +207,21 @@ pub async fn collect_observed(
     let mut doomed = doomed.into_iter();
     loop {
         while set.len() < DELETE_CONCURRENCY {
-            let Some((key, size)) = doomed.next() else {
+            let Some((key, size, page)) = doomed.next() else {
                 break;
             };
             let store = std::sync::Arc::clone(store);
-            set.spawn(async move { store.delete(&key).await.map(|_| size) });
+            set.spawn(async move { store.delete(&key).await.map(|_| (size, page)) });
         }
         let Some(r) = set.join_next().await else {
             break;
         };
         match r {
-            Ok(Ok(size)) => {
+            Ok(Ok((size, true))) => {
+                report.pages_deleted += 1;
+                report.bytes_deleted += size;
+            }
+            Ok(Ok((size, false))) => {
                 report.chunks_deleted += 1;
                 report.bytes_deleted += size;
                 after_delete(report.chunks_deleted);
@@ -321,5 +380,63 @@ mod tests {
         let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
         assert_eq!((r.pending_expired, r.chunks_deleted), (1, 1));
         assert!(!repo.store().exists(&key).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn pages_are_marked_once_and_swept_when_old_and_unnamed() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let h = repo.put_chunk(vec![4; 4096]).await.unwrap().hash;
+        // Three snapshots with the same single page; one held, one deleted
+        // long ago.
+        let a = manifest(&[h]);
+        let root = repo.put_manifest(&a).await.unwrap();
+        let page = keys::page_key(&root.pages()[0].1);
+        let mut b = manifest(&[h]);
+        b.header.id = SnapshotId::generate();
+        repo.put_manifest(&b).await.unwrap();
+        repo.put_hold("host-1", &b).await.unwrap();
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((r.manifests, r.holds), (2, 1));
+        assert_eq!(
+            (r.pages_seen, r.pages_referenced, r.pages_deleted),
+            (1, 1, 0)
+        );
+        assert_eq!(r.chunks_referenced, 1);
+
+        // Once nothing names it and it is old, the page goes, and so does
+        // the chunk only it named.
+        for id in [&a.header.id, &b.header.id] {
+            repo.trash_manifest(id).await.unwrap();
+            age(dir.path(), &keys::trashed_manifest_key(id), 7200);
+        }
+        repo.release_hold("host-1").await.unwrap();
+        age(dir.path(), &keys::trashed_hold_key("host-1"), 7200);
+        age(dir.path(), &page, 7200);
+        age(dir.path(), &keys::chunk_key(&h), 7200);
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!(
+            (r.trash_expired, r.pages_deleted, r.chunks_deleted),
+            (3, 1, 1)
+        );
+        assert!(!repo.store().exists(&page).await.unwrap());
+
+        // A root whose page is missing stops gc before it deletes anything.
+        let c = manifest(&[h]);
+        let root = repo.put_manifest(&c).await.unwrap();
+        repo.store()
+            .delete(&keys::page_key(&root.pages()[0].1))
+            .await
+            .unwrap();
+        let stray = repo.put_chunk(vec![5; 4096]).await.unwrap().hash;
+        age(dir.path(), &keys::chunk_key(&stray), 7200);
+        assert!(matches!(
+            collect(&repo, Duration::from_secs(3600)).await,
+            Err(RepoError::MissingPage(_))
+        ));
+        assert!(repo.store().exists(&keys::chunk_key(&stray)).await.unwrap());
     }
 }

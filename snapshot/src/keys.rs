@@ -6,7 +6,8 @@
 //! | key | object |
 //! | --- | --- |
 //! | `chunks/<first two hex digits>/<64 hex digits>` | a chunk object (see `codec`), named by the blake3 of its uncompressed bytes |
-//! | `manifests/<snapshot id>` | a manifest (see `manifest`): the snapshot exists exactly when it does |
+//! | `manifests/<snapshot id>` | a manifest (see `manifest`; in format 2 a root, see `root`): the snapshot exists exactly when it does |
+//! | `pages/<64 hex digits>` | a manifest page (see `page`), named by the blake3 of its bytes |
 //! | `holds/<name>` | a copy of a manifest whose chunks a host still needs (a volume restored from it and not yet hydrated), so gc keeps them even if the snapshot is deleted |
 //! | `trash/<snapshot id>` | a deleted manifest, kept for gc's grace period so a snapshot that started from it can still finish |
 //! | `trash/hold-<name>` | a released hold, kept for the same reason |
@@ -22,6 +23,8 @@ use crate::manifest::SnapshotId;
 
 /// Chunk objects, fanned out by the first byte of their hash.
 pub const CHUNKS: &str = "chunks/";
+/// Manifest pages, by the blake3 of their bytes.
+pub const PAGES: &str = "pages/";
 /// Manifests: the commit points of snapshots.
 pub const MANIFESTS: &str = "manifests/";
 /// Markers of snapshots being written.
@@ -49,6 +52,15 @@ pub fn chunk_of_key(key: &str) -> Option<ChunkHash> {
     let (dir, hex) = rest.split_once('/')?;
     let h: ChunkHash = hex.parse().ok()?;
     (hex.get(..2) == Some(dir)).then_some(h)
+}
+
+pub fn page_key(name: &ChunkHash) -> String {
+    format!("{PAGES}{}", name.to_hex())
+}
+
+/// The page a `pages/<hex>` key names; any other key names none.
+pub fn page_of_key(key: &str) -> Option<ChunkHash> {
+    key.strip_prefix(PAGES)?.parse().ok()
 }
 
 pub fn manifest_key(id: &SnapshotId) -> String {
@@ -104,6 +116,12 @@ mod tests {
         assert_eq!(chunk_of_key(&format!("chunks/zz/{hex}")), None);
         assert_eq!(chunk_of_key("chunks/ab/cd"), None);
         assert_eq!(chunk_of_key("manifests/x"), None);
+        let pk = page_key(&h);
+        assert!(valid_key(&pk));
+        assert_eq!(pk, format!("pages/{hex}"));
+        assert_eq!(page_of_key(&pk), Some(h));
+        assert_eq!(page_of_key(&key), None);
+        assert_eq!(page_of_key("pages/zz"), None);
     }
 
     #[test]

@@ -4,7 +4,12 @@
 //! - `geometry`: how a volume splits into chunks (counts, ranges, the short last one);
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
-//! - `manifest`: the self-contained, checksummed list of a snapshot's chunks;
+//! - `manifest`: the self-contained, checksummed list of a snapshot's chunks
+//!   (format 1, and the header and entry codec both formats share);
+//! - `root`: the format-2 manifest root, naming content-addressed pages;
+//! - `page`: a format-2 manifest page, one fixed range of chunk entries;
+//! - `reader`: a manifest read lazily, page by page through a bounded cache;
+//! - `writer`: writes format-2 manifests, reusing a parent's unchanged pages;
 //! - `store`: object stores (local directory, S3, memory) behind one trait,
 //!   and the wrapper that retries them;
 //! - `keys`: the store's key layout, every prefix and key in one place;
@@ -25,14 +30,20 @@ pub mod geometry;
 pub mod hash;
 pub mod keys;
 pub mod manifest;
+pub mod page;
+pub mod reader;
 pub mod repo;
+pub mod root;
 pub mod store;
 pub mod store_url;
 pub mod verify;
+pub mod writer;
 
 pub use geometry::ChunkGeometry;
 pub use hash::ChunkHash;
-pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId};
+pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId, StoredManifest};
+pub use reader::ManifestReader;
 pub use repo::{PutChunk, Repo, RepoError};
+pub use root::ManifestRoot;
 pub use store::{ObjectStore, PutOutcome, RetryPolicy, Retrying, StoreError};
 pub use store_url::{StoreUrl, StoreUrlError};

@@ -27,8 +27,8 @@ pub const MAGIC: &[u8; 4] = b"VMAN";
 pub const VERSION: u32 = 1;
 /// Headers are small JSON; a larger claim is corrupt.
 const MAX_HEADER: usize = 1 << 20;
-const ENTRY_ZERO_RUN: u8 = 0;
-const ENTRY_HASH: u8 = 1;
+pub(crate) const ENTRY_ZERO_RUN: u8 = 0;
+pub(crate) const ENTRY_HASH: u8 = 1;
 
 /// What a snapshot is, beyond its chunk list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,6 +72,9 @@ pub enum ManifestError {
     Header(String),
     #[error("manifest entries are invalid: {0}")]
     Entries(&'static str),
+    /// A page object that is not the page its root names.
+    #[error("manifest page is invalid: {0}")]
+    Page(&'static str),
 }
 
 impl Manifest {
@@ -110,100 +113,208 @@ impl Manifest {
         &self.hashed
     }
 
+    /// The non-zero chunks in `[first, end)`, ascending.
+    pub fn hashed_in(&self, first: u64, end: u64) -> &[(u64, ChunkHash)] {
+        let a = self.hashed.partition_point(|(i, _)| *i < first);
+        let b = self.hashed.partition_point(|(i, _)| *i < end);
+        &self.hashed[a..b.max(a)]
+    }
+
+    /// A manifest from entries already sorted by index, each below the
+    /// chunk count (as a decoder or the page reader produces them).
+    pub(crate) fn from_sorted(header: ManifestHeader, hashed: Vec<(u64, ChunkHash)>) -> Self {
+        debug_assert!(hashed.windows(2).all(|w| w[0].0 < w[1].0));
+        Manifest { header, hashed }
+    }
+
+    /// The format-1 encoding: one object holding every entry. New
+    /// snapshots are written paged (see `root`); this stays for readers of
+    /// old stores and for tests that make old-format manifests.
     pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&self.header).expect("a manifest header always serializes");
-        let mut out = Vec::with_capacity(64 + header.len() + self.hashed.len() * 42);
+        let mut out = Vec::with_capacity(64 + self.hashed.len() * 33);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-        out.extend_from_slice(&header);
+        encode_header(&mut out, &self.header);
         let count = self.chunk_count();
         out.extend_from_slice(&count.to_le_bytes());
-        let mut next = 0u64;
-        for &(idx, hash) in &self.hashed {
-            if idx > next {
-                out.push(ENTRY_ZERO_RUN);
-                out.extend_from_slice(&(idx - next).to_le_bytes());
-            }
-            out.push(ENTRY_HASH);
-            out.extend_from_slice(&hash.0);
-            next = idx + 1;
-        }
-        if count > next {
-            out.push(ENTRY_ZERO_RUN);
-            out.extend_from_slice(&(count - next).to_le_bytes());
-        }
+        encode_entries(&mut out, 0, count, &self.hashed);
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
         out
     }
 
+    /// Decodes a format-1 manifest; see [`StoredManifest::decode`] for
+    /// either format.
     pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
-        if bytes.len() < 4 + 4 + 4 + 8 + 32 {
-            return Err(ManifestError::Truncated);
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if &body[..4] != MAGIC {
-            return Err(ManifestError::Magic);
-        }
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(ManifestError::Checksum);
-        }
-        let mut r = Cursor(&body[4..]);
+        let mut r = open_checked(bytes, MAGIC)?;
         let version = r.u32()?;
         if version != VERSION {
             return Err(ManifestError::Version(version));
         }
-        let hlen = r.u32()? as usize;
-        if hlen > MAX_HEADER {
-            return Err(ManifestError::Header("longer than 1 MiB".into()));
-        }
-        let header: ManifestHeader = serde_json::from_slice(r.take(hlen)?)
-            .map_err(|e| ManifestError::Header(e.to_string()))?;
-        if header.chunk_size == 0 || !header.chunk_size.is_power_of_two() {
-            return Err(ManifestError::Header(format!(
-                "chunk size {} is not a power of two",
-                header.chunk_size
-            )));
-        }
+        let header = decode_header(&mut r)?;
         let count = r.u64()?;
         if count != header.size.div_ceil(header.chunk_size) {
             return Err(ManifestError::Entries(
                 "chunk count does not match size / chunk size",
             ));
         }
-        let mut hashed = Vec::new();
-        let mut next = 0u64;
-        while next < count {
-            match r.u8()? {
-                ENTRY_ZERO_RUN => {
-                    let run = r.u64()?;
-                    if run == 0 || run > count - next {
-                        return Err(ManifestError::Entries(
-                            "zero run is empty or runs past the end",
-                        ));
-                    }
-                    next += run;
-                }
-                ENTRY_HASH => {
-                    let h: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
-                    hashed.push((next, ChunkHash(h)));
-                    next += 1;
-                }
-                _ => return Err(ManifestError::Entries("unknown entry tag")),
-            }
-        }
-        if !r.0.is_empty() {
-            return Err(ManifestError::Entries("bytes after the last entry"));
-        }
+        let hashed = decode_entries(&mut r, 0, count)?;
+        r.finish()?;
         Ok(Manifest { header, hashed })
     }
 }
 
-struct Cursor<'a>(&'a [u8]);
+/// A manifest object as the store holds it, in either format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredManifest {
+    /// Format 1: every entry inline.
+    V1(Manifest),
+    /// Format 2: a root naming content-addressed pages.
+    V2(crate::root::ManifestRoot),
+}
+
+impl StoredManifest {
+    /// Decodes either format, by the version after the magic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, ManifestError> {
+        match bytes
+            .get(4..8)
+            .map(|v| u32::from_le_bytes(v.try_into().expect("4 bytes")))
+        {
+            Some(crate::root::VERSION) => crate::root::ManifestRoot::decode(bytes).map(Self::V2),
+            _ => Manifest::decode(bytes).map(Self::V1),
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StoredManifest::V1(m) => m.encode(),
+            StoredManifest::V2(r) => r.encode(),
+        }
+    }
+
+    pub fn header(&self) -> &ManifestHeader {
+        match self {
+            StoredManifest::V1(m) => &m.header,
+            StoredManifest::V2(r) => &r.header,
+        }
+    }
+}
+
+/// Checks length, magic and trailing checksum; returns a cursor over the
+/// bytes between the magic and the checksum.
+pub(crate) fn open_checked<'a>(
+    bytes: &'a [u8],
+    magic: &[u8; 4],
+) -> Result<Cursor<'a>, ManifestError> {
+    if bytes.len() < 4 + 4 + 32 {
+        return Err(ManifestError::Truncated);
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if &body[..4] != magic {
+        return Err(ManifestError::Magic);
+    }
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(ManifestError::Checksum);
+    }
+    Ok(Cursor(&body[4..]))
+}
+
+/// Header length (u32 LE) and JSON.
+pub(crate) fn encode_header(out: &mut Vec<u8>, h: &ManifestHeader) {
+    let header = serde_json::to_vec(h).expect("a manifest header always serializes");
+    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    out.extend_from_slice(&header);
+}
+
+pub(crate) fn decode_header(r: &mut Cursor<'_>) -> Result<ManifestHeader, ManifestError> {
+    let hlen = r.u32()? as usize;
+    if hlen > MAX_HEADER {
+        return Err(ManifestError::Header("longer than 1 MiB".into()));
+    }
+    let header: ManifestHeader =
+        serde_json::from_slice(r.take(hlen)?).map_err(|e| ManifestError::Header(e.to_string()))?;
+    if header.chunk_size == 0 || !header.chunk_size.is_power_of_two() {
+        return Err(ManifestError::Header(format!(
+            "chunk size {} is not a power of two",
+            header.chunk_size
+        )));
+    }
+    Ok(header)
+}
+
+/// Entries for the `count` slots starting at `first`: zero runs and
+/// hashes. `hashed` holds absolute indices in `[first, first + count)`,
+/// ascending.
+pub(crate) fn encode_entries(
+    out: &mut Vec<u8>,
+    first: u64,
+    count: u64,
+    hashed: &[(u64, ChunkHash)],
+) {
+    let mut next = first;
+    let end = first + count;
+    for &(idx, hash) in hashed {
+        debug_assert!(idx >= next && idx < end);
+        if idx > next {
+            out.push(ENTRY_ZERO_RUN);
+            out.extend_from_slice(&(idx - next).to_le_bytes());
+        }
+        out.push(ENTRY_HASH);
+        out.extend_from_slice(&hash.0);
+        next = idx + 1;
+    }
+    if end > next {
+        out.push(ENTRY_ZERO_RUN);
+        out.extend_from_slice(&(end - next).to_le_bytes());
+    }
+}
+
+/// Reads entries for `count` slots starting at `first`; only the hashed
+/// ones are kept, so the result is bounded by the input's length.
+pub(crate) fn decode_entries(
+    r: &mut Cursor<'_>,
+    first: u64,
+    count: u64,
+) -> Result<Vec<(u64, ChunkHash)>, ManifestError> {
+    let mut hashed = Vec::new();
+    let mut next = 0u64;
+    while next < count {
+        match r.u8()? {
+            ENTRY_ZERO_RUN => {
+                let run = r.u64()?;
+                if run == 0 || run > count - next {
+                    return Err(ManifestError::Entries(
+                        "zero run is empty or runs past the end",
+                    ));
+                }
+                next += run;
+            }
+            ENTRY_HASH => {
+                let h: [u8; 32] = r.take(32)?.try_into().expect("32 bytes");
+                let idx = first
+                    .checked_add(next)
+                    .ok_or(ManifestError::Entries("index overflows"))?;
+                hashed.push((idx, ChunkHash(h)));
+                next += 1;
+            }
+            _ => return Err(ManifestError::Entries("unknown entry tag")),
+        }
+    }
+    Ok(hashed)
+}
+
+pub(crate) struct Cursor<'a>(pub(crate) &'a [u8]);
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
+    /// Nothing may follow the last field.
+    pub(crate) fn finish(&self) -> Result<(), ManifestError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ManifestError::Entries("bytes after the last entry"))
+        }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], ManifestError> {
         if self.0.len() < n {
             return Err(ManifestError::Truncated);
         }
@@ -211,15 +322,15 @@ impl<'a> Cursor<'a> {
         self.0 = b;
         Ok(a)
     }
-    fn u8(&mut self) -> Result<u8, ManifestError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, ManifestError> {
         Ok(self.take(1)?[0])
     }
-    fn u32(&mut self) -> Result<u32, ManifestError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, ManifestError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().expect("4 bytes"),
         ))
     }
-    fn u64(&mut self) -> Result<u64, ManifestError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ManifestError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().expect("8 bytes"),
         ))

@@ -15,7 +15,9 @@ use bytes::Bytes;
 use crate::codec::{self, CodecError};
 use crate::hash::ChunkHash;
 use crate::keys;
-use crate::manifest::{Manifest, ManifestError, SnapshotId};
+use crate::manifest::{Manifest, ManifestError, SnapshotId, StoredManifest};
+use crate::page::{Page, PageSpan};
+use crate::root::ManifestRoot;
 use crate::store::{ErrorKind, ObjectStore, PutOutcome, StoreError};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -32,6 +34,13 @@ pub enum RepoError {
     /// `id` is the snapshot id, or the key of a hold or trash entry.
     #[error("manifest of snapshot {id} is damaged: {source}")]
     CorruptManifest { id: String, source: ManifestError },
+    #[error("manifest page {0} is missing from the store")]
+    MissingPage(ChunkHash),
+    #[error("manifest page {hash} is damaged: {source}")]
+    CorruptPage {
+        hash: ChunkHash,
+        source: ManifestError,
+    },
     /// A different manifest is already committed under this id.
     #[error("snapshot {0} already exists with a different manifest")]
     ManifestConflict(SnapshotId),
@@ -69,6 +78,9 @@ pub struct PutChunk {
 /// gc's default grace period: an unreferenced object younger than this is
 /// kept, and a snapshot must finish within it.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+/// Pages read at once when a whole manifest is loaded.
+const PAGE_READ_CONCURRENCY: usize = 16;
 
 #[derive(Clone)]
 pub struct Repo {
@@ -109,7 +121,17 @@ impl Repo {
             .await
             .map_err(|e| StoreError::new("encode", "", ErrorKind::Transient, e.to_string()))?;
         let key = keys::chunk_key(&encoded.hash);
-        if let Some(info) = self.store.head(&key).await? {
+        let uploaded = self.put_addressed(&key, encoded.bytes).await?;
+        Ok(PutChunk {
+            hash: encoded.hash,
+            uploaded,
+        })
+    }
+
+    /// Uploads a content-addressed object unless it is stored already;
+    /// returns the bytes written.
+    async fn put_addressed(&self, key: &str, bytes: Vec<u8>) -> Result<u64, RepoError> {
+        if let Some(info) = self.store.head(key).await? {
             // An old object may be unreferenced and about to be swept by a
             // gc that cannot see this snapshot yet: make it young again, so
             // the grace period covers it until our manifest names it.
@@ -117,32 +139,90 @@ impl Repo {
                 .duration_since(info.modified)
                 .unwrap_or_default();
             if age > self.gc_grace / 2 {
-                self.store.touch(&key).await?;
+                self.store.touch(key).await?;
             }
-            return Ok(PutChunk {
-                hash: encoded.hash,
-                uploaded: 0,
-            });
+            return Ok(0);
         }
-        let len = encoded.bytes.len() as u64;
-        if let Err(e) = self.store.put(&key, Bytes::from(encoded.bytes)).await {
+        let len = bytes.len() as u64;
+        if let Err(e) = self.store.put(key, Bytes::from(bytes)).await {
             // A PUT whose answer was lost may have been done: the object is
             // content-addressed, so finding it settles the outcome (its
             // bytes are verified against the hash whenever they are read).
             if e.is_transient()
-                && matches!(self.store.head(&key).await, Ok(Some(info)) if info.size == len)
+                && matches!(self.store.head(key).await, Ok(Some(info)) if info.size == len)
             {
-                return Ok(PutChunk {
-                    hash: encoded.hash,
-                    uploaded: len,
-                });
+                return Ok(len);
             }
             return Err(e.into());
         }
-        Ok(PutChunk {
-            hash: encoded.hash,
-            uploaded: len,
+        Ok(len)
+    }
+
+    /// Stores a manifest page unless it is there; returns its name and the
+    /// bytes written. An all-zero page is never stored (callers name it as
+    /// a zero run instead).
+    pub async fn put_page(&self, page: &Page) -> Result<(ChunkHash, u64), RepoError> {
+        let (name, bytes) = page.encode();
+        let uploaded = self.put_addressed(&keys::page_key(&name), bytes).await?;
+        Ok((name, uploaded))
+    }
+
+    /// Page `name`, which must cover `span`, checked against its name.
+    pub async fn get_page(&self, name: &ChunkHash, span: PageSpan) -> Result<Page, RepoError> {
+        let bytes = self
+            .store
+            .get(&keys::page_key(name))
+            .await?
+            .ok_or(RepoError::MissingPage(*name))?;
+        Page::decode(&bytes, name, span).map_err(|source| RepoError::CorruptPage {
+            hash: *name,
+            source,
         })
+    }
+
+    /// Page `index` of `root`: read from the store, or empty if all zero.
+    pub async fn root_page(&self, root: &ManifestRoot, index: u64) -> Result<Page, RepoError> {
+        let Some(span) = root.span(index) else {
+            return Err(RepoError::CorruptManifest {
+                id: root.header.id.to_string(),
+                source: ManifestError::Page("page index past the last page"),
+            });
+        };
+        match root.page(index) {
+            Some(name) => self.get_page(&name, span).await,
+            None => Ok(Page::new(span, Vec::new())),
+        }
+    }
+
+    /// Every entry of a stored manifest in memory: the whole list, for
+    /// callers that walk all of it (verify, export, diff, EBS listings).
+    pub async fn materialize(&self, stored: StoredManifest) -> Result<Manifest, RepoError> {
+        use futures_util::{StreamExt, TryStreamExt};
+        let root = match stored {
+            StoredManifest::V1(m) => return Ok(m),
+            StoredManifest::V2(r) => r,
+        };
+        let mut named = Vec::with_capacity(root.pages().len());
+        for &(index, name) in root.pages() {
+            let span = root.span(index).ok_or_else(|| RepoError::CorruptManifest {
+                id: root.header.id.to_string(),
+                source: ManifestError::Page("page index past the last page"),
+            })?;
+            named.push((name, span));
+        }
+        // Owned values only: a future borrowing across this stream would
+        // not be `Send` for every lifetime the daemon's spawns ask for.
+        let mut hashed = Vec::new();
+        let mut pages = futures_util::stream::iter(named.into_iter().map(|(name, span)| {
+            let repo = self.clone();
+            async move { repo.get_page(&name, span).await }
+        }))
+        .buffered(PAGE_READ_CONCURRENCY);
+        while let Some(page) = pages.try_next().await? {
+            hashed.extend(page.into_hashed());
+        }
+        drop(pages);
+        Ok(Manifest::from_sorted(root.header, hashed))
     }
 
     /// A chunk's bytes, verified against its hash.
@@ -181,8 +261,16 @@ impl Repo {
         Ok(())
     }
 
-    /// Records that this host still needs the chunks of `m`.
+    /// Records that this host still needs the chunks of `m`: its pages
+    /// (already stored when `m` was read from the store) and a root.
     pub async fn put_hold(&self, name: &str, m: &Manifest) -> Result<(), RepoError> {
+        let (root, _) = crate::writer::write_pages(self, m).await?;
+        self.put_hold_stored(name, &StoredManifest::V2(root)).await
+    }
+
+    /// Records a hold on a manifest read from the store: a copy of its
+    /// object (for format 2 the root only; gc keeps its pages through it).
+    pub async fn put_hold_stored(&self, name: &str, m: &StoredManifest) -> Result<(), RepoError> {
         self.store
             .put(&keys::hold_key(name), Bytes::from(m.encode()))
             .await?;
@@ -258,12 +346,21 @@ impl Repo {
     }
 
     /// Decodes any manifest-shaped object (a manifest, a hold, a trashed
-    /// one), for gc.
+    /// one) with every entry in memory.
     pub async fn get_manifest_at(&self, key: &str) -> Result<Option<Manifest>, RepoError> {
+        match self.get_stored_at(key).await? {
+            Some(s) => self.materialize(s).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Decodes any manifest-shaped object as stored (a format-2 root
+    /// without its pages), for gc and lazy readers.
+    pub async fn get_stored_at(&self, key: &str) -> Result<Option<StoredManifest>, RepoError> {
         let Some(bytes) = self.store.get(key).await? else {
             return Ok(None);
         };
-        Manifest::decode(&bytes)
+        StoredManifest::decode(&bytes)
             .map(Some)
             .map_err(|source| RepoError::CorruptManifest {
                 id: key.to_owned(),
@@ -282,14 +379,32 @@ pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Vec<u8>, RepoE
 }
 
 impl Repo {
-    /// Writes the manifest: the commit point of a snapshot. It never
-    /// replaces one: finding the very same bytes committed already is
-    /// success (an earlier attempt whose reply was lost), finding anything
-    /// else is a conflict.
-    pub async fn put_manifest(&self, m: &Manifest) -> Result<(), RepoError> {
-        let id = &m.header.id;
+    /// Writes the manifest, format 2: its pages, then the root, the
+    /// commit point of a snapshot (see [`Repo::commit_root`]). Returns the
+    /// root.
+    pub async fn put_manifest(&self, m: &Manifest) -> Result<ManifestRoot, RepoError> {
+        let (root, _) = crate::writer::write_pages(self, m).await?;
+        self.commit_root(&root).await?;
+        Ok(root)
+    }
+
+    /// Writes a format-1 manifest, as older versions did: for tests and
+    /// tools that make old-format stores.
+    pub async fn put_manifest_v1(&self, m: &Manifest) -> Result<(), RepoError> {
+        self.commit(&m.header.id, Bytes::from(m.encode())).await
+    }
+
+    /// Writes a root whose pages are all stored: the commit point.
+    pub async fn commit_root(&self, root: &ManifestRoot) -> Result<(), RepoError> {
+        self.commit(&root.header.id, Bytes::from(root.encode()))
+            .await
+    }
+
+    /// Never replaces a manifest: finding the very same bytes committed
+    /// already is success (an earlier attempt whose reply was lost),
+    /// finding anything else is a conflict.
+    async fn commit(&self, id: &SnapshotId, bytes: Bytes) -> Result<(), RepoError> {
         let key = keys::manifest_key(id);
-        let bytes = Bytes::from(m.encode());
         let outcome = match self.store.put_if_absent(&key, bytes.clone()).await {
             Ok(o) => o,
             // The retries gave up on a transient error: the last attempt may
@@ -316,13 +431,20 @@ impl Repo {
         }
     }
 
+    /// A snapshot's manifest with every entry in memory.
     pub async fn get_manifest(&self, id: &SnapshotId) -> Result<Manifest, RepoError> {
+        let stored = self.get_stored(id).await?;
+        self.materialize(stored).await
+    }
+
+    /// A snapshot's manifest as stored: for format 2 the root only.
+    pub async fn get_stored(&self, id: &SnapshotId) -> Result<StoredManifest, RepoError> {
         let bytes = self
             .store
             .get(&keys::manifest_key(id))
             .await?
             .ok_or_else(|| RepoError::MissingManifest(id.to_string()))?;
-        Manifest::decode(&bytes).map_err(|source| RepoError::CorruptManifest {
+        StoredManifest::decode(&bytes).map_err(|source| RepoError::CorruptManifest {
             id: id.to_string(),
             source,
         })

@@ -247,8 +247,9 @@ pub async fn gc(
         return Ok(out.json(&r)?);
     }
     out.line(format!(
-        "gc: deleted {} chunk objects ({}); kept {} referenced and {} younger than {}s; {} manifests, {} holds",
+        "gc: deleted {} chunk objects and {} manifest pages ({}); kept {} referenced and {} younger than {}s; {} manifests, {} holds",
         r.chunks_deleted,
+        r.pages_deleted,
         format_size(r.bytes_deleted),
         r.chunks_referenced,
         r.chunks_young,

@@ -433,5 +433,16 @@ pub struct GcReport {
     pub chunks_referenced: u64,
     pub chunks_young: u64,
     pub chunks_deleted: u64,
+    /// Chunk objects' and manifest pages' bytes.
     pub bytes_deleted: u64,
+    /// Manifest pages (format 2) in the store, named by a root, unnamed
+    /// but young, and deleted.
+    #[serde(default)]
+    pub pages_seen: u64,
+    #[serde(default)]
+    pub pages_referenced: u64,
+    #[serde(default)]
+    pub pages_young: u64,
+    #[serde(default)]
+    pub pages_deleted: u64,
 }

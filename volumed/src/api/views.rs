@@ -101,13 +101,20 @@ pub(crate) fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hy
             error: None,
         });
     };
-    let total = base.hashed_bytes(vol.geometry().count());
-    let remaining: u64 = vol
-        .map()
-        .base_list()
-        .iter()
-        .map(|&i| base.chunk_len(i))
-        .sum();
+    let total = base.based_bytes();
+    // Counted, not listed: a 16 TiB base has 32 Mi chunks.
+    let remaining = {
+        let g = base.geometry;
+        let n = vol.map().base_chunks();
+        let last = g.count().saturating_sub(1);
+        let short = if n > 0 && vol.map().state(last) == crate::engine::chunk_map::ChunkState::Base
+        {
+            g.chunk_size() - base.chunk_len(last)
+        } else {
+            0
+        };
+        (n * g.chunk_size()).saturating_sub(short)
+    };
     let status = engine.hydration(vol);
     let state = match &status {
         _ if remaining == 0 => HydrationState::Complete,
@@ -228,6 +235,10 @@ pub fn gc_report(grace: Duration, r: snapshot::gc::GcReport) -> volumed_api::GcR
         chunks_young: r.chunks_young,
         chunks_deleted: r.chunks_deleted,
         bytes_deleted: r.bytes_deleted,
+        pages_seen: r.pages_seen,
+        pages_referenced: r.pages_referenced,
+        pages_young: r.pages_young,
+        pages_deleted: r.pages_deleted,
     }
 }
 

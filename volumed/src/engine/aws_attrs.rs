@@ -156,6 +156,11 @@ impl Engine {
         self.snapshots.manifest(id).await
     }
 
+    /// A completed snapshot's manifest, read lazily (pages on demand).
+    pub async fn manifest_reader(&self, id: &SnapshotId) -> Result<snapshot::ManifestReader> {
+        self.snapshots.reader(id).await
+    }
+
     pub fn repo(&self) -> &snapshot::Repo {
         &self.repo
     }

@@ -1,6 +1,7 @@
-//! The base of a volume created from a snapshot: the snapshot's manifest,
-//! the fetcher that brings its chunks in, and the log of chunks that left
-//! the base.
+//! The base of a volume created from a snapshot: the snapshot's manifest
+//! (read lazily: a format-2 root in memory, its pages fetched on demand
+//! through a bounded cache), the fetcher that brings its chunks in, and the
+//! log of chunks that left the base.
 //!
 //! A chunk is `Base` until it is fetched into the data file (hydrated), or
 //! replaced whole by a write or a trim. Which chunks have left the base is
@@ -19,6 +20,10 @@
 //! there: the bytes a fetch wrote but never synced are punched away at open,
 //! and unflushed writes to it are lost, as NBD allows. A torn last record is
 //! ignored.
+//!
+//! For a format-2 manifest every chunk of a page that is not all zero
+//! starts `Base` (knowing which of them are zero would mean reading every
+//! page at open); fetching one that the page names as zero gives zeros.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -28,7 +33,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use snapshot::cache::Fetcher;
-use snapshot::{ChunkGeometry, ChunkHash, Manifest};
+use snapshot::{ChunkGeometry, ChunkHash, ManifestReader};
 use volumed_api::VolumeName;
 
 const MAGIC: &[u8; 8] = b"VDETACH1";
@@ -150,7 +155,7 @@ impl DetachLog {
 
 /// A volume's base snapshot.
 pub struct BaseImage {
-    pub manifest: Arc<Manifest>,
+    pub manifest: Arc<ManifestReader>,
     pub fetcher: Arc<Fetcher>,
     pub log: DetachLog,
     /// The snapshot's chunks; the volume may have grown past them.
@@ -159,8 +164,12 @@ pub struct BaseImage {
 }
 
 impl BaseImage {
-    pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>, log: DetachLog) -> io::Result<Self> {
-        let h = &manifest.header;
+    pub fn new(
+        manifest: Arc<ManifestReader>,
+        fetcher: Arc<Fetcher>,
+        log: DetachLog,
+    ) -> io::Result<Self> {
+        let h = manifest.header();
         let geometry = ChunkGeometry::new(h.size, h.chunk_size).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -178,15 +187,22 @@ impl BaseImage {
 
     /// The snapshot's id.
     pub fn snapshot(&self) -> &str {
-        self.manifest.header.id.as_str()
+        self.manifest.header().id.as_str()
     }
 
     pub async fn lock(&self, chunk: u64) -> tokio::sync::MutexGuard<'_, ()> {
         self.stripes[(chunk % STRIPES as u64) as usize].lock().await
     }
 
-    pub fn hash(&self, chunk: u64) -> Option<ChunkHash> {
-        self.manifest.get(chunk)
+    /// The snapshot's hash for `chunk` (`None`: zero), reading its page if
+    /// it is not cached.
+    pub async fn hash(&self, chunk: u64) -> io::Result<Option<ChunkHash>> {
+        self.manifest.get(chunk).await.map_err(|e| {
+            io::Error::other(format!(
+                "chunk {chunk} of snapshot {}: manifest page: {e}",
+                self.snapshot()
+            ))
+        })
     }
 
     /// Bytes of the snapshot chunk `chunk` (the last one may be short).
@@ -194,26 +210,33 @@ impl BaseImage {
         self.geometry.len(chunk)
     }
 
-    /// Bytes of the snapshot's non-zero chunks below `chunks`.
-    pub fn hashed_bytes(&self, chunks: u64) -> u64 {
+    /// Bytes of the chunks that started `Base`: those that may hold data.
+    pub fn based_bytes(&self) -> u64 {
         self.manifest
-            .hashed()
+            .maybe_data()
             .iter()
-            .filter(|(i, _)| *i < chunks)
-            .map(|(i, _)| self.chunk_len(*i))
+            .filter(|r| r.start < r.end)
+            .map(|r| {
+                let end = r.end.min(self.geometry.count());
+                if r.start >= end {
+                    return 0;
+                }
+                self.geometry.offset(end - 1) + self.chunk_len(end - 1)
+                    - self.geometry.offset(r.start)
+            })
             .sum()
     }
 
     /// The bytes of chunk `chunk` of the snapshot, through the host cache,
-    /// verified against their hash and length. The caller holds the chunk's
-    /// stripe; `volume` names the volume in errors.
-    pub async fn fetch(&self, chunk: u64, volume: &VolumeName) -> io::Result<Vec<u8>> {
+    /// verified against their hash and length; `None` when the snapshot
+    /// names it zero. The caller holds the chunk's stripe; `volume` names
+    /// the volume in errors.
+    pub async fn fetch(&self, chunk: u64, volume: &VolumeName) -> io::Result<Option<Vec<u8>>> {
         let snapshot = self.snapshot();
-        let hash = self.hash(chunk).ok_or_else(|| {
-            io::Error::other(format!(
-                "chunk {chunk} is Base but its snapshot has no hash for it"
-            ))
-        })?;
+        let Some(hash) = self.hash(chunk).await? else {
+            // A zero chunk in a page that holds data.
+            return Ok(None);
+        };
         let data = self.fetcher.get(&hash).await.map_err(|e| {
             tracing::error!(volume = %volume, snapshot, chunk, %hash, error = %e,
                 "cannot fetch a chunk of the volume's snapshot");
@@ -229,7 +252,9 @@ impl BaseImage {
             )));
         }
         // The fetcher's copy is usually ours alone: no copy then.
-        Ok(Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec()))
+        Ok(Some(
+            Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec()),
+        ))
     }
 }
 

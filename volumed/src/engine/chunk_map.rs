@@ -82,6 +82,74 @@ impl Bitmap {
         page[w].fetch_or(mask, Ordering::AcqRel) & mask != 0
     }
 
+    /// Sets every bit in `range` a word at a time: a 16 TiB base of 32 Mi
+    /// chunks is marked in milliseconds, not one bit per call.
+    pub fn set_range(&self, range: std::ops::Range<u64>) {
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let mut i = range.start;
+        while i < range.end {
+            let (p, w, _) = Self::locate(i);
+            let Some(slot) = pages.get(p) else {
+                return;
+            };
+            let bit = i % 64;
+            let n = (64 - bit).min(range.end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let page = slot.get_or_init(|| Box::new(std::array::from_fn(|_| AtomicU64::new(0))));
+            page[w].fetch_or(mask, Ordering::AcqRel);
+            i += n;
+        }
+    }
+
+    /// Indices set in both `self` and `other`, ascending, a word at a time:
+    /// only the common bits are listed, however many each has.
+    pub fn ones_and(&self, other: &Bitmap) -> Vec<u64> {
+        let (a, b) = (
+            self.pages.read().unwrap_or_else(|e| e.into_inner()),
+            other.pages.read().unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut out = Vec::new();
+        for (p, (x, y)) in a.iter().zip(b.iter()).enumerate() {
+            let (Some(x), Some(y)) = (x.get(), y.get()) else {
+                continue;
+            };
+            for (w, (u, v)) in x.iter().zip(y.iter()).enumerate() {
+                let mut bits = u.load(Ordering::Acquire) & v.load(Ordering::Acquire);
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    out.push(p as u64 * PAGE_BITS + w as u64 * 64 + b);
+                    bits &= bits - 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// The first `max` set bits, ascending.
+    pub fn first_ones(&self, max: usize) -> Vec<u64> {
+        let pages = self.pages.read().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        for (p, slot) in pages.iter().enumerate() {
+            let Some(page) = slot.get() else { continue };
+            for (w, word) in page.iter().enumerate() {
+                let mut v = word.load(Ordering::Acquire);
+                while v != 0 {
+                    if out.len() == max {
+                        return out;
+                    }
+                    let b = v.trailing_zeros() as u64;
+                    out.push(p as u64 * PAGE_BITS + w as u64 * 64 + b);
+                    v &= v - 1;
+                }
+            }
+        }
+        out
+    }
+
     /// Clears bit `i`; returns whether it was set before.
     pub fn clear(&self, i: u64) -> bool {
         let (p, w, mask) = Self::locate(i);
@@ -247,6 +315,34 @@ impl ChunkMap {
         self.local.clear(chunk)
     }
 
+    /// At open or restore: every chunk in `range` is the base snapshot's
+    /// (or may be: a chunk of a format-2 page that is zero reads as zeros
+    /// when fetched). The caller keeps `range` inside the volume. Chunks
+    /// also `Local` are not changed here; see
+    /// [`ChunkMap::base_and_local`].
+    pub fn set_base_range(&self, range: std::ops::Range<u64>) {
+        self.base.set_range(range);
+    }
+
+    /// A `Base` chunk its snapshot names zero (one of a format-2 page that
+    /// holds data) leaves the base as `Zero`. Not dirty: its content, zeros,
+    /// did not change.
+    pub fn drop_zero_base(&self, chunk: u64) {
+        self.base.clear(chunk);
+    }
+
+    /// At open: a chunk the detach log records left the base; its state is
+    /// what the data file's allocation said (`Local` or `Zero`).
+    pub fn unbase_at_open(&self, chunk: u64) {
+        self.base.clear(chunk);
+    }
+
+    /// Chunks both `Base` and `Local`, ascending: after
+    /// [`ChunkMap::set_base_range`], the data file's stray bytes.
+    pub fn base_and_local(&self) -> Vec<u64> {
+        self.local.ones_and(&self.base)
+    }
+
     /// A `Base` chunk's bytes are now in the data file. Not dirty: its
     /// content did not change. `Local` is set before `Base` clears, so a
     /// reader never sees the chunk as `Zero` in between.
@@ -273,6 +369,12 @@ impl ChunkMap {
     /// Chunks still `Base`, ascending.
     pub fn base_list(&self) -> Vec<u64> {
         self.base.ones()
+    }
+
+    /// The first `max` chunks still `Base`, ascending: work in bounded
+    /// batches over a base of any size.
+    pub fn base_batch(&self, max: usize) -> Vec<u64> {
+        self.base.first_ones(max)
     }
 
     /// Marks chunks `Local` from allocated byte ranges of the data files.
@@ -475,6 +577,22 @@ mod tests {
         m.mark_zero(0);
         assert_eq!(m.dirty_chunks(), [0]);
         assert_eq!(m.state(0), ChunkState::Zero);
+    }
+
+    #[test]
+    fn ranges_set_whole_words_and_batches_are_bounded() {
+        let m = ChunkMap::new(geo(200_000 << 16));
+        m.load_allocation(&[(70 << 16, 71 << 16)]);
+        m.set_base_range(3..70_000);
+        m.set_base_range(199_999..200_000);
+        assert_eq!(m.base_chunks(), 70_000 - 3 + 1);
+        assert_eq!(m.state(2), ChunkState::Zero);
+        assert_eq!(m.state(3), ChunkState::Base);
+        assert_eq!(m.state(69_999), ChunkState::Base);
+        assert_eq!(m.state(70_000), ChunkState::Zero);
+        assert_eq!(m.base_and_local(), [70]);
+        assert_eq!(m.base_batch(3), [3, 4, 5]);
+        assert_eq!(m.base_batch(usize::MAX).len() as u64, m.base_chunks());
     }
 
     #[test]

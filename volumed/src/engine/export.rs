@@ -33,7 +33,8 @@ impl Backend {
             Backend::Volume(v) => format!("volumed volume {}", v.name),
             Backend::Snapshot(s) => format!(
                 "volumed snapshot {} of volume {} (read-only)",
-                s.id, s.manifest.header.volume
+                s.id,
+                s.manifest.header().volume
             ),
         }
     }
@@ -95,10 +96,10 @@ impl Backend {
     }
 
     /// base:allocation runs of `[offset, offset + len)`.
-    pub fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+    pub async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
         match self {
             Backend::Volume(v) => v.extents(offset, len),
-            Backend::Snapshot(s) => Ok(s.extents(offset, len)),
+            Backend::Snapshot(s) => s.extents(offset, len).await,
         }
     }
 }

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use snapshot::{ChunkGeometry, ChunkHash};
+use snapshot::ChunkGeometry;
 
 use super::Volume;
 use super::base::BaseImage;
@@ -170,9 +170,10 @@ impl Drop for Preserved {
 pub struct SnapshotPlan {
     pub changed: Changed,
     /// Chunks still `Base` at the instant that the parent's manifest cannot
-    /// be trusted to name (all of them when the whole volume is read): their
-    /// content is the base snapshot's chunk.
-    pub base_chunks: Vec<(u64, ChunkHash)>,
+    /// be trusted to name (all of them when the whole volume is read),
+    /// ascending: their content is the base snapshot's chunk, whose hash
+    /// the snapshot reads from the base's manifest.
+    pub base_chunks: Vec<u64>,
     /// The changed chunks that held data at the instant, ascending.
     pub to_read: Vec<u64>,
 }
@@ -186,7 +187,7 @@ impl SnapshotPlan {
     pub(super) fn classify(changed: Changed, map: &ChunkMap, base: Option<&BaseImage>) -> Self {
         let (to_read, base_chunks) = match (&changed, base) {
             (Changed::All, None) => (map.local_list(), Vec::new()),
-            (Changed::All, Some(b)) => {
+            (Changed::All, Some(_)) => {
                 let based = map.base_list();
                 let set: HashSet<u64> = based.iter().copied().collect();
                 let local = map
@@ -194,26 +195,18 @@ impl SnapshotPlan {
                     .into_iter()
                     .filter(|c| !set.contains(c))
                     .collect();
-                let hashes = based
-                    .into_iter()
-                    .filter_map(|c| b.hash(c).map(|h| (c, h)))
-                    .collect();
-                (local, hashes)
+                (local, based)
             }
             (Changed::Chunks(c), base) => {
-                let (mut local, mut hashes) = (Vec::new(), Vec::new());
+                let (mut local, mut based) = (Vec::new(), Vec::new());
                 for &i in c {
                     match map.state(i) {
                         ChunkState::Local => local.push(i),
-                        ChunkState::Base => {
-                            if let Some(h) = base.and_then(|b| b.hash(i)) {
-                                hashes.push((i, h));
-                            }
-                        }
-                        ChunkState::Zero => {}
+                        ChunkState::Base if base.is_some() => based.push(i),
+                        ChunkState::Base | ChunkState::Zero => {}
                     }
                 }
-                (local, hashes)
+                (local, based)
             }
         };
         SnapshotPlan {

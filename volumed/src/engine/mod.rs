@@ -282,11 +282,11 @@ impl Engine {
         self.snapshot_exports.lease(m).await
     }
 
-    async fn exportable_manifest(&self, id: &SnapshotId) -> Result<Arc<snapshot::Manifest>> {
+    async fn exportable_manifest(&self, id: &SnapshotId) -> Result<Arc<snapshot::ManifestReader>> {
         if self.snapshot_jobs.is_running(id) {
             return Err(Error::SnapshotBusy(id.to_string()));
         }
-        Ok(Arc::new(self.snapshots.manifest(id).await?))
+        Ok(Arc::new(self.snapshots.reader(id).await?))
     }
 
     /// The changed blocks from snapshot `from` to the snapshot `export`
@@ -299,14 +299,14 @@ impl Engine {
     ) -> Option<Arc<snapshot::diff::Diff>> {
         let image = export.backend.snapshot()?;
         let from = SnapshotId::parse(from)?;
-        let m = match self.snapshots.manifest(&from).await {
+        let m = match self.snapshots.reader(&from).await {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
                 return None;
             }
         };
-        match image.changed_from(&m) {
+        match image.changed_from(&m).await {
             Ok(d) => Some(d),
             Err(e) => {
                 tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
@@ -322,7 +322,7 @@ impl Engine {
         let Some(image) = export.backend.snapshot() else {
             return Vec::new();
         };
-        let h = &image.manifest.header;
+        let h = image.manifest.header();
         match self.snapshots.list(Some(&h.volume)).await {
             Ok(list) => list
                 .iter()
@@ -384,29 +384,29 @@ impl Engine {
             None => None,
         };
         let chunk_size = match (&source, req.chunk_size) {
-            (Some(m), Some(c)) if c != m.header.chunk_size => {
+            (Some(m), Some(c)) if c != m.header().chunk_size => {
                 return Err(Error::InvalidSize(format!(
                     "snapshot {} has chunks of {}; a volume created from it has the same, not {}",
-                    m.header.id,
-                    format_size(m.header.chunk_size),
+                    m.header().id,
+                    format_size(m.header().chunk_size),
                     format_size(c)
                 )));
             }
-            (Some(m), _) => m.header.chunk_size,
+            (Some(m), _) => m.header().chunk_size,
             (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
         };
         validate::chunk_size(chunk_size)?;
         let size = match (req.size, &source) {
-            (Some(s), Some(m)) if s < m.header.size => {
+            (Some(s), Some(m)) if s < m.header().size => {
                 return Err(Error::InvalidSize(format!(
                     "size {} is smaller than snapshot {} ({})",
                     format_size(s),
-                    m.header.id,
-                    format_size(m.header.size)
+                    m.header().id,
+                    format_size(m.header().size)
                 )));
             }
             (Some(s), _) => s,
-            (None, Some(m)) => m.header.size,
+            (None, Some(m)) => m.header().size,
             (None, None) => {
                 return Err(Error::InvalidSize(
                     "size is required unless the volume is created from a snapshot".into(),
@@ -427,7 +427,7 @@ impl Engine {
             size,
             chunk_size,
             req.ephemeral,
-            source.as_ref().map(|m| m.header.id.clone()),
+            source.as_ref().map(|m| m.header().id.clone()),
         );
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
@@ -456,7 +456,8 @@ impl Engine {
         }
         info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral,
               source = ?rec.source_snapshot, "volume created");
-        let map = restore::initial_map(geometry, source.as_deref());
+        // From the base's copy, which is exact for a small manifest.
+        let map = restore::initial_map(geometry, base.as_ref().map(|b| &*b.manifest));
         let vol = Volume::new(rec, geometry, data, map, base);
         if let Some(m) = source {
             vol.set_parent_manifest(m);

@@ -146,26 +146,35 @@ fn open_base(
     let dir = data.dir();
     let path = dir.join(base::MANIFEST_FILE);
     let bytes = std::fs::read(&path)?;
-    let manifest = snapshot::Manifest::decode(&bytes).map_err(|e| {
+    let stored = snapshot::StoredManifest::decode(&bytes).map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!("{}: {e}", path.display()),
         )
     })?;
+    let manifest = snapshot::ManifestReader::new(fetcher.repo().clone(), stored);
     let (log, detached) = DetachLog::open(&dir.join(base::DETACHED_FILE))?;
-    let mut stray = 0u64;
-    for (i, _) in manifest.hashed() {
-        if geometry.contains(*i) && !detached.contains(i) && map.set_base(*i) {
-            let r = geometry.range(*i);
-            data.punch_blocking(r.start, r.end - r.start)?;
-            stray += 1;
+    for r in manifest.maybe_data() {
+        map.set_base_range(r.start..r.end.min(geometry.count()));
+    }
+    // Chunks that left the base are whatever the data file says.
+    for &c in &detached {
+        if geometry.contains(c) && map.state(c) == super::chunk_map::ChunkState::Base {
+            map.unbase_at_open(c);
         }
+    }
+    let mut stray = 0u64;
+    for i in map.base_and_local() {
+        map.set_base(i);
+        let r = geometry.range(i);
+        data.punch_blocking(r.start, r.end - r.start)?;
+        stray += 1;
     }
     if stray > 0 {
         data.sync_blocking()?;
         warn!(volume = %rec.name, chunks = stray, "dropped fetched chunks that were never made durable");
     }
-    info!(volume = %rec.name, snapshot = %manifest.header.id, base_chunks = map.base_chunks(), "restored volume opened");
+    info!(volume = %rec.name, snapshot = %manifest.header().id, base_chunks = map.base_chunks(), "restored volume opened");
     Ok(Some(Arc::new(BaseImage::new(
         Arc::new(manifest),
         Arc::clone(fetcher),

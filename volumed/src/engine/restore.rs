@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use snapshot::cache::Fetcher;
-use snapshot::{ChunkGeometry, Manifest, Repo, RepoError, SnapshotId};
+use snapshot::{ChunkGeometry, ManifestReader, Repo, RepoError, SnapshotId};
 
 use super::base::{self, BaseImage, DetachLog};
 use super::chunk_map::ChunkMap;
@@ -27,9 +27,10 @@ pub fn hold_prefix(host_id: &str) -> String {
     format!("{host_id}-")
 }
 
-/// The manifest of the snapshot a volume is to be created from.
-pub async fn source_manifest(repo: &Repo, id: &SnapshotId) -> Result<Arc<Manifest>> {
-    match repo.get_manifest(id).await {
+/// The manifest of the snapshot a volume is to be created from, read
+/// lazily (a format-2 root costs a few bytes per 8192 chunks).
+pub async fn source_manifest(repo: &Repo, id: &SnapshotId) -> Result<Arc<ManifestReader>> {
+    match repo.open_manifest(id).await {
         Ok(m) => Ok(Arc::new(m)),
         Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
         Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
@@ -42,10 +43,11 @@ pub async fn prepare_base(
     fetcher: &Arc<Fetcher>,
     hold: &str,
     dir: &Path,
-    m: &Arc<Manifest>,
+    m: &Arc<ManifestReader>,
 ) -> Result<Arc<BaseImage>> {
     let path = dir.join(base::MANIFEST_FILE);
-    let encoded = m.encode();
+    let local = local_copy(repo, m).await?;
+    let encoded = local.stored().encode();
     (|| {
         let mut f = std::fs::File::create(&path)?;
         f.write_all(&encoded)?;
@@ -55,21 +57,45 @@ pub async fn prepare_base(
     let log = DetachLog::create(&dir.join(base::DETACHED_FILE))
         .ctx(|| format!("create the detach log in {}", dir.display()))?;
     sync_dir(dir).ctx(|| format!("sync {}", dir.display()))?;
-    repo.put_hold(hold, m)
+    repo.put_hold_stored(hold, m.stored())
         .await
-        .map_err(|e| Error::store(format!("record a hold on snapshot {}", m.header.id), e))?;
-    let base = BaseImage::new(Arc::clone(m), Arc::clone(fetcher), log)
+        .map_err(|e| Error::store(format!("record a hold on snapshot {}", m.header().id), e))?;
+    let base = BaseImage::new(local, Arc::clone(fetcher), log)
         .ctx(|| format!("open the base of {}", dir.display()))?;
     Ok(Arc::new(base))
 }
 
-/// A new volume's chunk map: every chunk its snapshot holds data for is
-/// `Base`, the rest `Zero`.
-pub fn initial_map(geometry: ChunkGeometry, source: Option<&Manifest>) -> ChunkMap {
+/// Format-2 manifests with at most this many stored pages are kept beside
+/// the volume whole, in format 1: 16 pages are 128 Ki entries (5 MiB in
+/// memory), and knowing every zero chunk keeps such a base exact. Larger
+/// ones keep the root only, read lazily.
+const WHOLE_PAGES: usize = 16;
+
+/// What the volume keeps as its base manifest: `m` whole (format 1) when it
+/// is small, else `m`'s root, whose pages the hold keeps in the store.
+async fn local_copy(repo: &Repo, m: &Arc<ManifestReader>) -> Result<Arc<ManifestReader>> {
+    match m.root() {
+        Some(r) if r.pages().len() <= WHOLE_PAGES => {
+            let whole = m.materialize().await.map_err(|e| {
+                Error::store(format!("read the pages of snapshot {}", m.header().id), e)
+            })?;
+            Ok(Arc::new(ManifestReader::new(
+                repo.clone(),
+                snapshot::StoredManifest::V1(whole),
+            )))
+        }
+        _ => Ok(Arc::clone(m)),
+    }
+}
+
+/// A new volume's chunk map: every chunk its snapshot may hold data for
+/// is `Base` (see `base`), the rest `Zero`. Bits set a word at a time, so
+/// a fully written 16 TiB base costs its 4 MiB of bits and no more.
+pub fn initial_map(geometry: ChunkGeometry, source: Option<&ManifestReader>) -> ChunkMap {
     let map = ChunkMap::new(geometry);
     if let Some(m) = source {
-        for (i, _) in m.hashed() {
-            map.set_base(*i);
+        for r in m.maybe_data() {
+            map.set_base_range(r.start..r.end.min(geometry.count()));
         }
     }
     map

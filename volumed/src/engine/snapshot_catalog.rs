@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use snapshot::diff::Diff;
-use snapshot::{Manifest, ManifestHeader, Repo, RepoError, SnapshotId};
+use snapshot::{Manifest, ManifestHeader, ManifestReader, Repo, RepoError, SnapshotId};
 use tracing::{info, warn};
 
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotState};
@@ -101,9 +101,11 @@ impl SnapshotCatalog {
         if let Some(h) = self.headers().get(id) {
             return Ok(h.clone());
         }
-        let m = self.repo.get_manifest(id).await?;
-        self.headers().insert(id.clone(), m.header.clone());
-        Ok(m.header)
+        // The object alone: a format-2 root has the header, no pages needed.
+        let m = self.repo.get_stored(id).await?;
+        let h = m.header().clone();
+        self.headers().insert(id.clone(), h.clone());
+        Ok(h)
     }
 
     /// Every snapshot, oldest first: this host's records, and every other
@@ -189,7 +191,15 @@ impl SnapshotCatalog {
 
     /// A snapshot's whole manifest, from the store.
     pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
-        match self.repo.get_manifest(id).await {
+        let r = self.reader(id).await?;
+        r.materialize()
+            .await
+            .map_err(|e| Error::store(format!("read snapshot {id}"), e))
+    }
+
+    /// A snapshot's manifest, read lazily (pages on demand).
+    pub async fn reader(&self, id: &SnapshotId) -> Result<ManifestReader> {
+        match self.repo.open_manifest(id).await {
             Ok(m) => Ok(m),
             Err(RepoError::MissingManifest(_)) => match self.record(id)? {
                 // Ours, and not in the store: it never completed.
@@ -205,12 +215,19 @@ impl SnapshotCatalog {
     /// The ranges that differ from `from` to `to` (see `snapshot::diff`);
     /// without `from`, the ranges of `to` that hold data.
     pub async fn diff(&self, from: Option<&SnapshotId>, to: &SnapshotId) -> Result<Diff> {
-        let to = self.manifest(to).await?;
+        let to = self.reader(to).await?;
         let from = match from {
-            Some(id) => Some(self.manifest(id).await?),
+            Some(id) => Some(self.reader(id).await?),
             None => None,
         };
-        snapshot::diff::diff(from.as_ref(), &to).map_err(|e| Error::InvalidRequest(e.to_string()))
+        snapshot::diff::diff_readers(from.as_ref(), &to)
+            .await
+            .map_err(|e| match e {
+                snapshot::diff::DiffError::Read(id, e) => {
+                    Error::store(format!("read the manifest of snapshot {id}"), *e)
+                }
+                e => Error::InvalidRequest(e.to_string()),
+            })
     }
 
     /// Collects garbage in the store; `grace` overrides the configured

@@ -1,8 +1,9 @@
 //! Read-only NBD exports of snapshots, for backup tools that read a
 //! snapshot without restoring it.
 //!
-//! A [`SnapshotImage`] reads its snapshot's chunks lazily through the host
-//! chunk cache; every chunk is checked against its hash by the fetcher, so
+//! A [`SnapshotImage`] reads its snapshot's manifest lazily (a format-2
+//! root, its pages on demand through a bounded cache) and its chunks
+//! through the host chunk cache; every chunk is checked against its hash by the fetcher, so
 //! a damaged object fails the requests that touch it and nothing else.
 //!
 //! While exported, a snapshot is held in the store (`x-HOST-ID` holds), so
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use snapshot::cache::Fetcher;
 use snapshot::diff::Diff;
-use snapshot::{ChunkGeometry, Manifest, Repo, SnapshotId};
+use snapshot::{ChunkGeometry, ManifestReader, Repo, SnapshotId};
 use tracing::{info, warn};
 
 use super::export::{Backend, Export};
@@ -41,7 +42,7 @@ fn hold_prefix(host_id: &str) -> String {
 /// A snapshot as a read-only disk.
 pub struct SnapshotImage {
     pub id: SnapshotId,
-    pub manifest: Arc<Manifest>,
+    pub manifest: Arc<ManifestReader>,
     fetcher: Arc<Fetcher>,
     geometry: ChunkGeometry,
     /// Changed blocks from other snapshots (dirty-bitmap contexts), made on
@@ -55,10 +56,14 @@ pub struct SnapshotImage {
 
 /// Decoded chunks an image keeps, most recent first.
 const RECENT_CHUNKS: usize = 32;
+/// Manifest pages one base:allocation answer looks at: NBD lets a reply
+/// cover less than was asked, and this keeps one answer to a few page
+/// reads whatever range the client names.
+const EXTENT_PAGES: u64 = 4;
 
 impl SnapshotImage {
-    pub fn new(manifest: Arc<Manifest>, fetcher: Arc<Fetcher>) -> io::Result<Self> {
-        let h = &manifest.header;
+    pub fn new(manifest: Arc<ManifestReader>, fetcher: Arc<Fetcher>) -> io::Result<Self> {
+        let h = manifest.header();
         let geometry = ChunkGeometry::new(h.size, h.chunk_size).map_err(|e| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -89,7 +94,7 @@ impl SnapshotImage {
 
     /// The bytes of chunk `chunk`, verified against its hash and length.
     async fn chunk(&self, chunk: u64) -> io::Result<Option<Arc<Vec<u8>>>> {
-        let Some(hash) = self.manifest.get(chunk) else {
+        let Some(hash) = self.hash(chunk).await? else {
             return Ok(None);
         };
         if let Some(data) = self
@@ -160,33 +165,69 @@ impl SnapshotImage {
         Ok(())
     }
 
-    /// base:allocation runs: zero chunks are holes that read as zeros.
-    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
-        let end = offset.saturating_add(len).min(self.size());
+    async fn hash(&self, chunk: u64) -> io::Result<Option<snapshot::ChunkHash>> {
+        self.manifest
+            .get(chunk)
+            .await
+            .map_err(|e| self.manifest_error(chunk, e))
+    }
+
+    /// base:allocation runs: zero chunks are holes that read as zeros. The
+    /// runs may end before `offset + len` (at most [`EXTENT_PAGES`] pages
+    /// of the manifest are looked at), never after.
+    pub async fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let mut end = offset.saturating_add(len).min(self.size());
         let mut out: Vec<Extent> = Vec::new();
         if offset >= end {
-            return out;
+            return Ok(out);
         }
-        for c in self.geometry.chunks_of(offset, end - offset) {
+        let per = u64::from(self.manifest.page_chunks());
+        let first = self.geometry.chunk_of(offset);
+        let limit = (first / per)
+            .saturating_add(EXTENT_PAGES)
+            .saturating_mul(per);
+        if limit < self.geometry.count() {
+            end = end.min(self.geometry.offset(limit));
+        }
+        let last = self.geometry.chunk_of(end - 1);
+        let hashed = self
+            .manifest
+            .hashed_in(first, last + 1)
+            .await
+            .map_err(|e| self.manifest_error(first, e))?;
+        let mut next = hashed.iter().map(|(i, _)| *i).peekable();
+        for c in first..=last {
             let r = self.geometry.range(c);
             let n = r.end.min(end) - r.start.max(offset);
-            let zero = self.manifest.get(c).is_none();
+            while next.next_if(|i| *i < c).is_some() {}
+            let zero = next.peek() != Some(&c);
             match out.last_mut() {
                 Some(e) if e.zero == zero => e.len += n,
                 _ => out.push(Extent { len: n, zero }),
             }
         }
-        out
+        Ok(out)
+    }
+
+    fn manifest_error(&self, chunk: u64, e: snapshot::RepoError) -> io::Error {
+        tracing::error!(snapshot = %self.id, chunk, error = %e,
+            "cannot read a page of an exported snapshot's manifest");
+        io::Error::other(format!(
+            "chunk {chunk} of snapshot {}: manifest page: {e}",
+            self.id
+        ))
     }
 
     /// What changed from snapshot `from` to this one, once per `from`.
-    pub fn changed_from(&self, from: &Manifest) -> Result<Arc<Diff>> {
-        let id = &from.header.id;
+    /// Pages both manifests name alike are skipped unread.
+    pub async fn changed_from(&self, from: &ManifestReader) -> Result<Arc<Diff>> {
+        let id = &from.header().id;
         if let Some(d) = self.lock_changed().get(id) {
             return Ok(Arc::clone(d));
         }
         let d = Arc::new(
-            snapshot::diff::diff(Some(from), &self.manifest)
+            snapshot::diff::diff_readers(Some(from), &self.manifest)
+                .await
                 .map_err(|e| Error::InvalidRequest(e.to_string()))?,
         );
         self.lock_changed().insert(id.clone(), Arc::clone(&d));
@@ -264,10 +305,10 @@ impl SnapshotExports {
 
     /// Serves `m` under its id; the store hold comes first, so no gc can
     /// take a chunk a client is about to read.
-    async fn open(&self, m: Arc<Manifest>) -> Result<Export> {
-        let id = m.header.id.clone();
+    async fn open(&self, m: Arc<ManifestReader>) -> Result<Export> {
+        let id = m.header().id.clone();
         self.repo
-            .put_hold(&hold_name(&self.host_id, &id), &m)
+            .put_hold_stored(&hold_name(&self.host_id, &id), m.stored())
             .await
             .map_err(|e| Error::store(format!("record a hold on snapshot {id}"), e))?;
         let image = SnapshotImage::new(m, Arc::clone(&self.fetcher))
@@ -277,9 +318,9 @@ impl SnapshotExports {
 
     /// Exports `m` until [`SnapshotExports::detach`], across restarts.
     /// Attaching an attached snapshot changes nothing.
-    pub async fn attach(&self, m: Arc<Manifest>) -> Result<u64> {
+    pub async fn attach(&self, m: Arc<ManifestReader>) -> Result<u64> {
         let _one = self.changes.lock().await;
-        let id = m.header.id.clone();
+        let id = m.header().id.clone();
         if let Some(at) = self.attached_at(&id) {
             return Ok(at);
         }
@@ -322,7 +363,7 @@ impl SnapshotExports {
                 .export
                 .backend
                 .snapshot()
-                .map(|s| s.manifest.header.clone()),
+                .map(|s| s.manifest.header().clone()),
             _ => None,
         };
         let Some(header) = header else {
@@ -344,9 +385,9 @@ impl SnapshotExports {
     }
 
     /// Exports `m` for as long as the lease lives.
-    pub async fn lease(self: &Arc<Self>, m: Arc<Manifest>) -> Result<SnapshotExportLease> {
+    pub async fn lease(self: &Arc<Self>, m: Arc<ManifestReader>) -> Result<SnapshotExportLease> {
         let _one = self.changes.lock().await;
-        let id = m.header.id.clone();
+        let id = m.header().id.clone();
         let exists = match self.entries().get_mut(&id) {
             Some(e) => {
                 e.leases += 1;
@@ -414,13 +455,13 @@ impl SnapshotExports {
             // The hold is the manifest's copy, and it outlives a delete of
             // the snapshot by another host.
             let hold = snapshot::keys::hold_key(&hold_name(&self.host_id, &rec.id));
-            let found = match self.repo.get_manifest_at(&hold).await {
+            let found = match self.repo.get_stored_at(&hold).await {
                 Ok(Some(m)) => Ok(m),
-                Ok(None) => self.repo.get_manifest(&rec.id).await,
+                Ok(None) => self.repo.get_stored(&rec.id).await,
                 Err(e) => Err(e),
             };
             let m = match found {
-                Ok(m) => Arc::new(m),
+                Ok(m) => Arc::new(ManifestReader::new(self.repo.clone(), m)),
                 Err(e) => {
                     warn!(snapshot = %rec.id, error = %e, "cannot export the snapshot again; will retry at next start");
                     continue;
@@ -519,7 +560,7 @@ impl Drop for SnapshotExportLease {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use snapshot::ManifestHeader;
+    use snapshot::{Manifest, ManifestHeader, StoredManifest};
 
     const CS: u64 = 4096;
 
@@ -548,8 +589,14 @@ mod tests {
             let put = repo.put_chunk(data).await.unwrap();
             m.push(c, Some(put.hash));
         }
+        // Stored in format 2 and read back lazily, as the daemon does.
+        let root = repo.put_manifest(&m).await.unwrap();
+        let reader = ManifestReader::new(repo.clone(), StoredManifest::V2(root));
         let fetcher = Arc::new(Fetcher::new(repo, None));
-        (SnapshotImage::new(Arc::new(m), fetcher).unwrap(), bytes)
+        (
+            SnapshotImage::new(Arc::new(reader), fetcher).unwrap(),
+            bytes,
+        )
     }
 
     proptest! {
@@ -570,7 +617,7 @@ mod tests {
                 }
             }
             prop_assert_eq!(&got[..], &bytes[start as usize..(start + len) as usize]);
-            let extents = img.extents(start, len);
+            let extents = rt.block_on(img.extents(start, len)).unwrap();
             prop_assert_eq!(extents.iter().map(|e| e.len).sum::<u64>(), len);
             let mut pos = start;
             for e in extents {

@@ -44,7 +44,7 @@ pub struct Volume {
     freeze: Mutex<Option<Arc<Freeze>>>,
     /// The manifest of the last snapshot, kept so the next incremental one
     /// need not fetch it from the store.
-    parent_manifest: Mutex<Option<Arc<snapshot::Manifest>>>,
+    parent_manifest: Mutex<Option<Arc<snapshot::ManifestReader>>>,
     /// The snapshot this volume was created from, while any chunk may still
     /// be `Base`.
     base: Option<Arc<BaseImage>>,
@@ -191,7 +191,13 @@ impl Volume {
         if self.map.state(chunk) != ChunkState::Base {
             return Ok(());
         }
-        let bytes = base.fetch(chunk, &self.name).await?;
+        let Some(bytes) = base.fetch(chunk, &self.name).await? else {
+            // Zero in the snapshot: it leaves the base as a `Zero` chunk
+            // (a hole in the data file), logged like any other.
+            self.map.drop_zero_base(chunk);
+            base.log.note(chunk);
+            return Ok(());
+        };
         self.check_health()?;
         let r = self.data.write(self.chunks.offset(chunk), bytes).await;
         self.written("write", r)?;
@@ -376,14 +382,14 @@ impl Volume {
         }
     }
 
-    pub fn parent_manifest(&self) -> Option<Arc<snapshot::Manifest>> {
+    pub fn parent_manifest(&self) -> Option<Arc<snapshot::ManifestReader>> {
         self.parent_manifest
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub(crate) fn set_parent_manifest(&self, m: Arc<snapshot::Manifest>) {
+    pub(crate) fn set_parent_manifest(&self, m: Arc<snapshot::ManifestReader>) {
         *self
             .parent_manifest
             .lock()

@@ -390,8 +390,10 @@ fn snapshot_export() -> SnapshotExports {
     let b = manifest("snap-b", &[(0, 1), (3, 2)]);
     let diff = Arc::new(snapshot::diff::diff(Some(&a), &b).unwrap());
     let store = Arc::new(snapshot::store::MemoryStore::new());
-    let fetcher = Arc::new(Fetcher::new(Repo::new(store, 3), None));
-    let image = crate::engine::SnapshotImage::new(Arc::new(b), fetcher).unwrap();
+    let repo = Repo::new(store, 3);
+    let reader = snapshot::ManifestReader::new(repo.clone(), snapshot::StoredManifest::V1(b));
+    let fetcher = Arc::new(Fetcher::new(repo, None));
+    let image = crate::engine::SnapshotImage::new(Arc::new(reader), fetcher).unwrap();
     SnapshotExports {
         export: crate::engine::Export::new(crate::engine::Backend::Snapshot(Arc::new(image))),
         diff,

@@ -382,6 +382,7 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
         Op::BlockStatus => {
             let one = req.flags & CMD_FLAG_REQ_ONE != 0;
             let body = block_status(&backend, &ctx.contexts, off, len, one)
+                .await
                 .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e));
             metrics::finish(timing.0, timing.1);
             ctx.reply_now(req.cookie, body, permit).await;
@@ -390,7 +391,7 @@ async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
 }
 
 /// Each selected context's runs of `[off, off + len)`.
-fn block_status(
+async fn block_status(
     backend: &Backend,
     contexts: &[(u32, MetaContext)],
     off: u64,
@@ -400,7 +401,7 @@ fn block_status(
     let mut out = Vec::with_capacity(contexts.len());
     for (id, context) in contexts {
         let mut extents = match context {
-            MetaContext::BaseAllocation => base_allocation(backend.extents(off, len)?),
+            MetaContext::BaseAllocation => base_allocation(backend.extents(off, len).await?),
             MetaContext::Changed(diff) => dirty_bitmap(diff.runs(off, len)),
             MetaContext::LiveChanged => match backend.volume() {
                 Some(vol) => dirty_bitmap(vol.changed_runs(off, len)),

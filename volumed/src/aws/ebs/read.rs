@@ -10,7 +10,7 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use snapshot::{Manifest, SnapshotId};
+use snapshot::{ChunkHash, ManifestReader, RepoError, SnapshotId};
 
 use super::{BLOCK_SIZE, EbsError, EbsResult, Query, checksum, epoch_seconds, json_response};
 use crate::aws::{AwsState, Response};
@@ -23,23 +23,54 @@ const MIN_RESULTS: u64 = 100;
 /// never expire while the snapshot exists).
 const TOKEN_VALIDITY_SECS: u64 = 7 * 24 * 3600;
 
-/// A completed snapshot's manifest, which must have 512 KiB chunks.
-async fn manifest(state: &AwsState, id: &SnapshotId) -> EbsResult<Manifest> {
-    let m = state.engine.manifest(id).await?;
-    if m.header.chunk_size != BLOCK_SIZE {
+/// A completed snapshot's manifest, which must have 512 KiB chunks, read
+/// lazily: a listing or a block read costs the pages it touches.
+async fn manifest(state: &AwsState, id: &SnapshotId) -> EbsResult<ManifestReader> {
+    let m = state.engine.manifest_reader(id).await?;
+    if m.header().chunk_size != BLOCK_SIZE {
         return Err(EbsError::validation(
             "INVALID_PARAMETER_VALUE",
             format!(
                 "snapshot {id} has {} byte chunks; the EBS direct APIs serve snapshots with 524288 byte (512 KiB) chunks only",
-                m.header.chunk_size
+                m.header().chunk_size
             ),
         ));
     }
     Ok(m)
 }
 
-fn volume_size_gib(m: &Manifest) -> u64 {
-    m.header.size.div_ceil(1 << 30)
+fn volume_size_gib(m: &ManifestReader) -> u64 {
+    m.header().size.div_ceil(1 << 30)
+}
+
+fn page_error(id: &SnapshotId, e: RepoError) -> EbsError {
+    crate::error::Error::store(format!("read the manifest of snapshot {id}"), e).into()
+}
+
+/// Up to `max` non-zero blocks from `start`, ascending, and whether more
+/// follow; reads the manifest's pages from `start` on until it has them.
+async fn blocks_from(
+    m: &ManifestReader,
+    id: &SnapshotId,
+    start: u64,
+    max: usize,
+) -> EbsResult<(Vec<(u64, ChunkHash)>, bool)> {
+    let per = u64::from(m.page_chunks());
+    let mut out = Vec::new();
+    for index in start / per..m.page_count() {
+        let Some(span) = m.span(index) else { break };
+        let entries = m
+            .hashed_in(start.max(span.first), span.end())
+            .await
+            .map_err(|e| page_error(id, e))?;
+        for e in entries {
+            if out.len() == max {
+                return Ok((out, true));
+            }
+            out.push(e);
+        }
+    }
+    Ok((out, false))
 }
 
 fn expiry() -> serde_json::Value {
@@ -62,10 +93,8 @@ pub async fn list_blocks(state: &AwsState, id: &SnapshotId, q: &Query) -> EbsRes
     let max = q.number("maxResults", MIN_RESULTS, MAX_RESULTS, MAX_RESULTS)?;
     let start = start_index(q)?;
     let m = manifest(state, id).await?;
-    let hashed = m.hashed();
-    let from = hashed.partition_point(|(i, _)| *i < start);
     let max = usize::try_from(max).unwrap_or(usize::MAX);
-    let page = &hashed[from..hashed.len().min(from.saturating_add(max))];
+    let (page, more) = blocks_from(&m, id, start, max).await?;
     let blocks: Vec<serde_json::Value> = page
         .iter()
         .map(|(i, h)| serde_json::json!({ "BlockIndex": i, "BlockToken": h.to_hex() }))
@@ -76,9 +105,7 @@ pub async fn list_blocks(state: &AwsState, id: &SnapshotId, q: &Query) -> EbsRes
         "VolumeSize": volume_size_gib(&m),
         "ExpiryTime": expiry(),
     });
-    if from + page.len() < hashed.len()
-        && let Some((last, _)) = page.last()
-    {
+    if more && let Some((last, _)) = page.last() {
         body["NextToken"] = (last + 1).to_string().into();
     }
     Ok(json_response(200, &body))
@@ -114,10 +141,12 @@ pub async fn list_changed(state: &AwsState, second: &SnapshotId, q: &Query) -> E
                 break 'extents;
             }
             let mut b = serde_json::json!({ "BlockIndex": i });
-            if let Some(h) = from.as_ref().and_then(|f| f.get(i)) {
+            if let (Some(f), Some(fid)) = (&from, &first)
+                && let Some(h) = f.get(i).await.map_err(|e| page_error(fid, e))?
+            {
                 b["FirstBlockToken"] = h.to_hex().into();
             }
-            if let Some(h) = to.get(i) {
+            if let Some(h) = to.get(i).await.map_err(|e| page_error(second, e))? {
                 b["SecondBlockToken"] = h.to_hex().into();
             }
             blocks.push(b);
@@ -154,6 +183,8 @@ pub async fn get_block(
     }
     let hash = m
         .get(index)
+        .await
+        .map_err(|e| page_error(id, e))?
         .filter(|h| h.to_hex() == token)
         .ok_or_else(|| {
             EbsError::validation(

@@ -161,12 +161,18 @@ impl ExportJobs {
         let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone()));
         let m = self
             .repo
-            .get_manifest(&id)
+            .open_manifest(&id)
             .await
             .map_err(|e| format!("read snapshot {id}: {e}"))?;
-        let _ = self.jobs.update(h, |r| r.bytes_total = m.header.size);
+        let _ = self.jobs.update(h, |r| r.bytes_total = m.header().size);
         match (format, sink) {
-            (ImageFormat::Raw, sink) => self.write_raw(h, &m, sink).await,
+            (ImageFormat::Raw, sink) => {
+                let m = m
+                    .materialize()
+                    .await
+                    .map_err(|e| format!("read snapshot {id}: {e}"))?;
+                self.write_raw(h, &m, sink).await
+            }
             (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
             (fmt, Sink::File(dest)) => {
                 let lease = self

@@ -29,6 +29,8 @@ use crate::engine::Volume;
 use crate::engine::registry::Registry;
 use crate::engine::restore::{hold_name, hold_prefix};
 
+/// Chunks taken from the base per pass.
+const HYDRATE_BATCH: usize = 65_536;
 const HYDRATE_CONCURRENCY: usize = 16;
 const PERSIST_EVERY: u64 = 256;
 /// Pause between passes when some chunks failed.
@@ -171,7 +173,8 @@ impl Hydrator {
     async fn hydrate(self: Arc<Self>, vol: Arc<Volume>, cancel: CancellationToken) {
         info!(volume = %vol.name, remaining = vol.map().base_chunks(), "hydration started");
         loop {
-            let todo = vol.map().base_list();
+            // In batches: the list of a 16 TiB base would be 256 MiB.
+            let todo = vol.map().base_batch(HYDRATE_BATCH);
             if todo.is_empty() {
                 break;
             }

@@ -7,7 +7,9 @@
 //!    preserved), hash it, and upload it unless the store has it. A failure
 //!    here leaves chunk objects no manifest names: garbage for gc, harmless.
 //! 3. Build the manifest: changed chunks from step 2, unchanged ones from
-//!    the parent's manifest.
+//!    the parent's manifest. Format 2 (see `snapshot::writer`): a page of
+//!    the parent with no changed chunk is named again, unread; only pages
+//!    with changes are written.
 //! 4. Write the manifest: the commit point. Before it, the snapshot does not
 //!    exist; after it, it does, even if we crash before step 5.
 //! 5. Record `completed` and make it the volume's parent for the next one.
@@ -25,7 +27,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use snapshot::{ChunkHash, Manifest, ManifestHeader, Repo, RepoError, SnapshotId};
+use snapshot::{
+    ChunkHash, ManifestHeader, ManifestReader, ManifestRoot, Repo, RepoError, SnapshotId,
+    StoredManifest,
+};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -75,6 +80,12 @@ pub enum SnapshotError {
     StaleMarker(Duration),
     #[error("write manifest: {0}")]
     Manifest(#[source] RepoError),
+    #[error("read the base's hash of chunk {chunk}: {source}")]
+    Base {
+        chunk: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("the volume failed during the snapshot: {0}")]
     VolumeFailed(String),
 }
@@ -239,8 +250,8 @@ impl SnapshotJobs {
             .filter(|r| r.state == SnapshotState::Pending)
         {
             let _ = self.repo.end_pending(&rec.id).await;
-            match self.repo.get_manifest(&rec.id).await {
-                Ok(m) => complete_record(&mut rec, &m.header),
+            match self.repo.get_stored(&rec.id).await {
+                Ok(m) => complete_record(&mut rec, m.header()),
                 Err(_) => {
                     rec.state = SnapshotState::Error;
                     rec.error = Some("interrupted by a daemon restart".into());
@@ -305,7 +316,10 @@ impl SnapshotJob {
                     warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
                 } else {
                     vol.set_record(vrec);
-                    vol.set_parent_manifest(Arc::new(m));
+                    vol.set_parent_manifest(Arc::new(ManifestReader::new(
+                        jobs.repo.clone(),
+                        StoredManifest::V2(m),
+                    )));
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
                       uploaded = rec.uploaded_bytes, "snapshot completed");
@@ -327,7 +341,7 @@ impl SnapshotJob {
     }
 
     /// Steps 2 to 4.
-    async fn build(&self, marker: &Marker) -> std::result::Result<Manifest, SnapshotError> {
+    async fn build(&self, marker: &Marker) -> std::result::Result<ManifestRoot, SnapshotError> {
         let plan = self.guard.plan();
         let geometry = self.guard.geometry();
         let repo = &self.jobs.repo;
@@ -348,24 +362,10 @@ impl SnapshotJob {
         };
 
         let (hashed, uploaded) = self.upload_changed().await?;
+        let based = self.base_hashes(&plan.base_chunks).await?;
 
-        // Step 3: unchanged chunks from the parent, changed ones from above,
-        // and chunks still Base at the instant with their snapshot's bytes.
-        let mut entries: Vec<(u64, ChunkHash)> = hashed;
-        entries.extend(plan.base_chunks.iter().copied());
-        if let (Some(parent), Changed::Chunks(changed)) = (&parent, &plan.changed) {
-            entries.extend(
-                parent
-                    .hashed()
-                    .iter()
-                    .filter(|(i, _)| geometry.contains(*i) && changed.binary_search(i).is_err())
-                    .copied(),
-            );
-        }
-        entries.sort_unstable_by_key(|(c, _)| *c);
-        let logical_bytes: u64 = entries.iter().map(|(c, _)| geometry.len(*c)).sum();
         let rec = &self.rec;
-        let mut manifest = Manifest::new(ManifestHeader {
+        let header = ManifestHeader {
             id: rec.id.clone(),
             volume: rec.volume.clone(),
             size: geometry.size(),
@@ -374,12 +374,48 @@ impl SnapshotJob {
             created_at: crate::catalog::rfc3339(rec.created_at),
             labels: rec.labels.clone(),
             changed_chunks: plan.changed_chunks(),
-            logical_bytes,
+            logical_bytes: 0,
             uploaded_bytes: uploaded,
-        });
-        for (c, h) in entries {
-            manifest.push(c, Some(h));
-        }
+        };
+        // Step 3: changed chunks from above and chunks still Base at the
+        // instant with their snapshot's hashes; the parent's pages for the
+        // rest.
+        let manifest = match (&parent, &plan.changed) {
+            (Some(parent), Changed::Chunks(changed)) => {
+                let changes: Vec<(u64, Option<ChunkHash>)> = changed
+                    .iter()
+                    .filter(|c| geometry.contains(**c))
+                    .map(|&c| (c, find(&hashed, c).or_else(|| find(&based, c))))
+                    .collect();
+                snapshot::writer::write_incremental(repo, header, parent, &changes)
+                    .await
+                    .map_err(|e| match e {
+                        // The parent's pages are read only now: one that is
+                        // gone or damaged makes the parent unusable, so the
+                        // next snapshot is a full one rather than fail again.
+                        RepoError::MissingPage(_) | RepoError::CorruptPage { .. } => {
+                            SnapshotError::Parent {
+                                id: parent.header().id.clone(),
+                                source: e,
+                            }
+                        }
+                        e => SnapshotError::Manifest(e),
+                    })?
+                    .root
+            }
+            _ => {
+                let mut entries = hashed;
+                entries.extend(based);
+                entries.sort_unstable_by_key(|(c, _)| *c);
+                let mut header = header;
+                header.logical_bytes = entries.iter().map(|(c, _)| geometry.len(*c)).sum();
+                let (mut root, pages) = snapshot::writer::write_entries(repo, header, &entries)
+                    .await
+                    .map_err(SnapshotError::Manifest)?;
+                root.header.uploaded_bytes += pages;
+                root
+            }
+        };
 
         crate::failpoint::delay("snapshot-before-manifest").await;
         // Without a fresh marker a gc elsewhere may have judged chunks this
@@ -398,11 +434,31 @@ impl SnapshotJob {
         crate::failpoint::hit("snapshot-before-manifest");
         // Step 4: the commit point.
         // A lost reply is settled inside `put_manifest` by reading back.
-        repo.put_manifest(&manifest)
+        repo.commit_root(&manifest)
             .await
             .map_err(SnapshotError::Manifest)?;
         crate::failpoint::hit("snapshot-after-manifest");
         Ok(manifest)
+    }
+
+    /// The base snapshot's hashes of chunks still `Base` at the instant
+    /// (zero ones left out), ascending; reads the base's pages in order.
+    async fn base_hashes(
+        &self,
+        chunks: &[u64],
+    ) -> std::result::Result<Vec<(u64, ChunkHash)>, SnapshotError> {
+        let Some(base) = self.vol.base() else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for &c in chunks {
+            match base.hash(c).await {
+                Ok(Some(h)) => out.push((c, h)),
+                Ok(None) => {}
+                Err(source) => return Err(SnapshotError::Base { chunk: c, source }),
+            }
+        }
+        Ok(out)
     }
 
     /// Step 2, [`UPLOAD_CONCURRENCY`] chunks at a time: the hashes of the
@@ -453,20 +509,28 @@ impl SnapshotJob {
     }
 }
 
-/// The parent's manifest: the copy kept from the last snapshot, else from
-/// the store.
+/// The hash `entries` (ascending) give chunk `c`.
+fn find(entries: &[(u64, ChunkHash)], c: u64) -> Option<ChunkHash> {
+    entries
+        .binary_search_by_key(&c, |(i, _)| *i)
+        .ok()
+        .map(|p| entries[p].1)
+}
+
+/// The parent's manifest: the reader kept from the last snapshot, else
+/// opened from the store.
 async fn parent_manifest(
     repo: &Repo,
     vol: &Volume,
     id: &SnapshotId,
-) -> std::result::Result<Arc<Manifest>, RepoError> {
-    if let Some(m) = vol.parent_manifest().filter(|m| m.header.id == *id) {
+) -> std::result::Result<Arc<ManifestReader>, RepoError> {
+    if let Some(m) = vol.parent_manifest().filter(|m| m.header().id == *id) {
         if !repo.manifest_exists(id).await? {
             return Err(RepoError::MissingManifest(id.to_string()));
         }
         return Ok(m);
     }
-    let m = Arc::new(repo.get_manifest(id).await?);
+    let m = Arc::new(repo.open_manifest(id).await?);
     vol.set_parent_manifest(Arc::clone(&m));
     Ok(m)
 }
