@@ -26,7 +26,7 @@ SIZE_MIB=${2:-2048}
 FILL_BS=${3:-1m}
 command -v qemu-nbd nbdkit fio >/dev/null
 
-cargo build --release --quiet -p volumed -p vol
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 NAME=peers
 # shellcheck source=benches/common.sh
