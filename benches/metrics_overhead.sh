@@ -12,7 +12,7 @@ RUNTIME=${1:-10}
 ROUNDS=${2:-3}
 SIZE_MIB=${3:-1024}
 command -v fio curl >/dev/null
-cargo build --release --quiet -p volumed -p vol
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 NAME=metricsbench
 # shellcheck source=benches/common.sh

@@ -16,7 +16,7 @@ RUNTIME=${1:-10}
 SIZE_MIB=${2:-1024}
 command -v qemu-nbd fio nbdcopy >/dev/null
 
-cargo build --release --quiet -p volumed -p vol
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 NAME=bench
 # shellcheck source=benches/common.sh

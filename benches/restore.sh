@@ -15,8 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-4096}
-cargo build --release --quiet -p volumed -p vol
-cargo build --release --quiet -p volumed-benches --bin put_rate --bin get_rate
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 command -v fio nbdcopy >/dev/null
 NAME=restorebench

@@ -21,8 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_MIB=${1:-1024}
 ROUNDS=${2:-3}
-cargo build --release --quiet -p volumed -p vol
-cargo build --release --quiet -p volumed-benches --bin put_rate --bin get_rate
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 command -v nbdcopy >/dev/null
 NAME=exportbench

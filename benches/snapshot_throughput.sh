@@ -13,8 +13,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE_GIB=${1:-4}
-cargo build --release --quiet -p volumed -p vol
-cargo build --release --quiet -p volumed-benches --bin put_rate
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 NAME=snapbench
 # shellcheck source=benches/common.sh

@@ -20,8 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-30}
-cargo build --release --quiet -p volumed -p vol
-cargo build --release --quiet -p volumed-benches --bin put_rate
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 command -v fio nbdcopy cmp >/dev/null
 NAME=soak

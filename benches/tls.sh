@@ -15,8 +15,7 @@ SIZE_MIB=${1:-1024}
 COUNT=${2:-5000}
 command -v qemu-nbd nbdcopy openssl >/dev/null
 
-cargo build --release --quiet -p volumed -p vol
-cargo build --release --quiet -p volumed-benches --bin put_rate
+cargo build --release --quiet --workspace --bins
 BIN=target/release
 NAME=tls
 # shellcheck source=benches/common.sh
