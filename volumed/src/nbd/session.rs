@@ -289,7 +289,6 @@ fn metric_op(c: Command) -> Option<metrics::Op> {
     })
 }
 
-/// Starts a validated request.
 /// Exactly `len` bytes into a new buffer, which is not zeroed first: the
 /// payload overwrites it, and a memset of every megabyte written was a
 /// visible share of a bulk write's CPU.
@@ -310,6 +309,7 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
     Ok(buf)
 }
 
+/// Starts a validated request.
 async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
     let backend = ctx.backend.clone();
     let (off, len) = (req.offset, u64::from(req.length));
