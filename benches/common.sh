@@ -45,3 +45,22 @@ start_volumed() {
     for _ in $(seq 100); do [ -S "$dir/volumed.sock" ] && break; sleep 0.1; done
     VOL="$BIN/vol --socket $dir/volumed.sock"
 }
+
+# Writes a raw image of $2 MiB at $1, the same layout every time: per MiB,
+# 30 % random data, 10 % written zeros, the rest holes (the image and
+# export benchmarks' disk).
+make_image() {
+    /usr/bin/python3 - "$1" "$2" <<'PY'
+import os, random, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+r = random.Random(7)
+with open(path, "wb") as f:
+    f.truncate(mib << 20)
+    for i in range(mib):
+        x = r.random()
+        if x < 0.3:
+            f.seek(i << 20); f.write(os.urandom(1 << 20))
+        elif x < 0.4:
+            f.seek(i << 20); f.write(bytes(1 << 20))
+PY
+}

@@ -28,19 +28,7 @@ NAME=exportbench
 # shellcheck source=benches/common.sh
 . benches/common.sh
 
-/usr/bin/python3 - "$WORK/img.raw" "$SIZE_MIB" <<'PY'
-import os, random, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-r = random.Random(7)
-with open(path, "wb") as f:
-    f.truncate(mib << 20)
-    for i in range(mib):
-        x = r.random()
-        if x < 0.3:
-            f.seek(i << 20); f.write(os.urandom(1 << 20))
-        elif x < 0.4:
-            f.seek(i << 20); f.write(bytes(1 << 20))
-PY
+make_image "$WORK/img.raw" "$SIZE_MIB"
 mkdir -p "$WORK/d"; chmod 700 "$WORK/d"
 start_volumed "$WORK/d" "file://$WORK/store"
 json() { /usr/bin/python3 -c "import json,sys; print(json.load(sys.stdin)$1)"; }

@@ -13,13 +13,19 @@ impl ChunkHash {
     }
 
     pub fn to_hex(&self) -> String {
-        let mut s = String::with_capacity(64);
-        for b in self.0 {
-            s.push(char::from(HEX[(b >> 4) as usize]));
-            s.push(char::from(HEX[(b & 15) as usize]));
-        }
-        s
+        hex(&self.0)
     }
+}
+
+/// Lowercase hex of any digest (chunk hashes, SHA-256 of images and
+/// request bodies).
+pub fn hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(HEX[(b >> 4) as usize]));
+        s.push(char::from(HEX[(b & 15) as usize]));
+    }
+    s
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";

@@ -430,6 +430,24 @@ impl PartialEq<&str> for SnapshotId {
     }
 }
 
+/// A header for the crate's tests: a fresh id, volume `v`, no parent or
+/// labels, zero counts; tests change the fields they care about.
+#[cfg(test)]
+pub(crate) fn test_header(size: u64, chunk_size: u64) -> ManifestHeader {
+    ManifestHeader {
+        id: SnapshotId::generate(),
+        volume: "v".into(),
+        size,
+        chunk_size,
+        parent: None,
+        created_at: "2026-12-02T00:00:00Z".into(),
+        labels: Default::default(),
+        changed_chunks: 0,
+        logical_bytes: 0,
+        uploaded_bytes: 0,
+    }
+}
+
 impl fmt::Display for SnapshotId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

@@ -220,22 +220,10 @@ impl Repo {
 mod tests {
     use super::*;
     use crate::codec;
-    use crate::manifest::SnapshotId;
     use crate::store::MemoryStore;
 
     fn header(chunks: u64) -> ManifestHeader {
-        ManifestHeader {
-            id: SnapshotId::generate(),
-            volume: "v".into(),
-            size: chunks << 16,
-            chunk_size: 1 << 16,
-            parent: None,
-            created_at: "2026-12-02T00:00:00Z".into(),
-            labels: Default::default(),
-            changed_chunks: 0,
-            logical_bytes: 0,
-            uploaded_bytes: 0,
-        }
+        crate::manifest::test_header(chunks << 16, 1 << 16)
     }
 
     #[tokio::test]

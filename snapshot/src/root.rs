@@ -159,22 +159,11 @@ pub fn span(chunks: u64, page_chunks: u32, index: u64) -> Option<PageSpan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{SnapshotId, StoredManifest};
+    use crate::manifest::StoredManifest;
     use proptest::prelude::*;
 
     fn header(size: u64, chunk_size: u64) -> ManifestHeader {
-        ManifestHeader {
-            id: SnapshotId::parse("snap-0123456789abcdef").unwrap(),
-            volume: "data".into(),
-            size,
-            chunk_size,
-            parent: None,
-            created_at: "2026-12-02T00:00:00Z".into(),
-            labels: Default::default(),
-            changed_chunks: 0,
-            logical_bytes: 0,
-            uploaded_bytes: 0,
-        }
+        crate::manifest::test_header(size, chunk_size)
     }
 
     #[test]

@@ -193,23 +193,15 @@ mod tests {
     use super::*;
     use crate::codec;
     use crate::keys;
-    use crate::manifest::{SnapshotId, StoredManifest};
+    use crate::manifest::StoredManifest;
     use crate::store::MemoryStore;
     use proptest::prelude::*;
     use std::sync::Arc;
 
     fn header(chunks: u64, logical: u64) -> ManifestHeader {
         ManifestHeader {
-            id: SnapshotId::generate(),
-            volume: "v".into(),
-            size: chunks << 16,
-            chunk_size: 1 << 16,
-            parent: None,
-            created_at: "2026-12-02T00:00:00Z".into(),
-            labels: Default::default(),
-            changed_chunks: 0,
             logical_bytes: logical,
-            uploaded_bytes: 0,
+            ..crate::manifest::test_header(chunks << 16, 1 << 16)
         }
     }
 

@@ -14,6 +14,7 @@
 //! Pure: no I/O; the caller passes the clock.
 
 use ring::{digest, hmac};
+use snapshot::hash::hex;
 
 use super::credentials::{Credential, Credentials};
 
@@ -453,10 +454,6 @@ pub fn uri_encode(bytes: &[u8], slash: bool) -> String {
         }
     }
     out
-}
-
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {

@@ -278,7 +278,8 @@ impl ExportJobs {
                                 Some(hash) => fetcher
                                     .get(&hash)
                                     .await
-                                    .map(|d| d.as_ref().clone())
+                                    // No copy unless another reader shares the chunk.
+                                    .map(|d| Arc::try_unwrap(d).unwrap_or_else(|d| (*d).clone()))
                                     .map_err(|e| format!("read chunk {i}: {e}")),
                             }
                         }

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
+use snapshot::hash::hex;
 use tracing::{info, warn};
 use volumed_api::{JobKind, JobState, VolumeName};
 
@@ -707,15 +708,6 @@ fn hash_zeros(h: &mut Sha256, mut n: u64) {
         h.update(&ZEROS[..k as usize]);
         n -= k;
     }
-}
-
-pub fn hex(b: &[u8]) -> String {
-    use std::fmt::Write;
-    b.iter()
-        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
 }
 
 #[cfg(test)]
