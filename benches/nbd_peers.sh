@@ -17,6 +17,10 @@
 # process over the job / I/Os done), then volumed/peer IOPS ratios and the
 # ratio to the best peer.
 #
+# Then bulk: SIZE_MIB of random data copied in with nbdcopy (4 connections,
+# --flush) into fresh targets (a new volume; the peers' files cut to empty
+# and grown back, so sparse again), and read back to null: the same way.
+#
 # Usage: benches/nbd_peers.sh [runtime-seconds] [size-MiB] [fill-bs]
 #        (defaults 6 2048 1m)
 set -euo pipefail
@@ -24,7 +28,7 @@ cd "$(dirname "$0")/.."
 RUNTIME=${1:-6}
 SIZE_MIB=${2:-2048}
 FILL_BS=${3:-1m}
-command -v qemu-nbd nbdkit fio >/dev/null
+command -v qemu-nbd nbdkit fio nbdcopy >/dev/null
 
 cargo build --release --quiet --workspace --bins
 BIN=target/release
@@ -97,6 +101,26 @@ PY
     done
 done
 
+# Bulk, into fresh targets.
+head -c "${SIZE_MIB}M" /dev/urandom > "$WORK/src.img"
+$VOL create bulk --size "${SIZE_MIB}M" >/dev/null
+BULK_URIS=("$($VOL attach bulk)" "nbd://127.0.0.1:$KPORT/" "nbd://127.0.0.1:$QPORT1/bench" "nbd://127.0.0.1:$QPORT2/bench")
+BULK_FILES=("" nbdkit.img qemu-default.img qemu-none.img)
+BULK="$WORK/bulk.tsv"
+: > "$BULK"
+for i in "${!TARGETS[@]}"; do
+    tname=${TARGETS[$i]%%:*}
+    if [ -n "${BULK_FILES[$i]}" ]; then
+        truncate -s 0 "$WORK/${BULK_FILES[$i]}"
+        truncate -s "${SIZE_MIB}M" "$WORK/${BULK_FILES[$i]}"
+    fi
+    sync
+    t0=$(now); nbdcopy -C 4 --flush "$WORK/src.img" "${BULK_URIS[$i]}"; t1=$(now)
+    nbdcopy -C 4 "${BULK_URIS[$i]}" null:; t2=$(now)
+    awk -v t="$tname" -v m="$SIZE_MIB" -v a="$t0" -v b="$t1" -v c="$t2" \
+        'BEGIN { printf "%s\t%f\t%f\n", t, m / (b - a), m / (c - b) }' >> "$BULK"
+done
+
 echo "fill: ${FILL_BS} writes, ${SIZE_MIB} MiB, ${RUNTIME} s per job"
 /usr/bin/python3 - "$RESULTS" <<'PY'
 import sys
@@ -116,4 +140,14 @@ for job in jobs:
     v = by["volumed"]
     best = max(by[p] for p in peers)
     print(f"{job:<18}" + "".join(f"{v / by[p]:>21.2f}x" for p in peers) + f"{v / best:>9.2f}x")
+PY
+echo
+echo "bulk: nbdcopy -C 4 of ${SIZE_MIB} MiB random data into fresh targets (--flush), then read back to null:"
+/usr/bin/python3 - "$BULK" <<'PY'
+import sys
+rows = {r[0]: (float(r[1]), float(r[2])) for r in (l.rstrip("\n").split("\t") for l in open(sys.argv[1]))}
+print(f"{'target':<18} {'write MiB/s':>12} {'read MiB/s':>12} {'volumed/it write':>17} {'read':>7}")
+v = rows["volumed"]
+for t, (w, r) in rows.items():
+    print(f"{t:<18} {w:>12.0f} {r:>12.0f} {v[0] / w:>16.2f}x {v[1] / r:>6.2f}x")
 PY

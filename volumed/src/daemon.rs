@@ -70,8 +70,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         repo.clone(),
         (config.cache_size > 0).then(|| Arc::new(cache)),
     ));
-    let (engine, clean) =
-        Engine::open(&config.data_dir, io, repo, fetcher).context("open volume engine")?;
+    let (engine, clean) = Engine::open(&config.data_dir, Arc::clone(&io), repo, fetcher)
+        .context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
@@ -82,9 +82,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // finds its snapshot export where it was.
     engine.reopen_snapshot_exports().await;
 
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let threads = crate::nbd::io_threads::IoThreads::start(threads, &io)?;
     let nbd = NbdServer::bind(Arc::clone(&engine), tcp, &config.nbd_socket, tls)
         .await?
-        .with_limits(config.nbd_limits);
+        .with_limits(config.nbd_limits)
+        .with_threads(threads);
     let endpoints = Arc::new(endpoints);
     // Before the control socket: a bad credentials file stops the daemon
     // before it reports ready.

@@ -1,7 +1,12 @@
 //! The I/O engine behind every data file: io_uring when the kernel offers
 //! it, else a pool of threads doing the same calls synchronously. Both take
 //! owned buffers and give them back, so the volume code is the same for both.
+//!
+//! With io_uring, a thread may have a ring of its own (`bind_thread`): the
+//! NBD threads do, so a connection's I/O is submitted, completed and reaped
+//! on the thread that serves it. Every other thread shares the engine's ring.
 
+use std::cell::OnceCell;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -19,6 +24,11 @@ pub enum IoEngine {
     Threads,
     /// Test-only: unsynced changes live in memory (see `powerloss`).
     PowerlossSim(Arc<PowerlossSim>),
+}
+
+thread_local! {
+    /// This thread's own ring, if `bind_thread` gave it one.
+    static THREAD_RING: OnceCell<Uring> = const { OnceCell::new() };
 }
 
 /// Which engine to use; `Auto` tries io_uring and falls back.
@@ -65,6 +75,19 @@ impl IoEngine {
         }
     }
 
+    /// Gives the calling thread a ring of its own, if this engine uses
+    /// io_uring; must run inside the thread's tokio runtime, which reaps it.
+    /// Ops that thread starts use it from then on.
+    pub fn bind_thread(&self) -> io::Result<()> {
+        if let IoEngine::Uring(_) = self {
+            let ring = Uring::new()?;
+            THREAD_RING.with(|r| {
+                let _ = r.set(ring);
+            });
+        }
+        Ok(())
+    }
+
     /// A data file opened `file`; the power-loss model counts its holders.
     pub fn hold(&self, file: &File) {
         if let IoEngine::PowerlossSim(s) = self {
@@ -106,8 +129,10 @@ impl IoEngine {
     /// Runs one op; returns its result and the op (with its buffer).
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         match self {
-            IoEngine::Uring(u) => {
-                let (r, kind) = u.run(Arc::clone(&file), offset, kind).await;
+            IoEngine::Uring(shared) => {
+                let own = THREAD_RING.with(|r| r.get().cloned());
+                let ring = own.as_ref().unwrap_or(shared);
+                let (r, kind) = ring.run(Arc::clone(&file), offset, kind).await;
                 match r {
                     // The ring stopped before the kernel saw this op: it
                     // never ran, so running it here runs it once.

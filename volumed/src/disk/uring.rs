@@ -63,6 +63,8 @@ struct Op {
     reply: oneshot::Sender<OpResult>,
 }
 
+/// A handle on one ring; clones share it.
+#[derive(Clone)]
 pub struct Uring {
     shared: Arc<Shared>,
 }

@@ -15,13 +15,17 @@
 //!   simple and structured replies.
 //! - `handshake.rs`: option haggling, and `ExportLookup`, all it needs of
 //!   the engine.
-//! - `session.rs`: the transmission loop: in-flight window, reader,
-//!   per-request tasks, reply writer.
+//! - `session.rs`: the transmission loop: one task polls the read of the
+//!   next request, the requests in flight and the reply writes; the
+//!   in-flight window.
 //! - `server.rs`: TCP and Unix listeners, the connection task (handshake,
 //!   TLS upgrade, session), and `ExportLookup` for `Engine`.
+//! - `io_threads.rs`: the threads connections are served on, one per CPU,
+//!   each with its own runtime and io_uring ring.
 //! - `tls.rs`: the rustls acceptor and the per-connection TLS mode.
 
 pub(crate) mod handshake;
+pub mod io_threads;
 pub mod proto;
 pub(crate) mod server;
 pub(crate) mod session;

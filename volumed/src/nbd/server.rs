@@ -26,6 +26,7 @@ use tokio_rustls::TlsAcceptor;
 use super::handshake::{
     BoxFuture, ExportLookup, HandshakeError, MetaContext, Negotiated, Refused, negotiate, options,
 };
+use super::io_threads::IoThreads;
 use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
@@ -101,6 +102,8 @@ pub struct NbdServer {
     /// Required on TCP, offered on the Unix socket.
     tls: Option<TlsAcceptor>,
     limits: Limits,
+    /// Where connections are served; without them, on the caller's runtime.
+    threads: Option<IoThreads>,
 }
 
 impl NbdServer {
@@ -125,7 +128,14 @@ impl NbdServer {
             exports,
             tls,
             limits: Limits::default(),
+            threads: None,
         })
+    }
+
+    /// Serves every connection on one of `threads` (see `io_threads`).
+    pub fn with_threads(mut self, threads: IoThreads) -> Self {
+        self.threads = Some(threads);
+        self
     }
 
     /// Replaces the default [`Limits`].
@@ -175,14 +185,16 @@ impl NbdServer {
                         // read or written.
                         let Some(slot) = admit(&open, &log, &peer.to_string(), self.limits) else { continue };
                         let _ = stream.set_nodelay(true);
-                        conns.spawn(handle(stream, ctx(peer.to_string(), tcp_tls, slot), shutdown.clone()));
+                        let ctx = ctx(peer.to_string(), tcp_tls, slot);
+                        self.start(&conns, stream, ctx, &shutdown);
                     }
                     Err(e) => accept_failed(e).await,
                 },
                 r = self.unix.accept() => match r {
                     Ok((stream, _)) => {
                         let Some(slot) = admit(&open, &log, "unix", self.limits) else { continue };
-                        conns.spawn(handle(stream, ctx("unix".into(), unix_tls, slot), shutdown.clone()));
+                        let ctx = ctx("unix".into(), unix_tls, slot);
+                        self.start(&conns, stream, ctx, &shutdown);
                     }
                     Err(e) => accept_failed(e).await,
                 },
@@ -191,6 +203,72 @@ impl NbdServer {
         conns.close();
         conns.wait().await;
         let _ = std::fs::remove_file(&socket_path);
+    }
+}
+
+impl NbdServer {
+    /// Starts a connection's task: on an NBD thread, its socket moved to
+    /// that thread's reactor, or here when there are none.
+    fn start<S: Movable>(
+        &self,
+        conns: &TaskTracker,
+        stream: S,
+        ctx: Ctx,
+        shutdown: &CancellationToken,
+    ) {
+        let shutdown = shutdown.clone();
+        let Some(threads) = &self.threads else {
+            conns.spawn(handle(stream, ctx, shutdown));
+            return;
+        };
+        let moved = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                return warn!(peer = %ctx.peer, error = %e, "NBD connection cannot be handed over");
+            }
+        };
+        let token = conns.token();
+        let job: super::io_threads::Job = Box::new(move || {
+            Box::pin(async move {
+                let _token = token;
+                match S::from_std(moved) {
+                    Ok(stream) => handle(stream, ctx, shutdown).await,
+                    Err(e) => {
+                        warn!(peer = %ctx.peer, error = %e, "NBD connection cannot be registered")
+                    }
+                }
+            })
+        });
+        if threads.spawn(job).is_err() {
+            warn!("NBD threads are gone; connection dropped");
+        }
+    }
+}
+
+/// A tokio stream that can leave its reactor for another thread's.
+trait Movable: Connection + Sized {
+    type Std: Send + 'static;
+    fn into_std(self) -> std::io::Result<Self::Std>;
+    fn from_std(s: Self::Std) -> std::io::Result<Self>;
+}
+
+impl Movable for tokio::net::TcpStream {
+    type Std = std::net::TcpStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::TcpStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::TcpStream::from_std(s)
+    }
+}
+
+impl Movable for tokio::net::UnixStream {
+    type Std = std::os::unix::net::UnixStream;
+    fn into_std(self) -> std::io::Result<Self::Std> {
+        tokio::net::UnixStream::into_std(self)
+    }
+    fn from_std(s: Self::Std) -> std::io::Result<Self> {
+        tokio::net::UnixStream::from_std(s)
     }
 }
 
@@ -220,8 +298,9 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-/// A connection that splits into independent owned halves, so the reader
-/// and the writer task never contend for a lock as `tokio::io::split` would.
+/// A connection that splits into independent owned halves: the session
+/// keeps the read of the next request pending while it writes replies, and
+/// owned halves never lock each other as `tokio::io::split`'s would.
 trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;

@@ -3,30 +3,41 @@
 //! wire bytes of replies) and the data path is the export's `Backend` (a
 //! volume, or a read-only snapshot).
 //!
-//! The reader (this task) parses requests and starts one task per request;
-//! each task sends its reply through a channel to the writer task, so
-//! replies go out as requests complete, in any order. The in-flight window
-//! is bounded twice: by a count of requests and by a budget of payload
-//! bytes. When either is exhausted the reader stops reading, which is
-//! backpressure on the client, never an error.
+//! One task serves the connection, and everything it does is a future it
+//! polls: the read of the next request, every request in flight (a
+//! `FuturesUnordered`), and the write of queued replies. Replies go out as
+//! requests complete, in any order, and whatever is ready leaves in one
+//! `writev`. An earlier design gave every request its own task and the
+//! replies a writer task behind a channel: a 4 KiB request then woke three
+//! tasks, often on both workers and contending for the socket's lock. Here
+//! a read the page cache answers completes in its first poll (the ring
+//! runs it inline at submit) and its reply is written in the same pass.
 //!
-//! Every reply holds its request's share of the window until the writer has
-//! written it, refusals and block status included: a client that pipelines
-//! requests and never reads its replies stops being read once the window is
-//! full, instead of growing the daemon's memory. The reply channel holds at
-//! most one entry per slot of the window.
+//! The in-flight window is bounded twice: by a count of requests and by a
+//! budget of payload bytes. When either is exhausted the read of the next
+//! request waits, which is backpressure on the client, never an error.
+//! Every reply holds its request's share of the window until it is written
+//! to the socket, refusals and block status included: a client that
+//! pipelines requests and never reads its replies stops being read once
+//! the window is full, instead of growing the daemon's memory.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::handshake::MetaContext;
 use super::proto::{
     BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
-    EPERM, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
+    EPERM, Encoded, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
     STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
 };
 use crate::engine::{Backend, Extent, ReadPiece};
@@ -38,9 +49,17 @@ pub const MAX_IN_FLIGHT: usize = 128;
 /// Payload bytes in flight per connection, counted in KiB permits.
 const PAYLOAD_BUDGET_KIB: u32 = 256 << 10;
 
-/// Encoded replies the writer gathers before a flush. Beyond the window,
-/// this is all the memory replies a client does not read can hold.
+/// Small replies are copied into staging buffers of up to this many bytes,
+/// so that many of them leave in one slice; larger ones are written from
+/// their own buffers. Queued replies keep their window share until written,
+/// so staging is not memory a client that does not read can grow.
 pub(crate) const WRITE_BUFFER: usize = 256 << 10;
+
+/// A reply at most this long is copied into staging.
+const COPY_REPLY: usize = 16 << 10;
+
+/// Slices handed to one `writev`.
+const MAX_SLICES: usize = 64;
 
 /// Bytes of a block-status extent on the wire (length and flags).
 const EXTENT_LEN: u64 = 8;
@@ -53,19 +72,13 @@ pub enum SessionError {
     Io(#[from] std::io::Error),
 }
 
-/// What a request's task hands to the writer.
-struct Outgoing {
-    reply: Reply,
-    /// Released once the reply is written, so read buffers and queued
-    /// replies count against the window until they are sent.
-    _permit: InFlight,
-}
-
+/// A request's share of the window; released when its reply is written.
 struct InFlight {
     _slot: OwnedSemaphorePermit,
     _bytes: OwnedSemaphorePermit,
 }
 
+#[derive(Clone)]
 struct Window {
     slots: Arc<Semaphore>,
     bytes: Arc<Semaphore>,
@@ -94,20 +107,36 @@ impl Window {
             _bytes: bytes,
         }
     }
-
-    /// Waits until every request in flight has had its reply written (or
-    /// dropped because the writer is gone).
-    async fn drain(&self) {
-        let _ = self.slots.acquire_many(MAX_IN_FLIGHT as u32).await;
-    }
 }
+
+/// What the reader hands over.
+enum Incoming {
+    Request {
+        req: Request,
+        data: Vec<u8>,
+        permit: InFlight,
+    },
+    /// A write over the maximum payload: its bytes were skipped.
+    Oversized { cookie: u64, permit: InFlight },
+    /// The client sent NBD_CMD_DISC or closed its side.
+    End,
+}
+
+/// A request done: its reply, and the window share it keeps until written.
+struct Finished {
+    reply: Reply,
+    permit: InFlight,
+    timing: Timing,
+}
+
+type Work = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
 /// Serves requests until the client disconnects, breaks the protocol, or
 /// `cancel` fires (detach, shutdown). In every case the requests already in
 /// flight complete and their replies are sent before the connection closes.
 pub async fn serve<R, W>(
-    mut reader: R,
-    writer: W,
+    reader: R,
+    mut writer: W,
     backend: Backend,
     size: u64,
     options: SessionOptions,
@@ -115,34 +144,144 @@ pub async fn serve<R, W>(
     cancel: CancellationToken,
 ) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin,
 {
-    // Every entry holds a slot of the window, so a send never waits on
-    // capacity; the bound is there so the channel cannot outgrow it.
-    let (tx, rx) = mpsc::channel::<Outgoing>(MAX_IN_FLIGHT);
-    let writer_task = tokio::spawn(write_replies(writer, rx, options.structured));
-    let window = Window::new();
     let ctx = Ctx {
-        tx,
         backend,
         size,
         options,
         contexts: contexts.into(),
     };
-    let result = read_requests(&mut reader, &ctx, &window, &cancel).await;
-    window.drain().await;
-    drop(ctx);
-    match writer_task.await {
-        Ok(Err(e)) => debug!(error = %e, "reply writer stopped"),
-        Err(e) => warn!(error = %e, "reply writer task failed"),
-        Ok(Ok(())) => {}
+    let window = Window::new();
+    let budget = Budget::of(&ctx);
+    // The read of the next request lives across the loop's passes, so a
+    // request is never dropped half read; it is replaced in place when done.
+    let mut reading = Some(Box::pin(read_next(reader, window.clone(), budget)));
+    let mut inflight: FuturesUnordered<Work> = FuturesUnordered::new();
+    let mut out = Output::new(options.structured);
+    let mut writable = true;
+    let mut result = Ok(());
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    loop {
+        if reading.is_none() && inflight.is_empty() && (out.is_idle() || !writable) {
+            break;
+        }
+        // Completions, then requests the client has already sent, and only
+        // then the socket write: whatever is ready leaves in one `writev`
+        // (a write per reply woke the client per reply). Reading stops when
+        // the input runs dry or the window is full, so replies never wait
+        // long.
+        tokio::select! {
+            biased;
+            _ = &mut cancelled, if reading.is_some() => reading = None,
+            Some(done) = inflight.next(), if !inflight.is_empty() => {
+                metrics::finish(done.timing.0, done.timing.1);
+                if writable {
+                    out.push(done.reply, done.permit);
+                }
+            }
+            (r, next) = next_of(&mut reading) => {
+                let again = match next {
+                    Ok(Incoming::End) => false,
+                    Err(e) => {
+                        result = Err(e);
+                        false
+                    }
+                    Ok(Incoming::Oversized { cookie, permit }) => {
+                        let body = error(EINVAL, "write larger than the maximum payload");
+                        out.push(Reply { cookie, body }, permit);
+                        true
+                    }
+                    Ok(Incoming::Request { req, data, permit }) => {
+                        match start(&ctx, req, data, permit) {
+                            Started::Now(reply, permit) => out.push(reply, permit),
+                            Started::Later(work) => inflight.push(work),
+                        }
+                        true
+                    }
+                };
+                match reading.as_mut() {
+                    Some(f) if again && writable => f.set(read_next(r, window.clone(), budget)),
+                    _ => reading = None,
+                }
+            }
+            r = out.drive(&mut writer), if writable && !out.is_idle() => {
+                if let Err(e) = r {
+                    // The client is gone. What is in flight still runs to
+                    // its end (its I/O is the volume's), unanswered.
+                    debug!(error = %e, "reply writer stopped");
+                    writable = false;
+                    out.clear();
+                    reading = None;
+                }
+            }
+        }
+    }
+    if writable {
+        let _ = writer.shutdown().await;
     }
     result
 }
 
+/// The output of the future in `reading`; never ready when there is none.
+async fn next_of<F: Future + Unpin>(reading: &mut Option<F>) -> F::Output {
+    match reading.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads one request (and a write's payload), taking its share of the
+/// window between the header and the payload. Owns the reader, so the
+/// session can keep the future across its passes, and gives it back.
+async fn read_next<R: AsyncRead + Unpin>(
+    mut r: R,
+    window: Window,
+    budget: Budget,
+) -> (R, Result<Incoming, SessionError>) {
+    let next = read_one(&mut r, &window, budget).await;
+    (r, next)
+}
+
+async fn read_one<R: AsyncRead + Unpin>(
+    r: &mut R,
+    window: &Window,
+    budget: Budget,
+) -> Result<Incoming, SessionError> {
+    let mut hdr = [0u8; REQUEST_HEADER_LEN];
+    match r.read_exact(&mut hdr).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Incoming::End),
+        Err(e) => return Err(e.into()),
+    }
+    let req = Request::parse(&hdr)?;
+    if req.command == Command::Disc {
+        return Ok(Incoming::End);
+    }
+    let permit = window.acquire(budget.of_request(&req)).await;
+    let mut data = Vec::new();
+    if req.command == Command::Write {
+        if req.length > MAX_PAYLOAD {
+            // Consume the payload so the stream stays aligned on the next
+            // header, without buffering it.
+            let mut sink = (&mut *r).take(u64::from(req.length));
+            let n = tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
+            if n < u64::from(req.length) {
+                return Ok(Incoming::End);
+            }
+            return Ok(Incoming::Oversized {
+                cookie: req.cookie,
+                permit,
+            });
+        }
+        data = read_payload(r, req.length as usize).await?;
+    }
+    Ok(Incoming::Request { req, data, permit })
+}
+
 struct Ctx {
-    tx: mpsc::Sender<Outgoing>,
     backend: Backend,
     size: u64,
     options: SessionOptions,
@@ -150,130 +289,353 @@ struct Ctx {
     contexts: Arc<[(u32, MetaContext)]>,
 }
 
-impl Ctx {
-    /// Queues a reply the reader made itself; it keeps `permit` until
-    /// written, like any other. A closed channel means the writer has
-    /// stopped (the client is gone): the reply is dropped with its permit.
-    async fn reply_now(&self, cookie: u64, body: ReplyBody, permit: InFlight) {
-        let _ = self
-            .tx
-            .send(Outgoing {
-                reply: Reply { cookie, body },
-                _permit: permit,
-            })
-            .await;
+/// What sizes a request's share of the window.
+#[derive(Clone, Copy)]
+struct Budget {
+    contexts: u64,
+    chunk: u64,
+}
+
+impl Budget {
+    fn of(ctx: &Ctx) -> Self {
+        Budget {
+            contexts: ctx.contexts.len().max(1) as u64,
+            chunk: ctx.backend.chunk_size().max(1),
+        }
     }
 
-    /// Runs `work` on its own task and sends what it returns.
-    fn spawn<F>(&self, req: Request, permit: InFlight, timing: Timing, work: F)
-    where
-        F: std::future::Future<Output = ReplyBody> + Send + 'static,
-    {
-        let tx = self.tx.clone();
-        tokio::spawn(async move {
-            let body = work.await;
-            metrics::finish(timing.0, timing.1);
-            let _ = tx
-                .send(Outgoing {
-                    reply: Reply {
-                        cookie: req.cookie,
-                        body,
-                    },
-                    _permit: permit,
-                })
-                .await;
-        });
+    /// The bytes of the window a request takes: its payload, or for block
+    /// status the largest reply it can get (per context, one extent per
+    /// chunk it spans, plus one for a range that starts inside a chunk).
+    /// Other replies are small and take the minimum.
+    fn of_request(&self, req: &Request) -> u32 {
+        match req.command {
+            Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
+            Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => {
+                u32::try_from(EXTENT_LEN * self.contexts).unwrap_or(u32::MAX)
+            }
+            Command::BlockStatus => {
+                let extents = u64::from(req.length).div_ceil(self.chunk).saturating_add(1);
+                let bytes = extents
+                    .saturating_mul(EXTENT_LEN)
+                    .saturating_mul(self.contexts);
+                u32::try_from(bytes).unwrap_or(u32::MAX)
+            }
+            _ => 0,
+        }
     }
 }
 
-async fn read_requests<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    ctx: &Ctx,
-    window: &Window,
-    cancel: &CancellationToken,
-) -> Result<(), SessionError> {
-    let mut hdr = [0u8; REQUEST_HEADER_LEN];
-    loop {
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(()),
-            r = reader.read_exact(&mut hdr) => match r {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e.into()),
-            },
+/// Replies waiting for the socket, in the order they completed.
+struct Output {
+    structured: bool,
+    segs: VecDeque<Seg>,
+    /// Bytes queued and bytes written over the session; a reply's window
+    /// share is released once `written` reaches the end of its bytes.
+    queued: u64,
+    written: u64,
+    permits: VecDeque<(u64, InFlight)>,
+    /// Written since the last flush (TLS holds records back until then).
+    unflushed: bool,
+    /// A written staging buffer, kept for the next one.
+    spare: Vec<u8>,
+    /// A reply that could not be encoded (a bug): the stream cannot go on
+    /// without it, so the next write fails with this.
+    broken: Option<std::io::Error>,
+}
+
+enum Seg {
+    /// Small replies, copied; `pos` bytes of it are written.
+    Staged { buf: Vec<u8>, pos: usize },
+    /// A reply with large data, written from its own buffers.
+    Reply {
+        reply: Reply,
+        len: usize,
+        pos: usize,
+    },
+}
+
+impl Seg {
+    fn left(&self) -> usize {
+        match self {
+            Seg::Staged { buf, pos } => buf.len() - pos,
+            Seg::Reply { len, pos, .. } => len - pos,
         }
-        let req = Request::parse(&hdr)?;
-        if req.command == Command::Disc {
+    }
+}
+
+impl Output {
+    fn new(structured: bool) -> Self {
+        Output {
+            structured,
+            segs: VecDeque::new(),
+            queued: 0,
+            written: 0,
+            permits: VecDeque::new(),
+            unflushed: false,
+            spare: Vec::new(),
+            broken: None,
+        }
+    }
+
+    /// Nothing to write and nothing to flush.
+    fn is_idle(&self) -> bool {
+        self.segs.is_empty() && !self.unflushed && self.broken.is_none()
+    }
+
+    fn clear(&mut self) {
+        self.segs.clear();
+        self.permits.clear();
+        self.unflushed = false;
+    }
+
+    /// Queues a reply; `permit` is released once its last byte is written.
+    fn push(&mut self, reply: Reply, permit: InFlight) {
+        let encoded = match encode(&reply, self.structured) {
+            Ok(e) => e,
+            Err(e) => {
+                self.broken = Some(e);
+                return;
+            }
+        };
+        let len: usize = encoded.slices().map(<[u8]>::len).sum();
+        if len <= COPY_REPLY {
+            let fits = matches!(self.segs.back(),
+                Some(Seg::Staged { buf, .. }) if buf.len() + len <= WRITE_BUFFER);
+            if !fits {
+                let mut buf = std::mem::take(&mut self.spare);
+                buf.reserve(COPY_REPLY * 4);
+                self.segs.push_back(Seg::Staged { buf, pos: 0 });
+            }
+            let Some(Seg::Staged { buf, .. }) = self.segs.back_mut() else {
+                unreachable!("the last segment is a staging buffer")
+            };
+            encoded.slices().for_each(|s| buf.extend_from_slice(s));
+        } else {
+            drop(encoded);
+            self.segs.push_back(Seg::Reply { reply, len, pos: 0 });
+        }
+        self.queued += len as u64;
+        self.permits.push_back((self.queued, permit));
+    }
+
+    /// One step of output: a `writev` of what is queued (up to
+    /// `MAX_SLICES` slices), or a flush once everything is written.
+    /// Cancel-safe: a write that did not complete wrote nothing.
+    async fn drive<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
+        if let Some(e) = self.broken.take() {
+            return Err(e);
+        }
+        if self.segs.is_empty() {
+            w.flush().await?;
+            self.unflushed = false;
             return Ok(());
         }
-        // A full window waits for the client to read replies; a detach must
-        // not wait for that.
-        let permit = tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return Ok(()),
-            p = window.acquire(reply_budget(&req, ctx)) => p,
-        };
-
-        let mut data = Vec::new();
-        if req.command == Command::Write {
-            if req.length > MAX_PAYLOAD {
-                // Consume the payload so the stream stays aligned on the
-                // next header, without buffering it.
-                let mut sink = (&mut *reader).take(u64::from(req.length));
-                let n = tokio::io::copy(&mut sink, &mut tokio::io::sink()).await?;
-                if n < u64::from(req.length) {
-                    return Ok(());
+        let n = {
+            let encoded = self
+                .segs
+                .iter()
+                .take(MAX_SLICES)
+                .filter_map(|s| match s {
+                    Seg::Reply { reply, .. } => Some(encode(reply, self.structured)),
+                    Seg::Staged { .. } => None,
+                })
+                .collect::<std::io::Result<Vec<_>>>()?;
+            let mut encoded = encoded.iter();
+            let mut slices = Vec::with_capacity(MAX_SLICES);
+            for seg in &self.segs {
+                match seg {
+                    Seg::Staged { buf, pos } => slices.push(IoSlice::new(&buf[*pos..])),
+                    Seg::Reply { pos, .. } => {
+                        let enc = encoded.next().expect("encoded in the same order");
+                        let mut skip = *pos;
+                        for s in enc.slices() {
+                            if skip >= s.len() {
+                                skip -= s.len();
+                                continue;
+                            }
+                            slices.push(IoSlice::new(&s[skip..]));
+                            skip = 0;
+                            if slices.len() == MAX_SLICES {
+                                break;
+                            }
+                        }
+                    }
                 }
-                ctx.reply_now(
-                    req.cookie,
-                    error(EINVAL, "write larger than the maximum payload"),
-                    permit,
-                )
-                .await;
-                continue;
+                if slices.len() >= MAX_SLICES {
+                    break;
+                }
             }
-            data = read_payload(reader, req.length as usize).await?;
+            w.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
-        if let Err(refusal) = validate(&req, ctx.size, ctx.options) {
-            let (errno, msg) = (refusal.errno, refusal.message);
-            debug!(
-                export = ctx.backend.name(),
-                ?req,
-                errno,
-                msg,
-                "request refused"
-            );
-            ctx.reply_now(req.cookie, error(errno, msg), permit).await;
-            continue;
+        self.advance(n);
+        Ok(())
+    }
+
+    /// `n` bytes from the front were written.
+    fn advance(&mut self, mut n: usize) {
+        self.written += n as u64;
+        self.unflushed = true;
+        while n > 0 {
+            let Some(front) = self.segs.front_mut() else {
+                break;
+            };
+            let left = front.left();
+            if n < left {
+                match front {
+                    Seg::Staged { pos, .. } | Seg::Reply { pos, .. } => *pos += n,
+                }
+                break;
+            }
+            n -= left;
+            if let Some(Seg::Staged { mut buf, .. }) = self.segs.pop_front() {
+                buf.clear();
+                self.spare = buf;
+            }
         }
-        dispatch(ctx, req, data, permit).await;
+        while self
+            .permits
+            .front()
+            .is_some_and(|(end, _)| *end <= self.written)
+        {
+            self.permits.pop_front();
+        }
     }
 }
 
-/// The bytes of the window a request takes: its payload, or for block
-/// status the largest reply it can get (per context, one extent per chunk
-/// it spans, plus one for a range that starts inside a chunk). Other
-/// replies are small and take the minimum.
-fn reply_budget(req: &Request, ctx: &Ctx) -> u32 {
-    let contexts = ctx.contexts.len().max(1) as u64;
-    match req.command {
-        Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
-        Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => {
-            u32::try_from(EXTENT_LEN * contexts).unwrap_or(u32::MAX)
-        }
-        Command::BlockStatus => {
-            let chunk = ctx.backend.chunk_size().max(1);
-            let extents = u64::from(req.length).div_ceil(chunk).saturating_add(1);
-            let bytes = extents.saturating_mul(EXTENT_LEN).saturating_mul(contexts);
-            u32::try_from(bytes).unwrap_or(u32::MAX)
-        }
-        _ => 0,
-    }
+/// A reply's wire bytes. Validation keeps every reply encodable, so a
+/// failure is a bug, and the stream cannot go on without the reply.
+fn encode(reply: &Reply, structured: bool) -> std::io::Result<Encoded<'_>> {
+    reply.encode(structured).map_err(|e| {
+        tracing::error!(cookie = reply.cookie, error = %e, "NBD reply cannot be encoded");
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    })
+}
+
+/// How a validated request goes on.
+enum Started {
+    /// Answered at once (refused, or nothing to wait for).
+    Now(Reply, InFlight),
+    /// Its I/O, polled by the session until it answers.
+    Later(Work),
 }
 
 /// A request's command and, while metrics are on, when it was read.
 type Timing = (metrics::Op, Option<std::time::Instant>);
+
+fn later<F>(cookie: u64, permit: InFlight, timing: Timing, work: F) -> Started
+where
+    F: Future<Output = ReplyBody> + Send + 'static,
+{
+    Started::Later(Box::pin(async move {
+        let body = work.await;
+        Finished {
+            reply: Reply { cookie, body },
+            permit,
+            timing,
+        }
+    }))
+}
+
+/// Checks a request and starts it.
+fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) -> Started {
+    let now = |body, permit| {
+        Started::Now(
+            Reply {
+                cookie: req.cookie,
+                body,
+            },
+            permit,
+        )
+    };
+    if let Err(refusal) = validate(&req, ctx.size, ctx.options) {
+        let (errno, msg) = (refusal.errno, refusal.message);
+        debug!(
+            export = ctx.backend.name(),
+            ?req,
+            errno,
+            msg,
+            "request refused"
+        );
+        return now(error(errno, msg), permit);
+    }
+    let Some(op) = metric_op(req.command) else {
+        return now(error(EINVAL, "unknown command"), permit);
+    };
+    use metrics::Op;
+    let timing: Timing = (op, metrics::start());
+    let backend = ctx.backend.clone();
+    if let Some(vol) = backend.volume() {
+        let moved = match op {
+            Op::Read | Op::Write | Op::Trim | Op::WriteZeroes => u64::from(req.length),
+            _ => 0,
+        };
+        vol.stats.record(op, moved);
+    }
+    let (off, len) = (req.offset, u64::from(req.length));
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match op {
+        Op::Read => {
+            let df = req.flags & CMD_FLAG_DF != 0;
+            later(req.cookie, permit, timing, async move {
+                match backend.read(off, len).await {
+                    Ok(read) => ReplyBody::Read {
+                        offset: off,
+                        pieces: pieces(read),
+                        df,
+                    },
+                    Err(e) => io_failure(&backend, "read", &req, &e),
+                }
+            })
+        }
+        Op::Write | Op::WriteZeroes | Op::Trim => {
+            // Validation refuses these on a read-only export; this is the
+            // second lock on the same door.
+            let Some(vol) = backend.volume().cloned() else {
+                return now(error(EPERM, "the export is read-only"), permit);
+            };
+            if req.command == Command::Write {
+                return later(req.cookie, permit, timing, async move {
+                    match vol.write(off, data, fua).await {
+                        Ok(()) => ReplyBody::Done,
+                        Err(e) => io_failure(&backend, "write", &req, &e),
+                    }
+                });
+            }
+            let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
+            later(req.cookie, permit, timing, async move {
+                match vol.write_zeroes(off, len, no_hole, fua).await {
+                    Ok(()) => ReplyBody::Done,
+                    Err(e) => io_failure(&backend, "zero", &req, &e),
+                }
+            })
+        }
+        Op::Flush => later(req.cookie, permit, timing, async move {
+            match backend.flush().await {
+                Ok(()) => ReplyBody::Done,
+                Err(e) => io_failure(&backend, "flush", &req, &e),
+            }
+        }),
+        Op::Cache => later(req.cookie, permit, timing, async move {
+            match backend.cache(off, len).await {
+                Ok(()) => ReplyBody::Done,
+                Err(e) => io_failure(&backend, "cache", &req, &e),
+            }
+        }),
+        Op::BlockStatus => {
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            let contexts = Arc::clone(&ctx.contexts);
+            later(req.cookie, permit, timing, async move {
+                block_status(&backend, &contexts, off, len, one)
+                    .await
+                    .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e))
+            })
+        }
+    }
+}
 
 fn metric_op(c: Command) -> Option<metrics::Op> {
     use metrics::Op;
@@ -307,87 +669,6 @@ pub(crate) async fn read_payload<R: AsyncRead + Unpin>(
         }
     }
     Ok(buf)
-}
-
-/// Starts a validated request.
-async fn dispatch(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) {
-    let backend = ctx.backend.clone();
-    let (off, len) = (req.offset, u64::from(req.length));
-    let fua = req.flags & CMD_FLAG_FUA != 0;
-    let Some(op) = metric_op(req.command) else {
-        ctx.reply_now(req.cookie, error(EINVAL, "unknown command"), permit)
-            .await;
-        return;
-    };
-    use metrics::Op;
-    let timing: Timing = (op, metrics::start());
-    if let Some(vol) = backend.volume() {
-        let moved = match op {
-            Op::Read | Op::Write | Op::Trim | Op::WriteZeroes => len,
-            _ => 0,
-        };
-        vol.stats.record(op, moved);
-    }
-    match op {
-        Op::Read => {
-            let df = req.flags & CMD_FLAG_DF != 0;
-            ctx.spawn(req, permit, timing, async move {
-                match backend.read(off, len).await {
-                    Ok(read) => ReplyBody::Read {
-                        offset: off,
-                        pieces: pieces(read),
-                        df,
-                    },
-                    Err(e) => io_failure(&backend, "read", &req, &e),
-                }
-            });
-        }
-        Op::Write | Op::WriteZeroes | Op::Trim => {
-            // Validation refuses these on a read-only export; this is the
-            // second lock on the same door.
-            let Some(vol) = backend.volume().cloned() else {
-                ctx.reply_now(req.cookie, error(EPERM, "the export is read-only"), permit)
-                    .await;
-                return;
-            };
-            if req.command == Command::Write {
-                ctx.spawn(req, permit, timing, async move {
-                    match vol.write(off, data, fua).await {
-                        Ok(()) => ReplyBody::Done,
-                        Err(e) => io_failure(&backend, "write", &req, &e),
-                    }
-                });
-                return;
-            }
-            let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
-            ctx.spawn(req, permit, timing, async move {
-                match vol.write_zeroes(off, len, no_hole, fua).await {
-                    Ok(()) => ReplyBody::Done,
-                    Err(e) => io_failure(&backend, "zero", &req, &e),
-                }
-            });
-        }
-        Op::Flush => ctx.spawn(req, permit, timing, async move {
-            match backend.flush().await {
-                Ok(()) => ReplyBody::Done,
-                Err(e) => io_failure(&backend, "flush", &req, &e),
-            }
-        }),
-        Op::Cache => ctx.spawn(req, permit, timing, async move {
-            match backend.cache(off, len).await {
-                Ok(()) => ReplyBody::Done,
-                Err(e) => io_failure(&backend, "cache", &req, &e),
-            }
-        }),
-        Op::BlockStatus => {
-            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-            let body = block_status(&backend, &ctx.contexts, off, len, one)
-                .await
-                .unwrap_or_else(|e| io_failure(&backend, "block status", &req, &e));
-            metrics::finish(timing.0, timing.1);
-            ctx.reply_now(req.cookie, body, permit).await;
-        }
-    }
 }
 
 /// Each selected context's runs of `[off, off + len)`.
@@ -430,44 +711,6 @@ fn io_failure(backend: &Backend, op: &str, req: &Request, e: &std::io::Error) ->
         errno: errno_of(e),
         message: format!("{op} failed: {e}"),
     }
-}
-
-async fn write_replies<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut rx: mpsc::Receiver<Outgoing>,
-    structured: bool,
-) -> std::io::Result<()> {
-    let mut w = BufWriter::with_capacity(WRITE_BUFFER, writer);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        // Batch whatever else is ready into one flush.
-        while let Some(out) = next {
-            send(&mut w, &out.reply, structured).await?;
-            drop(out);
-            next = rx.try_recv().ok();
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await
-}
-
-/// Writes one reply. Slices at least as large as the buffer go straight to
-/// the socket, so a read's data is never copied on the way out.
-async fn send<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    reply: &Reply,
-    structured: bool,
-) -> std::io::Result<()> {
-    let encoded = reply.encode(structured).map_err(|e| {
-        // Validation keeps every reply encodable: this is a bug, and the
-        // stream cannot go on without the reply.
-        tracing::error!(cookie = reply.cookie, error = %e, "NBD reply cannot be encoded");
-        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
-    })?;
-    for s in encoded.slices() {
-        w.write_all(s).await?;
-    }
-    Ok(())
 }
 
 /// A read's answer in the protocol's terms; the data moves, never copies.
