@@ -88,6 +88,12 @@ impl IoEngine {
         Ok(())
     }
 
+    /// Whether the calling thread has a ring of its own.
+    #[cfg(test)]
+    pub fn thread_has_ring() -> bool {
+        THREAD_RING.with(|r| r.get().is_some())
+    }
+
     /// A data file opened `file`; the power-loss model counts its holders.
     pub fn hold(&self, file: &File) {
         if let IoEngine::PowerlossSim(s) = self {

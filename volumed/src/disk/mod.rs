@@ -19,3 +19,5 @@ mod uring;
 
 pub use data_file::{DataFile, sync_dir};
 pub use engine::{EngineChoice, IoEngine};
+#[cfg(test)]
+pub(crate) use op::OpKind;

@@ -84,3 +84,68 @@ async fn run(i: usize, mut rx: mpsc::UnboundedReceiver<Job>, io: Arc<IoEngine>) 
     jobs.close();
     jobs.wait().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use crate::disk::{EngineChoice, OpKind};
+
+    /// Jobs go round robin to threads named `nbd-io-N`; each thread's I/O
+    /// runs on a ring of its own; dropping the pool lets jobs still running
+    /// finish.
+    #[test]
+    fn jobs_run_round_robin_on_their_threads_and_finish_after_drop() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let io = Arc::new(
+            rt.block_on(async { IoEngine::new(EngineChoice::Uring) })
+                .unwrap(),
+        );
+        let pool = IoThreads::start(2, &io).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let file = Arc::new(std::fs::File::create_new(dir.path().join("f")).unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        for i in 0..4u64 {
+            let (io, file, seen, done) = (
+                Arc::clone(&io),
+                Arc::clone(&file),
+                Arc::clone(&seen),
+                done_tx.clone(),
+            );
+            let job: Job = Box::new(move || {
+                Box::pin(async move {
+                    // Still running when the pool is dropped below.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    assert!(IoEngine::thread_has_ring());
+                    let data = vec![i as u8; 4096];
+                    let (r, _) = io.run(file, i * 4096, OpKind::Write(data)).await;
+                    r.unwrap();
+                    let name = std::thread::current().name().unwrap_or("").to_owned();
+                    seen.lock().unwrap().push((i, name));
+                    done.send(()).unwrap();
+                })
+            });
+            assert!(pool.spawn(job).is_ok());
+        }
+        assert!(!IoEngine::thread_has_ring());
+        drop(pool);
+        for _ in 0..4 {
+            done_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        let mut seen = seen.lock().unwrap().clone();
+        seen.sort();
+        let names: Vec<&str> = seen.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["nbd-io-0", "nbd-io-1", "nbd-io-0", "nbd-io-1"]);
+        let bytes = std::fs::read(dir.path().join("f")).unwrap();
+        for i in 0..4usize {
+            assert!(
+                bytes[i * 4096..(i + 1) * 4096]
+                    .iter()
+                    .all(|&b| b == i as u8)
+            );
+        }
+    }
+}
