@@ -404,7 +404,24 @@ fn ova_gives_one_volume_per_disk_in_order() {
 /// on from its checkpoint and the bytes are equal.
 #[test]
 fn kill9_mid_import_resumes_from_the_checkpoint() {
-    let mut d = TestDaemon::start_with_env(&[("VOLUMED_FAILPOINTS", "import-window=150")]);
+    kill_mid_import(&[("VOLUMED_FAILPOINTS", "import-window=150")]);
+}
+
+/// The same under the power-loss engine, where kill -9 also loses every
+/// write not yet synced: a checkpoint recorded before the flush of the
+/// bytes it covers had completed would resume past lost data, and the
+/// volume's bytes would differ from the image's (checked: with the flush
+/// taken out, this test fails and the kill -9 one above still passes).
+#[test]
+fn power_loss_mid_import_resumes_from_a_synced_checkpoint() {
+    kill_mid_import(&[
+        ("VOLUMED_FAILPOINTS", "import-window=150"),
+        ("VOLUMED_IO_ENGINE", "powerloss-sim"),
+    ]);
+}
+
+fn kill_mid_import(env: &[(&str, &str)]) {
+    let mut d = TestDaemon::start_with_env(env);
     let dir = tempfile::tempdir().unwrap();
     let raw = dir.path().join("base.raw");
     make_raw(&raw, 256 * MIB, 3);
