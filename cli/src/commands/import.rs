@@ -4,7 +4,6 @@
 use std::io::Read;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use hyper::Method;
 use hyper::body::{Bytes, Frame};
@@ -13,10 +12,6 @@ use volumed_api::{ImportRequest, Job, JobState, Volume, VolumeList, format_size}
 use crate::client::Client;
 use crate::output::Out;
 
-/// How often a waiting `vol` asks for the job when its event stream broke
-/// off: soon at first, then every [`POLL`].
-const FIRST_POLL: Duration = Duration::from_millis(10);
-const POLL: Duration = Duration::from_millis(250);
 /// Bytes of stdin per body frame.
 const FRAME: usize = 1 << 20;
 
@@ -83,10 +78,10 @@ pub async fn wait(client: &Client, out: &Out, mut job: Job) -> anyhow::Result<Jo
             Ok(())
         })
         .await;
-    let mut every = FIRST_POLL;
+    // The event stream broke off: ask.
+    let mut poll = super::Poll::new();
     while job.state == JobState::Running {
-        tokio::time::sleep(every).await;
-        every = (every * 2).min(POLL);
+        poll.sleep().await;
         job = client.get(&format!("/v1/jobs/{}", job.id)).await?;
         show(&job);
     }

@@ -1,7 +1,6 @@
 //! `vol snapshot create | list | inspect | delete | verify | attach |
 //! detach`, and `vol gc`.
 
-use std::time::Duration;
 
 use hyper::Method;
 use volumed_api::{
@@ -12,9 +11,6 @@ use volumed_api::{
 use crate::args::SnapshotCommand;
 use crate::client::Client;
 use crate::output::Out;
-
-/// How often `--wait` asks for progress.
-const POLL: Duration = Duration::from_millis(200);
 
 pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
@@ -274,8 +270,9 @@ async fn wait_for(client: &Client, out: &Out, mut snap: Snapshot) -> anyhow::Res
             .progress_chars("=> "),
     );
     bar.set_message(format!("snapshot {}", snap.id));
+    let mut poll = super::Poll::new();
     while snap.state == SnapshotState::Pending {
-        tokio::time::sleep(POLL).await;
+        poll.sleep().await;
         snap = client.get(&format!("/v1/snapshots/{}", snap.id)).await?;
         bar.set_length(snap.chunks_total);
         bar.set_position(snap.chunks_done);

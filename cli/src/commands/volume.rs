@@ -13,9 +13,6 @@ fn path(name: &VolumeName) -> String {
     format!("/v1/volumes/{name}")
 }
 
-/// How often `create --wait` asks for progress.
-const POLL: std::time::Duration = std::time::Duration::from_millis(200);
-
 pub async fn create(
     client: &Client,
     out: &Out,
@@ -69,6 +66,7 @@ async fn wait_hydrated(client: &Client, out: &Out, mut v: Volume) -> anyhow::Res
         .progress_chars("=> "),
     );
     bar.set_message(format!("hydrating '{}'", v.name));
+    let mut poll = super::Poll::new();
     while let Some(h) = &v.hydration {
         bar.set_length(h.total_bytes);
         bar.set_position(h.hydrated_bytes);
@@ -82,7 +80,7 @@ async fn wait_hydrated(client: &Client, out: &Out, mut v: Volume) -> anyhow::Res
                 h.error.clone().unwrap_or_default()
             ));
         }
-        tokio::time::sleep(POLL).await;
+        poll.sleep().await;
         v = client.get(&path(&v.name)).await?;
     }
     bar.finish_and_clear();
