@@ -1,7 +1,6 @@
 //! `vol snapshot create | list | inspect | delete | verify | attach |
 //! detach`, and `vol gc`.
 
-
 use hyper::Method;
 use volumed_api::{
     CreateSnapshot, GcReport, GcRequest, Snapshot, SnapshotList, SnapshotState, VerifyReport,
