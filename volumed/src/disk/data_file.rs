@@ -7,8 +7,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use super::engine::IoEngine;
-use super::op::OpKind;
+use super::op::{AlignedBuf, OpKind};
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.
@@ -20,10 +24,17 @@ pub struct DataFile {
     /// Grows when the volume grows; the lock is held only to clone the
     /// `Arc`s an operation needs, never across I/O.
     segments: RwLock<Vec<Arc<File>>>,
+    /// The same segments opened O_DIRECT, each on first use, for
+    /// `write_direct`.
+    direct: Mutex<Vec<Option<Arc<File>>>>,
+    /// Set when the filesystem refused O_DIRECT: buffered writes from then.
+    direct_refused: AtomicBool,
 }
 
 /// One segment's share of a byte range.
 struct Piece {
+    /// Which segment.
+    idx: usize,
     file: Arc<File>,
     /// Offset inside the segment file.
     pos: u64,
@@ -76,6 +87,8 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
+            direct: Mutex::new(Vec::new()),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -102,6 +115,8 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
+            direct: Mutex::new(Vec::new()),
+            direct_refused: AtomicBool::new(false),
         })
     }
 
@@ -129,6 +144,7 @@ impl DataFile {
                     )
                 })?;
             out.push(Piece {
+                idx: idx as usize,
                 file,
                 pos,
                 at: done as usize,
@@ -182,6 +198,100 @@ impl DataFile {
                 .0?;
         }
         Ok(())
+    }
+
+    /// Writes `buf` at `offset` past the page cache (O_DIRECT), for data
+    /// nobody is about to read back: hydration's fetched chunks. It saves
+    /// the copy into new page-cache pages and the exclusive inode lock that
+    /// concurrent buffered writes fight over. Synced by `sync` like any
+    /// write (fdatasync covers the inode, however it was written). Falls
+    /// back to a buffered write when the range is not aligned, the
+    /// filesystem refuses O_DIRECT, or the engine models power loss (its
+    /// model follows the buffered descriptors only).
+    pub async fn write_direct(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+        let align = AlignedBuf::ALIGN as u64;
+        if !offset.is_multiple_of(align)
+            || !(buf.len() as u64).is_multiple_of(align)
+            || matches!(*self.engine, IoEngine::PowerlossSim(_))
+            || self.direct_refused.load(Ordering::Relaxed)
+        {
+            return self.write(offset, buf).await;
+        }
+        for p in self.pieces(offset, buf.len() as u64)? {
+            let part = &buf[p.at..p.at + p.len];
+            // Page cache near the range could hold a large folio across it,
+            // which an O_DIRECT write cannot always invalidate (if a client
+            // dirties it meanwhile); then this piece goes buffered.
+            let (near, near_len) = folio_neighbourhood(p.pos, p.len as u64);
+            match cached_pages(&p.file, near, near_len) {
+                Ok(0) => {}
+                Ok(_) => {
+                    self.write(offset + p.at as u64, part.to_vec()).await?;
+                    continue;
+                }
+                Err(e) => {
+                    self.refuse_direct(&e);
+                    return self.write(offset, buf).await;
+                }
+            }
+            let file = match self.direct_file(p.idx) {
+                Ok(f) => f,
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refuse_direct(&e);
+                    return self.write(offset, buf).await;
+                }
+                Err(e) => return Err(e),
+            };
+            let (r, kind) = self
+                .engine
+                .run(file, p.pos, OpKind::WriteDirect(AlignedBuf::copy_of(part)))
+                .await;
+            if let OpKind::WriteDirect(b) = kind {
+                b.recycle();
+            }
+            match r {
+                // EINVAL is O_DIRECT refusing this file or alignment: the
+                // write did not happen, so a buffered one replaces it.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    self.refuse_direct(&e);
+                    return self.write(offset, buf).await;
+                }
+                r => r?,
+            }
+            // A page cached since the check would hold the old bytes; a
+            // buffered write of the same bytes puts the new ones there too.
+            // Pages cached after this read the disk, which has them.
+            if cached_pages(&p.file, p.pos, p.len as u64)? != 0 {
+                self.write(offset + p.at as u64, part.to_vec()).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn refuse_direct(&self, e: &io::Error) {
+        if !self.direct_refused.swap(true, Ordering::Relaxed) {
+            tracing::info!(dir = %self.dir.display(), error = %e,
+                "O_DIRECT refused; hydration writes go through the page cache");
+        }
+    }
+
+    /// Segment `idx` opened O_DIRECT, opening it the first time.
+    fn direct_file(&self, idx: usize) -> io::Result<Arc<File>> {
+        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
+        if direct.len() <= idx {
+            direct.resize(idx + 1, None);
+        }
+        if let Some(f) = &direct[idx] {
+            return Ok(Arc::clone(f));
+        }
+        let f = Arc::new(
+            OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(segment_path(&self.dir, idx as u64))?,
+        );
+        direct[idx] = Some(Arc::clone(&f));
+        Ok(f)
     }
 
     /// fallocate(2) over a byte range of the volume.
@@ -355,6 +465,55 @@ impl Drop for DataFile {
     }
 }
 
+/// The largest page-cache folio is 2 MiB (a PMD), naturally aligned: the
+/// folios that can overlap `[pos, pos + len)` lie in this range.
+fn folio_neighbourhood(pos: u64, len: u64) -> (u64, u64) {
+    const MAX_FOLIO: u64 = 2 << 20;
+    let start = pos / MAX_FOLIO * MAX_FOLIO;
+    let end = (pos + len).next_multiple_of(MAX_FOLIO);
+    (start, end - start)
+}
+
+/// Pages of `f` in `[off, off + len)` held in the page cache, by
+/// cachestat(2) (Linux 6.5). An older kernel answers ENOSYS, which turns
+/// O_DIRECT off: without the check it would not be safe.
+fn cached_pages(f: &File, off: u64, len: u64) -> io::Result<u64> {
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    // cachestat has number 451 on every architecture.
+    const SYS_CACHESTAT: libc::c_long = 451;
+    let range = Range { off, len };
+    let mut stat = Stat::default();
+    // SAFETY: both structs match the kernel's layout and outlive the call,
+    // which only writes `stat`.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            f.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0u32,
+        )
+    };
+    if rc == 0 {
+        Ok(stat.nr_cache)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// lseek with SEEK_DATA/SEEK_HOLE; `None` past the last data (ENXIO).
 fn seek(f: &File, pos: u64, whence: i32) -> io::Result<Option<u64>> {
     // SAFETY: lseek on a descriptor we hold open; no memory effects. The
@@ -423,6 +582,44 @@ mod tests {
             let ranges = again.allocated_ranges().unwrap();
             assert_eq!(ranges.len(), 2, "{ranges:?}");
             assert!(ranges[0].0 <= SEGMENT_SIZE - 4096 && ranges[1].1 >= SEGMENT_SIZE + 4096);
+        }
+    }
+
+    #[tokio::test]
+    async fn direct_writes_bypass_the_page_cache_and_never_leave_it_stale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let chunk = 512usize << 10;
+        let data: Vec<u8> = (0..chunk as u32).map(|i| (i * 7 + 1) as u8).collect();
+        for (i, e) in engines().into_iter().enumerate() {
+            let df = DataFile::create(&tmp.path().join(format!("v{i}")), 8 << 20, e).unwrap();
+            let seg = Arc::clone(&df.segments.read().unwrap()[0]);
+            // Nothing cached near it: written past the page cache.
+            df.write_direct(4 << 20, data.clone()).await.unwrap();
+            let what = if cached_pages(&seg, 0, 8 << 20).unwrap() == 0 {
+                "direct"
+            } else {
+                "buffered"
+            };
+            assert_eq!(what, "direct", "a write into an uncached range");
+            assert_eq!(df.read(4 << 20, chunk).await.unwrap(), data);
+            // Its old bytes cached (read as zeros): the cache is updated too.
+            assert!(
+                df.read(1 << 20, chunk)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|b| *b == 0)
+            );
+            df.write_direct(1 << 20, data.clone()).await.unwrap();
+            assert_eq!(df.read(1 << 20, chunk).await.unwrap(), data);
+            // Not aligned: a buffered write, same bytes.
+            df.write_direct(6 << 20 | 512, data[..1000].to_vec())
+                .await
+                .unwrap();
+            assert_eq!(df.read(6 << 20 | 512, 1000).await.unwrap(), data[..1000]);
+            df.sync(false).await.unwrap();
+            let again = DataFile::open(&df.dir, 8 << 20, Arc::clone(&df.engine)).unwrap();
+            assert_eq!(again.read(4 << 20, chunk).await.unwrap(), data);
         }
     }
 

@@ -377,15 +377,20 @@ impl Ring {
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
-                match &op.kind {
-                    OpKind::Read(buf) | OpKind::Write(buf) => {
+                let want = match &op.kind {
+                    OpKind::Read(buf) | OpKind::Write(buf) => Some(buf.len()),
+                    OpKind::WriteDirect(buf) => Some(buf.len()),
+                    _ => None,
+                };
+                match want {
+                    Some(want) => {
                         let got = res as usize;
-                        if got == 0 && op.done_bytes < buf.len() {
+                        if got == 0 && op.done_bytes < want {
                             Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
                                 "short transfer at end of file",
                             ))
-                        } else if op.done_bytes + got < buf.len() {
+                        } else if op.done_bytes + got < want {
                             // A short transfer: submit the rest. If the ring
                             // is down, `pump` hands the op back and the whole
                             // of it is redone elsewhere (positional I/O, so
@@ -397,7 +402,7 @@ impl Ring {
                             Ok(())
                         }
                     }
-                    _ => Ok(()),
+                    None => Ok(()),
                 }
             };
             let _ = op.reply.send((result, op.kind));
@@ -428,6 +433,16 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
                 .offset(pos)
                 .build()
                 .flags(squeue::Flags::ASYNC)
+        }
+        OpKind::WriteDirect(buf) => {
+            let rest = &buf.as_slice()[done..];
+            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
+            // No ASYNC here: an O_DIRECT overwrite of allocated blocks can
+            // be issued inline; ext4 answers EAGAIN when it must allocate,
+            // and the kernel then hands the write to io-wq itself.
+            opcode::Write::new(fd, rest.as_ptr(), len)
+                .offset(pos)
+                .build()
         }
         OpKind::Sync { data_only } => {
             let flags = if *data_only {

@@ -184,6 +184,18 @@ impl Volume {
     /// verified), written, then marked `Local`. Holding the chunk's stripe
     /// makes concurrent callers fetch it once.
     pub async fn materialize(&self, chunk: u64) -> io::Result<()> {
+        self.bring_in(chunk, false).await
+    }
+
+    /// [`Volume::materialize`] for background hydration: the chunk is
+    /// written past the page cache (O_DIRECT where the files allow), since
+    /// no client asked for it; a client read of a `Base` chunk goes through
+    /// the page cache, because it reads the bytes back at once.
+    pub async fn hydrate_chunk(&self, chunk: u64) -> io::Result<()> {
+        self.bring_in(chunk, true).await
+    }
+
+    async fn bring_in(&self, chunk: u64, direct: bool) -> io::Result<()> {
         let Some(base) = &self.base else {
             return Ok(());
         };
@@ -199,7 +211,12 @@ impl Volume {
             return Ok(());
         };
         self.check_health()?;
-        let r = self.data.write(self.chunks.offset(chunk), bytes).await;
+        let at = self.chunks.offset(chunk);
+        let r = if direct {
+            self.data.write_direct(at, bytes).await
+        } else {
+            self.data.write(at, bytes).await
+        };
         self.written("write", r)?;
         self.map.mark_hydrated(chunk);
         base.log.note(chunk);
