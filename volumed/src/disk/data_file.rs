@@ -7,10 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-
+use super::direct::{Direct, cached_pages, folio_neighbourhood};
 use super::engine::IoEngine;
 use super::op::{AlignedBuf, OpKind};
 
@@ -24,11 +21,8 @@ pub struct DataFile {
     /// Grows when the volume grows; the lock is held only to clone the
     /// `Arc`s an operation needs, never across I/O.
     segments: RwLock<Vec<Arc<File>>>,
-    /// The same segments opened O_DIRECT, each on first use, for
-    /// `write_direct`.
-    direct: Mutex<Vec<Option<Arc<File>>>>,
-    /// Set when the filesystem refused O_DIRECT: buffered writes from then.
-    direct_refused: AtomicBool,
+    /// The same segments opened O_DIRECT, for `write_direct`.
+    direct: Direct,
 }
 
 /// One segment's share of a byte range.
@@ -87,8 +81,7 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
-            direct: Mutex::new(Vec::new()),
-            direct_refused: AtomicBool::new(false),
+            direct: Direct::default(),
         })
     }
 
@@ -115,8 +108,7 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
-            direct: Mutex::new(Vec::new()),
-            direct_refused: AtomicBool::new(false),
+            direct: Direct::default(),
         })
     }
 
@@ -213,85 +205,64 @@ impl DataFile {
         if !offset.is_multiple_of(align)
             || !(buf.len() as u64).is_multiple_of(align)
             || matches!(*self.engine, IoEngine::PowerlossSim(_))
-            || self.direct_refused.load(Ordering::Relaxed)
+            || self.direct.refused()
         {
             return self.write(offset, buf).await;
         }
         for p in self.pieces(offset, buf.len() as u64)? {
             let part = &buf[p.at..p.at + p.len];
-            // Page cache near the range could hold a large folio across it,
-            // which an O_DIRECT write cannot always invalidate (if a client
-            // dirties it meanwhile); then this piece goes buffered.
-            let (near, near_len) = folio_neighbourhood(p.pos, p.len as u64);
-            match cached_pages(&p.file, near, near_len) {
-                Ok(0) => {}
-                Ok(_) => {
-                    self.write(offset + p.at as u64, part.to_vec()).await?;
-                    continue;
-                }
-                Err(e) => {
-                    self.refuse_direct(&e);
-                    return self.write(offset, buf).await;
-                }
-            }
-            let file = match self.direct_file(p.idx) {
-                Ok(f) => f,
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.refuse_direct(&e);
-                    return self.write(offset, buf).await;
-                }
-                Err(e) => return Err(e),
-            };
-            let (r, kind) = self
-                .engine
-                .run(file, p.pos, OpKind::WriteDirect(AlignedBuf::copy_of(part)))
-                .await;
-            if let OpKind::WriteDirect(b) = kind {
-                b.recycle();
-            }
-            match r {
-                // EINVAL is O_DIRECT refusing this file or alignment: the
-                // write did not happen, so a buffered one replaces it.
-                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    self.refuse_direct(&e);
-                    return self.write(offset, buf).await;
-                }
-                r => r?,
-            }
-            // A page cached since the check would hold the old bytes; a
-            // buffered write of the same bytes puts the new ones there too.
-            // Pages cached after this read the disk, which has them.
-            if cached_pages(&p.file, p.pos, p.len as u64)? != 0 {
+            if !self.write_piece_direct(&p, part).await? {
                 self.write(offset + p.at as u64, part.to_vec()).await?;
             }
         }
         Ok(())
     }
 
-    fn refuse_direct(&self, e: &io::Error) {
-        if !self.direct_refused.swap(true, Ordering::Relaxed) {
-            tracing::info!(dir = %self.dir.display(), error = %e,
-                "O_DIRECT refused; hydration writes go through the page cache");
+    /// One piece of `write_direct`: `Ok(false)` when it must be written
+    /// buffered instead (nothing was written, or a page cached meanwhile
+    /// holds the old bytes: the same bytes buffered put the new ones there).
+    async fn write_piece_direct(&self, p: &Piece, part: &[u8]) -> io::Result<bool> {
+        // Page cache near the range could hold a large folio across it,
+        // which an O_DIRECT write cannot always invalidate (if a client
+        // dirties it meanwhile).
+        let (near, near_len) = folio_neighbourhood(p.pos, p.len as u64);
+        match cached_pages(&p.file, near, near_len) {
+            Ok(0) => {}
+            Ok(_) => return Ok(false),
+            Err(e) => {
+                self.direct.refuse(&self.dir, &e);
+                return Ok(false);
+            }
         }
-    }
-
-    /// Segment `idx` opened O_DIRECT, opening it the first time.
-    fn direct_file(&self, idx: usize) -> io::Result<Arc<File>> {
-        let mut direct = self.direct.lock().unwrap_or_else(|e| e.into_inner());
-        if direct.len() <= idx {
-            direct.resize(idx + 1, None);
+        let file = match self
+            .direct
+            .file(&segment_path(&self.dir, p.idx as u64), p.idx)
+        {
+            Ok(f) => f,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct.refuse(&self.dir, &e);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
+        let (r, kind) = self
+            .engine
+            .run(file, p.pos, OpKind::WriteDirect(AlignedBuf::copy_of(part)))
+            .await;
+        if let OpKind::WriteDirect(b) = kind {
+            b.recycle();
         }
-        if let Some(f) = &direct[idx] {
-            return Ok(Arc::clone(f));
+        match r {
+            // EINVAL is O_DIRECT refusing this file or alignment: nothing
+            // was written.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                self.direct.refuse(&self.dir, &e);
+                return Ok(false);
+            }
+            r => r?,
         }
-        let f = Arc::new(
-            OpenOptions::new()
-                .write(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(segment_path(&self.dir, idx as u64))?,
-        );
-        direct[idx] = Some(Arc::clone(&f));
-        Ok(f)
+        // Pages cached after this check read the disk, which has the bytes.
+        Ok(cached_pages(&p.file, p.pos, p.len as u64)? == 0)
     }
 
     /// fallocate(2) over a byte range of the volume.
@@ -462,55 +433,6 @@ impl Drop for DataFile {
         for f in segs.iter() {
             self.engine.release(f);
         }
-    }
-}
-
-/// The largest page-cache folio is 2 MiB (a PMD), naturally aligned: the
-/// folios that can overlap `[pos, pos + len)` lie in this range.
-fn folio_neighbourhood(pos: u64, len: u64) -> (u64, u64) {
-    const MAX_FOLIO: u64 = 2 << 20;
-    let start = pos / MAX_FOLIO * MAX_FOLIO;
-    let end = (pos + len).next_multiple_of(MAX_FOLIO);
-    (start, end - start)
-}
-
-/// Pages of `f` in `[off, off + len)` held in the page cache, by
-/// cachestat(2) (Linux 6.5). An older kernel answers ENOSYS, which turns
-/// O_DIRECT off: without the check it would not be safe.
-fn cached_pages(f: &File, off: u64, len: u64) -> io::Result<u64> {
-    #[repr(C)]
-    struct Range {
-        off: u64,
-        len: u64,
-    }
-    #[repr(C)]
-    #[derive(Default)]
-    struct Stat {
-        nr_cache: u64,
-        nr_dirty: u64,
-        nr_writeback: u64,
-        nr_evicted: u64,
-        nr_recently_evicted: u64,
-    }
-    // cachestat has number 451 on every architecture.
-    const SYS_CACHESTAT: libc::c_long = 451;
-    let range = Range { off, len };
-    let mut stat = Stat::default();
-    // SAFETY: both structs match the kernel's layout and outlive the call,
-    // which only writes `stat`.
-    let rc = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            f.as_raw_fd(),
-            &range as *const Range,
-            &mut stat as *mut Stat,
-            0u32,
-        )
-    };
-    if rc == 0 {
-        Ok(stat.nr_cache)
-    } else {
-        Err(io::Error::last_os_error())
     }
 }
 

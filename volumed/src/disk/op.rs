@@ -21,6 +21,17 @@ pub enum OpKind {
     WillNeed { len: u64 },
 }
 
+impl OpKind {
+    /// Bytes a read or write moves; `None` for the other ops.
+    pub fn transfer_len(&self) -> Option<usize> {
+        match self {
+            OpKind::Read(buf) | OpKind::Write(buf) => Some(buf.len()),
+            OpKind::WriteDirect(buf) => Some(buf.len()),
+            _ => None,
+        }
+    }
+}
+
 /// What an engine hands back: the op's result and the op itself, so the
 /// caller gets its buffer back whether the I/O succeeded or not.
 pub type OpResult = (std::io::Result<()>, OpKind);

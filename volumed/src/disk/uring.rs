@@ -377,12 +377,7 @@ impl Ring {
             let result = if res < 0 {
                 Err(io::Error::from_raw_os_error(-res))
             } else {
-                let want = match &op.kind {
-                    OpKind::Read(buf) | OpKind::Write(buf) => Some(buf.len()),
-                    OpKind::WriteDirect(buf) => Some(buf.len()),
-                    _ => None,
-                };
-                match want {
+                match op.kind.transfer_len() {
                     Some(want) => {
                         let got = res as usize;
                         if got == 0 && op.done_bytes < want {

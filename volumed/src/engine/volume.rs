@@ -190,9 +190,11 @@ impl Volume {
     /// [`Volume::materialize`] for background hydration: the chunk is
     /// written past the page cache (O_DIRECT where the files allow), since
     /// no client asked for it; a client read of a `Base` chunk goes through
-    /// the page cache, because it reads the bytes back at once.
+    /// the page cache, because it reads the bytes back at once. Only while
+    /// no client I/O runs: a client touching neighbouring pages is what
+    /// could leave cached bytes an O_DIRECT write cannot replace.
     pub async fn hydrate_chunk(&self, chunk: u64) -> io::Result<()> {
-        self.bring_in(chunk, true).await
+        self.bring_in(chunk, self.client_ops() == 0).await
     }
 
     async fn bring_in(&self, chunk: u64, direct: bool) -> io::Result<()> {

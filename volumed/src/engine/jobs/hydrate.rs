@@ -281,14 +281,7 @@ async fn pass(
             let vol = Arc::clone(vol);
             set.spawn(async move {
                 crate::failpoint::delay("hydrate-chunk").await;
-                // Past the page cache only while no client I/O runs: a client
-                // touching neighbouring pages is what could leave cached bytes
-                // an O_DIRECT write cannot replace.
-                let r = if vol.client_ops() == 0 {
-                    vol.hydrate_chunk(c).await
-                } else {
-                    vol.materialize(c).await
-                };
+                let r = vol.hydrate_chunk(c).await;
                 crate::failpoint::hit("hydrate-after-fetch");
                 r
             });
