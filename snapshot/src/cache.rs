@@ -165,7 +165,7 @@ impl ChunkCache {
     }
 
     /// The chunk's verified bytes, if cached and intact.
-    pub async fn get(&self, h: &ChunkHash) -> Option<Vec<u8>> {
+    pub async fn get(&self, h: &ChunkHash) -> Option<Bytes> {
         if !self.lock().touch(h) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -237,7 +237,7 @@ impl ChunkCache {
     }
 }
 
-type Shared = Arc<OnceCell<Result<Arc<Vec<u8>>, RepoError>>>;
+type Shared = Arc<OnceCell<Result<Bytes, RepoError>>>;
 
 /// Chunks by hash: from the cache, else from the store (then cached); one
 /// fetch per chunk however many ask at once.
@@ -270,7 +270,7 @@ impl Fetcher {
     }
 
     /// The chunk's bytes, verified against `h`.
-    pub async fn get(&self, h: &ChunkHash) -> Result<Arc<Vec<u8>>, RepoError> {
+    pub async fn get(&self, h: &ChunkHash) -> Result<Bytes, RepoError> {
         let cell = {
             let mut map = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
             Arc::clone(map.entry(*h).or_default())
@@ -287,11 +287,11 @@ impl Fetcher {
         result
     }
 
-    async fn load(&self, h: &ChunkHash) -> Result<Arc<Vec<u8>>, RepoError> {
+    async fn load(&self, h: &ChunkHash) -> Result<Bytes, RepoError> {
         if let Some(cache) = &self.cache
             && let Some(data) = cache.get(h).await
         {
-            return Ok(Arc::new(data));
+            return Ok(data);
         }
         let obj = self.repo.get_chunk_object(h).await?;
         self.fetches.fetch_add(1, Ordering::Relaxed);
@@ -301,7 +301,7 @@ impl Fetcher {
         if let Some(cache) = &self.cache {
             cache.put(*h, obj).await;
         }
-        Ok(Arc::new(data))
+        Ok(data)
     }
 }
 

@@ -14,6 +14,8 @@
 //! | 16 | 32 | blake3 of the uncompressed bytes |
 //! | 48 | stored length | payload |
 
+use bytes::Bytes;
+
 use crate::hash::ChunkHash;
 
 pub const MAGIC: &[u8; 4] = b"VCHK";
@@ -112,6 +114,41 @@ fn worth_compressing(data: &[u8]) -> bool {
 
 /// Decodes a chunk object and proves it is the chunk `expected`.
 pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
+    let raw_len = check_header(obj, expected)?;
+    let payload = &obj[HEADER_LEN..];
+    let data = match obj[5] {
+        CODEC_RAW => payload.to_vec(),
+        // The capacity bounds the output: a bomb cannot grow past it.
+        CODEC_ZSTD => zstd::bulk::decompress(payload, raw_len)
+            .map_err(|e| CodecError::Decompress(e.to_string()))?,
+        other => return Err(CodecError::Codec(other)),
+    };
+    check_data(&data, raw_len, expected)?;
+    Ok(data)
+}
+
+/// [`decode`] for an object held in `Bytes`: a raw chunk comes back as a
+/// slice of the object, without a copy (hydration moves every byte of a
+/// volume through here, and on two cores each copy of it shows).
+pub fn decode_shared(obj: Bytes, expected: &ChunkHash) -> Result<Bytes, CodecError> {
+    let raw_len = check_header(&obj, expected)?;
+    if obj[5] != CODEC_RAW {
+        return decode(&obj, expected).map(Bytes::from);
+    }
+    let data = obj.slice(HEADER_LEN..);
+    check_data(&data, raw_len, expected)?;
+    Ok(data)
+}
+
+/// Whether decoding `obj` means decompressing it (more work than hashing
+/// alone, so worth a blocking thread). Says nothing of the object's health.
+pub fn is_compressed(obj: &[u8]) -> bool {
+    obj.get(5) == Some(&CODEC_ZSTD)
+}
+
+/// Checks the header against the object's length and the hash it is
+/// fetched by; returns the uncompressed length it claims.
+fn check_header(obj: &[u8], expected: &ChunkHash) -> Result<usize, CodecError> {
     if obj.len() < HEADER_LEN {
         return Err(CodecError::Short(obj.len()));
     }
@@ -121,7 +158,6 @@ pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
     if obj[4] != VERSION {
         return Err(CodecError::Version(obj[4]));
     }
-    let codec = obj[5];
     let raw_len = u32::from_le_bytes(obj[8..12].try_into().expect("4 bytes")) as usize;
     let stored_len = u32::from_le_bytes(obj[12..16].try_into().expect("4 bytes")) as usize;
     if raw_len > MAX_CHUNK {
@@ -134,34 +170,33 @@ pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
             found,
         });
     }
-    let payload = &obj[HEADER_LEN..];
-    if payload.len() != stored_len {
+    let payload = obj.len() - HEADER_LEN;
+    if payload != stored_len {
         return Err(CodecError::Length {
             want: stored_len,
-            got: payload.len(),
+            got: payload,
         });
     }
-    let data = match codec {
-        CODEC_RAW => payload.to_vec(),
-        // The capacity bounds the output: a bomb cannot grow past it.
-        CODEC_ZSTD => zstd::bulk::decompress(payload, raw_len)
-            .map_err(|e| CodecError::Decompress(e.to_string()))?,
-        other => return Err(CodecError::Codec(other)),
-    };
+    Ok(raw_len)
+}
+
+/// The decoded bytes have the length the header claims and the hash the
+/// object is named by.
+fn check_data(data: &[u8], raw_len: usize, expected: &ChunkHash) -> Result<(), CodecError> {
     if data.len() != raw_len {
         return Err(CodecError::DecompressedLength {
             want: raw_len,
             got: data.len(),
         });
     }
-    let actual = ChunkHash::of(&data);
+    let actual = ChunkHash::of(data);
     if actual != *expected {
         return Err(CodecError::Hash {
             expected: *expected,
             found: actual,
         });
     }
-    Ok(data)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -253,7 +288,30 @@ mod tests {
         #[test]
         fn round_trip(data in proptest::collection::vec(any::<u8>(), 0..20_000), level in 1i32..6) {
             let e = encode(&data, level);
-            prop_assert_eq!(decode(&e.bytes, &e.hash).unwrap(), data);
+            prop_assert_eq!(&decode(&e.bytes, &e.hash).unwrap(), &data);
+            let shared = decode_shared(Bytes::from(e.bytes.clone()), &e.hash).unwrap();
+            prop_assert_eq!(&shared[..], &data[..]);
+        }
+
+        /// The shared decode accepts exactly what `decode` accepts, with
+        /// the same bytes or the same error, whatever byte is damaged.
+        #[test]
+        fn shared_decode_agrees_with_decode(raw in any::<bool>(), i in 0usize..600, v in any::<u8>()) {
+            let data = if raw {
+                let mut r = vec![0u8; 500];
+                blake3::Hasher::new().update(b"raw").finalize_xof().fill(&mut r);
+                r
+            } else {
+                b"text ".repeat(100)
+            };
+            let e = encode(&data, 1);
+            prop_assert_eq!(is_compressed(&e.bytes), !raw);
+            let mut b = e.bytes.clone();
+            let i = i % b.len();
+            b[i] = v;
+            let owned = decode(&b, &e.hash);
+            let shared = decode_shared(Bytes::from(b), &e.hash).map(|s| s.to_vec());
+            prop_assert_eq!(owned, shared);
         }
 
         #[test]

@@ -228,7 +228,7 @@ impl Repo {
     /// A chunk's bytes, verified against its hash.
     pub async fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
         let obj = self.get_chunk_object(hash).await?;
-        decode_chunk(obj, hash).await
+        decode_chunk(obj, hash).await.map(Vec::from)
     }
 
     /// A chunk object as stored, not yet verified.
@@ -369,13 +369,24 @@ impl Repo {
     }
 }
 
-/// Verifies and decodes a chunk object off the async workers.
-pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+/// Raw chunks up to this size are verified on the calling task: hashing
+/// 1 MiB is a fraction of a millisecond, and a round trip through the
+/// blocking pool for each chunk cost hydration two thread switches.
+const INLINE_VERIFY: usize = 1 << 20;
+
+/// Verifies and decodes a chunk object. Decompression, and hashing a large
+/// raw chunk, run off the async workers; a raw chunk comes back as a slice
+/// of `obj`.
+pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Bytes, RepoError> {
     let h = *hash;
-    tokio::task::spawn_blocking(move || codec::decode(&obj, &h))
-        .await
-        .map_err(|e| StoreError::new("decode", "", ErrorKind::Transient, e.to_string()))?
-        .map_err(|source| RepoError::CorruptChunk { hash: h, source })
+    let r = if !codec::is_compressed(&obj) && obj.len() <= codec::HEADER_LEN + INLINE_VERIFY {
+        codec::decode_shared(obj, &h)
+    } else {
+        tokio::task::spawn_blocking(move || codec::decode_shared(obj, &h))
+            .await
+            .map_err(|e| StoreError::new("decode", "", ErrorKind::Transient, e.to_string()))?
+    };
+    r.map_err(|source| RepoError::CorruptChunk { hash: h, source })
 }
 
 impl Repo {

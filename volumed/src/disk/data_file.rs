@@ -7,6 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use bytes::Bytes;
+
 use super::direct::{Direct, cached_pages, folio_neighbourhood};
 use super::engine::IoEngine;
 use super::op::{AlignedBuf, OpKind};
@@ -200,14 +202,14 @@ impl DataFile {
     /// back to a buffered write when the range is not aligned, the
     /// filesystem refuses O_DIRECT, or the engine models power loss (its
     /// model follows the buffered descriptors only).
-    pub async fn write_direct(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+    pub async fn write_direct(&self, offset: u64, buf: Bytes) -> io::Result<()> {
         let align = AlignedBuf::ALIGN as u64;
         if !offset.is_multiple_of(align)
             || !(buf.len() as u64).is_multiple_of(align)
             || matches!(*self.engine, IoEngine::PowerlossSim(_))
             || self.direct.refused()
         {
-            return self.write(offset, buf).await;
+            return self.write(offset, Vec::from(buf)).await;
         }
         for p in self.pieces(offset, buf.len() as u64)? {
             let part = &buf[p.at..p.at + p.len];
@@ -516,7 +518,9 @@ mod tests {
             let df = DataFile::create(&tmp.path().join(format!("v{i}")), 8 << 20, e).unwrap();
             let seg = Arc::clone(&df.segments.read().unwrap()[0]);
             // Nothing cached near it: written past the page cache.
-            df.write_direct(4 << 20, data.clone()).await.unwrap();
+            df.write_direct(4 << 20, Bytes::from(data.clone()))
+                .await
+                .unwrap();
             let what = if cached_pages(&seg, 0, 8 << 20).unwrap() == 0 {
                 "direct"
             } else {
@@ -532,10 +536,12 @@ mod tests {
                     .iter()
                     .all(|b| *b == 0)
             );
-            df.write_direct(1 << 20, data.clone()).await.unwrap();
+            df.write_direct(1 << 20, Bytes::from(data.clone()))
+                .await
+                .unwrap();
             assert_eq!(df.read(1 << 20, chunk).await.unwrap(), data);
             // Not aligned: a buffered write, same bytes.
-            df.write_direct(6 << 20 | 512, data[..1000].to_vec())
+            df.write_direct(6 << 20 | 512, Bytes::copy_from_slice(&data[..1000]))
                 .await
                 .unwrap();
             assert_eq!(df.read(6 << 20 | 512, 1000).await.unwrap(), data[..1000]);

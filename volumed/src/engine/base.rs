@@ -32,6 +32,8 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
+
 use snapshot::cache::Fetcher;
 use snapshot::{ChunkGeometry, ChunkHash, ManifestReader};
 use volumed_api::VolumeName;
@@ -231,7 +233,7 @@ impl BaseImage {
     /// verified against their hash and length; `None` when the snapshot
     /// names it zero. The caller holds the chunk's stripe; `volume` names
     /// the volume in errors.
-    pub async fn fetch(&self, chunk: u64, volume: &VolumeName) -> io::Result<Option<Vec<u8>>> {
+    pub async fn fetch(&self, chunk: u64, volume: &VolumeName) -> io::Result<Option<Bytes>> {
         let snapshot = self.snapshot();
         let Some(hash) = self.hash(chunk).await? else {
             // A zero chunk in a page that holds data.
@@ -251,10 +253,7 @@ impl BaseImage {
                 self.chunk_len(chunk)
             )));
         }
-        // The fetcher's copy is usually ours alone: no copy then.
-        Ok(Some(
-            Arc::try_unwrap(data).unwrap_or_else(|shared| shared.to_vec()),
-        ))
+        Ok(Some(data))
     }
 }
 

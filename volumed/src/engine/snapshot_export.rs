@@ -19,6 +19,8 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use bytes::Bytes;
+
 use snapshot::cache::Fetcher;
 use snapshot::diff::Diff;
 use snapshot::{ChunkGeometry, ManifestReader, Repo, SnapshotId};
@@ -51,7 +53,7 @@ pub struct SnapshotImage {
     /// The chunks read last, decoded: clients read a chunk in several
     /// requests (nbdcopy and qemu-img in 256 KiB pieces), and each would
     /// otherwise decode and hash it again.
-    recent: Mutex<VecDeque<(u64, Arc<Vec<u8>>)>>,
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
 
 /// Decoded chunks an image keeps, most recent first.
@@ -88,12 +90,12 @@ impl SnapshotImage {
         self.geometry.chunk_size()
     }
 
-    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Arc<Vec<u8>>)>> {
+    fn recent(&self) -> std::sync::MutexGuard<'_, VecDeque<(u64, Bytes)>> {
         self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The bytes of chunk `chunk`, verified against its hash and length.
-    async fn chunk(&self, chunk: u64) -> io::Result<Option<Arc<Vec<u8>>>> {
+    async fn chunk(&self, chunk: u64) -> io::Result<Option<Bytes>> {
         let Some(hash) = self.hash(chunk).await? else {
             return Ok(None);
         };
@@ -101,7 +103,7 @@ impl SnapshotImage {
             .recent()
             .iter()
             .find(|(c, _)| *c == chunk)
-            .map(|(_, d)| Arc::clone(d))
+            .map(|(_, d)| d.clone())
         {
             return Ok(Some(data));
         }
@@ -125,7 +127,7 @@ impl SnapshotImage {
         if recent.len() == RECENT_CHUNKS {
             recent.pop_back();
         }
-        recent.push_front((chunk, Arc::clone(&data)));
+        recent.push_front((chunk, data.clone()));
         Ok(Some(data))
     }
 

@@ -217,7 +217,7 @@ impl Volume {
         let r = if direct {
             self.data.write_direct(at, bytes).await
         } else {
-            self.data.write(at, bytes).await
+            self.data.write(at, Vec::from(bytes)).await
         };
         self.written("write", r)?;
         self.map.mark_hydrated(chunk);

@@ -200,7 +200,7 @@ pub async fn get_block(
         .map_err(|e| crate::error::Error::store(format!("read block {index} of {id}"), e))?;
     // A snapshot whose size is not a whole number of blocks has a short
     // last chunk; the API's blocks are always whole, zero-filled.
-    let mut bytes: Vec<u8> = (*data).clone();
+    let mut bytes: Vec<u8> = data.to_vec();
     let block = usize::try_from(BLOCK_SIZE).unwrap_or(usize::MAX);
     if bytes.len() < block {
         bytes.resize(block, 0);

@@ -278,8 +278,7 @@ impl ExportJobs {
                                 Some(hash) => fetcher
                                     .get(&hash)
                                     .await
-                                    // No copy unless another reader shares the chunk.
-                                    .map(|d| Arc::try_unwrap(d).unwrap_or_else(|d| (*d).clone()))
+                                    .map(Vec::from)
                                     .map_err(|e| format!("read chunk {i}: {e}")),
                             }
                         }
