@@ -26,6 +26,7 @@
 
 pub(crate) mod handshake;
 pub mod io_threads;
+pub(crate) mod poll;
 pub mod proto;
 pub(crate) mod server;
 pub(crate) mod session;

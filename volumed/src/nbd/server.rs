@@ -8,6 +8,7 @@
 //! second per reason with a count of those left out.
 
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,6 +28,7 @@ use super::handshake::{
     BoxFuture, ExportLookup, HandshakeError, MetaContext, Negotiated, Refused, negotiate, options,
 };
 use super::io_threads::IoThreads;
+use super::poll::{Polled, Quiet};
 use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
@@ -305,6 +307,11 @@ trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Read: AsyncRead + Unpin + Send + 'static;
     type Write: AsyncWrite + Unpin + Send + 'static;
     fn halves(self) -> (Self::Read, Self::Write);
+    /// The socket, for a session to poll before it sleeps; `None` for
+    /// streams whose bytes are not the socket's (TLS).
+    fn socket_fd(&self) -> Option<RawFd> {
+        None
+    }
 }
 
 impl Connection for tokio::net::TcpStream {
@@ -313,6 +320,9 @@ impl Connection for tokio::net::TcpStream {
     fn halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
     }
+    fn socket_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
 }
 
 impl Connection for tokio::net::UnixStream {
@@ -320,6 +330,9 @@ impl Connection for tokio::net::UnixStream {
     type Write = tokio::net::unix::OwnedWriteHalf;
     fn halves(self) -> (Self::Read, Self::Write) {
         self.into_split()
+    }
+    fn socket_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
     }
 }
 
@@ -487,7 +500,11 @@ async fn serve<C: Connection>(
     let _counted = crate::metrics::ConnectionGauge::new();
     info!(%peer, export = %name, size, structured = options.structured, read_only = options.read_only,
           tls, "NBD client connected");
+    let fd = stream.socket_fd();
     let (r, w) = stream.halves();
+    // The read half owns the socket, so `fd` stays open as long as it does.
+    let quiet = Quiet::default();
+    let r = Polled::new(r, fd, quiet.clone());
     let r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     // Tracked by the export so detach and shutdown wait for this session.
     let session = session::serve(
@@ -497,7 +514,10 @@ async fn serve<C: Connection>(
         size,
         options,
         contexts,
-        export.cancel.clone(),
+        session::Control {
+            cancel: export.cancel.clone(),
+            quiet,
+        },
     );
     match export.sessions.track_future(session).await {
         Ok(()) => info!(%peer, export = %name, "NBD client disconnected"),

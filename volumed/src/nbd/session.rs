@@ -35,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::handshake::MetaContext;
+use super::poll::Quiet;
 use super::proto::{
     BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
     EPERM, Encoded, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
@@ -131,9 +132,18 @@ struct Finished {
 
 type Work = Pin<Box<dyn Future<Output = Finished> + Send>>;
 
+/// How a session's surroundings steer it.
+pub struct Control {
+    /// Fired on detach and shutdown: the session stops reading requests.
+    pub cancel: CancellationToken,
+    /// The session's side of its read half's polling (`nbd/poll.rs`).
+    pub quiet: Quiet,
+}
+
 /// Serves requests until the client disconnects, breaks the protocol, or
-/// `cancel` fires (detach, shutdown). In every case the requests already in
-/// flight complete and their replies are sent before the connection closes.
+/// `control.cancel` fires (detach, shutdown). In every case the requests
+/// already in flight complete and their replies are sent before the
+/// connection closes.
 pub async fn serve<R, W>(
     reader: R,
     mut writer: W,
@@ -141,7 +151,7 @@ pub async fn serve<R, W>(
     size: u64,
     options: SessionOptions,
     contexts: Vec<(u32, MetaContext)>,
-    cancel: CancellationToken,
+    control: Control,
 ) -> Result<(), SessionError>
 where
     R: AsyncRead + Unpin + Send,
@@ -162,12 +172,15 @@ where
     let mut out = Output::new(options.structured);
     let mut writable = true;
     let mut result = Ok(());
+    let Control { cancel, quiet } = control;
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
         if reading.is_none() && inflight.is_empty() && (out.is_idle() || !writable) {
             break;
         }
+        // Nothing to do but wait for the next request: the read may poll.
+        quiet.set(inflight.is_empty() && (out.is_idle() || !writable));
         // Completions, then requests the client has already sent, and only
         // then the socket write: whatever is ready leaves in one `writev`
         // (a write per reply woke the client per reply). Reading stops when

@@ -58,7 +58,10 @@ async fn start_with(options: SessionOptions, pipe: usize) -> Harness {
         } else {
             Vec::new()
         },
-        export.cancel.clone(),
+        session::Control {
+            cancel: export.cancel.clone(),
+            quiet: Default::default(),
+        },
     ));
     Harness {
         c,
