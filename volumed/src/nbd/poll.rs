@@ -11,8 +11,10 @@
 //!
 //! Only when it is likely to pay, and never at the expense of other work:
 //! the session marks itself quiet (nothing in flight, every reply written)
-//! before it waits, and a connection polls only while its last wait in that
-//! state was shorter than [`POLL_MAX`]. A connection that goes idle polls
+//! before it waits, a connection polls only while its last wait in that
+//! state was shorter than [`POLL_MAX`], and only while it is the one
+//! connection its thread serves (polling one socket would delay every other
+//! connection of the thread). A connection that goes idle polls
 //! once, finds nothing, and sleeps from then on until a request comes
 //! quickly again. TLS sessions do not poll (their reads go through rustls).
 
@@ -20,14 +22,26 @@ use std::io;
 use std::os::fd::RawFd;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// The longest a quiet session spins for its next request.
+/// The longest a quiet session spins for its next request, unless
+/// `VOLUMED_NBD_POLL_US` says otherwise (0 turns polling off).
 pub const POLL_MAX: Duration = Duration::from_micros(50);
+
+/// The polling window: [`POLL_MAX`] or `VOLUMED_NBD_POLL_US`, read once.
+fn window() -> Duration {
+    static WINDOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *WINDOW.get_or_init(|| {
+        std::env::var("VOLUMED_NBD_POLL_US")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(POLL_MAX, Duration::from_micros)
+    })
+}
 
 /// Set by the session while it has nothing to do but wait for a request.
 #[derive(Clone, Default)]
@@ -43,9 +57,17 @@ impl Quiet {
     }
 }
 
+thread_local! {
+    /// Read halves alive on this thread (an NBD thread serves its
+    /// connections, and drops them, on itself).
+    static ON_THREAD: Arc<AtomicUsize> = Arc::default();
+}
+
 /// A connection's read half that may poll its socket before sleeping.
 pub struct Polled<R> {
     inner: R,
+    /// The count of read halves of the thread this one was made on.
+    neighbours: Arc<AtomicUsize>,
     /// The socket, while `inner` keeps it open; `None`: never poll.
     fd: Option<RawFd>,
     quiet: Quiet,
@@ -54,7 +76,7 @@ pub struct Polled<R> {
     idle_since: Option<Instant>,
     /// Whether the last quiet wait was shorter than `window`.
     hot: bool,
-    /// How long to poll: [`POLL_MAX`] (tests change it).
+    /// How long to poll: [`window`] (tests change it).
     window: Duration,
     /// Quiet waits that polling ended, and ones that polled in vain.
     pub(crate) caught: u64,
@@ -65,13 +87,17 @@ impl<R> Polled<R> {
     /// `fd` must be the socket `inner` reads, open for as long as `inner`
     /// lives.
     pub fn new(inner: R, fd: Option<RawFd>, quiet: Quiet) -> Self {
+        let window = window();
+        let neighbours = ON_THREAD.with(Arc::clone);
+        neighbours.fetch_add(1, Ordering::Relaxed);
         Polled {
             inner,
-            fd,
+            neighbours,
+            fd: fd.filter(|_| !window.is_zero()),
             quiet,
             idle_since: None,
             hot: true,
-            window: POLL_MAX,
+            window,
             caught: 0,
             missed: 0,
         }
@@ -81,6 +107,12 @@ impl<R> Polled<R> {
         if let Some(t) = self.idle_since.take() {
             self.hot = t.elapsed() < self.window;
         }
+    }
+}
+
+impl<R> Drop for Polled<R> {
+    fn drop(&mut self) {
+        self.neighbours.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -101,7 +133,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Polled<R> {
             return Poll::Pending;
         };
         let since = *me.idle_since.get_or_insert_with(Instant::now);
-        if !me.hot || buf.remaining() == 0 {
+        if !me.hot || buf.remaining() == 0 || me.neighbours.load(Ordering::Relaxed) > 1 {
             return Poll::Pending;
         }
         let deadline = since + me.window;
@@ -199,6 +231,16 @@ mod tests {
         let t = send_later(b, b"w", Duration::from_millis(20));
         r.read_exact(&mut byte).await.unwrap();
         assert_eq!((&byte, r.caught, r.missed), (b"w", 1, 1));
+        let b = t.join().unwrap();
+
+        // Quiet and hot, but another connection on the thread: no polling.
+        quiet.set(true);
+        let (other, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let other = Polled::new(other, None, Quiet::default());
+        let t = send_later(b, b"v", Duration::from_millis(20));
+        r.read_exact(&mut byte).await.unwrap();
+        assert_eq!((&byte, r.caught, r.missed), (b"v", 1, 1));
+        drop(other);
         let mut b = tokio::net::UnixStream::from_std(t.join().unwrap()).unwrap();
         b.shutdown().await.unwrap();
     }
