@@ -77,6 +77,13 @@ pub struct Args {
           value_parser = parse_timeout)]
     pub nbd_handshake_timeout: std::time::Duration,
 
+    /// How long an NBD connection that is its thread's only one polls its
+    /// socket for the next request after answering a read, before the
+    /// thread sleeps; 0 turns polling off
+    #[arg(long, env = "VOLUMED_NBD_POLL", value_name = "DURATION", default_value = "50us",
+          value_parser = humantime::parse_duration)]
+    pub nbd_poll: std::time::Duration,
+
     /// NBD over a Unix socket [default: DATA_DIR/nbd.sock]
     #[arg(long, env = "VOLUMED_NBD_SOCKET", value_name = "PATH")]
     pub nbd_socket: Option<PathBuf>,
@@ -288,6 +295,7 @@ impl Args {
                 // A u32 always fits a usize on the targets we build for.
                 max_connections: usize::try_from(self.nbd_max_connections).unwrap_or(usize::MAX),
                 handshake_timeout: self.nbd_handshake_timeout,
+                poll: self.nbd_poll,
             },
             io_engine: self.io_engine,
             zstd_level: self.zstd_level,
@@ -400,11 +408,14 @@ mod tests {
             "8",
             "--nbd-handshake-timeout",
             "1500ms",
+            "--nbd-poll",
+            "0s",
         ])
         .unwrap()
         .resolve()
         .unwrap();
         assert_eq!(c.nbd_limits.max_connections, 8);
+        assert!(c.nbd_limits.poll.is_zero());
         assert_eq!(
             c.nbd_limits.handshake_timeout,
             std::time::Duration::from_millis(1500)
@@ -412,6 +423,7 @@ mod tests {
         assert!(parse(&["--nbd-max-connections", "0"]).is_err());
         assert!(parse(&["--nbd-handshake-timeout", "0s"]).is_err());
         assert!(parse(&["--nbd-handshake-timeout", "soon"]).is_err());
+        assert!(parse(&["--nbd-poll", "a while"]).is_err());
     }
 
     #[test]

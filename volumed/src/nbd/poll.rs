@@ -7,7 +7,7 @@
 //! microseconds: on this 2-vCPU machine 4 KiB reads at QD1 ran at 80k IOPS
 //! with volumed and fio on one CPU and at 12k on two (docs/performance.md,
 //! "Polling before sleeping"). Spinning on a non-blocking `recv` for up to
-//! [`POLL_MAX`] catches the next request without the sleep.
+//! `--nbd-poll` (default [`POLL_MAX`]) catches the next request without the sleep.
 //!
 //! Only when it is likely to pay, and never at the expense of other work:
 //! the session marks itself quiet (nothing in flight, every reply written)
@@ -28,20 +28,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, ReadBuf};
 
-/// The longest a quiet session spins for its next request, unless
-/// `VOLUMED_NBD_POLL_US` says otherwise (0 turns polling off).
+/// The default of `--nbd-poll`: how long a quiet session spins for its
+/// next request.
 pub const POLL_MAX: Duration = Duration::from_micros(50);
-
-/// The polling window: [`POLL_MAX`] or `VOLUMED_NBD_POLL_US`, read once.
-fn window() -> Duration {
-    static WINDOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *WINDOW.get_or_init(|| {
-        std::env::var("VOLUMED_NBD_POLL_US")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(POLL_MAX, Duration::from_micros)
-    })
-}
 
 /// Set by the session while it has nothing to do but wait for a request.
 #[derive(Clone, Default)]
@@ -76,7 +65,7 @@ pub struct Polled<R> {
     idle_since: Option<Instant>,
     /// Whether the last quiet wait was shorter than `window`.
     hot: bool,
-    /// How long to poll: [`window`] (tests change it).
+    /// How long to poll (`--nbd-poll`).
     window: Duration,
     /// Quiet waits that polling ended, and ones that polled in vain.
     pub(crate) caught: u64,
@@ -85,9 +74,8 @@ pub struct Polled<R> {
 
 impl<R> Polled<R> {
     /// `fd` must be the socket `inner` reads, open for as long as `inner`
-    /// lives.
-    pub fn new(inner: R, fd: Option<RawFd>, quiet: Quiet) -> Self {
-        let window = window();
+    /// lives; a zero `window` never polls.
+    pub fn new(inner: R, fd: Option<RawFd>, quiet: Quiet, window: Duration) -> Self {
         let neighbours = ON_THREAD.with(Arc::clone);
         neighbours.fetch_add(1, Ordering::Relaxed);
         Polled {
@@ -188,7 +176,7 @@ mod tests {
         let (a, b) = tokio::net::UnixStream::pair().unwrap();
         let fd = a.as_raw_fd();
         let quiet = Quiet::default();
-        let mut r = Polled::new(a, Some(fd), quiet.clone());
+        let mut r = Polled::new(a, Some(fd), quiet.clone(), POLL_MAX);
         let mut byte = [0u8; 1];
         let b = b.into_std().unwrap();
         // Sends `what` from another thread after `after`: the test's
@@ -236,7 +224,7 @@ mod tests {
         // Quiet and hot, but another connection on the thread: no polling.
         quiet.set(true);
         let (other, _peer) = tokio::net::UnixStream::pair().unwrap();
-        let other = Polled::new(other, None, Quiet::default());
+        let other = Polled::new(other, None, Quiet::default(), POLL_MAX);
         let t = send_later(b, b"v", Duration::from_millis(20));
         r.read_exact(&mut byte).await.unwrap();
         assert_eq!((&byte, r.caught, r.missed), (b"v", 1, 1));

@@ -86,6 +86,9 @@ pub struct Limits {
     /// A client must finish negotiation, TLS handshake included, within
     /// this; an idle half-open connection otherwise holds a task forever.
     pub handshake_timeout: Duration,
+    /// How long a quiet session polls for its next request (`nbd/poll.rs`);
+    /// zero: never.
+    pub poll: Duration,
 }
 
 impl Default for Limits {
@@ -93,6 +96,7 @@ impl Default for Limits {
         Limits {
             max_connections: 1024,
             handshake_timeout: Duration::from_secs(10),
+            poll: super::poll::POLL_MAX,
         }
     }
 }
@@ -174,6 +178,7 @@ impl NbdServer {
             tls: self.tls.clone(),
             mode,
             handshake_timeout: self.limits.handshake_timeout,
+            poll: self.limits.poll,
             log: Arc::clone(&log),
             _slot: slot,
         };
@@ -360,6 +365,7 @@ struct Ctx {
     tls: Option<TlsAcceptor>,
     mode: Tls,
     handshake_timeout: Duration,
+    poll: Duration,
     log: Arc<RefusalLog>,
     /// This connection's place under `max_connections`, given back when the
     /// task ends, whatever phase it ended in.
@@ -388,7 +394,7 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
             size,
             options,
             contexts,
-        }) => return serve(stream, &ctx.peer, false, export, size, options, contexts).await,
+        }) => return serve(stream, &ctx, false, export, size, options, contexts).await,
         Step::Done(Negotiated::StartTls(client)) => client,
         Step::Done(Negotiated::Refused(r)) => return ctx.refused_in_handshake(&r),
         Step::Done(Negotiated::Closed) | Step::Ended => return,
@@ -422,7 +428,7 @@ async fn handle<S: Connection>(mut stream: S, ctx: Ctx, shutdown: CancellationTo
             size,
             options,
             contexts,
-        }) => serve(tls, &ctx.peer, true, export, size, options, contexts).await,
+        }) => serve(tls, &ctx, true, export, size, options, contexts).await,
         Step::Done(Negotiated::Refused(r)) => ctx.refused_in_handshake(&r),
         Step::Refused(reason, detail) => ctx.log.refused(reason, &ctx.peer, &detail),
         Step::Done(Negotiated::StartTls(_) | Negotiated::Closed) | Step::Ended => {}
@@ -489,13 +495,14 @@ const MAX_LOGGED_NAME: usize = 128;
 
 async fn serve<C: Connection>(
     stream: C,
-    peer: &str,
+    ctx: &Ctx,
     tls: bool,
     export: Export,
     size: u64,
     options: SessionOptions,
     contexts: Vec<(u32, MetaContext)>,
 ) {
+    let (peer, poll) = (&ctx.peer, ctx.poll);
     let name = export.backend.name().to_owned();
     let _counted = crate::metrics::ConnectionGauge::new();
     info!(%peer, export = %name, size, structured = options.structured, read_only = options.read_only,
@@ -504,7 +511,7 @@ async fn serve<C: Connection>(
     let (r, w) = stream.halves();
     // The read half owns the socket, so `fd` stays open as long as it does.
     let quiet = Quiet::default();
-    let r = Polled::new(r, fd, quiet.clone());
+    let r = Polled::new(r, fd, quiet.clone(), poll);
     let r = tokio::io::BufReader::with_capacity(READ_BUFFER, r);
     // Tracked by the export so detach and shutdown wait for this session.
     let session = session::serve(
