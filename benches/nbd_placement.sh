@@ -39,7 +39,7 @@ sync
 iops() { # cpus uri
     taskset -c "$1" fio --name=rr --ioengine=nbd --uri="$2" --rw=randread --bs=4k --iodepth=1 \
         --size=1024M --time_based --runtime="$RUNTIME" --output-format=terse 2>/dev/null |
-        awk -F';' '{printf "%8.0f", $8}'
+        awk -F';' 'NF > 50 {printf "%8.0f", $8}'
 }
 pin() { # pid cpus: every thread of the process
     for t in /proc/"$1"/task/*; do taskset -pc "$2" "${t##*/}" >/dev/null; done
