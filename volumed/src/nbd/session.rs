@@ -178,14 +178,16 @@ where
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
-        if reading.is_none() && inflight.is_empty() && (out.is_idle() || !writable) {
+        // Nothing in flight and nothing left to write.
+        let drained = inflight.is_empty() && (out.is_idle() || !writable);
+        if reading.is_none() && drained {
             break;
         }
         // Nothing to do but wait for the next request: the read may poll.
         // Not after a write: the next one goes to an io-wq worker, which
         // needs the CPU the poll would hold (4k writes at QD1 went from
         // 11.1-12.1k to 9.7-10.5k IOPS when polling followed them).
-        quiet.set(last_read && inflight.is_empty() && (out.is_idle() || !writable));
+        quiet.set(last_read && drained);
         // Completions, then requests the client has already sent, and only
         // then the socket write: whatever is ready leaves in one `writev`
         // (a write per reply woke the client per reply). Reading stops when
