@@ -117,7 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store_fetched_bytes: 0,
         cache_bytes: 0,
         cache_hits: 0,
-        image_tools: crate::image::qemu::tools_version(),
+        image_tools: crate::image::qemu::tools_version().await,
         aws_listen: aws_addr.map(|a| a.to_string()),
     };
     let state = ApiState {

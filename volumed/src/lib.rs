@@ -10,6 +10,7 @@
 pub(crate) mod api;
 pub mod aws;
 pub(crate) mod catalog;
+pub(crate) mod child;
 pub mod config;
 pub mod daemon;
 pub(crate) mod disk;

@@ -2,7 +2,8 @@
 //! (under an address-space and CPU-time limit and a deadline, as a hostile
 //! header can make it allocate or loop), and `qemu-nbd` serving the image
 //! read-only on a private Unix socket. The format is always given: qemu is
-//! never asked to probe.
+//! never asked to probe. Both start through `child::spawn`, so they die
+//! with the daemon.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -12,6 +13,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 
 use super::format::ImageFormat;
+use crate::child::{self, Limits};
 
 /// `qemu-img info` may use this much address space: a qcow2 header can ask
 /// for huge L1 and refcount tables; a real image's inspection uses tens of
@@ -79,32 +81,6 @@ impl ImageSpec {
     }
 }
 
-/// Limits set in the child between fork and exec.
-fn limit(cmd: &mut Command, address_space: u64, cpu_secs: u64) {
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only setrlimit, which is async-signal-safe; it touches no memory the
-    // parent's other threads may hold locked.
-    unsafe {
-        cmd.pre_exec(move || {
-            let set = |res, v: u64| {
-                let lim = libc::rlimit {
-                    rlim_cur: v,
-                    rlim_max: v,
-                };
-                // SAFETY: `lim` is a valid rlimit for the call's duration.
-                if libc::setrlimit(res, &lim) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            };
-            set(libc::RLIMIT_AS, address_space)?;
-            set(libc::RLIMIT_CPU, cpu_secs)?;
-            set(libc::RLIMIT_CORE, 0)?;
-            Ok(())
-        });
-    }
-}
-
 fn spawn_error(
     program: &'static str,
     format: ImageFormat,
@@ -149,8 +125,13 @@ async fn qemu_img_json(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    limit(&mut cmd, INFO_ADDRESS_SPACE, cpu_secs);
-    let child = cmd.spawn().map_err(spawn_error(P, spec.format))?;
+    let limits = Limits {
+        address_space: INFO_ADDRESS_SPACE,
+        cpu_secs,
+    };
+    let child = child::spawn(cmd, Some(limits))
+        .await
+        .map_err(spawn_error(P, spec.format))?;
     tokio::time::timeout(deadline, child.wait_with_output())
         .await
         .map_err(|_| QemuError::Timeout {
@@ -254,7 +235,9 @@ impl NbdServer {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        let mut child = cmd.spawn().map_err(spawn_error(P, spec.format))?;
+        let mut child = child::spawn(cmd, None)
+            .await
+            .map_err(spawn_error(P, spec.format))?;
         let deadline = tokio::time::Instant::now() + NBD_START_DEADLINE;
         loop {
             if socket.exists() {
@@ -305,21 +288,17 @@ impl NbdServer {
 
 /// For `vol status`: `qemu-img VERSION` when both qemu-img and qemu-nbd
 /// run, else `missing` (only raw images import then).
-pub fn tools_version() -> String {
-    let version = |p: &str| {
-        let out = std::process::Command::new(p)
-            .arg("--version")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .ok()
-            .filter(|o| o.status.success())?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+pub async fn tools_version() -> String {
+    async fn version(p: &str) -> Option<String> {
+        let mut cmd = Command::new(p);
+        cmd.arg("--version");
+        let out = child::output_if_ok(cmd).await?;
+        let text = String::from_utf8_lossy(&out).into_owned();
         let first = text.lines().next()?.to_owned();
         // "qemu-img version 10.0.2 (Debian ...)"
         first.split_whitespace().nth(2).map(str::to_owned)
-    };
-    match (version("qemu-img"), version("qemu-nbd")) {
+    }
+    match (version("qemu-img").await, version("qemu-nbd").await) {
         (Some(v), Some(_)) => format!("qemu-utils {v}"),
         _ => "missing".into(),
     }

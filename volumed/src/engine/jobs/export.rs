@@ -331,13 +331,14 @@ async fn convert(
     }
     args.push(uri.to_owned());
     args.push(dest.display().to_string());
-    let mut child = tokio::process::Command::new("qemu-img")
-        .args(&args)
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
+        .kill_on_drop(true);
+    let mut child = crate::child::spawn(cmd, None)
+        .await
         .map_err(|e| format!("qemu-img: {e} (install qemu-utils to export {fmt})"))?;
     // `-p` prints "(12.34/100%)" as it goes: the job's progress.
     let total = h.record().bytes_total;
