@@ -60,6 +60,7 @@ use jobs::hydrate::Hydrator;
 use jobs::import::ImportJobs;
 use jobs::registry::{JobHandle, JobRegistry};
 use jobs::snapshot::SnapshotJobs;
+use jobs::work::WorkDirs;
 use registry::Registry;
 use snapshot_catalog::{SnapshotCatalog, SnapshotInfo};
 use snapshot_export::SnapshotExports;
@@ -140,13 +141,16 @@ impl Engine {
         }
         let snapshot_jobs = Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone()));
         let job_registry = Arc::new(JobRegistry::open(Arc::clone(&catalog)).context("load jobs")?);
+        // Emptied before `start_background` resumes any import.
+        let work = WorkDirs::new(data_dir.join("jobs"));
+        work.clear_stale();
         let imports = Arc::new(ImportJobs::new(
             Arc::clone(&catalog),
             Arc::clone(&registry),
             dirs.clone(),
             Arc::clone(&job_registry),
             Arc::clone(&snapshot_jobs),
-            data_dir.join("jobs"),
+            work,
         ));
         let snapshot_exports = Arc::new(SnapshotExports::new(
             Arc::clone(&catalog),

@@ -16,7 +16,6 @@
 //!    `completed`. A failure or cancel removes the volumes instead.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +27,7 @@ use volumed_api::{JobKind, JobState, VolumeName};
 
 use super::registry::{JobHandle, JobRegistry};
 use super::snapshot::SnapshotJobs;
+use super::work::WorkDirs;
 use crate::catalog::{Catalog, Checkpoint, JobRecord};
 use crate::engine::registry::Registry;
 use crate::engine::{Volume, VolumeDirs, remove_files_and_record};
@@ -83,8 +83,8 @@ pub struct ImportJobs {
     dirs: VolumeDirs,
     pub jobs: Arc<JobRegistry>,
     snapshot_jobs: Arc<SnapshotJobs>,
-    /// `DATA_DIR/jobs`: each job's private directory for qemu-nbd's socket.
-    work: PathBuf,
+    /// Each job's private directory for qemu-nbd's socket.
+    work: WorkDirs,
 }
 
 impl ImportJobs {
@@ -94,7 +94,7 @@ impl ImportJobs {
         dirs: VolumeDirs,
         jobs: Arc<JobRegistry>,
         snapshot_jobs: Arc<SnapshotJobs>,
-        work: PathBuf,
+        work: WorkDirs,
     ) -> Self {
         ImportJobs {
             catalog,
@@ -166,7 +166,7 @@ impl ImportJobs {
                 self.jobs.finish(h, JobState::Error, Some(msg));
             }
         }
-        let _ = std::fs::remove_dir_all(self.work.join(&id));
+        self.work.remove(&id);
     }
 
     /// Flushes, makes the volumes available, and takes the snapshot asked for.
@@ -256,9 +256,10 @@ impl ImportJobs {
         let done_before: u64 = disks.iter().take(ck.disk).map(|d| d.size).sum();
         h.bytes_done
             .store(done_before, std::sync::atomic::Ordering::Relaxed);
-        let dir = self.work.join(&rec.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Stop::Failed(format!("create {}: {e}", dir.display())))?;
+        let dir = self
+            .work
+            .create(&rec.id)
+            .map_err(|e| Stop::Failed(format!("create the work directory of {}: {e}", rec.id)))?;
         for (i, (disk, vol)) in disks.iter().zip(vols).enumerate().skip(ck.disk) {
             let resume_at = if i == ck.disk { ck.offset } else { 0 };
             let (src, server) = if disk.spec.format == ImageFormat::Raw && disk.spec.range.is_none()

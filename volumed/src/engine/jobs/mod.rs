@@ -4,7 +4,8 @@
 //! - [`hydrate::Hydrator`]: restored volumes filling themselves in;
 //! - [`import::ImportJobs`]: VM images copied into new volumes, tracked in
 //!   [`registry::JobRegistry`] with the exports;
-//! - [`export::ExportJobs`]: snapshots written out as images.
+//! - [`export::ExportJobs`]: snapshots written out as images;
+//! - [`work::WorkDirs`]: the imports' private directories, emptied at start.
 //!
 //! Shutdown cancels them first (their tokens are children of nothing the
 //! data path uses), waits for their tasks, then the engine flushes.
@@ -14,3 +15,4 @@ pub mod hydrate;
 pub mod import;
 pub mod registry;
 pub mod snapshot;
+pub mod work;
