@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -12,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use procs::{Group, Proc};
+
 pub mod aws;
 pub mod faults;
 pub mod pki;
+pub mod procs;
 pub mod raw;
 pub mod s3;
 pub mod snapkit;
@@ -54,6 +58,10 @@ pub fn vol_bin() -> PathBuf {
 }
 
 /// A running daemon on its own data dir and NBD port.
+///
+/// Each run of the daemon leads a process group of its own, so every
+/// process it starts is attributable to this test: `finish` and `Drop` fail
+/// the test if any of them is still alive once the daemon is gone.
 pub struct TestDaemon {
     pub dir: tempfile::TempDir,
     child: Option<Child>,
@@ -62,6 +70,8 @@ pub struct TestDaemon {
     pub nbd_port: u16,
     env: Vec<(String, String)>,
     runs: usize,
+    /// The process group of each run, the current one last.
+    groups: Vec<Group>,
 }
 
 impl TestDaemon {
@@ -83,6 +93,7 @@ impl TestDaemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             runs: 0,
+            groups: Vec::new(),
         };
         d.spawn();
         d
@@ -130,7 +141,26 @@ impl TestDaemon {
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().expect("spawn volumed"));
+        // Its own process group: what the daemon forks stays attributable
+        // to this test after the daemon is gone. Out of the terminal's
+        // group, a Ctrl-C no longer reaches it, so it dies with the test
+        // thread that started it instead (every test starts and drops its
+        // daemons on its own thread).
+        cmd.process_group(0);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches
+        // no memory; it runs in the child between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let kill = libc::SIGKILL as libc::c_ulong;
+                if libc::prctl(libc::PR_SET_PDEATHSIG, kill, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn volumed");
+        self.groups.push(Group::of_leader(child.id() as i32));
+        self.child = Some(child);
         self.wait_ready();
         if self.nbd_port == 0 {
             let st = self.vol_json(&["status"]);
@@ -226,6 +256,37 @@ impl TestDaemon {
         );
     }
 
+    /// The pid of the running daemon.
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// Live processes the running daemon started (its process group but
+    /// itself), e.g. an import's qemu-nbd.
+    pub fn daemon_children(&self) -> Vec<Proc> {
+        procs::members(&self.groups[self.groups.len() - 1..], self.pid())
+    }
+
+    /// Processes that any run of the daemon started and that are still
+    /// alive once [`procs::GRACE`] has passed (polled; empty at once when
+    /// there are none). Meaningful once the daemon is stopped or killed:
+    /// the running daemon's own children are counted too.
+    pub fn survivors(&self) -> Vec<Proc> {
+        procs::wait_gone(&self.groups, self.pid())
+    }
+
+    /// Fails if a process the daemon started outlived it, naming each by
+    /// its command line; the survivors are killed first so they do not
+    /// outlive the test too.
+    pub fn assert_no_survivors(&self) {
+        let left = self.survivors();
+        if left.is_empty() {
+            return;
+        }
+        kill_all(&left);
+        panic!("{}", survivors_message(&left));
+    }
+
     /// Stops the daemon cleanly and checks its log: the end of most tests.
     pub fn finish(self) {
         self.finish_expecting(&[], &[]);
@@ -235,6 +296,7 @@ impl TestDaemon {
     /// WARN lines that contain one of `warnings`.
     pub fn finish_expecting(mut self, errors: &[&str], warnings: &[&str]) {
         self.stop();
+        self.assert_no_survivors();
         self.assert_log_clean(errors, warnings);
     }
 
@@ -373,11 +435,41 @@ impl TestDaemon {
 }
 
 impl Drop for TestDaemon {
+    /// Kills a daemon still running, then fails the test (unless it is
+    /// failing already) if anything the daemon started outlives it.
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let left = self.survivors();
+        if left.is_empty() {
+            return;
+        }
+        kill_all(&left);
+        if std::thread::panicking() {
+            eprintln!("{}", survivors_message(&left));
+        } else {
+            panic!("{}", survivors_message(&left));
+        }
+    }
+}
+
+fn survivors_message(left: &[Proc]) -> String {
+    let list: Vec<String> = left.iter().map(Proc::to_string).collect();
+    format!(
+        "{} process(es) the daemon started outlived it by {:?} (killed now):\n{}",
+        left.len(),
+        procs::GRACE,
+        list.join("\n")
+    )
+}
+
+/// SIGKILL to each of `left`: processes this test's daemon started.
+fn kill_all(left: &[Proc]) {
+    for p in left {
+        // SAFETY: kill only sends a signal.
+        unsafe { libc::kill(p.pid, libc::SIGKILL) };
     }
 }
 
