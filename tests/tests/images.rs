@@ -454,7 +454,7 @@ fn kill_mid_import(env: &[(&str, &str)]) {
         assert!(Instant::now() < deadline, "import too slow: {j}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    d.kill9();
+    kill9_and_check_decoders(&mut d, &img, &id);
     d.set_env(&[]);
     d.start_again();
     let j = wait_job(&d, &id, Duration::from_secs(120));
@@ -466,6 +466,81 @@ fn kill_mid_import(env: &[(&str, &str)]) {
     );
     assert_eq!(inspect(&d, "big")["state"], "available");
     assert_volume_equals(&d, "big", &raw);
+    d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
+}
+
+/// kill -9 of a daemon whose import reads `img` through qemu-nbd: the
+/// decoder dies with it, and only its socket is left behind.
+fn kill9_and_check_decoders(d: &mut TestDaemon, img: &Path, job: &str) {
+    let serving = |p: &volumed_tests::procs::Proc| {
+        p.cmdline.starts_with("qemu-nbd ") && p.cmdline.contains(img.to_str().unwrap())
+    };
+    let before = d.daemon_children();
+    assert!(
+        before.iter().any(serving),
+        "no qemu-nbd served the image before the kill: {before:?}"
+    );
+    d.kill9();
+    let left = d.survivors();
+    assert!(
+        !left.iter().any(serving),
+        "the import's qemu-nbd outlived the daemon killed with -9: {left:?}"
+    );
+    assert!(left.is_empty(), "{left:?}");
+    let socket = d.data_dir().join("jobs").join(job).join("nbd.sock");
+    assert!(
+        socket.exists(),
+        "the killed run left no socket at {socket:?}"
+    );
+}
+
+/// An import killed with the daemon whose image is gone by the restart:
+/// its decoder died with the daemon (nothing holds the deleted image
+/// open), and the restart removes the stale socket before it finds that
+/// the import cannot resume.
+#[test]
+fn kill9_mid_import_leaves_no_decoder_and_no_stale_socket() {
+    let mut d = TestDaemon::start_with_env(&[("VOLUMED_FAILPOINTS", "import-window=500")]);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("base.raw");
+    make_raw(&raw, 64 * MIB, 5);
+    let img = dir.path().join("img.qcow2");
+    convert(&raw, "qcow2", &[], &img);
+    let id = d
+        .vol_ok(&["import", img.to_str().unwrap(), "gone", "--no-wait"])
+        .trim()
+        .to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !d
+        .daemon_children()
+        .iter()
+        .any(|p| p.cmdline.starts_with("qemu-nbd "))
+    {
+        assert!(Instant::now() < deadline, "no qemu-nbd started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill9_and_check_decoders(&mut d, &img, &id);
+    std::fs::remove_file(&img).unwrap();
+    d.set_env(&[]);
+    d.start_again();
+    let j = wait_job(&d, &id, Duration::from_secs(30));
+    assert_eq!(j["state"], "error", "{j}");
+    assert!(
+        j["error"].as_str().unwrap().contains("could not resume"),
+        "{j}"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("jobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "stale job work entries: {left:?}");
+    assert!(
+        d.log()
+            .contains("removed what earlier runs left in the job work directory"),
+        "{}",
+        d.log()
+    );
+    assert!(d.volume_names().is_empty());
     d.finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
