@@ -14,6 +14,8 @@
 //!   and the wrapper that retries them;
 //! - `keys`: the store's key layout, every prefix and key in one place;
 //! - `repo`: chunks by hash with dedup, manifests by id, holds and markers;
+//! - `pending`: a snapshot being written, its marker kept fresh, and the
+//!   one commit protocol every snapshot writer follows;
 //! - `cache`: the host's bounded chunk cache and the single-flight fetcher;
 //! - `gc`: mark-and-sweep of unreferenced chunk objects, with a grace period;
 //! - `verify`: reads every chunk of a snapshot and names what is wrong.
@@ -31,6 +33,7 @@ pub mod hash;
 pub mod keys;
 pub mod manifest;
 pub mod page;
+pub mod pending;
 pub mod reader;
 pub mod repo;
 pub mod root;
@@ -42,6 +45,7 @@ pub mod writer;
 pub use geometry::ChunkGeometry;
 pub use hash::ChunkHash;
 pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId, StoredManifest};
+pub use pending::{CommitError, PendingSnapshot};
 pub use reader::ManifestReader;
 pub use repo::{PutChunk, Repo, RepoError};
 pub use root::ManifestRoot;

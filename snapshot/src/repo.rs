@@ -302,8 +302,9 @@ impl Repo {
     }
 
     /// Announces a snapshot in progress to gc. Returns its start by the
-    /// store's clock: the marker's own modification time.
-    pub async fn begin_pending(&self, id: &SnapshotId) -> Result<SystemTime, RepoError> {
+    /// store's clock: the marker's own modification time. Writers use
+    /// [`Repo::begin_snapshot`], which keeps it fresh.
+    pub(crate) async fn begin_pending(&self, id: &SnapshotId) -> Result<SystemTime, RepoError> {
         let key = keys::pending_key(id);
         self.store.put(&key, Bytes::from_static(b"0")).await?;
         Ok(self
@@ -316,7 +317,7 @@ impl Repo {
 
     /// Keeps a snapshot's marker fresh; it carries the start, in seconds
     /// since the epoch, since its modification time moves.
-    pub async fn refresh_pending(
+    pub(crate) async fn refresh_pending(
         &self,
         id: &SnapshotId,
         start: SystemTime,
@@ -331,6 +332,8 @@ impl Repo {
         Ok(())
     }
 
+    /// Removes a snapshot's marker: one a dead run left behind, or (through
+    /// `PendingSnapshot::end`) one whose snapshot ended.
     pub async fn end_pending(&self, id: &SnapshotId) -> Result<(), RepoError> {
         Ok(self.store.delete(&keys::pending_key(id)).await?)
     }
