@@ -45,6 +45,13 @@ pub enum Error {
     },
     #[error("snapshot {0} is in progress; wait for it to end")]
     SnapshotBusy(String),
+    #[error("snapshot {0} is not being uploaded")]
+    SnapshotNotUploading(snapshot::SnapshotId),
+    #[error("commit snapshot {id}: {source}")]
+    SnapshotCommit {
+        id: snapshot::SnapshotId,
+        source: snapshot::CommitError,
+    },
     #[error("job '{0}' not found")]
     JobNotFound(String),
     #[error("volume '{0}' is being imported by {1}; wait for it or cancel it")]
@@ -94,6 +101,8 @@ impl Error {
             Error::ShuttingDown => ErrorCode::ShuttingDown,
             Error::Store { .. } => ErrorCode::StoreUnavailable,
             Error::SnapshotBusy(_) => ErrorCode::Conflict,
+            Error::SnapshotNotUploading(_) => ErrorCode::NotFound,
+            Error::SnapshotCommit { .. } => ErrorCode::StoreUnavailable,
             Error::JobNotFound(_) => ErrorCode::NotFound,
             Error::VolumeImporting(..) => ErrorCode::Conflict,
             Error::Image(e) => e.code(),

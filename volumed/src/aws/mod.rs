@@ -66,7 +66,7 @@ pub struct AwsState {
     pub endpoints: Arc<NbdEndpoints>,
     pub credentials: Credentials,
     pub region: String,
-    pub uploads: ebs::write::Uploads,
+    pub ebs_tokens: ebs::write::Tokens,
 }
 
 pub type Response = hyper::Response<Full<Bytes>>;

@@ -67,7 +67,7 @@ pub async fn bind(
             endpoints,
             credentials,
             region: config.region.clone(),
-            uploads: ebs::write::Uploads::default(),
+            ebs_tokens: ebs::write::Tokens::default(),
         }),
     })
 }

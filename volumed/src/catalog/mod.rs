@@ -19,8 +19,8 @@ use std::path::Path;
 
 pub use job::{Checkpoint, JobRecord};
 pub use record::{
-    AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotState,
-    VolumeRecord, rfc3339, unix_now,
+    AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource,
+    SnapshotState, VolumeRecord, rfc3339, unix_now,
 };
 use volumed_api::VolumeName;
 
@@ -43,9 +43,27 @@ pub enum CatalogError {
     },
     #[error("catalog format {found} is newer than this volumed understands ({FORMAT_VERSION})")]
     TooNew { found: u32 },
+    /// A writer held a record that is no longer the catalog's: the volume
+    /// was deleted, or deleted and created again, or changed by someone who
+    /// bypassed its owner. Nothing was written.
+    #[error(
+        "volume record name={name} changed under its writer: expected id={expected:?}, found id={found:?}"
+    )]
+    StaleVolume {
+        name: VolumeName,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
 }
 
 type Result<T> = std::result::Result<T, CatalogError>;
+
+/// The id in a stored volume record, for an error message.
+fn record_id(raw: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<VolumeRecord>(raw)
+        .ok()
+        .map(|r| r.id)
+}
 
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> CatalogError {
     move |source| CatalogError::Sled { op, source }
@@ -154,18 +172,59 @@ impl Catalog {
         self.db.generate_id().map_err(sled_err("generate id"))
     }
 
-    pub fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a VolumeRecord always serializes");
-        self.volumes
-            .insert(rec.name.as_str(), value)
-            .map_err(sled_err("write volume"))?;
-        self.flush()
+    /// Records a new volume; refused if a record of that name exists.
+    pub fn create_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        self.swap_volume(&rec.name, None, Some(rec))
     }
 
-    pub fn remove_volume(&self, name: &VolumeName) -> Result<()> {
+    /// Replaces `old` by `new` (same name), only while `old` is exactly the
+    /// record stored: the compare-and-swap that makes a stale writer fail
+    /// instead of overwriting a volume it does not own.
+    pub fn replace_volume(&self, old: &VolumeRecord, new: &VolumeRecord) -> Result<()> {
+        debug_assert_eq!(old.name, new.name, "a record keeps its name");
+        self.swap_volume(&old.name, Some(old), Some(new))
+    }
+
+    /// Removes `old`'s record, only while it is exactly the record stored.
+    pub fn remove_volume(&self, old: &VolumeRecord) -> Result<()> {
+        self.swap_volume(&old.name, Some(old), None)
+    }
+
+    /// Compares by decoded record, not by bytes: a record written by an
+    /// older volumed lacks fields this one would serialize.
+    fn swap_volume(
+        &self,
+        name: &VolumeName,
+        expected: Option<&VolumeRecord>,
+        new: Option<&VolumeRecord>,
+    ) -> Result<()> {
+        let stale = |found: Option<u64>| CatalogError::StaleVolume {
+            name: name.clone(),
+            expected: expected.map(|r| r.id),
+            found,
+        };
+        let raw = self
+            .volumes
+            .get(name.as_str())
+            .map_err(sled_err("read volume"))?;
+        let current: Option<VolumeRecord> = raw
+            .as_ref()
+            .map(|v| {
+                serde_json::from_slice(v).map_err(|source| CatalogError::Corrupt {
+                    key: name.to_string(),
+                    source,
+                })
+            })
+            .transpose()?;
+        if current.as_ref() != expected {
+            return Err(stale(current.map(|r| r.id)));
+        }
+        let value = new.map(|r| serde_json::to_vec(r).expect("a VolumeRecord always serializes"));
         self.volumes
-            .remove(name.as_str())
-            .map_err(sled_err("remove volume"))?;
+            .compare_and_swap(name.as_str(), raw, value)
+            .map_err(sled_err("write volume"))?
+            // Only a writer bypassing the owner can get here.
+            .map_err(|e| stale(e.current.and_then(|v| record_id(&v))))?;
         self.flush()
     }
 
@@ -359,9 +418,9 @@ mod tests {
         {
             let c = Catalog::open(&path).unwrap();
             assert!(c.begin_run().unwrap(), "a fresh catalog counts as clean");
-            c.put_volume(&record("a", 1)).unwrap();
-            c.put_volume(&record("b", 2)).unwrap();
-            c.remove_volume(&VolumeName::parse("a").unwrap()).unwrap();
+            c.create_volume(&record("a", 1)).unwrap();
+            c.create_volume(&record("b", 2)).unwrap();
+            c.remove_volume(&record("a", 1)).unwrap();
         }
         let c = Catalog::open(&path).unwrap();
         assert!(!c.begin_run().unwrap(), "no clean shutdown was recorded");
@@ -375,6 +434,53 @@ mod tests {
         c.mark_clean_shutdown().unwrap();
         drop(c);
         assert!(Catalog::open(&path).unwrap().begin_run().unwrap());
+    }
+
+    #[test]
+    fn a_stale_writer_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog")).unwrap();
+        let first = record("a", 1);
+        c.create_volume(&first).unwrap();
+        assert!(matches!(
+            c.create_volume(&record("a", 9)),
+            Err(CatalogError::StaleVolume { found: Some(1), .. })
+        ));
+        // Deleted and created again under the same name.
+        c.remove_volume(&first).unwrap();
+        let second = record("a", 2);
+        c.create_volume(&second).unwrap();
+        // The first volume's writer still holds its record: every write of
+        // it is refused, naming both ids.
+        let mut late = first.clone();
+        late.last_snapshot = snapshot::SnapshotId::parse("snap-0123456789abcdef0");
+        let err = c.replace_volume(&first, &late).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("expected id=Some(1), found id=Some(2)"),
+            "{err}"
+        );
+        assert!(c.remove_volume(&first).is_err());
+        assert_eq!(c.volumes().unwrap(), vec![second.clone()]);
+        // The owner of the current record writes as before.
+        let mut next = second.clone();
+        next.size *= 2;
+        c.replace_volume(&second, &next).unwrap();
+        assert_eq!(c.volumes().unwrap(), vec![next]);
+    }
+
+    #[test]
+    fn a_record_from_an_older_volumed_is_compared_by_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("catalog")).unwrap();
+        // Written before `tags` and the EC2 fields existed.
+        let old = br#"{"id":3,"name":"a","size":1073741824,"chunk_size":524288,"ephemeral":false,"source_snapshot":null,"created_at":5,"attachment":null}"#;
+        c.volumes.insert("a", &old[..]).unwrap();
+        let rec = c.volumes().unwrap().remove(0);
+        let mut next = rec.clone();
+        next.ephemeral = true;
+        c.replace_volume(&rec, &next).unwrap();
+        assert_eq!(c.volumes().unwrap(), vec![next]);
     }
 
     #[test]

@@ -76,6 +76,21 @@ pub struct SnapshotRecord {
     /// Orders snapshots taken within the same second.
     #[serde(default)]
     pub seq: u64,
+    /// Where its bytes come from.
+    #[serde(default)]
+    pub source: SnapshotSource,
+}
+
+/// What a snapshot is written from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotSource {
+    /// A volume of this host, frozen at an instant.
+    #[default]
+    Volume,
+    /// Blocks a client sends (the EBS direct APIs); they live in memory
+    /// until the commit, so a restart ends the snapshot `error`.
+    Blocks,
 }
 
 /// What the AWS endpoint keeps about a snapshot beyond its manifest, whose

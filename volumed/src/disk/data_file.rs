@@ -7,11 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-
-use super::direct::{Direct, cached_pages, folio_neighbourhood};
 use super::engine::IoEngine;
-use super::op::{AlignedBuf, OpKind};
+use super::op::OpKind;
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.
@@ -23,14 +20,10 @@ pub struct DataFile {
     /// Grows when the volume grows; the lock is held only to clone the
     /// `Arc`s an operation needs, never across I/O.
     segments: RwLock<Vec<Arc<File>>>,
-    /// The same segments opened O_DIRECT, for `write_direct`.
-    direct: Direct,
 }
 
 /// One segment's share of a byte range.
 struct Piece {
-    /// Which segment.
-    idx: usize,
     file: Arc<File>,
     /// Offset inside the segment file.
     pos: u64,
@@ -83,7 +76,6 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
-            direct: Direct::default(),
         })
     }
 
@@ -110,7 +102,6 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
-            direct: Direct::default(),
         })
     }
 
@@ -138,7 +129,6 @@ impl DataFile {
                     )
                 })?;
             out.push(Piece {
-                idx: idx as usize,
                 file,
                 pos,
                 at: done as usize,
@@ -192,79 +182,6 @@ impl DataFile {
                 .0?;
         }
         Ok(())
-    }
-
-    /// Writes `buf` at `offset` past the page cache (O_DIRECT), for data
-    /// nobody is about to read back: hydration's fetched chunks. It saves
-    /// the copy into new page-cache pages and the exclusive inode lock that
-    /// concurrent buffered writes fight over. Synced by `sync` like any
-    /// write (fdatasync covers the inode, however it was written). Falls
-    /// back to a buffered write when the range is not aligned, the
-    /// filesystem refuses O_DIRECT, or the engine models power loss (its
-    /// model follows the buffered descriptors only).
-    pub async fn write_direct(&self, offset: u64, buf: Bytes) -> io::Result<()> {
-        let align = AlignedBuf::ALIGN as u64;
-        if !offset.is_multiple_of(align)
-            || !(buf.len() as u64).is_multiple_of(align)
-            || matches!(*self.engine, IoEngine::PowerlossSim(_))
-            || self.direct.refused()
-        {
-            return self.write(offset, Vec::from(buf)).await;
-        }
-        for p in self.pieces(offset, buf.len() as u64)? {
-            let part = &buf[p.at..p.at + p.len];
-            if !self.write_piece_direct(&p, part).await? {
-                self.write(offset + p.at as u64, part.to_vec()).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// One piece of `write_direct`: `Ok(false)` when it must be written
-    /// buffered instead (nothing was written, or a page cached meanwhile
-    /// holds the old bytes: the same bytes buffered put the new ones there).
-    async fn write_piece_direct(&self, p: &Piece, part: &[u8]) -> io::Result<bool> {
-        // Page cache near the range could hold a large folio across it,
-        // which an O_DIRECT write cannot always invalidate (if a client
-        // dirties it meanwhile).
-        let (near, near_len) = folio_neighbourhood(p.pos, p.len as u64);
-        match cached_pages(&p.file, near, near_len) {
-            Ok(0) => {}
-            Ok(_) => return Ok(false),
-            Err(e) => {
-                self.direct.refuse(&self.dir, &e);
-                return Ok(false);
-            }
-        }
-        let file = match self
-            .direct
-            .file(&segment_path(&self.dir, p.idx as u64), p.idx)
-        {
-            Ok(f) => f,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.direct.refuse(&self.dir, &e);
-                return Ok(false);
-            }
-            Err(e) => return Err(e),
-        };
-        let (r, kind) = self
-            .engine
-            .run(file, p.pos, OpKind::WriteDirect(AlignedBuf::copy_of(part)))
-            .await;
-        if let OpKind::WriteDirect(b) = kind {
-            b.recycle();
-        }
-        match r {
-            // EINVAL is O_DIRECT refusing this file or alignment: nothing
-            // was written.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                self.direct.refuse(&self.dir, &e);
-                return Ok(false);
-            }
-            r => r?,
-        }
-        // Pages cached after this check read the disk, which has the bytes.
-        Ok(cached_pages(&p.file, p.pos, p.len as u64)? == 0)
     }
 
     /// fallocate(2) over a byte range of the volume.
@@ -506,48 +423,6 @@ mod tests {
             let ranges = again.allocated_ranges().unwrap();
             assert_eq!(ranges.len(), 2, "{ranges:?}");
             assert!(ranges[0].0 <= SEGMENT_SIZE - 4096 && ranges[1].1 >= SEGMENT_SIZE + 4096);
-        }
-    }
-
-    #[tokio::test]
-    async fn direct_writes_bypass_the_page_cache_and_never_leave_it_stale() {
-        let tmp = tempfile::tempdir().unwrap();
-        let chunk = 512usize << 10;
-        let data: Vec<u8> = (0..chunk as u32).map(|i| (i * 7 + 1) as u8).collect();
-        for (i, e) in engines().into_iter().enumerate() {
-            let df = DataFile::create(&tmp.path().join(format!("v{i}")), 8 << 20, e).unwrap();
-            let seg = Arc::clone(&df.segments.read().unwrap()[0]);
-            // Nothing cached near it: written past the page cache.
-            df.write_direct(4 << 20, Bytes::from(data.clone()))
-                .await
-                .unwrap();
-            let what = if cached_pages(&seg, 0, 8 << 20).unwrap() == 0 {
-                "direct"
-            } else {
-                "buffered"
-            };
-            assert_eq!(what, "direct", "a write into an uncached range");
-            assert_eq!(df.read(4 << 20, chunk).await.unwrap(), data);
-            // Its old bytes cached (read as zeros): the cache is updated too.
-            assert!(
-                df.read(1 << 20, chunk)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .all(|b| *b == 0)
-            );
-            df.write_direct(1 << 20, Bytes::from(data.clone()))
-                .await
-                .unwrap();
-            assert_eq!(df.read(1 << 20, chunk).await.unwrap(), data);
-            // Not aligned: a buffered write, same bytes.
-            df.write_direct(6 << 20 | 512, Bytes::copy_from_slice(&data[..1000]))
-                .await
-                .unwrap();
-            assert_eq!(df.read(6 << 20 | 512, 1000).await.unwrap(), data[..1000]);
-            df.sync(false).await.unwrap();
-            let again = DataFile::open(&df.dir, 8 << 20, Arc::clone(&df.engine)).unwrap();
-            assert_eq!(again.read(4 << 20, chunk).await.unwrap(), data);
         }
     }
 

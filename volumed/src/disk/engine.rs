@@ -177,7 +177,6 @@ fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
     let r = match &mut kind {
         OpKind::Read(buf) => file.read_exact_at(buf, offset),
         OpKind::Write(buf) => file.write_all_at(buf, offset),
-        OpKind::WriteDirect(buf) => file.write_all_at(buf.as_slice(), offset),
         OpKind::Sync { data_only: true } => file.sync_data(),
         OpKind::Sync { data_only: false } => file.sync_all(),
         OpKind::Fallocate { mode, len } => fallocate(file, *mode, offset, *len),

@@ -12,7 +12,6 @@
 //! io_uring, or a thread pool where io_uring is unavailable.
 
 pub mod data_file;
-mod direct;
 pub mod engine;
 mod op;
 mod powerloss;

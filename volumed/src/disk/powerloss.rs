@@ -216,16 +216,6 @@ impl PowerlossSim {
                 p.put(offset, buf.len() as u64, Fill::Data(buf.clone()));
                 Ok(())
             }
-            // Data files never send these here (see `DataFile::write_direct`);
-            // modelled as the write it is all the same.
-            OpKind::WriteDirect(buf) => {
-                p.put(
-                    offset,
-                    buf.len() as u64,
-                    Fill::Data(buf.as_slice().to_vec()),
-                );
-                Ok(())
-            }
             OpKind::Sync { data_only } => p.apply(file, *data_only).and_then(|()| {
                 if *data_only {
                     file.sync_data()

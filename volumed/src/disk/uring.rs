@@ -429,16 +429,6 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
                 .build()
                 .flags(squeue::Flags::ASYNC)
         }
-        OpKind::WriteDirect(buf) => {
-            let rest = &buf.as_slice()[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-            // No ASYNC here: an O_DIRECT overwrite of allocated blocks can
-            // be issued inline; ext4 answers EAGAIN when it must allocate,
-            // and the kernel then hands the write to io-wq itself.
-            opcode::Write::new(fd, rest.as_ptr(), len)
-                .offset(pos)
-                .build()
-        }
         OpKind::Sync { data_only } => {
             let flags = if *data_only {
                 types::FsyncFlags::DATASYNC

@@ -114,10 +114,11 @@ impl Engine {
         validate_tags(set).map_err(|e| Error::InvalidRequest(e.to_string()))?;
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
-        let mut rec = vol.record();
-        rec.tags = retag(&rec.tags, set, remove)?;
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec);
+        vol.update_record(&self.catalog, |rec| {
+            rec.tags = retag(&rec.tags, set, remove)?;
+            Ok(())
+        })
+        .await?;
         info!(volume = %name, "volume tags changed");
         Ok(vol)
     }
@@ -131,13 +132,14 @@ impl Engine {
     ) -> Result<Arc<Volume>> {
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
-        let mut rec = vol.record();
-        let Some(att) = rec.attachment.as_mut() else {
-            return Err(Error::VolumeNotAttached(name.clone()));
-        };
-        att.delete_on_termination = value;
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec);
+        vol.update_record(&self.catalog, |rec| {
+            let Some(att) = rec.attachment.as_mut() else {
+                return Err(Error::VolumeNotAttached(name.clone()));
+            };
+            att.delete_on_termination = value;
+            Ok(())
+        })
+        .await?;
         Ok(vol)
     }
 
@@ -154,6 +156,11 @@ impl Engine {
     /// A completed snapshot's manifest.
     pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
         self.snapshots.manifest(id).await
+    }
+
+    /// A completed snapshot's header (its manifest's root alone).
+    pub async fn snapshot_header(&self, id: &SnapshotId) -> Result<snapshot::ManifestHeader> {
+        Ok(self.snapshots.reader(id).await?.header().clone())
     }
 
     /// A completed snapshot's manifest, read lazily (pages on demand).

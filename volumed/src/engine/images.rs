@@ -161,8 +161,9 @@ impl Engine {
                 Err(e) => {
                     let _guard = self.registry.lock().await;
                     for v in &vols {
-                        self.registry.remove(&v.name);
-                        let _ = remove_files_and_record(&self.catalog, &self.dirs, &v.record());
+                        if let Err(e) = self.delete_locked(v).await {
+                            warn!(volume = %v.name, error = %e, "could not remove a volume of a failed import; start-up finishes it");
+                        }
                     }
                     self.imports
                         .jobs

@@ -55,6 +55,7 @@ use crate::catalog::{AttachmentRecord, Catalog, SnapshotRecord, VolumeRecord, un
 use crate::disk::{DataFile, IoEngine, sync_dir};
 use crate::error::{Error, IoContext, Result};
 use crate::failpoint;
+pub use jobs::block_upload::{Block, UploadSpec};
 use jobs::export::{ExportJobs, ExportSource, Sink};
 use jobs::hydrate::Hydrator;
 use jobs::import::ImportJobs;
@@ -342,7 +343,7 @@ impl Engine {
 
     /// (done, total) chunks of `vol`'s snapshot in progress, if one runs.
     pub fn snapshot_progress(&self, vol: &Volume) -> Option<(u64, u64)> {
-        self.snapshot_jobs.progress_of(&vol.name)
+        self.snapshot_jobs.progress_of(vol)
     }
 
     pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationStatus> {
@@ -454,7 +455,7 @@ impl Engine {
             None => None,
         };
         failpoint::hit("create-after-files");
-        if let Err(e) = self.catalog.put_volume(&rec) {
+        if let Err(e) = self.catalog.create_volume(&rec) {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
@@ -487,31 +488,37 @@ impl Engine {
         }
         let _guard = self.registry.lock().await;
         let mut vol = self.get(name)?;
-        let mut rec = vol.record();
         not_importing(&vol)?;
-        if rec.attachment.is_none() && vol.failure().is_some() {
+        if vol.record().attachment.is_none() && vol.failure().is_some() {
             // Left failed by a detach whose reopen failed: try again.
+            let rec = vol.record();
             vol = self.reopen(&vol, &rec)?;
         }
-        if let Some(att) = &rec.attachment {
-            // Attaching again for the same instance is a no-op, so a
-            // hypervisor retrying after a timeout gets the same answer.
-            if att.instance == req.instance {
-                return Ok(vol);
-            }
-            let holder = att.instance.clone().unwrap_or_else(|| "(none)".into());
-            return Err(Error::AttachedElsewhere(name.clone(), holder));
+        let attached = vol
+            .update_record(&self.catalog, |rec| {
+                if let Some(att) = &rec.attachment {
+                    // Attaching again for the same instance is a no-op, so
+                    // a hypervisor retrying after a timeout gets the same
+                    // answer.
+                    if att.instance == req.instance {
+                        return Ok(false);
+                    }
+                    let holder = att.instance.clone().unwrap_or_else(|| "(none)".into());
+                    return Err(Error::AttachedElsewhere(name.clone(), holder));
+                }
+                rec.attachment = Some(AttachmentRecord {
+                    instance: req.instance,
+                    attached_at: unix_now(),
+                    device,
+                    delete_on_termination: false,
+                });
+                Ok(true)
+            })
+            .await?;
+        if attached {
+            vol.open_export();
+            info!(volume = %name, "volume attached");
         }
-        rec.attachment = Some(AttachmentRecord {
-            instance: req.instance,
-            attached_at: unix_now(),
-            device,
-            delete_on_termination: false,
-        });
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec);
-        vol.open_export();
-        info!(volume = %name, "volume attached");
         Ok(vol)
     }
 
@@ -521,7 +528,7 @@ impl Engine {
     pub async fn detach(&self, name: &VolumeName) -> Result<(Arc<Volume>, bool)> {
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
-        let mut rec = vol.record();
+        let rec = vol.record();
         if rec.attachment.is_none() {
             return Err(Error::VolumeNotAttached(name.clone()));
         }
@@ -537,14 +544,16 @@ impl Engine {
             info!(volume = %name, "ephemeral volume detached and deleted");
             return Ok((vol, true));
         }
-        rec.attachment = None;
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec.clone());
+        vol.update_record(&self.catalog, |r| {
+            r.attachment = None;
+            Ok(())
+        })
+        .await?;
         info!(volume = %name, "volume detached");
         if failed {
             // Detached either way; a reopen that fails leaves it failed,
             // and attach tries again.
-            match self.reopen(&vol, &rec) {
+            match self.reopen(&vol, &vol.record()) {
                 Ok(v) => return Ok((v, false)),
                 Err(e) => {
                     warn!(volume = %name, error = %e, "could not reopen the failed volume");
@@ -566,6 +575,9 @@ impl Engine {
             vol.set_parent_manifest(m);
         }
         self.hydrator.stop(old);
+        // From here the new object owns the record; the old one, which
+        // jobs may still hold, can no longer write it.
+        old.retire_record();
         self.registry.insert(Arc::clone(&vol));
         self.hydrator.adopt(Arc::clone(&vol));
         info!(volume = %rec.name, reason = old.failure().unwrap_or_default(),
@@ -577,28 +589,32 @@ impl Engine {
         let _guard = self.registry.lock().await;
         let vol = self.get(name)?;
         not_importing(&vol)?;
-        let mut rec = vol.record();
+        let current = vol.size();
         if let Some(size) = req.size {
             validate::size(size)?;
-            if size < rec.size {
+            if size < current {
                 return Err(Error::InvalidSize(format!(
                     "volume '{name}' cannot shrink from {} to {}",
-                    format_size(rec.size),
+                    format_size(current),
                     format_size(size)
                 )));
             }
-            if size > rec.size {
+            if size > current {
                 // Files grow before the record does: a crash in between leaves
                 // longer files than the record, which open() tolerates.
                 vol.grow(size).ctx(|| format!("grow volume '{name}'"))?;
-                rec.size = size;
             }
         }
-        if let Some(e) = req.ephemeral {
-            rec.ephemeral = e;
-        }
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec);
+        vol.update_record(&self.catalog, |rec| {
+            if let Some(size) = req.size {
+                rec.size = rec.size.max(size);
+            }
+            if let Some(e) = req.ephemeral {
+                rec.ephemeral = e;
+            }
+            Ok(())
+        })
+        .await?;
         info!(volume = %name, size = vol.size(), "volume modified");
         Ok(vol)
     }
@@ -615,14 +631,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Deletes `vol` under the lifecycle lock. Its hydration stops; a
+    /// snapshot job of it runs on to completion from the open files (as EBS
+    /// completes the snapshot of a deleted volume), but the record is no
+    /// longer its volume's to write, so the job leaves it alone.
     async fn delete_locked(&self, vol: &Arc<Volume>) -> Result<()> {
         self.hydrator.stop(vol);
-        let mut rec = vol.record();
-        rec.deleting = true;
-        self.catalog.put_volume(&rec)?;
-        vol.set_record(rec.clone());
+        vol.update_record(&self.catalog, |r| {
+            r.deleting = true;
+            Ok(())
+        })
+        .await?;
+        let rec = vol.record();
         failpoint::hit("delete-after-mark");
-        self.registry.remove(&vol.name);
+        self.registry.remove(vol);
         remove_files_and_record(&self.catalog, &self.dirs, &rec)?;
         if rec.source_snapshot.is_some() && !rec.hydrated {
             // Best effort: a hold left behind is released at the next start.
@@ -645,6 +667,45 @@ impl Engine {
         let vol = self.get(name)?;
         not_importing(&vol)?;
         self.snapshot_jobs.start(vol, req.labels).await
+    }
+
+    /// Starts a snapshot a client sends block by block (the EBS direct
+    /// APIs): see `jobs::block_upload`.
+    pub async fn start_block_upload(&self, spec: UploadSpec) -> Result<SnapshotRecord> {
+        self.snapshot_jobs.uploads.start(spec).await
+    }
+
+    /// Stores block `index` of upload `id`, with the client's checksum.
+    pub async fn put_upload_block(
+        &self,
+        id: &SnapshotId,
+        index: u64,
+        data: Vec<u8>,
+        checksum: [u8; 32],
+    ) -> Result<()> {
+        self.snapshot_jobs
+            .uploads
+            .put_block(id, index, data, checksum)
+            .await
+    }
+
+    /// Completes upload `id` once `check` accepts the blocks received.
+    pub async fn complete_block_upload(
+        &self,
+        id: &SnapshotId,
+        check: impl FnOnce(&std::collections::BTreeMap<u64, Block>) -> Result<()>,
+    ) -> Result<SnapshotRecord> {
+        self.snapshot_jobs.uploads.complete(id, check).await
+    }
+
+    /// Whether snapshot `id` is being uploaded block by block here.
+    pub fn is_uploading(&self, id: &SnapshotId) -> bool {
+        self.snapshot_jobs.uploads.contains(id)
+    }
+
+    /// The chunks of upload `id`, while it is being uploaded.
+    pub fn upload_chunk_count(&self, id: &SnapshotId) -> Option<u64> {
+        self.snapshot_jobs.uploads.chunk_count(id)
     }
 
     /// A snapshot by id, with live progress while this host uploads it.
@@ -681,12 +742,22 @@ impl Engine {
         self.catalog.remove_aws_snapshot(id.as_str())?;
         let _guard = self.registry.lock().await;
         for vol in self.list() {
-            let mut rec = vol.record();
-            if rec.last_snapshot.as_ref() == Some(id) {
-                rec.last_snapshot = None;
-                vol.map().mark_all_dirty();
-                self.catalog.put_volume(&rec)?;
-                vol.set_record(rec);
+            // A volume deleted meanwhile owns no record to change.
+            let changed = vol
+                .update_record(&self.catalog, |rec| {
+                    if rec.last_snapshot.as_ref() != Some(id) {
+                        return Ok(());
+                    }
+                    // Before the record says "no parent": the next snapshot
+                    // must then be a full one.
+                    vol.map().mark_all_dirty();
+                    rec.last_snapshot = None;
+                    Ok(())
+                })
+                .await;
+            match changed {
+                Ok(()) | Err(Error::VolumeNotFound(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         info!(snapshot = %id, "snapshot deleted");
@@ -812,7 +883,7 @@ pub(crate) fn remove_files_and_record(
     }
     failpoint::hit("delete-after-files");
     sync_dir(dirs.root()).ctx(|| format!("sync {}", dirs.root().display()))?;
-    catalog.remove_volume(&rec.name)?;
+    catalog.remove_volume(rec)?;
     Ok(())
 }
 

@@ -1,10 +1,13 @@
 //! The volumes open on this host, by name, and the lock that serializes
 //! lifecycle changes.
 //!
-//! Lifecycle changes (create, attach, detach, modify, delete, and the jobs'
-//! record updates) take the async `lifecycle` lock: they are rare, and each
-//! must see the state the previous one left in the catalog. The data path
-//! never takes it; lookups take only the map's read lock.
+//! Lifecycle changes (create, attach, detach, modify, delete) take the async
+//! `lifecycle` lock: they are rare, and each checks the state the previous
+//! one left before changing it. The record itself changes only through
+//! `Volume::update_record`, which jobs use without this lock: it applies
+//! their change to the current record and refuses a volume that no longer
+//! owns it. The data path never takes either; lookups take only the map's
+//! read lock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -50,17 +53,13 @@ impl Registry {
             .insert(vol.name.clone(), vol);
     }
 
-    pub(super) fn remove(&self, name: &VolumeName) {
-        self.volumes
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
-    }
-
-    /// Whether `vol` is still the volume registered under its name (not
-    /// deleted, nor deleted and created again).
-    pub fn is_current(&self, vol: &Arc<Volume>) -> bool {
-        self.get(&vol.name).is_ok_and(|v| Arc::ptr_eq(&v, vol))
+    /// Removes `vol`, and only `vol`: never another volume registered under
+    /// its name since.
+    pub(crate) fn remove(&self, vol: &Arc<Volume>) {
+        let mut volumes = self.volumes.write().unwrap_or_else(|e| e.into_inner());
+        if volumes.get(&vol.name).is_some_and(|v| Arc::ptr_eq(v, vol)) {
+            volumes.remove(&vol.name);
+        }
     }
 
     /// Held across one lifecycle change.

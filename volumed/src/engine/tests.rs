@@ -136,9 +136,10 @@ async fn restart_finishes_interrupted_delete_and_removes_orphans() {
         let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
         e.create(create_req("kept", 1 << 20, false)).await.unwrap();
         // Simulate a crash right after the delete mark was written.
-        let mut rec = v.record();
-        rec.deleting = true;
-        e.catalog.put_volume(&rec).unwrap();
+        let rec = v.record();
+        let mut marked = rec.clone();
+        marked.deleting = true;
+        e.catalog.replace_volume(&rec, &marked).unwrap();
         // And a crash between creating files and recording a volume.
         std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999))).unwrap();
     }

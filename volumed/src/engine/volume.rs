@@ -16,9 +16,10 @@ use super::base::BaseImage;
 use super::chunk_map::{ChunkMap, ChunkState};
 use super::export::{Backend, Export};
 use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
-use crate::catalog::VolumeRecord;
+use crate::catalog::{Catalog, VolumeRecord};
 use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
+use crate::error::{Error, Result};
 
 pub struct Volume {
     pub name: VolumeName,
@@ -34,7 +35,11 @@ pub struct Volume {
     /// Set by hole punches and zero ranges, which change only file metadata:
     /// the next flush must fsync rather than fdatasync.
     metadata_changed: AtomicBool,
-    record: Mutex<VolumeRecord>,
+    /// This volume's catalog record: read by anyone, changed only through
+    /// [`Volume::update_record`].
+    record: Mutex<RecordCell>,
+    /// Serializes the writers of `record`, across the catalog write.
+    record_writer: tokio::sync::Mutex<()>,
     export: Mutex<Option<Export>>,
     /// Writes (and zeroings) hold it shared for their whole duration; a
     /// snapshot takes it exclusively for the instant it freezes the volume,
@@ -58,6 +63,15 @@ pub struct Volume {
     failure: OnceLock<String>,
     /// Requests served, by command, for metrics.
     pub stats: crate::metrics::IoStats,
+}
+
+/// A volume's record as this object holds it, and whether this object
+/// still owns it: a volume being deleted, or replaced by one reopened from
+/// its files, owns its record no longer, so a job that outlives it can
+/// never write it.
+struct RecordCell {
+    rec: VolumeRecord,
+    owner: bool,
 }
 
 /// Counts a client request for as long as it lives.
@@ -109,7 +123,11 @@ impl Volume {
             data,
             map,
             metadata_changed: AtomicBool::new(false),
-            record: Mutex::new(record),
+            record: Mutex::new(RecordCell {
+                rec: record,
+                owner: true,
+            }),
+            record_writer: tokio::sync::Mutex::new(()),
             export: Mutex::new(None),
             gate: tokio::sync::RwLock::new(()),
             freeze: Mutex::new(None),
@@ -184,20 +202,6 @@ impl Volume {
     /// verified), written, then marked `Local`. Holding the chunk's stripe
     /// makes concurrent callers fetch it once.
     pub async fn materialize(&self, chunk: u64) -> io::Result<()> {
-        self.bring_in(chunk, false).await
-    }
-
-    /// [`Volume::materialize`] for background hydration: the chunk is
-    /// written past the page cache (O_DIRECT where the files allow), since
-    /// no client asked for it; a client read of a `Base` chunk goes through
-    /// the page cache, because it reads the bytes back at once. Only while
-    /// no client I/O runs: a client touching neighbouring pages is what
-    /// could leave cached bytes an O_DIRECT write cannot replace.
-    pub async fn hydrate_chunk(&self, chunk: u64) -> io::Result<()> {
-        self.bring_in(chunk, self.client_ops() == 0).await
-    }
-
-    async fn bring_in(&self, chunk: u64, direct: bool) -> io::Result<()> {
         let Some(base) = &self.base else {
             return Ok(());
         };
@@ -213,12 +217,13 @@ impl Volume {
             return Ok(());
         };
         self.check_health()?;
-        let at = self.chunks.offset(chunk);
-        let r = if direct {
-            self.data.write_direct(at, bytes).await
-        } else {
-            self.data.write(at, Vec::from(bytes)).await
-        };
+        // Through the page cache like every other write of the data file:
+        // one I/O mode per file keeps the cache coherent (an O_DIRECT write
+        // beside a client's buffered reads could leave stale pages).
+        let r = self
+            .data
+            .write(self.chunks.offset(chunk), Vec::from(bytes))
+            .await;
         self.written("write", r)?;
         self.map.mark_hydrated(chunk);
         base.log.note(chunk);
@@ -286,14 +291,55 @@ impl Volume {
     }
 
     pub fn record(&self) -> VolumeRecord {
-        self.record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.cell().rec.clone()
     }
 
-    pub(crate) fn set_record(&self, rec: VolumeRecord) {
-        *self.record.lock().unwrap_or_else(|e| e.into_inner()) = rec;
+    fn cell(&self) -> std::sync::MutexGuard<'_, RecordCell> {
+        self.record.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The one way a volume's record changes: `change` is applied to the
+    /// current record, and the result replaces it in the catalog only
+    /// while the catalog still holds exactly that record (same id, same
+    /// contents), then here. Writers of one volume take turns, so none
+    /// works on a copy another has replaced. Refused with `VolumeNotFound`
+    /// once this object no longer owns the record (deleted, or replaced by
+    /// a reopened volume); a `change` that returns an error writes nothing.
+    /// A change that marks the record `deleting` is its last.
+    pub(crate) async fn update_record<T>(
+        &self,
+        catalog: &Catalog,
+        change: impl FnOnce(&mut VolumeRecord) -> Result<T>,
+    ) -> Result<T> {
+        let _writer = self.record_writer.lock().await;
+        let old = {
+            let cell = self.cell();
+            if !cell.owner {
+                return Err(Error::VolumeNotFound(self.name.clone()));
+            }
+            cell.rec.clone()
+        };
+        let mut new = old.clone();
+        let out = change(&mut new)?;
+        if new.id != old.id || new.name != old.name {
+            return Err(Error::InvalidRequest(format!(
+                "volume '{}': a record change may not alter its id or name",
+                self.name
+            )));
+        }
+        if new != old {
+            catalog.replace_volume(&old, &new)?;
+            let mut cell = self.cell();
+            cell.owner = !new.deleting;
+            cell.rec = new;
+        }
+        Ok(out)
+    }
+
+    /// This object gives up its record: a volume reopened from the same
+    /// files owns it from now on.
+    pub(crate) fn retire_record(&self) {
+        self.cell().owner = false;
     }
 
     pub fn data(&self) -> &DataFile {

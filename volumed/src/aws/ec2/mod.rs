@@ -92,7 +92,8 @@ impl From<Error> for Ec2Error {
             Error::VolumeNotAttached(_)
             | Error::SnapshotInProgress(..)
             | Error::VolumeFailed(..)
-            | Error::SnapshotBusy(_) => "IncorrectState",
+            | Error::SnapshotBusy(_)
+            | Error::SnapshotNotUploading(_) => "IncorrectState",
             Error::VolumeExists(_) => "InvalidParameterValue",
             // A snapshot attached read-only, or a volume an import is
             // still filling: not in a state for the call.
@@ -105,7 +106,9 @@ impl From<Error> for Ec2Error {
             | Error::InvalidName { .. }
             | Error::InvalidSize(_)
             | Error::InvalidLabel(..) => "InvalidParameterValue",
-            Error::ShuttingDown | Error::Store { .. } => "Unavailable",
+            Error::ShuttingDown | Error::Store { .. } | Error::SnapshotCommit { .. } => {
+                "Unavailable"
+            }
             Error::Catalog(_) | Error::Io { .. } => {
                 tracing::error!(error = %msg, "EC2 request failed");
                 "InternalError"

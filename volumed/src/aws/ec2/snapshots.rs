@@ -1,6 +1,7 @@
 //! EC2's snapshot actions: CreateSnapshot, DescribeSnapshots,
 //! DeleteSnapshot. Every snapshot the host can see is listed (its own and
-//! any in the shared store), and so are EBS direct uploads in progress.
+//! any in the shared store); EBS direct uploads in progress are this
+//! host's pending snapshots.
 
 use std::collections::BTreeMap;
 
@@ -90,7 +91,7 @@ pub fn write_snapshot(x: &mut Xml, s: &Ec2Snapshot) {
 }
 
 /// Every snapshot EC2 shows: completed, pending and failed ones of this
-/// host, the store's, and direct uploads in progress.
+/// host (direct uploads in progress among them) and the store's.
 pub async fn all(state: &AwsState) -> Ec2Result<Vec<Ec2Snapshot>> {
     let mut out = Vec::new();
     for s in state.engine.snapshots(None).await? {
@@ -99,7 +100,6 @@ pub async fn all(state: &AwsState) -> Ec2Result<Vec<Ec2Snapshot>> {
             views::snapshot(&state.engine, &state.endpoints, s),
         )?);
     }
-    out.extend(state.uploads.pending());
     out.sort_by(|a, b| a.id.cmp(&b.id));
     out.dedup_by(|a, b| a.id == b.id);
     Ok(out)
@@ -229,7 +229,7 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
 pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["SnapshotId"])?;
     let id = snapshot_id(cx.p.required("SnapshotId")?)?;
-    if cx.state.uploads.contains(&id) {
+    if cx.state.engine.is_uploading(&id) {
         return Err(Ec2Error::new(
             "IncorrectState",
             format!("Snapshot '{id}' is being written through the EBS direct APIs"),

@@ -39,7 +39,7 @@ async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
                 .and_then(|all| all.iter().find(|s| &s.id == id))
                 .filter(|s| s.state == "completed" || s.state == "pending")
                 .ok_or_else(|| Ec2Error::snapshot_not_found(id))?;
-            if state.uploads.contains(&snapshot_id(id)?) {
+            if state.engine.is_uploading(&snapshot_id(id)?) {
                 return Err(Ec2Error::new(
                     "IncorrectState",
                     format!("Snapshot '{id}' is being written; tag it when it completes"),

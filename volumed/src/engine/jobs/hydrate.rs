@@ -28,6 +28,7 @@ use crate::catalog::Catalog;
 use crate::engine::Volume;
 use crate::engine::registry::Registry;
 use crate::engine::restore::{hold_name, hold_prefix};
+use crate::error::Error;
 
 /// Chunks taken from the base per pass.
 const HYDRATE_BATCH: usize = 65_536;
@@ -206,14 +207,17 @@ impl Hydrator {
             // The volume is whole; the hold only keeps chunks alive longer.
             warn!(volume = %vol.name, error = %e, "could not release the store hold; will retry at next start");
         } else {
-            let _guard = self.registry.lock().await;
-            if self.registry.is_current(vol) {
-                let mut rec = vol.record();
-                rec.hydrated = true;
-                match self.catalog.put_volume(&rec) {
-                    Ok(()) => vol.set_record(rec),
-                    Err(e) => warn!(volume = %vol.name, error = %e, "could not record hydration"),
-                }
+            let recorded = vol
+                .update_record(&self.catalog, |rec| {
+                    rec.hydrated = true;
+                    Ok(())
+                })
+                .await;
+            match recorded {
+                Ok(()) => {}
+                // Deleted (or reopened) meanwhile: not ours to record.
+                Err(Error::VolumeNotFound(_)) => {}
+                Err(e) => warn!(volume = %vol.name, error = %e, "could not record hydration"),
             }
         }
         self.jobs().insert(
@@ -281,7 +285,7 @@ async fn pass(
             let vol = Arc::clone(vol);
             set.spawn(async move {
                 crate::failpoint::delay("hydrate-chunk").await;
-                let r = vol.hydrate_chunk(c).await;
+                let r = vol.materialize(c).await;
                 crate::failpoint::hit("hydrate-after-fetch");
                 r
             });

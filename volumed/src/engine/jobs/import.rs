@@ -179,13 +179,13 @@ impl ImportJobs {
         {
             let _guard = self.volumes.lock().await;
             for v in vols {
-                let mut rec = v.record();
-                rec.importing = None;
-                rec.size = v.size();
-                self.catalog
-                    .put_volume(&rec)
-                    .map_err(|e| Stop::Failed(e.to_string()))?;
-                v.set_record(rec);
+                v.update_record(&self.catalog, |rec| {
+                    rec.importing = None;
+                    rec.size = v.size();
+                    Ok(())
+                })
+                .await
+                .map_err(|e| Stop::Failed(e.to_string()))?;
             }
         }
         let req = h.record().import.unwrap_or_else(unreachable_request);
@@ -228,17 +228,27 @@ impl ImportJobs {
             let Ok(vol) = self.volumes.get(name) else {
                 continue;
             };
-            let mut vrec = vol.record();
-            if vrec.importing.as_deref() != Some(rec.id.as_str()) {
-                continue;
+            // Only a volume this job still fills: marked `deleting` through
+            // its owner, which refuses if it changed hands.
+            let marked = vol
+                .update_record(&self.catalog, |r| {
+                    if r.importing.as_deref() != Some(rec.id.as_str()) {
+                        return Ok(false);
+                    }
+                    r.deleting = true;
+                    Ok(true)
+                })
+                .await;
+            match marked {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(e) => {
+                    warn!(volume = %name, error = %e, "could not mark the imported volume deleted");
+                    continue;
+                }
             }
-            vrec.deleting = true;
-            if let Err(e) = self.catalog.put_volume(&vrec) {
-                warn!(volume = %name, error = %e, "could not mark the imported volume deleted");
-                continue;
-            }
-            self.volumes.remove(name);
-            if let Err(e) = remove_files_and_record(&self.catalog, &self.dirs, &vrec) {
+            self.volumes.remove(&vol);
+            if let Err(e) = remove_files_and_record(&self.catalog, &self.dirs, &vol.record()) {
                 warn!(volume = %name, error = %e, "could not remove the imported volume; start-up finishes it");
             }
         }

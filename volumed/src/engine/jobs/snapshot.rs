@@ -25,19 +25,18 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use snapshot::{
-    ChunkHash, ManifestHeader, ManifestReader, ManifestRoot, Repo, RepoError, SnapshotId,
-    StoredManifest,
+    ChunkHash, CommitError, ManifestHeader, ManifestReader, ManifestRoot, PendingSnapshot, Repo,
+    RepoError, SnapshotId, StoredManifest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use volumed_api::VolumeName;
 
-use crate::catalog::{Catalog, SnapshotRecord, SnapshotState, unix_now};
+use super::block_upload::BlockUploads;
+use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, unix_now};
 use crate::engine::Volume;
 use crate::engine::chunk_map::Changed;
 use crate::engine::freeze::FreezeGuard;
@@ -74,10 +73,8 @@ pub enum SnapshotError {
     Task(#[from] tokio::task::JoinError),
     #[error("volumed is shutting down")]
     ShuttingDown,
-    #[error(
-        "could not keep the snapshot's marker in the store fresh for {0:?}; its changes go to the next snapshot"
-    )]
-    StaleMarker(Duration),
+    #[error("{0}; its changes go to the next snapshot")]
+    Commit(#[from] CommitError),
     #[error("write manifest: {0}")]
     Manifest(#[source] RepoError),
     #[error("read the base's hash of chunk {chunk}: {source}")]
@@ -98,14 +95,18 @@ pub struct Progress {
 }
 
 struct Running {
-    volume: VolumeName,
+    /// The volume's id: a volume deleted and created again under the same
+    /// name is another volume, free to take its own snapshot.
+    volume_id: u64,
     progress: Arc<Progress>,
 }
 
-/// The snapshots this host is taking. One per volume at a time.
+/// The snapshots this host is taking: of volumes (one per volume at a
+/// time), and uploaded block by block by clients.
 pub struct SnapshotJobs {
     catalog: Arc<Catalog>,
     repo: Repo,
+    pub uploads: Arc<BlockUploads>,
     running: Mutex<HashMap<SnapshotId, Running>>,
     tasks: TaskTracker,
     /// Fired at shutdown: jobs stop and end `error`.
@@ -115,6 +116,7 @@ pub struct SnapshotJobs {
 impl SnapshotJobs {
     pub fn new(catalog: Arc<Catalog>, repo: Repo) -> Self {
         SnapshotJobs {
+            uploads: Arc::new(BlockUploads::new(Arc::clone(&catalog), repo.clone())),
             catalog,
             repo,
             running: Mutex::new(HashMap::new()),
@@ -141,7 +143,7 @@ impl SnapshotJobs {
         let progress = Arc::new(Progress::default());
         {
             let mut running = self.running();
-            if let Some((other, _)) = running.iter().find(|(_, r)| r.volume == vol.name) {
+            if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
                 return Err(Error::SnapshotInProgress(
                     vol.name.clone(),
                     other.to_string(),
@@ -150,7 +152,7 @@ impl SnapshotJobs {
             running.insert(
                 id.clone(),
                 Running {
-                    volume: vol.name.clone(),
+                    volume_id: vol.id,
                     progress: Arc::clone(&progress),
                 },
             );
@@ -176,6 +178,7 @@ impl SnapshotJobs {
             error: None,
             completed_at: None,
             seq: 0,
+            source: SnapshotSource::Volume,
         };
         let rec = match self
             .catalog
@@ -214,11 +217,11 @@ impl SnapshotJobs {
         })
     }
 
-    /// (done, total) chunks of the snapshot of `volume` in progress, if any.
-    pub fn progress_of(&self, volume: &VolumeName) -> Option<(u64, u64)> {
+    /// (done, total) chunks of the snapshot of `vol` in progress, if any.
+    pub fn progress_of(&self, vol: &Volume) -> Option<(u64, u64)> {
         self.running()
             .values()
-            .find(|r| r.volume == *volume)
+            .find(|r| r.volume_id == vol.id)
             .map(|r| {
                 (
                     r.progress.done.load(Ordering::Relaxed),
@@ -227,8 +230,10 @@ impl SnapshotJobs {
             })
     }
 
+    /// Whether snapshot `id` is being written here, from a volume or
+    /// from uploaded blocks.
     pub fn is_running(&self, id: &SnapshotId) -> bool {
-        self.running().contains_key(id)
+        self.running().contains_key(id) || self.uploads.contains(id)
     }
 
     /// Stops every job; each ends `error` and puts its changes back into
@@ -237,6 +242,7 @@ impl SnapshotJobs {
         self.cancel.cancel();
         self.tasks.close();
         self.tasks.wait().await;
+        self.uploads.shutdown().await;
     }
 
     /// Settles snapshots a previous run left `pending`: completed if their
@@ -254,7 +260,12 @@ impl SnapshotJobs {
                 Ok(m) => complete_record(&mut rec, m.header()),
                 Err(_) => {
                     rec.state = SnapshotState::Error;
-                    rec.error = Some("interrupted by a daemon restart".into());
+                    rec.error = Some(match rec.source {
+                        SnapshotSource::Volume => "interrupted by a daemon restart".into(),
+                        SnapshotSource::Blocks => "interrupted by a daemon restart: blocks sent \
+                            before it are not kept; start the snapshot again"
+                            .into(),
+                    });
                 }
             }
             info!(snapshot = %rec.id, state = ?rec.state, "settled a snapshot interrupted by a restart");
@@ -264,7 +275,7 @@ impl SnapshotJobs {
 }
 
 /// A record's figures from the manifest that completed it.
-fn complete_record(rec: &mut SnapshotRecord, h: &ManifestHeader) {
+pub(super) fn complete_record(rec: &mut SnapshotRecord, h: &ManifestHeader) {
     rec.state = SnapshotState::Completed;
     rec.changed_chunks = h.changed_chunks;
     rec.logical_bytes = h.logical_bytes;
@@ -285,10 +296,10 @@ struct SnapshotJob {
 impl SnapshotJob {
     async fn run(self) {
         let jobs = Arc::clone(&self.jobs);
-        let result = match Marker::announce(&jobs.repo, &self.rec.id).await {
-            Ok(marker) => {
-                let r = self.build(&marker).await;
-                marker.finish(&jobs.repo).await;
+        let result = match jobs.repo.begin_snapshot(&self.rec.id).await {
+            Ok(pending) => {
+                let r = self.build(&pending).await;
+                pending.end().await;
                 r
             }
             Err(e) => Err(SnapshotError::Announce(e)),
@@ -304,22 +315,35 @@ impl SnapshotJob {
             Ok(m) => {
                 guard.commit();
                 complete_record(&mut rec, &m.header);
-                let mut vrec = vol.record();
-                vrec.last_snapshot = Some(rec.id.clone());
-                let saved = jobs
-                    .catalog
-                    .put_snapshot(&rec)
-                    .and_then(|_| jobs.catalog.put_volume(&vrec));
-                if let Err(e) = saved {
+                if let Err(e) = jobs.catalog.put_snapshot(&rec) {
                     // The manifest is in the store, so the snapshot exists;
                     // the next start settles the record from it.
                     warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
-                } else {
-                    vol.set_record(vrec);
-                    vol.set_parent_manifest(Arc::new(ManifestReader::new(
+                }
+                // The next snapshot's parent, through the record's owner:
+                // refused if the volume was deleted (or reopened) while
+                // this job ran, whose record is no longer this job's.
+                let parent = vol
+                    .update_record(&jobs.catalog, |r| {
+                        r.last_snapshot = Some(rec.id.clone());
+                        Ok(())
+                    })
+                    .await;
+                match parent {
+                    Ok(()) => vol.set_parent_manifest(Arc::new(ManifestReader::new(
                         jobs.repo.clone(),
                         StoredManifest::V2(m),
-                    )));
+                    ))),
+                    Err(Error::VolumeNotFound(_)) => {
+                        info!(volume = %rec.volume, snapshot = %rec.id,
+                              "the volume was deleted while its snapshot ran; the snapshot stands");
+                    }
+                    Err(e) => {
+                        // The next snapshot is then a full one, never a
+                        // wrong incremental.
+                        vol.map().mark_all_dirty();
+                        warn!(snapshot = %rec.id, error = %e, "snapshot completed but its volume's record could not name it");
+                    }
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
                       uploaded = rec.uploaded_bytes, "snapshot completed");
@@ -341,7 +365,10 @@ impl SnapshotJob {
     }
 
     /// Steps 2 to 4.
-    async fn build(&self, marker: &Marker) -> std::result::Result<ManifestRoot, SnapshotError> {
+    async fn build(
+        &self,
+        pending: &PendingSnapshot,
+    ) -> std::result::Result<ManifestRoot, SnapshotError> {
         let plan = self.guard.plan();
         let geometry = self.guard.geometry();
         let repo = &self.jobs.repo;
@@ -418,13 +445,6 @@ impl SnapshotJob {
         };
 
         crate::failpoint::delay("snapshot-before-manifest").await;
-        // Without a fresh marker a gc elsewhere may have judged chunks this
-        // snapshot names unreferenced (see snapshot::gc).
-        let grace = repo.gc_grace();
-        if !marker.fresh(grace) {
-            return Err(SnapshotError::StaleMarker(grace / 2));
-        }
-
         // A write or sync that failed since the instant may have lost
         // bytes a copy-before-write or a read here depended on.
         if let Some(reason) = self.vol.failure() {
@@ -432,11 +452,8 @@ impl SnapshotJob {
         }
 
         crate::failpoint::hit("snapshot-before-manifest");
-        // Step 4: the commit point.
-        // A lost reply is settled inside `put_manifest` by reading back.
-        repo.commit_root(&manifest)
-            .await
-            .map_err(SnapshotError::Manifest)?;
+        // Step 4: the commit point, refused once the marker may be stale.
+        pending.commit(&manifest).await?;
         crate::failpoint::hit("snapshot-after-manifest");
         Ok(manifest)
     }
@@ -533,54 +550,4 @@ async fn parent_manifest(
     let m = Arc::new(repo.open_manifest(id).await?);
     vol.set_parent_manifest(Arc::clone(&m));
     Ok(m)
-}
-
-/// A snapshot's `pending/` marker in the store, refreshed every quarter of
-/// the gc grace period while the snapshot runs, so gc anywhere keeps what
-/// it may name however long it takes.
-struct Marker {
-    id: SnapshotId,
-    last_ok: Arc<Mutex<Instant>>,
-    refresher: tokio::task::JoinHandle<()>,
-}
-
-impl Marker {
-    async fn announce(repo: &Repo, id: &SnapshotId) -> std::result::Result<Marker, RepoError> {
-        let start = repo.begin_pending(id).await?;
-        let last_ok = Arc::new(Mutex::new(Instant::now()));
-        let every = repo.gc_grace() / 4;
-        let (repo, marker_id, ok) = (repo.clone(), id.clone(), Arc::clone(&last_ok));
-        let refresher = tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                match repo.refresh_pending(&marker_id, start).await {
-                    Ok(()) => *ok.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now(),
-                    Err(e) => {
-                        warn!(snapshot = %marker_id, error = %e, "could not refresh the snapshot's marker")
-                    }
-                }
-            }
-        });
-        Ok(Marker {
-            id: id.clone(),
-            last_ok,
-            refresher,
-        })
-    }
-
-    fn fresh(&self, grace: Duration) -> bool {
-        self.last_ok
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .elapsed()
-            < grace / 2
-    }
-
-    async fn finish(self, repo: &Repo) {
-        self.refresher.abort();
-        if let Err(e) = repo.end_pending(&self.id).await {
-            // A stale marker only delays gc until it expires.
-            warn!(snapshot = %self.id, error = %e, "could not remove the snapshot's marker");
-        }
-    }
 }
