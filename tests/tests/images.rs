@@ -510,11 +510,14 @@ fn kill9_mid_import_leaves_no_decoder_and_no_stale_socket() {
         .vol_ok(&["import", img.to_str().unwrap(), "gone", "--no-wait"])
         .trim()
         .to_owned();
+    // Killed once the decoder serves: its socket exists (qemu-nbd makes it
+    // a moment after it starts).
+    let socket = d.data_dir().join("jobs").join(&id).join("nbd.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !d
-        .daemon_children()
-        .iter()
-        .any(|p| p.cmdline.starts_with("qemu-nbd "))
+    while !(socket.exists()
+        && d.daemon_children()
+            .iter()
+            .any(|p| p.cmdline.starts_with("qemu-nbd ")))
     {
         assert!(Instant::now() < deadline, "no qemu-nbd started");
         std::thread::sleep(Duration::from_millis(10));

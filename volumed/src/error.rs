@@ -50,7 +50,8 @@ pub enum Error {
     #[error("commit snapshot {id}: {source}")]
     SnapshotCommit {
         id: snapshot::SnapshotId,
-        source: snapshot::CommitError,
+        /// Boxed: a store error is large and rare, results are many.
+        source: Box<snapshot::CommitError>,
     },
     #[error("job '{0}' not found")]
     JobNotFound(String),

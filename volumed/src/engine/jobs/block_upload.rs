@@ -362,7 +362,7 @@ impl BlockUploads {
             .await
             .map_err(|source| Error::SnapshotCommit {
                 id: rec.id.clone(),
-                source,
+                source: Box::new(source),
             })?;
         Ok(root.header)
     }
