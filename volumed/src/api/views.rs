@@ -25,14 +25,11 @@ pub struct NbdEndpoints {
 
 impl NbdEndpoints {
     pub fn tcp_uri(&self, export: &str) -> String {
-        // An IPv6 address in a URI goes in brackets; SocketAddr's Display
-        // already does that.
-        let scheme = if self.tls { "nbds" } else { "nbd" };
-        format!("{scheme}://{}/{export}", self.tcp)
+        nbd_proto::Uri::tcp(self.tcp, export, self.tls).to_string()
     }
 
     pub fn unix_uri(&self, export: &str) -> String {
-        format!("nbd+unix:///{export}?socket={}", self.unix.display())
+        nbd_proto::Uri::unix(&self.unix, export, false).to_string()
     }
 }
 

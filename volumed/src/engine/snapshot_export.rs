@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -532,13 +532,8 @@ impl SnapshotExportLease {
 
     /// The export on the daemon's NBD Unix socket.
     pub fn nbd_unix_uri(&self) -> String {
-        let socket = self
-            .exports
-            .nbd_socket
-            .get()
-            .map(|p| p.display().to_string())
-            .unwrap_or_default();
-        format!("nbd+unix:///{}?socket={socket}", self.id)
+        let socket = self.exports.nbd_socket.get().map_or(Path::new(""), |p| p);
+        nbd_proto::Uri::unix(socket, self.id.as_ref(), false).to_string()
     }
 }
 

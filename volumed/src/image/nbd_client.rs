@@ -1,36 +1,38 @@
 //! A small NBD client: the fixed-newstyle handshake with structured replies
 //! and `base:allocation`, then READ and BLOCK_STATUS one request at a time.
 //! Parallelism comes from several connections (see `source::NbdPool`), which
-//! keeps each connection a plain request-answer loop. Reply parsing is pure
-//! (the `parse_*` functions) and property-tested; lengths from the server
-//! are bounded before anything is allocated for them.
+//! keeps each connection a plain request-answer loop. The wire format is
+//! `nbd_proto`'s, both ways; this file is the I/O loop, and the mapping of
+//! what the server said into `Run`s and `NbdError`s. Lengths from the
+//! server are bounded before anything is allocated for them.
 
 use std::io;
 use std::path::Path;
 
+use nbd_proto::decode::{Chunk, ChunkHeader, SimpleReplyHeader};
+use nbd_proto::{
+    ClientFlags, Command, EncodeError, GREETING_LEN, Greeting, Info, InfoRequest, MAX_PAYLOAD,
+    META_BASE_ALLOCATION, MetaContextReply, MetaRequest, OPT_GO, OPT_SET_META_CONTEXT,
+    OPT_STRUCTURED_REPLY, OPTION_REPLY_HEADER_LEN, OptionReplyHeader, ProtoError, REP_ACK, REP_ERR,
+    REP_INFO, REP_META_CONTEXT, REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_OFFSET_DATA, Request,
+    SIMPLE_REPLY_HEADER_LEN, SIMPLE_REPLY_MAGIC, STATE_ZERO, STRUCTURED_REPLY_HEADER_LEN,
+    encode_option, max_read_chunk,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::nbd::proto::{
-    FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
-    INFO_EXPORT, META_BASE_ALLOCATION, NBDMAGIC, OPT_GO, OPT_SET_META_CONTEXT,
-    OPT_STRUCTURED_REPLY, OPTION_REPLY_MAGIC, REP_ACK, REP_INFO, REP_META_CONTEXT, REPLY_FLAG_DONE,
-    REPLY_TYPE_BLOCK_STATUS, REPLY_TYPE_ERROR, REPLY_TYPE_NONE, REPLY_TYPE_OFFSET_DATA,
-    REPLY_TYPE_OFFSET_HOLE, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STATE_ZERO, STRUCTURED_REPLY_MAGIC,
-};
-
-/// Option replies with this bit set are errors.
-const REP_ERR: u32 = 1 << 31;
-const CMD_READ: u16 = 0;
-const CMD_DISC: u16 = 2;
-const CMD_BLOCK_STATUS: u16 = 7;
-
-/// Largest option reply or structured chunk accepted: a READ is at most one
-/// chunk (4 MiB) and its reply chunks carry 8 bytes more.
-const MAX_PAYLOAD: u32 = (4 << 20) + 64;
-/// The largest READ this client asks for.
+/// The largest READ this client asks for: an import reads its image one
+/// chunk at a time, and a chunk is at most 4 MiB.
 pub const MAX_READ: u32 = 4 << 20;
+const _: () = assert!(
+    MAX_READ <= MAX_PAYLOAD,
+    "a server that works with qemu accepts every read we send"
+);
+
+/// The longest reply chunk or option reply accepted: nothing this client
+/// asks for can legitimately get more than one READ's data in one chunk.
+const MAX_REPLY: u32 = max_read_chunk(MAX_READ);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
@@ -38,6 +40,10 @@ pub enum NbdError {
     Io(#[from] io::Error),
     #[error("nbd protocol: {0}")]
     Protocol(String),
+    #[error("nbd protocol: {0}")]
+    Wire(#[from] ProtoError),
+    #[error("nbd request: {0}")]
+    Encode(#[from] EncodeError),
     #[error("nbd server refused option {option}: {message}")]
     Refused { option: u32, message: String },
     #[error("nbd read at offset={offset}: errno={errno} {message}")]
@@ -60,31 +66,10 @@ pub struct Run {
     pub zero: bool,
 }
 
-/// A structured reply chunk's header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ChunkHeader {
-    pub flags: u16,
-    pub kind: u16,
-    pub cookie: u64,
-    pub len: u32,
-}
-
-/// Parses the 20 bytes after a structured reply's magic... including the
-/// magic: `magic u32, flags u16, type u16, cookie u64, length u32`.
-pub fn parse_chunk_header(b: &[u8; 20]) -> Result<ChunkHeader, NbdError> {
-    let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-    if magic != STRUCTURED_REPLY_MAGIC {
-        return Err(proto(format!("bad structured reply magic {magic:#x}")));
-    }
-    let h = ChunkHeader {
-        flags: u16::from_be_bytes([b[4], b[5]]),
-        kind: u16::from_be_bytes([b[6], b[7]]),
-        cookie: u64::from_be_bytes(b[8..16].try_into().expect("8 bytes")),
-        len: u32::from_be_bytes([b[16], b[17], b[18], b[19]]),
-    };
-    if h.len > MAX_PAYLOAD {
-        return Err(proto(format!("reply chunk of {} bytes", h.len)));
-    }
+/// A structured reply chunk's header, its length bounded by [`MAX_REPLY`].
+pub fn parse_chunk_header(b: &[u8; STRUCTURED_REPLY_HEADER_LEN]) -> Result<ChunkHeader, NbdError> {
+    let h = ChunkHeader::parse(b)?;
+    h.payload_len(MAX_REPLY)?;
     Ok(h)
 }
 
@@ -96,86 +81,42 @@ pub fn apply_read_chunk(
     offset: u64,
     buf: &mut [u8],
 ) -> Result<(), NbdError> {
-    let place = |at: u64, len: u64| -> Result<usize, NbdError> {
-        let rel = at
-            .checked_sub(offset)
-            .ok_or_else(|| proto("reply chunk before the request"))?;
-        let end = rel
-            .checked_add(len)
-            .ok_or_else(|| proto("reply chunk overflows"))?;
-        if end > buf.len() as u64 {
-            return Err(proto("reply chunk beyond the request"));
-        }
-        Ok(rel as usize)
-    };
-    match kind {
-        REPLY_TYPE_NONE => Ok(()),
-        REPLY_TYPE_OFFSET_DATA => {
-            let at = be64(payload, 0).ok_or_else(|| proto("short data chunk"))?;
-            let data = &payload[8..];
-            let rel = place(at, data.len() as u64)?;
-            buf[rel..rel + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        REPLY_TYPE_OFFSET_HOLE => {
-            let at = be64(payload, 0).ok_or_else(|| proto("short hole chunk"))?;
-            let len = be32(payload, 8).ok_or_else(|| proto("short hole chunk"))?;
-            let rel = place(at, u64::from(len))?;
-            buf[rel..rel + len as usize].fill(0);
-            Ok(())
-        }
-        REPLY_TYPE_ERROR => Err(command_error(offset, payload)),
-        other => Err(proto(format!("unexpected reply type {other} to a read"))),
+    match Chunk::parse(kind, payload)? {
+        Chunk::Error { errno, message } => Err(command_error(offset, errno, message)),
+        chunk => Ok(chunk.apply_read(offset, buf)?),
     }
 }
 
-fn command_error(offset: u64, payload: &[u8]) -> NbdError {
-    let errno = be32(payload, 0).unwrap_or(0);
-    let msg_len = payload
-        .get(4..6)
-        .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]) as usize);
-    let message = payload
-        .get(6..6 + msg_len)
-        .map(|m| String::from_utf8_lossy(m).into_owned())
-        .unwrap_or_default();
+fn command_error(offset: u64, errno: u32, message: &[u8]) -> NbdError {
     NbdError::Command {
         offset,
         errno,
-        message,
+        message: String::from_utf8_lossy(message).into_owned(),
     }
 }
 
-/// The runs of a BLOCK_STATUS chunk for context `id`: `id u32` then
-/// `(length u32, flags u32)` pairs.
+/// The runs of a BLOCK_STATUS chunk for context `id`; at least one.
 pub fn parse_block_status(payload: &[u8], id: u32) -> Result<Vec<Run>, NbdError> {
-    let got = be32(payload, 0).ok_or_else(|| proto("short block status"))?;
-    if got != id {
-        return Err(proto(format!("block status for context {got}, not {id}")));
+    let Chunk::BlockStatus { context, extents } = Chunk::parse(REPLY_TYPE_BLOCK_STATUS, payload)?
+    else {
+        return Err(proto("block status chunk of another kind"));
+    };
+    if context != id {
+        return Err(proto(format!(
+            "block status for context {context}, not {id}"
+        )));
     }
-    let body = &payload[4..];
-    if !body.len().is_multiple_of(8) || body.is_empty() {
-        return Err(proto("block status descriptors are not 8-byte pairs"));
+    if extents.is_empty() {
+        return Err(proto("block status chunk without an extent"));
     }
-    Ok(body
-        .chunks_exact(8)
-        .map(|d| {
-            let len = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
-            let flags = u32::from_be_bytes([d[4], d[5], d[6], d[7]]);
-            Run {
-                len: u64::from(len),
-                // A hole that does not read as zeros must still be read.
-                zero: flags & STATE_ZERO != 0,
-            }
+    Ok(extents
+        .iter()
+        .map(|e| Run {
+            len: e.len,
+            // A hole that does not read as zeros must still be read.
+            zero: e.flags & STATE_ZERO != 0,
         })
         .collect())
-}
-
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-fn be64(b: &[u8], at: usize) -> Option<u64> {
-    Some(u64::from_be_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
 
 /// One connection, past the handshake.
@@ -207,36 +148,36 @@ impl NbdConn {
     }
 
     async fn handshake(&mut self, name: &str) -> Result<(), NbdError> {
-        if self.rd.read_u64().await? != NBDMAGIC || self.rd.read_u64().await? != IHAVEOPT {
-            return Err(proto("not a newstyle NBD server"));
-        }
-        let flags = self.rd.read_u16().await?;
-        if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        let mut g = [0u8; GREETING_LEN];
+        self.rd.read_exact(&mut g).await?;
+        let greeting = Greeting::parse(&g)?;
+        if !greeting.fixed_newstyle() {
             return Err(proto("server is not fixed-newstyle"));
         }
-        let mut cflags = FLAG_C_FIXED_NEWSTYLE;
-        if flags & FLAG_NO_ZEROES != 0 {
-            cflags |= FLAG_C_NO_ZEROES;
-        }
-        self.wr.write_u32(cflags).await?;
+        let flags = ClientFlags {
+            fixed_newstyle: true,
+            no_zeroes: greeting.no_zeroes(),
+        };
+        self.wr.write_all(&flags.to_wire().to_be_bytes()).await?;
         // Structured replies: holes in reads come back without their zeros.
         self.send_option(OPT_STRUCTURED_REPLY, &[]).await?;
         let (kind, _) = self.option_reply(OPT_STRUCTURED_REPLY).await?;
         self.structured = kind == REP_ACK;
         if self.structured {
-            let mut d = Vec::new();
-            d.extend((name.len() as u32).to_be_bytes());
-            d.extend(name.as_bytes());
-            d.extend(1u32.to_be_bytes());
-            d.extend((META_BASE_ALLOCATION.len() as u32).to_be_bytes());
-            d.extend(META_BASE_ALLOCATION.as_bytes());
+            let d = MetaRequest {
+                name: name.to_owned(),
+                queries: vec![META_BASE_ALLOCATION.to_owned()],
+            }
+            .encode()?;
             self.send_option(OPT_SET_META_CONTEXT, &d).await?;
             loop {
                 let (kind, data) = self.option_reply(OPT_SET_META_CONTEXT).await?;
                 match kind {
                     REP_META_CONTEXT => {
-                        if data.get(4..) == Some(META_BASE_ALLOCATION.as_bytes()) {
-                            self.meta = be32(&data, 0);
+                        if let Ok(m) = MetaContextReply::parse(&data)
+                            && m.name == META_BASE_ALLOCATION
+                        {
+                            self.meta = Some(m.id);
                         }
                     }
                     REP_ACK => break,
@@ -244,20 +185,20 @@ impl NbdConn {
                 }
             }
         }
-        let mut d = Vec::new();
-        d.extend((name.len() as u32).to_be_bytes());
-        d.extend(name.as_bytes());
-        d.extend(0u16.to_be_bytes());
+        let d = InfoRequest {
+            name: name.to_owned(),
+            requests: Vec::new(),
+        }
+        .encode()?;
         self.send_option(OPT_GO, &d).await?;
         let mut size = None;
         loop {
             let (kind, data) = self.option_reply(OPT_GO).await?;
             match kind {
-                REP_INFO
-                    if data.len() >= 12
-                        && u16::from_be_bytes([data[0], data[1]]) == INFO_EXPORT =>
-                {
-                    size = be64(&data, 2);
+                REP_INFO => {
+                    if let Ok(Info::Export { size: s, .. }) = Info::parse(&data) {
+                        size = Some(s);
+                    }
                 }
                 REP_ACK => break,
                 k if k & REP_ERR != 0 => {
@@ -274,10 +215,9 @@ impl NbdConn {
     }
 
     async fn send_option(&mut self, opt: u32, data: &[u8]) -> Result<(), NbdError> {
-        self.wr.write_u64(IHAVEOPT).await?;
-        self.wr.write_u32(opt).await?;
-        self.wr.write_u32(data.len() as u32).await?;
-        self.wr.write_all(data).await?;
+        let mut b = Vec::new();
+        encode_option(&mut b, opt, data)?;
+        self.wr.write_all(&b).await?;
         self.wr.flush().await?;
         Ok(())
     }
@@ -285,31 +225,28 @@ impl NbdConn {
     /// One option reply: its type and data. An error reply other than to
     /// OPT_GO is returned as its type, so optional features just go unused.
     async fn option_reply(&mut self, opt: u32) -> Result<(u32, Vec<u8>), NbdError> {
-        if self.rd.read_u64().await? != OPTION_REPLY_MAGIC {
-            return Err(proto("bad option reply magic"));
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.rd.read_exact(&mut h).await?;
+        let h = OptionReplyHeader::parse(&h)?;
+        if h.option != opt {
+            return Err(proto(format!("reply to option {}, asked {opt}", h.option)));
         }
-        let got = self.rd.read_u32().await?;
-        let kind = self.rd.read_u32().await?;
-        let len = self.rd.read_u32().await?;
-        if got != opt {
-            return Err(proto(format!("reply to option {got}, asked {opt}")));
-        }
-        if len > MAX_PAYLOAD {
-            return Err(proto(format!("option reply of {len} bytes")));
-        }
-        let mut data = vec![0u8; len as usize];
+        let len = h.data_len(MAX_REPLY)?;
+        let mut data = vec![0u8; len];
         self.rd.read_exact(&mut data).await?;
-        Ok((kind, data))
+        Ok((h.reply, data))
     }
 
-    async fn request(&mut self, kind: u16, offset: u64, len: u32) -> Result<u64, NbdError> {
+    async fn request(&mut self, command: Command, offset: u64, len: u32) -> Result<u64, NbdError> {
         self.cookie = self.cookie.wrapping_add(1);
-        self.wr.write_u32(REQUEST_MAGIC).await?;
-        self.wr.write_u16(0).await?;
-        self.wr.write_u16(kind).await?;
-        self.wr.write_u64(self.cookie).await?;
-        self.wr.write_u64(offset).await?;
-        self.wr.write_u32(len).await?;
+        let req = Request {
+            flags: 0,
+            command,
+            cookie: self.cookie,
+            offset,
+            length: len,
+        };
+        self.wr.write_all(&req.encode()).await?;
         self.wr.flush().await?;
         Ok(self.cookie)
     }
@@ -319,18 +256,20 @@ impl NbdConn {
         if len > MAX_READ {
             return Err(proto("read larger than MAX_READ"));
         }
-        let cookie = self.request(CMD_READ, offset, len).await?;
+        let cookie = self.request(Command::Read, offset, len).await?;
         let magic = self.rd.read_u32().await?;
         if magic == SIMPLE_REPLY_MAGIC {
-            let errno = self.rd.read_u32().await?;
-            let got = self.rd.read_u64().await?;
-            if got != cookie {
+            let mut h = [0u8; SIMPLE_REPLY_HEADER_LEN];
+            h[..4].copy_from_slice(&magic.to_be_bytes());
+            self.rd.read_exact(&mut h[4..]).await?;
+            let h = SimpleReplyHeader::parse(&h)?;
+            if h.cookie != cookie {
                 return Err(proto("reply to another request"));
             }
-            if errno != 0 {
+            if h.errno != 0 {
                 return Err(NbdError::Command {
                     offset,
-                    errno,
+                    errno: h.errno,
                     message: String::new(),
                 });
             }
@@ -343,10 +282,7 @@ impl NbdConn {
             if h.cookie != cookie {
                 return Err(proto("reply to another request"));
             }
-            if h.kind == REPLY_TYPE_OFFSET_DATA
-                && buf.is_none()
-                && len.checked_add(8) == Some(h.len)
-            {
+            if h.typ == REPLY_TYPE_OFFSET_DATA && buf.is_none() && h.len == max_read_chunk(len) {
                 // The usual answer, one data chunk for the whole request:
                 // read straight into the result, no staging copy.
                 if self.rd.read_u64().await? != offset {
@@ -356,9 +292,9 @@ impl NbdConn {
             } else {
                 let payload = self.payload(h.len).await?;
                 let b = buf.get_or_insert_with(|| vec![0u8; len as usize]);
-                apply_read_chunk(h.kind, &payload, offset, b)?;
+                apply_read_chunk(h.typ, &payload, offset, b)?;
             }
-            if h.flags & REPLY_FLAG_DONE != 0 {
+            if h.done() {
                 return Ok(buf.unwrap_or_else(|| vec![0u8; len as usize]));
             }
         }
@@ -373,7 +309,7 @@ impl NbdConn {
                 zero: false,
             }]);
         };
-        let cookie = self.request(CMD_BLOCK_STATUS, offset, len).await?;
+        let cookie = self.request(Command::BlockStatus, offset, len).await?;
         let mut runs = Vec::new();
         loop {
             let h = self.chunk_header(None).await?;
@@ -381,13 +317,23 @@ impl NbdConn {
                 return Err(proto("reply to another request"));
             }
             let payload = self.payload(h.len).await?;
-            match h.kind {
-                REPLY_TYPE_BLOCK_STATUS => runs.extend(parse_block_status(&payload, id)?),
-                REPLY_TYPE_NONE => {}
-                REPLY_TYPE_ERROR => return Err(command_error(offset, &payload)),
-                k => return Err(proto(format!("unexpected reply type {k} to block status"))),
+            if h.typ == REPLY_TYPE_BLOCK_STATUS {
+                runs.extend(parse_block_status(&payload, id)?);
+            } else {
+                match Chunk::parse(h.typ, &payload)? {
+                    Chunk::None => {}
+                    Chunk::Error { errno, message } => {
+                        return Err(command_error(offset, errno, message));
+                    }
+                    _ => {
+                        return Err(proto(format!(
+                            "unexpected reply type {} to block status",
+                            h.typ
+                        )));
+                    }
+                }
             }
-            if h.flags & REPLY_FLAG_DONE != 0 {
+            if h.done() {
                 break;
             }
         }
@@ -398,7 +344,7 @@ impl NbdConn {
     }
 
     async fn chunk_header(&mut self, magic: Option<u32>) -> Result<ChunkHeader, NbdError> {
-        let mut b = [0u8; 20];
+        let mut b = [0u8; STRUCTURED_REPLY_HEADER_LEN];
         match magic {
             Some(m) => {
                 b[..4].copy_from_slice(&m.to_be_bytes());
@@ -414,19 +360,21 @@ impl NbdConn {
         parse_chunk_header(&b)
     }
 
+    /// A chunk's payload; its length was bounded by [`parse_chunk_header`].
     async fn payload(&mut self, len: u32) -> Result<Vec<u8>, NbdError> {
         Ok(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?)
     }
 
     /// Says goodbye; the server closes the connection.
     pub async fn disconnect(mut self) {
-        let _ = self.request(CMD_DISC, 0, 0).await;
+        let _ = self.request(Command::Disc, 0, 0).await;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nbd_proto::{REPLY_TYPE_ERROR, REPLY_TYPE_OFFSET_HOLE};
     use proptest::prelude::*;
 
     #[test]

@@ -8,11 +8,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use nbd_proto::*;
 use snapshot::diff::Diff;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use super::proto::{self, *};
 use super::tls::Tls;
 use crate::engine::Export;
 
@@ -599,6 +599,6 @@ async fn reply<S: AsyncWrite + Unpin>(
     data: &[u8],
 ) -> std::io::Result<()> {
     out.clear();
-    proto::encode_option_reply(out, option, rep, data);
+    encode_option_reply(out, option, rep, data);
     send(stream, out).await
 }

@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
+use nbd_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use tokio::task::JoinHandle;
 
 use super::handshake::{HandshakeError, MAX_OPTION_LEN, Negotiated, negotiate, transmission_flags};
-use super::proto::*;
 use super::testutil::{CHUNK, FakeExports, engine_with};
 use super::tls::Tls;
 
@@ -24,20 +24,21 @@ impl Client {
     }
 
     async fn header(&mut self, option: u32, len: u32) {
-        let mut h = IHAVEOPT.to_be_bytes().to_vec();
-        h.extend_from_slice(&option.to_be_bytes());
-        h.extend_from_slice(&len.to_be_bytes());
-        self.0.write_all(&h).await.unwrap();
+        let h = OptionHeader {
+            option,
+            length: len,
+        };
+        self.0.write_all(&h.encode()).await.unwrap();
     }
 
     /// One option reply: its option, type and data.
     async fn reply(&mut self) -> (u32, u32, Vec<u8>) {
-        assert_eq!(self.0.read_u64().await.unwrap(), OPTION_REPLY_MAGIC);
-        let option = self.0.read_u32().await.unwrap();
-        let rep = self.0.read_u32().await.unwrap();
-        let mut data = vec![0; self.0.read_u32().await.unwrap() as usize];
+        let mut h = [0u8; OPTION_REPLY_HEADER_LEN];
+        self.0.read_exact(&mut h).await.unwrap();
+        let h = OptionReplyHeader::parse(&h).unwrap();
+        let mut data = vec![0; h.length as usize];
         self.0.read_exact(&mut data).await.unwrap();
-        (option, rep, data)
+        (h.option, h.reply, data)
     }
 
     /// Replies up to and including the ACK or error that ends them.
@@ -47,7 +48,7 @@ impl Client {
             let (opt, rep, data) = self.reply().await;
             assert_eq!(opt, option);
             out.push((rep, data));
-            if rep == REP_ACK || rep & (1 << 31) != 0 {
+            if rep == REP_ACK || rep & REP_ERR != 0 {
                 return out;
             }
         }
@@ -82,24 +83,21 @@ async fn connect(
 const FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 
 fn info(name: &str, requests: &[u16]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(requests.len() as u16).to_be_bytes());
-    requests
-        .iter()
-        .for_each(|r| d.extend_from_slice(&r.to_be_bytes()));
-    d
+    InfoRequest {
+        name: name.to_owned(),
+        requests: requests.to_vec(),
+    }
+    .encode()
+    .unwrap()
 }
 
 fn meta(name: &str, queries: &[&str]) -> Vec<u8> {
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&(queries.len() as u32).to_be_bytes());
-    for q in queries {
-        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
-        d.extend_from_slice(q.as_bytes());
+    MetaRequest {
+        name: name.to_owned(),
+        queries: queries.iter().map(|q| q.to_string()).collect(),
     }
-    d
+    .encode()
+    .unwrap()
 }
 
 async fn failed(task: JoinHandle<Outcome>) -> HandshakeError {

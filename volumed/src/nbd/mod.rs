@@ -1,18 +1,14 @@
 //! The NBD server: attached volumes as exports, named after the volume.
 //!
-//! Three layers, as in mini-redis: `proto` is the wire format (pure, bytes
-//! in and values out, no I/O); `handshake` and `session` are the async loops
-//! that move bytes and call it; `server` owns the listeners. Two levels of
-//! error: a session error (bad magic, truncated stream) closes the
-//! connection; a command error (out of range, unknown command) becomes the
-//! errno of that one reply, and the connection goes on.
+//! Three layers, as in mini-redis: the `nbd_proto` crate is the wire format
+//! (pure, bytes in and values out, no I/O: `validate` for the rules a
+//! request must meet, `Reply::encode` for the bytes of replies);
+//! `handshake` and `session` are the async loops that move bytes and call
+//! it; `server` owns the listeners. Two levels of error: a session error
+//! (bad magic, truncated stream) closes the connection; a command error
+//! (out of range, unknown command) becomes the errno of that one reply, and
+//! the connection goes on.
 //!
-//! - `proto/mod.rs`: constants and the handshake's messages (greeting,
-//!   options, option replies).
-//! - `proto/request.rs`: transmission requests and `validate`, the rules a
-//!   request must meet (flags, payload limit, range, read-only).
-//! - `proto/reply.rs`: `Reply` and `Reply::encode`, the exact wire bytes of
-//!   simple and structured replies.
 //! - `handshake.rs`: option haggling, and `ExportLookup`, all it needs of
 //!   the engine.
 //! - `session.rs`: the transmission loop: one task polls the read of the
@@ -27,7 +23,6 @@
 pub(crate) mod handshake;
 pub mod io_threads;
 pub(crate) mod poll;
-pub mod proto;
 pub(crate) mod server;
 pub(crate) mod session;
 pub mod tls;
@@ -41,3 +36,14 @@ mod testutil;
 
 pub use handshake::ExportLookup;
 pub use server::NbdServer;
+
+/// Maps a host I/O error to the NBD errno the client sees.
+pub(crate) fn errno_of(e: &std::io::Error) -> u32 {
+    use nbd_proto::{EIO, ENOMEM, ENOSPC, EPERM};
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EFBIG) => ENOSPC,
+        Some(libc::ENOMEM) => ENOMEM,
+        Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::EROFS) => EPERM,
+        _ => EIO,
+    }
+}

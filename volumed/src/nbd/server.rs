@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use nbd_proto::SessionOptions;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -29,7 +30,6 @@ use super::handshake::{
 };
 use super::io_threads::IoThreads;
 use super::poll::{Polled, Quiet};
-use super::proto::SessionOptions;
 use super::session;
 use super::tls::Tls;
 use crate::engine::{Engine, Export};

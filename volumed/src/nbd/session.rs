@@ -1,5 +1,5 @@
 //! The transmission phase of one connection. It only moves bytes: the
-//! rules are in `proto` (`validate` for requests, `Reply::encode` for the
+//! rules are in `nbd_proto` (`validate` for requests, `Reply::encode` for the
 //! wire bytes of replies) and the data path is the export's `Backend` (a
 //! volume, or a read-only snapshot).
 //!
@@ -29,18 +29,19 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use nbd_proto::{
+    BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
+    EPERM, Encoded, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
+    STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, validate,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::errno_of;
 use super::handshake::MetaContext;
 use super::poll::Quiet;
-use super::proto::{
-    BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
-    EPERM, Encoded, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
-    STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, errno_of, validate,
-};
 use crate::engine::{Backend, Extent, ReadPiece};
 use crate::metrics;
 

@@ -1,29 +1,29 @@
 //! Tests of the transmission phase: raw request bytes over an in-memory
 //! pipe to `session::serve` on a real volume in a temporary directory;
-//! replies are read back with the test decoder of `proto`.
+//! replies are read back with `nbd_proto`'s reply decoder.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use nbd_proto::decode::{Meaning, Wire, header, header_rest, meaning};
+use nbd_proto::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, duplex};
 use tokio::task::JoinHandle;
 
 use super::handshake::MetaContext;
-use super::proto::decode::{Meaning, Wire, header, header_rest, meaning};
-use super::proto::*;
 use super::session::{self, SessionError};
 use super::testutil::{CHUNK, engine_with};
 use crate::engine::{Engine, Export};
 
 const SIZE: u64 = 16 * CHUNK;
 
-const READ: u16 = 0;
-const WRITE: u16 = 1;
-const DISC: u16 = 2;
-const FLUSH: u16 = 3;
-const TRIM: u16 = 4;
-const BLOCK_STATUS: u16 = 7;
+const READ: u16 = CMD_READ;
+const WRITE: u16 = CMD_WRITE;
+const DISC: u16 = CMD_DISC;
+const FLUSH: u16 = CMD_FLUSH;
+const TRIM: u16 = CMD_TRIM;
+const BLOCK_STATUS: u16 = CMD_BLOCK_STATUS;
 
 struct Harness {
     c: DuplexStream,
@@ -93,12 +93,14 @@ impl Harness {
         if cmd == READ {
             self.reads.insert(cookie, (offset, len));
         }
-        let mut b = REQUEST_MAGIC.to_be_bytes().to_vec();
-        b.extend_from_slice(&flags.to_be_bytes());
-        b.extend_from_slice(&cmd.to_be_bytes());
-        b.extend_from_slice(&cookie.to_be_bytes());
-        b.extend_from_slice(&offset.to_be_bytes());
-        b.extend_from_slice(&len.to_be_bytes());
+        let req = Request {
+            flags,
+            command: Command::from_wire(cmd),
+            cookie,
+            offset,
+            length: len,
+        };
+        let mut b = req.encode().to_vec();
         b.extend_from_slice(data);
         self.c.write_all(&b).await.unwrap();
     }
@@ -369,12 +371,14 @@ async fn replies_a_client_does_not_read_stay_within_the_window() {
             1 => (42, 0),
             _ => (READ, SIZE),
         };
-        buf.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
-        buf.extend_from_slice(&0u16.to_be_bytes());
-        buf.extend_from_slice(&cmd.to_be_bytes());
-        buf.extend_from_slice(&cookie.to_be_bytes());
-        buf.extend_from_slice(&offset.to_be_bytes());
-        buf.extend_from_slice(&(CHUNK as u32).to_be_bytes());
+        let req = Request {
+            flags: 0,
+            command: Command::from_wire(cmd),
+            cookie,
+            offset,
+            length: CHUNK as u32,
+        };
+        buf.extend_from_slice(&req.encode());
     }
     // The smallest reply here, a one-extent block status, is 32 bytes; the
     // pipe holds the last requests sent, not yet read.
