@@ -3,16 +3,20 @@
 //! stay in the nanoseconds.
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
-use volumed::nbd::proto::{self, REQUEST_HEADER_LEN, Request};
+use nbd_proto::{
+    Command, INFO_BLOCK_SIZE, InfoRequest, REQUEST_HEADER_LEN, Request, check_range,
+    encode_simple_reply, parse_info_request,
+};
 
 fn request_bytes() -> [u8; REQUEST_HEADER_LEN] {
-    let mut b = [0u8; REQUEST_HEADER_LEN];
-    b[..4].copy_from_slice(&proto::REQUEST_MAGIC.to_be_bytes());
-    b[6..8].copy_from_slice(&1u16.to_be_bytes());
-    b[8..16].copy_from_slice(&42u64.to_be_bytes());
-    b[16..24].copy_from_slice(&(1u64 << 30).to_be_bytes());
-    b[24..].copy_from_slice(&4096u32.to_be_bytes());
-    b
+    Request {
+        flags: 0,
+        command: Command::Write,
+        cookie: 42,
+        offset: 1 << 30,
+        length: 4096,
+    }
+    .encode()
 }
 
 fn bench(c: &mut Criterion) {
@@ -20,16 +24,18 @@ fn bench(c: &mut Criterion) {
     c.bench_function("nbd/request_parse_check_reply", |b| {
         b.iter(|| {
             let req = Request::parse(black_box(&raw)).expect("valid header");
-            let ok = proto::check_range(req.offset, req.length, 64 << 30).is_ok();
-            black_box(proto::encode_simple_reply(req.cookie, u32::from(!ok)))
+            let ok = check_range(req.offset, req.length, 64 << 30).is_ok();
+            black_box(encode_simple_reply(req.cookie, u32::from(!ok)))
         })
     });
-    let mut info = 4u32.to_be_bytes().to_vec();
-    info.extend_from_slice(b"data");
-    info.extend_from_slice(&1u16.to_be_bytes());
-    info.extend_from_slice(&proto::INFO_BLOCK_SIZE.to_be_bytes());
+    let info = InfoRequest {
+        name: "data".into(),
+        requests: vec![INFO_BLOCK_SIZE],
+    }
+    .encode()
+    .expect("a short name");
     c.bench_function("nbd/parse_info_request", |b| {
-        b.iter(|| proto::parse_info_request(black_box(&info)))
+        b.iter(|| parse_info_request(black_box(&info)))
     });
     c.bench_function("api/parse_size", |b| {
         b.iter(|| volumed_api::parse_size(black_box("512GiB")))

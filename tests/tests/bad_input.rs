@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 
+use nbd_proto::{EINVAL, ENOSPC, OPT_GO, OptionHeader};
 use volumed_tests::raw::Raw;
 use volumed_tests::{TestDaemon, nbd_py, nbd_py_output, qemu_io};
 
@@ -168,9 +169,6 @@ fn api_rejects_bad_calls_with_json_errors() {
 /// flags, command type, offset, length, payload, expected errno.
 type RawCase = (u16, u16, u64, u32, &'static [u8], u32);
 
-const EINVAL: u32 = 22;
-const ENOSPC: u32 = 28;
-
 #[test]
 fn nbd_handshake_abuse() {
     let d = TestDaemon::start();
@@ -234,8 +232,12 @@ fn nbd_handshake_abuse() {
     // A client that vanishes mid-option.
     let mut r = Raw::connect(d.nbd_port);
     r.0.write_all(&3u32.to_be_bytes()).unwrap();
-    r.0.write_all(b"IHAVEOPT\0\0\0\x07\0\0\x10\0partial")
-        .unwrap();
+    let header = OptionHeader {
+        option: OPT_GO,
+        length: 0x1000,
+    };
+    r.0.write_all(&header.encode()).unwrap();
+    r.0.write_all(b"partial").unwrap();
     drop(r);
 
     // The daemon still serves real clients.

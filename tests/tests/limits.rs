@@ -4,36 +4,28 @@
 //! Everything runs against the real daemon binary.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use nbd_proto::decode::{Wire, header, header_rest};
+use nbd_proto::{
+    Command, FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, GREETING_LEN, Greeting, InfoRequest,
+    META_BASE_ALLOCATION, MetaRequest, OPT_ABORT, OPT_GO, OPT_SET_META_CONTEXT, OPT_STARTTLS,
+    OPT_STRUCTURED_REPLY, REP_ACK, REP_ERR_TLS_REQD, REP_ERR_UNKNOWN, REP_META_CONTEXT,
+    REPLY_FLAG_DONE, REPLY_TYPE_ERROR, REQUEST_HEADER_LEN, Request, Uri,
+};
 use volumed_tests::pki::Pki;
 use volumed_tests::raw::Raw;
 use volumed_tests::{TestDaemon, nbd_py, nbd_py_output, nbdinfo_json, qemu_io};
 
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const OPT_STRUCTURED_REPLY: u32 = 8;
-const OPT_STARTTLS: u32 = 5;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
-const OPT_SET_META_CONTEXT: u32 = 10;
-const REP_ACK: u32 = 1;
-const REP_META_CONTEXT: u32 = 4;
-const REP_ERR_UNKNOWN: u32 = 0x8000_0006;
-const CMD_WRITE: u16 = 1;
-const CMD_BLOCK_STATUS: u16 = 7;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
-const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
-const REPLY_FLAG_DONE: u16 = 1;
 /// Fixed newstyle and no zeroes.
-const CLIENT_FLAGS: u32 = 3;
+const CLIENT_FLAGS: u32 = FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES;
 
 const MIB: u64 = 1 << 20;
-const REQUEST_LEN: u64 = 28;
+const REQUEST_LEN: u64 = REQUEST_HEADER_LEN as u64;
 
 /// The pid of the daemon `d` runs: the `volumed` process whose command line
 /// names its data dir.
@@ -121,13 +113,15 @@ fn raise_nofile(want: u64) {
     );
 }
 
-fn request(buf: &mut Vec<u8>, typ: u16, cookie: u64, offset: u64, len: u32) {
-    buf.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-    buf.extend_from_slice(&0u16.to_be_bytes());
-    buf.extend_from_slice(&typ.to_be_bytes());
-    buf.extend_from_slice(&cookie.to_be_bytes());
-    buf.extend_from_slice(&offset.to_be_bytes());
-    buf.extend_from_slice(&len.to_be_bytes());
+fn request(buf: &mut Vec<u8>, command: Command, cookie: u64, offset: u64, len: u32) {
+    let req = Request {
+        flags: 0,
+        command,
+        cookie,
+        offset,
+        length: len,
+    };
+    buf.extend_from_slice(&req.encode());
 }
 
 /// Fixed newstyle, structured replies, base:allocation on `name`, then
@@ -137,12 +131,12 @@ fn negotiate_structured(port: u16, name: &str) -> Raw {
     r.0.write_all(&CLIENT_FLAGS.to_be_bytes()).unwrap();
     r.option(OPT_STRUCTURED_REPLY, &[]);
     assert_eq!(r.reply().0, REP_ACK);
-    let mut d = (name.len() as u32).to_be_bytes().to_vec();
-    d.extend_from_slice(name.as_bytes());
-    d.extend_from_slice(&1u32.to_be_bytes());
-    let query = b"base:allocation";
-    d.extend_from_slice(&(query.len() as u32).to_be_bytes());
-    d.extend_from_slice(query);
+    let d = MetaRequest {
+        name: name.to_owned(),
+        queries: vec![META_BASE_ALLOCATION.to_owned()],
+    }
+    .encode()
+    .unwrap();
     r.option(OPT_SET_META_CONTEXT, &d);
     assert_eq!(r.reply().0, REP_META_CONTEXT);
     assert_eq!(r.reply().0, REP_ACK);
@@ -156,34 +150,41 @@ fn negotiate_structured(port: u16, name: &str) -> Raw {
 fn reply_chunk(s: &mut TcpStream) -> (u16, u16, u64, Vec<u8>) {
     let mut magic = [0u8; 4];
     s.read_exact(&mut magic).unwrap();
-    if u32::from_be_bytes(magic) == SIMPLE_REPLY_MAGIC {
-        let mut h = [0u8; 12];
-        s.read_exact(&mut h).unwrap();
-        let errno = u32::from_be_bytes(h[..4].try_into().unwrap());
-        let cookie = u64::from_be_bytes(h[4..].try_into().unwrap());
-        let typ = if errno == 0 { 0 } else { REPLY_TYPE_ERROR };
-        return (REPLY_FLAG_DONE, typ, cookie, errno.to_be_bytes().to_vec());
-    }
-    assert_eq!(u32::from_be_bytes(magic), STRUCTURED_REPLY_MAGIC);
-    let mut h = [0u8; 20];
-    h[..4].copy_from_slice(&magic);
+    let mut h = magic.to_vec();
+    h.resize(4 + header_rest(magic).expect("a reply magic"), 0);
     s.read_exact(&mut h[4..]).unwrap();
-    let flags = u16::from_be_bytes(h[4..6].try_into().unwrap());
-    let typ = u16::from_be_bytes(h[6..8].try_into().unwrap());
-    let cookie = u64::from_be_bytes(h[8..16].try_into().unwrap());
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut payload = vec![0u8; len as usize];
-    s.read_exact(&mut payload).unwrap();
-    (flags, typ, cookie, payload)
+    match header(&h).unwrap() {
+        (Wire::Simple { errno, cookie }, _) => {
+            let typ = if errno == 0 { 0 } else { REPLY_TYPE_ERROR };
+            (REPLY_FLAG_DONE, typ, cookie, errno.to_be_bytes().to_vec())
+        }
+        (
+            Wire::Chunk {
+                flags, typ, cookie, ..
+            },
+            len,
+        ) => {
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            (flags, typ, cookie, payload)
+        }
+    }
+}
+
+/// libnbd's URI of export `data` over TLS with the credentials in `client`.
+fn tls_uri(d: &TestDaemon, client: &std::path::Path) -> String {
+    Uri::tcp(SocketAddr::from(([127, 0, 0, 1], d.nbd_port)), "data", true)
+        .with_param("tls-certificates", &client.display().to_string())
+        .to_string()
 }
 
 /// Opens a TCP connection and reads the greeting: the daemon took it.
 fn greeted(port: u16) -> Option<TcpStream> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut g = [0u8; 18];
+    let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).ok()?;
-    (&g[..16] == b"NBDMAGICIHAVEOPT").then_some(s)
+    Greeting::parse(&g).ok().map(|_| s)
 }
 
 /// True if the peer closed `s` (EOF or reset) within `limit`.
@@ -255,7 +256,7 @@ fn unread_replies_and_idle_connections_stay_bounded() {
         let block = [0xa5u8; 4096];
         let mut buf = Vec::new();
         for i in 0..chunks / 2 {
-            request(&mut buf, CMD_WRITE, i, 2 * i * chunk, 4096);
+            request(&mut buf, Command::Write, i, 2 * i * chunk, 4096);
             buf.extend_from_slice(&block);
         }
         w.write_all(&buf).unwrap();
@@ -281,7 +282,7 @@ fn unread_replies_and_idle_connections_stay_bounded() {
             for batch in 0..FLOOD / 1000 {
                 let mut buf = Vec::new();
                 for i in 0..1000 {
-                    request(&mut buf, CMD_BLOCK_STATUS, batch * 1000 + i, 0, 1 << 30);
+                    request(&mut buf, Command::BlockStatus, batch * 1000 + i, 0, 1 << 30);
                 }
                 if flood_w.write_all(&buf).is_err() {
                     return;
@@ -480,9 +481,12 @@ fn silent_clients_are_dropped_at_the_deadline_and_refusals_are_logged() {
     let mut r = Raw::connect(d.nbd_port);
     r.0.write_all(&CLIENT_FLAGS.to_be_bytes()).unwrap();
     let peer = r.0.local_addr().unwrap().to_string();
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend_from_slice(b"nope");
-    go.extend_from_slice(&0u16.to_be_bytes());
+    let go = InfoRequest {
+        name: "nope".into(),
+        requests: Vec::new(),
+    }
+    .encode()
+    .unwrap();
     r.option(OPT_GO, &go);
     assert_eq!(r.reply().0, REP_ERR_UNKNOWN);
     r.option(OPT_ABORT, &[]);
@@ -550,9 +554,12 @@ fn tls_refusals_are_logged_with_the_peer() {
     let mut r = Raw::connect(d.nbd_port);
     r.0.write_all(&CLIENT_FLAGS.to_be_bytes()).unwrap();
     let peer = r.0.local_addr().unwrap().to_string();
-    let mut go = 4u32.to_be_bytes().to_vec();
-    go.extend_from_slice(b"data");
-    go.extend_from_slice(&0u16.to_be_bytes());
+    let go = InfoRequest {
+        name: "data".into(),
+        requests: Vec::new(),
+    }
+    .encode()
+    .unwrap();
     r.option(OPT_GO, &go);
     assert_eq!(r.reply().0, REP_ERR_TLS_REQD);
     r.option(OPT_ABORT, &[]);
@@ -582,11 +589,7 @@ fn tls_refusals_are_logged_with_the_peer() {
     // A client without a certificate: the TLS handshake fails, logged.
     thread::sleep(Duration::from_millis(1100));
     let before = d.log().lines().count();
-    let uri = format!(
-        "nbds://127.0.0.1:{}/data?tls-certificates={}",
-        d.nbd_port,
-        pki.client("anonymous").display()
-    );
+    let uri = tls_uri(&d, &pki.client("anonymous"));
     let out = nbd_py_output(
         &uri,
         "h = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri(URI)\n",
@@ -611,11 +614,7 @@ fn tls_refusals_are_logged_with_the_peer() {
     }
 
     // A good client still gets in.
-    let uri = format!(
-        "nbds://127.0.0.1:{}/data?tls-certificates={}",
-        d.nbd_port,
-        pki.client("client").display()
-    );
+    let uri = tls_uri(&d, &pki.client("client"));
     nbd_py(
         &uri,
         "h = nbd.NBD()\nh.set_uri_allow_local_file(True)\nh.connect_uri(URI)\nassert h.get_size() == 16 << 20\nh.shutdown()\n",

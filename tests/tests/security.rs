@@ -3,16 +3,15 @@
 //! certificates), checked with libnbd and qemu as the TLS clients.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use nbd_proto::{REP_ERR_INVALID, REP_ERR_TLS_REQD, Uri};
 use volumed_tests::pki::Pki;
 use volumed_tests::raw::Raw;
 use volumed_tests::{TestDaemon, nbd_py, nbd_py_output, qemu_io, run_ok, volumed_bin};
-
-const REP_ERR_INVALID: u32 = 0x8000_0003;
-const REP_ERR_TLS_REQD: u32 = 0x8000_0005;
 
 fn start_tls(pki: &Pki, client_auth: bool) -> TestDaemon {
     let env = pki.daemon_env(client_auth);
@@ -23,11 +22,9 @@ fn start_tls(pki: &Pki, client_auth: bool) -> TestDaemon {
 /// libnbd's TLS URI for `name`, trusting (and presenting) what `client`
 /// holds.
 fn tls_uri(d: &TestDaemon, name: &str, client: &Path) -> String {
-    format!(
-        "nbds://127.0.0.1:{}/{name}?tls-certificates={}",
-        d.nbd_port,
-        client.display()
-    )
+    Uri::tcp(SocketAddr::from(([127, 0, 0, 1], d.nbd_port)), name, true)
+        .with_param("tls-certificates", &client.display().to_string())
+        .to_string()
 }
 
 /// qemu-io over TLS with qemu's x509 credentials from `client`.
@@ -133,11 +130,13 @@ fn nbd_tls_required_on_tcp_offered_on_unix() {
     assert!(std::fs::read(&tls_copy).unwrap() == std::fs::read(&unix_copy).unwrap());
 
     // The Unix socket also upgrades when asked (no host name to verify).
-    let unix_tls = format!(
-        "nbds+unix:///data?socket={}&tls-certificates={}&tls-verify-peer=false",
-        d.nbd_socket().display(),
-        pki.client("anonymous").display()
-    );
+    let unix_tls = Uri::unix(&d.nbd_socket(), "data", true)
+        .with_param(
+            "tls-certificates",
+            &pki.client("anonymous").display().to_string(),
+        )
+        .with_param("tls-verify-peer", "false")
+        .to_string();
     nbd_py(&unix_tls, READ_BACK);
 
     // Plaintext on TCP is refused, by libnbd and by qemu.

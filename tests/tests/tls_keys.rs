@@ -9,10 +9,12 @@
 //! here (2432 is the upstream NBD test suite's key) go through the daemon's
 //! own RSA signer.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nbd_proto::Uri;
 use volumed_tests::pki::Pki;
 use volumed_tests::{TestDaemon, bin_dir, nbd_py, run_ok, volumed_bin};
 
@@ -232,11 +234,9 @@ fn serves(key: &ServerKey, priorities: &[&str]) {
             &["read -P 0x5a 0 1M", "read -P 0xa5 15M 1M"],
         );
     }
-    let uri = format!(
-        "nbds://127.0.0.1:{}/k?tls-certificates={}",
-        d.nbd_port,
-        client.display()
-    );
+    let uri = Uri::tcp(SocketAddr::from(([127, 0, 0, 1], d.nbd_port)), "k", true)
+        .with_param("tls-certificates", &client.display().to_string())
+        .to_string();
     nbd_py(
         &uri,
         "h = nbd.NBD(); h.set_uri_allow_local_file(True); h.connect_uri(URI)\n\
