@@ -18,7 +18,7 @@ use nbd_proto::{
     SIMPLE_REPLY_HEADER_LEN, SIMPLE_REPLY_MAGIC, STATE_ZERO, STRUCTURED_REPLY_HEADER_LEN,
     encode_option, max_read_chunk,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -117,6 +117,21 @@ pub fn parse_block_status(payload: &[u8], id: u32) -> Result<Vec<Run>, NbdError>
             zero: e.flags & STATE_ZERO != 0,
         })
         .collect())
+}
+
+/// Exactly `len` bytes (already bounded by the caller) into a new buffer,
+/// not zeroed first: the payload overwrites it. The NBD server's session
+/// has the same loop; the client keeps its own so that images never import
+/// from the NBD front-end.
+async fn read_payload<R: AsyncRead + Unpin>(r: &mut R, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        // `read_buf` fills only the spare capacity: never past `len`.
+        if r.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "early eof"));
+        }
+    }
+    Ok(buf)
 }
 
 /// One connection, past the handshake.
@@ -273,7 +288,7 @@ impl NbdConn {
                     message: String::new(),
                 });
             }
-            return Ok(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?);
+            return Ok(read_payload(&mut self.rd, len as usize).await?);
         }
         let mut buf: Option<Vec<u8>> = None;
         let mut first = Some(magic);
@@ -288,7 +303,7 @@ impl NbdConn {
                 if self.rd.read_u64().await? != offset {
                     return Err(proto("reply chunk outside the request"));
                 }
-                buf = Some(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?);
+                buf = Some(read_payload(&mut self.rd, len as usize).await?);
             } else {
                 let payload = self.payload(h.len).await?;
                 let b = buf.get_or_insert_with(|| vec![0u8; len as usize]);
@@ -362,7 +377,7 @@ impl NbdConn {
 
     /// A chunk's payload; its length was bounded by [`parse_chunk_header`].
     async fn payload(&mut self, len: u32) -> Result<Vec<u8>, NbdError> {
-        Ok(crate::nbd::session::read_payload(&mut self.rd, len as usize).await?)
+        Ok(read_payload(&mut self.rd, len as usize).await?)
     }
 
     /// Says goodbye; the server closes the connection.
@@ -420,6 +435,25 @@ mod tests {
         );
         assert!(parse_block_status(&p, 2).is_err());
         assert!(parse_block_status(&p[..7], 1).is_err());
+    }
+
+    #[tokio::test]
+    async fn payloads_are_read_to_their_length_and_no_further() {
+        let (mut tx, mut rx) = tokio::io::duplex(7);
+        let writer = tokio::spawn(async move {
+            tx.write_all(&[7u8; 100]).await.unwrap();
+            tx.write_all(b"next").await.unwrap();
+        });
+        assert_eq!(read_payload(&mut rx, 100).await.unwrap(), vec![7u8; 100]);
+        let mut next = [0u8; 4];
+        rx.read_exact(&mut next).await.unwrap();
+        assert_eq!(&next, b"next");
+        writer.await.unwrap();
+        let (mut tx, mut rx) = tokio::io::duplex(64);
+        tx.write_all(b"short").await.unwrap();
+        drop(tx);
+        let err = read_payload(&mut rx, 10).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 
     proptest! {
