@@ -331,6 +331,7 @@ impl BlockUploads {
             changed_chunks: changes.len() as u64,
             logical_bytes: 0,
             uploaded_bytes: upload.uploaded.load(Ordering::Relaxed),
+            encryption: None,
         };
         let store_err = |e| Error::store(format!("complete snapshot {}", rec.id), e);
         let root = match &upload.parent {
@@ -440,6 +441,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         let mut hashes = Vec::new();
         for (i, b) in [(0u64, 1u8), (1, 2), (3, 4)] {

@@ -403,6 +403,7 @@ impl SnapshotJob {
             changed_chunks: plan.changed_chunks(),
             logical_bytes: 0,
             uploaded_bytes: uploaded,
+            encryption: None,
         };
         // Step 3: changed chunks from above and chunks still Base at the
         // instant with their snapshot's hashes; the parent's pages for the
