@@ -191,7 +191,7 @@ impl MasterKeys for StaticKeys {
 }
 
 /// Random bytes from the operating system.
-pub(crate) fn random<const N: usize>() -> [u8; N] {
+pub fn random<const N: usize>() -> [u8; N] {
     use ring::rand::SecureRandom;
     let mut out = [0u8; N];
     // The system generator fails only where the OS has none at all.
