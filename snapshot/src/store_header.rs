@@ -187,6 +187,51 @@ pub async fn open(
     )))
 }
 
+/// [`open`], remembered by the host under `dir`: the header last seen is
+/// what `Expect::Auto` expects (so a header replaced in the bucket is
+/// refused, never followed into writing plaintext), and it stands in for
+/// the store's when the store cannot be reached at start.
+pub async fn open_remembered(
+    store: &dyn ObjectStore,
+    expect: Expect,
+    dir: &std::path::Path,
+    now: &str,
+    by: &str,
+) -> Result<StoreHeader, HeaderError> {
+    let name = crate::hash::hex(&blake3::hash(store.describe().as_bytes()).as_bytes()[..8]);
+    let path = dir.join(format!("store-header-{name}"));
+    let seen = std::fs::read(&path)
+        .ok()
+        .and_then(|b| StoreHeader::decode(&b).ok());
+    let expect = match (expect, &seen) {
+        (Expect::Auto, Some(h)) if h.is_encrypted() => Expect::Encrypted,
+        (Expect::Auto, Some(_)) => Expect::Plain,
+        (e, _) => e,
+    };
+    match open(store, expect, now, by).await {
+        Ok(h) => {
+            if seen.as_ref() != Some(&h) {
+                let tmp = dir.join(format!(".store-header-{name}.tmp"));
+                let written =
+                    std::fs::write(&tmp, h.encode()).and_then(|()| std::fs::rename(&tmp, &path));
+                if let Err(e) = written {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remember the store header");
+                }
+            }
+            Ok(h)
+        }
+        Err(HeaderError::Store(e)) if e.is_transient() => match seen {
+            Some(h) => {
+                tracing::warn!(store = %store.describe(), error = %e,
+                    "the store is unreachable; going by the header this host saw last");
+                Ok(h)
+            }
+            None => Err(HeaderError::Store(e)),
+        },
+        Err(e) => Err(e),
+    }
+}
+
 fn check(
     store: &dyn ObjectStore,
     expect: Expect,
@@ -266,6 +311,43 @@ mod tests {
         assert!(
             s.get(keys::STORE_HEADER).await.unwrap().is_some(),
             "recorded"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_header_seen_last_is_expected_and_stands_in_for_an_unreachable_store() {
+        use crate::store::faulty::{Fault, Faulty};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Faulty::new(MemoryStore::new());
+        let h = open_remembered(&s, Expect::Encrypted, dir.path(), "t0", "x")
+            .await
+            .unwrap();
+        assert!(h.is_encrypted());
+        // The header replaced by one saying "unencrypted": refused, even
+        // without an expectation given.
+        let plain = StoreHeader {
+            encryption: None,
+            ..h.clone()
+        };
+        s.put(keys::STORE_HEADER, Bytes::from(plain.encode()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            open_remembered(&s, Expect::Auto, dir.path(), "t1", "x").await,
+            Err(HeaderError::Mismatch { .. })
+        ));
+        // Unreachable: the header seen last stands in.
+        s.fail_next(100, Fault::Transient);
+        let seen = open_remembered(&s, Expect::Auto, dir.path(), "t1", "x")
+            .await
+            .unwrap();
+        assert_eq!(seen, h);
+        // Without one seen, an unreachable store is an error.
+        let other = tempfile::tempdir().unwrap();
+        assert!(
+            open_remembered(&s, Expect::Auto, other.path(), "t1", "x")
+                .await
+                .is_err()
         );
     }
 
