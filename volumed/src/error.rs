@@ -64,6 +64,8 @@ pub enum Error {
     SnapshotAttached(String),
     #[error("snapshot '{0}' is not attached")]
     SnapshotNotAttached(String),
+    #[error("{0}")]
+    Key(#[from] crate::keys::KeyServiceError),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -109,6 +111,7 @@ impl Error {
             Error::Image(e) => e.code(),
             Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
             Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
+            Error::Key(e) => e.code(),
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

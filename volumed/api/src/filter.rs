@@ -233,6 +233,8 @@ mod tests {
             volume_type: Some("gp3".into()),
             iops: None,
             throughput: None,
+            encrypted: false,
+            encryption: None,
         }
     }
 

@@ -19,6 +19,7 @@ use volumed_api::{
 use snapshot::SnapshotId;
 
 use super::jobs;
+use super::keys;
 use super::views::{self, NbdEndpoints};
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, Volume};
@@ -67,6 +68,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
         .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
         .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
+        .route("/v1/snapshots/{id}/copy", post(keys::copy_snapshot))
+        .route("/v1/keys", get(keys::list_keys).post(keys::create_key))
+        .route("/v1/keys/{key}", get(keys::get_key))
+        .route("/v1/keys/{key}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/{key}/enable", post(keys::enable_key))
+        .route("/v1/keys/{key}/disable", post(keys::disable_key))
+        .route("/v1/default-key", post(keys::set_default_key))
         .route("/v1/gc", post(gc))
         .route("/v1/imports", post(jobs::import_file))
         .route("/v1/imports/stream", post(jobs::import_stream))
@@ -208,7 +216,7 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 }
 
 /// A snapshot id from a path: a malformed one names no snapshot.
-fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+pub(super) fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
     SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()).into())
 }
 

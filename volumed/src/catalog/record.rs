@@ -51,6 +51,10 @@ pub struct VolumeRecord {
     pub iops: Option<u64>,
     #[serde(default)]
     pub throughput: Option<u64>,
+    /// In an encrypted store: the domain and key its snapshots are sealed
+    /// with (its source snapshot's, for a restored volume).
+    #[serde(default)]
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -79,6 +83,9 @@ pub struct SnapshotRecord {
     /// Where its bytes come from.
     #[serde(default)]
     pub source: SnapshotSource,
+    /// In an encrypted store: the domain and key it is sealed with.
+    #[serde(default)]
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// What a snapshot is written from.
@@ -91,6 +98,8 @@ pub enum SnapshotSource {
     /// Blocks a client sends (the EBS direct APIs); they live in memory
     /// until the commit, so a restart ends the snapshot `error`.
     Blocks,
+    /// A copy of another snapshot (`vol snapshot copy`, CopySnapshot).
+    Copy,
 }
 
 /// What the AWS endpoint keeps about a snapshot beyond its manifest, whose
@@ -162,6 +171,7 @@ impl VolumeRecord {
             volume_type: None,
             iops: None,
             throughput: None,
+            encryption: None,
         }
     }
 }

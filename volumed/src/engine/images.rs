@@ -152,6 +152,8 @@ impl Engine {
                 from_snapshot: None,
                 chunk_size: req.chunk_size,
                 hydrate: None,
+                encrypted: None,
+                key: None,
             };
             match self
                 .create_with(create, aws_attrs::VolumeAttrs::default(), Some(id.clone()))

@@ -23,6 +23,7 @@
 pub(crate) mod aws_attrs;
 pub(crate) mod base;
 pub mod chunk_map;
+pub(crate) mod encryption;
 mod export;
 pub(crate) mod freeze;
 mod images;
@@ -115,6 +116,8 @@ pub struct Engine {
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
     snapshot_exports: Arc<SnapshotExports>,
+    /// The key service and domain scope, set once at start.
+    encryption: std::sync::OnceLock<encryption::EncryptionSettings>,
 }
 
 impl Engine {
@@ -186,6 +189,7 @@ impl Engine {
             repo,
             fetcher,
             host_id,
+            encryption: std::sync::OnceLock::new(),
         };
         Ok((engine, clean))
     }
@@ -388,6 +392,9 @@ impl Engine {
             }
             None => None,
         };
+        let encryption = self
+            .volume_encryption(req.encrypted, req.key.as_deref(), source.as_deref())
+            .await?;
         let chunk_size = match (&source, req.chunk_size) {
             (Some(m), Some(c)) if c != m.header().chunk_size => {
                 return Err(Error::InvalidSize(format!(
@@ -437,6 +444,7 @@ impl Engine {
         rec.last_snapshot = rec.source_snapshot.clone();
         rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
         rec.importing = importing;
+        rec.encryption = encryption;
         attrs.apply(&mut rec);
         let dir = self.dirs.volume(id);
         let data = DataFile::create(&dir, size, Arc::clone(&self.io))

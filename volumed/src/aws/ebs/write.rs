@@ -186,6 +186,7 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
         parent,
         labels: BTreeMap::new(),
         timeout: Duration::from_secs(timeout * 60),
+        encryption: None,
     };
     let parent_name = r.parent_snapshot_id.clone().unwrap_or_default();
     let rec = state

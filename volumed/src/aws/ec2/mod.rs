@@ -101,6 +101,8 @@ impl From<Error> for Ec2Error {
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
             Error::JobNotFound(_) => "InvalidParameterValue",
+            // A KmsKeyId naming no key, or a key that cannot be made.
+            Error::Key(_) => "InvalidParameterValue",
             Error::Image(_) => "InvalidParameterValue",
             Error::InvalidRequest(_)
             | Error::InvalidName { .. }

@@ -209,6 +209,8 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         from_snapshot: snapshot,
         chunk_size: None,
         hydrate: None,
+        encrypted: None,
+        key: None,
     };
     let vol = cx.state.engine.create_with(req, attrs, None).await?;
     let mut x = Xml::response("CreateVolume", cx.rid);

@@ -2,7 +2,8 @@
 //! jobs, their cancellation tokens and their task tracker:
 //! - [`snapshot::SnapshotJobs`]: uploads of frozen volumes to the store,
 //!   and (through [`block_upload::BlockUploads`]) snapshots clients send
-//!   block by block, under the same commit protocol;
+//!   block by block, and (through [`copy::CopyJobs`]) copies of
+//!   snapshots, under the same commit protocol;
 //! - [`hydrate::Hydrator`]: restored volumes filling themselves in;
 //! - [`import::ImportJobs`]: VM images copied into new volumes, tracked in
 //!   [`registry::JobRegistry`] with the exports;
@@ -13,6 +14,7 @@
 //! data path uses), waits for their tasks, then the engine flushes.
 
 pub mod block_upload;
+pub mod copy;
 pub mod export;
 pub mod hydrate;
 pub mod import;
