@@ -26,10 +26,13 @@ pub fn encryption_text(e: Option<&EncryptionInfo>) -> String {
     match e {
         None => "-".into(),
         Some(e) => format!(
-            "key {} ({}), data key {}",
+            "key {} ({}), data key {}{}",
             e.key.as_deref().unwrap_or("unknown here"),
             e.key_id,
-            e.data_key_id
+            e.data_key_id,
+            e.problem
+                .as_ref()
+                .map_or_else(String::new, |p| format!(": {p}"))
         ),
     }
 }

@@ -84,6 +84,10 @@ pub struct EncryptionInfo {
     /// The encryption domain (EC2's DataEncryptionKeyId): snapshots that
     /// share it share chunks.
     pub data_key_id: String,
+    /// Why the key cannot be used on this host (disabled, unknown here):
+    /// reads of data not yet local fail until it can.
+    #[serde(default)]
+    pub problem: Option<String>,
 }
 
 /// `POST /v1/snapshots/{id}/copy`.

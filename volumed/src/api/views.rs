@@ -99,6 +99,10 @@ pub fn encryption(
         key: keys.and_then(|k| k.resolve(&enc.key).ok()).map(|k| k.name),
         kms_key_id: keys.map_or_else(|| enc.key.clone(), |k| k.arn(&enc.key)),
         data_key_id: enc.domain.to_string(),
+        problem: keys.and_then(|k| {
+            use snapshot::MasterKeys;
+            k.check(&enc.key).err().map(|e| e.to_string())
+        }),
     })
 }
 

@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, RwLock};
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use snapshot::crypt::{KeyError, MasterKeys, MasterSecret};
@@ -44,8 +43,8 @@ pub enum DomainScope {
 /// The default key's name, and the alias AWS gives its managed EBS key.
 pub const MANAGED_NAME: &str = "aws-ebs";
 pub const MANAGED_ALIAS: &str = "alias/aws/ebs";
-/// A missing key id rereads the directory at most this often.
-const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// A key file as a directory scan sees it: name, modification time, length.
+type Fingerprint = (std::ffi::OsString, Option<std::time::SystemTime>, u64);
 const SETTINGS: &str = "settings.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +133,8 @@ pub struct KeyService {
     state: RwLock<State>,
     /// One change at a time, so files and memory agree.
     changes: tokio::sync::Mutex<()>,
-    last_reload: Mutex<Option<Instant>>,
+    /// The directory as the last scan found it.
+    last_scan: Mutex<Option<Vec<Fingerprint>>>,
 }
 
 impl std::fmt::Debug for KeyService {
@@ -188,7 +188,7 @@ impl KeyService {
             region: region.to_owned(),
             state: RwLock::new(State::default()),
             changes: tokio::sync::Mutex::new(()),
-            last_reload: Mutex::new(None),
+            last_scan: Mutex::new(None),
             dir,
         };
         let settings = match std::fs::read(svc.dir.join(SETTINGS)) {
@@ -275,15 +275,43 @@ impl KeyService {
         }
     }
 
-    /// Picks up local key files copied in since start (another host's
-    /// keys), at most once a second; command keys wait for a restart.
+    /// What the directory holds: each key file's name, modification time
+    /// and length, to tell whether anything changed since the last scan.
+    fn fingerprint(&self) -> Vec<Fingerprint> {
+        let mut out: Vec<Fingerprint> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_str()
+                    .is_some_and(|n| n.ends_with(file::SUFFIX))
+            })
+            .map(|e| {
+                let m = e.metadata().ok();
+                (
+                    e.file_name(),
+                    m.as_ref().and_then(|m| m.modified().ok()),
+                    m.map_or(0, |m| m.len()),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Picks up local key files copied in or replaced since the last scan
+    /// (another host's keys, or a key file from the host that rotated it),
+    /// when a key or a version is asked for and not known. Rescans only
+    /// when the directory changed; command keys wait for a restart.
     fn reload_local(&self) {
+        let fp = self.fingerprint();
         {
-            let mut last = self.last_reload.lock().unwrap_or_else(|e| e.into_inner());
-            if last.is_some_and(|t| t.elapsed() < RELOAD_EVERY) {
+            let mut last = self.last_scan.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref() == Some(&fp) {
                 return;
             }
-            *last = Some(Instant::now());
+            *last = Some(fp);
         }
         let files = match self.scan() {
             Ok(f) => f,
@@ -294,13 +322,13 @@ impl KeyService {
         };
         let mut state = self.write();
         for f in files {
-            if f.command.is_some() || state.keys.contains_key(&f.id) {
+            if f.command.is_some() || state.keys.get(&f.id).is_some_and(|l| l.file == f) {
                 continue;
             }
             let path = file::path_of(&self.dir, &f.name);
             match f.local_material(&path) {
                 Ok(material) => {
-                    info!(key = %f.name, id = %f.id, "key file found");
+                    info!(key = %f.name, id = %f.id, version = f.current_version(), "key file read");
                     state.keys.insert(
                         f.id.clone(),
                         Loaded {
@@ -587,7 +615,8 @@ impl KeyService {
         Ok(l)
     }
 
-    /// [`Self::usable`], rereading the directory once for a key not known.
+    /// [`Self::usable`], rereading the directory once for a key or a
+    /// version not known.
     fn with_key<T>(
         &self,
         key: &str,
@@ -595,9 +624,9 @@ impl KeyService {
     ) -> Result<T, KeyError> {
         {
             let state = self.read();
-            match Self::usable(&state, key) {
-                Err(KeyError::Unknown(_)) => {}
-                other => return other.and_then(&f),
+            match Self::usable(&state, key).and_then(&f) {
+                Err(KeyError::Unknown(_) | KeyError::Version { .. }) => {}
+                other => return other,
             }
         }
         self.reload_local();

@@ -103,8 +103,6 @@ async fn a_key_file_copied_from_another_host_is_picked_up() {
         file::path_of(&b.path().join("keys"), "shared"),
     )
     .unwrap();
-    // The reread is rate-limited: wait it out.
-    std::thread::sleep(RELOAD_EVERY);
     assert_eq!(
         kb.material(&k.id, 1).unwrap(),
         ka.material(&k.id, 1).unwrap()
