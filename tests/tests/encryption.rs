@@ -13,6 +13,7 @@ use std::sync::Arc;
 use serde_json::Value;
 use snapshot::crypt::{MasterSecret, StaticKeys};
 use snapshot::{ChunkHash, MasterKeys, Repo, SnapshotId};
+use volumed_tests::aws::AwsEndpoint;
 use volumed_tests::snapkit::{Store, dump, image, rt, snap, u};
 use volumed_tests::{TestDaemon, run_ok};
 
@@ -524,4 +525,235 @@ fn copies_share_chunks_or_reseal_them() {
     d.vol_ok(&["attach", "c"]);
     assert!(dump(&d, "c")[..img.len()] == img[..]);
     d.finish();
+}
+
+fn aws_encrypted() -> AwsEndpoint {
+    AwsEndpoint::start_with_env(&[("VOLUMED_STORE_ENCRYPTION", "on")])
+}
+
+/// `aws ec2`: create-volume --encrypted with a key, the fields Describe*
+/// shows, copy-snapshot under another key (a full copy), encryption by
+/// default and the default key; `aws ebs start-snapshot --encrypted
+/// --parent-snapshot-id` is refused as on AWS.
+#[test]
+fn the_aws_encryption_fields_and_actions() {
+    let ep = aws_encrypted();
+    let d = &ep.daemon;
+    d.vol_ok(&["key", "create", "team"]);
+    d.vol_ok(&["key", "create", "other"]);
+    let by_default = ep.aws_json(&["ec2", "get-ebs-encryption-by-default"]);
+    assert_eq!(by_default["EbsEncryptionByDefault"], true);
+    let err = ep.aws_err(&["ec2", "disable-ebs-encryption-by-default"]);
+    assert!(err.contains("UnsupportedOperation"), "{err}");
+    let def = ep.aws_json(&["ec2", "get-ebs-default-kms-key-id"]);
+    assert!(def["KmsKeyId"].as_str().unwrap().contains(":key/"), "{def}");
+    let team_arn = d.vol_json(&["key", "inspect", "team"])["arn"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let m = ep.aws_json(&[
+        "ec2",
+        "modify-ebs-default-kms-key-id",
+        "--kms-key-id",
+        "alias/team",
+    ]);
+    assert_eq!(m["KmsKeyId"], team_arn.as_str());
+    let err = ep.aws_err(&[
+        "ec2",
+        "create-volume",
+        "--size",
+        "1",
+        "--availability-zone",
+        "us-east-1a",
+        "--kms-key-id",
+        "alias/team",
+    ]);
+    assert!(err.contains("InvalidParameterDependency"), "{err}");
+
+    let v = ep.aws_json(&[
+        "ec2",
+        "create-volume",
+        "--size",
+        "1",
+        "--availability-zone",
+        "us-east-1a",
+        "--encrypted",
+        "--kms-key-id",
+        "alias/team",
+    ]);
+    assert_eq!(v["Encrypted"], true, "{v}");
+    assert_eq!(v["KmsKeyId"], team_arn.as_str());
+    let vol_id = v["VolumeId"].as_str().unwrap().to_owned();
+    let dv = ep.aws_json(&["ec2", "describe-volumes", "--volume-ids", &vol_id]);
+    assert_eq!(dv["Volumes"][0]["Encrypted"], true);
+    assert_eq!(dv["Volumes"][0]["KmsKeyId"], team_arn.as_str());
+    // Without a key: the default key (team, since modified).
+    let v2 = ep.aws_json(&[
+        "ec2",
+        "create-volume",
+        "--size",
+        "1",
+        "--availability-zone",
+        "us-east-1a",
+    ]);
+    assert_eq!(v2["KmsKeyId"], team_arn.as_str());
+
+    d.vol_ok(&["attach", &vol_id]);
+    write_image(d, &vol_id, &marker_image(4));
+    let s = ep.aws_json(&["ec2", "create-snapshot", "--volume-id", &vol_id]);
+    let sid = s["SnapshotId"].as_str().unwrap().to_owned();
+    d.wait_snapshot_settled(&sid);
+    let ds = ep.aws_json(&["ec2", "describe-snapshots", "--snapshot-ids", &sid]);
+    let snap = &ds["Snapshots"][0];
+    assert_eq!(snap["Encrypted"], true, "{ds}");
+    assert_eq!(snap["KmsKeyId"], team_arn.as_str());
+    let dek = snap["DataEncryptionKeyId"].as_str().unwrap().to_owned();
+
+    // Copy under the same key: metadata only, the same data key.
+    let same = ep.aws_json(&[
+        "ec2",
+        "copy-snapshot",
+        "--source-region",
+        "us-east-1",
+        "--source-snapshot-id",
+        &sid,
+    ]);
+    let same_id = same["SnapshotId"].as_str().unwrap().to_owned();
+    d.wait_snapshot_settled(&same_id);
+    // Under another key: a full copy, another data key.
+    let other = ep.aws_json(&[
+        "ec2",
+        "copy-snapshot",
+        "--source-region",
+        "us-east-1",
+        "--source-snapshot-id",
+        &sid,
+        "--encrypted",
+        "--kms-key-id",
+        "alias/other",
+        "--description",
+        "moved",
+    ]);
+    let other_id = other["SnapshotId"].as_str().unwrap().to_owned();
+    let settled = d.wait_snapshot_settled(&other_id);
+    assert_eq!(settled["state"], "completed", "{settled}");
+    let ds = ep.aws_json(&[
+        "ec2",
+        "describe-snapshots",
+        "--snapshot-ids",
+        &same_id,
+        &other_id,
+    ]);
+    let by_id = |id: &str| {
+        ds["Snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["SnapshotId"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id(&same_id)["DataEncryptionKeyId"], dek.as_str());
+    let o = by_id(&other_id);
+    assert_ne!(o["DataEncryptionKeyId"], dek.as_str());
+    assert!(
+        o["KmsKeyId"].as_str().unwrap().ends_with(
+            &d.vol_json(&["key", "inspect", "other"])["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        )
+    );
+    assert_eq!(o["Description"], "moved");
+    // The copy restores to the same bytes.
+    let r = ep.aws_json(&[
+        "ec2",
+        "create-volume",
+        "--availability-zone",
+        "us-east-1a",
+        "--snapshot-id",
+        &other_id,
+    ]);
+    let rid = r["VolumeId"].as_str().unwrap().to_owned();
+    assert_eq!(r["KmsKeyId"], o["KmsKeyId"]);
+    d.vol_ok(&["attach", &rid]);
+    assert!(dump(d, &rid)[..4 << 20] == marker_image(4)[..]);
+
+    // EBS direct: a key with a parent is refused; without one, accepted.
+    let err = ep.aws_err(&[
+        "ebs",
+        "start-snapshot",
+        "--volume-size",
+        "1",
+        "--parent-snapshot-id",
+        &sid,
+        "--encrypted",
+    ]);
+    assert!(err.contains("ValidationException"), "{err}");
+    let st = ep.aws_json(&[
+        "ebs",
+        "start-snapshot",
+        "--volume-size",
+        "1",
+        "--encrypted",
+        "--kms-key-arn",
+        &team_arn,
+    ]);
+    assert_eq!(st["KmsKeyArn"], team_arn.as_str(), "{st}");
+    d.vol_ok(&["detach", &vol_id]);
+    d.vol_ok(&["detach", &rid]);
+    // The upload left pending ends with the daemon.
+    ep.daemon.finish_expecting(
+        &[],
+        &[
+            "block upload failed",
+            "could not remove the snapshot's marker",
+        ],
+    );
+}
+
+/// coldsnap uploads an image into an encrypted store and downloads it.
+#[test]
+fn coldsnap_on_an_encrypted_store() {
+    let ep = aws_encrypted();
+    let dir = tempfile::tempdir().unwrap();
+    let image_path = dir.path().join("disk.img");
+    let mut img = marker_image(8);
+    img.resize(64 << 20, 0);
+    std::fs::write(&image_path, &img).unwrap();
+    let up = ep.coldsnap(&[
+        "upload",
+        "--wait",
+        "--no-progress",
+        image_path.to_str().unwrap(),
+    ]);
+    let stdout = String::from_utf8_lossy(&up.stdout);
+    assert!(
+        up.status.success(),
+        "coldsnap upload: {stdout} {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let id = stdout
+        .split_whitespace()
+        .find(|w| w.starts_with("snap-"))
+        .unwrap()
+        .to_owned();
+    let s = ep.daemon.vol_json(&["snapshot", "inspect", &id]);
+    assert_eq!(s["encrypted"], true, "{s}");
+    let out = dir.path().join("down.img");
+    let down = ep.coldsnap(&["download", "--no-progress", &id, out.to_str().unwrap()]);
+    assert!(
+        down.status.success(),
+        "coldsnap download: {}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    // The download is the whole volume (whole GiB), zero past the image.
+    let got = std::fs::read(&out).unwrap();
+    assert!(got[..img.len()] == img[..]);
+    assert!(got[img.len()..].iter().all(|b| *b == 0));
+    let plain = Store::Local.repo(&ep.daemon, "");
+    for (key, obj) in all_objects(&plain) {
+        assert!(!contains(&obj, &MARKER[..24]), "{key} holds the marker");
+    }
+    ep.daemon.finish();
 }

@@ -91,6 +91,16 @@ impl Engine {
         Ok(Some(self.new_domain(&k)))
     }
 
+    /// The encryption of a snapshot made from nothing (an EBS direct
+    /// upload without a parent): as a new volume's.
+    pub async fn new_encryption(
+        &self,
+        encrypted: Option<bool>,
+        key: Option<&str>,
+    ) -> Result<Option<Encryption>> {
+        self.volume_encryption(encrypted, key, None).await
+    }
+
     /// A domain for new data under key `k`, as `--encryption-domain` says.
     pub(crate) fn new_domain(&self, k: &KeyInfo) -> Encryption {
         match self.encryption.get().map(|s| s.scope) {
