@@ -61,7 +61,7 @@ pub enum Command {
     List {
         /// Only volumes matching NAME=VALUE[,VALUE...] (repeatable; all must
         /// match), with EC2's DescribeVolumes filter names: status,
-        /// volume-id, snapshot-id, size (GiB), volume-type, tag:KEY,
+        /// volume-id, snapshot-id, size (GiB), volume-type, encrypted, tag:KEY,
         /// tag-key, attachment.instance-id, attachment.device,
         /// attachment.status, attachment.delete-on-termination
         #[arg(long = "filter", value_name = "NAME=VALUE", value_parser = parse_filter)]
