@@ -101,6 +101,23 @@ impl Engine {
         self.volume_encryption(encrypted, key, None).await
     }
 
+    /// Gives a volume made before its store was encrypted (its host moved
+    /// to an encrypted store) the default key's domain, through the
+    /// record's owner, before its first snapshot there.
+    pub(crate) async fn ensure_encryption(&self, vol: &super::Volume) -> Result<()> {
+        if !self.store_encrypted() || vol.record().encryption.is_some() {
+            return Ok(());
+        }
+        let enc = self.new_encryption(None, None).await?;
+        vol.update_record(&self.catalog, |r| {
+            if r.encryption.is_none() {
+                r.encryption = enc;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// A domain for new data under key `k`, as `--encryption-domain` says.
     pub(crate) fn new_domain(&self, k: &KeyInfo) -> Encryption {
         match self.encryption.get().map(|s| s.scope) {

@@ -674,6 +674,7 @@ impl Engine {
         validate::labels(&req.labels)?;
         let vol = self.get(name)?;
         not_importing(&vol)?;
+        self.ensure_encryption(&vol).await?;
         self.snapshot_jobs.start(vol, req.labels).await
     }
 
