@@ -383,6 +383,9 @@ fn a_disabled_key_means_eio_and_inspect_says_why() {
             .contains("is disabled"),
         "{rep}"
     );
+    // No new volume under it either.
+    let err = d.vol_err(&["create", "x", "--size", "1M"]);
+    assert!(err.contains("cannot encrypt under key 'aws-ebs'"), "{err}");
     d.vol_ok(&["key", "enable", "aws-ebs"]);
     assert!(dump(&d, "r") == img);
     d.finish_expecting(&["cannot fetch a chunk", "I/O failed"], &[]);

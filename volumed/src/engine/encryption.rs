@@ -88,6 +88,10 @@ impl Engine {
             Some(k) => k,
             None => keys.default_key().await?,
         };
+        // Refused now rather than at the volume's first snapshot.
+        snapshot::MasterKeys::check(keys.as_ref(), &k.id).map_err(|e| {
+            Error::InvalidRequest(format!("cannot encrypt under key '{}': {e}", k.name))
+        })?;
         Ok(Some(self.new_domain(&k)))
     }
 
