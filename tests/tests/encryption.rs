@@ -374,8 +374,11 @@ fn a_disabled_key_means_eio_and_inspect_says_why() {
     assert!(problem.contains("is disabled"), "{v}");
     let text = d.vol_ok(&["inspect", "r"]);
     assert!(text.contains("is disabled"), "{text}");
-    // Verify without the key checks the framing and says so.
-    let rep = d.vol_json(&["snapshot", "verify", &id]);
+    // Verify without the key checks the framing, says so, and is not ok.
+    let out = d.vol(&["--json", "snapshot", "verify", &id]);
+    assert!(!out.status.success());
+    let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rep["ok"], false, "{rep}");
     assert!(
         rep["framing_only"]
             .as_str()
@@ -383,6 +386,8 @@ fn a_disabled_key_means_eio_and_inspect_says_why() {
             .contains("is disabled"),
         "{rep}"
     );
+    let err = d.vol_err(&["snapshot", "verify", &id]);
+    assert!(err.contains("checked only for its sealed framing"), "{err}");
     // No new volume under it either.
     let err = d.vol_err(&["create", "x", "--size", "1M"]);
     assert!(err.contains("cannot encrypt under key 'aws-ebs'"), "{err}");

@@ -262,6 +262,12 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                     }
                 }
             }
+            if let Some(why) = &r.framing_only {
+                anyhow::bail!(
+                    "snapshot {} was checked only for its sealed framing: {why}",
+                    r.snapshot
+                );
+            }
             if !r.ok {
                 anyhow::bail!(
                     "snapshot {} has {} missing and {} damaged chunk objects",

@@ -410,7 +410,8 @@ mod tests {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub snapshot: String,
-    /// True when every object was present and matched its hash.
+    /// True when every object was present and matched its hash (false
+    /// when only the framing could be checked).
     pub ok: bool,
     /// Non-zero chunks the manifest names.
     pub chunks: u64,
