@@ -4,6 +4,7 @@
 use std::os::unix::fs::PermissionsExt;
 
 use super::*;
+use snapshot::crypt::{KeyError, MasterKeys};
 
 #[tokio::test]
 async fn create_resolve_default_and_list() {
