@@ -164,6 +164,130 @@ pub enum Command {
     /// The host's encryption keys
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Snapshot policies: schedules and retention
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Delete what policies' retention no longer keeps (or, with
+    /// --dry-run, print it)
+    Prune {
+        /// Only this policy's snapshots [default: every enabled policy's]
+        #[arg(long, value_name = "NAME")]
+        policy: Option<String>,
+        /// Print what would be deleted, delete nothing
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// The recycle bin: deleted snapshots kept for a while, and its rules
+    #[command(subcommand)]
+    Bin(BinCommand),
+}
+
+/// What a policy is: `create` and `update` take the same flags.
+#[derive(Debug, clap::Args)]
+pub struct PolicyArgs {
+    pub name: String,
+    /// Volumes carrying this tag: tag:KEY=VALUE or tag:KEY (repeatable; any matches)
+    #[arg(long = "select", value_name = "tag:K=V", value_parser = parse_select,
+          required_unless_present_any = ["volumes", "instance"])]
+    pub select: Vec<volumed_api::TagMatch>,
+    /// These volumes (repeatable)
+    #[arg(long = "volume", value_name = "NAME", conflicts_with = "select")]
+    pub volumes: Vec<VolumeName>,
+    /// The volumes attached to this instance
+    #[arg(long, value_name = "ID", conflicts_with_all = ["select", "volumes"])]
+    pub instance: Option<String>,
+    /// A cron expression in UTC: 5 fields, or AWS's cron(...) with 6
+    #[arg(long, value_name = "CRON", required_unless_present = "every")]
+    pub schedule: Option<String>,
+    /// An interval (1h, 30m, 1d), slots aligned to the epoch
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          conflicts_with = "schedule")]
+    pub every: Option<std::time::Duration>,
+    #[arg(long, value_name = "N")]
+    pub keep_last: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_hourly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_daily: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_weekly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_monthly: Option<u32>,
+    #[arg(long, value_name = "N")]
+    pub keep_yearly: Option<u32>,
+    /// Also keep every snapshot younger than this (30d, 12h)
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub keep_within: Option<std::time::Duration>,
+    /// A tag KEY=VALUE added to every snapshot the policy takes (repeatable)
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_label)]
+    pub tags: Vec<(String, String)>,
+    /// Copy each volume's tags onto its snapshots
+    #[arg(long)]
+    pub copy_tags: bool,
+    #[arg(long, default_value = "")]
+    pub description: String,
+    /// Keep the policy but run nothing
+    #[arg(long)]
+    pub disabled: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Create a policy: snapshots on a schedule, pruned by its keep options
+    Create(PolicyArgs),
+    /// Replace a policy's settings (its run history stays)
+    Update(PolicyArgs),
+    /// List policies
+    List,
+    /// Show a policy, its next run and its last result
+    Inspect { name: String },
+    /// Delete a policy (its snapshots stay)
+    Delete { name: String },
+    /// Run every schedule of a policy once, now
+    RunNow { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BinCommand {
+    /// List the snapshots in the recycle bin
+    List,
+    /// Bring a snapshot back from the recycle bin, as it was
+    Restore {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+    },
+    /// Recycle-bin rules: which deleted snapshots are kept, how long
+    #[command(subcommand)]
+    Rule(BinRuleCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BinRuleCommand {
+    /// Keep deleted resources (matching --select, or all but --exclude) for --retention
+    Create {
+        #[arg(long, value_parser = ["snapshot", "image"], default_value = "snapshot")]
+        resource: String,
+        /// How long (7d, 12h; up to 365d)
+        #[arg(long, value_parser = humantime::parse_duration)]
+        retention: std::time::Duration,
+        /// Only resources with this tag: tag:KEY=VALUE or tag:KEY (repeatable; any)
+        #[arg(long = "select", value_name = "tag:K=V", value_parser = parse_select)]
+        select: Vec<volumed_api::TagMatch>,
+        /// Every resource but those with this tag (repeatable)
+        #[arg(long = "exclude", value_name = "tag:K=V", value_parser = parse_select,
+              conflicts_with = "select")]
+        exclude: Vec<volumed_api::TagMatch>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List the rules
+    List,
+    /// Delete a rule (what it keeps stays until its time ends)
+    Delete { id: String },
+}
+
+fn parse_select(s: &str) -> Result<volumed_api::TagMatch, String> {
+    volumed_api::TagMatch::parse_select(s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -233,8 +357,19 @@ pub enum SnapshotCommand {
     },
     /// Show one snapshot
     Inspect { id: String },
-    /// Delete a snapshot; gc reclaims its chunks
+    /// Delete a snapshot (into the recycle bin if a rule keeps it); gc
+    /// reclaims its chunks
     Delete { id: String },
+    /// Never delete or prune this snapshot until unprotected
+    Protect {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+    },
+    /// Allow this snapshot to be deleted again
+    Unprotect {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+    },
     /// Read every chunk of a snapshot and check it against its hash
     Verify { id: String },
     /// Copy a snapshot under a new id: sharing its chunks, or under --key

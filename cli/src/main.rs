@@ -60,7 +60,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket_path(cli.socket)?);
     let out = Out { json: cli.json };
-    use commands::{job, key, snapshot, status, volume};
+    use commands::{bin, job, key, policy, snapshot, status, volume};
     match cli.command {
         Command::Create {
             name,
@@ -134,6 +134,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Job(cmd) => job::run(&client, &out, cmd).await,
         Command::Key(cmd) => key::run(&client, &out, cmd).await,
+        Command::Policy(cmd) => policy::run(&client, &out, cmd).await,
+        Command::Prune { policy, dry_run } => policy::prune(&client, &out, policy, dry_run).await,
+        Command::Bin(cmd) => bin::run(&client, &out, cmd).await,
         Command::Export {
             source,
             dest,

@@ -8,11 +8,13 @@
 //!    (a `pending/` marker refreshed within the grace period). Objects
 //!    modified after the cutoff are young.
 //! 2. Mark every chunk named by a manifest, a hold (a volume somewhere still
-//!    lazily reading that snapshot) or a young trash entry (a deleted
-//!    snapshot or released hold, honoured for the grace period).
+//!    lazily reading that snapshot), a recycle-bin entry until its expiry
+//!    is older than the cutoff (see `bin`), or a young trash entry (a
+//!    deleted snapshot or released hold, honoured for the grace period).
 //! 3. Sweep: delete every chunk object and page that is unmarked and not
 //!    young.
-//! 4. Expire trash entries that are no longer young.
+//! 4. Expire trash entries that are no longer young, and bin entries whose
+//!    expiry and last write are both before the cutoff.
 //!
 //! Why a snapshot being written elsewhere never loses a chunk. It starts at
 //! `S` (store clock) by writing its marker, and names three kinds of chunk:
@@ -61,6 +63,10 @@ pub struct GcReport {
     pub trash_honoured: u64,
     /// Trash entries older than the grace period, removed.
     pub trash_expired: u64,
+    /// Recycle-bin entries whose chunks were kept.
+    pub bin_honoured: u64,
+    /// Recycle-bin entries past their retention (and the grace period), removed.
+    pub bin_expired: u64,
     /// Snapshots being written somewhere, which moved the cutoff back.
     pub pending_snapshots: u64,
     /// Markers of snapshots that died without finishing, removed.
@@ -162,12 +168,28 @@ pub async fn collect_observed(
         report.holds += 1;
     }
     let mut expired = Vec::new();
+    // After the manifests: a delete writes the bin entry before removing
+    // the manifest, so a manifest missed above is found here (see `bin`).
+    for o in store.list(keys::BIN).await? {
+        let Some((_, expires)) = keys::binned_of_key(&o.key) else {
+            continue;
+        };
+        let until = SystemTime::UNIX_EPOCH + Duration::from_secs(expires);
+        if until > cutoff || o.modified > cutoff {
+            mark(repo, &o.key, &mut live).await?;
+            report.bin_honoured += 1;
+        } else {
+            expired.push(o.key);
+            report.bin_expired += 1;
+        }
+    }
     for o in store.list(keys::TRASH).await? {
         if o.modified > cutoff {
             mark(repo, &o.key, &mut live).await?;
             report.trash_honoured += 1;
         } else {
             expired.push(o.key);
+            report.trash_expired += 1;
         }
     }
     report.chunks_referenced = live.chunks.len() as u64;
@@ -234,7 +256,6 @@ pub async fn collect_observed(
     // run anyway, and a crash before here just expires it next time.
     for key in expired {
         store.delete(&key).await?;
-        report.trash_expired += 1;
     }
     for key in dead {
         store.delete(&key).await?;
@@ -281,6 +302,68 @@ mod tests {
             .unwrap()
             .set_modified(t)
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bin_entries_keep_their_chunks_until_they_expire() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::new(
+            Arc::new(LocalStore::open(dir.path()).unwrap()),
+            codec::DEFAULT_LEVEL,
+        );
+        let mut h = Vec::new();
+        for i in 0..3u8 {
+            let c = repo.put_chunk(vec![i + 1; 4096]).await.unwrap().hash;
+            age(dir.path(), &keys::chunk_key(&c), 7200);
+            h.push(c);
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        // 0: expires in an hour; 1: expired a minute ago, binned just now;
+        // 2: expired two hours ago, binned then.
+        let mut ids = Vec::new();
+        for (i, expires) in [now + 3600, now - 60, now - 7200].into_iter().enumerate() {
+            let m = manifest(&h[i..i + 1]);
+            repo.put_manifest(&m).await.unwrap();
+            repo.bin_manifest(&m.header.id, expires).await.unwrap();
+            ids.push((m.header.id.clone(), expires));
+        }
+        age(
+            dir.path(),
+            &keys::binned_manifest_key(&ids[2].0, ids[2].1),
+            7200,
+        );
+        let r = collect(&repo, Duration::from_secs(3600)).await.unwrap();
+        assert_eq!((r.bin_honoured, r.bin_expired), (2, 1), "{r:?}");
+        let kept = |c: &ChunkHash| {
+            let repo = repo.clone();
+            let key = keys::chunk_key(c);
+            async move { repo.store().exists(&key).await.unwrap() }
+        };
+        assert!(kept(&h[0]).await && kept(&h[1]).await && !kept(&h[2]).await);
+        let binned: Vec<_> = repo.list_binned().await.unwrap();
+        assert_eq!(binned.len(), 2, "the expired entry is gone");
+
+        // Without a grace period an entry counts until its expiry only.
+        let r = collect(&repo, Duration::ZERO).await.unwrap();
+        assert_eq!((r.bin_honoured, r.bin_expired), (1, 1), "{r:?}");
+        assert!(kept(&h[0]).await && !kept(&h[1]).await);
+        let left: Vec<_> = repo
+            .list_binned()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(left, [ids[0].0.clone()]);
+        // What is left restores whole.
+        repo.restore_binned(&ids[0].0, SystemTime::now())
+            .await
+            .unwrap();
+        let r = crate::verify::verify(&repo, &ids[0].0).await.unwrap();
+        assert!(r.is_ok(), "{r:?}");
     }
 
     #[tokio::test]

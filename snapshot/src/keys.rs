@@ -11,6 +11,9 @@
 //! | `holds/<name>` | a copy of a manifest whose chunks a host still needs (a volume restored from it and not yet hydrated), so gc keeps them even if the snapshot is deleted |
 //! | `trash/<snapshot id>` | a deleted manifest, kept for gc's grace period so a snapshot that started from it can still finish |
 //! | `trash/hold-<name>` | a released hold, kept for the same reason |
+//! | `bin/<snapshot id>/<expiry>` | a deleted manifest kept in the recycle bin until `expiry` (seconds since the epoch, decimal): honoured by gc like young trash until then, restorable |
+//! | `protected/<snapshot id>` | an empty object: the snapshot may not be deleted (see `bin`) |
+//! | `claims/<scope>/<slot>` | the host id of whoever claimed one scheduled slot of some work (a policy's prune), written create-if-absent so one host does it |
 //! | `pending/<snapshot id>` | a snapshot being written, kept fresh while it runs, holding its start by the store's clock (see `gc`) |
 //! | `gc/clock-<random>` | a probe written and removed to read the store's clock |
 //! | `volumed-store` | the store header: whether the store is encrypted (see `store_header`) |
@@ -40,6 +43,12 @@ pub const PENDING: &str = "pending/";
 pub const HOLDS: &str = "holds/";
 /// Deleted manifests and released holds, honoured for gc's grace period.
 pub const TRASH: &str = "trash/";
+/// Deleted manifests kept for a retention period (the recycle bin).
+pub const BIN: &str = "bin/";
+/// Markers of snapshots that may not be deleted.
+pub const PROTECTED: &str = "protected/";
+/// Claims on scheduled work, one host per slot.
+pub const CLAIMS: &str = "claims/";
 /// Probes gc writes to read the store's clock.
 pub const GC_CLOCK: &str = "gc/clock-";
 
@@ -107,6 +116,58 @@ pub fn trashed_hold_key(name: &str) -> String {
     format!("{TRASH}{TRASHED_HOLD}{name}")
 }
 
+/// Where a deleted snapshot's manifest waits in the recycle bin until
+/// `expires` (seconds since the epoch).
+pub fn binned_manifest_key(id: &SnapshotId, expires: u64) -> String {
+    format!("{BIN}{id}/{expires}")
+}
+
+/// The prefix of every bin entry of snapshot `id`.
+pub fn bin_prefix_of(id: &SnapshotId) -> String {
+    format!("{BIN}{id}/")
+}
+
+/// The snapshot and expiry a `bin/<id>/<expiry>` key names.
+pub fn binned_of_key(key: &str) -> Option<(SnapshotId, u64)> {
+    let (id, expires) = key.strip_prefix(BIN)?.split_once('/')?;
+    let canonical = !expires.is_empty()
+        && expires.bytes().all(|b| b.is_ascii_digit())
+        && (expires == "0" || !expires.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    Some((SnapshotId::parse(id)?, expires.parse().ok()?))
+}
+
+pub fn protected_key(id: &SnapshotId) -> String {
+    format!("{PROTECTED}{id}")
+}
+
+/// The snapshot a `protected/<id>` key names.
+pub fn protected_of_key(key: &str) -> Option<SnapshotId> {
+    key.strip_prefix(PROTECTED).and_then(SnapshotId::parse)
+}
+
+/// The claim on slot `slot` (seconds since the epoch) of `scope`, which
+/// the caller keeps to `[a-z0-9._-]`.
+pub fn claim_key(scope: &str, slot: u64) -> String {
+    format!("{CLAIMS}{scope}/{slot}")
+}
+
+/// The prefix of every claim of `scope`.
+pub fn claims_of(scope: &str) -> String {
+    format!("{CLAIMS}{scope}/")
+}
+
+/// The scope and slot a `claims/<scope>/<slot>` key names.
+pub fn claim_of_key(key: &str) -> Option<(&str, u64)> {
+    let (scope, slot) = key.strip_prefix(CLAIMS)?.rsplit_once('/')?;
+    if scope.is_empty() || !slot.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((scope, slot.parse().ok()?))
+}
+
 /// The prefix of every data key of `domain`.
 pub fn data_keys_of(domain: &DomainId) -> String {
     format!("{DATAKEYS}{domain}/")
@@ -133,10 +194,13 @@ pub fn data_key_of_key(key: &str) -> Option<(DomainId, u32)> {
 }
 
 /// What a manifest-shaped object under `key` must be named: the snapshot
-/// id for a manifest or its trash entry; any snapshot for a hold (a copy of
+/// id for a manifest, its trash entry or its bin entry; any snapshot for a hold (a copy of
 /// some snapshot's root) or a released one.
 pub fn root_name_of_key(key: &str) -> Option<SnapshotId> {
     if let Some(id) = snapshot_of_manifest_key(key) {
+        return Some(id);
+    }
+    if let Some((id, _)) = binned_of_key(key) {
         return Some(id);
     }
     key.strip_prefix(TRASH).and_then(SnapshotId::parse)
@@ -203,7 +267,29 @@ mod tests {
         );
         assert_eq!(root_name_of_key(&hold_key("h")), None);
         assert_eq!(root_name_of_key(&trashed_hold_key("h")), None);
+        let b = binned_manifest_key(&id, 1_767_225_600);
+        assert_eq!(b, "bin/snap-00ab/1767225600");
+        assert!(b.starts_with(&bin_prefix_of(&id)));
+        assert_eq!(binned_of_key(&b), Some((id.clone(), 1_767_225_600)));
+        assert_eq!(root_name_of_key(&b), Some(id.clone()));
+        assert_eq!(binned_of_key("bin/snap-00ab/017"), None);
+        assert_eq!(binned_of_key("bin/snap-00ab/"), None);
+        assert_eq!(binned_of_key("bin/snap-00ab/1x"), None);
+        assert_eq!(binned_of_key("bin/junk/1"), None);
+        assert_eq!(binned_of_key("trash/snap-00ab"), None);
+        assert_eq!(protected_key(&id), "protected/snap-00ab");
+        assert_eq!(protected_of_key(&protected_key(&id)), Some(id.clone()));
+        assert_eq!(protected_of_key("protected/x"), None);
+        let c = claim_key("prune-3f2a", 1_700_000_000);
+        assert_eq!(c, "claims/prune-3f2a/1700000000");
+        assert!(c.starts_with(&claims_of("prune-3f2a")));
+        assert_eq!(claim_of_key(&c), Some(("prune-3f2a", 1_700_000_000)));
+        assert_eq!(claim_of_key("claims/x/y"), None);
+        assert_eq!(claim_of_key("claims//1"), None);
         for k in [
+            b,
+            c,
+            protected_key(&id),
             dk,
             STORE_HEADER.to_owned(),
             manifest_key(&id),

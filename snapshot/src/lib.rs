@@ -19,6 +19,8 @@
 //!   and the wrapper that retries them;
 //! - `keys`: the store's key layout, every prefix and key in one place;
 //! - `repo`: chunks by hash with dedup, manifests by id, holds and markers;
+//! - `bin`: the recycle bin (deleted manifests kept until they expire),
+//!   protected snapshots, and claims that make one host do scheduled work;
 //! - `pending`: a snapshot being written, its marker kept fresh, and the
 //!   one commit protocol every snapshot writer follows;
 //! - `cache`: the host's bounded chunk cache and the single-flight fetcher;
@@ -29,6 +31,7 @@
 //! daemon's state, so a snapshot in a store can be read, verified or restored
 //! by any program that links it.
 
+pub mod bin;
 pub mod cache;
 pub mod codec;
 pub mod copy;

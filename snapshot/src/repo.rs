@@ -42,6 +42,13 @@ pub enum RepoError {
         hash: ChunkHash,
         source: ManifestError,
     },
+    /// The snapshot id as it was asked for.
+    #[error("snapshot {0} is not in the recycle bin")]
+    NotInBin(String),
+    #[error(
+        "snapshot {0} has stayed in the recycle bin past its retention; it can no longer be restored"
+    )]
+    BinExpired(String),
     /// A different manifest is already committed under this id.
     #[error("snapshot {0} already exists with a different manifest")]
     ManifestConflict(SnapshotId),

@@ -102,6 +102,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     engine.set_encryption(keys, config.encryption_domain);
     engine.start_background();
     engine.set_nbd_socket(config.nbd_socket.clone());
+    let lifecycle =
+        crate::lifecycle::Lifecycle::open(Arc::clone(&engine)).context("open snapshot policies")?;
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
     engine.reopen_snapshot_exports().await;
@@ -117,7 +119,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // before it reports ready.
     let aws = match (&config.aws, aws_credentials) {
         (Some(c), Some(creds)) => Some(
-            crate::aws::server::bind(c, creds, Arc::clone(&engine), Arc::clone(&endpoints)).await?,
+            crate::aws::server::bind(
+                c,
+                creds,
+                Arc::clone(&engine),
+                Arc::clone(&lifecycle),
+                Arc::clone(&endpoints),
+            )
+            .await?,
         ),
         _ => None,
     };
@@ -144,11 +153,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         image_tools: crate::image::qemu::tools_version().await,
         aws_listen: aws_addr.map(|a| a.to_string()),
         store_encrypted: engine.store_encrypted(),
+        failing_policies: Vec::new(),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
         status: Arc::new(status),
         endpoints,
+        lifecycle: Arc::clone(&lifecycle),
     };
 
     let metrics_task = match config.metrics_listen {
@@ -158,6 +169,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));
+    let scheduler = crate::lifecycle::spawn_scheduler(lifecycle, root.child_token());
     let api_task = tokio::spawn(api::serve(api_listener, state, root.child_token()));
     let aws_task = aws.map(|a| tokio::spawn(a.run(root.child_token())));
     info!(data_dir = %config.data_dir.display(), socket = %config.socket.display(), nbd = %nbd_addr,
@@ -169,6 +181,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     root.cancel();
+    // A run in progress ends at its next step; its snapshots are the
+    // engine's and finish or fail with it.
+    scheduler.abort();
+    let _ = scheduler.await;
     engine
         .shutdown()
         .await

@@ -64,6 +64,14 @@ pub enum Error {
     SnapshotAttached(String),
     #[error("snapshot '{0}' is not attached")]
     SnapshotNotAttached(String),
+    #[error("snapshot '{0}' is protected; unprotect it first")]
+    SnapshotProtected(String),
+    #[error("snapshot '{0}' is not in the recycle bin")]
+    NotInBin(String),
+    #[error(
+        "snapshot '{0}' has stayed in the recycle bin past its retention; it can no longer be restored"
+    )]
+    BinExpired(String),
     #[error("{0}")]
     Key(#[from] crate::keys::KeyServiceError),
     #[error("catalog: {0}")]
@@ -111,6 +119,9 @@ impl Error {
             Error::Image(e) => e.code(),
             Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
             Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
+            Error::SnapshotProtected(_) => ErrorCode::SnapshotProtected,
+            Error::NotInBin(_) => ErrorCode::NotFound,
+            Error::BinExpired(_) => ErrorCode::Conflict,
             Error::Key(e) => e.code(),
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }

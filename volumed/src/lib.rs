@@ -19,6 +19,7 @@ pub(crate) mod error;
 pub(crate) mod failpoint;
 pub mod image;
 pub mod keys;
+pub mod lifecycle;
 pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod socket_path;

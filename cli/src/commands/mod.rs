@@ -1,10 +1,12 @@
 //! One file per noun.
 
+pub mod bin;
 pub mod diff;
 pub mod export;
 pub mod import;
 pub mod job;
 pub mod key;
+pub mod policy;
 pub mod snapshot;
 pub mod status;
 pub mod volume;

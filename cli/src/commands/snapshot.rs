@@ -1,5 +1,5 @@
-//! `vol snapshot create | list | inspect | delete | verify | copy | attach |
-//! detach`, and `vol gc`.
+//! `vol snapshot create | list | inspect | delete | protect | unprotect |
+//! verify | copy | attach | detach`, and `vol gc`.
 
 use hyper::Method;
 use volumed_api::{
@@ -10,6 +10,18 @@ use volumed_api::{
 use crate::args::SnapshotCommand;
 use crate::client::Client;
 use crate::output::Out;
+
+async fn protect(client: &Client, out: &Out, id: &str, on: bool) -> anyhow::Result<()> {
+    let verb = if on { "protect" } else { "unprotect" };
+    let s: Snapshot = client
+        .send(Method::POST, &format!("/v1/snapshots/{id}/{verb}"), &())
+        .await?;
+    if out.json {
+        return Ok(out.json(&s)?);
+    }
+    out.line(format!("snapshot {} {verb}ed", s.id))?;
+    Ok(())
+}
 
 pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
@@ -111,6 +123,7 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                 ("chunk size", format_size(s.chunk_size)),
                 ("parent", s.parent.clone().unwrap_or_else(|| "-".into())),
                 ("created", s.created_at.clone()),
+                ("protected", s.protected.to_string()),
                 (
                     "completed",
                     s.completed_at.clone().unwrap_or_else(|| "-".into()),
@@ -157,6 +170,8 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
             out.line(format!("deleted snapshot {id}"))?;
             Ok(())
         }
+        SnapshotCommand::Protect { id } => protect(client, out, &id, true).await,
+        SnapshotCommand::Unprotect { id } => protect(client, out, &id, false).await,
         SnapshotCommand::Attach { id } => {
             let s: Snapshot = client
                 .send(

@@ -26,6 +26,14 @@ pub async fn status(client: &Client, out: &Out) -> anyhow::Result<()> {
         ("volumes", st.volumes.to_string()),
         ("io backend", st.io_backend),
         ("image tools", st.image_tools),
+        (
+            "failing policies",
+            if st.failing_policies.is_empty() {
+                "-".into()
+            } else {
+                st.failing_policies.join(", ")
+            },
+        ),
     ])?;
     Ok(())
 }

@@ -236,6 +236,8 @@ pub enum ErrorCode {
     VolumeNotAttached,
     SnapshotAttached,
     SnapshotNotAttached,
+    /// A protected snapshot cannot be deleted.
+    SnapshotProtected,
     Conflict,
     Unsupported,
     ShuttingDown,
@@ -254,6 +256,7 @@ impl ErrorCode {
             | ErrorCode::VolumeNotAttached
             | ErrorCode::SnapshotAttached
             | ErrorCode::SnapshotNotAttached
+            | ErrorCode::SnapshotProtected
             | ErrorCode::Conflict => 409,
             ErrorCode::Unsupported => 501,
             ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => 503,
@@ -307,6 +310,9 @@ pub struct Snapshot {
     pub chunks_total: u64,
     /// Why the snapshot ended in `error`.
     pub error: Option<String>,
+    /// Never pruned, and refused by every delete (`vol snapshot protect`).
+    #[serde(default)]
+    pub protected: bool,
     /// Its read-only NBD export on this host, while `vol snapshot attach`
     /// keeps it; null otherwise.
     #[serde(default)]
@@ -373,6 +379,9 @@ pub struct Status {
     /// Whether the store is encrypted (its header says so).
     #[serde(default)]
     pub store_encrypted: bool,
+    /// Snapshot policies whose last run failed.
+    #[serde(default)]
+    pub failing_policies: Vec<String>,
 }
 
 #[cfg(test)]
@@ -450,6 +459,12 @@ pub struct GcReport {
     pub holds: u64,
     pub trash_honoured: u64,
     pub trash_expired: u64,
+    /// Recycle-bin entries whose chunks were kept, and those past their
+    /// retention, removed.
+    #[serde(default)]
+    pub bin_honoured: u64,
+    #[serde(default)]
+    pub bin_expired: u64,
     /// Snapshots being written somewhere (any host) during this run.
     #[serde(default)]
     pub pending_snapshots: u64,

@@ -20,6 +20,7 @@ use snapshot::SnapshotId;
 
 use super::jobs;
 use super::keys;
+use super::lifecycle;
 use super::views::{self, NbdEndpoints};
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, Volume};
@@ -31,6 +32,7 @@ pub struct ApiState {
     /// The facts of this run; live counts are filled in per request.
     pub status: Arc<Status>,
     pub endpoints: Arc<NbdEndpoints>,
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
 }
 
 impl ApiState {
@@ -75,6 +77,30 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/keys/{key}/enable", post(keys::enable_key))
         .route("/v1/keys/{key}/disable", post(keys::disable_key))
         .route("/v1/default-key", post(keys::set_default_key))
+        .route("/v1/snapshots/{id}/protect", post(lifecycle::protect))
+        .route("/v1/snapshots/{id}/unprotect", post(lifecycle::unprotect))
+        .route(
+            "/v1/policies",
+            get(lifecycle::list_policies).post(lifecycle::create_policy),
+        )
+        .route(
+            "/v1/policies/{name}",
+            get(lifecycle::get_policy)
+                .put(lifecycle::update_policy)
+                .delete(lifecycle::delete_policy),
+        )
+        .route("/v1/policies/{name}/run", post(lifecycle::run_now))
+        .route("/v1/prune", post(lifecycle::prune))
+        .route("/v1/bin", get(lifecycle::bin_list))
+        .route("/v1/bin/{id}/restore", post(lifecycle::bin_restore))
+        .route(
+            "/v1/bin/rules",
+            get(lifecycle::list_rules).post(lifecycle::create_rule),
+        )
+        .route(
+            "/v1/bin/rules/{id}",
+            get(lifecycle::get_rule).delete(lifecycle::delete_rule),
+        )
         .route("/v1/gc", post(gc))
         .route("/v1/imports", post(jobs::import_file))
         .route("/v1/imports/stream", post(jobs::import_stream))
@@ -221,7 +247,9 @@ pub(super) fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
 }
 
 async fn status(State(s): State<ApiState>) -> Json<Status> {
-    Json(views::status(&s.status, &s.engine))
+    let mut st = views::status(&s.status, &s.engine);
+    st.failing_policies = s.lifecycle.failing_policies();
+    Json(st)
 }
 
 async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
@@ -316,13 +344,20 @@ async fn list_snapshots(
     if let Some(v) = &q.volume {
         name(v)?;
     }
+    let protected = s.engine.protected_snapshots().await?;
     Ok(Json(SnapshotList {
         snapshots: s
             .engine
             .snapshots(q.volume.as_deref())
             .await?
             .into_iter()
-            .map(|info| s.snapshot(info))
+            .map(|info| {
+                let p = protected.contains(info.id());
+                Snapshot {
+                    protected: p,
+                    ..s.snapshot(info)
+                }
+            })
             .collect(),
     }))
 }
@@ -332,7 +367,11 @@ async fn get_snapshot(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
     let id = snapshot_id(&id)?;
-    Ok(Json(s.snapshot(s.engine.snapshot(&id).await?)))
+    let protected = s.engine.snapshot_protected(&id).await?;
+    Ok(Json(Snapshot {
+        protected,
+        ..s.snapshot(s.engine.snapshot(&id).await?)
+    }))
 }
 
 async fn attach_snapshot(
@@ -355,7 +394,7 @@ async fn delete_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.engine.delete_snapshot(&snapshot_id(&id)?).await?;
+    s.lifecycle.delete_snapshot(&snapshot_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -47,6 +47,7 @@
 mod handlers;
 mod jobs;
 mod keys;
+mod lifecycle;
 pub mod server;
 pub mod views;
 

@@ -63,6 +63,7 @@ pub fn region(s: &str) -> anyhow::Result<String> {
 /// What every request handler shares.
 pub struct AwsState {
     pub engine: Arc<Engine>,
+    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     pub endpoints: Arc<NbdEndpoints>,
     pub credentials: Credentials,
     pub region: String,

@@ -46,6 +46,7 @@ pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
     engine: Arc<Engine>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
     endpoints: Arc<NbdEndpoints>,
 ) -> anyhow::Result<AwsServer> {
     let tls = config
@@ -64,6 +65,7 @@ pub async fn bind(
         tls,
         state: Arc::new(AwsState {
             engine,
+            lifecycle,
             endpoints,
             credentials,
             region: config.region.clone(),

@@ -10,14 +10,18 @@
 //! - `jobs`: job id -> [`JobRecord`] (imports and exports)
 //! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
 //!   description set through the AWS endpoint)
+//! - `policies`, `policy_runs`, `bin_rules`: the lifecycle layer's (see
+//!   `lifecycle.rs`)
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod job;
+mod lifecycle;
 mod record;
 
 use std::path::Path;
 
 pub use job::{Checkpoint, JobRecord};
+pub use lifecycle::{BinRuleRecord, LifecycleTrees, PolicyRecord};
 pub use record::{
     AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource,
     SnapshotState, VolumeRecord, rfc3339, unix_now,

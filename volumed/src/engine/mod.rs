@@ -739,16 +739,36 @@ impl Engine {
     }
 
     /// Deletes a snapshot. A volume whose next snapshot would have built on
-    /// it takes a full one instead.
+    /// it takes a full one instead. A protected snapshot is refused.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.remove_snapshot(id, None).await
+    }
+
+    /// Deletes a snapshot into the recycle bin until `expires` (seconds
+    /// since the epoch): gone from every listing, its chunks kept, and
+    /// restorable until then (see snapshot::bin). Its EC2 tags stay for a
+    /// restore.
+    pub async fn recycle_snapshot(&self, id: &SnapshotId, expires: u64) -> Result<()> {
+        self.remove_snapshot(id, Some(expires)).await
+    }
+
+    async fn remove_snapshot(&self, id: &SnapshotId, bin_until: Option<u64>) -> Result<()> {
         if self.snapshot_jobs.is_running(id) {
             return Err(Error::SnapshotBusy(id.to_string()));
         }
         if self.snapshot_exports.is_exported(id) {
             return Err(Error::SnapshotAttached(id.to_string()));
         }
-        self.snapshots.delete(id).await?;
-        self.catalog.remove_aws_snapshot(id.as_str())?;
+        if self.snapshots.is_protected(id).await? {
+            return Err(Error::SnapshotProtected(id.to_string()));
+        }
+        match bin_until {
+            None => {
+                self.snapshots.delete(id).await?;
+                self.catalog.remove_aws_snapshot(id.as_str())?;
+            }
+            Some(expires) => self.snapshots.recycle(id, expires).await?,
+        }
         let _guard = self.registry.lock().await;
         for vol in self.list() {
             // A volume deleted meanwhile owns no record to change.
@@ -769,8 +789,54 @@ impl Engine {
                 Err(e) => return Err(e),
             }
         }
-        info!(snapshot = %id, "snapshot deleted");
+        match bin_until {
+            None => info!(snapshot = %id, "snapshot deleted"),
+            Some(expires) => info!(snapshot = %id, expires, "snapshot moved to the recycle bin"),
+        }
         Ok(())
+    }
+
+    /// Marks a snapshot protected (never deleted, never pruned) or not.
+    pub async fn protect_snapshot(&self, id: &SnapshotId, protected: bool) -> Result<SnapshotInfo> {
+        let info = self.snapshot(id).await?;
+        self.snapshots.set_protected(id, protected).await?;
+        info!(snapshot = %id, protected, "snapshot protection changed");
+        Ok(info)
+    }
+
+    pub async fn snapshot_protected(&self, id: &SnapshotId) -> Result<bool> {
+        self.snapshots.is_protected(id).await
+    }
+
+    /// Every protected snapshot in the store.
+    pub async fn protected_snapshots(&self) -> Result<std::collections::BTreeSet<SnapshotId>> {
+        self.snapshots.protected().await
+    }
+
+    /// Every snapshot in the recycle bin, with its manifest's header.
+    pub async fn binned_snapshots(
+        &self,
+    ) -> Result<Vec<(snapshot::bin::BinEntry, snapshot::ManifestHeader)>> {
+        self.snapshots.binned().await
+    }
+
+    /// Restores a snapshot from the recycle bin: `completed`, with its
+    /// bytes, as it was deleted.
+    pub async fn restore_binned_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        self.snapshots.restore_binned(id).await?;
+        info!(snapshot = %id, "snapshot restored from the recycle bin");
+        self.snapshot(id).await
+    }
+
+    /// The catalog trees of the lifecycle layer (policies, their runs,
+    /// recycle-bin rules), which that layer alone writes.
+    pub fn lifecycle_trees(&self) -> Result<crate::catalog::LifecycleTrees> {
+        Ok(self.catalog.lifecycle_trees()?)
+    }
+
+    /// This host's id, as it names its holds and claims in the store.
+    pub fn host_id(&self) -> &str {
+        &self.host_id
     }
 
     /// Changed blocks between two snapshots of any volumes, by content.

@@ -4,7 +4,8 @@
 //! ones read are cached by id.
 //!
 //! It also carries the store-wide operations on snapshots: delete (through
-//! the trash), verify, diff, and gc.
+//! the trash, or into the recycle bin), protection, restore from the bin,
+//! verify, diff, and gc.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -180,6 +181,80 @@ impl SnapshotCatalog {
         self.catalog.remove_snapshot(id.as_str())?;
         self.headers().remove(id);
         Ok(())
+    }
+
+    /// Deletes a snapshot into the recycle bin until `expires` (seconds
+    /// since the epoch; see snapshot::bin), and from this host's records.
+    pub async fn recycle(&self, id: &SnapshotId, expires: u64) -> Result<()> {
+        match self.repo.bin_manifest(id, expires).await {
+            Ok(()) => {}
+            Err(RepoError::MissingManifest(_)) if self.record(id)?.is_some() => {}
+            Err(RepoError::MissingManifest(_)) => {
+                return Err(Error::SnapshotNotFound(id.to_string()));
+            }
+            Err(e) => return Err(Error::store(format!("recycle snapshot {id}"), e)),
+        }
+        self.catalog.remove_snapshot(id.as_str())?;
+        self.headers().remove(id);
+        Ok(())
+    }
+
+    /// Every snapshot in the recycle bin, with its manifest's header; an
+    /// entry whose manifest cannot be read is left out and logged.
+    pub async fn binned(&self) -> Result<Vec<(snapshot::bin::BinEntry, ManifestHeader)>> {
+        let entries = self
+            .repo
+            .list_binned()
+            .await
+            .map_err(|e| Error::store("list the recycle bin", e))?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            match self.repo.binned_manifest(&e).await {
+                Ok(m) => {
+                    let h = m.header().clone();
+                    out.push((e, h));
+                }
+                Err(err) => {
+                    warn!(snapshot = %e.id, error = %err, "unreadable recycle-bin entry left out of the list")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores a snapshot from the recycle bin, as it was.
+    pub async fn restore_binned(&self, id: &SnapshotId) -> Result<()> {
+        match self
+            .repo
+            .restore_binned(id, std::time::SystemTime::now())
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(RepoError::NotInBin(_)) => Err(Error::NotInBin(id.to_string())),
+            Err(RepoError::BinExpired(_)) => Err(Error::BinExpired(id.to_string())),
+            Err(e) => Err(Error::store(format!("restore snapshot {id}"), e)),
+        }
+    }
+
+    pub async fn is_protected(&self, id: &SnapshotId) -> Result<bool> {
+        self.repo
+            .is_protected(id)
+            .await
+            .map_err(|e| Error::store(format!("read the protection of snapshot {id}"), e))
+    }
+
+    pub async fn set_protected(&self, id: &SnapshotId, protected: bool) -> Result<()> {
+        self.repo
+            .set_protected(id, protected)
+            .await
+            .map_err(|e| Error::store(format!("protect snapshot {id}"), e))
+    }
+
+    pub async fn protected(&self) -> Result<std::collections::BTreeSet<SnapshotId>> {
+        self.repo
+            .list_protected()
+            .await
+            .map_err(|e| Error::store("list protected snapshots", e))
     }
 
     /// Reads every chunk of a snapshot and reports the missing or damaged.

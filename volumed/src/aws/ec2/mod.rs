@@ -9,6 +9,7 @@
 pub mod encryption;
 pub mod instances;
 pub mod params;
+pub mod recycle;
 pub mod snapshots;
 pub mod tags;
 pub mod volumes;
@@ -102,6 +103,10 @@ impl From<Error> for Ec2Error {
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
             Error::JobNotFound(_) => "InvalidParameterValue",
+            // EC2 has no protected snapshots; its nearest refusal for a
+            // snapshot that may not be deleted now.
+            Error::SnapshotProtected(_) | Error::BinExpired(_) => "IncorrectState",
+            Error::NotInBin(_) => "InvalidSnapshot.NotFound",
             // A KmsKeyId naming no key, or a key that cannot be made.
             Error::Key(_) => "InvalidParameterValue",
             Error::Image(_) => "InvalidParameterValue",
@@ -177,6 +182,10 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "CreateSnapshot" => snapshots::create(cx).await,
         "DescribeSnapshots" => snapshots::describe(cx).await,
         "DeleteSnapshot" => snapshots::delete(cx).await,
+        "ListSnapshotsInRecycleBin" => recycle::list_snapshots(cx).await,
+        "RestoreSnapshotFromRecycleBin" => recycle::restore_snapshot(cx).await,
+        "ListImagesInRecycleBin" => recycle::list_images(cx).await,
+        "RestoreImageFromRecycleBin" => recycle::restore_image(cx).await,
         "CopySnapshot" => encryption::copy_snapshot(cx).await,
         "EnableEbsEncryptionByDefault" => encryption::by_default(cx, Some(true)).await,
         "DisableEbsEncryptionByDefault" => encryption::by_default(cx, Some(false)).await,

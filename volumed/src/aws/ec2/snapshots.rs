@@ -248,7 +248,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
             format!("Snapshot '{id}' is being written through the EBS direct APIs"),
         ));
     }
-    cx.state.engine.delete_snapshot(&id).await?;
+    cx.state.lifecycle.delete_snapshot(&id).await?;
     let mut x = Xml::response("DeleteSnapshot", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteSnapshot"))

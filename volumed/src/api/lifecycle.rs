@@ -1,0 +1,156 @@
+//! Handlers of snapshot lifecycles: policies, prune, protection and the
+//! recycle bin. Each calls `lifecycle::Lifecycle` (or, for protection, the
+//! engine) and answers its types as they are.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use volumed_api::{
+    BinList, BinRule, BinRuleList, BinRuleSpec, Policy, PolicyList, PolicySpec, PruneReport,
+    PruneRequest, RunResult, Snapshot,
+};
+
+use super::handlers::{ApiFailure, ApiResult, ApiState, body, snapshot_id};
+use crate::lifecycle::LifecycleError;
+use crate::lifecycle::policy::Source;
+
+impl From<LifecycleError> for ApiFailure {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Engine(e) => e.into(),
+            e => ApiFailure::new(e.code(), e.to_string()),
+        }
+    }
+}
+
+async fn set_protected(s: &ApiState, id: &str, protected: bool) -> ApiResult<Json<Snapshot>> {
+    let id = snapshot_id(id)?;
+    let info = s.engine.protect_snapshot(&id, protected).await?;
+    Ok(Json(Snapshot {
+        protected,
+        ..super::views::snapshot(&s.engine, &s.endpoints, info)
+    }))
+}
+
+pub async fn protect(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    set_protected(&s, &id, true).await
+}
+
+pub async fn unprotect(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    set_protected(&s, &id, false).await
+}
+
+pub async fn list_policies(State(s): State<ApiState>) -> ApiResult<Json<PolicyList>> {
+    Ok(Json(PolicyList {
+        policies: s.lifecycle.policies()?,
+    }))
+}
+
+pub async fn create_policy(
+    State(s): State<ApiState>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<Policy>)> {
+    let spec: PolicySpec = body(&bytes, None)?;
+    let p = s.lifecycle.create_policy(spec, Source::Native, None)?;
+    Ok((StatusCode::CREATED, Json(p)))
+}
+
+pub async fn get_policy(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Policy>> {
+    Ok(Json(s.lifecycle.policy(&name)?))
+}
+
+pub async fn update_policy(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<Policy>> {
+    let spec: PolicySpec = body(&bytes, None)?;
+    if spec.name != name {
+        return Err(LifecycleError::Invalid(format!(
+            "the body names policy '{}', the path '{name}'",
+            spec.name
+        ))
+        .into());
+    }
+    Ok(Json(s.lifecycle.update_policy(spec, None)?))
+}
+
+pub async fn delete_policy(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.lifecycle.delete_policy(&name)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn run_now(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<RunResult>>> {
+    Ok(Json(s.lifecycle.run_now(&name).await?))
+}
+
+pub async fn prune(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<PruneReport>> {
+    let req: PruneRequest = body(&bytes, Some(PruneRequest::default()))?;
+    Ok(Json(s.lifecycle.prune(req).await?))
+}
+
+pub async fn bin_list(State(s): State<ApiState>) -> ApiResult<Json<BinList>> {
+    Ok(Json(BinList {
+        entries: s.lifecycle.bin_list().await?,
+    }))
+}
+
+pub async fn bin_restore(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Snapshot>> {
+    let id = snapshot_id(&id)?;
+    let info = s.lifecycle.bin_restore(&id).await?;
+    Ok(Json(super::views::snapshot(&s.engine, &s.endpoints, info)))
+}
+
+pub async fn list_rules(State(s): State<ApiState>) -> ApiResult<Json<BinRuleList>> {
+    Ok(Json(BinRuleList {
+        rules: s.lifecycle.bin_rules()?,
+    }))
+}
+
+pub async fn create_rule(
+    State(s): State<ApiState>,
+    bytes: Bytes,
+) -> ApiResult<(StatusCode, Json<BinRule>)> {
+    let spec: BinRuleSpec = body(&bytes, None)?;
+    let r = s.lifecycle.create_bin_rule(spec, Default::default())?;
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+pub async fn get_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BinRule>> {
+    let r = s.lifecycle.bin_rule(&id)?;
+    Ok(Json(BinRule {
+        id: r.id,
+        spec: r.spec,
+        created_at: crate::catalog::rfc3339(r.created_at),
+    }))
+}
+
+pub async fn delete_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    s.lifecycle.delete_bin_rule(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}

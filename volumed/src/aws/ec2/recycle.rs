@@ -1,0 +1,99 @@
+//! EC2's Recycle Bin actions: ListSnapshotsInRecycleBin,
+//! RestoreSnapshotFromRecycleBin, ListImagesInRecycleBin,
+//! RestoreImageFromRecycleBin. The bin is the store's (`snapshot::bin`),
+//! so every host sharing the store lists the same entries.
+//!
+//! Images (AMIs) do not exist on this daemon yet: the image actions
+//! answer an empty bin and "not found", which is what EC2 answers an
+//! account without deleted images.
+
+use super::snapshots::{ec2_view, snapshot_id, write_snapshot};
+use super::xml::Xml;
+use super::{Cx, Ec2Error, Ec2Result, max_results, page};
+use crate::api::views;
+use crate::aws::{iso8601, parse_rfc3339};
+use crate::lifecycle::LifecycleError;
+
+/// Lifecycle errors in EC2's words.
+impl From<LifecycleError> for Ec2Error {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::Engine(e) => e.into(),
+            e => Ec2Error::invalid_parameter(e.to_string()),
+        }
+    }
+}
+
+pub async fn list_snapshots(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["MaxResults", "NextToken", "SnapshotId"])?;
+    let max = max_results(cx.p, 5, 1000)?;
+    let want = cx.p.list("SnapshotId")?;
+    let mut entries = cx.state.lifecycle.bin_list().await?;
+    if !want.is_empty() {
+        entries.retain(|e| want.contains(&e.id));
+    }
+    entries.sort_by(|a, b| a.id.cmp(&b.id));
+    let (entries, next) = page(entries, |e| e.id.as_str(), cx.p.get("NextToken"), max)?;
+    let mut x = Xml::response("ListSnapshotsInRecycleBin", cx.rid);
+    x.open("snapshotSet");
+    for e in &entries {
+        let id = snapshot_id(&e.id)?;
+        let meta = cx.state.engine.snapshot_meta(&id)?;
+        let volume_id = meta
+            .as_ref()
+            .and_then(|m| m.volume_id.clone())
+            .or_else(|| {
+                e.labels
+                    .get(crate::lifecycle::policy::VOLUME_LABEL)
+                    .cloned()
+            })
+            .unwrap_or_else(|| super::snapshots::UNKNOWN_VOLUME.to_owned());
+        let description = meta.map(|m| m.description).unwrap_or_default();
+        x.open("item")
+            .elem("snapshotId", &e.id)
+            .elem(
+                "recycleBinEnterTime",
+                iso8601(parse_rfc3339(&e.entered_at).unwrap_or(0)),
+            )
+            .elem(
+                "recycleBinExitTime",
+                iso8601(parse_rfc3339(&e.expires_at).unwrap_or(0)),
+            )
+            .elem("description", description)
+            .elem("volumeId", volume_id)
+            .close("item");
+    }
+    x.close("snapshotSet");
+    x.opt("nextToken", next);
+    Ok(x.finish("ListSnapshotsInRecycleBin"))
+}
+
+pub async fn restore_snapshot(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["SnapshotId"])?;
+    let id = snapshot_id(cx.p.required("SnapshotId")?)?;
+    let info = cx.state.lifecycle.bin_restore(&id).await?;
+    let s = ec2_view(
+        cx.state,
+        views::snapshot(&cx.state.engine, &cx.state.endpoints, info),
+    )?;
+    let mut x = Xml::response("RestoreSnapshotFromRecycleBin", cx.rid);
+    write_snapshot(&mut x, &s);
+    Ok(x.finish("RestoreSnapshotFromRecycleBin"))
+}
+
+pub async fn list_images(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["MaxResults", "NextToken", "ImageId"])?;
+    max_results(cx.p, 1, 1000)?;
+    let mut x = Xml::response("ListImagesInRecycleBin", cx.rid);
+    x.open("imageSet").close("imageSet");
+    Ok(x.finish("ListImagesInRecycleBin"))
+}
+
+pub async fn restore_image(cx: Cx<'_>) -> Ec2Result<String> {
+    cx.only(&["ImageId"])?;
+    let id = cx.p.required("ImageId")?;
+    Err(Ec2Error::new(
+        "InvalidAMIID.NotFound",
+        format!("The image id '[{id}]' does not exist in the Recycle Bin"),
+    ))
+}

@@ -1,0 +1,395 @@
+//! Snapshot lifecycles, a layer above the engine: policies (schedules and
+//! PBS-style retention), the scheduler that runs them, prune, and the
+//! recycle bin's rules. It calls only the engine's public API and writes
+//! only its own catalog trees (`catalog::lifecycle`).
+//!
+//! - `policy`: what a valid policy is, its targets and its labels;
+//! - `schedule`: slots of an interval or a cron expression (pure);
+//! - `prune`: PBS's keep rules (pure);
+//! - `run`: one run of a schedule (snapshots, then a claimed prune), and
+//!   prune itself;
+//! - `scheduler`: the one loop per host that starts runs when slots come;
+//! - `bin`: recycle-bin rules (pure); the bin itself is `snapshot::bin`.
+
+pub mod bin;
+pub mod policy;
+pub mod prune;
+mod run;
+pub mod schedule;
+mod scheduler;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use snapshot::SnapshotId;
+use tokio::sync::{Mutex, Notify};
+use tracing::info;
+use volumed_api::{
+    BinEntry, BinResource, BinRule, BinRuleSpec, ErrorCode, Policy, PolicySpec, ScheduleStatus,
+};
+
+use crate::catalog::{BinRuleRecord, LifecycleTrees, PolicyRecord, rfc3339, unix_now};
+use crate::engine::Engine;
+use crate::engine::snapshot_catalog::SnapshotInfo;
+use crate::error::Error;
+use policy::Source;
+
+pub use scheduler::spawn as spawn_scheduler;
+
+/// The shortest interval between two runs of a schedule. DLM's own floor
+/// is an hour; ours allows Longhorn's every-minute cron.
+pub const MIN_INTERVAL: u64 = 60;
+
+/// TEST ONLY: a shorter floor (seconds), so integration tests run a
+/// policy several times in seconds. Never set it in production.
+pub const TEST_MIN_INTERVAL_ENV: &str = "VOLUMED_TEST_POLICY_MIN_INTERVAL";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("policy '{0}' not found")]
+    PolicyNotFound(String),
+    #[error("policy '{0}' already exists")]
+    PolicyExists(String),
+    #[error("recycle-bin rule '{0}' not found")]
+    RuleNotFound(String),
+    #[error(transparent)]
+    Engine(#[from] Error),
+}
+
+impl From<crate::catalog::CatalogError> for LifecycleError {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        LifecycleError::Engine(Error::Catalog(e))
+    }
+}
+
+impl LifecycleError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            LifecycleError::Invalid(_) => ErrorCode::InvalidRequest,
+            LifecycleError::PolicyNotFound(_) | LifecycleError::RuleNotFound(_) => {
+                ErrorCode::NotFound
+            }
+            LifecycleError::PolicyExists(_) => ErrorCode::AlreadyExists,
+            LifecycleError::Engine(e) => e.code(),
+        }
+    }
+}
+
+pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
+
+/// The lifecycle service of one host.
+pub struct Lifecycle {
+    engine: Arc<Engine>,
+    trees: LifecycleTrees,
+    min_interval: u64,
+    /// One run or prune at a time on this host: two at once would judge
+    /// the same snapshots twice.
+    busy: Mutex<()>,
+    /// A policy was created, changed or deleted: the scheduler looks again.
+    changed: Notify,
+}
+
+impl Lifecycle {
+    pub fn open(engine: Arc<Engine>) -> Result<Arc<Lifecycle>> {
+        let min_interval = match std::env::var(TEST_MIN_INTERVAL_ENV) {
+            Ok(v) => {
+                let s = v.parse().map_err(|_| {
+                    LifecycleError::Invalid(format!("{TEST_MIN_INTERVAL_ENV}={v:?}: not seconds"))
+                })?;
+                tracing::warn!(seconds = s, "test-only minimum policy interval in force");
+                s
+            }
+            Err(_) => MIN_INTERVAL,
+        };
+        let trees = engine.lifecycle_trees()?;
+        Ok(Arc::new(Lifecycle {
+            engine,
+            trees,
+            min_interval,
+            busy: Mutex::new(()),
+            changed: Notify::new(),
+        }))
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn now() -> i64 {
+        i64::try_from(unix_now()).unwrap_or(i64::MAX)
+    }
+
+    fn record(&self, name: &str) -> Result<PolicyRecord> {
+        self.trees
+            .policies()?
+            .into_iter()
+            .find(|r| r.spec.name == name)
+            .ok_or_else(|| LifecycleError::PolicyNotFound(name.to_owned()))
+    }
+
+    /// Creates a policy; its first run is its first slot after now.
+    pub fn create_policy(
+        &self,
+        spec: PolicySpec,
+        source: Source,
+        dlm: Option<serde_json::Value>,
+    ) -> Result<Policy> {
+        let now = Self::now();
+        let scheds =
+            policy::validate(&spec, self.min_interval, now).map_err(LifecycleError::Invalid)?;
+        if self.record(&spec.name).is_ok() {
+            return Err(LifecycleError::PolicyExists(spec.name));
+        }
+        let t = unix_now();
+        let rec = PolicyRecord {
+            spec,
+            source: source.as_str().into(),
+            created_at: t,
+            updated_at: t,
+            dlm,
+        };
+        self.start_at(&rec, &scheds, now)?;
+        self.trees.put_policy(&rec)?;
+        info!(policy = %rec.spec.name, "policy created");
+        self.changed.notify_one();
+        self.view(&rec)
+    }
+
+    /// Replaces a policy's spec; schedules keep their history by name.
+    pub fn update_policy(
+        &self,
+        spec: PolicySpec,
+        dlm: Option<serde_json::Value>,
+    ) -> Result<Policy> {
+        let now = Self::now();
+        let scheds =
+            policy::validate(&spec, self.min_interval, now).map_err(LifecycleError::Invalid)?;
+        let old = self.record(&spec.name)?;
+        let rec = PolicyRecord {
+            spec,
+            updated_at: unix_now(),
+            dlm: dlm.or(old.dlm),
+            ..old
+        };
+        self.start_at(&rec, &scheds, now)?;
+        self.trees.put_policy(&rec)?;
+        info!(policy = %rec.spec.name, "policy updated");
+        self.changed.notify_one();
+        self.view(&rec)
+    }
+
+    /// A schedule never run starts at its next slot, not at its last one.
+    fn start_at(&self, rec: &PolicyRecord, scheds: &[schedule::Schedule], now: i64) -> Result<()> {
+        for (s, sched) in rec.spec.schedules.iter().zip(scheds) {
+            let mut run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+            if run.last_slot.is_none() {
+                run.last_slot = sched
+                    .slot_at_or_before(now)
+                    .and_then(|t| u64::try_from(t).ok());
+                self.trees.put_schedule_run(&rec.spec.name, &s.name, &run)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn delete_policy(&self, name: &str) -> Result<()> {
+        self.record(name)?;
+        self.trees.remove_policy(name)?;
+        info!(policy = %name, "policy deleted");
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    pub fn policy(&self, name: &str) -> Result<Policy> {
+        self.view(&self.record(name)?)
+    }
+
+    pub fn policies(&self) -> Result<Vec<Policy>> {
+        self.trees
+            .policies()?
+            .iter()
+            .map(|r| self.view(r))
+            .collect()
+    }
+
+    /// The raw record, for the DLM API's answers.
+    pub fn policy_record(&self, name: &str) -> Result<PolicyRecord> {
+        self.record(name)
+    }
+
+    /// The policies whose last run of some schedule failed.
+    pub fn failing_policies(&self) -> Vec<String> {
+        self.policies()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| p.failing)
+            .map(|p| p.spec.name)
+            .collect()
+    }
+
+    fn view(&self, rec: &PolicyRecord) -> Result<Policy> {
+        let now = Self::now();
+        let mut status = Vec::new();
+        for s in &rec.spec.schedules {
+            let run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+            let next = policy::schedule_of(s).ok().and_then(|sched| {
+                let after = run
+                    .last_slot
+                    .and_then(|l| i64::try_from(l).ok())
+                    .unwrap_or(now);
+                // A slot missed while down runs at once.
+                let next = sched.next_after(after)?;
+                u64::try_from(next.max(now)).ok()
+            });
+            status.push(ScheduleStatus {
+                name: s.name.clone(),
+                next_run: next.filter(|_| rec.spec.enabled).map(rfc3339),
+                last_run: run.last.clone(),
+                last_success: run.last_success_at.map(rfc3339),
+                runs: run.runs,
+                failures: run.failures,
+                snapshots_created: run.created,
+                snapshots_pruned: run.pruned,
+                prunes: run.prunes,
+                prunes_claimed_elsewhere: run.prunes_claimed_elsewhere,
+            });
+        }
+        let failing = status
+            .iter()
+            .any(|s| s.last_run.as_ref().is_some_and(|r| !r.ok));
+        Ok(Policy {
+            volumes_now: policy::targets(&self.engine, &rec.spec.target)
+                .iter()
+                .map(|v| v.name.to_string())
+                .collect(),
+            spec: rec.spec.clone(),
+            source: rec.source.clone(),
+            created_at: rfc3339(rec.created_at),
+            updated_at: rfc3339(rec.updated_at),
+            status,
+            failing,
+        })
+    }
+
+    /// Deletes a snapshot the way every front-end does: into the recycle
+    /// bin when a rule of this host keeps it, else for good. A protected
+    /// snapshot is refused (by the engine).
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        let rules = self.trees.bin_rules()?;
+        if rules.is_empty() {
+            return Ok(self.engine.delete_snapshot(id).await?);
+        }
+        let info = self.engine.snapshot(id).await?;
+        // Its labels and, set through EC2, its tags.
+        let mut tags = labels_of(&info);
+        if let Some(meta) = self.engine.snapshot_meta(id)? {
+            tags.extend(meta.tags);
+        }
+        let retention = bin::retention_for(&rules, BinResource::Snapshot, &tags);
+        match retention {
+            Some(r) => Ok(self
+                .engine
+                .recycle_snapshot(id, unix_now().saturating_add(r))
+                .await?),
+            None => Ok(self.engine.delete_snapshot(id).await?),
+        }
+    }
+
+    pub fn create_bin_rule(
+        &self,
+        spec: BinRuleSpec,
+        rule_tags: BTreeMap<String, String>,
+    ) -> Result<BinRule> {
+        bin::validate(&spec).map_err(LifecycleError::Invalid)?;
+        if spec.resource == BinResource::Image {
+            // Rules for images are kept and matched (see `bin`); images
+            // themselves arrive with the instances work.
+            info!("recycle-bin rule for images created; no image exists on this daemon yet");
+        }
+        let rec = BinRuleRecord {
+            id: bin::new_rule_id(),
+            spec,
+            created_at: unix_now(),
+            rule_tags,
+        };
+        self.trees.put_bin_rule(&rec)?;
+        info!(rule = %rec.id, retention = rec.spec.retention, "recycle-bin rule created");
+        Ok(rule_view(&rec))
+    }
+
+    pub fn bin_rule_records(&self) -> Result<Vec<BinRuleRecord>> {
+        Ok(self.trees.bin_rules()?)
+    }
+
+    pub fn bin_rule(&self, id: &str) -> Result<BinRuleRecord> {
+        self.trees
+            .bin_rules()?
+            .into_iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| LifecycleError::RuleNotFound(id.to_owned()))
+    }
+
+    pub fn bin_rules(&self) -> Result<Vec<BinRule>> {
+        Ok(self.trees.bin_rules()?.iter().map(rule_view).collect())
+    }
+
+    /// Replaces a rule's spec (and, if given, its own tags).
+    pub fn update_bin_rule(&self, rec: BinRuleRecord) -> Result<BinRule> {
+        bin::validate(&rec.spec).map_err(LifecycleError::Invalid)?;
+        self.bin_rule(&rec.id)?;
+        self.trees.put_bin_rule(&rec)?;
+        Ok(rule_view(&rec))
+    }
+
+    pub fn delete_bin_rule(&self, id: &str) -> Result<()> {
+        self.bin_rule(id)?;
+        self.trees.remove_bin_rule(id)?;
+        info!(rule = %id, "recycle-bin rule deleted");
+        Ok(())
+    }
+
+    /// Every snapshot in the store's recycle bin (any host put it there).
+    pub async fn bin_list(&self) -> Result<Vec<BinEntry>> {
+        let entries = self.engine.binned_snapshots().await?;
+        Ok(entries
+            .into_iter()
+            .map(|(e, h)| BinEntry {
+                id: e.id.to_string(),
+                resource: BinResource::Snapshot,
+                state: "recoverable".into(),
+                volume: h.volume,
+                size: h.size,
+                created_at: h.created_at,
+                entered_at: rfc3339(
+                    e.entered
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs()),
+                ),
+                expires_at: rfc3339(e.expires),
+                labels: h.labels,
+            })
+            .collect())
+    }
+
+    pub async fn bin_restore(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        Ok(self.engine.restore_binned_snapshot(id).await?)
+    }
+}
+
+fn rule_view(r: &BinRuleRecord) -> BinRule {
+    BinRule {
+        id: r.id.clone(),
+        spec: r.spec.clone(),
+        created_at: rfc3339(r.created_at),
+    }
+}
+
+/// A snapshot's labels, however this host knows it.
+pub fn labels_of(info: &SnapshotInfo) -> BTreeMap<String, String> {
+    match info {
+        SnapshotInfo::Recorded { rec, .. } => rec.labels.clone(),
+        SnapshotInfo::Stored(h) => h.labels.clone(),
+    }
+}
