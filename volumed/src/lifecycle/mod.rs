@@ -98,7 +98,7 @@ impl Lifecycle {
                 let s = v.parse().map_err(|_| {
                     LifecycleError::Invalid(format!("{TEST_MIN_INTERVAL_ENV}={v:?}: not seconds"))
                 })?;
-                tracing::warn!(seconds = s, "test-only minimum policy interval in force");
+                info!(seconds = s, "test-only minimum policy interval in force");
                 s
             }
             Err(_) => MIN_INTERVAL,

@@ -299,7 +299,7 @@ mod tests {
     fn valid_policies_and_one_line_refusals() {
         let now = 1_765_000_000;
         assert_eq!(validate(&spec(), 60, now).unwrap().len(), 1);
-        let refuse = |f: &dyn Fn(&mut PolicySpec), want: &str| {
+        let refuse = |f: fn(&mut PolicySpec), want: &str| {
             let mut p = spec();
             f(&mut p);
             let e = validate(&p, 60, now).unwrap_err();

@@ -1,0 +1,269 @@
+//! Snapshot policies against the real daemon: scheduled runs and PBS
+//! retention, protected snapshots, catch-up after downtime, two hosts on
+//! one store, prune's dry run, and a prune killed halfway.
+//!
+//! Every daemon here runs with the test-only floor
+//! `VOLUMED_TEST_POLICY_MIN_INTERVAL=1`, so a schedule may run every few
+//! seconds.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use volumed_tests::TestDaemon;
+use volumed_tests::snapkit::snap;
+
+const FAST: (&str, &str) = ("VOLUMED_TEST_POLICY_MIN_INTERVAL", "1");
+
+fn daemon() -> TestDaemon {
+    TestDaemon::start_with_env(&[FAST])
+}
+
+/// The ids of the snapshots policy `p` made, oldest first.
+fn policy_snapshots(d: &TestDaemon, p: &str) -> Vec<String> {
+    let mut l: Vec<(String, String)> = d
+        .vol_json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["labels"]["volumed:policy"] == p)
+        .map(|s| {
+            (
+                s["created_at"].as_str().unwrap().to_owned(),
+                s["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    l.sort();
+    l.into_iter().map(|(_, id)| id).collect()
+}
+
+fn status(d: &TestDaemon, p: &str) -> Value {
+    d.vol_json(&["policy", "inspect", p])["status"][0].clone()
+}
+
+/// Waits until policy `p` has run at least `n` times on `d`.
+fn wait_runs(d: &TestDaemon, p: &str, n: u64) -> Value {
+    let t = Instant::now();
+    loop {
+        let s = status(d, p);
+        if s["runs"].as_u64().unwrap() >= n {
+            return s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "{p}: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Stops the policy's schedule and lets a run in flight end.
+fn disable(d: &TestDaemon, args: &[&str]) {
+    let mut a = vec!["policy", "update"];
+    a.extend_from_slice(args);
+    a.push("--disabled");
+    d.vol_ok(&a);
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+#[test]
+fn runs_keep_their_newest_never_manual_or_protected_ones() {
+    let d = daemon();
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&["attach", "v"]);
+    let manual = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let spec = ["p", "--volume", "v", "--every", "2s", "--keep-last", "2"];
+    let mut create = vec!["policy", "create"];
+    create.extend_from_slice(&spec);
+    d.vol_ok(&create);
+    // The first run's snapshot is protected: it must survive every prune.
+    wait_runs(&d, "p", 1);
+    let first = policy_snapshots(&d, "p")[0].clone();
+    d.vol_ok(&["snapshot", "protect", &first]);
+    let err = d.vol_err(&["snapshot", "delete", &first]);
+    assert!(err.contains("is protected"), "{err}");
+    let s = wait_runs(&d, "p", 6);
+    disable(&d, &spec);
+    let s2 = status(&d, "p");
+    assert_eq!(s2["failures"], 0, "{s2}");
+    assert!(s["snapshots_pruned"].as_u64().unwrap() >= 2, "{s}");
+
+    let all = policy_snapshots(&d, "p");
+    assert_eq!(all.len(), 3, "the protected one and the 2 newest: {all:?}");
+    assert_eq!(all[0], first);
+    let listed: BTreeSet<String> = d
+        .vol_json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(listed.contains(&manual), "the manual snapshot stays");
+    let inspect = d.vol_json(&["snapshot", "inspect", &first]);
+    assert_eq!(inspect["protected"], true);
+
+    // The dry run names exactly what the prune then deletes.
+    disable(
+        &d,
+        &["p", "--volume", "v", "--every", "2s", "--keep-last", "1"],
+    );
+    let dry = d.vol_json(&["prune", "--policy", "p", "--dry-run"]);
+    let would: Vec<Value> = dry["schedules"][0]["removed"].as_array().unwrap().clone();
+    assert_eq!(would, [Value::from(all[1].clone())], "{dry}");
+    assert_eq!(policy_snapshots(&d, "p"), all, "a dry run deletes nothing");
+    let text = d.vol_ok(&["prune", "--policy", "p", "--dry-run"]);
+    assert_eq!(
+        text.trim(),
+        format!("would delete {} (policy p, schedule default)", all[1])
+    );
+    let done = d.vol_json(&["prune", "--policy", "p"]);
+    assert_eq!(
+        done["schedules"][0]["removed"],
+        dry["schedules"][0]["removed"]
+    );
+    assert_eq!(policy_snapshots(&d, "p"), [all[0].clone(), all[2].clone()]);
+
+    d.vol_ok(&["snapshot", "unprotect", &first]);
+    d.vol_ok(&["snapshot", "delete", &first]);
+    let st = d.vol_json(&["status"]);
+    assert_eq!(st["failing_policies"], serde_json::json!([]));
+    d.finish();
+}
+
+#[test]
+fn a_daemon_stopped_across_three_ticks_runs_once_at_start() {
+    let mut d = daemon();
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&["policy", "create", "p", "--volume", "v", "--every", "6s"]);
+    let before = wait_runs(&d, "p", 1)["runs"].as_u64().unwrap();
+    let made = policy_snapshots(&d, "p").len();
+    d.stop();
+    std::thread::sleep(Duration::from_secs(20));
+    d.start_again();
+    let s = wait_runs(&d, "p", before + 1);
+    assert_eq!(s["runs"].as_u64().unwrap(), before + 1, "{s}");
+    assert_eq!(s["last_run"]["trigger"], "catch-up", "{s}");
+    assert!(s["last_run"]["missed"].as_u64().unwrap() >= 2, "{s}");
+    assert_eq!(policy_snapshots(&d, "p").len(), made + 1);
+    let next = s["next_run"].as_str().unwrap().to_owned();
+    assert!(
+        next > s["last_run"]["started_at"].as_str().unwrap().to_owned(),
+        "{s}"
+    );
+    d.finish();
+}
+
+#[test]
+fn two_daemons_on_one_store_do_not_both_prune() {
+    let a = daemon();
+    let store = format!("file://{}", a.data_dir().join("store").display());
+    let b = TestDaemon::start_with_env(&[FAST, ("VOLUMED_STORE", &store)]);
+    for (d, v) in [(&a, "va"), (&b, "vb")] {
+        d.vol_ok(&["create", v, "--size", "4M", "--tag", "backup=yes"]);
+    }
+    let spec = [
+        "p",
+        "--select",
+        "tag:backup=yes",
+        "--every",
+        "3s",
+        "--keep-last",
+        "2",
+    ];
+    let mut create = vec!["policy", "create"];
+    create.extend_from_slice(&spec);
+    a.vol_ok(&create);
+    b.vol_ok(&create);
+    wait_runs(&a, "p", 5);
+    wait_runs(&b, "p", 5);
+    disable(&a, &spec);
+    disable(&b, &spec);
+    let (sa, sb) = (status(&a, "p"), status(&b, "p"));
+    let n = |s: &Value, k: &str| s[k].as_u64().unwrap();
+    for s in [&sa, &sb] {
+        assert_eq!(n(s, "failures"), 0, "{s}");
+        assert_eq!(
+            n(s, "prunes") + n(s, "prunes_claimed_elsewhere"),
+            n(s, "runs"),
+            "every scheduled run pruned or found its slot claimed: {s}"
+        );
+    }
+    assert!(
+        n(&sa, "prunes_claimed_elsewhere") + n(&sb, "prunes_claimed_elsewhere") >= 3,
+        "slots both ran were pruned by one of them: {sa} {sb}"
+    );
+    // Every claim in the store names one host.
+    let claims = a.data_dir().join("store").join("claims");
+    let mut slots = 0;
+    for scope in std::fs::read_dir(&claims).unwrap() {
+        for slot in std::fs::read_dir(scope.unwrap().path()).unwrap() {
+            let holder = std::fs::read_to_string(slot.unwrap().path()).unwrap();
+            assert!(!holder.is_empty());
+            slots += 1;
+        }
+    }
+    assert!(slots >= 5, "{slots} claims");
+    // Retention holds per volume across both hosts' snapshots.
+    a.vol_ok(&["prune", "--policy", "p"]);
+    let all = a.vol_json(&["snapshot", "list"]);
+    for v in ["va", "vb"] {
+        let of_v = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["volume"] == v && s["labels"]["volumed:policy"] == "p")
+            .count();
+        assert_eq!(of_v, 2, "{v}: {all}");
+    }
+    b.finish();
+    a.finish();
+}
+
+#[test]
+fn kill9_in_the_middle_of_a_prune_leaves_snapshots_whole_or_gone() {
+    let mut d = daemon();
+    d.vol_ok(&["create", "v", "--size", "8M"]);
+    d.vol_ok(&["attach", "v"]);
+    let spec = ["p", "--volume", "v", "--every", "1h", "--keep-last", "5"];
+    let mut create = vec!["policy", "create"];
+    create.extend_from_slice(&spec);
+    d.vol_ok(&create);
+    for i in 0..4 {
+        volumed_tests::snapkit::fill_random(&d, "v", 1 + i % 2);
+        d.vol_ok(&["policy", "run-now", "p"]);
+    }
+    let before = policy_snapshots(&d, "p");
+    assert_eq!(before.len(), 4);
+    d.vol_ok(&[
+        "policy",
+        "update",
+        "p",
+        "--volume",
+        "v",
+        "--every",
+        "1h",
+        "--keep-last",
+        "1",
+    ]);
+    d.stop();
+    d.set_env(&[FAST, ("VOLUMED_FAILPOINTS", "prune-after-delete")]);
+    d.start_again();
+    let out = d.vol(&["prune", "--policy", "p"]);
+    assert!(!out.status.success(), "the daemon died mid-prune");
+    d.wait_exit();
+    d.set_env(&[FAST]);
+    d.start_again();
+    let left = policy_snapshots(&d, "p");
+    assert_eq!(left.len(), 3, "one deleted before the kill: {left:?}");
+    for id in &left {
+        let r = d.vol_json(&["snapshot", "verify", id]);
+        assert_eq!(r["ok"], true, "{id}: {r}");
+    }
+    d.vol_ok(&["prune", "--policy", "p"]);
+    let left = policy_snapshots(&d, "p");
+    assert_eq!(left, [before[3].clone()]);
+    let r = d.vol_json(&["snapshot", "verify", &left[0]]);
+    assert_eq!(r["ok"], true, "{r}");
+    d.finish_expecting(
+        &[],
+        &["previous run did not shut down cleanly", "failpoint"],
+    );
+}
