@@ -386,7 +386,10 @@ mod tests {
             .put(&keys::binned_manifest_key(&id, early), bytes.clone())
             .await
             .unwrap();
-        assert_eq!(repo.list_snapshots().await.unwrap(), [id.clone()]);
+        assert_eq!(
+            repo.list_snapshots().await.unwrap(),
+            std::slice::from_ref(&id)
+        );
         // Deleting again writes a second entry with a later expiry.
         repo.bin_manifest(&id, early + 50).await.unwrap();
         let listed = repo.list_binned().await.unwrap();
@@ -419,7 +422,7 @@ mod tests {
                 .unwrap()
                 .into_iter()
                 .collect::<Vec<_>>(),
-            [id.clone()]
+            std::slice::from_ref(&id)
         );
         repo.set_protected(&id, false).await.unwrap();
         assert!(!repo.is_protected(&id).await.unwrap());

@@ -121,6 +121,7 @@ mod tests {
             rule(Snapshot, 30 * 86400, &["keep=long", "legal"], &[]),
             rule(Image, 14 * 86400, &[], &[]),
         ];
+        #[allow(clippy::type_complexity)]
         let table: &[(BinResource, &[(&str, &str)], Option<u64>)] = &[
             (Snapshot, &[], Some(86400)),
             (Snapshot, &[("env", "prod")], Some(7 * 86400)),

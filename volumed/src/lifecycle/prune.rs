@@ -86,13 +86,16 @@ fn itself(c: &Candidate) -> Period {
     Period::Snapshot(c.id.clone())
 }
 
+/// Which period of one option a snapshot falls in.
+type PeriodOf = fn(&Candidate) -> Period;
+
 /// PBS's `mark_selections`: one option over the list, newest first.
 fn mark_selections(
     marks: &mut HashMap<usize, PruneMark>,
     list: &[Candidate],
     keep: u32,
     mark: PruneMark,
-    period: fn(&Candidate) -> Period,
+    period: PeriodOf,
 ) {
     let already: HashSet<Period> = list
         .iter()
@@ -151,7 +154,7 @@ pub fn plan(list: &[Candidate], keep: &Retention, now: i64) -> Vec<(Candidate, P
             .map(|(i, c)| (c, marks.remove(&i).unwrap_or(PruneMark::KeepAll)))
             .collect();
     }
-    let options: [(Option<u32>, PruneMark, fn(&Candidate) -> Period); 6] = [
+    let options: [(Option<u32>, PruneMark, PeriodOf); 6] = [
         (keep.keep_last, PruneMark::KeepLast, itself),
         (keep.keep_hourly, PruneMark::KeepHourly, hour),
         (keep.keep_daily, PruneMark::KeepDaily, day),
