@@ -17,6 +17,7 @@
 pub mod credentials;
 pub mod ebs;
 pub mod ec2;
+pub mod rbin;
 pub mod server;
 pub mod sigv4;
 
@@ -96,12 +97,15 @@ impl Request {
 pub enum Service {
     Ec2,
     Ebs,
+    Rbin,
 }
 
 impl Service {
     pub fn of(path: &str) -> Service {
         if path == "/snapshots" || path.starts_with("/snapshots/") {
             Service::Ebs
+        } else if path == "/rules" || path.starts_with("/rules/") || path == "/list-rules" {
+            Service::Rbin
         } else {
             Service::Ec2
         }
@@ -111,6 +115,7 @@ impl Service {
         match self {
             Service::Ec2 => "ec2",
             Service::Ebs => "ebs",
+            Service::Rbin => "rbin",
         }
     }
 }

@@ -209,6 +209,7 @@ async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
     match service {
         Service::Ec2 => ec2::handle(state, req).await,
         Service::Ebs => ebs::handle(state, req).await,
+        Service::Rbin => super::rbin::handle(state, req).await,
     }
 }
 
@@ -221,6 +222,6 @@ pub enum Refusal {
 fn refuse(service: Service, request_id: &str, why: Refusal) -> Response {
     match service {
         Service::Ec2 => ec2::refusal(request_id, why),
-        Service::Ebs => ebs::refusal(request_id, why),
+        Service::Ebs | Service::Rbin => ebs::refusal(request_id, why),
     }
 }

@@ -234,7 +234,7 @@ pub fn json_response(status: u16, body: &serde_json::Value) -> Response {
         .expect("a static status and header always build")
 }
 
-fn error_response(e: &EbsError, request_id: &str) -> Response {
+pub fn error_response(e: &EbsError, request_id: &str) -> Response {
     let mut body = serde_json::json!({ "Message": e.message, "message": e.message });
     if let Some(r) = e.reason {
         body["Reason"] = r.into();

@@ -1,0 +1,276 @@
+//! The recycle bin against the real daemon: rules through the Recycle Bin
+//! API (awscli), deletes through EC2 and `vol`, restores that read the
+//! original bytes, protection refused on every delete path, and expiry
+//! followed by gc reclaiming exactly what only the binned snapshot held.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use snapshot::{ChunkHash, SnapshotId, keys};
+use volumed_tests::aws::AwsEndpoint;
+use volumed_tests::snapkit::{Store, fill_random, rt, snap};
+use volumed_tests::{TestDaemon, qemu_io, run_ok};
+
+const INSTANCE: &str = "i-0123456789abcdef0";
+
+fn tag(v: &Value, key: &str) -> Option<String> {
+    v["Tags"]
+        .as_array()?
+        .iter()
+        .find(|t| t["Key"] == key)
+        .map(|t| t["Value"].as_str().unwrap().to_owned())
+}
+
+fn attach(ep: &AwsEndpoint, id: &str, dev: &str) -> String {
+    ep.aws_json(&[
+        "ec2",
+        "attach-volume",
+        "--volume-id",
+        id,
+        "--instance-id",
+        INSTANCE,
+        "--device",
+        dev,
+    ]);
+    let v = ep.aws_json(&["ec2", "describe-volumes", "--volume-ids", id]);
+    tag(&v["Volumes"][0], "volumed:nbd-uri").unwrap()
+}
+
+fn snapshot_ids(ep: &AwsEndpoint) -> Vec<String> {
+    let v = ep.aws_json(&["ec2", "describe-snapshots", "--owner-ids", "self"]);
+    v["Snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["SnapshotId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn rbin_rule_delete_list_restore_and_the_bytes_come_back() {
+    let ep = AwsEndpoint::start();
+    let vol = ep.aws_json(&["ec2", "create-volume", "--size", "1"])["VolumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let uri = attach(&ep, &vol, "/dev/sdf");
+    qemu_io(&uri, &["write -P 0x5a 0 3M", "write -P 0xa5 100M 1M"]);
+
+    let rule = ep.aws_json(&[
+        "rbin",
+        "create-rule",
+        "--resource-type",
+        "EBS_SNAPSHOT",
+        "--retention-period",
+        "RetentionPeriodValue=1,RetentionPeriodUnit=DAYS",
+        "--resource-tags",
+        "ResourceTagKey=kind,ResourceTagValue=nightly",
+        "--description",
+        "nightly snapshots",
+    ]);
+    let rule_id = rule["Identifier"].as_str().unwrap().to_owned();
+    assert_eq!(rule["Status"], "available", "{rule}");
+    let listed = ep.aws_json(&["rbin", "list-rules", "--resource-type", "EBS_SNAPSHOT"]);
+    assert_eq!(
+        listed["Rules"][0]["Identifier"],
+        rule_id.as_str(),
+        "{listed}"
+    );
+    let got = ep.aws_json(&["rbin", "get-rule", "--identifier", &rule_id]);
+    assert_eq!(got["RetentionPeriod"]["RetentionPeriodValue"], 1, "{got}");
+    assert_eq!(got["ResourceTags"][0]["ResourceTagValue"], "nightly");
+    // The same rule, as vol shows it.
+    let native = ep.daemon.vol_json(&["bin", "rule", "list"]);
+    assert_eq!(native["rules"][0]["retention"], 86400, "{native}");
+
+    let snap = |tags: &str| {
+        let s = ep.aws_json(&[
+            "ec2",
+            "create-snapshot",
+            "--volume-id",
+            &vol,
+            "--tag-specifications",
+            &format!("ResourceType=snapshot,Tags=[{tags}]"),
+        ]);
+        let id = s["SnapshotId"].as_str().unwrap().to_owned();
+        ep.aws_json(&["ec2", "wait", "snapshot-completed", "--snapshot-ids", &id]);
+        id
+    };
+    let kept = snap("{Key=kind,Value=nightly}");
+    let other = snap("{Key=kind,Value=adhoc}");
+
+    // Deleted under the rule: gone from the listing, in the bin.
+    ep.aws_json(&["ec2", "delete-snapshot", "--snapshot-id", &kept]);
+    assert_eq!(snapshot_ids(&ep), [other.clone()]);
+    let bin = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
+    let items = bin["Snapshots"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{bin}");
+    assert_eq!(items[0]["SnapshotId"], kept.as_str());
+    assert_eq!(items[0]["VolumeId"], vol.as_str());
+    assert!(
+        items[0]["RecycleBinExitTime"].as_str().unwrap()
+            > items[0]["RecycleBinEnterTime"].as_str().unwrap()
+    );
+    let native = ep.daemon.vol_json(&["bin", "list"]);
+    assert_eq!(native["entries"][0]["state"], "recoverable", "{native}");
+    // Not matching the rule: deleted for good.
+    ep.aws_json(&["ec2", "delete-snapshot", "--snapshot-id", &other]);
+    assert!(snapshot_ids(&ep).is_empty());
+    let bin = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
+    assert_eq!(bin["Snapshots"].as_array().unwrap().len(), 1, "{bin}");
+
+    let r = ep.aws_json(&[
+        "ec2",
+        "restore-snapshot-from-recycle-bin",
+        "--snapshot-id",
+        &kept,
+    ]);
+    assert_eq!(r["SnapshotId"], kept.as_str(), "{r}");
+    assert_eq!(r["State"], "completed", "{r}");
+    assert_eq!(snapshot_ids(&ep), [kept.clone()]);
+    let s = ep.aws_json(&["ec2", "describe-snapshots", "--snapshot-ids", &kept]);
+    assert_eq!(tag(&s["Snapshots"][0], "kind").as_deref(), Some("nightly"));
+    let bin = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
+    assert!(bin["Snapshots"].as_array().unwrap().is_empty(), "{bin}");
+    let again = ep.aws_err(&[
+        "ec2",
+        "restore-snapshot-from-recycle-bin",
+        "--snapshot-id",
+        &kept,
+    ]);
+    assert!(again.contains("InvalidSnapshot.NotFound"), "{again}");
+
+    let restored = ep.aws_json(&[
+        "ec2",
+        "create-volume",
+        "--size",
+        "1",
+        "--snapshot-id",
+        &kept,
+    ])["VolumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r_uri = attach(&ep, &restored, "/dev/sdg");
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &uri, &r_uri]));
+
+    // Protected: EC2's delete is refused too, and nothing moves.
+    ep.daemon.vol_ok(&["snapshot", "protect", &kept]);
+    let err = ep.aws_err(&["ec2", "delete-snapshot", "--snapshot-id", &kept]);
+    assert!(
+        err.contains("IncorrectState") && err.contains("protected"),
+        "{err}"
+    );
+    assert_eq!(snapshot_ids(&ep), [kept.clone()]);
+    ep.daemon.vol_ok(&["snapshot", "unprotect", &kept]);
+
+    // Images do not exist here yet: an empty bin, and not found.
+    let imgs = ep.aws_json(&["ec2", "list-images-in-recycle-bin"]);
+    assert!(
+        imgs["Images"].as_array().is_none_or(Vec::is_empty),
+        "{imgs}"
+    );
+    let e = ep.aws_err(&[
+        "ec2",
+        "restore-image-from-recycle-bin",
+        "--image-id",
+        "ami-0123456789abcdef0",
+    ]);
+    assert!(e.contains("InvalidAMIID.NotFound"), "{e}");
+
+    let upd = ep.aws_json(&[
+        "rbin",
+        "update-rule",
+        "--identifier",
+        &rule_id,
+        "--retention-period",
+        "RetentionPeriodValue=2,RetentionPeriodUnit=DAYS",
+    ]);
+    assert_eq!(upd["RetentionPeriod"]["RetentionPeriodValue"], 2, "{upd}");
+    let bad = ep.aws_err(&[
+        "rbin",
+        "create-rule",
+        "--resource-type",
+        "EBS_SNAPSHOT",
+        "--retention-period",
+        "RetentionPeriodValue=400,RetentionPeriodUnit=DAYS",
+    ]);
+    assert!(bad.contains("ValidationException"), "{bad}");
+    ep.aws_json(&["rbin", "delete-rule", "--identifier", &rule_id]);
+    let listed = ep.aws_json(&["rbin", "list-rules", "--resource-type", "EBS_SNAPSHOT"]);
+    assert!(listed["Rules"].as_array().unwrap().is_empty(), "{listed}");
+    let gone = ep.aws_err(&["rbin", "get-rule", "--identifier", &rule_id]);
+    assert!(gone.contains("ResourceNotFoundException"), "{gone}");
+    ep.daemon.finish();
+}
+
+fn chunks(repo: &snapshot::Repo, id: &str) -> BTreeSet<ChunkHash> {
+    rt().block_on(async {
+        let m = repo
+            .get_manifest(&SnapshotId::parse(id).unwrap())
+            .await
+            .unwrap();
+        m.hashed().iter().map(|(_, h)| *h).collect()
+    })
+}
+
+fn stored(repo: &snapshot::Repo, h: &ChunkHash) -> bool {
+    rt().block_on(repo.store().exists(&keys::chunk_key(h)))
+        .unwrap()
+}
+
+#[test]
+fn an_expired_bin_entry_is_gone_and_gc_reclaims_only_its_chunks() {
+    let d = TestDaemon::start();
+    let repo = Store::Local.repo(&d, "");
+    d.vol_ok(&["create", "v", "--size", "8M", "--chunk-size", "64K"]);
+    d.vol_ok(&["attach", "v"]);
+    fill_random(&d, "v", 2);
+    let a = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    fill_random(&d, "v", 1);
+    let b = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let only_b: Vec<ChunkHash> = chunks(&repo, &b)
+        .difference(&chunks(&repo, &a))
+        .copied()
+        .collect();
+    assert!(!only_b.is_empty());
+
+    d.vol_ok(&["bin", "rule", "create", "--retention", "4s"]);
+    d.vol_ok(&["snapshot", "delete", &b]);
+    let listed = d.vol_json(&["bin", "list"]);
+    assert_eq!(listed["entries"][0]["id"], b.as_str(), "{listed}");
+    let ids: Vec<Value> = d
+        .vol_json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].clone())
+        .collect();
+    assert_eq!(ids, [Value::from(a.clone())]);
+
+    // In the bin, its chunks outlive gc.
+    let r = d.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(r["bin_honoured"], 1, "{r}");
+    assert!(only_b.iter().all(|h| stored(&repo, h)));
+
+    std::thread::sleep(Duration::from_secs(5));
+    let err = d.vol_err(&["bin", "restore", &b]);
+    assert!(err.contains("past its retention"), "{err}");
+    let r = d.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(r["bin_expired"], 1, "{r}");
+    assert!(
+        only_b.iter().all(|h| !stored(&repo, h)),
+        "its unique chunks are gone"
+    );
+    assert!(
+        d.vol_json(&["bin", "list"])["entries"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    let v = d.vol_json(&["snapshot", "verify", &a]);
+    assert_eq!(v["ok"], true, "{v}");
+    d.finish();
+}
