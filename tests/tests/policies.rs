@@ -264,3 +264,122 @@ fn kill9_in_the_middle_of_a_prune_leaves_snapshots_whole_or_gone() {
         &["previous run did not shut down cleanly", "failpoint"],
     );
 }
+
+#[test]
+fn a_dlm_policy_keeps_its_count_and_adds_its_tags() {
+    use volumed_tests::aws::AwsEndpoint;
+    let ep = AwsEndpoint::start_with_env(&[FAST]);
+    let create = |tags: &str| {
+        let mut a = vec!["ec2", "create-volume", "--size", "1"];
+        let spec = format!("ResourceType=volume,Tags=[{tags}]");
+        if !tags.is_empty() {
+            a.extend(["--tag-specifications", &spec]);
+        }
+        ep.aws_json(&a)["VolumeId"].as_str().unwrap().to_owned()
+    };
+    let tagged = create("{Key=backup,Value=daily}");
+    let other = create("");
+    let details = r#"{"PolicyType":"EBS_SNAPSHOT_MANAGEMENT","ResourceTypes":["VOLUME"],
+        "TargetTags":[{"Key":"backup","Value":"daily"}],
+        "Schedules":[{"Name":"daily","CopyTags":true,"TagsToAdd":[{"Key":"made-by","Value":"dlm"}],
+          "CreateRule":{"Interval":24,"IntervalUnit":"HOURS","Times":["03:00"]},
+          "RetainRule":{"Count":3}}]}"#;
+    let role = "arn:aws:iam::000000000000:role/AWSDataLifecycleManagerDefaultRole";
+    let created = ep.aws_json(&[
+        "dlm",
+        "create-lifecycle-policy",
+        "--execution-role-arn",
+        role,
+        "--description",
+        "daily backups",
+        "--state",
+        "ENABLED",
+        "--policy-details",
+        details,
+    ]);
+    let id = created["PolicyId"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("policy-"), "{created}");
+    let got = ep.aws_json(&["dlm", "get-lifecycle-policy", "--policy-id", &id]);
+    assert_eq!(got["Policy"]["State"], "ENABLED", "{got}");
+    assert_eq!(got["Policy"]["PolicyDetails"]["RetainRule"], Value::Null);
+    assert_eq!(
+        got["Policy"]["PolicyDetails"]["Schedules"][0]["RetainRule"]["Count"],
+        3
+    );
+    let all = ep.aws_json(&["dlm", "get-lifecycle-policies"]);
+    assert_eq!(all["Policies"][0]["PolicyId"], id.as_str(), "{all}");
+    let native = ep.daemon.vol_json(&["policy", "inspect", &id]);
+    assert_eq!(native["source"], "dlm");
+    assert_eq!(native["volumes_now"], serde_json::json!([tagged.clone()]));
+    assert!(
+        native["status"][0]["next_run"]
+            .as_str()
+            .unwrap()
+            .ends_with("03:00:00Z"),
+        "{native}"
+    );
+
+    for _ in 0..5 {
+        ep.daemon.vol_ok(&["policy", "run-now", &id]);
+    }
+    let snaps = ep.aws_json(&["ec2", "describe-snapshots", "--owner-ids", "self"]);
+    let snaps = snaps["Snapshots"].as_array().unwrap();
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    for s in snaps {
+        assert_eq!(s["VolumeId"], tagged.as_str(), "{s}");
+        let tag = |k: &str| {
+            s["Tags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["Key"] == k)
+                .map(|t| t["Value"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(tag("made-by").as_deref(), Some("dlm"), "{s}");
+        assert_eq!(tag("backup").as_deref(), Some("daily"), "copied: {s}");
+        assert_eq!(
+            tag("aws:dlm:lifecycle-policy-id").as_deref(),
+            Some(id.as_str())
+        );
+        assert_eq!(
+            tag("aws:dlm:lifecycle-schedule-name").as_deref(),
+            Some("daily")
+        );
+    }
+    let _ = other;
+
+    let refused = ep.aws_err(&[
+        "dlm",
+        "create-lifecycle-policy",
+        "--execution-role-arn",
+        role,
+        "--description",
+        "fast restore",
+        "--state",
+        "ENABLED",
+        "--policy-details",
+        r#"{"PolicyType":"EBS_SNAPSHOT_MANAGEMENT","ResourceTypes":["VOLUME"],
+            "TargetTags":[{"Key":"a","Value":"b"}],
+            "Schedules":[{"Name":"s","CreateRule":{"Interval":12,"IntervalUnit":"HOURS"},
+              "RetainRule":{"Count":1},"FastRestoreRule":{"Count":1,"AvailabilityZones":["us-east-1a"]}}]}"#,
+    ]);
+    assert!(
+        refused.contains("FastRestoreRule is not supported"),
+        "{refused}"
+    );
+
+    ep.aws_json(&[
+        "dlm",
+        "update-lifecycle-policy",
+        "--policy-id",
+        &id,
+        "--state",
+        "DISABLED",
+    ]);
+    let got = ep.aws_json(&["dlm", "get-lifecycle-policy", "--policy-id", &id]);
+    assert_eq!(got["Policy"]["State"], "DISABLED");
+    ep.aws_json(&["dlm", "delete-lifecycle-policy", "--policy-id", &id]);
+    let gone = ep.aws_err(&["dlm", "get-lifecycle-policy", "--policy-id", &id]);
+    assert!(gone.contains("ResourceNotFoundException"), "{gone}");
+    ep.daemon.finish();
+}

@@ -103,7 +103,7 @@ fn rbin_rule_delete_list_restore_and_the_bytes_come_back() {
 
     // Deleted under the rule: gone from the listing, in the bin.
     ep.aws_json(&["ec2", "delete-snapshot", "--snapshot-id", &kept]);
-    assert_eq!(snapshot_ids(&ep), [other.clone()]);
+    assert_eq!(snapshot_ids(&ep), std::slice::from_ref(&other));
     let bin = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
     let items = bin["Snapshots"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{bin}");
@@ -129,7 +129,7 @@ fn rbin_rule_delete_list_restore_and_the_bytes_come_back() {
     ]);
     assert_eq!(r["SnapshotId"], kept.as_str(), "{r}");
     assert_eq!(r["State"], "completed", "{r}");
-    assert_eq!(snapshot_ids(&ep), [kept.clone()]);
+    assert_eq!(snapshot_ids(&ep), std::slice::from_ref(&kept));
     let s = ep.aws_json(&["ec2", "describe-snapshots", "--snapshot-ids", &kept]);
     assert_eq!(tag(&s["Snapshots"][0], "kind").as_deref(), Some("nightly"));
     let bin = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
@@ -163,7 +163,7 @@ fn rbin_rule_delete_list_restore_and_the_bytes_come_back() {
         err.contains("IncorrectState") && err.contains("protected"),
         "{err}"
     );
-    assert_eq!(snapshot_ids(&ep), [kept.clone()]);
+    assert_eq!(snapshot_ids(&ep), std::slice::from_ref(&kept));
     ep.daemon.vol_ok(&["snapshot", "unprotect", &kept]);
 
     // Images do not exist here yet: an empty bin, and not found.

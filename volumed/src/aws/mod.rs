@@ -15,6 +15,7 @@
 //! the control API calls.
 
 pub mod credentials;
+pub mod dlm;
 pub mod ebs;
 pub mod ec2;
 pub mod rbin;
@@ -98,6 +99,7 @@ pub enum Service {
     Ec2,
     Ebs,
     Rbin,
+    Dlm,
 }
 
 impl Service {
@@ -106,6 +108,8 @@ impl Service {
             Service::Ebs
         } else if path == "/rules" || path.starts_with("/rules/") || path == "/list-rules" {
             Service::Rbin
+        } else if path == "/policies" || path.starts_with("/policies/") {
+            Service::Dlm
         } else {
             Service::Ec2
         }
@@ -116,6 +120,7 @@ impl Service {
             Service::Ec2 => "ec2",
             Service::Ebs => "ebs",
             Service::Rbin => "rbin",
+            Service::Dlm => "dlm",
         }
     }
 }

@@ -210,6 +210,7 @@ async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
         Service::Ec2 => ec2::handle(state, req).await,
         Service::Ebs => ebs::handle(state, req).await,
         Service::Rbin => super::rbin::handle(state, req).await,
+        Service::Dlm => super::dlm::handle(state, req).await,
     }
 }
 
@@ -222,6 +223,6 @@ pub enum Refusal {
 fn refuse(service: Service, request_id: &str, why: Refusal) -> Response {
     match service {
         Service::Ec2 => ec2::refusal(request_id, why),
-        Service::Ebs | Service::Rbin => ebs::refusal(request_id, why),
+        Service::Ebs | Service::Rbin | Service::Dlm => ebs::refusal(request_id, why),
     }
 }

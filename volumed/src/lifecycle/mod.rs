@@ -214,6 +214,11 @@ impl Lifecycle {
             .collect()
     }
 
+    /// Every policy as kept, for the DLM API's answers.
+    pub fn policy_records(&self) -> Result<Vec<PolicyRecord>> {
+        Ok(self.trees.policies()?)
+    }
+
     /// The raw record, for the DLM API's answers.
     pub fn policy_record(&self, name: &str) -> Result<PolicyRecord> {
         self.record(name)

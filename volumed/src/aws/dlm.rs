@@ -1,0 +1,401 @@
+//! The Data Lifecycle Manager API: REST/JSON signed for `dlm`. A DLM
+//! policy is a lifecycle policy named by its id (`policy-` and 17 hex
+//! digits), `source` `dlm`; the scheduler runs it like any other.
+//!
+//! | method | path | action |
+//! | --- | --- | --- |
+//! | POST | /policies | CreateLifecyclePolicy |
+//! | GET | /policies | GetLifecyclePolicies |
+//! | GET | /policies/{id} | GetLifecyclePolicy |
+//! | PATCH | /policies/{id} | UpdateLifecyclePolicy |
+//! | DELETE | /policies/{id} | DeleteLifecyclePolicy |
+//!
+//! Only `EBS_SNAPSHOT_MANAGEMENT` with `CreateRule` (Interval in hours
+//! with Times, or CronExpression), `RetainRule` (Count, or Interval with
+//! its unit), `TargetTags`, `TagsToAdd` and `CopyTags`. Every other rule
+//! kind is refused by name.
+
+use std::collections::BTreeMap;
+
+use hyper::Method;
+use serde_json::{Value, json};
+use volumed_api::{PolicySpec, PolicyTarget, Retention, ScheduleSpec, TagMatch};
+
+use super::ebs::{EbsError, json_response};
+use super::{AwsState, OWNER_ID, Request, Response};
+use crate::catalog::PolicyRecord;
+use crate::lifecycle::LifecycleError;
+use crate::lifecycle::policy::Source;
+
+type DlmResult<T> = Result<T, EbsError>;
+
+fn invalid(message: impl Into<String>) -> EbsError {
+    EbsError {
+        kind: "InvalidRequestException",
+        status: 400,
+        reason: None,
+        message: message.into(),
+    }
+}
+
+fn not_found(id: &str) -> EbsError {
+    EbsError {
+        kind: "ResourceNotFoundException",
+        status: 404,
+        reason: None,
+        message: format!("Policy {id} not found"),
+    }
+}
+
+fn lc_err(e: LifecycleError) -> EbsError {
+    match e {
+        LifecycleError::PolicyNotFound(id) => not_found(&id),
+        LifecycleError::Engine(e) => e.into(),
+        e => invalid(e.to_string()),
+    }
+}
+
+/// The keys of `v` not among `known`, refused by name.
+fn only(v: &Value, what: &str, known: &[&str]) -> DlmResult<()> {
+    if let Some(o) = v.as_object() {
+        for k in o.keys() {
+            if !known.contains(&k.as_str()) {
+                return Err(invalid(format!(
+                    "{what}.{k} is not supported by this endpoint"
+                )));
+            }
+        }
+    } else if !v.is_null() {
+        return Err(invalid(format!("{what} must be an object")));
+    }
+    Ok(())
+}
+
+fn tags(v: &Value, what: &str) -> DlmResult<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for t in v.as_array().map(Vec::as_slice).unwrap_or_default() {
+        let (Some(k), Some(val)) = (t["Key"].as_str(), t["Value"].as_str()) else {
+            return Err(invalid(format!("{what}: each tag has a Key and a Value")));
+        };
+        out.insert(k.to_owned(), val.to_owned());
+    }
+    Ok(out)
+}
+
+fn hhmm(s: &str) -> DlmResult<u64> {
+    let bad = || invalid(format!("Times {s:?}: expected hh:mm in UTC"));
+    let (h, m) = s.split_once(':').ok_or_else(bad)?;
+    let (h, m): (u64, u64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+    if h > 23 || m > 59 {
+        return Err(bad());
+    }
+    Ok(h * 3600 + m * 60)
+}
+
+fn schedule(s: &Value) -> DlmResult<ScheduleSpec> {
+    only(
+        s,
+        "Schedules",
+        &["Name", "CopyTags", "TagsToAdd", "CreateRule", "RetainRule"],
+    )?;
+    let name = s["Name"].as_str().unwrap_or("Schedule").to_owned();
+    let create = &s["CreateRule"];
+    only(
+        create,
+        "CreateRule",
+        &[
+            "Interval",
+            "IntervalUnit",
+            "Times",
+            "CronExpression",
+            "Location",
+        ],
+    )?;
+    if create["Location"].as_str().is_some_and(|l| l != "CLOUD") {
+        return Err(invalid("CreateRule.Location: only CLOUD"));
+    }
+    let (every, offset, cron) = match (
+        create["Interval"].as_u64(),
+        create["CronExpression"].as_str(),
+    ) {
+        (Some(h), None) => {
+            if create["IntervalUnit"].as_str().unwrap_or("HOURS") != "HOURS" {
+                return Err(invalid("CreateRule.IntervalUnit must be HOURS"));
+            }
+            if ![1, 2, 3, 4, 6, 8, 12, 24].contains(&h) {
+                return Err(invalid(
+                    "CreateRule.Interval must be 1, 2, 3, 4, 6, 8, 12 or 24",
+                ));
+            }
+            let times = create["Times"]
+                .as_array()
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            if times.len() > 1 {
+                return Err(invalid("CreateRule.Times takes one time"));
+            }
+            let offset = match times.first() {
+                Some(t) => Some(hhmm(t.as_str().unwrap_or(""))?),
+                None => None,
+            };
+            (Some(h * 3600), offset, None)
+        }
+        (None, Some(c)) => (None, None, Some(c.to_owned())),
+        _ => {
+            return Err(invalid(
+                "CreateRule needs exactly one of Interval and CronExpression",
+            ));
+        }
+    };
+    let retain = &s["RetainRule"];
+    only(retain, "RetainRule", &["Count", "Interval", "IntervalUnit"])?;
+    let mut keep = Retention::default();
+    match (retain["Count"].as_u64(), retain["Interval"].as_u64()) {
+        (Some(n), None) => {
+            keep.keep_last =
+                Some(u32::try_from(n).map_err(|_| invalid("RetainRule.Count is too large"))?);
+        }
+        (None, Some(n)) => {
+            let unit = match retain["IntervalUnit"].as_str() {
+                Some("DAYS") => 86400,
+                Some("WEEKS") => 7 * 86400,
+                Some("MONTHS") => 30 * 86400,
+                Some("YEARS") => 365 * 86400,
+                _ => {
+                    return Err(invalid(
+                        "RetainRule.IntervalUnit: DAYS, WEEKS, MONTHS or YEARS",
+                    ));
+                }
+            };
+            keep.keep_within = Some(n.saturating_mul(unit));
+        }
+        (None, None) if retain.is_null() => {}
+        _ => {
+            return Err(invalid(
+                "RetainRule needs exactly one of Count and Interval",
+            ));
+        }
+    }
+    Ok(ScheduleSpec {
+        name,
+        every,
+        offset,
+        cron,
+        retain: keep,
+        tags: tags(&s["TagsToAdd"], "TagsToAdd")?,
+        copy_tags: s["CopyTags"].as_bool().unwrap_or(false),
+    })
+}
+
+/// The policy a DLM body describes.
+fn spec(id: &str, b: &Value) -> DlmResult<PolicySpec> {
+    let d = &b["PolicyDetails"];
+    only(
+        d,
+        "PolicyDetails",
+        &[
+            "PolicyType",
+            "ResourceTypes",
+            "TargetTags",
+            "Schedules",
+            "ResourceLocations",
+        ],
+    )?;
+    if d["PolicyType"]
+        .as_str()
+        .unwrap_or("EBS_SNAPSHOT_MANAGEMENT")
+        != "EBS_SNAPSHOT_MANAGEMENT"
+    {
+        return Err(invalid(
+            "only PolicyType EBS_SNAPSHOT_MANAGEMENT is supported",
+        ));
+    }
+    for r in d["ResourceTypes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        if !matches!(r.as_str(), Some("VOLUME" | "INSTANCE")) {
+            return Err(invalid("ResourceTypes: VOLUME or INSTANCE"));
+        }
+    }
+    let target_tags: Vec<TagMatch> = tags(&d["TargetTags"], "TargetTags")?
+        .into_iter()
+        .map(|(key, value)| TagMatch {
+            key,
+            value: Some(value),
+        })
+        .collect();
+    if target_tags.is_empty() {
+        return Err(invalid("PolicyDetails.TargetTags is required"));
+    }
+    let schedules = d["Schedules"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(schedule)
+        .collect::<DlmResult<Vec<_>>>()?;
+    Ok(PolicySpec {
+        name: id.to_owned(),
+        description: b["Description"].as_str().unwrap_or("").to_owned(),
+        enabled: b["State"].as_str().unwrap_or("ENABLED") == "ENABLED",
+        target: PolicyTarget {
+            tags: target_tags,
+            ..Default::default()
+        },
+        schedules,
+    })
+}
+
+fn body(req: &Request) -> DlmResult<Value> {
+    if req.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&req.body).map_err(|e| invalid(format!("invalid request body: {e}")))
+}
+
+fn new_id() -> String {
+    let s = snapshot::SnapshotId::generate();
+    format!("policy-{}", &s.as_str()["snap-".len()..])
+}
+
+fn arn(state: &AwsState, id: &str) -> String {
+    format!("arn:aws:dlm:{}:{OWNER_ID}:policy/{id}", state.region)
+}
+
+fn state_of(r: &PolicyRecord) -> &'static str {
+    if r.spec.enabled {
+        "ENABLED"
+    } else {
+        "DISABLED"
+    }
+}
+
+fn iso(t: u64) -> String {
+    crate::catalog::rfc3339(t)
+}
+
+/// Routes one authenticated request.
+pub async fn handle(state: &AwsState, req: Request) -> Response {
+    let rid = req.request_id.clone();
+    match dispatch(state, &req) {
+        Ok((status, body)) => json_response(status, &body),
+        Err(e) => {
+            tracing::info!(request_id = rid, kind = e.kind, message = %e.message, "dlm request failed");
+            super::ebs::error_response(&e, &rid)
+        }
+    }
+}
+
+fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
+    let lc = &state.lifecycle;
+    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    match (&req.method, segs.as_slice()) {
+        (&Method::POST, ["policies"]) => {
+            let b = body(req)?;
+            only(
+                &b,
+                "CreateLifecyclePolicy",
+                &[
+                    "ExecutionRoleArn",
+                    "Description",
+                    "State",
+                    "PolicyDetails",
+                    "Tags",
+                ],
+            )?;
+            let id = new_id();
+            let spec = spec(&id, &b)?;
+            lc.create_policy(spec, Source::Dlm, Some(b))
+                .map_err(lc_err)?;
+            Ok((200, json!({ "PolicyId": id })))
+        }
+        (&Method::GET, ["policies"]) => {
+            let q: Vec<(String, String)> = form_urlencoded::parse(req.query.as_bytes())
+                .into_owned()
+                .collect();
+            let ids: Vec<&str> = q
+                .iter()
+                .filter(|(k, _)| k == "policyIds")
+                .map(|(_, v)| v.as_str())
+                .collect();
+            let st = q
+                .iter()
+                .find(|(k, _)| k == "state")
+                .map(|(_, v)| v.as_str());
+            let mut out = Vec::new();
+            for r in lc.policy_records().map_err(lc_err)? {
+                let Some(given) = &r.dlm else { continue };
+                if !ids.is_empty() && !ids.contains(&r.spec.name.as_str()) {
+                    continue;
+                }
+                if st.is_some_and(|s| s != state_of(&r)) {
+                    continue;
+                }
+                out.push(json!({
+                    "PolicyId": r.spec.name,
+                    "Description": r.spec.description,
+                    "State": state_of(&r),
+                    "Tags": given.get("Tags").cloned().unwrap_or(json!({})),
+                    "PolicyType": "EBS_SNAPSHOT_MANAGEMENT",
+                    "DefaultPolicy": false,
+                }));
+            }
+            Ok((200, json!({ "Policies": out })))
+        }
+        (&Method::GET, ["policies", id]) => {
+            let r = lc.policy_record(id).map_err(lc_err)?;
+            let Some(given) = &r.dlm else {
+                return Err(not_found(id));
+            };
+            let p = lc.policy(id).map_err(lc_err)?;
+            let status = if p.failing { "ERROR" } else { "" };
+            Ok((
+                200,
+                json!({ "Policy": {
+                    "PolicyId": r.spec.name,
+                    "Description": r.spec.description,
+                    "State": state_of(&r),
+                    "StatusMessage": status,
+                    "ExecutionRoleArn": given.get("ExecutionRoleArn").cloned().unwrap_or(Value::Null),
+                    "DateCreated": iso(r.created_at),
+                    "DateModified": iso(r.updated_at),
+                    "PolicyDetails": given.get("PolicyDetails").cloned().unwrap_or(json!({})),
+                    "Tags": given.get("Tags").cloned().unwrap_or(json!({})),
+                    "PolicyArn": arn(state, &r.spec.name),
+                    "DefaultPolicy": false,
+                }}),
+            ))
+        }
+        (&Method::PATCH, ["policies", id]) => {
+            let b = body(req)?;
+            only(
+                &b,
+                "UpdateLifecyclePolicy",
+                &["ExecutionRoleArn", "Description", "State", "PolicyDetails"],
+            )?;
+            let old = lc.policy_record(id).map_err(lc_err)?;
+            let Some(mut given) = old.dlm.clone() else {
+                return Err(not_found(id));
+            };
+            for k in ["ExecutionRoleArn", "Description", "State", "PolicyDetails"] {
+                if let Some(v) = b.get(k) {
+                    given[k] = v.clone();
+                }
+            }
+            let spec = spec(id, &given)?;
+            lc.update_policy(spec, Some(given)).map_err(lc_err)?;
+            Ok((200, json!({})))
+        }
+        (&Method::DELETE, ["policies", id]) => {
+            let r = lc.policy_record(id).map_err(lc_err)?;
+            if r.dlm.is_none() {
+                return Err(not_found(id));
+            }
+            lc.delete_policy(id).map_err(lc_err)?;
+            Ok((200, json!({})))
+        }
+        (m, _) => Err(invalid(format!("no DLM API at {m} {}", req.path))),
+    }
+}
