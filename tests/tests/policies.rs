@@ -66,7 +66,9 @@ fn disable(d: &TestDaemon, args: &[&str]) {
 
 #[test]
 fn runs_keep_their_newest_never_manual_or_protected_ones() {
-    let d = daemon();
+    let port = volumed_tests::s3::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = TestDaemon::start_with_env(&[FAST, ("VOLUMED_METRICS_LISTEN", &listen)]);
     d.vol_ok(&["create", "v", "--size", "4M"]);
     d.vol_ok(&["attach", "v"]);
     let manual = snap(&d, "v")["id"].as_str().unwrap().to_owned();
@@ -121,11 +123,46 @@ fn runs_keep_their_newest_never_manual_or_protected_ones() {
     );
     assert_eq!(policy_snapshots(&d, "p"), [all[0].clone(), all[2].clone()]);
 
-    d.vol_ok(&["snapshot", "unprotect", &first]);
-    d.vol_ok(&["snapshot", "delete", &first]);
+    // A run whose prune cannot delete (the snapshot is exported) fails,
+    // is counted, and `vol status` names the policy until a run succeeds.
+    d.vol_ok(&["snapshot", "attach", &all[2]]);
+    let out = d.vol(&["policy", "run-now", "p"]);
+    assert!(!out.status.success());
+    let st = d.vol_json(&["status"]);
+    assert_eq!(st["failing_policies"], serde_json::json!(["p"]), "{st}");
+    let s = status(&d, "p");
+    assert_eq!(s["last_run"]["ok"], false, "{s}");
+    assert!(
+        s["last_run"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("attached"),
+        "{s}"
+    );
+    let text = std::process::Command::new("curl")
+        .args(["-sf", &format!("http://127.0.0.1:{port}/metrics")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    let sample = |name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    let l = r#"{policy="p",schedule="default"}"#;
+    assert!(sample(&format!("volumed_policy_runs_total{l}")) >= 7.0);
+    assert_eq!(sample(&format!("volumed_policy_failures_total{l}")), 1.0);
+    assert_eq!(sample(&format!("volumed_policy_last_run_failed{l}")), 1.0);
+    assert!(sample(&format!("volumed_policy_snapshots_pruned_total{l}")) >= 3.0);
+    assert!(sample(&format!("volumed_policy_last_success_timestamp_seconds{l}")) > 1.7e9);
+    d.vol_ok(&["snapshot", "detach", &all[2]]);
+    d.vol_ok(&["policy", "run-now", "p"]);
     let st = d.vol_json(&["status"]);
     assert_eq!(st["failing_policies"], serde_json::json!([]));
-    d.finish();
+
+    d.vol_ok(&["snapshot", "unprotect", &first]);
+    d.vol_ok(&["snapshot", "delete", &first]);
+    d.finish_expecting(&[], &["policy run failed"]);
 }
 
 #[test]

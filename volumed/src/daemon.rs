@@ -164,7 +164,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(
-            crate::metrics::server::serve(addr, Arc::clone(&engine), root.child_token()).await?,
+            crate::metrics::server::serve(
+                addr,
+                Arc::clone(&engine),
+                Arc::clone(&lifecycle),
+                root.child_token(),
+            )
+            .await?,
         ),
         None => None,
     };

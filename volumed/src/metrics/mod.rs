@@ -9,6 +9,7 @@
 //! (`server::EngineCollector`). Labels are bounded: volume and op, never a
 //! client or a chunk.
 
+pub mod policies;
 pub mod server;
 pub mod store;
 

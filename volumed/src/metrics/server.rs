@@ -32,9 +32,9 @@ impl std::fmt::Debug for EngineCollector {
     }
 }
 
-type Labels<'a> = Vec<(&'static str, &'a str)>;
+pub(super) type Labels<'a> = Vec<(&'static str, &'a str)>;
 
-fn counter(
+pub(super) fn counter(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -48,7 +48,7 @@ fn counter(
     Ok(())
 }
 
-fn gauge(
+pub(super) fn gauge(
     enc: &mut DescriptorEncoder<'_>,
     name: &str,
     help: &str,
@@ -260,9 +260,15 @@ impl Collector for EngineCollector {
 }
 
 /// The registry of a daemon's metrics.
-pub fn registry(engine: Arc<Engine>) -> Registry {
+pub fn registry(
+    engine: Arc<Engine>,
+    lifecycle: Option<Arc<crate::lifecycle::Lifecycle>>,
+) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(EngineCollector { engine }));
+    if let Some(lifecycle) = lifecycle {
+        r.register_collector(Box::new(super::policies::PolicyCollector { lifecycle }));
+    }
     r
 }
 
@@ -300,13 +306,14 @@ fn classic_text(openmetrics: &str) -> String {
 pub async fn serve(
     addr: SocketAddr,
     engine: Arc<Engine>,
+    lifecycle: Arc<crate::lifecycle::Lifecycle>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the metrics listener on {addr}"))?;
     super::enable();
-    let registry = Arc::new(registry(engine));
+    let registry = Arc::new(registry(engine, Some(lifecycle)));
     let app = Router::new().route(
         "/metrics",
         get(move |headers: axum::http::HeaderMap| {
