@@ -15,13 +15,28 @@
 //! | POST | /v1/volumes/{name}/snapshots | CreateSnapshot (optional) | 202 Snapshot (pending) |
 //! | GET | /v1/snapshots?volume=NAME | | SnapshotList |
 //! | GET | /v1/snapshots/{id} | | Snapshot (this host's, or any in the store) |
-//! | DELETE | /v1/snapshots/{id} | | 204 |
+//! | DELETE | /v1/snapshots/{id} | | 204 (into the recycle bin if a rule keeps it; 409 if protected) |
 //! | POST | /v1/snapshots/{id}/attach | | Snapshot (with `export`) |
 //! | POST | /v1/snapshots/{id}/detach | | Snapshot |
 //! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
 //! | GET | /v1/snapshots/{id}/diff?from=ID | | SnapshotDiff |
 //! | GET | /v1/snapshots/{id}/changed-blocks?from=ID&starting_offset=N&max_results=N&next_token=T | | ChangedBlocks |
 //! | POST | /v1/snapshots/{id}/copy | CopySnapshot (optional) | 202 Snapshot (pending) |
+//! | POST | /v1/snapshots/{id}/protect | | Snapshot (protected) |
+//! | POST | /v1/snapshots/{id}/unprotect | | Snapshot |
+//! | GET | /v1/policies | | PolicyList |
+//! | POST | /v1/policies | PolicySpec | 201 Policy |
+//! | GET | /v1/policies/{name} | | Policy (with next run and last result) |
+//! | PUT | /v1/policies/{name} | PolicySpec | Policy |
+//! | DELETE | /v1/policies/{name} | | 204 |
+//! | POST | /v1/policies/{name}/run | | [RunResult] |
+//! | POST | /v1/prune | PruneRequest (optional) | PruneReport |
+//! | GET | /v1/bin | | BinList |
+//! | POST | /v1/bin/{id}/restore | | Snapshot |
+//! | GET | /v1/bin/rules | | BinRuleList |
+//! | POST | /v1/bin/rules | BinRuleSpec | 201 BinRule |
+//! | GET | /v1/bin/rules/{id} | | BinRule |
+//! | DELETE | /v1/bin/rules/{id} | | 204 |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //! | POST | /v1/imports | ImportRequest (a file) | 202 Job (running) |
 //! | POST | /v1/imports/stream | raw bytes; ImportRequest in `x-volumed-import` | Job (completed) |
