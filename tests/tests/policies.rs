@@ -169,7 +169,34 @@ fn runs_keep_their_newest_never_manual_or_protected_ones() {
 fn a_daemon_stopped_across_three_ticks_runs_once_at_start() {
     let mut d = daemon();
     d.vol_ok(&["create", "v", "--size", "4M"]);
+    // Bad policies get one line each and leave nothing behind.
+    for (args, want) in [
+        (
+            &["--every", "6s", "--schedule", "* * * * *"][..],
+            "cannot be used with",
+        ),
+        (&["--schedule", "61 * * * *"][..], "cron expression"),
+        (&["--schedule", "cron(0 0 1 * 1 *)"][..], "needs ?"),
+        (&["--every", "6s", "--keep-within", "0s"][..], "keep-within"),
+        (
+            &["--every", "6s", "--keep-last", "5000"][..],
+            "at most 1000",
+        ),
+        (
+            &["--every", "6s", "--tag", "volumed:policy=x"][..],
+            "set by volumed",
+        ),
+    ] {
+        let mut a = vec!["policy", "create", "bad", "--volume", "v"];
+        a.extend_from_slice(args);
+        let e = d.vol_err(&a);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    let e = d.vol_err(&["policy", "inspect", "bad"]);
+    assert!(e.contains("policy 'bad' not found"), "{e}");
     d.vol_ok(&["policy", "create", "p", "--volume", "v", "--every", "6s"]);
+    let e = d.vol_err(&["policy", "create", "p", "--volume", "v", "--every", "6s"]);
+    assert!(e.contains("already exists"), "{e}");
     let before = wait_runs(&d, "p", 1)["runs"].as_u64().unwrap();
     let made = policy_snapshots(&d, "p").len();
     d.stop();

@@ -11,7 +11,7 @@ use serde_json::Value;
 use snapshot::{ChunkHash, SnapshotId, keys};
 use volumed_tests::aws::AwsEndpoint;
 use volumed_tests::snapkit::{Store, fill_random, rt, snap};
-use volumed_tests::{TestDaemon, qemu_io, run_ok};
+use volumed_tests::{qemu_io, run_ok};
 
 const INSTANCE: &str = "i-0123456789abcdef0";
 
@@ -222,9 +222,18 @@ fn stored(repo: &snapshot::Repo, h: &ChunkHash) -> bool {
 }
 
 #[test]
-fn an_expired_bin_entry_is_gone_and_gc_reclaims_only_its_chunks() {
-    let d = TestDaemon::start();
-    let repo = Store::Local.repo(&d, "");
+fn an_expired_bin_entry_is_gone_and_gc_reclaims_only_its_chunks_local() {
+    expiry(Store::Local);
+}
+
+#[test]
+fn an_expired_bin_entry_is_gone_and_gc_reclaims_only_its_chunks_s3() {
+    expiry(Store::s3());
+}
+
+fn expiry(store: Store) {
+    let d = store.daemon("bin");
+    let repo = store.repo(&d, "bin");
     d.vol_ok(&["create", "v", "--size", "8M", "--chunk-size", "64K"]);
     d.vol_ok(&["attach", "v"]);
     fill_random(&d, "v", 2);
