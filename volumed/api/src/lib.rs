@@ -8,6 +8,7 @@
 pub mod diff;
 pub mod filter;
 pub mod job;
+pub mod machine;
 pub mod name;
 pub mod size;
 pub mod types;
@@ -15,6 +16,7 @@ pub mod types;
 pub use diff::*;
 pub use filter::{FilterError, VolumeFilter, validate_tags};
 pub use job::*;
+pub use machine::*;
 pub use name::{NameError, VolumeName};
 pub use size::{SizeError, format_size, parse_size};
 pub use types::*;
