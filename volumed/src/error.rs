@@ -64,6 +64,12 @@ pub enum Error {
     SnapshotAttached(String),
     #[error("snapshot '{0}' is not attached")]
     SnapshotNotAttached(String),
+    /// A snapshot set that could not capture its members (the barrier
+    /// timed out, a capture failed); nothing of it remains.
+    #[error("snapshot set failed: {0}")]
+    SnapshotSetFailed(String),
+    #[error("snapshot set '{0}' not found")]
+    SnapshotSetNotFound(String),
     #[error("catalog: {0}")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}: {source}")]
@@ -109,6 +115,8 @@ impl Error {
             Error::Image(e) => e.code(),
             Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
             Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
+            Error::SnapshotSetFailed(_) => ErrorCode::Conflict,
+            Error::SnapshotSetNotFound(_) => ErrorCode::NotFound,
             Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
         }
     }

@@ -10,18 +10,25 @@
 //! - `jobs`: job id -> [`JobRecord`] (imports and exports)
 //! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
 //!   description set through the AWS endpoint)
+//! - `snapshot_sets`: see `snapshot_set`; `images`, `instances`: see
+//!   `machines`
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod job;
+mod json_tree;
+mod machines;
 mod record;
+mod snapshot_set;
 
 use std::path::Path;
 
 pub use job::{Checkpoint, JobRecord};
+pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
 pub use record::{
     AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource,
     SnapshotState, VolumeRecord, rfc3339, unix_now,
 };
+pub use snapshot_set::{SetMemberRecord, SetState, SnapshotSetRecord};
 use volumed_api::VolumeName;
 
 /// Bumped when a record changes incompatibly; a newer catalog is refused.
@@ -78,6 +85,9 @@ pub struct Catalog {
     meta: sled::Tree,
     jobs: sled::Tree,
     aws_snapshots: sled::Tree,
+    snapshot_sets: json_tree::JsonTree,
+    images: json_tree::JsonTree,
+    instances: json_tree::JsonTree,
 }
 
 impl Catalog {
@@ -130,6 +140,9 @@ impl Catalog {
             .open_tree("aws_snapshots")
             .map_err(sled_err("open tree aws_snapshots"))?;
         let catalog = Catalog {
+            snapshot_sets: json_tree::JsonTree::open(&db, "snapshot_sets")?,
+            images: json_tree::JsonTree::open(&db, "images")?,
+            instances: json_tree::JsonTree::open(&db, "instances")?,
             jobs,
             db,
             volumes,

@@ -32,6 +32,7 @@ pub(crate) mod registry;
 pub(crate) mod restore;
 pub(crate) mod snapshot_catalog;
 pub(crate) mod snapshot_export;
+pub(crate) mod snapshot_set;
 pub(crate) mod validate;
 mod volume;
 
@@ -65,6 +66,7 @@ use jobs::work::WorkDirs;
 use registry::Registry;
 use snapshot_catalog::{SnapshotCatalog, SnapshotInfo};
 use snapshot_export::SnapshotExports;
+use snapshot_set::SnapshotSets;
 
 /// Where volumes' data directories live: one per volume, named by its id in
 /// hex, never reused.
@@ -110,7 +112,8 @@ pub struct Engine {
     host_id: String,
     snapshot_jobs: Arc<SnapshotJobs>,
     hydrator: Arc<Hydrator>,
-    snapshots: SnapshotCatalog,
+    snapshots: Arc<SnapshotCatalog>,
+    snapshot_sets: Arc<SnapshotSets>,
     /// Imports and exports, and the registry listing them.
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
@@ -141,6 +144,16 @@ impl Engine {
             registry.insert(vol);
         }
         let snapshot_jobs = Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone()));
+        let snapshots = Arc::new(SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()));
+        let snapshot_sets = Arc::new(
+            SnapshotSets::open(
+                Arc::clone(&catalog),
+                Arc::clone(&snapshot_jobs),
+                Arc::clone(&snapshots),
+                Arc::clone(&registry),
+            )
+            .context("load snapshot sets")?,
+        );
         let job_registry = Arc::new(JobRegistry::open(Arc::clone(&catalog)).context("load jobs")?);
         // Emptied before `start_background` resumes any import.
         let work = WorkDirs::new(data_dir.join("jobs"));
@@ -177,7 +190,8 @@ impl Engine {
                 Arc::clone(&registry),
                 host_id.clone(),
             )),
-            snapshots: SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()),
+            snapshots,
+            snapshot_sets,
             snapshot_exports,
             catalog,
             dirs,
@@ -197,7 +211,12 @@ impl Engine {
     pub fn start_background(&self) {
         self.hydrator.start_all();
         let jobs = Arc::clone(&self.snapshot_jobs);
-        tokio::spawn(async move { jobs.settle_interrupted().await });
+        let sets = Arc::clone(&self.snapshot_sets);
+        tokio::spawn(async move {
+            jobs.settle_interrupted().await;
+            // Only now is each member of an interrupted set settled.
+            sets.discard_failed().await;
+        });
         let imports = Arc::clone(&self.imports);
         let registry = Arc::clone(&self.registry);
         tokio::spawn(async move {
@@ -208,6 +227,12 @@ impl Engine {
                 })
                 .await
         });
+    }
+
+    /// The catalog, for the layers above that keep trees of their own in
+    /// it (`machines`); volume and snapshot records stay the engine's.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
     }
 
     pub fn io_engine_name(&self) -> &'static str {
@@ -710,13 +735,20 @@ impl Engine {
 
     /// A snapshot by id, with live progress while this host uploads it.
     pub async fn snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        if self.snapshot_sets.hidden(id) {
+            return Err(Error::SnapshotNotFound(id.to_string()));
+        }
         Ok(self.with_progress(self.snapshots.get(id).await?))
     }
 
     /// Every snapshot this host can see, optionally of one volume.
     pub async fn snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
         let all = self.snapshots.list(volume).await?;
-        Ok(all.into_iter().map(|s| self.with_progress(s)).collect())
+        Ok(all
+            .into_iter()
+            .filter(|s| !self.snapshot_sets.hidden(s.id()))
+            .map(|s| self.with_progress(s))
+            .collect())
     }
 
     fn with_progress(&self, s: SnapshotInfo) -> SnapshotInfo {
@@ -738,28 +770,7 @@ impl Engine {
         if self.snapshot_exports.is_exported(id) {
             return Err(Error::SnapshotAttached(id.to_string()));
         }
-        self.snapshots.delete(id).await?;
-        self.catalog.remove_aws_snapshot(id.as_str())?;
-        let _guard = self.registry.lock().await;
-        for vol in self.list() {
-            // A volume deleted meanwhile owns no record to change.
-            let changed = vol
-                .update_record(&self.catalog, |rec| {
-                    if rec.last_snapshot.as_ref() != Some(id) {
-                        return Ok(());
-                    }
-                    // Before the record says "no parent": the next snapshot
-                    // must then be a full one.
-                    vol.map().mark_all_dirty();
-                    rec.last_snapshot = None;
-                    Ok(())
-                })
-                .await;
-            match changed {
-                Ok(()) | Err(Error::VolumeNotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        snapshot_set::forget_snapshot(&self.catalog, &self.snapshots, &self.registry, id).await?;
         info!(snapshot = %id, "snapshot deleted");
         Ok(())
     }
@@ -790,6 +801,7 @@ impl Engine {
         // set, which is saved below.
         self.imports.jobs.stop().await;
         self.snapshot_jobs.shutdown().await;
+        self.snapshot_sets.shutdown().await;
         self.hydrator.shutdown().await;
         self.snapshot_exports.close_sessions().await;
         let _guard = self.registry.lock().await;

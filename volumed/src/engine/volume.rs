@@ -399,7 +399,22 @@ impl Volume {
     /// flight) the dirty set is split off and the changed chunks holding
     /// data become pending for the snapshot. See `freeze`.
     pub async fn begin_snapshot(self: &Arc<Self>) -> FreezeGuard {
-        let _gate = self.gate.write().await;
+        let gate = self.close_gate().await;
+        self.freeze_closed(&gate)
+    }
+
+    /// Takes the snapshot gate exclusively: waits for the writes in
+    /// flight, and admits no new one until the guard drops. A snapshot set
+    /// holds every member's at once (`snapshot_set`).
+    pub(super) async fn close_gate(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    /// [`Volume::begin_snapshot`] under a gate the caller closed.
+    pub(super) fn freeze_closed(
+        self: &Arc<Self>,
+        _gate: &tokio::sync::RwLockWriteGuard<'_, ()>,
+    ) -> FreezeGuard {
         let changed = self.map.take_changed();
         let plan = SnapshotPlan::classify(changed, &self.map, self.base.as_deref());
         let freeze = Arc::new(Freeze::new(self.geometry(), &plan.to_read));

@@ -101,6 +101,8 @@ impl From<Error> for Ec2Error {
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
             Error::JobNotFound(_) => "InvalidParameterValue",
+            Error::SnapshotSetFailed(_) => "IncorrectState",
+            Error::SnapshotSetNotFound(_) => "InvalidParameterValue",
             Error::Image(_) => "InvalidParameterValue",
             Error::InvalidRequest(_)
             | Error::InvalidName { .. }

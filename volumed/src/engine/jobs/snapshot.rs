@@ -101,6 +101,24 @@ struct Running {
     progress: Arc<Progress>,
 }
 
+/// A volume's snapshot slot, claimed under the snapshot's id before its
+/// freeze: given back on drop unless the snapshot was launched (its job
+/// then gives it back when it ends).
+pub struct Slot {
+    jobs: Arc<SnapshotJobs>,
+    pub id: SnapshotId,
+    progress: Arc<Progress>,
+    launched: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.launched {
+            self.jobs.running().remove(&self.id);
+        }
+    }
+}
+
 /// The snapshots this host is taking: of volumes (one per volume at a
 /// time), and uploaded block by block by clients.
 pub struct SnapshotJobs {
@@ -136,28 +154,55 @@ impl SnapshotJobs {
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
     ) -> Result<SnapshotRecord> {
+        let slot = self.reserve(&vol)?;
+        let guard = vol.begin_snapshot().await;
+        let (rec, _) = self.launch(slot, vol, guard, labels, unix_now()).await?;
+        Ok(rec)
+    }
+
+    /// Claims `vol`'s one snapshot slot under a fresh id, before its
+    /// freeze; the slot is given back when the [`Slot`] drops unlaunched.
+    pub fn reserve(self: &Arc<Self>, vol: &Volume) -> Result<Slot> {
         if let Some(reason) = vol.failure() {
             return Err(Error::VolumeFailed(vol.name.clone(), reason.to_owned()));
         }
         let id = SnapshotId::generate();
         let progress = Arc::new(Progress::default());
-        {
-            let mut running = self.running();
-            if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
-                return Err(Error::SnapshotInProgress(
-                    vol.name.clone(),
-                    other.to_string(),
-                ));
-            }
-            running.insert(
-                id.clone(),
-                Running {
-                    volume_id: vol.id,
-                    progress: Arc::clone(&progress),
-                },
-            );
+        let mut running = self.running();
+        if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
+            return Err(Error::SnapshotInProgress(
+                vol.name.clone(),
+                other.to_string(),
+            ));
         }
-        let guard = vol.begin_snapshot().await;
+        running.insert(
+            id.clone(),
+            Running {
+                volume_id: vol.id,
+                progress: Arc::clone(&progress),
+            },
+        );
+        Ok(Slot {
+            jobs: Arc::clone(self),
+            id,
+            progress,
+            launched: false,
+        })
+    }
+
+    /// Records the snapshot `guard` froze `pending` (taken at `created_at`)
+    /// and starts its upload. The receiver learns whether it completed,
+    /// once its record says so.
+    pub async fn launch(
+        self: &Arc<Self>,
+        mut slot: Slot,
+        vol: Arc<Volume>,
+        guard: FreezeGuard,
+        labels: BTreeMap<String, String>,
+        created_at: u64,
+    ) -> Result<(SnapshotRecord, tokio::sync::oneshot::Receiver<bool>)> {
+        let id = slot.id.clone();
+        let progress = Arc::clone(&slot.progress);
         let plan = guard.plan();
         let to_read = plan.to_read.len() as u64;
         progress.total.store(to_read, Ordering::Relaxed);
@@ -168,7 +213,7 @@ impl SnapshotJobs {
             size: guard.geometry().size(),
             chunk_size: vol.chunk_size,
             parent: vol.record().last_snapshot,
-            created_at: unix_now(),
+            created_at,
             labels,
             changed_chunks: 0,
             logical_bytes: 0,
@@ -180,31 +225,27 @@ impl SnapshotJobs {
             seq: 0,
             source: SnapshotSource::Volume,
         };
-        let rec = match self
+        // On an error the guard drops (its changes go back) and so does
+        // the slot (the volume may snapshot again).
+        let rec = self
             .catalog
             .next_id()
             .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
-            Ok(rec) => rec,
-            Err(e) => {
-                // Dropping the guard puts the changes back.
-                drop(guard);
-                self.running().remove(&id);
-                return Err(e.into());
-            }
-        };
+            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))?;
+        slot.launched = true;
         info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
               all = matches!(guard.plan().changed, Changed::All), "snapshot started");
+        let (done, ended) = tokio::sync::oneshot::channel();
         let job = SnapshotJob {
             jobs: Arc::clone(self),
             vol,
             rec: rec.clone(),
             guard,
             progress,
+            done: Some(done),
         };
         self.tasks.spawn(job.run());
-        Ok(rec)
+        Ok((rec, ended))
     }
 
     /// `(done, total)` chunks of a snapshot still running.
@@ -234,6 +275,11 @@ impl SnapshotJobs {
     /// from uploaded blocks.
     pub fn is_running(&self, id: &SnapshotId) -> bool {
         self.running().contains_key(id) || self.uploads.contains(id)
+    }
+
+    /// Whether the jobs are being stopped for a shutdown.
+    pub fn stopping(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 
     /// Stops every job; each ends `error` and puts its changes back into
@@ -291,6 +337,8 @@ struct SnapshotJob {
     rec: SnapshotRecord,
     guard: FreezeGuard,
     progress: Arc<Progress>,
+    /// Told whether the snapshot completed, once its record says so.
+    done: Option<tokio::sync::oneshot::Sender<bool>>,
 }
 
 impl SnapshotJob {
@@ -309,8 +357,10 @@ impl SnapshotJob {
             mut rec,
             guard,
             progress,
+            done,
             ..
         } = self;
+        let completed = result.is_ok();
         match result {
             Ok(m) => {
                 guard.commit();
@@ -362,6 +412,9 @@ impl SnapshotJob {
             }
         }
         jobs.running().remove(&rec.id);
+        if let Some(done) = done {
+            let _ = done.send(completed);
+        }
     }
 
     /// Steps 2 to 4.
