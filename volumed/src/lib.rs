@@ -18,6 +18,7 @@ pub mod engine;
 pub(crate) mod error;
 pub(crate) mod failpoint;
 pub mod image;
+pub mod machines;
 pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod socket_path;
