@@ -129,6 +129,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::import::import(&client, &out, req, no_wait).await
         }
         Command::Job(cmd) => job::run(&client, &out, cmd).await,
+        Command::Image(cmd) => commands::image::run(&client, &out, cmd).await,
+        Command::Instance(cmd) => commands::instance::run(&client, &out, cmd).await,
         Command::Export {
             source,
             dest,

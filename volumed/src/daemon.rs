@@ -77,6 +77,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let engine = Arc::new(engine);
     engine.start_background();
+    engine.set_barrier_timeout(config.snapshot_barrier_timeout);
+    let machines = Arc::new(crate::machines::Machines::new(
+        Arc::clone(&engine),
+        crate::machines::types::load(config.instance_types.as_deref())?,
+        config.quiesce_hook.clone(),
+    ));
+    machines.start_background();
     engine.set_nbd_socket(config.nbd_socket.clone());
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
@@ -93,7 +100,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // before it reports ready.
     let aws = match (&config.aws, aws_credentials) {
         (Some(c), Some(creds)) => Some(
-            crate::aws::server::bind(c, creds, Arc::clone(&engine), Arc::clone(&endpoints)).await?,
+            crate::aws::server::bind(c, creds, Arc::clone(&machines), Arc::clone(&endpoints))
+                .await?,
         ),
         _ => None,
     };
@@ -122,6 +130,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
+        machines,
         status: Arc::new(status),
         endpoints,
     };

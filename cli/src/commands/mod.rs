@@ -2,7 +2,9 @@
 
 pub mod diff;
 pub mod export;
+pub mod image;
 pub mod import;
+pub mod instance;
 pub mod job;
 pub mod snapshot;
 pub mod status;

@@ -525,6 +525,19 @@ pub struct SnapshotSet {
     pub error: Option<String>,
 }
 
+/// What `POST /v1/snapshot-sets` answers: the set and its members'
+/// `pending` snapshots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSetCreated {
+    pub set: SnapshotSet,
+    pub snapshots: Vec<crate::Snapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotSetList {
+    pub sets: Vec<SnapshotSet>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SetMember {
     pub volume: String,

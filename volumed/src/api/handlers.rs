@@ -19,6 +19,7 @@ use volumed_api::{
 use snapshot::SnapshotId;
 
 use super::jobs;
+use super::machines;
 use super::views::{self, NbdEndpoints};
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, Volume};
@@ -27,6 +28,8 @@ use crate::error::Error;
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: Arc<Engine>,
+    /// Images, instances and snapshot sets.
+    pub machines: Arc<crate::machines::Machines>,
     /// The facts of this run; live counts are filled in per request.
     pub status: Arc<Status>,
     pub endpoints: Arc<NbdEndpoints>,
@@ -37,7 +40,7 @@ impl ApiState {
         views::volume(&self.engine, &self.endpoints, vol)
     }
 
-    fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
+    pub(super) fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
         views::snapshot(&self.engine, &self.endpoints, info)
     }
 }
@@ -68,6 +71,28 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
         .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
         .route("/v1/gc", post(gc))
+        .route(
+            "/v1/images",
+            get(machines::list_images).post(machines::register_image),
+        )
+        .route(
+            "/v1/images/{id}",
+            get(machines::get_image).delete(machines::deregister_image),
+        )
+        .route(
+            "/v1/instances",
+            get(machines::list_instances).post(machines::run_instances),
+        )
+        .route("/v1/instances/{id}", get(machines::get_instance))
+        .route(
+            "/v1/instances/{id}/{action}",
+            post(machines::instance_action),
+        )
+        .route(
+            "/v1/snapshot-sets",
+            get(machines::list_snapshot_sets).post(machines::create_snapshot_set),
+        )
+        .route("/v1/snapshot-sets/{id}", get(machines::get_snapshot_set))
         .route("/v1/imports", post(jobs::import_file))
         .route("/v1/imports/stream", post(jobs::import_stream))
         .route("/v1/exports", post(jobs::export))
@@ -347,7 +372,8 @@ async fn delete_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.engine.delete_snapshot(&snapshot_id(&id)?).await?;
+    // A snapshot a registered image uses is refused, as on EC2.
+    s.machines.delete_snapshot(&snapshot_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

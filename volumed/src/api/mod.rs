@@ -29,6 +29,17 @@
 //! | GET | /v1/jobs/{id} | | Job |
 //! | GET | /v1/jobs/{id}/events | | NDJSON stream of Job, one per change, the last final |
 //! | POST | /v1/jobs/{id}/cancel | | Job |
+//! | GET | /v1/images | | ImageList |
+//! | POST | /v1/images | RegisterImage | Image |
+//! | GET | /v1/images/{id} | | Image |
+//! | DELETE | /v1/images/{id} | DeregisterImage (optional) | Deregistered |
+//! | GET | /v1/instances | | InstanceList |
+//! | POST | /v1/instances | RunInstances | InstanceList |
+//! | GET | /v1/instances/{id} | | Instance |
+//! | POST | /v1/instances/{id}/{stop,start,reboot,terminate} | | Instance |
+//! | GET | /v1/snapshot-sets | | SnapshotSetList |
+//! | POST | /v1/snapshot-sets | CreateSnapshotSet | SnapshotSetCreated |
+//! | GET | /v1/snapshot-sets/{id} | | SnapshotSet |
 //!
 //! `handlers` parses and routes; `views` builds every answer and URI from
 //! engine state; `server` runs axum on the socket.
@@ -38,6 +49,8 @@
 
 mod handlers;
 mod jobs;
+mod machine_views;
+mod machines;
 pub mod server;
 pub mod views;
 

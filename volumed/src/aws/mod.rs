@@ -63,6 +63,8 @@ pub fn region(s: &str) -> anyhow::Result<String> {
 /// What every request handler shares.
 pub struct AwsState {
     pub engine: Arc<Engine>,
+    /// Images and instances.
+    pub machines: Arc<crate::machines::Machines>,
     pub endpoints: Arc<NbdEndpoints>,
     pub credentials: Credentials,
     pub region: String,

@@ -23,7 +23,6 @@ use tracing::{debug, info};
 use super::credentials::Credentials;
 use super::{AwsConfig, AwsState, Request, Response, Service, ebs, ec2, sigv4};
 use crate::api::views::NbdEndpoints;
-use crate::engine::Engine;
 
 /// A request body larger than this is refused: a 512 KiB block plus room.
 pub const MAX_BODY: usize = 2 << 20;
@@ -45,9 +44,10 @@ pub struct AwsServer {
 pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
-    engine: Arc<Engine>,
+    machines: Arc<crate::machines::Machines>,
     endpoints: Arc<NbdEndpoints>,
 ) -> anyhow::Result<AwsServer> {
+    let engine = Arc::clone(machines.engine());
     let tls = config
         .tls
         .as_ref()
@@ -64,6 +64,7 @@ pub async fn bind(
         tls,
         state: Arc::new(AwsState {
             engine,
+            machines,
             endpoints,
             credentials,
             region: config.region.clone(),
