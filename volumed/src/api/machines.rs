@@ -85,6 +85,7 @@ pub async fn run_instances(
             mappings: req.mappings,
             tags: req.tags,
             volume_tags: req.volume_tags,
+            client_token: None,
         })
         .await?;
     Ok(Json(InstanceList {

@@ -81,6 +81,9 @@ pub struct InstanceRecord {
     /// record.
     #[serde(default)]
     pub launching: bool,
+    /// RunInstances' ClientToken: a retry with it gets this instance.
+    #[serde(default)]
+    pub client_token: Option<String>,
 }
 
 impl Catalog {

@@ -196,6 +196,20 @@ impl Machines {
         Ok(out)
     }
 
+    /// Sets `set` and removes `remove` on instance `id`'s tags.
+    pub async fn tag_instance(
+        &self,
+        id: &str,
+        set: &std::collections::BTreeMap<String, String>,
+        remove: &[(String, Option<String>)],
+    ) -> Result<()> {
+        let _guard = self.lock.lock().await;
+        let mut rec = self.instance(id).await?;
+        rec.tags = crate::engine::aws_attrs::retag(&rec.tags, set, remove)?;
+        self.catalog.put_instance(&rec).map_err(Error::from)?;
+        Ok(())
+    }
+
     /// Sets DeleteOnTermination of the instance's devices named in
     /// `changes`; every device is checked before any changes.
     pub async fn set_delete_on_termination(

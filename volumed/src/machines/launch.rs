@@ -37,6 +37,8 @@ pub struct Launch {
     pub mappings: Vec<BlockDeviceMapping>,
     pub tags: BTreeMap<String, String>,
     pub volume_tags: BTreeMap<String, String>,
+    /// A retried request with the same token gets the same instances.
+    pub client_token: Option<String>,
 }
 
 /// One device to make for an instance.
@@ -55,6 +57,22 @@ enum Make {
 
 impl Machines {
     pub async fn run_instances(&self, req: Launch) -> Result<Vec<InstanceRecord>> {
+        if let Some(t) = &req.client_token {
+            if t.is_empty() || t.len() > 64 {
+                return Err(MachineError::Invalid(
+                    "ClientToken must be 1 to 64 characters".into(),
+                ));
+            }
+            let done: Vec<InstanceRecord> = self
+                .instances()
+                .await?
+                .into_iter()
+                .filter(|i| i.client_token.as_ref() == Some(t))
+                .collect();
+            if !done.is_empty() {
+                return Ok(done);
+            }
+        }
         let img = self.image(&req.image_id).await?;
         if img.state != ImageState::Available {
             return Err(MachineError::ImageNotAvailable(img.id, img.state.as_str()));
@@ -160,6 +178,7 @@ impl Machines {
                 devices,
                 tags: req.tags.clone(),
                 launching: true,
+                client_token: req.client_token.clone(),
             };
             launches.push((rec, makes));
         }

@@ -4,10 +4,17 @@
 //!
 //! - `params`: the flattened parameters (`X.N`, `Filter.N.Name`);
 //! - `xml`: the answer and error documents;
-//! - `volumes`, `snapshots`, `tags`, `instances`: the actions.
+//! - `volumes`, `snapshots`, `tags`, `instances`: the actions;
+//! - `images`, `reservations`, `snapshot_sets`: images, launched
+//!   instances and CreateSnapshots, over the machines layer; `mappings`:
+//!   block-device mappings in EC2's words.
 
+pub mod images;
 pub mod instances;
+pub mod mappings;
 pub mod params;
+pub mod reservations;
+pub mod snapshot_sets;
 pub mod snapshots;
 pub mod tags;
 pub mod volumes;
@@ -181,6 +188,16 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "DescribeTags" => tags::describe(cx).await,
         "ModifyInstanceAttribute" => instances::modify_attribute(cx).await,
         "TerminateInstances" => instances::terminate(cx).await,
+        "RegisterImage" => images::register(cx).await,
+        "DescribeImages" => images::describe(cx).await,
+        "DeregisterImage" => images::deregister(cx).await,
+        "CreateImage" => images::create(cx).await,
+        "RunInstances" => reservations::run(cx).await,
+        "DescribeInstances" => reservations::describe(cx).await,
+        "StopInstances" => reservations::stop(cx).await,
+        "StartInstances" => reservations::start(cx).await,
+        "RebootInstances" => reservations::reboot(cx).await,
+        "CreateSnapshots" => snapshot_sets::create(cx).await,
         other => Err(Ec2Error::new(
             "InvalidAction",
             format!("The action {other} is not valid for this web service."),

@@ -29,6 +29,10 @@ pub struct Ec2Snapshot {
     pub tags: BTreeMap<String, String>,
 }
 
+/// The tag EC2 shows on each snapshot of a set (CreateSnapshots,
+/// CreateImage, `vol snapshot create --set`): the set's id.
+pub const SET_TAG: &str = "volumed:snapshot-set";
+
 /// The volume id EC2 shows for a snapshot whose volume is unknown, as AWS
 /// does for snapshots not taken from a volume.
 pub const UNKNOWN_VOLUME: &str = "vol-ffffffff";
@@ -56,13 +60,16 @@ pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snap
         })
         .or_else(|| is_volume_id(&s.volume).then(|| s.volume.clone()))
         .unwrap_or_else(|| UNKNOWN_VOLUME.to_owned());
-    let (description, tags) = match meta {
+    let (description, mut tags) = match meta {
         Some(m) => (m.description, m.tags),
         None => (
             s.labels.get("description").cloned().unwrap_or_default(),
             s.labels.clone(),
         ),
     };
+    if let Some(set) = state.engine.snapshot_set_of(&id) {
+        tags.insert(SET_TAG.to_owned(), set);
+    }
     Ok(Ec2Snapshot {
         id: s.id,
         volume_id,
@@ -235,7 +242,8 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
             format!("Snapshot '{id}' is being written through the EBS direct APIs"),
         ));
     }
-    cx.state.engine.delete_snapshot(&id).await?;
+    // Refused while a registered image uses it (InvalidSnapshot.InUse).
+    cx.state.machines.delete_snapshot(&id).await?;
     let mut x = Xml::response("DeleteSnapshot", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteSnapshot"))

@@ -24,6 +24,13 @@ const MAX_SIZE_GIB: u64 = 64 << 10;
 /// the NBD URI while attached.
 pub fn view(state: &AwsState, vol: &Volume) -> volumed_api::Volume {
     let mut v = views::volume(&state.engine, &state.endpoints, vol);
+    // A launched instance's device and DeleteOnTermination are its own.
+    if let Some(a) = v.attachment.as_mut()
+        && let Some((_, device, dot)) = state.machines.device_of(&v.name)
+    {
+        a.device = Some(device);
+        a.delete_on_termination = dot;
+    }
     if let Some(uri) = &v.uri {
         v.tags.insert(NBD_URI_TAG.to_owned(), uri.clone());
     }
@@ -240,7 +247,14 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
         wanted.push(lookup(cx.state, id)?);
     }
     let vols = if ids.is_empty() {
-        cx.state.engine.list()
+        // Instance-store volumes are an instance's, not EBS volumes: EC2
+        // does not list them.
+        cx.state
+            .engine
+            .list()
+            .into_iter()
+            .filter(|v| !cx.state.machines.is_instance_store(&v.name))
+            .collect()
     } else {
         wanted
     };
@@ -348,6 +362,20 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
             "Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"
         )));
     }
+    if cx.state.machines.knows_instance(&instance) {
+        // A launched instance records the device (DeleteOnTermination
+        // false, as for any volume attached after launch).
+        cx.state
+            .machines
+            .attach_volume(&instance, &name_of(&vol), &device)
+            .await?;
+        let v = view(cx.state, &vol);
+        let mut x = Xml::response("AttachVolume", cx.rid);
+        if let Some(a) = &v.attachment {
+            write_attachment(&mut x, &v, a, "attaching");
+        }
+        return Ok(x.finish("AttachVolume"));
+    }
     let vol = cx
         .state
         .engine
@@ -397,7 +425,9 @@ pub async fn detach(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     p.bool("Force")?;
-    cx.state.engine.detach(&name_of(&vol)).await?;
+    if !cx.state.machines.detach_volume(&name_of(&vol)).await? {
+        cx.state.engine.detach(&name_of(&vol)).await?;
+    }
     let mut x = Xml::response("DetachVolume", cx.rid);
     write_attachment(&mut x, &v, &att, "detaching");
     Ok(x.finish("DetachVolume"))
