@@ -146,7 +146,7 @@ impl SnapshotSets {
         // the set before anything is recorded.
         let mut slots = Vec::with_capacity(vols.len());
         for v in &vols {
-            slots.push(self.jobs.reserve(v)?);
+            slots.push(self.jobs.reserve(v).await?);
         }
         let created_at = unix_now();
         let mut rec = SnapshotSetRecord {
@@ -464,6 +464,100 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::disk::IoEngine;
+    use crate::engine::Engine;
+    use volumed_api::CreateVolume;
+
+    fn open(dir: &std::path::Path) -> Arc<Engine> {
+        let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
+        let repo = snapshot::Repo::new(Arc::new(store), 3);
+        let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
+        let io = Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap());
+        Arc::new(Engine::open(dir, io, repo, fetcher).unwrap().0)
+    }
+
+    async fn volume(e: &Engine, n: &str) -> Arc<Volume> {
+        e.create(CreateVolume {
+            name: VolumeName::parse(n).unwrap(),
+            size: Some(4 << 20),
+            ephemeral: false,
+            from_snapshot: None,
+            chunk_size: None,
+            hydrate: None,
+        })
+        .await
+        .unwrap()
+    }
+
+    /// A member whose write does not drain fails the set within the
+    /// barrier timeout: nothing is frozen or recorded but the failed set,
+    /// and the other member's writes go on. Once it drains, a set works.
+    #[tokio::test]
+    async fn a_stalled_member_fails_the_set_not_the_io() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open(dir.path());
+        let a = volume(&e, "a").await;
+        let b = volume(&e, "b").await;
+        a.write(0, vec![1; 4096], false).await.unwrap();
+        e.set_barrier_timeout(Duration::from_millis(100));
+        let names = [a.name.clone(), b.name.clone()];
+        let stalled = b.hold_gate_shared().await;
+        let t = Instant::now();
+        let r = e.create_snapshot_set("s", &names, BTreeMap::new()).await;
+        assert!(
+            matches!(r, Err(Error::SnapshotSetFailed(_))),
+            "{:?}",
+            r.err()
+        );
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        tokio::time::timeout(Duration::from_secs(1), a.write(0, vec![2; 4096], false))
+            .await
+            .expect("a's writes are admitted again")
+            .unwrap();
+        assert!(e.snapshots(None).await.unwrap().is_empty());
+        let sets = e.snapshot_sets().unwrap();
+        assert_eq!(sets.len(), 1);
+        assert_eq!(sets[0].state, SetState::Failed);
+        // Nothing of the failed set holds either volume's snapshot slot.
+        drop(stalled);
+        let (set, members) = e
+            .create_snapshot_set("s", &names, BTreeMap::new())
+            .await
+            .unwrap();
+        assert_eq!(members.len(), 2);
+        assert!(members.iter().all(|m| m.created_at == set.created_at));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.snapshot_set(&set.id).unwrap().state == SetState::Creating {
+            assert!(Instant::now() < deadline, "the set did not settle");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(e.snapshot_set(&set.id).unwrap().state, SetState::Completed);
+        for m in &members {
+            assert_eq!(e.snapshot_set_of(&m.id).as_deref(), Some(set.id.as_str()));
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_sets_are_refused_before_anything_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open(dir.path());
+        let a = volume(&e, "a").await;
+        let n = || BTreeMap::new();
+        let twice = [a.name.clone(), a.name.clone()];
+        assert!(e.create_snapshot_set("s", &twice, n()).await.is_err());
+        assert!(e.create_snapshot_set("s", &[], n()).await.is_err());
+        assert!(
+            e.create_snapshot_set("bad name", &[a.name.clone()], n())
+                .await
+                .is_err()
+        );
+        let missing = [a.name.clone(), VolumeName::parse("nope").unwrap()];
+        assert!(matches!(
+            e.create_snapshot_set("s", &missing, n()).await,
+            Err(Error::VolumeNotFound(_))
+        ));
+        assert!(e.snapshot_sets().unwrap().is_empty());
+    }
 
     #[test]
     fn set_ids_are_fresh() {

@@ -410,6 +410,12 @@ impl Volume {
         self.gate.write().await
     }
 
+    /// Holds the gate as a write in flight does, for tests of the barrier.
+    #[cfg(test)]
+    pub(super) async fn hold_gate_shared(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
     /// [`Volume::begin_snapshot`] under a gate the caller closed.
     pub(super) fn freeze_closed(
         self: &Arc<Self>,

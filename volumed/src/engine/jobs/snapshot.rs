@@ -99,6 +99,12 @@ struct Running {
     /// name is another volume, free to take its own snapshot.
     volume_id: u64,
     progress: Arc<Progress>,
+    /// Set once the job writes its final record: a client that saw it may
+    /// ask for the next snapshot before the slot is free, and waits for it
+    /// rather than being refused.
+    ending: Arc<std::sync::atomic::AtomicBool>,
+    /// Woken when the slot is given back.
+    ended: Arc<tokio::sync::Notify>,
 }
 
 /// A volume's snapshot slot, claimed under the snapshot's id before its
@@ -154,7 +160,7 @@ impl SnapshotJobs {
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
     ) -> Result<SnapshotRecord> {
-        let slot = self.reserve(&vol)?;
+        let slot = self.reserve(&vol).await?;
         let guard = vol.begin_snapshot().await;
         let (rec, _) = self.launch(slot, vol, guard, labels, unix_now()).await?;
         Ok(rec)
@@ -162,26 +168,52 @@ impl SnapshotJobs {
 
     /// Claims `vol`'s one snapshot slot under a fresh id, before its
     /// freeze; the slot is given back when the [`Slot`] drops unlaunched.
-    pub fn reserve(self: &Arc<Self>, vol: &Volume) -> Result<Slot> {
+    /// A snapshot of the volume that is only writing its final record is
+    /// waited for; one still uploading refuses.
+    pub async fn reserve(self: &Arc<Self>, vol: &Volume) -> Result<Slot> {
         if let Some(reason) = vol.failure() {
             return Err(Error::VolumeFailed(vol.name.clone(), reason.to_owned()));
         }
         let id = SnapshotId::generate();
         let progress = Arc::new(Progress::default());
-        let mut running = self.running();
-        if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
-            return Err(Error::SnapshotInProgress(
-                vol.name.clone(),
-                other.to_string(),
-            ));
+        loop {
+            let ended = {
+                let mut running = self.running();
+                match running.iter().find(|(_, r)| r.volume_id == vol.id) {
+                    Some((_, r)) if r.ending.load(Ordering::Acquire) => Arc::clone(&r.ended),
+                    Some((other, _)) => {
+                        return Err(Error::SnapshotInProgress(
+                            vol.name.clone(),
+                            other.to_string(),
+                        ));
+                    }
+                    None => {
+                        running.insert(
+                            id.clone(),
+                            Running {
+                                volume_id: vol.id,
+                                progress: Arc::clone(&progress),
+                                ending: Default::default(),
+                                ended: Default::default(),
+                            },
+                        );
+                        break;
+                    }
+                }
+            };
+            let wait = ended.notified();
+            tokio::pin!(wait);
+            // Registered before the check below, so the wake-up that gives
+            // the slot back cannot be missed.
+            wait.as_mut().enable();
+            let still = self
+                .running()
+                .values()
+                .any(|r| r.volume_id == vol.id && Arc::ptr_eq(&r.ended, &ended));
+            if still {
+                wait.await;
+            }
         }
-        running.insert(
-            id.clone(),
-            Running {
-                volume_id: vol.id,
-                progress: Arc::clone(&progress),
-            },
-        );
         Ok(Slot {
             jobs: Arc::clone(self),
             id,
@@ -361,6 +393,9 @@ impl SnapshotJob {
             ..
         } = self;
         let completed = result.is_ok();
+        if let Some(r) = jobs.running().get(&rec.id) {
+            r.ending.store(true, Ordering::Release);
+        }
         match result {
             Ok(m) => {
                 guard.commit();
@@ -411,7 +446,10 @@ impl SnapshotJob {
                 warn!(volume = %rec.volume, snapshot = %rec.id, error = %e, "snapshot failed; its changes go to the next one");
             }
         }
-        jobs.running().remove(&rec.id);
+        let ended = jobs.running().remove(&rec.id).map(|r| r.ended);
+        if let Some(n) = ended {
+            n.notify_waiters();
+        }
         if let Some(done) = done {
             let _ = done.send(completed);
         }
