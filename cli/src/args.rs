@@ -167,8 +167,8 @@ pub enum ImageCommand {
     Register {
         name: String,
         /// The root device and its snapshot: DEVICE=snap-ID[:SIZE_GIB[:DELETE_ON_TERMINATION[:TYPE[:IOPS]]]]
-        #[arg(long, value_name = "DEVICE=SNAPSHOT", value_parser = parse_mapping)]
-        root: BlockDeviceMapping,
+        #[arg(long, value_name = "DEVICE=SNAPSHOT", value_parser = parse_root)]
+        root: Box<BlockDeviceMapping>,
         /// Another device (repeatable): DEVICE=ephemeralN, DEVICE=none, or
         /// DEVICE=[snap-ID]:[SIZE_GIB]:[DELETE_ON_TERMINATION]:[TYPE[:IOPS]]
         #[arg(short = 'b', long = "block-device-mapping", value_name = "DEVICE=SPEC", value_parser = parse_mapping)]
@@ -238,6 +238,10 @@ pub enum InstanceCommand {
 
 fn parse_mapping(s: &str) -> Result<BlockDeviceMapping, String> {
     BlockDeviceMapping::parse_legacy(s).map_err(|e| e.to_string())
+}
+
+fn parse_root(s: &str) -> Result<Box<BlockDeviceMapping>, String> {
+    parse_mapping(s).map(Box::new)
 }
 
 #[derive(Debug, Subcommand)]

@@ -102,7 +102,7 @@ fn register_describe_tag_and_deregister() {
         f(&format!(
             "Name=block-device-mapping.snapshot-id,Values={data}"
         )),
-        [a.clone()]
+        [a.as_str()]
     );
     assert_eq!(
         f(&format!(
@@ -112,14 +112,14 @@ fn register_describe_tag_and_deregister() {
     );
     assert_eq!(
         f("Name=block-device-mapping.device-name,Values=/dev/sdb"),
-        [a.clone()]
+        [a.as_str()]
     );
     assert_eq!(f("Name=name,Values=web-*"), both);
-    assert_eq!(f("Name=name,Values=web-2"), [b.clone()]);
+    assert_eq!(f("Name=name,Values=web-2"), [b.as_str()]);
     assert_eq!(f("Name=state,Values=available"), both);
-    assert_eq!(f(&format!("Name=image-id,Values={b}")), [b.clone()]);
-    assert_eq!(f("Name=tag:team,Values=web"), [a.clone()]);
-    assert_eq!(f("Name=tag-key,Values=team"), [a.clone()]);
+    assert_eq!(f(&format!("Name=image-id,Values={b}")), [b.as_str()]);
+    assert_eq!(f("Name=tag:team,Values=web"), [a.as_str()]);
+    assert_eq!(f("Name=tag-key,Values=team"), [a.as_str()]);
     let tags = ep.aws_json(&[
         "ec2",
         "describe-tags",
@@ -176,7 +176,7 @@ print(len(ids), len(set(ids)))
     ];
     want.sort();
     assert_eq!(results, want);
-    assert_eq!(image_ids(&ep, &[]), [b.clone()]);
+    assert_eq!(image_ids(&ep, &[]), [b.as_str()]);
     let snaps = ep.daemon.vol_json(&["snapshot", "list"]);
     assert_eq!(snaps.as_array().unwrap().len(), 1);
     ep.aws_json(&["ec2", "deregister-image", "--image-id", &b]);
@@ -208,7 +208,7 @@ fn bad_registrations_change_nothing() {
         ];
         args.extend_from_slice(extra);
         let e = ep.aws_err(&args);
-        assert_eq!(image_ids(&ep, &[]), [ok.clone()], "{name}: {e}");
+        assert_eq!(image_ids(&ep, &[]), [ok.as_str()], "{name}: {e}");
         e
     };
     let root_ebs = json!({"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": root}});

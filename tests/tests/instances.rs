@@ -251,7 +251,7 @@ ec2.get_waiter("instance_terminated").wait(InstanceIds=["{id}"], WaiterConfig={{
     ));
     let after = volume_names(d);
     let gone: Vec<&String> = before.iter().filter(|v| !after.contains(v)).collect();
-    let mut want_gone = vec![root.clone(), eph.clone()];
+    let mut want_gone = [root.clone(), eph.clone()];
     want_gone.sort();
     assert_eq!(gone, want_gone.iter().collect::<Vec<_>>());
     let dv = ep.aws_json(&["ec2", "describe-volumes", "--volume-ids", &data]);

@@ -30,6 +30,7 @@ pub async fn run(client: &Client, out: &Out, cmd: ImageCommand) -> anyhow::Resul
                     root.device_name
                 );
             }
+            let root = *root;
             let mut all = vec![root.clone()];
             all.extend(mappings);
             let req = RegisterImage {

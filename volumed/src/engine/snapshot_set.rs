@@ -547,7 +547,7 @@ mod tests {
         assert!(e.create_snapshot_set("s", &twice, n()).await.is_err());
         assert!(e.create_snapshot_set("s", &[], n()).await.is_err());
         assert!(
-            e.create_snapshot_set("bad name", &[a.name.clone()], n())
+            e.create_snapshot_set("bad name", std::slice::from_ref(&a.name), n())
                 .await
                 .is_err()
         );

@@ -120,7 +120,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
     }
     let (set, snaps) = state
         .engine
-        .create_snapshot_set(&format!("{instance}"), &members, BTreeMap::new())
+        .create_snapshot_set(&instance, &members, BTreeMap::new())
         .await?;
     let mut out = Vec::new();
     for snap in snaps {
