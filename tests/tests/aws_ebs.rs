@@ -287,7 +287,7 @@ print("size0", code(lambda: ebs.start_snapshot(VolumeSize=100000)))
     assert_eq!(line("count"), "ValidationException");
     assert_eq!(line("badagg"), "ValidationException");
     assert_eq!(line("complete"), "completed");
-    assert_eq!(line("after"), "ResourceNotFoundException");
+    assert_eq!(line("after"), "ValidationException");
     assert_eq!(line("described"), "completed 1 base boto3");
     assert_eq!(line("changed"), "[5, 7]");
     assert_eq!(line("noparent"), "ResourceNotFoundException");

@@ -149,13 +149,23 @@ where
     }
 }
 
-/// Reads, authenticates and routes one request.
+/// Answers one request, every answer (EC2 or EBS, success or error)
+/// carrying its request id in `x-amzn-requestid`, where SDKs read it.
 async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
+    let request_id = super::request_id();
+    let mut resp = route(state, req, request_id.clone()).await;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+/// Reads, authenticates and routes one request.
+async fn route(state: &AwsState, req: hyper::Request<Incoming>, request_id: String) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let service = Service::of(&path);
-    let request_id = super::request_id();
     // The body must arrive in time too: the header timeout does not cover it.
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {

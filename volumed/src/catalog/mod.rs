@@ -11,7 +11,7 @@
 //! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
 //!   description set through the AWS endpoint)
 //! - `snapshot_sets`: see `snapshot_set`; `images`, `instances`: see
-//!   `machines`
+//!   `machines`; `volume_modifications`: see `volume_modifications`
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
 
 mod job;
@@ -19,6 +19,7 @@ mod json_tree;
 mod machines;
 mod record;
 mod snapshot_set;
+mod volume_modifications;
 
 use std::path::Path;
 
@@ -29,6 +30,7 @@ pub use record::{
     SnapshotState, VolumeRecord, rfc3339, unix_now,
 };
 pub use snapshot_set::{SetMemberRecord, SetState, SnapshotSetRecord};
+pub use volume_modifications::VolumeModificationRecord;
 use volumed_api::VolumeName;
 
 /// Bumped when a record changes incompatibly; a newer catalog is refused.
@@ -88,6 +90,7 @@ pub struct Catalog {
     snapshot_sets: json_tree::JsonTree,
     images: json_tree::JsonTree,
     instances: json_tree::JsonTree,
+    volume_modifications: json_tree::JsonTree,
 }
 
 impl Catalog {
@@ -143,6 +146,7 @@ impl Catalog {
             snapshot_sets: json_tree::JsonTree::open(&db, "snapshot_sets")?,
             images: json_tree::JsonTree::open(&db, "images")?,
             instances: json_tree::JsonTree::open(&db, "instances")?,
+            volume_modifications: json_tree::JsonTree::open(&db, "volume_modifications")?,
             jobs,
             db,
             volumes,

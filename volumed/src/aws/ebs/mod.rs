@@ -15,6 +15,7 @@
 //! `{"Message", "Reason"}` in the body.
 
 pub mod read;
+pub mod states;
 pub mod write;
 
 use bytes::Bytes;
@@ -126,10 +127,18 @@ async fn dispatch(state: &AwsState, req: &Request) -> EbsResult<Response> {
     match (&req.method, segs.as_slice()) {
         (&Method::POST, ["snapshots"]) => write::start(state, req).await,
         (&Method::PUT, ["snapshots", id, "blocks", index]) => {
-            write::put_block(state, req, &snapshot_id(id)?, block_index(index)?).await
+            let id = snapshot_id(id)?;
+            match write::put_block(state, req, &id, block_index(index)?).await {
+                Err(e) => Err(states::refine_write(state, &id, e).await),
+                done => done,
+            }
         }
         (&Method::POST, ["snapshots", "completion", id]) => {
-            write::complete(state, req, &snapshot_id(id)?).await
+            let id = snapshot_id(id)?;
+            match write::complete(state, req, &id).await {
+                Err(e) => Err(states::refine_write(state, &id, e).await),
+                done => done,
+            }
         }
         (&Method::GET, ["snapshots", id, "blocks"]) => {
             read::list_blocks(state, &snapshot_id(id)?, &q).await

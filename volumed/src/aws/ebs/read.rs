@@ -26,7 +26,10 @@ const TOKEN_VALIDITY_SECS: u64 = 7 * 24 * 3600;
 /// A completed snapshot's manifest, which must have 512 KiB chunks, read
 /// lazily: a listing or a block read costs the pages it touches.
 async fn manifest(state: &AwsState, id: &SnapshotId) -> EbsResult<ManifestReader> {
-    let m = state.engine.manifest_reader(id).await?;
+    let m = match state.engine.manifest_reader(id).await {
+        Ok(m) => m,
+        Err(e) => return Err(super::states::refine_read(state, id, e.into()).await),
+    };
     if m.header().chunk_size != BLOCK_SIZE {
         return Err(EbsError::validation(
             "INVALID_PARAMETER_VALUE",

@@ -7,16 +7,20 @@
 //! - `volumes`, `snapshots`, `tags`, `instances`: the actions;
 //! - `images`, `reservations`, `snapshot_sets`: images, launched
 //!   instances and CreateSnapshots, over the machines layer; `mappings`:
-//!   block-device mappings in EC2's words.
+//!   block-device mappings in EC2's words;
+//! - `volume_types`: sizes, IOPS and throughput per volume type;
+//!   `modifications`: ModifyVolume's record, DescribeVolumesModifications.
 
 pub mod images;
 pub mod instances;
 pub mod mappings;
+pub mod modifications;
 pub mod params;
 pub mod reservations;
 pub mod snapshot_sets;
 pub mod snapshots;
 pub mod tags;
+pub mod volume_types;
 pub mod volumes;
 pub mod xml;
 
@@ -44,6 +48,8 @@ impl Ec2Error {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         let status = match code {
             "AuthFailure" | "SignatureDoesNotMatch" | "IncompleteSignature" => 401,
+            // EC2 answers a dry run that would have succeeded with 412.
+            "DryRunOperation" => 412,
             "InternalError" => 500,
             "Unavailable" => 503,
             _ => 400,
@@ -177,6 +183,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "CreateVolume" => volumes::create(cx).await,
         "DescribeVolumes" => volumes::describe(cx).await,
         "ModifyVolume" => volumes::modify(cx).await,
+        "DescribeVolumesModifications" => modifications::describe(cx).await,
         "DeleteVolume" => volumes::delete(cx).await,
         "AttachVolume" => volumes::attach(cx).await,
         "DetachVolume" => volumes::detach(cx).await,

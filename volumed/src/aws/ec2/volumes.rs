@@ -8,7 +8,7 @@ use volumed_api::filter::{ec2_status, matches_all, size_gib};
 use volumed_api::{AttachVolume, CreateVolume, ModifyVolume, VolumeFilter, VolumeName};
 
 use super::xml::Xml;
-use super::{Cx, Ec2Error, Ec2Result, max_results, page};
+use super::{Cx, Ec2Error, Ec2Result, max_results, page, volume_types};
 use crate::api::views;
 use crate::aws::{AwsState, availability_zone, iso8601, parse_rfc3339};
 use crate::engine::Volume;
@@ -16,7 +16,6 @@ use crate::engine::aws_attrs::{VolumeAttrs, is_volume_id, new_volume_id};
 
 /// The tag that carries an attached volume's NBD URI.
 pub const NBD_URI_TAG: &str = "volumed:nbd-uri";
-const VOLUME_TYPES: &[&str] = &["standard", "gp2", "gp3", "io1", "io2", "sc1", "st1"];
 /// EC2's largest volume, 64 TiB, in GiB (also ours).
 const MAX_SIZE_GIB: u64 = 64 << 10;
 
@@ -68,18 +67,14 @@ pub fn instance_id(id: &str) -> Ec2Result<&str> {
     }
 }
 
+/// A device name EC2 accepts for an EBS volume (`/dev/sdf`, `xvdf`...).
 fn device_name(d: &str) -> Ec2Result<&str> {
-    let ok = (1..=64).contains(&d.len())
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'));
-    if ok {
+    if volumed_api::machine::valid_device_name(d) {
         Ok(d)
     } else {
-        Err(Ec2Error::invalid_value(
-            "Device",
-            d,
-            "Expecting a device name such as /dev/sdf.",
-        ))
+        Err(Ec2Error::invalid_parameter(format!(
+            "Value ({d}) for parameter device is invalid. {d} is not a valid EBS device name."
+        )))
     }
 }
 
@@ -105,10 +100,15 @@ pub fn write_volume(x: &mut Xml, v: &volumed_api::Volume, region: &str) {
         x.close("item");
     }
     x.close("attachmentSet");
+    let vtype = v
+        .volume_type
+        .as_deref()
+        .unwrap_or(volume_types::DEFAULT_TYPE);
+    let (iops, throughput) = volume_types::reported(vtype, size_gib(v.size), v.iops, v.throughput);
     x.tag_set(&v.tags)
-        .elem("volumeType", v.volume_type.as_deref().unwrap_or("gp2"))
-        .opt("iops", v.iops)
-        .opt("throughput", v.throughput)
+        .elem("volumeType", vtype)
+        .opt("iops", iops)
+        .opt("throughput", throughput)
         .elem("encrypted", false)
         .elem("multiAttachEnabled", false);
 }
@@ -190,13 +190,23 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
     if size.is_none() && snapshot.is_none() {
         return Err(Ec2Error::missing("Size"));
     }
-    let volume_type = p.get("VolumeType").unwrap_or("gp2").to_owned();
-    if !VOLUME_TYPES.contains(&volume_type.as_str()) {
-        return Err(Ec2Error::invalid_value(
-            "VolumeType",
-            &volume_type,
-            "Expecting one of standard, gp2, gp3, io1, io2, sc1, st1.",
-        ));
+    let volume_type = p.get("VolumeType").unwrap_or(volume_types::DEFAULT_TYPE);
+    let vtype = volume_types::lookup(volume_type)?;
+    let volume_type = volume_type.to_owned();
+    let (iops, throughput) = (p.u64("Iops")?, p.u64("Throughput")?);
+    vtype.check_performance(iops, throughput)?;
+    let gib = match (size, &snapshot) {
+        (Some(b), _) => Some(b >> 30),
+        // As large as the snapshot; an unknown one is refused below.
+        (None, Some(s)) => match snapshot::SnapshotId::parse(s) {
+            Some(id) => cx.state.engine.snapshot_header(&id).await.ok(),
+            None => None,
+        }
+        .map(|h| h.size.div_ceil(1 << 30)),
+        (None, None) => None,
+    };
+    if let Some(g) = gib {
+        vtype.check_size(g)?;
     }
     let tags = p.tag_specifications("volume")?;
     volumed_api::validate_tags(&tags).map_err(|e| Ec2Error::invalid_parameter(e.to_string()))?;
@@ -206,8 +216,8 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         volume_id: Some(id),
         tags,
         volume_type: Some(volume_type),
-        iops: p.u64("Iops")?,
-        throughput: p.u64("Throughput")?,
+        iops,
+        throughput,
     };
     let req = CreateVolume {
         name,
@@ -293,6 +303,9 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
         }
         None => return Err(Ec2Error::missing("Size")),
     };
+    let vtype = before.volume_type.as_deref();
+    volume_types::lookup(vtype.unwrap_or(volume_types::DEFAULT_TYPE))?.check_size(size >> 30)?;
+    let start = crate::catalog::unix_now();
     let vol = cx
         .state
         .engine
@@ -304,21 +317,11 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
             },
         )
         .await?;
-    let after = vol.record();
-    let vtype = after.volume_type.clone().unwrap_or_else(|| "gp2".into());
-    let now = iso8601(crate::catalog::unix_now());
+    let m = super::modifications::record(cx.state, &before, &vol.record(), start)?;
     let mut x = Xml::response("ModifyVolume", cx.rid);
-    x.open("volumeModification")
-        .elem("volumeId", cx.state.engine.volume_id(&after))
-        .elem("modificationState", "completed")
-        .elem("targetSize", size_gib(after.size))
-        .elem("targetVolumeType", &vtype)
-        .elem("originalSize", size_gib(before.size))
-        .elem("originalVolumeType", &vtype)
-        .elem("progress", 100)
-        .elem("startTime", &now)
-        .elem("endTime", &now)
-        .close("volumeModification");
+    x.open("volumeModification");
+    super::modifications::write(&mut x, &m);
+    x.close("volumeModification");
     Ok(x.finish("ModifyVolume"))
 }
 
@@ -333,6 +336,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     cx.state.engine.delete(&name_of(&vol)).await?;
+    super::modifications::forget(cx.state, id)?;
     let mut x = Xml::response("DeleteVolume", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteVolume"))
