@@ -89,6 +89,11 @@ for kw, c, words in bad:
     e = err(lambda: vol(**kw))["Error"]
     assert (e["Code"], words in e["Message"]) == (c, True), (kw, e)
 assert len(ec2.describe_volumes()["Volumes"]) == count
+# The same limits hold for a type given in a block-device mapping.
+root = {{"DeviceName": "/dev/sda1", "Ebs": {{"SnapshotId": "snap-0123456789abcdef0", "VolumeSize": 1, "VolumeType": "io1", "Iops": 100}}}}
+e = err(lambda: ec2.register_image(Name="small-io1", RootDeviceName="/dev/sda1", BlockDeviceMappings=[root]))["Error"]
+assert e["Code"] == "InvalidParameterValue" and "minimum is 4GB" in e["Message"], e
+assert ec2.describe_images(Owners=["self"])["Images"] == []
 
 # AttachVolume takes EC2's device names only.
 gp2 = made["gp2-1"]["VolumeId"]

@@ -72,6 +72,17 @@ pub fn parse(p: &Params, prefix: &str) -> Ec2Result<Vec<BlockDeviceMapping>> {
         } else {
             None
         };
+        // A type given here is held to its sizes and parameters, as at
+        // CreateVolume (a size taken from the snapshot is not checked).
+        if let Some(e) = &ebs
+            && let Some(t) = &e.volume_type
+        {
+            let vt = super::volume_types::lookup(t)?;
+            if let Some(g) = e.volume_size {
+                vt.check_size(g)?;
+            }
+            vt.check_performance(e.iops, e.throughput)?;
+        }
         let m = BlockDeviceMapping {
             device_name,
             ebs,
@@ -169,6 +180,26 @@ mod tests {
         );
         assert_eq!(m[1].virtual_name.as_deref(), Some("ephemeral0"));
         assert!(m[2].no_device);
+    }
+
+    #[test]
+    fn a_given_type_is_held_to_its_limits() {
+        let one = |ebs: &str| {
+            parse_form(&format!(
+                "BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsdf&BlockDeviceMapping.1.Ebs.{ebs}"
+            ))
+        };
+        assert!(one("VolumeSize=4&BlockDeviceMapping.1.Ebs.VolumeType=io1&BlockDeviceMapping.1.Ebs.Iops=100").is_ok());
+        let e = one("VolumeSize=1&BlockDeviceMapping.1.Ebs.VolumeType=io1&BlockDeviceMapping.1.Ebs.Iops=100")
+            .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterValue");
+        let e = one("VolumeSize=8&BlockDeviceMapping.1.Ebs.VolumeType=gp2&BlockDeviceMapping.1.Ebs.Throughput=125")
+            .unwrap_err();
+        assert_eq!(e.code, "InvalidParameterCombination");
+        assert!(one("VolumeSize=8&BlockDeviceMapping.1.Ebs.VolumeType=gp9").is_err());
+        // Without a type nothing is assumed: a launch override may give
+        // only DeleteOnTermination.
+        assert!(one("DeleteOnTermination=true").is_ok());
     }
 
     #[test]
