@@ -127,9 +127,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
 
     let metrics_task = match config.metrics_listen {
-        Some(addr) => Some(
-            crate::metrics::server::serve(addr, Arc::clone(&engine), root.child_token()).await?,
-        ),
+        Some(addr) => {
+            Some(crate::telemetry::serve(addr, Arc::clone(&engine), root.child_token()).await?)
+        }
         None => None,
     };
     let nbd_task = tokio::spawn(nbd.run(root.child_token(), config.nbd_socket.clone()));

@@ -21,3 +21,4 @@ pub mod image;
 pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod socket_path;
+pub(crate) mod telemetry;

@@ -10,7 +10,6 @@ use snapshot::ManifestHeader;
 use volumed_api::{VolumeName, VolumeState};
 
 use crate::catalog::{SnapshotRecord, SnapshotState, rfc3339};
-use crate::engine::jobs::hydrate::HydrationState;
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, FetchStats, Volume};
 
@@ -86,43 +85,12 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
 }
 
 /// A restored volume's hydration; null for other volumes.
-pub(crate) fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
-    let rec = vol.record();
-    rec.source_snapshot.as_ref()?;
-    let Some(base) = vol.base() else {
-        // Hydrated in an earlier run: nothing is left to fetch.
-        return Some(volumed_api::Hydration {
-            state: HydrationState::Complete.as_str().into(),
-            hydrated_bytes: 0,
-            total_bytes: 0,
-            error: None,
-        });
-    };
-    let total = base.based_bytes();
-    // Counted, not listed: a 16 TiB base has 32 Mi chunks.
-    let remaining = {
-        let g = base.geometry;
-        let n = vol.map().base_chunks();
-        let last = g.count().saturating_sub(1);
-        let short = if n > 0 && vol.map().state(last) == crate::engine::chunk_map::ChunkState::Base
-        {
-            g.chunk_size() - base.chunk_len(last)
-        } else {
-            0
-        };
-        (n * g.chunk_size()).saturating_sub(short)
-    };
-    let status = engine.hydration(vol);
-    let state = match &status {
-        _ if remaining == 0 => HydrationState::Complete,
-        Some(s) => s.state,
-        None => HydrationState::Hydrating,
-    };
-    Some(volumed_api::Hydration {
-        state: state.as_str().into(),
-        hydrated_bytes: total - remaining,
-        total_bytes: total,
-        error: status.and_then(|s| s.error),
+fn hydration(engine: &Engine, vol: &Volume) -> Option<volumed_api::Hydration> {
+    engine.hydration(vol).map(|h| volumed_api::Hydration {
+        state: h.state.as_str().into(),
+        hydrated_bytes: h.hydrated_bytes,
+        total_bytes: h.total_bytes,
+        error: h.error,
     })
 }
 

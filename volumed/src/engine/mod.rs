@@ -346,8 +346,9 @@ impl Engine {
         self.snapshot_jobs.progress_of(vol)
     }
 
-    pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationStatus> {
-        self.hydrator.status(vol)
+    /// A restored volume's hydration; `None` for other volumes.
+    pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationProgress> {
+        jobs::hydrate::HydrationProgress::of(vol, self.hydrator.status(vol))
     }
 
     pub fn fetch_stats(&self) -> FetchStats {

@@ -1,25 +1,18 @@
-//! `GET /metrics` on `--metrics-listen`: Prometheus text, built from the
-//! atomics of `metrics` and from engine state read at each scrape.
+//! What a scrape reads: the atomics of `metrics` and the engine's state,
+//! encoded as Prometheus metric families.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::{Registry, Unit};
-use tokio_util::sync::CancellationToken;
 
-use super::store::{ERROR_KINDS, STORE, StoreOp, kind_str};
-use super::{Histogram, NBD_CONNECTIONS, NBD_CONNECTIONS_TOTAL, Op, REQUEST_LATENCY};
 use crate::engine::Engine;
+use crate::metrics::store::{ERROR_KINDS, STORE, StoreOp, kind_str};
+use crate::metrics::{Histogram, NBD_CONNECTIONS, NBD_CONNECTIONS_TOTAL, Op, REQUEST_LATENCY};
 
 /// Everything the daemon reports, read when scraped.
 struct EngineCollector {
@@ -139,7 +132,7 @@ impl Collector for EngineCollector {
                     signed(total),
                 ));
             }
-            if let Some(h) = crate::api::views::hydration(&self.engine, v) {
+            if let Some(h) = self.engine.hydration(v) {
                 hydrated.push((l(), signed(h.hydrated_bytes)));
                 hydration_total.push((l(), signed(h.total_bytes)));
             }
@@ -264,109 +257,4 @@ pub fn registry(engine: Arc<Engine>) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(EngineCollector { engine }));
     r
-}
-
-/// OpenMetrics text as the classic Prometheus text format (0.0.4), for
-/// scrapers and linters that ask for that: a counter's family is named by
-/// its `_total` samples, and there are no `# UNIT` or `# EOF` lines.
-fn classic_text(openmetrics: &str) -> String {
-    let mut counters = std::collections::HashSet::new();
-    for line in openmetrics.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ")
-            && let Some(name) = rest.strip_suffix(" counter")
-        {
-            counters.insert(name.to_owned());
-        }
-    }
-    let mut out = String::with_capacity(openmetrics.len());
-    for line in openmetrics.lines() {
-        if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters
-                .contains(name)
-                .then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
-/// Binds `addr` and serves `GET /metrics` until `shutdown`.
-pub async fn serve(
-    addr: SocketAddr,
-    engine: Arc<Engine>,
-    shutdown: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("bind the metrics listener on {addr}"))?;
-    super::enable();
-    let registry = Arc::new(registry(engine));
-    let app = Router::new().route(
-        "/metrics",
-        get(move |headers: axum::http::HeaderMap| {
-            let registry = Arc::clone(&registry);
-            async move {
-                let openmetrics = headers
-                    .get(header::ACCEPT)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|a| a.contains("application/openmetrics-text"));
-                let mut body = String::new();
-                match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) if openmetrics => (
-                        StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        body,
-                    )
-                        .into_response(),
-                    Ok(()) => (
-                        StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4; charset=utf-8",
-                        )],
-                        classic_text(&body),
-                    )
-                        .into_response(),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode metrics");
-                        StatusCode::INTERNAL_SERVER_ERROR.into_response()
-                    }
-                }
-            }
-        }),
-    );
-    tracing::info!(%addr, "metrics listening");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-        {
-            tracing::error!(error = %e, "metrics server stopped");
-        }
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn classic_text_names_counters_by_their_samples() {
-        let om = "# HELP a_requests Requests.\n# TYPE a_requests counter\na_requests_total{op=\"read\"} 1\n\
-                  # HELP b_bytes Bytes.\n# TYPE b_bytes gauge\n# UNIT b_bytes bytes\nb_bytes 3\n# EOF\n";
-        assert_eq!(
-            classic_text(om),
-            "# HELP a_requests_total Requests.\n# TYPE a_requests_total counter\na_requests_total{op=\"read\"} 1\n\
-             # HELP b_bytes Bytes.\n# TYPE b_bytes gauge\nb_bytes 3\n"
-        );
-    }
 }
