@@ -12,12 +12,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use volumed_api::Status;
 
-use crate::api::views::NbdEndpoints;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::disk::IoEngine;
 use crate::engine::Engine;
 use crate::nbd::NbdServer;
+use crate::present::NbdEndpoints;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can answer: a SIGTERM that arrives once the control

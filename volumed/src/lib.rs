@@ -20,5 +20,6 @@ pub(crate) mod failpoint;
 pub mod image;
 pub(crate) mod metrics;
 pub mod nbd;
+pub(crate) mod present;
 pub(crate) mod socket_path;
 pub(crate) mod telemetry;

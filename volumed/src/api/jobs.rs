@@ -11,9 +11,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use volumed_api::{ErrorCode, ImportRequest, Job, JobList};
 
-use super::handlers::{ApiFailure, ApiResult, ApiState, body};
-use super::views;
+use super::state::{ApiFailure, ApiResult, ApiState, body};
 use crate::engine::jobs::registry::JobHandle;
+use crate::present::views;
 
 /// The header carrying a stream import's request (the body is the bytes).
 pub const IMPORT_HEADER: &str = "x-volumed-import";

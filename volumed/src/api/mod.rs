@@ -30,8 +30,8 @@
 //! | GET | /v1/jobs/{id}/events | | NDJSON stream of Job, one per change, the last final |
 //! | POST | /v1/jobs/{id}/cancel | | Job |
 //!
-//! `handlers` parses and routes; `views` builds every answer and URI from
-//! engine state; `server` runs axum on the socket.
+//! `handlers` parses and routes; `present::views` builds every answer and
+//! URI from engine state; `server` runs axum on the socket.
 //!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).
@@ -39,7 +39,59 @@
 mod handlers;
 mod jobs;
 pub mod server;
-pub mod views;
+mod state;
 
-pub use handlers::ApiState;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use volumed_api::ErrorCode;
+
 pub use server::serve;
+use state::ApiFailure;
+pub use state::ApiState;
+
+/// The one routing table.
+pub(crate) fn router(state: ApiState) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/status", get(handlers::status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(modify_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route(
+            "/v1/volumes/{name}/tags",
+            post(tag_volume).delete(untag_volume),
+        )
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
+        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
+        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
+        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
+        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
+        .route("/v1/gc", post(gc))
+        .route("/v1/imports", post(jobs::import_file))
+        .route("/v1/imports/stream", post(jobs::import_stream))
+        .route("/v1/exports", post(jobs::export))
+        .route("/v1/jobs", get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiFailure {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: ErrorCode::InvalidRequest,
+                message: "method not allowed on this resource".into(),
+            }
+        })
+        .with_state(state)
+}

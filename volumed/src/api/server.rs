@@ -7,7 +7,7 @@ use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::handlers::{ApiState, router};
+use super::{ApiState, router};
 
 pub async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     crate::socket_path::remove_stale_socket(socket).await?;

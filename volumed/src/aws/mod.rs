@@ -27,9 +27,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use crate::api::views::NbdEndpoints;
 use crate::engine::Engine;
 use crate::nbd::tls::TlsFiles;
+use crate::present::NbdEndpoints;
 use credentials::Credentials;
 
 /// The endpoint's settings from the command line.
@@ -88,6 +88,12 @@ impl Request {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Why the listener answered a request before routing it.
+pub enum Refusal {
+    Auth(sigv4::AuthError),
+    TooLarge,
 }
 
 /// Which API a path belongs to, and so the service name it is signed for.

@@ -21,9 +21,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::credentials::Credentials;
-use super::{AwsConfig, AwsState, Request, Response, Service, ebs, ec2, sigv4};
-use crate::api::views::NbdEndpoints;
+use super::{AwsConfig, AwsState, Refusal, Request, Response, Service, ebs, ec2, sigv4};
 use crate::engine::Engine;
+use crate::present::NbdEndpoints;
 
 /// A request body larger than this is refused: a 512 KiB block plus room.
 pub const MAX_BODY: usize = 2 << 20;
@@ -211,11 +211,6 @@ async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
 }
 
 /// Why a request was refused before reaching an API.
-pub enum Refusal {
-    Auth(sigv4::AuthError),
-    TooLarge,
-}
-
 fn refuse(service: Service, request_id: &str, why: Refusal) -> Response {
     match service {
         Service::Ec2 => ec2::refusal(request_id, why),

@@ -889,6 +889,6 @@ pub(crate) fn remove_files_and_record(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod volume_tests;

@@ -22,9 +22,8 @@ use http_body_util::Full;
 use hyper::Method;
 use snapshot::SnapshotId;
 
-use super::server::Refusal;
 use super::sigv4::AuthError;
-use super::{AwsState, Request, Response};
+use super::{AwsState, Refusal, Request, Response};
 use crate::error::Error;
 
 /// The block size of the EBS direct APIs.

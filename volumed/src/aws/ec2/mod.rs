@@ -16,9 +16,8 @@ pub mod xml;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use super::server::Refusal;
 use super::sigv4::AuthError;
-use super::{AwsState, Request, Response};
+use super::{AwsState, Refusal, Request, Response};
 use crate::error::Error;
 use params::Params;
 

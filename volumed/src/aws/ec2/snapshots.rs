@@ -11,10 +11,10 @@ use volumed_api::{CreateSnapshot, SnapshotState};
 
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
 use crate::aws::{AwsState, OWNER_ID, iso8601, parse_rfc3339};
 use crate::catalog::AwsSnapshotRecord;
 use crate::engine::aws_attrs::is_volume_id;
+use crate::present::views;
 
 /// What EC2 shows of a snapshot.
 #[derive(Debug, Clone)]

@@ -9,10 +9,10 @@ use volumed_api::{AttachVolume, CreateVolume, ModifyVolume, VolumeFilter, Volume
 
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
 use crate::aws::{AwsState, availability_zone, iso8601, parse_rfc3339};
 use crate::engine::Volume;
 use crate::engine::aws_attrs::{VolumeAttrs, is_volume_id, new_volume_id};
+use crate::present::views;
 
 /// The tag that carries an attached volume's NBD URI.
 pub const NBD_URI_TAG: &str = "volumed:nbd-uri";

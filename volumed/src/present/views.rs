@@ -1,36 +1,16 @@
-//! What the control API shows: every JSON document the daemon answers with
-//! is built here from engine state, and so is every NBD URI. The engine
-//! knows nothing of its presentation.
+//! What the front-ends show: every JSON document the control API answers
+//! with is built here from engine state (the AWS endpoint starts from the
+//! same views). The engine knows nothing of its presentation.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use snapshot::ManifestHeader;
 use volumed_api::{VolumeName, VolumeState};
 
+use super::NbdEndpoints;
 use crate::catalog::{SnapshotRecord, SnapshotState, rfc3339};
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::engine::{Engine, FetchStats, Volume};
-
-/// Where clients reach the exports, for the URIs the API reports.
-#[derive(Debug, Clone)]
-pub struct NbdEndpoints {
-    pub tcp: SocketAddr,
-    pub unix: PathBuf,
-    /// TLS is required on TCP, so its URI is `nbds://`.
-    pub tls: bool,
-}
-
-impl NbdEndpoints {
-    pub fn tcp_uri(&self, export: &str) -> String {
-        nbd_proto::Uri::tcp(self.tcp, export, self.tls).to_string()
-    }
-
-    pub fn unix_uri(&self, export: &str) -> String {
-        nbd_proto::Uri::unix(&self.unix, export, false).to_string()
-    }
-}
 
 /// The API's view of a volume.
 pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::Volume {
@@ -317,7 +297,33 @@ pub fn job(h: &crate::engine::jobs::registry::JobHandle) -> volumed_api::Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::tests::{create_req, name, open};
     use snapshot::diff::{Diff, Extent};
+
+    fn endpoints() -> NbdEndpoints {
+        NbdEndpoints {
+            tcp: "127.0.0.1:10809".parse().unwrap(),
+            unix: "/tmp/nbd.sock".into(),
+            tls: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attached_volume_shows_its_uris() {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, _) = open(dir.path());
+        e.create(create_req("a", 1 << 30, false)).await.unwrap();
+        let attach = volumed_api::AttachVolume {
+            instance: Some("i-1".into()),
+        };
+        e.attach(&name("a"), attach).await.unwrap();
+        let v = volume(&e, &endpoints(), &e.get(&name("a")).unwrap());
+        assert_eq!(v.uri.as_deref(), Some("nbd://127.0.0.1:10809/a"));
+        assert_eq!(
+            v.unix_uri.as_deref(),
+            Some("nbd+unix:///a?socket=/tmp/nbd.sock")
+        );
+    }
 
     #[test]
     fn changed_blocks_pages_cover_every_extent_once() {
