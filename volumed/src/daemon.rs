@@ -13,9 +13,11 @@ use tracing::{info, warn};
 use volumed_api::Status;
 
 use crate::api::{self, ApiState};
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::disk::IoEngine;
 use crate::engine::Engine;
+use crate::images::Images;
 use crate::nbd::NbdServer;
 use crate::present::NbdEndpoints;
 
@@ -70,17 +72,41 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         repo.clone(),
         (config.cache_size > 0).then(|| Arc::new(cache)),
     ));
-    let (engine, clean) = Engine::open(&config.data_dir, Arc::clone(&io), repo, fetcher)
+    // The engine, the image jobs and the AWS endpoint each own trees of it.
+    let catalog_path = config.data_dir.join("catalog");
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
+        .await
+        .context("open catalog")?
+        .context("open catalog")
         .context("open volume engine")?;
+    let catalog = Arc::new(catalog);
+    let (engine, clean) = Engine::open(
+        &config.data_dir,
+        Arc::clone(&catalog),
+        Arc::clone(&io),
+        repo,
+        fetcher,
+    )
+    .await
+    .context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
     let engine = Arc::new(engine);
     engine.start_background();
-    engine.set_nbd_socket(config.nbd_socket.clone());
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
     engine.reopen_snapshot_exports().await;
+    let images = Images::open(
+        Arc::clone(&engine),
+        Arc::clone(&catalog),
+        &config.data_dir,
+        config.nbd_socket.clone(),
+    )
+    .await
+    .context("load jobs")?;
+    let images = Arc::new(images);
+    images.start_background();
 
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = crate::nbd::io_threads::IoThreads::start(threads, &io)?;
@@ -93,7 +119,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // before it reports ready.
     let aws = match (&config.aws, aws_credentials) {
         (Some(c), Some(creds)) => Some(
-            crate::aws::server::bind(c, creds, Arc::clone(&engine), Arc::clone(&endpoints)).await?,
+            crate::aws::server::bind(
+                c,
+                creds,
+                Arc::clone(&engine),
+                Arc::clone(&catalog),
+                Arc::clone(&endpoints),
+            )
+            .await?,
         ),
         _ => None,
     };
@@ -117,11 +150,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store_fetched_bytes: 0,
         cache_bytes: 0,
         cache_hits: 0,
-        image_tools: crate::image::qemu::tools_version().await,
+        image_tools: crate::images::qemu::tools_version().await,
         aws_listen: aws_addr.map(|a| a.to_string()),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
+        images: Arc::clone(&images),
+        catalog,
         status: Arc::new(status),
         endpoints,
     };
@@ -144,6 +179,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     root.cancel();
+    // Imports stop first (a file import resumes from its checkpoint), then
+    // the engine's own jobs, sessions and volumes.
+    images.shutdown().await;
     engine
         .shutdown()
         .await

@@ -6,6 +6,7 @@
 //! io_uring.
 
 pub mod diff;
+mod error_chain;
 pub mod filter;
 pub mod job;
 pub mod name;
@@ -13,6 +14,7 @@ pub mod size;
 pub mod types;
 
 pub use diff::*;
+pub use error_chain::error_chain;
 pub use filter::{FilterError, VolumeFilter, validate_tags};
 pub use job::*;
 pub use name::{NameError, VolumeName};

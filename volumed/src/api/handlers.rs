@@ -14,7 +14,7 @@ use volumed_api::{
 };
 
 use super::state::{ApiFailure, ApiResult, ApiState, body};
-use crate::error::Error;
+use crate::engine::{Error, VolumeOptions};
 use crate::present::views;
 
 /// A CreateVolume body with optional `tags` (kept out of `CreateVolume`
@@ -79,7 +79,7 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 
 /// A snapshot id from a path: a malformed one names no snapshot.
 fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
-    SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()).into())
+    Ok(Error::snapshot_id(raw)?)
 }
 
 pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
@@ -96,11 +96,11 @@ pub(super) async fn create_volume(
     bytes: Bytes,
 ) -> ApiResult<impl IntoResponse> {
     let (req, tags) = create_body(&bytes)?;
-    let attrs = crate::engine::aws_attrs::VolumeAttrs {
+    let opts = VolumeOptions {
         tags,
         ..Default::default()
     };
-    let vol = s.engine.create_with(req, attrs, None).await?;
+    let vol = s.engine.create_with(req, opts).await?;
     Ok((StatusCode::CREATED, Json(s.volume(&vol))))
 }
 

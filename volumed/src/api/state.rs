@@ -11,15 +11,19 @@ use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use volumed_api::{ApiError, ErrorBody, ErrorCode, Snapshot, Status};
 
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::engine::{Engine, Volume};
-use crate::error::Error;
-use crate::present::NbdEndpoints;
+use crate::catalog::Catalog;
+use crate::engine::{Engine, SnapshotInfo, Volume};
+use crate::images::Images;
 use crate::present::views;
+use crate::present::{NbdEndpoints, failure};
 
 #[derive(Clone)]
 pub struct ApiState {
     pub engine: Arc<Engine>,
+    pub images: Arc<Images>,
+    /// Read for the EC2 attributes the views show (the AWS endpoint writes
+    /// them).
+    pub catalog: Arc<Catalog>,
     /// The facts of this run; live counts are filled in per request.
     pub status: Arc<Status>,
     pub endpoints: Arc<NbdEndpoints>,
@@ -27,7 +31,7 @@ pub struct ApiState {
 
 impl ApiState {
     pub(super) fn volume(&self, vol: &Volume) -> volumed_api::Volume {
-        views::volume(&self.engine, &self.endpoints, vol)
+        views::volume(&self.engine, &self.catalog, &self.endpoints, vol)
     }
 
     pub(super) fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
@@ -54,12 +58,28 @@ impl ApiFailure {
     }
 }
 
-impl From<Error> for ApiFailure {
-    fn from(e: Error) -> Self {
-        if e.code() == ErrorCode::Internal {
-            tracing::error!(error = %e, "control API request failed");
+impl ApiFailure {
+    /// The answer to `e`: its code from `present::failure`, its chain as
+    /// the message. Internal errors are logged.
+    fn of(e: &(dyn std::error::Error + 'static)) -> Self {
+        let code = failure::api_code(e);
+        let message = volumed_api::error_chain(e);
+        if code == ErrorCode::Internal {
+            tracing::error!(error = %message, "control API request failed");
         }
-        ApiFailure::new(e.code(), e.to_string())
+        ApiFailure::new(code, message)
+    }
+}
+
+impl From<crate::engine::Error> for ApiFailure {
+    fn from(e: crate::engine::Error) -> Self {
+        ApiFailure::of(&e)
+    }
+}
+
+impl From<crate::images::Error> for ApiFailure {
+    fn from(e: crate::images::Error) -> Self {
+        ApiFailure::of(&e)
     }
 }
 

@@ -175,10 +175,6 @@ impl Credentials {
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@
 //! volumes and snapshots is the engine's, reached through the same methods
 //! the control API calls.
 
+pub mod attrs;
 pub mod credentials;
 pub mod ebs;
 pub mod ec2;
@@ -30,6 +31,7 @@ use http_body_util::Full;
 use crate::engine::Engine;
 use crate::nbd::tls::TlsFiles;
 use crate::present::NbdEndpoints;
+use attrs::Ec2Attributes;
 use credentials::Credentials;
 
 /// The endpoint's settings from the command line.
@@ -49,13 +51,17 @@ pub fn availability_zone(region: &str) -> String {
     format!("{region}a")
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --aws-region {0:?}: expected lowercase letters, digits and dashes")]
+pub struct InvalidRegion(String);
+
 /// A region name as AWS spells them: lowercase letters, digits and dashes.
-pub fn region(s: &str) -> anyhow::Result<String> {
+pub fn region(s: &str) -> Result<String, InvalidRegion> {
     let ok = (1..=32).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        anyhow::bail!("invalid --aws-region {s:?}: expected lowercase letters, digits and dashes");
+        return Err(InvalidRegion(s.to_owned()));
     }
     Ok(s.to_owned())
 }
@@ -63,6 +69,8 @@ pub fn region(s: &str) -> anyhow::Result<String> {
 /// What every request handler shares.
 pub struct AwsState {
     pub engine: Arc<Engine>,
+    /// The endpoint's own records: EC2 attributes of volumes and snapshots.
+    pub attrs: Ec2Attributes,
     pub endpoints: Arc<NbdEndpoints>,
     pub credentials: Credentials,
     pub region: String,

@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -20,8 +19,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::attrs::Ec2Attributes;
 use super::credentials::Credentials;
 use super::{AwsConfig, AwsState, Refusal, Request, Response, Service, ebs, ec2, sigv4};
+use crate::catalog::{Catalog, CatalogError};
 use crate::engine::Engine;
 use crate::present::NbdEndpoints;
 
@@ -33,6 +34,20 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// ... and its body within this (a 512 KiB block at well under 10 KiB/s).
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configure AWS endpoint TLS")]
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("bind AWS endpoint on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("forget the EC2 attributes of deleted volumes")]
+    Sweep(#[source] CatalogError),
+}
 
 pub struct AwsServer {
     listener: TcpListener,
@@ -46,24 +61,31 @@ pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
     engine: Arc<Engine>,
+    catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
-) -> anyhow::Result<AwsServer> {
+) -> Result<AwsServer, StartError> {
     let tls = config
         .tls
         .as_ref()
         .map(crate::nbd::tls::acceptor)
         .transpose()
-        .context("configure AWS endpoint TLS")?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("bind AWS endpoint on {}", config.listen))?;
+        .map_err(|e| StartError::Tls(e.into()))?;
+    let bind_err = |source| StartError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     info!(keys = credentials.len(), region = %config.region, tls = tls.is_some(),
-          addr = %listener.local_addr()?, "AWS endpoint listening");
+          %addr, "AWS endpoint listening");
+    let attrs = Ec2Attributes::new(catalog);
+    attrs.sweep(&engine).await.map_err(StartError::Sweep)?;
     Ok(AwsServer {
         listener,
         tls,
         state: Arc::new(AwsState {
             engine,
+            attrs,
             endpoints,
             credentials,
             region: config.region.clone(),

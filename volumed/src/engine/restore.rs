@@ -14,7 +14,7 @@ use snapshot::{ChunkGeometry, ManifestReader, Repo, RepoError, SnapshotId};
 use super::base::{self, BaseImage, DetachLog};
 use super::chunk_map::ChunkMap;
 use crate::disk::sync_dir;
-use crate::error::{Error, IoContext, Result};
+use crate::engine::error::{Error, IoContext, Result};
 
 /// The store hold of a restored volume: named by host and volume id, so a
 /// host can find and release its own stale holds.
@@ -32,7 +32,7 @@ pub fn hold_prefix(host_id: &str) -> String {
 pub async fn source_manifest(repo: &Repo, id: &SnapshotId) -> Result<Arc<ManifestReader>> {
     match repo.open_manifest(id).await {
         Ok(m) => Ok(Arc::new(m)),
-        Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+        Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.clone())),
         Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
     }
 }

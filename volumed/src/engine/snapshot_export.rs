@@ -16,8 +16,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -29,7 +28,7 @@ use tracing::{info, warn};
 use super::export::{Backend, Export};
 use super::volume::{Extent, ReadPiece};
 use crate::catalog::{Catalog, SnapshotExportRecord, unix_now};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// The store hold of a snapshot this host exports. Not under
 /// `restore::hold_prefix`, so the hydrator never takes it for its own.
@@ -258,8 +257,6 @@ pub struct SnapshotExports {
     entries: Mutex<HashMap<SnapshotId, Entry>>,
     /// One change at a time: each awaits the store (holds).
     changes: tokio::sync::Mutex<()>,
-    /// The NBD Unix socket, for the URIs leases hand out.
-    nbd_socket: OnceLock<PathBuf>,
 }
 
 impl SnapshotExports {
@@ -271,12 +268,7 @@ impl SnapshotExports {
             host_id,
             entries: Mutex::new(HashMap::new()),
             changes: tokio::sync::Mutex::new(()),
-            nbd_socket: OnceLock::new(),
         }
-    }
-
-    pub fn set_nbd_socket(&self, path: PathBuf) {
-        let _ = self.nbd_socket.set(path);
     }
 
     fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, Entry>> {
@@ -342,7 +334,7 @@ impl SnapshotExports {
                 },
             );
         }
-        if let Err(e) = self.catalog.put_snapshot_export(&rec) {
+        if let Err(e) = self.catalog.put_snapshot_export(&rec).await {
             if !leased {
                 self.end(&id).await;
             }
@@ -369,9 +361,9 @@ impl SnapshotExports {
             _ => None,
         };
         let Some(header) = header else {
-            return Err(Error::SnapshotNotAttached(id.to_string()));
+            return Err(Error::SnapshotNotAttached(id.clone()));
         };
-        self.catalog.remove_snapshot_export(id.as_str())?;
+        self.catalog.remove_snapshot_export(id.as_str()).await?;
         let leased = match self.entries().get_mut(id) {
             Some(e) => {
                 e.attached_at = None;
@@ -528,12 +520,6 @@ pub struct SnapshotExportLease {
 impl SnapshotExportLease {
     pub fn snapshot(&self) -> &SnapshotId {
         &self.id
-    }
-
-    /// The export on the daemon's NBD Unix socket.
-    pub fn nbd_unix_uri(&self) -> String {
-        let socket = self.exports.nbd_socket.get().map_or(Path::new(""), |p| p);
-        nbd_proto::Uri::unix(socket, self.id.as_ref(), false).to_string()
     }
 }
 

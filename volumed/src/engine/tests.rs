@@ -1,18 +1,27 @@
 //! Lifecycle rules and crash recovery of the engine, on real data files.
 
 use super::*;
+use crate::catalog::Catalog;
 use volumed_api::MAX_VOLUME_SIZE;
 
 pub(crate) fn io() -> Arc<IoEngine> {
     Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap())
 }
 
-pub(crate) fn open(dir: &Path) -> (Arc<Engine>, bool) {
+pub(crate) async fn open(dir: &Path) -> (Arc<Engine>, bool) {
+    let (e, _, clean) = open_with_catalog(dir).await;
+    (e, clean)
+}
+
+pub(crate) async fn open_with_catalog(dir: &Path) -> (Arc<Engine>, Arc<Catalog>, bool) {
     let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
     let repo = snapshot::Repo::new(Arc::new(store), 3);
     let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
-    let (e, clean) = Engine::open(dir, io(), repo, fetcher).unwrap();
-    (Arc::new(e), clean)
+    let catalog = Arc::new(Catalog::open(&dir.join("catalog")).unwrap());
+    let (e, clean) = Engine::open(dir, Arc::clone(&catalog), io(), repo, fetcher)
+        .await
+        .unwrap();
+    (Arc::new(e), catalog, clean)
 }
 
 pub(crate) fn name(s: &str) -> VolumeName {
@@ -33,7 +42,7 @@ pub(crate) fn create_req(n: &str, size: u64, ephemeral: bool) -> CreateVolume {
 #[tokio::test]
 async fn lifecycle_rules() {
     let dir = tempfile::tempdir().unwrap();
-    let (e, _) = open(dir.path());
+    let (e, _) = open(dir.path()).await;
     e.create(create_req("a", 1 << 30, false)).await.unwrap();
     assert!(matches!(
         e.create(create_req("a", 1 << 30, false)).await,
@@ -118,18 +127,18 @@ async fn lifecycle_rules() {
 async fn restart_finishes_interrupted_delete_and_removes_orphans() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let (e, _) = open(dir.path());
+        let (e, catalog, _) = open_with_catalog(dir.path()).await;
         let v = e.create(create_req("gone", 1 << 20, true)).await.unwrap();
         e.create(create_req("kept", 1 << 20, false)).await.unwrap();
         // Simulate a crash right after the delete mark was written.
         let rec = v.record();
         let mut marked = rec.clone();
         marked.deleting = true;
-        e.catalog.replace_volume(&rec, &marked).unwrap();
+        catalog.replace_volume(&rec, &marked).await.unwrap();
         // And a crash between creating files and recording a volume.
         std::fs::create_dir(dir.path().join("volumes").join(format!("{:016x}", 999_999))).unwrap();
     }
-    let (e, clean) = open(dir.path());
+    let (e, clean) = open(dir.path()).await;
     assert!(!clean);
     let names: Vec<_> = e.list().iter().map(|v| v.name.to_string()).collect();
     assert_eq!(names, ["kept"]);

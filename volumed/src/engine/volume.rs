@@ -19,7 +19,7 @@ use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
 use crate::catalog::{Catalog, VolumeRecord};
 use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 pub struct Volume {
     pub name: VolumeName,
@@ -328,7 +328,7 @@ impl Volume {
             )));
         }
         if new != old {
-            catalog.replace_volume(&old, &new)?;
+            catalog.replace_volume(&old, &new).await?;
             let mut cell = self.cell();
             cell.owner = !new.deleting;
             cell.rec = new;

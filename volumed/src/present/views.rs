@@ -8,13 +8,26 @@ use snapshot::ManifestHeader;
 use volumed_api::{VolumeName, VolumeState};
 
 use super::NbdEndpoints;
-use crate::catalog::{SnapshotRecord, SnapshotState, rfc3339};
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::engine::{Engine, FetchStats, Volume};
+use crate::catalog::{Catalog, JobSpec, SnapshotRecord, SnapshotState, rfc3339};
+use crate::engine::{Engine, FetchStats, SnapshotInfo, Volume};
+use crate::images::registry::JobHandle;
 
-/// The API's view of a volume.
-pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::Volume {
+/// The API's view of a volume, with the EC2 attributes the AWS endpoint
+/// keeps for it in `catalog`.
+pub fn volume(
+    engine: &Engine,
+    catalog: &Catalog,
+    ep: &NbdEndpoints,
+    vol: &Volume,
+) -> volumed_api::Volume {
     let rec = vol.record();
+    let aws = match catalog.aws_volume(rec.id) {
+        Ok(a) => a.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(volume = %rec.name, error = %volumed_api::error_chain(&e), "EC2 attributes unreadable");
+            Default::default()
+        }
+    };
     let attached = rec.attachment.is_some();
     let name: &VolumeName = &rec.name;
     let (uri, unix_uri) = if attached {
@@ -52,15 +65,18 @@ pub fn volume(engine: &Engine, ep: &NbdEndpoints, vol: &Volume) -> volumed_api::
         health_reason: vol.failure().map(str::to_owned),
         volume_id: engine.volume_id(&rec),
         tags: rec.tags.clone(),
-        attachment: rec.attachment.as_ref().map(|a| volumed_api::Attachment {
-            instance: a.instance.clone(),
-            device: a.device.clone(),
-            delete_on_termination: a.delete_on_termination,
-            attached_at: rfc3339(a.attached_at),
+        attachment: rec.attachment.as_ref().map(|a| {
+            let ec2 = aws.attachment_of(a);
+            volumed_api::Attachment {
+                instance: a.instance.clone(),
+                device: ec2.and_then(|e| e.device.clone()),
+                delete_on_termination: ec2.is_some_and(|e| e.delete_on_termination),
+                attached_at: rfc3339(a.attached_at),
+            }
         }),
-        volume_type: rec.volume_type.clone(),
-        iops: rec.iops,
-        throughput: rec.throughput,
+        volume_type: aws.volume_type.clone(),
+        iops: aws.iops,
+        throughput: aws.throughput,
     }
 }
 
@@ -263,32 +279,36 @@ pub fn changed_blocks(
 }
 
 /// The API's view of a job, with its live progress.
-pub fn job(h: &crate::engine::jobs::registry::JobHandle) -> volumed_api::Job {
+pub fn job(h: &JobHandle) -> volumed_api::Job {
     use std::sync::atomic::Ordering;
     let rec = h.record();
     let bytes_done = match rec.state {
         volumed_api::JobState::Completed => rec.bytes_total,
         _ => h.bytes_done.load(Ordering::Relaxed),
     };
-    let (source, destination) = match (&rec.import, &rec.export) {
-        (Some(i), _) => (i.source.clone(), None),
-        (None, Some(e)) => (e.source.clone(), Some(e.destination.clone())),
-        (None, None) => (String::new(), None),
+    let (source, destination, sha256) = match &rec.spec {
+        JobSpec::Import(i) => (i.request.source.clone(), None, i.sha256.clone()),
+        JobSpec::Export(e) => (
+            e.request.source.clone(),
+            Some(e.request.destination.clone()),
+            None,
+        ),
     };
+    let volumes = rec.volumes();
     volumed_api::Job {
-        id: rec.id.clone(),
-        kind: rec.kind,
+        id: rec.id.to_string(),
+        kind: rec.kind(),
         state: rec.state,
         bytes_done,
         bytes_total: rec.bytes_total.max(bytes_done),
-        volume: rec.volumes.first().map(ToString::to_string),
-        volumes: rec.volumes.iter().map(ToString::to_string).collect(),
+        volume: volumes.first().map(ToString::to_string),
+        volumes: volumes.iter().map(ToString::to_string).collect(),
         error: rec.error.clone(),
         source,
         destination,
         format: rec.format.clone(),
         snapshot: rec.snapshot.as_ref().map(ToString::to_string),
-        sha256: rec.sha256.clone(),
+        sha256,
         created_at: rfc3339(rec.created_at),
         finished_at: rec.finished_at.map(rfc3339),
     }
@@ -297,7 +317,7 @@ pub fn job(h: &crate::engine::jobs::registry::JobHandle) -> volumed_api::Job {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::tests::{create_req, name, open};
+    use crate::engine::tests::{create_req, name, open_with_catalog};
     use snapshot::diff::{Diff, Extent};
 
     fn endpoints() -> NbdEndpoints {
@@ -311,13 +331,14 @@ mod tests {
     #[tokio::test]
     async fn an_attached_volume_shows_its_uris() {
         let dir = tempfile::tempdir().unwrap();
-        let (e, _) = open(dir.path());
+        let (e, catalog, _) = open_with_catalog(dir.path()).await;
+        let catalog = &*catalog;
         e.create(create_req("a", 1 << 30, false)).await.unwrap();
         let attach = volumed_api::AttachVolume {
             instance: Some("i-1".into()),
         };
         e.attach(&name("a"), attach).await.unwrap();
-        let v = volume(&e, &endpoints(), &e.get(&name("a")).unwrap());
+        let v = volume(&e, catalog, &endpoints(), &e.get(&name("a")).unwrap());
         assert_eq!(v.uri.as_deref(), Some("nbd://127.0.0.1:10809/a"));
         assert_eq!(
             v.unix_uri.as_deref(),

@@ -18,7 +18,8 @@ use http_body_util::Full;
 
 use super::sigv4::AuthError;
 use super::{AwsState, Refusal, Request, Response};
-use crate::error::Error;
+use crate::catalog::CatalogError;
+use crate::engine::Error;
 use params::Params;
 
 /// The API version we answer as; requests may name it or omit it.
@@ -83,10 +84,10 @@ impl Ec2Error {
 /// The engine's errors in EC2's words.
 impl From<Error> for Ec2Error {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
+        let msg = volumed_api::error_chain(&e);
         let code = match &e {
             Error::VolumeNotFound(_) => "InvalidVolume.NotFound",
-            Error::SnapshotNotFound(_) => "InvalidSnapshot.NotFound",
+            Error::SnapshotNotFound(_) | Error::NoSuchSnapshotId(_) => "InvalidSnapshot.NotFound",
             Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => "VolumeInUse",
             Error::VolumeNotAttached(_)
             | Error::SnapshotInProgress(..)
@@ -99,8 +100,6 @@ impl From<Error> for Ec2Error {
             Error::SnapshotAttached(_)
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
-            Error::JobNotFound(_) => "InvalidParameterValue",
-            Error::Image(_) => "InvalidParameterValue",
             Error::InvalidRequest(_)
             | Error::InvalidName { .. }
             | Error::InvalidSize(_)
@@ -114,6 +113,13 @@ impl From<Error> for Ec2Error {
             }
         };
         Ec2Error::new(code, msg)
+    }
+}
+
+/// The endpoint's own records (EC2 attributes) failing: internal.
+impl From<CatalogError> for Ec2Error {
+    fn from(e: CatalogError) -> Self {
+        Ec2Error::from(Error::from(e))
     }
 }
 

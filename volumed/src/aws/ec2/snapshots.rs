@@ -13,7 +13,7 @@ use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
 use crate::aws::{AwsState, OWNER_ID, iso8601, parse_rfc3339};
 use crate::catalog::AwsSnapshotRecord;
-use crate::engine::aws_attrs::is_volume_id;
+use crate::engine::volume_id::is_volume_id;
 use crate::present::views;
 
 /// What EC2 shows of a snapshot.
@@ -45,7 +45,7 @@ pub fn snapshot_id(s: &str) -> Ec2Result<SnapshotId> {
 /// The EC2 view of a snapshot as the control API reports it.
 pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snapshot> {
     let id = snapshot_id(&s.id)?;
-    let meta = state.engine.snapshot_meta(&id)?;
+    let meta = state.attrs.snapshot(&id)?;
     let volume_id = meta
         .as_ref()
         .and_then(|m| m.volume_id.clone())
@@ -154,7 +154,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         description: description.clone(),
         tags: tags.clone(),
     };
-    cx.state.engine.put_snapshot_meta(&snap.id, &meta)?;
+    cx.state.attrs.put_snapshot(&snap.id, &meta).await?;
     let s = Ec2Snapshot {
         id: snap.id.to_string(),
         volume_id,
@@ -236,6 +236,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     cx.state.engine.delete_snapshot(&id).await?;
+    cx.state.attrs.remove_snapshot(&id).await?;
     let mut x = Xml::response("DeleteSnapshot", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteSnapshot"))

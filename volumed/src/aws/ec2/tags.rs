@@ -70,7 +70,7 @@ async fn retag(
             Resource::Volume(v) => v.record().tags,
             Resource::Snapshot(s) => s.tags.clone(),
         };
-        crate::engine::aws_attrs::retag(&current, set, remove)?;
+        crate::engine::volume_id::retag(&current, set, remove)?;
     }
     for r in resources {
         match r {
@@ -80,13 +80,13 @@ async fn retag(
             }
             Resource::Snapshot(s) => {
                 let id = snapshot_id(&s.id)?;
-                let tags = crate::engine::aws_attrs::retag(&s.tags, set, remove)?;
+                let tags = crate::engine::volume_id::retag(&s.tags, set, remove)?;
                 let meta = AwsSnapshotRecord {
                     volume_id: Some(s.volume_id.clone()),
                     description: s.description.clone(),
                     tags,
                 };
-                state.engine.put_snapshot_meta(&id, &meta)?;
+                state.attrs.put_snapshot(&id, &meta).await?;
             }
         }
     }

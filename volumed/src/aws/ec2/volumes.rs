@@ -10,8 +10,8 @@ use volumed_api::{AttachVolume, CreateVolume, ModifyVolume, VolumeFilter, Volume
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
 use crate::aws::{AwsState, availability_zone, iso8601, parse_rfc3339};
-use crate::engine::Volume;
-use crate::engine::aws_attrs::{VolumeAttrs, is_volume_id, new_volume_id};
+use crate::engine::volume_id::{is_volume_id, new_volume_id};
+use crate::engine::{Volume, VolumeOptions};
 use crate::present::views;
 
 /// The tag that carries an attached volume's NBD URI.
@@ -23,7 +23,7 @@ const MAX_SIZE_GIB: u64 = 64 << 10;
 /// The control API's view of a volume with the tags EC2 shows: its own and
 /// the NBD URI while attached.
 pub fn view(state: &AwsState, vol: &Volume) -> volumed_api::Volume {
-    let mut v = views::volume(&state.engine, &state.endpoints, vol);
+    let mut v = views::volume(&state.engine, state.attrs.catalog(), &state.endpoints, vol);
     if let Some(uri) = &v.uri {
         v.tags.insert(NBD_URI_TAG.to_owned(), uri.clone());
     }
@@ -195,13 +195,11 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
     volumed_api::validate_tags(&tags).map_err(|e| Ec2Error::invalid_parameter(e.to_string()))?;
     let id = new_volume_id();
     let name = VolumeName::parse(&id).map_err(|e| Ec2Error::new("InternalError", e.to_string()))?;
-    let attrs = VolumeAttrs {
+    let opts = VolumeOptions {
         volume_id: Some(id),
         tags,
-        volume_type: Some(volume_type),
-        iops: p.u64("Iops")?,
-        throughput: p.u64("Throughput")?,
     };
+    let (iops, throughput) = (p.u64("Iops")?, p.u64("Throughput")?);
     let req = CreateVolume {
         name,
         size,
@@ -210,7 +208,15 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         chunk_size: None,
         hydrate: None,
     };
-    let vol = cx.state.engine.create_with(req, attrs, None).await?;
+    let vol = cx.state.engine.create_with(req, opts).await?;
+    cx.state
+        .attrs
+        .update_volume(&vol, |a| {
+            a.volume_type = Some(volume_type);
+            a.iops = iops;
+            a.throughput = throughput;
+        })
+        .await?;
     let mut x = Xml::response("CreateVolume", cx.rid);
     write_volume(&mut x, &view(cx.state, &vol), &cx.state.region);
     Ok(x.finish("CreateVolume"))
@@ -291,7 +297,12 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
         )
         .await?;
     let after = vol.record();
-    let vtype = after.volume_type.clone().unwrap_or_else(|| "gp2".into());
+    let vtype = cx
+        .state
+        .attrs
+        .volume(&vol)?
+        .volume_type
+        .unwrap_or_else(|| "gp2".into());
     let now = iso8601(crate::catalog::unix_now());
     let mut x = Xml::response("ModifyVolume", cx.rid);
     x.open("volumeModification")
@@ -319,6 +330,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     cx.state.engine.delete(&name_of(&vol)).await?;
+    cx.state.attrs.remove_volume(vol.id).await?;
     let mut x = Xml::response("DeleteVolume", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteVolume"))
@@ -337,12 +349,18 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
             format!("{id} is already attached to an instance"),
         ));
     }
-    let taken = cx.state.engine.list().into_iter().any(|v| {
-        v.record().attachment.is_some_and(|a| {
-            a.instance.as_deref() == Some(instance.as_str())
-                && a.device.as_deref() == Some(device.as_str())
-        })
-    });
+    let mut taken = false;
+    for v in cx.state.engine.list() {
+        let Some(a) = v.record().attachment else {
+            continue;
+        };
+        if a.instance.as_deref() == Some(instance.as_str()) {
+            let ec2 = cx.state.attrs.volume(&v)?;
+            taken |= ec2
+                .attachment_of(&a)
+                .is_some_and(|e| e.device.as_deref() == Some(device.as_str()));
+        }
+    }
     if taken {
         return Err(Ec2Error::invalid_parameter(format!(
             "Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"
@@ -351,13 +369,16 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
     let vol = cx
         .state
         .engine
-        .attach_with(
+        .attach(
             &name_of(&vol),
             AttachVolume {
                 instance: Some(instance),
             },
-            Some(device),
         )
+        .await?;
+    cx.state
+        .attrs
+        .set_attachment(&vol, |a| a.device = Some(device))
         .await?;
     let v = view(cx.state, &vol);
     let mut x = Xml::response("AttachVolume", cx.rid);

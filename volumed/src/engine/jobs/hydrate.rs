@@ -27,9 +27,9 @@ use tracing::{info, warn};
 use crate::catalog::Catalog;
 use crate::engine::Volume;
 use crate::engine::chunk_map::ChunkState;
+use crate::engine::error::Error;
 use crate::engine::registry::Registry;
 use crate::engine::restore::{hold_name, hold_prefix};
-use crate::error::Error;
 
 /// Chunks taken from the base per pass.
 const HYDRATE_BATCH: usize = 65_536;

@@ -39,45 +39,50 @@ use super::block_upload::BlockUploads;
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, unix_now};
 use crate::engine::Volume;
 use crate::engine::chunk_map::Changed;
+use crate::engine::error::{Error, Result};
 use crate::engine::freeze::FreezeGuard;
-use crate::error::{Error, Result};
 
 /// Chunks read, hashed and uploaded at once: enough to keep both cores
 /// hashing and compressing while uploads wait on the network.
 const UPLOAD_CONCURRENCY: usize = 16;
 
 /// Why a snapshot ended `error`; its text is what the record keeps.
+///
+/// Two of them say more than their source, after it: the record keeps
+/// their whole text (see `SnapshotError::record_text`).
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("announce the snapshot in the store: {0}")]
+    #[error("announce the snapshot in the store")]
     Announce(#[source] RepoError),
-    #[error("parent snapshot {id} unusable ({source}); the next snapshot will be a full one")]
+    /// Rendered by `record_text`: the reason sits inside the sentence.
+    #[error("parent snapshot {id} unusable")]
     Parent {
         id: SnapshotId,
         #[source]
         source: RepoError,
     },
-    #[error("read chunk {chunk}: {source}")]
+    #[error("read chunk {chunk}")]
     Read {
         chunk: u64,
         #[source]
         source: std::io::Error,
     },
-    #[error("upload chunk {chunk}: {source}")]
+    #[error("upload chunk {chunk}")]
     Upload {
         chunk: u64,
         #[source]
         source: RepoError,
     },
-    #[error("snapshot task failed: {0}")]
+    #[error("snapshot task failed")]
     Task(#[from] tokio::task::JoinError),
     #[error("volumed is shutting down")]
     ShuttingDown,
-    #[error("{0}; its changes go to the next snapshot")]
+    /// Rendered by `record_text`: the consequence follows the reason.
+    #[error(transparent)]
     Commit(#[from] CommitError),
-    #[error("write manifest: {0}")]
+    #[error("write manifest")]
     Manifest(#[source] RepoError),
-    #[error("read the base's hash of chunk {chunk}: {source}")]
+    #[error("read the base's hash of chunk {chunk}")]
     Base {
         chunk: u64,
         #[source]
@@ -85,6 +90,49 @@ pub enum SnapshotError {
     },
     #[error("the volume failed during the snapshot: {0}")]
     VolumeFailed(String),
+}
+
+impl SnapshotError {
+    /// What the record (and the log) says: the chain, once, with what the
+    /// failure means for the next snapshot where it matters.
+    pub fn record_text(&self) -> String {
+        match self {
+            SnapshotError::Parent { id, source } => format!(
+                "parent snapshot {id} unusable ({}); the next snapshot will be a full one",
+                volumed_api::error_chain(source)
+            ),
+            SnapshotError::Commit(e) => format!(
+                "{}; its changes go to the next snapshot",
+                volumed_api::error_chain(e)
+            ),
+            e => volumed_api::error_chain(e),
+        }
+    }
+}
+
+/// How a snapshot ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotOutcome {
+    Completed,
+    /// Its record's error.
+    Failed(String),
+}
+
+/// Says how a snapshot job ended, for the job that asked for it (an
+/// import's `--snapshot`, an export of a volume).
+pub struct SnapshotDone(tokio::sync::watch::Receiver<Option<SnapshotOutcome>>);
+
+impl SnapshotDone {
+    pub async fn wait(mut self) -> SnapshotOutcome {
+        loop {
+            if let Some(o) = self.0.borrow_and_update().clone() {
+                return o;
+            }
+            if self.0.changed().await.is_err() {
+                return SnapshotOutcome::Failed("the snapshot job ended without an answer".into());
+            }
+        }
+    }
 }
 
 /// Live progress of a pending snapshot, in chunks.
@@ -130,12 +178,13 @@ impl SnapshotJobs {
     }
 
     /// Takes a snapshot of `vol` at this instant and uploads it in the
-    /// background; returns the `pending` record at once.
+    /// background; returns the `pending` record at once, and the handle
+    /// that says how it ended.
     pub async fn start(
         self: &Arc<Self>,
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
-    ) -> Result<SnapshotRecord> {
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
         if let Some(reason) = vol.failure() {
             return Err(Error::VolumeFailed(vol.name.clone(), reason.to_owned()));
         }
@@ -144,10 +193,7 @@ impl SnapshotJobs {
         {
             let mut running = self.running();
             if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
-                return Err(Error::SnapshotInProgress(
-                    vol.name.clone(),
-                    other.to_string(),
-                ));
+                return Err(Error::SnapshotInProgress(vol.name.clone(), other.clone()));
             }
             running.insert(
                 id.clone(),
@@ -180,12 +226,14 @@ impl SnapshotJobs {
             seq: 0,
             source: SnapshotSource::Volume,
         };
-        let rec = match self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
+        let recorded = match self.catalog.next_id() {
+            Ok(seq) => {
+                let rec = SnapshotRecord { seq, ..rec };
+                self.catalog.put_snapshot(&rec).await.map(|()| rec)
+            }
+            Err(e) => Err(e),
+        };
+        let rec = match recorded {
             Ok(rec) => rec,
             Err(e) => {
                 // Dropping the guard puts the changes back.
@@ -196,15 +244,17 @@ impl SnapshotJobs {
         };
         info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
               all = matches!(guard.plan().changed, Changed::All), "snapshot started");
+        let (done, ended) = tokio::sync::watch::channel(None);
         let job = SnapshotJob {
             jobs: Arc::clone(self),
             vol,
             rec: rec.clone(),
             guard,
             progress,
+            done,
         };
         self.tasks.spawn(job.run());
-        Ok(rec)
+        Ok((rec, SnapshotDone(ended)))
     }
 
     /// `(done, total)` chunks of a snapshot still running.
@@ -269,7 +319,7 @@ impl SnapshotJobs {
                 }
             }
             info!(snapshot = %rec.id, state = ?rec.state, "settled a snapshot interrupted by a restart");
-            let _ = self.catalog.put_snapshot(&rec);
+            let _ = self.catalog.put_snapshot(&rec).await;
         }
     }
 }
@@ -291,6 +341,8 @@ struct SnapshotJob {
     rec: SnapshotRecord,
     guard: FreezeGuard,
     progress: Arc<Progress>,
+    /// Fired with how it ended.
+    done: tokio::sync::watch::Sender<Option<SnapshotOutcome>>,
 }
 
 impl SnapshotJob {
@@ -309,16 +361,17 @@ impl SnapshotJob {
             mut rec,
             guard,
             progress,
+            done,
             ..
         } = self;
-        match result {
+        let outcome = match result {
             Ok(m) => {
                 guard.commit();
                 complete_record(&mut rec, &m.header);
-                if let Err(e) = jobs.catalog.put_snapshot(&rec) {
+                if let Err(e) = jobs.catalog.put_snapshot(&rec).await {
                     // The manifest is in the store, so the snapshot exists;
                     // the next start settles the record from it.
-                    warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
+                    warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its record could not be saved");
                 }
                 // The next snapshot's parent, through the record's owner:
                 // refused if the volume was deleted (or reopened) while
@@ -342,11 +395,12 @@ impl SnapshotJob {
                         // The next snapshot is then a full one, never a
                         // wrong incremental.
                         vol.map().mark_all_dirty();
-                        warn!(snapshot = %rec.id, error = %e, "snapshot completed but its volume's record could not name it");
+                        warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its volume's record could not name it");
                     }
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
                       uploaded = rec.uploaded_bytes, "snapshot completed");
+                SnapshotOutcome::Completed
             }
             Err(e) => {
                 if matches!(e, SnapshotError::Parent { .. }) {
@@ -354,14 +408,18 @@ impl SnapshotJob {
                 }
                 // Puts the changes back for the next snapshot.
                 drop(guard);
+                let text = e.record_text();
                 rec.state = SnapshotState::Error;
-                rec.error = Some(e.to_string());
+                rec.error = Some(text.clone());
                 rec.chunks_done = progress.done.load(Ordering::Relaxed);
-                let _ = jobs.catalog.put_snapshot(&rec);
-                warn!(volume = %rec.volume, snapshot = %rec.id, error = %e, "snapshot failed; its changes go to the next one");
+                let _ = jobs.catalog.put_snapshot(&rec).await;
+                warn!(volume = %rec.volume, snapshot = %rec.id, error = %text, "snapshot failed; its changes go to the next one");
+                SnapshotOutcome::Failed(text)
             }
-        }
+        };
         jobs.running().remove(&rec.id);
+        // After it stops running: whoever waits may read or export it now.
+        done.send_replace(Some(outcome));
     }
 
     /// Steps 2 to 4.

@@ -17,8 +17,8 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 use volumed_api::JobState;
 
-use crate::catalog::{Catalog, JobRecord, unix_now};
-use crate::error::{Error, Result};
+use super::error::{Error, Result};
+use crate::catalog::{Catalog, JobId, JobRecord, unix_now};
 
 /// Finished jobs kept in the catalog and listed; older ones are dropped.
 const KEEP_FINISHED: usize = 100;
@@ -38,7 +38,7 @@ impl JobHandle {
         self.rec.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn id(&self) -> String {
+    pub fn id(&self) -> JobId {
         self.rec
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -67,7 +67,9 @@ impl JobHandle {
 
 pub struct JobRegistry {
     catalog: Arc<Catalog>,
-    jobs: Mutex<BTreeMap<String, Arc<JobHandle>>>,
+    jobs: Mutex<BTreeMap<JobId, Arc<JobHandle>>>,
+    /// Record writes of one job in the order they were made.
+    writes: tokio::sync::Mutex<()>,
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
 }
@@ -75,27 +77,25 @@ pub struct JobRegistry {
 impl JobRegistry {
     /// Loads the jobs the catalog holds; those still `running` are for the
     /// caller to resume or settle.
-    pub fn open(catalog: Arc<Catalog>) -> Result<Self> {
+    pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
         let reg = JobRegistry {
             catalog: Arc::clone(&catalog),
             jobs: Mutex::new(BTreeMap::new()),
+            writes: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
-        let mut recs = catalog.jobs()?;
+        let recs = catalog.jobs()?;
         let finished = recs.iter().filter(|r| r.state.is_final()).count();
         let mut drop_n = finished.saturating_sub(KEEP_FINISHED);
-        recs.retain(|r| {
+        for r in recs {
             if drop_n > 0 && r.state.is_final() {
                 drop_n -= 1;
-                if let Err(e) = catalog.remove_job(&r.id) {
-                    warn!(job = %r.id, error = %e, "could not drop an old job record");
+                if let Err(e) = catalog.remove_job(&r.id).await {
+                    warn!(job = %r.id, error = %volumed_api::error_chain(&e), "could not drop an old job record");
                 }
-                return false;
+                continue;
             }
-            true
-        });
-        for r in recs {
             reg.insert_handle(r);
         }
         Ok(reg)
@@ -121,23 +121,23 @@ impl JobRegistry {
     }
 
     /// A new job's id: `job-` and a never reused catalog id.
-    pub fn next_id(&self) -> Result<String> {
-        Ok(format!("job-{:016x}", self.catalog.next_id()?))
+    pub fn next_id(&self) -> Result<JobId> {
+        Ok(JobId::new(self.catalog.next_id()?))
     }
 
     /// Records a new job (flushed) and lists it.
-    pub fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
-        self.catalog.put_job(&rec)?;
+    pub async fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
+        self.catalog.put_job(&rec).await?;
         Ok(self.insert_handle(rec))
     }
 
-    pub fn get(&self, id: &str) -> Result<Arc<JobHandle>> {
+    pub fn get(&self, id: &JobId) -> Result<Arc<JobHandle>> {
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
-            .ok_or_else(|| Error::JobNotFound(id.to_owned()))
+            .ok_or_else(|| Error::JobNotFound(id.clone()))
     }
 
     pub fn list(&self) -> Vec<Arc<JobHandle>> {
@@ -149,8 +149,10 @@ impl JobRegistry {
             .collect()
     }
 
-    /// Changes a job's record and writes it (flushed).
-    pub fn update(&self, h: &JobHandle, f: impl FnOnce(&mut JobRecord)) -> Result<()> {
+    /// Changes a job's record and writes it (flushed). The registry is the
+    /// one writer of job records; writes go out in the order they were made.
+    pub async fn update(&self, h: &JobHandle, f: impl FnOnce(&mut JobRecord)) -> Result<()> {
+        let _order = self.writes.lock().await;
         let rec = {
             let mut r = h.rec.lock().unwrap_or_else(|e| e.into_inner());
             f(&mut r);
@@ -159,22 +161,25 @@ impl JobRegistry {
             }
             r.clone()
         };
-        let res = self.catalog.put_job(&rec);
+        let res = self.catalog.put_job(&rec).await;
         h.changed.send_modify(|v| *v = v.wrapping_add(1));
         res.map_err(Into::into)
     }
 
     /// Ends a job in `state` with `error`, recorded.
-    pub fn finish(&self, h: &JobHandle, state: JobState, error: Option<String>) {
-        if let Err(e) = self.update(h, |r| {
-            r.state = state;
-            r.error = error;
-        }) {
-            warn!(job = %h.id(), error = %e, "could not record the job's end");
+    pub async fn finish(&self, h: &JobHandle, state: JobState, error: Option<String>) {
+        let ended = self
+            .update(h, |r| {
+                r.state = state;
+                r.error = error;
+            })
+            .await;
+        if let Err(e) = ended {
+            warn!(job = %h.id(), error = %volumed_api::error_chain(&e), "could not record the job's end");
         }
     }
 
-    pub fn cancel(&self, id: &str) -> Result<Arc<JobHandle>> {
+    pub fn cancel(&self, id: &JobId) -> Result<Arc<JobHandle>> {
         let h = self.get(id)?;
         if h.record().state.is_final() {
             return Err(Error::InvalidRequest(format!(
@@ -197,34 +202,39 @@ impl JobRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Checkpoint;
-    use volumed_api::JobKind;
+    use crate::catalog::{Checkpoint, ImportSpec, JobSpec};
 
-    fn rec(id: String, state: JobState) -> JobRecord {
+    fn rec(id: JobId, state: JobState) -> JobRecord {
         JobRecord {
             id,
-            kind: JobKind::Import,
             state,
             created_at: 0,
             finished_at: None,
-            import: None,
-            export: None,
             format: "raw".into(),
-            volumes: Vec::new(),
             bytes_total: 10,
-            checkpoint: Checkpoint::default(),
             error: None,
             snapshot: None,
-            sha256: None,
+            spec: JobSpec::Import(ImportSpec {
+                request: serde_json::from_str(r#"{"source":"-","name":"a"}"#).unwrap(),
+                volumes: Vec::new(),
+                checkpoint: Checkpoint::default(),
+                sha256: None,
+            }),
         }
     }
 
-    #[test]
-    fn jobs_survive_reopen_and_old_finished_ones_go() {
+    fn offset(r: &JobRecord) -> u64 {
+        r.import().map_or(0, |i| i.checkpoint.offset)
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopen_and_old_finished_ones_go() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
         {
-            let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap())).unwrap();
+            let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+                .await
+                .unwrap();
             for i in 0..KEEP_FINISHED + 5 {
                 let id = reg.next_id().unwrap();
                 let state = if i == 0 {
@@ -232,16 +242,24 @@ mod tests {
                 } else {
                     JobState::Completed
                 };
-                reg.add(rec(id, state)).unwrap();
+                reg.add(rec(id, state)).await.unwrap();
             }
             let first = reg.list()[0].clone();
-            reg.update(&first, |r| r.checkpoint.offset = 4096).unwrap();
-            assert!(reg.cancel("job-nope").is_err());
+            reg.update(&first, |r| {
+                if let Some(i) = r.import_mut() {
+                    i.checkpoint.offset = 4096
+                }
+            })
+            .await
+            .unwrap();
+            assert!(reg.cancel(&JobId::new(u64::MAX)).is_err());
             let done = reg.list()[1].id();
             let err = reg.cancel(&done).err().expect("refused").to_string();
             assert!(err.contains("already ended"), "{err}");
         }
-        let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap())).unwrap();
+        let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+            .await
+            .unwrap();
         let all = reg.list();
         // The running one stays, and the newest finished ones.
         assert_eq!(all.len(), KEEP_FINISHED + 1);
@@ -250,7 +268,7 @@ mod tests {
             .filter(|h| h.record().state == JobState::Running)
             .collect();
         assert_eq!(running.len(), 1);
-        assert_eq!(running[0].record().checkpoint.offset, 4096);
+        assert_eq!(offset(&running[0].record()), 4096);
         // Finished jobs show all their bytes done.
         let done = all
             .iter()

@@ -1,7 +1,13 @@
-//! The daemon's error type. Each variant knows its stable API code, so the
-//! control API maps errors to HTTP statuses in one place.
+//! The engine's error. A message names the object and the reason with its
+//! own context only: a variant that wraps another error never prints it,
+//! and whoever shows the error renders the chain once
+//! (`volumed_api::error_chain`). Which API code a variant is, the
+//! front-ends decide (`present::failure`, and the AWS endpoint's own).
 
-use volumed_api::{ErrorCode, VolumeName};
+use snapshot::SnapshotId;
+use volumed_api::VolumeName;
+
+use crate::catalog::JobId;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -19,7 +25,10 @@ pub enum Error {
     #[error("volume '{0}' not found")]
     VolumeNotFound(VolumeName),
     #[error("snapshot '{0}' not found")]
-    SnapshotNotFound(String),
+    SnapshotNotFound(SnapshotId),
+    /// An id no snapshot can have: named as given.
+    #[error("snapshot '{0}' not found")]
+    NoSuchSnapshotId(String),
     #[error("volume '{0}' already exists")]
     VolumeExists(VolumeName),
     #[error("volume '{0}' is attached; detach it first")]
@@ -29,7 +38,7 @@ pub enum Error {
     #[error("volume '{0}' is not attached")]
     VolumeNotAttached(VolumeName),
     #[error("volume '{0}' has snapshot {1} in progress; wait for it")]
-    SnapshotInProgress(VolumeName, String),
+    SnapshotInProgress(VolumeName, SnapshotId),
     #[error("volume '{0}' failed ({1}); detach and attach it to reopen it before a snapshot")]
     VolumeFailed(VolumeName, String),
     #[error("invalid label {0:?}: {1}")]
@@ -37,36 +46,31 @@ pub enum Error {
     #[error("volumed is shutting down")]
     ShuttingDown,
     /// The store failed; the source says whether it was transient.
-    #[error("snapshot store: {context}: {source}")]
+    #[error("snapshot store: {context}")]
     Store {
         context: String,
         /// Boxed: store errors are large and rare, results are many.
         source: Box<snapshot::RepoError>,
     },
     #[error("snapshot {0} is in progress; wait for it to end")]
-    SnapshotBusy(String),
+    SnapshotBusy(SnapshotId),
     #[error("snapshot {0} is not being uploaded")]
-    SnapshotNotUploading(snapshot::SnapshotId),
-    #[error("commit snapshot {id}: {source}")]
+    SnapshotNotUploading(SnapshotId),
+    #[error("commit snapshot {id}")]
     SnapshotCommit {
-        id: snapshot::SnapshotId,
-        /// Boxed: a store error is large and rare, results are many.
+        id: SnapshotId,
+        /// Boxed, as `Store`'s.
         source: Box<snapshot::CommitError>,
     },
-    #[error("job '{0}' not found")]
-    JobNotFound(String),
     #[error("volume '{0}' is being imported by {1}; wait for it or cancel it")]
-    VolumeImporting(VolumeName, String),
-    /// An image refused, unreadable, or failing while it was read.
-    #[error("{0}")]
-    Image(#[from] crate::image::ImageError),
+    VolumeImporting(VolumeName, JobId),
     #[error("snapshot '{0}' is attached; detach it first")]
-    SnapshotAttached(String),
+    SnapshotAttached(SnapshotId),
     #[error("snapshot '{0}' is not attached")]
-    SnapshotNotAttached(String),
-    #[error("catalog: {0}")]
+    SnapshotNotAttached(SnapshotId),
+    #[error("catalog")]
     Catalog(#[from] crate::catalog::CatalogError),
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         source: std::io::Error,
@@ -88,33 +92,14 @@ impl Error {
         }
     }
 
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            Error::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            Error::InvalidName { .. } => ErrorCode::InvalidName,
-            Error::InvalidSize(_) => ErrorCode::InvalidSize,
-            Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) => ErrorCode::NotFound,
-            Error::VolumeExists(_) => ErrorCode::AlreadyExists,
-            Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => ErrorCode::VolumeAttached,
-            Error::VolumeNotAttached(_) => ErrorCode::VolumeNotAttached,
-            Error::SnapshotInProgress(..) | Error::VolumeFailed(..) => ErrorCode::Conflict,
-            Error::InvalidLabel(..) => ErrorCode::InvalidRequest,
-            Error::ShuttingDown => ErrorCode::ShuttingDown,
-            Error::Store { .. } => ErrorCode::StoreUnavailable,
-            Error::SnapshotBusy(_) => ErrorCode::Conflict,
-            Error::SnapshotNotUploading(_) => ErrorCode::NotFound,
-            Error::SnapshotCommit { .. } => ErrorCode::StoreUnavailable,
-            Error::JobNotFound(_) => ErrorCode::NotFound,
-            Error::VolumeImporting(..) => ErrorCode::Conflict,
-            Error::Image(e) => e.code(),
-            Error::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
-            Error::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
-            Error::Catalog(_) | Error::Io { .. } => ErrorCode::Internal,
-        }
+    /// The snapshot `raw` names, or not found.
+    pub fn snapshot_id(raw: &str) -> Result<SnapshotId> {
+        SnapshotId::parse(raw).ok_or_else(|| Error::NoSuchSnapshotId(raw.to_owned()))
     }
 }
 
-/// Adds context to an `io::Result`, the way the daemon reports every I/O error.
+/// Adds context to an `io::Result`, the way the engine reports every I/O
+/// error.
 pub trait IoContext<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T>;
 }
@@ -122,5 +107,17 @@ pub trait IoContext<T> {
 impl<T> IoContext<T> for std::io::Result<T> {
     fn ctx(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(context(), e))
+    }
+}
+
+/// A blocking step run off the runtime's workers (file creation, removal,
+/// fsync of a directory); a panic in it is reported, not propagated.
+pub async fn blocking<T: Send + 'static>(
+    what: impl FnOnce() -> String,
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.ctx(what),
+        Err(e) => Err(Error::io(what(), std::io::Error::other(e.to_string()))),
     }
 }

@@ -15,26 +15,20 @@ use std::path::{Path, PathBuf};
 
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use snapshot::SnapshotId;
-use snapshot::cache::Fetcher;
 use tokio::sync::mpsc;
 use tracing::info;
 use volumed_api::JobState;
 
+use super::ImageFormat;
 use super::registry::{JobHandle, JobRegistry};
-use super::snapshot::SnapshotJobs;
-use crate::catalog::{Catalog, SnapshotState};
-use crate::engine::Volume;
-use crate::engine::snapshot_export::SnapshotExports;
-use crate::image::ImageFormat;
+use crate::engine::{Engine, SnapshotOutcome, Volume};
 
 const FETCHES_IN_FLIGHT: usize = 16;
 /// Chunk writes into a raw file in flight.
 const WRITES_IN_FLIGHT: usize = 4;
-const SNAPSHOT_POLL: Duration = Duration::from_millis(200);
 
 /// What an export reads.
 pub enum ExportSource {
@@ -51,30 +45,18 @@ pub enum Sink {
 }
 
 pub struct ExportJobs {
-    catalog: Arc<Catalog>,
+    engine: Arc<Engine>,
     jobs: Arc<JobRegistry>,
-    snapshot_jobs: Arc<SnapshotJobs>,
-    snapshot_exports: Arc<SnapshotExports>,
-    repo: snapshot::Repo,
-    fetcher: Arc<Fetcher>,
+    /// The NBD server's Unix socket, where `qemu-img` reads a lease.
+    nbd_socket: PathBuf,
 }
 
 impl ExportJobs {
-    pub fn new(
-        catalog: Arc<Catalog>,
-        jobs: Arc<JobRegistry>,
-        snapshot_jobs: Arc<SnapshotJobs>,
-        snapshot_exports: Arc<SnapshotExports>,
-        repo: snapshot::Repo,
-        fetcher: Arc<Fetcher>,
-    ) -> Self {
+    pub fn new(engine: Arc<Engine>, jobs: Arc<JobRegistry>, nbd_socket: PathBuf) -> Self {
         ExportJobs {
-            catalog,
+            engine,
             jobs,
-            snapshot_jobs,
-            snapshot_exports,
-            repo,
-            fetcher,
+            nbd_socket,
         }
     }
 
@@ -97,7 +79,7 @@ impl ExportJobs {
             match r {
                 Ok(()) => {
                     info!(job = %id, "export completed");
-                    this.jobs.finish(&h, JobState::Completed, None);
+                    this.jobs.finish(&h, JobState::Completed, None).await;
                 }
                 Err(e) => {
                     if let Some(d) = dest {
@@ -106,9 +88,9 @@ impl ExportJobs {
                     let cancelled = h.cancel.is_cancelled();
                     info!(job = %id, error = %e, "export ended early");
                     if cancelled {
-                        this.jobs.finish(&h, JobState::Cancelled, None);
+                        this.jobs.finish(&h, JobState::Cancelled, None).await;
                     } else {
-                        this.jobs.finish(&h, JobState::Error, Some(e));
+                        this.jobs.finish(&h, JobState::Error, Some(e)).await;
                     }
                 }
             }
@@ -126,45 +108,36 @@ impl ExportJobs {
         let id = match source {
             ExportSource::Snapshot(id) => id,
             ExportSource::Volume(vol) => {
-                let labels = [("export".to_owned(), h.id())].into_iter().collect();
-                let rec = self
-                    .snapshot_jobs
-                    .start(vol, labels)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                while self.snapshot_jobs.is_running(&rec.id) {
-                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
-                        return Err("stopped".into());
-                    }
-                    tokio::time::sleep(SNAPSHOT_POLL).await;
-                }
-                let done = self
-                    .catalog
-                    .snapshots()
-                    .map_err(|e| e.to_string())?
+                let labels = [("export".to_owned(), h.id().to_string())]
                     .into_iter()
-                    .find(|s| s.id == rec.id);
-                match done {
-                    Some(s) if s.state == SnapshotState::Completed => {}
-                    Some(s) => {
-                        return Err(format!(
-                            "snapshot {} failed: {}",
-                            s.id,
-                            s.error.unwrap_or_default()
-                        ));
-                    }
-                    None => return Err(format!("snapshot {} vanished", rec.id)),
+                    .collect();
+                let (rec, done) = self
+                    .engine
+                    .snapshot_for_job(vol, labels)
+                    .await
+                    .map_err(|e| volumed_api::error_chain(&e))?;
+                let outcome = tokio::select! {
+                    o = done.wait() => o,
+                    () = h.cancel.cancelled() => return Err("stopped".into()),
+                    () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
+                };
+                if let SnapshotOutcome::Failed(e) = outcome {
+                    return Err(format!("snapshot {} failed: {e}", rec.id));
                 }
                 rec.id
             }
         };
-        let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone()));
+        let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone())).await;
         let m = self
-            .repo
+            .engine
+            .repo()
             .open_manifest(&id)
             .await
             .map_err(|e| format!("read snapshot {id}: {e}"))?;
-        let _ = self.jobs.update(h, |r| r.bytes_total = m.header().size);
+        let _ = self
+            .jobs
+            .update(h, |r| r.bytes_total = m.header().size)
+            .await;
         match (format, sink) {
             (ImageFormat::Raw, sink) => {
                 let m = m
@@ -175,12 +148,18 @@ impl ExportJobs {
             }
             (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
             (fmt, Sink::File(dest)) => {
-                let lease = self
-                    .snapshot_exports
-                    .lease(Arc::new(m))
-                    .await
-                    .map_err(|e| format!("export snapshot {id} over NBD: {e}"))?;
-                let uri = lease.nbd_unix_uri();
+                drop(m);
+                let lease = self.engine.lease_snapshot_export(&id).await.map_err(|e| {
+                    format!(
+                        "export snapshot {id} over NBD: {}",
+                        volumed_api::error_chain(&e)
+                    )
+                })?;
+                let uri = format!(
+                    "nbd+unix:///{}?socket={}",
+                    lease.snapshot(),
+                    self.nbd_socket.display()
+                );
                 // qemu-img is killed when this future is dropped; the lease
                 // ends when `lease` goes.
                 let r = tokio::select! {
@@ -216,7 +195,7 @@ impl ExportJobs {
                 let f = Arc::new(f);
                 let mut fetches = futures_util::stream::iter(m.hashed().iter().copied())
                     .map(|(i, hash)| {
-                        let fetcher = Arc::clone(&self.fetcher);
+                        let fetcher = Arc::clone(self.engine.fetcher());
                         async move { (i, fetcher.get(&hash).await) }
                     })
                     .buffer_unordered(FETCHES_IN_FLIGHT);
@@ -269,7 +248,7 @@ impl ExportJobs {
                 let count = m.chunk_count();
                 let mut fetches = futures_util::stream::iter(0..count)
                     .map(|i| {
-                        let fetcher = Arc::clone(&self.fetcher);
+                        let fetcher = Arc::clone(self.engine.fetcher());
                         let hash = m.get(i);
                         let n = chunk_len(i);
                         async move {
@@ -373,7 +352,7 @@ async fn convert(
         let _ = std::fs::remove_file(dest);
         return Err(format!(
             "qemu-img convert: {}",
-            crate::image::qemu::one_line("qemu-img", &out.stderr)
+            super::qemu::one_line("qemu-img", &out.stderr)
         ));
     }
     Ok(())
