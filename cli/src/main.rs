@@ -51,7 +51,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain, each cause once.
+            eprintln!("error: {}", volumed_api::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }

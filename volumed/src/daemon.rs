@@ -194,7 +194,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = t.await;
     }
     match api_task.await {
-        Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
+        Ok(Err(e)) => {
+            warn!(error = %volumed_api::error_chain(&e), "control API ended with an error")
+        }
         Err(e) => warn!(error = %e, "control API task failed"),
         Ok(Ok(())) => {}
     }

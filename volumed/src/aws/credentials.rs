@@ -12,7 +12,7 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read {
         path: String,
         source: std::io::Error,

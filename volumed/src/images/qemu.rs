@@ -39,7 +39,7 @@ pub enum QemuError {
     },
     #[error("{program} took longer than {secs} s")]
     Timeout { program: &'static str, secs: u64 },
-    #[error("{program}: {source}")]
+    #[error("{program}")]
     Io {
         program: &'static str,
         source: std::io::Error,
