@@ -11,8 +11,9 @@
 //! - `recovery`: what opening does after a crash; `dirs`: where volumes'
 //!   files live and the trash they leave through;
 //! - `restore`: setting up a volume created from a snapshot;
-//! - `volume`: one volume and its data path; `freeze`: a snapshot's hold on
-//!   it; `chunk_map`: chunk states and the dirty set; `base`: a restored
+//! - `volume`: one volume and its data path; `record`: its catalog record
+//!   and the record's one writer; `freeze`: a snapshot's hold on it;
+//!   `chunk_map`: chunk states and the dirty set; `base`: a restored
 //!   volume's snapshot and detach log;
 //! - `jobs`: snapshot uploads, block uploads, hydration;
 //! - `snapshot_catalog`, `snapshot_export`: the snapshots this host can
@@ -33,6 +34,7 @@ mod export;
 pub(crate) mod freeze;
 pub(crate) mod jobs;
 mod lifecycle;
+mod record;
 pub(crate) mod recovery;
 pub(crate) mod registry;
 pub(crate) mod restore;

@@ -12,3 +12,4 @@
 pub mod block_upload;
 pub mod hydrate;
 pub mod snapshot;
+mod snapshot_outcome;
