@@ -1,3 +1,6 @@
+//! The `volumed` binary: logging to stderr, umask 077, flags resolved,
+//! `daemon::run`, and the error chain printed once with the exit code.
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
