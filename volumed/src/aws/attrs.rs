@@ -15,7 +15,7 @@ use tracing::info;
 use volumed_api::validate_tags;
 
 use crate::catalog::{AwsSnapshotRecord, AwsVolumeRecord, Catalog, CatalogError};
-use crate::engine::{Engine, Error, Volume};
+use crate::engine::{Error, Volume};
 
 pub struct Ec2Attributes {
     catalog: Arc<Catalog>,
@@ -82,10 +82,12 @@ impl Ec2Attributes {
         self.catalog.remove_aws_volume(id).await
     }
 
-    /// At start: forgets the attributes of volumes that no longer exist
-    /// (deleted other than through the endpoint).
-    pub async fn sweep(&self, engine: &Engine) -> Result<(), CatalogError> {
-        let live: std::collections::HashSet<u64> = engine.list().iter().map(|v| v.id).collect();
+    /// At start: forgets the attributes of volumes the catalog no longer
+    /// records (deleted other than through the endpoint). A volume whose
+    /// files failed to open is still recorded, and keeps them.
+    pub async fn sweep(&self) -> Result<(), CatalogError> {
+        let live: std::collections::HashSet<u64> =
+            self.catalog.volumes()?.iter().map(|r| r.id).collect();
         let mut gone = 0;
         for id in self.catalog.aws_volume_ids()? {
             if !live.contains(&id) {

@@ -79,7 +79,7 @@ pub async fn bind(
     info!(keys = credentials.len(), region = %config.region, tls = tls.is_some(),
           %addr, "AWS endpoint listening");
     let attrs = Ec2Attributes::new(catalog);
-    attrs.sweep(&engine).await.map_err(StartError::Sweep)?;
+    attrs.sweep().await.map_err(StartError::Sweep)?;
     Ok(AwsServer {
         listener,
         tls,

@@ -114,8 +114,9 @@ pub struct Catalog {
     jobs: sled::Tree,
     aws_snapshots: sled::Tree,
     aws_volumes: sled::Tree,
-    /// Declared last, so it is dropped (its thread joined) before the
-    /// handles above close the database.
+    /// Its thread holds handles of the database too: dropping the writer
+    /// joins it, so the database (and its file lock) is closed once the
+    /// catalog is dropped.
     writer: Writer,
 }
 
