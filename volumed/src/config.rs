@@ -10,7 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use snapshot::StoreUrl;
 
 use crate::disk::EngineChoice;
-use crate::nbd::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 #[derive(Debug, Parser)]
 #[command(

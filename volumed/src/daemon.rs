@@ -46,7 +46,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tls = config
         .nbd_tls
         .as_ref()
-        .map(crate::nbd::tls::acceptor)
+        .map(crate::tls::acceptor)
         .transpose()
         .context("configure NBD TLS")?;
     let endpoints = NbdEndpoints {

@@ -28,3 +28,4 @@ pub mod nbd;
 pub(crate) mod present;
 pub(crate) mod socket_path;
 pub(crate) mod telemetry;
+pub(crate) mod tls;

@@ -29,8 +29,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::engine::Engine;
-use crate::nbd::tls::TlsFiles;
 use crate::present::NbdEndpoints;
+use crate::tls::TlsFiles;
 use attrs::Ec2Attributes;
 use credentials::Credentials;
 

@@ -39,7 +39,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("configure AWS endpoint TLS")]
-    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
+    Tls(#[source] crate::tls::TlsError),
     #[error("bind AWS endpoint on {addr}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -67,9 +67,9 @@ pub async fn bind(
     let tls = config
         .tls
         .as_ref()
-        .map(crate::nbd::tls::acceptor)
+        .map(crate::tls::acceptor)
         .transpose()
-        .map_err(|e| StartError::Tls(e.into()))?;
+        .map_err(StartError::Tls)?;
     let bind_err = |source| StartError::Bind {
         addr: config.listen,
         source,

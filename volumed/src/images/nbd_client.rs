@@ -36,13 +36,13 @@ const MAX_REPLY: u32 = max_read_chunk(MAX_READ);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NbdError {
-    #[error("nbd i/o: {0}")]
+    #[error("nbd i/o")]
     Io(#[from] io::Error),
     #[error("nbd protocol: {0}")]
     Protocol(String),
-    #[error("nbd protocol: {0}")]
+    #[error("nbd protocol")]
     Wire(#[from] ProtoError),
-    #[error("nbd request: {0}")]
+    #[error("nbd request")]
     Encode(#[from] EncodeError),
     #[error("nbd server refused option {option}: {message}")]
     Refused { option: u32, message: String },

@@ -18,14 +18,15 @@
 //!   TLS upgrade, session), and `ExportLookup` for `Engine`.
 //! - `io_threads.rs`: the threads connections are served on, one per CPU,
 //!   each with its own runtime and io_uring ring.
-//! - `tls.rs`: the rustls acceptor and the per-connection TLS mode.
+//!
+//! TLS (the acceptor and the per-connection mode) is `crate::tls`, shared
+//! with the AWS endpoint.
 
 pub(crate) mod handshake;
 pub mod io_threads;
 pub(crate) mod poll;
 pub(crate) mod server;
 pub(crate) mod session;
-pub mod tls;
 
 #[cfg(test)]
 mod handshake_tests;

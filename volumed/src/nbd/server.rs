@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context;
 use nbd_proto::SessionOptions;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
@@ -31,8 +30,8 @@ use super::handshake::{
 use super::io_threads::IoThreads;
 use super::poll::{Polled, Quiet};
 use super::session;
-use super::tls::Tls;
 use crate::engine::{Engine, Export};
+use crate::tls::Tls;
 
 impl ExportLookup for Engine {
     fn export(&self, name: &str) -> Option<Export> {
@@ -112,6 +111,22 @@ pub struct NbdServer {
     threads: Option<IoThreads>,
 }
 
+/// Why the server could not start listening.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("set NBD listener non-blocking")]
+    NonBlocking(#[source] std::io::Error),
+    #[error("register NBD listener")]
+    Register(#[source] std::io::Error),
+    #[error(transparent)]
+    Socket(#[from] crate::socket_path::SocketError),
+    #[error("bind NBD socket {}", .path.display())]
+    Bind {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 impl NbdServer {
     /// Takes the TCP listener already bound (the daemon binds it before the
     /// engine opens, to know the real port) and binds the Unix socket.
@@ -121,13 +136,14 @@ impl NbdServer {
         tcp: std::net::TcpListener,
         socket: &Path,
         tls: Option<TlsAcceptor>,
-    ) -> anyhow::Result<Self> {
-        tcp.set_nonblocking(true)
-            .context("set NBD listener non-blocking")?;
-        let tcp = TcpListener::from_std(tcp).context("register NBD listener")?;
+    ) -> Result<Self, BindError> {
+        tcp.set_nonblocking(true).map_err(BindError::NonBlocking)?;
+        let tcp = TcpListener::from_std(tcp).map_err(BindError::Register)?;
         crate::socket_path::remove_stale_socket(socket).await?;
-        let unix = UnixListener::bind(socket)
-            .with_context(|| format!("bind NBD socket {}", socket.display()))?;
+        let unix = UnixListener::bind(socket).map_err(|source| BindError::Bind {
+            path: socket.to_owned(),
+            source,
+        })?;
         Ok(NbdServer {
             tcp,
             unix,
@@ -462,7 +478,7 @@ fn negotiated(
                 Step::Refused(reason, detail)
             }
             None => {
-                debug!(peer = %ctx.peer, error = %e, "NBD handshake ended");
+                debug!(peer = %ctx.peer, error = %volumed_api::error_chain(&e), "NBD handshake ended");
                 Step::Ended
             }
         },
@@ -528,7 +544,9 @@ async fn serve<C: Connection>(
     );
     match export.sessions.track_future(session).await {
         Ok(()) => info!(%peer, export = %name, "NBD client disconnected"),
-        Err(e) => warn!(%peer, export = %name, error = %e, "NBD session closed on error"),
+        Err(e) => {
+            warn!(%peer, export = %name, error = %volumed_api::error_chain(&e), "NBD session closed on error")
+        }
     }
 }
 

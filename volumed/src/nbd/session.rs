@@ -68,9 +68,9 @@ const EXTENT_LEN: u64 = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("{0}")]
+    #[error(transparent)]
     Proto(#[from] ProtoError),
-    #[error("i/o: {0}")]
+    #[error("i/o")]
     Io(#[from] std::io::Error),
 }
 

@@ -6,7 +6,6 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, anyhow};
 use rsa::pkcs1::RsaPrivateKeyRef;
 use rsa::pkcs8::der::asn1::OctetStringRef;
 use rsa::pkcs8::der::{self, Decode, Reader, SliceReader, TagMode, TagNumber};
@@ -16,6 +15,7 @@ use tokio_rustls::rustls::pki_types::PrivateKeyDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::sign::SigningKey;
 
+use super::TlsError;
 use super::rsa_key::RsaKey;
 
 /// What the refusal line offers instead.
@@ -29,40 +29,41 @@ pub(super) const RSA_BITS: RangeInclusive<usize> = 2048..=8192;
 
 /// Loads the server key from a PEM file (PKCS#8, PKCS#1 or SEC1), with ring
 /// where ring can sign with it and the `rsa` crate for the other RSA sizes.
-pub(super) fn server_key(path: &Path) -> anyhow::Result<Arc<dyn SigningKey>> {
-    let pem =
-        std::fs::read(path).with_context(|| format!("read the NBD TLS key {}", path.display()))?;
+pub(super) fn server_key(path: &Path) -> Result<Arc<dyn SigningKey>, TlsError> {
+    let pem = std::fs::read(path).map_err(|source| TlsError::ReadKey {
+        path: path.to_owned(),
+        source,
+    })?;
+    let refused = |reason: String| TlsError::Key {
+        path: path.to_owned(),
+        reason,
+    };
     // rustls-pki-types skips encrypted PEM sections, so say why it found
     // nothing: PKCS#8 `ENCRYPTED PRIVATE KEY` or an OpenSSL legacy header.
     let encrypted =
         contains(&pem, b"ENCRYPTED PRIVATE KEY") || contains(&pem, b"Proc-Type: 4,ENCRYPTED");
     let encrypted_refusal = || {
-        anyhow!(
-            "NBD TLS key {}: the key is encrypted; the daemon needs it unencrypted \
-             (openssl pkey -in KEY -out PLAIN)",
-            path.display()
+        refused(
+            "the key is encrypted; the daemon needs it unencrypted \
+             (openssl pkey -in KEY -out PLAIN)"
+                .into(),
         )
     };
     let der = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
         if encrypted {
             encrypted_refusal()
         } else {
-            anyhow!(
-                "NBD TLS key {}: no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) in it: {e}",
-                path.display()
-            )
+            refused(format!(
+                "no PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) in it: {e}"
+            ))
         }
     })?;
     let kind = KeyKind::of(&der);
     if encrypted && matches!(kind, KeyKind::Malformed(_)) {
         return Err(encrypted_refusal());
     }
-    let refuse = |what: &dyn fmt::Display| {
-        anyhow!(
-            "NBD TLS key {}: {what} is not supported ({SUPPORTED})",
-            path.display()
-        )
-    };
+    let refuse =
+        |what: &dyn fmt::Display| refused(format!("{what} is not supported ({SUPPORTED})"));
     match kind {
         KeyKind::Rsa { bits, primes } if primes > 2 => Err(refuse(&format_args!(
             "RSA {bits} bits with {primes} primes"
@@ -76,8 +77,8 @@ pub(super) fn server_key(path: &Path) -> anyhow::Result<Arc<dyn SigningKey>> {
             // half that and e >= 65537; everything else OpenSSL makes is
             // still a sound key.
             Err(_) => {
-                let key = RsaKey::new(&der)
-                    .map_err(|e| anyhow!("NBD TLS key {}: RSA {bits} bits: {e}", path.display()))?;
+                let key =
+                    RsaKey::new(&der).map_err(|e| refused(format!("RSA {bits} bits: {e}")))?;
                 tracing::info!(
                     key = %path.display(),
                     bits,
@@ -86,13 +87,11 @@ pub(super) fn server_key(path: &Path) -> anyhow::Result<Arc<dyn SigningKey>> {
                 Ok(Arc::new(key))
             }
         },
-        KeyKind::EcP256 | KeyKind::EcP384 | KeyKind::Ed25519 => any_supported_type(&der)
-            .map_err(|e| anyhow!("NBD TLS key {}: {kind} key refused: {e}", path.display())),
+        KeyKind::EcP256 | KeyKind::EcP384 | KeyKind::Ed25519 => {
+            any_supported_type(&der).map_err(|e| refused(format!("{kind} key refused: {e}")))
+        }
         KeyKind::Other(what) => Err(refuse(&what)),
-        KeyKind::Malformed(why) => Err(anyhow!(
-            "NBD TLS key {}: not a well-formed private key: {why}",
-            path.display()
-        )),
+        KeyKind::Malformed(why) => Err(refused(format!("not a well-formed private key: {why}"))),
     }
 }
 

@@ -1,5 +1,7 @@
-//! TLS for NBD (NBD_OPT_STARTTLS) with rustls on the ring provider, which the
-//! S3 client already links, so TLS adds no second crypto library.
+//! TLS with rustls on the ring provider, which the S3 client already
+//! links, so TLS adds no second crypto library: NBD's STARTTLS and the AWS
+//! endpoint's HTTPS, configured from the same files, so it is shared by
+//! both front-ends and imports neither.
 //!
 //! The server key. ring 0.17 signs with RSA keys whose modulus is 2048 to
 //! 4096 bits and whose primes are each exactly half of it and a multiple of
@@ -16,7 +18,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
@@ -49,40 +50,90 @@ pub enum Tls {
     Active,
 }
 
+/// A TLS configuration refused at start: each names the file and the
+/// reason, in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "NBD TLS certificate {} and key {} do not make a usable pair",
+        .cert.display(),
+        .key.display()
+    )]
+    Mismatch {
+        cert: PathBuf,
+        key: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("TLS protocol versions")]
+    Versions(#[source] rustls::Error),
+    #[error("add a CA certificate from {}", .path.display())]
+    AddCa {
+        path: PathBuf,
+        source: rustls::Error,
+    },
+    #[error("client verifier from {}", .path.display())]
+    Verifier {
+        path: PathBuf,
+        source: rustls::server::VerifierBuilderError,
+    },
+    #[error("read certificates from {}", .path.display())]
+    ReadCerts {
+        path: PathBuf,
+        source: tokio_rustls::rustls::pki_types::pem::Error,
+    },
+    #[error("parse certificates in {}", .path.display())]
+    ParseCerts {
+        path: PathBuf,
+        source: tokio_rustls::rustls::pki_types::pem::Error,
+    },
+    #[error("{} holds no PEM certificate", .0.display())]
+    NoCerts(PathBuf),
+    #[error("read the NBD TLS key {}", .path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The key is unusable; `reason` says why and what would do.
+    #[error("NBD TLS key {}: {reason}", .path.display())]
+    Key { path: PathBuf, reason: String },
+}
+
 /// Builds the acceptor, failing at start-up on anything wrong with the
 /// files rather than at the first client.
-pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
     let provider = Arc::new(crypto::ring::default_provider());
     let certs = read_certs(&files.cert)?;
     let key = server_key(&files.key)?;
     let certified = CertifiedKey::new(certs, key);
     match certified.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(InconsistentKeys::Unknown)) => {}
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "NBD TLS certificate {} and key {} do not make a usable pair",
-                    files.cert.display(),
-                    files.key.display()
-                )
+        Err(source) => {
+            return Err(TlsError::Mismatch {
+                cert: files.cert.clone(),
+                key: files.key.clone(),
+                source,
             });
         }
     }
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?;
+        .map_err(TlsError::Versions)?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca) => {
             let mut roots = RootCertStore::empty();
             for cert in read_certs(ca)? {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("add a CA certificate from {}", ca.display()))?;
+                roots.add(cert).map_err(|source| TlsError::AddCa {
+                    path: ca.clone(),
+                    source,
+                })?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .with_context(|| format!("client verifier from {}", ca.display()))?;
+                .map_err(|source| TlsError::Verifier {
+                    path: ca.clone(),
+                    source,
+                })?;
             builder.with_client_cert_verifier(verifier)
         }
     };
@@ -90,13 +141,19 @@ pub fn acceptor(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("read certificates from {}", path.display()))?
+        .map_err(|source| TlsError::ReadCerts {
+            path: path.to_owned(),
+            source,
+        })?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parse certificates in {}", path.display()))?;
+        .map_err(|source| TlsError::ParseCerts {
+            path: path.to_owned(),
+            source,
+        })?;
     if certs.is_empty() {
-        bail!("{} holds no PEM certificate", path.display());
+        return Err(TlsError::NoCerts(path.to_owned()));
     }
     Ok(certs)
 }
