@@ -12,8 +12,10 @@
 //! - `handshake.rs`: option haggling, and `ExportLookup`, all it needs of
 //!   the engine.
 //! - `session.rs`: the transmission loop: one task polls the read of the
-//!   next request, the requests in flight and the reply writes; the
-//!   in-flight window.
+//!   next request, the requests in flight and the reply writes;
+//!   `window.rs`: the in-flight window every request holds a share of
+//!   until its reply is written; `output.rs`: the replies waiting for the
+//!   socket, staged and written with `writev`.
 //! - `server.rs`: TCP and Unix listeners, the connection task (handshake,
 //!   TLS upgrade, session), and `ExportLookup` for `Engine`.
 //! - `io_threads.rs`: the threads connections are served on, one per CPU,
@@ -24,9 +26,11 @@
 
 pub(crate) mod handshake;
 pub mod io_threads;
+mod output;
 pub(crate) mod poll;
 pub(crate) mod server;
 pub(crate) mod session;
+mod window;
 
 #[cfg(test)]
 mod handshake_tests;
