@@ -155,11 +155,8 @@ impl ExportJobs {
                         volumed_api::error_chain(&e)
                     )
                 })?;
-                let uri = format!(
-                    "nbd+unix:///{}?socket={}",
-                    lease.snapshot(),
-                    self.nbd_socket.display()
-                );
+                let uri = nbd_proto::Uri::unix(&self.nbd_socket, lease.snapshot().as_str(), false)
+                    .to_string();
                 // qemu-img is killed when this future is dropped; the lease
                 // ends when `lease` goes.
                 let r = tokio::select! {

@@ -17,7 +17,8 @@
 //!   until its reply is written; `output.rs`: the replies waiting for the
 //!   socket, staged and written with `writev`.
 //! - `server.rs`: TCP and Unix listeners, the connection task (handshake,
-//!   TLS upgrade, session), and `ExportLookup` for `Engine`.
+//!   TLS upgrade, session), and `ExportLookup` for `Engine`;
+//!   `refusals.rs`: refused connections logged, rate-limited.
 //! - `io_threads.rs`: the threads connections are served on, one per CPU,
 //!   each with its own runtime and io_uring ring.
 //!
@@ -28,6 +29,7 @@ pub(crate) mod handshake;
 pub mod io_threads;
 mod output;
 pub(crate) mod poll;
+mod refusals;
 pub(crate) mod server;
 pub(crate) mod session;
 mod window;
