@@ -193,7 +193,7 @@ impl Lifecycle {
         if vol.record().attachment.is_none() && vol.failure().is_some() {
             // Left failed by a detach whose reopen failed: try again.
             let rec = vol.record();
-            vol = self.reopen(&vol, &rec)?;
+            vol = self.reopen(&vol, &rec).await?;
         }
         let id = self.catalog.next_id()?;
         let attached = vol
@@ -256,7 +256,7 @@ impl Lifecycle {
         if failed {
             // Detached either way; a reopen that fails leaves it failed,
             // and attach tries again.
-            match self.reopen(&vol, &vol.record()) {
+            match self.reopen(&vol, &vol.record()).await {
                 Ok(v) => return Ok((v, false)),
                 Err(e) => {
                     warn!(volume = %name, error = %volumed_api::error_chain(&e), "could not reopen the failed volume");
@@ -270,10 +270,20 @@ impl Lifecycle {
     /// files, as after an unclean stop: the map rebuilt from the files'
     /// allocation, a base reopened from its log, every chunk dirty (nothing
     /// proves what the failure lost). The old one keeps refusing requests.
-    fn reopen(&self, old: &Arc<Volume>, rec: &VolumeRecord) -> Result<Arc<Volume>> {
+    async fn reopen(&self, old: &Arc<Volume>, rec: &VolumeRecord) -> Result<Arc<Volume>> {
         let dir = self.dirs.volume(rec.id);
-        let vol = recovery::open_volume(rec, &dir, &self.io, &self.fetcher, false)
-            .ctx(|| format!("reopen volume '{}' from {}", rec.name, dir.display()))?;
+        // Opening reads the files' allocation: off the runtime's workers.
+        let (r, d, io, f) = (
+            rec.clone(),
+            dir.clone(),
+            Arc::clone(&self.io),
+            Arc::clone(&self.fetcher),
+        );
+        let vol = blocking(
+            || format!("reopen volume '{}' from {}", rec.name, dir.display()),
+            move || recovery::open_volume(&r, &d, &io, &f, false),
+        )
+        .await?;
         if let Some(m) = old.parent_manifest() {
             vol.set_parent_manifest(m);
         }

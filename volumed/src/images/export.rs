@@ -83,7 +83,7 @@ impl ExportJobs {
                 }
                 Err(e) => {
                     if let Some(d) = dest {
-                        let _ = std::fs::remove_file(&d);
+                        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(d)).await;
                     }
                     let cancelled = h.cancel.is_cancelled();
                     info!(job = %id, error = %e, "export ended early");
@@ -182,13 +182,19 @@ impl ExportJobs {
         let chunk_len = |i: u64| cs.min(size - i * cs);
         match sink {
             Sink::File(path) => {
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| format!("create {}: {e}", path.display()))?;
-                f.set_len(size)
-                    .map_err(|e| format!("size {}: {e}", path.display()))?;
+                let p = path.clone();
+                let f = tokio::task::spawn_blocking(move || {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&p)
+                        .map_err(|e| format!("create {}: {e}", p.display()))?;
+                    f.set_len(size)
+                        .map_err(|e| format!("size {}: {e}", p.display()))?;
+                    Ok::<_, String>(f)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
                 let f = Arc::new(f);
                 let mut fetches = futures_util::stream::iter(m.hashed().iter().copied())
                     .map(|(i, hash)| {
@@ -346,7 +352,8 @@ async fn convert(
         .await
         .map_err(|e| format!("qemu-img: {e}"))?;
     if !out.status.success() {
-        let _ = std::fs::remove_file(dest);
+        let d = dest.to_owned();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(d)).await;
         return Err(format!(
             "qemu-img convert: {}",
             super::qemu::one_line("qemu-img", &out.stderr)

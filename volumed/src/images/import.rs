@@ -129,7 +129,8 @@ impl ImportJobs {
                 self.jobs.finish(h, JobState::Error, Some(msg)).await;
             }
         }
-        self.work.remove(id.as_str());
+        let work = self.work.clone();
+        let _ = tokio::task::spawn_blocking(move || work.remove(id.as_str())).await;
     }
 
     /// Flushes, makes the volumes available, and takes the snapshot asked

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
+#[derive(Clone)]
 pub struct WorkDirs {
     root: PathBuf,
 }
