@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket_path(cli.socket)?);
     let out = Out { json: cli.json };
-    use commands::{job, snapshot, status, volume};
+    use commands::{job, key, snapshot, status, volume};
     match cli.command {
         Command::Create {
             name,
@@ -72,6 +72,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_hydrate,
             wait,
             tags,
+            encrypted,
+            key,
         } => {
             volume::create(
                 &client,
@@ -83,6 +85,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     from_snapshot,
                     chunk_size,
                     hydrate: no_hydrate.then_some(false),
+                    encrypted: encrypted.then_some(true),
+                    key,
                 },
                 tags.into_iter().collect(),
                 wait,
@@ -130,6 +134,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::import::import(&client, &out, req, no_wait).await
         }
         Command::Job(cmd) => job::run(&client, &out, cmd).await,
+        Command::Key(cmd) => key::run(&client, &out, cmd).await,
         Command::Export {
             source,
             dest,

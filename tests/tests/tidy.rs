@@ -206,12 +206,17 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("metrics", &[]),
     ("disk", &["failpoint"]),
     ("catalog", &[]),
+    // The host's master keys.
+    ("keys", &["catalog", "child"]),
     // The one owner of volume state.
-    ("engine", &["catalog", "disk", "metrics", "failpoint"]),
+    (
+        "engine",
+        &["catalog", "disk", "metrics", "failpoint", "keys"],
+    ),
     // VM images, through the engine's public functions.
     ("images", &["engine", "catalog", "failpoint", "child"]),
     // Shared by the front-ends.
-    ("present", &["images", "engine", "catalog"]),
+    ("present", &["images", "engine", "catalog", "keys"]),
     ("tls", &[]),
     // Front-ends, apart.
     (
@@ -222,10 +227,10 @@ const LAYERS: &[(&str, &[&str])] = &[
         "api",
         &["present", "images", "engine", "catalog", "socket_path"],
     ),
-    ("aws", &["present", "engine", "catalog", "tls"]),
+    ("aws", &["present", "engine", "catalog", "keys", "tls"]),
     ("telemetry", &["engine", "metrics"]),
     // Wiring.
-    ("config", &["aws", "disk", "nbd", "tls"]),
+    ("config", &["aws", "disk", "keys", "nbd", "tls"]),
     (
         "daemon",
         &[
@@ -236,6 +241,7 @@ const LAYERS: &[(&str, &[&str])] = &[
             "disk",
             "engine",
             "images",
+            "keys",
             "metrics",
             "nbd",
             "present",
@@ -250,7 +256,7 @@ const LAYERS: &[(&str, &[&str])] = &[
 fn rank(module: &str) -> usize {
     const RANKS: &[&[&str]] = &[
         &["failpoint", "child", "socket_path", "metrics", "catalog"],
-        &["disk"],
+        &["disk", "keys"],
         &["engine"],
         &["images"],
         &["present", "tls"],

@@ -64,7 +64,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let store = snapshot::Retrying::new(store, snapshot::RetryPolicy::default())
         .with_cancel(root.child_token());
     let store: Arc<dyn snapshot::ObjectStore> = Arc::new(store);
-    let repo = snapshot::Repo::new(store, config.zstd_level).with_gc_grace(config.gc_grace);
+    // Whether the store is encrypted is its header's to say (see
+    // snapshot::store_header), checked against what this host saw before.
+    let header = snapshot::store_header::open_remembered(
+        &*store,
+        config.store_encryption.expect(),
+        &config.data_dir,
+        &crate::catalog::rfc3339(crate::catalog::unix_now()),
+        concat!("volumed ", env!("CARGO_PKG_VERSION")),
+    )
+    .await
+    .with_context(|| format!("read the header of store {}", config.store))?;
+    let region = config
+        .aws
+        .as_ref()
+        .map_or("us-east-1", |a| a.region.as_str());
+    let keys = Arc::new(
+        crate::keys::KeyService::open(&config.data_dir, region)
+            .await
+            .context("open the key service")?,
+    );
+    let mut repo = snapshot::Repo::new(store, config.zstd_level).with_gc_grace(config.gc_grace);
+    if header.is_encrypted() {
+        repo = repo.with_keys(Arc::clone(&keys) as Arc<dyn snapshot::MasterKeys>);
+    }
     let cache_dir = config.data_dir.join("cache");
     let cache = snapshot::cache::ChunkCache::open(&cache_dir, config.cache_size)
         .with_context(|| format!("open the chunk cache in {}", cache_dir.display()))?;
@@ -93,6 +116,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         warn!("previous run did not shut down cleanly");
     }
     let engine = Arc::new(engine);
+    engine.set_encryption(keys, config.encryption_domain);
     engine.start_background();
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
@@ -152,6 +176,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         cache_hits: 0,
         image_tools: crate::images::qemu::tools_version().await,
         aws_listen: aws_addr.map(|a| a.to_string()),
+        store_encrypted: engine.store_encrypted(),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),

@@ -23,6 +23,7 @@ pub(crate) mod disk;
 pub mod engine;
 pub(crate) mod failpoint;
 pub(crate) mod images;
+pub mod keys;
 pub(crate) mod metrics;
 pub mod nbd;
 pub(crate) mod present;

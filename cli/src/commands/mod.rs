@@ -4,6 +4,7 @@ pub mod diff;
 pub mod export;
 pub mod import;
 pub mod job;
+pub mod key;
 pub mod snapshot;
 pub mod status;
 pub mod volume;

@@ -78,7 +78,7 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 }
 
 /// A snapshot id from a path: a malformed one names no snapshot.
-fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+pub(super) fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
     Ok(Error::snapshot_id(raw)?)
 }
 

@@ -21,6 +21,7 @@
 //! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
 //! | GET | /v1/snapshots/{id}/diff?from=ID | | SnapshotDiff |
 //! | GET | /v1/snapshots/{id}/changed-blocks?from=ID&starting_offset=N&max_results=N&next_token=T | | ChangedBlocks |
+//! | POST | /v1/snapshots/{id}/copy | CopySnapshot (optional) | 202 Snapshot (pending) |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //! | POST | /v1/imports | ImportRequest (a file) | 202 Job (running) |
 //! | POST | /v1/imports/stream | raw bytes; ImportRequest in `x-volumed-import` | Job (completed) |
@@ -29,6 +30,13 @@
 //! | GET | /v1/jobs/{id} | | Job |
 //! | GET | /v1/jobs/{id}/events | | NDJSON stream of Job, one per change, the last final |
 //! | POST | /v1/jobs/{id}/cancel | | Job |
+//! | GET | /v1/keys | | KeyList |
+//! | POST | /v1/keys | CreateKey | 201 Key |
+//! | GET | /v1/keys/{key} | | Key (by name, alias, id or ARN) |
+//! | POST | /v1/keys/{key}/rotate | | KeyRotation |
+//! | POST | /v1/keys/{key}/enable | | Key |
+//! | POST | /v1/keys/{key}/disable | | Key |
+//! | POST | /v1/default-key | SetDefaultKey (optional) | Key |
 //!
 //! `handlers` parses and routes; `present::views` builds every answer and
 //! URI from engine state; `server` runs axum on the socket.
@@ -38,6 +46,7 @@
 
 mod handlers;
 mod jobs;
+mod keys;
 pub mod server;
 mod state;
 
@@ -77,6 +86,13 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
         .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
         .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
+        .route("/v1/snapshots/{id}/copy", post(keys::copy_snapshot))
+        .route("/v1/keys", get(keys::list_keys).post(keys::create_key))
+        .route("/v1/keys/{key}", get(keys::get_key))
+        .route("/v1/keys/{key}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/{key}/enable", post(keys::enable_key))
+        .route("/v1/keys/{key}/disable", post(keys::disable_key))
+        .route("/v1/default-key", post(keys::set_default_key))
         .route("/v1/gc", post(gc))
         .route("/v1/imports", post(jobs::import_file))
         .route("/v1/imports/stream", post(jobs::import_stream))

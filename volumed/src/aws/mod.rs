@@ -45,7 +45,7 @@ pub struct AwsConfig {
 }
 
 /// The account id every resource reports as its owner, and `self` means.
-pub const OWNER_ID: &str = "000000000000";
+pub const OWNER_ID: &str = crate::keys::ACCOUNT_ID;
 /// The availability zone volumes report: one host is one zone.
 pub fn availability_zone(region: &str) -> String {
     format!("{region}a")

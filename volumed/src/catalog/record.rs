@@ -47,6 +47,10 @@ pub struct VolumeRecord {
     pub volume_id: Option<String>,
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
+    /// In an encrypted store: the domain and key its snapshots are sealed
+    /// with (its source snapshot's, for a restored volume).
+    #[serde(default)]
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -75,6 +79,9 @@ pub struct SnapshotRecord {
     /// Where its bytes come from.
     #[serde(default)]
     pub source: SnapshotSource,
+    /// In an encrypted store: the domain and key it is sealed with.
+    #[serde(default)]
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// What a snapshot is written from.
@@ -87,6 +94,8 @@ pub enum SnapshotSource {
     /// Blocks a client sends (the EBS direct APIs); they live in memory
     /// until the commit, so a restart ends the snapshot `error`.
     Blocks,
+    /// A copy of another snapshot (`vol snapshot copy`, CopySnapshot).
+    Copy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +151,7 @@ impl VolumeRecord {
             importing: None,
             volume_id: None,
             tags: Default::default(),
+            encryption: None,
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum Error {
     SnapshotAttached(SnapshotId),
     #[error("snapshot '{0}' is not attached")]
     SnapshotNotAttached(SnapshotId),
+    /// The key service's answer (`crate::keys`), whole.
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyServiceError),
     #[error("catalog")]
     Catalog(#[from] crate::catalog::CatalogError),
     #[error("{context}")]

@@ -23,6 +23,7 @@ use volumed_api::{
 };
 
 use super::dirs::VolumeDirs;
+use super::encryption::Sealing;
 use super::error::{Error, IoContext, Result, blocking};
 use super::jobs::hydrate::Hydrator;
 use super::registry::Registry;
@@ -43,6 +44,8 @@ pub struct Lifecycle {
     /// Names this host's holds in the store.
     pub(super) host_id: String,
     pub(super) hydrator: Arc<Hydrator>,
+    /// What encryption a new volume gets.
+    pub(super) sealing: Arc<Sealing>,
 }
 
 /// A volume being imported takes no lifecycle change but the import's own.
@@ -92,6 +95,10 @@ impl Lifecycle {
             }
             None => None,
         };
+        let encryption = self
+            .sealing
+            .volume_encryption(req.encrypted, req.key.as_deref(), source.as_deref())
+            .await?;
         let chunk_size = match (&source, req.chunk_size) {
             (Some(m), Some(c)) if c != m.header().chunk_size => {
                 return Err(Error::InvalidSize(format!(
@@ -143,6 +150,7 @@ impl Lifecycle {
         rec.importing = importing;
         rec.volume_id = Some(opts.volume_id_for(rec.name.as_str()));
         rec.tags = opts.tags;
+        rec.encryption = encryption;
         let dir = self.dirs.volume(id);
         let data = {
             let (d, io) = (dir.clone(), Arc::clone(&self.io));

@@ -29,6 +29,7 @@
 pub(crate) mod base;
 pub mod chunk_map;
 mod dirs;
+pub(crate) mod encryption;
 pub(crate) mod error;
 mod export;
 pub(crate) mod freeze;
@@ -67,6 +68,7 @@ pub use volume_id::VolumeOptions;
 use crate::catalog::{Catalog, JobId, SnapshotRecord};
 use crate::disk::IoEngine;
 use dirs::VolumeDirs;
+use encryption::Sealing;
 use error::{IoContext, blocking};
 use jobs::hydrate::Hydrator;
 use jobs::snapshot::SnapshotJobs;
@@ -135,6 +137,7 @@ impl Engine {
             Arc::clone(&registry),
             host_id.clone(),
         ));
+        let sealing = Arc::new(Sealing::new(repo.clone()));
         let engine = Engine {
             snapshots: Snapshots {
                 catalog: Arc::clone(&catalog),
@@ -142,6 +145,7 @@ impl Engine {
                 jobs,
                 known: SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()),
                 exports,
+                sealing: Arc::clone(&sealing),
             },
             volumes: Lifecycle {
                 catalog,
@@ -152,6 +156,7 @@ impl Engine {
                 fetcher,
                 host_id,
                 hydrator,
+                sealing,
             },
         };
         Ok((engine, clean))
@@ -377,6 +382,53 @@ impl Engine {
         req: CreateSnapshot,
     ) -> Result<SnapshotRecord> {
         self.snapshots.create(name, req).await
+    }
+
+    /// Copies snapshot `source` under a new id (see `Snapshots::copy`).
+    pub async fn copy_snapshot(
+        &self,
+        source: &SnapshotId,
+        key: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord> {
+        self.snapshots.copy(source, key, labels).await
+    }
+
+    // Encryption: `encryption`.
+
+    /// Gives the engine the key service (the daemon does, at start).
+    pub fn set_encryption(
+        &self,
+        keys: Arc<crate::keys::KeyService>,
+        scope: crate::keys::DomainScope,
+    ) {
+        self.volumes.sealing.set_encryption(keys, scope);
+    }
+
+    pub fn keys(&self) -> Result<&Arc<crate::keys::KeyService>> {
+        self.volumes.sealing.keys()
+    }
+
+    pub fn store_encrypted(&self) -> bool {
+        self.volumes.sealing.store_encrypted()
+    }
+
+    /// The encryption of a snapshot made from nothing (an EBS direct
+    /// upload without a parent): as a new volume's.
+    pub async fn new_encryption(
+        &self,
+        encrypted: Option<bool>,
+        key: Option<&str>,
+    ) -> Result<Option<snapshot::Encryption>> {
+        self.volumes.sealing.new_encryption(encrypted, key).await
+    }
+
+    /// Rotates key `reference` and rewraps its data keys in the store.
+    pub async fn rotate_key(
+        &self,
+        reference: &str,
+    ) -> Result<(crate::keys::KeyInfo, snapshot::crypt::RotateReport)> {
+        self.volumes.sealing.rotate_key(reference).await
     }
 
     /// A snapshot of `vol` for a job, and the handle that says how it ended.

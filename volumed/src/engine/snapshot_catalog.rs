@@ -51,6 +51,14 @@ impl SnapshotInfo {
         }
     }
 
+    /// The domain and key it is sealed with, in an encrypted store.
+    pub fn encryption(&self) -> Option<&snapshot::Encryption> {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => rec.encryption.as_ref(),
+            SnapshotInfo::Stored(h) => h.encryption.as_ref(),
+        }
+    }
+
     /// Its manifest is in the store: it can be read and compared.
     pub fn completed(&self) -> bool {
         match self {

@@ -23,6 +23,7 @@ async fn image() -> (SnapshotImage, Vec<u8>) {
         changed_chunks: 0,
         logical_bytes: 0,
         uploaded_bytes: 0,
+        encryption: None,
     });
     let mut bytes = vec![0u8; size as usize];
     for c in (1..10u64).step_by(2) {

@@ -11,6 +11,7 @@ use snapshot::{Manifest, ManifestHeader, ManifestReader, SnapshotId};
 use tracing::info;
 use volumed_api::{CreateSnapshot, VolumeName};
 
+use super::encryption::Sealing;
 use super::error::{Error, Result};
 use super::export::Export;
 use super::jobs::block_upload::{Block, UploadSpec};
@@ -28,6 +29,8 @@ pub struct Snapshots {
     pub(super) jobs: Arc<SnapshotJobs>,
     pub(super) known: SnapshotCatalog,
     pub(super) exports: Arc<SnapshotExports>,
+    /// What encryption a snapshot and a copy get.
+    pub(super) sealing: Arc<Sealing>,
 }
 
 impl Snapshots {
@@ -37,7 +40,24 @@ impl Snapshots {
         validate::labels(&req.labels)?;
         let vol = self.registry.get(name)?;
         not_importing(&vol)?;
+        self.sealing.ensure_encryption(&self.catalog, &vol).await?;
         Ok(self.jobs.start(vol, req.labels).await?.0)
+    }
+
+    /// Copies snapshot `source` under a new id: under `key` when given (a
+    /// full copy, every chunk sealed anew, unless it is the source's key),
+    /// else sharing the source's chunks. Returns the copy's `pending`
+    /// record; the copy runs in the background.
+    pub async fn copy(
+        &self,
+        source: &SnapshotId,
+        key: Option<&str>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord> {
+        validate::labels(&labels)?;
+        let h = self.header(source).await?;
+        let target = self.sealing.copy_encryption(&h.encryption, key).await?;
+        self.jobs.copies.start(&h, target, labels).await
     }
 
     /// Takes a snapshot of `vol` for a job (an import that asked for one, an

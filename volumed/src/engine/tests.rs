@@ -36,6 +36,8 @@ pub(crate) fn create_req(n: &str, size: u64, ephemeral: bool) -> CreateVolume {
         from_snapshot: None,
         chunk_size: None,
         hydrate: None,
+        encrypted: None,
+        key: None,
     }
 }
 

@@ -219,6 +219,8 @@ impl Images {
                 from_snapshot: None,
                 chunk_size: req.chunk_size,
                 hydrate: None,
+                encrypted: None,
+                key: None,
             };
             match self.engine.create_importing(create, &id).await {
                 Ok(v) => vols.push(v),

@@ -378,6 +378,7 @@ fn snapshot_export() -> SnapshotExports {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         for &(i, b) in chunks {
             m.push(i, Some(ChunkHash::of(&[b])));

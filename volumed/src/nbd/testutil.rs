@@ -36,6 +36,8 @@ pub async fn engine_with(dir: &Path, volumes: &[(&str, u64)]) -> Arc<Engine> {
                 from_snapshot: None,
                 chunk_size: Some(CHUNK),
                 hydrate: None,
+                encrypted: None,
+                key: None,
             })
             .await
             .unwrap();

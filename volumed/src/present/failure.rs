@@ -41,6 +41,7 @@ pub fn api_code(e: &(dyn StdError + 'static)) -> ErrorCode {
             }
             EngineError::SnapshotAttached(_) => ErrorCode::SnapshotAttached,
             EngineError::SnapshotNotAttached(_) => ErrorCode::SnapshotNotAttached,
+            EngineError::Key(e) => e.code(),
             EngineError::Catalog(_) | EngineError::Io { .. } => ErrorCode::Internal,
         };
     }

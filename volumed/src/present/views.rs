@@ -77,6 +77,49 @@ pub fn volume(
         volume_type: aws.volume_type.clone(),
         iops: aws.iops,
         throughput: aws.throughput,
+        encrypted: rec.encryption.is_some(),
+        encryption: encryption(engine, rec.encryption.as_ref()),
+    }
+}
+
+/// How a volume or snapshot is encrypted: its key as this host knows it.
+pub fn encryption(
+    engine: &Engine,
+    enc: Option<&snapshot::Encryption>,
+) -> Option<volumed_api::EncryptionInfo> {
+    let enc = enc?;
+    let keys = engine.keys().ok();
+    Some(volumed_api::EncryptionInfo {
+        key_id: enc.key.clone(),
+        key: keys.and_then(|k| k.resolve(&enc.key).ok()).map(|k| k.name),
+        kms_key_id: keys.map_or_else(|| enc.key.clone(), |k| k.arn(&enc.key)),
+        data_key_id: enc.domain.to_string(),
+        problem: keys.and_then(|k| {
+            use snapshot::MasterKeys;
+            k.check(&enc.key).err().map(|e| e.to_string())
+        }),
+    })
+}
+
+/// The API's view of a key.
+pub fn key(k: crate::keys::KeyInfo) -> volumed_api::Key {
+    volumed_api::Key {
+        state: match (&k.unavailable, k.enabled) {
+            (Some(_), _) => "unavailable",
+            (None, true) => "enabled",
+            (None, false) => "disabled",
+        }
+        .into(),
+        reason: k.unavailable,
+        id: k.id,
+        name: k.name,
+        arn: k.arn,
+        aliases: k.aliases,
+        version: k.version,
+        created_at: k.created_at,
+        description: k.description,
+        source: k.source.into(),
+        default: k.default,
     }
 }
 
@@ -99,11 +142,14 @@ pub fn snapshot(engine: &Engine, ep: &NbdEndpoints, s: SnapshotInfo) -> volumed_
             unix_uri: ep.unix_uri(s.id().as_str()),
             attached_at: rfc3339(at),
         });
+    let enc = encryption(engine, s.encryption());
     let mut view = match s {
         SnapshotInfo::Recorded { rec, live } => recorded(rec, live),
         SnapshotInfo::Stored(h) => stored(h),
     };
     view.export = export;
+    view.encrypted = enc.is_some();
+    view.encryption = enc;
     view
 }
 
@@ -139,6 +185,8 @@ fn recorded(rec: SnapshotRecord, live: Option<(u64, u64)>) -> volumed_api::Snaps
         chunks_total: total,
         error: rec.error,
         export: None,
+        encrypted: false,
+        encryption: None,
     }
 }
 
@@ -162,6 +210,8 @@ fn stored(h: ManifestHeader) -> volumed_api::Snapshot {
         chunks_total: h.changed_chunks,
         error: None,
         export: None,
+        encrypted: false,
+        encryption: None,
     }
 }
 
@@ -173,12 +223,14 @@ pub fn verify_report(r: snapshot::verify::VerifyReport) -> volumed_api::VerifyRe
     };
     volumed_api::VerifyReport {
         snapshot: r.snapshot.to_string(),
-        ok: r.is_ok(),
+        // A check of the framing alone is not a verified snapshot.
+        ok: r.is_ok() && r.framing_only.is_none(),
         chunks: r.chunks,
         objects: r.objects,
         ok_objects: r.ok_objects,
         missing: r.missing.into_iter().map(bad).collect(),
         damaged: r.damaged.into_iter().map(bad).collect(),
+        framing_only: r.framing_only,
     }
 }
 

@@ -6,6 +6,7 @@
 //! - `xml`: the answer and error documents;
 //! - `volumes`, `snapshots`, `tags`, `instances`: the actions.
 
+pub mod encryption;
 pub mod instances;
 pub mod params;
 pub mod snapshots;
@@ -104,6 +105,8 @@ impl From<Error> for Ec2Error {
             | Error::InvalidName { .. }
             | Error::InvalidSize(_)
             | Error::InvalidLabel(..) => "InvalidParameterValue",
+            // A KmsKeyId naming no key, or a key that cannot be made.
+            Error::Key(_) => "InvalidParameterValue",
             Error::ShuttingDown | Error::Store { .. } | Error::SnapshotCommit { .. } => {
                 "Unavailable"
             }
@@ -179,6 +182,13 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "CreateSnapshot" => snapshots::create(cx).await,
         "DescribeSnapshots" => snapshots::describe(cx).await,
         "DeleteSnapshot" => snapshots::delete(cx).await,
+        "CopySnapshot" => encryption::copy_snapshot(cx).await,
+        "EnableEbsEncryptionByDefault" => encryption::by_default(cx, Some(true)).await,
+        "DisableEbsEncryptionByDefault" => encryption::by_default(cx, Some(false)).await,
+        "GetEbsEncryptionByDefault" => encryption::by_default(cx, None).await,
+        "GetEbsDefaultKmsKeyId" => encryption::default_key(cx, None).await,
+        "ModifyEbsDefaultKmsKeyId" => encryption::default_key(cx, Some(true)).await,
+        "ResetEbsDefaultKmsKeyId" => encryption::default_key(cx, Some(false)).await,
         "CreateTags" => tags::create(cx).await,
         "DeleteTags" => tags::delete(cx).await,
         "DescribeTags" => tags::describe(cx).await,

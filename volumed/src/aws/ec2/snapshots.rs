@@ -27,6 +27,7 @@ pub struct Ec2Snapshot {
     pub size_gib: u64,
     pub description: String,
     pub tags: BTreeMap<String, String>,
+    pub encryption: Option<volumed_api::EncryptionInfo>,
 }
 
 /// The volume id EC2 shows for a snapshot whose volume is unknown, as AWS
@@ -73,6 +74,7 @@ pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snap
         size_gib: size_gib(s.size),
         description,
         tags,
+        encryption: s.encryption,
     })
 }
 
@@ -85,7 +87,15 @@ pub fn write_snapshot(x: &mut Xml, s: &Ec2Snapshot) {
         .elem("ownerId", OWNER_ID)
         .elem("volumeSize", s.size_gib)
         .elem("description", &s.description)
-        .elem("encrypted", false)
+        .elem("encrypted", s.encryption.is_some())
+        .opt(
+            "kmsKeyId",
+            s.encryption.as_ref().map(|e| e.kms_key_id.as_str()),
+        )
+        .opt(
+            "dataEncryptionKeyId",
+            s.encryption.as_ref().map(|e| e.data_key_id.as_str()),
+        )
         .elem("storageTier", "standard")
         .tag_set(&s.tags);
 }
@@ -114,6 +124,8 @@ fn matches(name: &str, values: &[String], s: &Ec2Snapshot) -> Ec2Result<bool> {
         "owner-id" => vec![OWNER_ID.to_owned()],
         "description" => vec![s.description.clone()],
         "progress" => vec![format!("{}%", s.progress)],
+        "encrypted" => vec![s.encryption.is_some().to_string()],
+        "kms-key-id" => s.encryption.iter().map(|e| e.kms_key_id.clone()).collect(),
         "tag-key" => s.tags.keys().cloned().collect(),
         other => match other.strip_prefix("tag:") {
             Some(k) if !k.is_empty() => s.tags.get(k).cloned().into_iter().collect(),
@@ -164,6 +176,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         size_gib: size_gib(snap.size),
         description,
         tags,
+        encryption: views::encryption(&cx.state.engine, rec.encryption.as_ref()),
     };
     let mut x = Xml::response("CreateSnapshot", cx.rid);
     write_snapshot(&mut x, &s);

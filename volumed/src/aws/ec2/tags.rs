@@ -17,7 +17,7 @@ use crate::engine::Volume;
 
 enum Resource {
     Volume(Arc<Volume>),
-    Snapshot(snapshots::Ec2Snapshot),
+    Snapshot(Box<snapshots::Ec2Snapshot>),
 }
 
 async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
@@ -45,7 +45,7 @@ async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
                     format!("Snapshot '{id}' is being written; tag it when it completes"),
                 ));
             }
-            out.push(Resource::Snapshot(s.clone()));
+            out.push(Resource::Snapshot(Box::new(s.clone())));
         } else {
             return Err(Ec2Error::new(
                 "InvalidID",

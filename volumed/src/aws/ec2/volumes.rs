@@ -102,7 +102,11 @@ pub fn write_volume(x: &mut Xml, v: &volumed_api::Volume, region: &str) {
         .elem("volumeType", v.volume_type.as_deref().unwrap_or("gp2"))
         .opt("iops", v.iops)
         .opt("throughput", v.throughput)
-        .elem("encrypted", false)
+        .elem("encrypted", v.encrypted)
+        .opt(
+            "kmsKeyId",
+            v.encryption.as_ref().map(|e| e.kms_key_id.as_str()),
+        )
         .elem("multiAttachEnabled", false);
 }
 
@@ -133,6 +137,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         "Throughput",
         "TagSpecification",
         "Encrypted",
+        "KmsKeyId",
         "MultiAttachEnabled",
         "ClientToken",
     ])?;
@@ -146,13 +151,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
             format!("The zone '{z}' does not exist; this host is {zone}."),
         ));
     }
-    if p.bool("Encrypted")? == Some(true) {
-        return Err(Ec2Error::invalid_value(
-            "Encrypted",
-            "true",
-            "Encryption is not supported.",
-        ));
-    }
+    let (encrypted, key) = super::encryption::params(p)?;
     if p.bool("MultiAttachEnabled")? == Some(true) {
         return Err(Ec2Error::invalid_value(
             "MultiAttachEnabled",
@@ -207,6 +206,8 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         from_snapshot: snapshot,
         chunk_size: None,
         hydrate: None,
+        encrypted,
+        key,
     };
     let vol = cx.state.engine.create_with(req, opts).await?;
     cx.state

@@ -38,6 +38,9 @@ pub struct UploadSpec {
     pub labels: BTreeMap<String, String>,
     /// Idle time after which the upload ends `error`.
     pub timeout: Duration,
+    /// How a snapshot without a parent is sealed (one with a parent is
+    /// sealed as its parent is).
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// A block received: its chunk (none for zeros) and the checksum the
@@ -145,6 +148,14 @@ impl BlockUploads {
             },
             None => None,
         };
+        let encryption = match &parent {
+            Some(p) => p.header().encryption.clone(),
+            None => spec.encryption,
+        };
+        if let Err(e) = self.repo.sealed_as(encryption.as_ref()) {
+            pending.end().await;
+            return Err(Error::InvalidRequest(e.to_string()));
+        }
         let rec = SnapshotRecord {
             id: id.clone(),
             volume: spec.volume,
@@ -163,6 +174,7 @@ impl BlockUploads {
             completed_at: None,
             seq: 0,
             source: SnapshotSource::Blocks,
+            encryption,
         };
         let recorded = match self.catalog.next_id() {
             Ok(seq) => {
@@ -256,6 +268,8 @@ impl BlockUploads {
         } else {
             let put = self
                 .repo
+                .sealed_as(upload.rec.encryption.as_ref())
+                .map_err(|e| Error::store(format!("store block {index} of {id}"), e))?
                 .put_chunk(data)
                 .await
                 .map_err(|e| Error::store(format!("store block {index} of {id}"), e))?;
@@ -334,6 +348,7 @@ impl BlockUploads {
             changed_chunks: changes.len() as u64,
             logical_bytes: 0,
             uploaded_bytes: upload.uploaded.load(Ordering::Relaxed),
+            encryption: rec.encryption.clone(),
         };
         let store_err = |e| Error::store(format!("complete snapshot {}", rec.id), e);
         let root = match &upload.parent {
@@ -419,6 +434,7 @@ mod tests {
             parent,
             labels: BTreeMap::new(),
             timeout,
+            encryption: None,
         }
     }
 
@@ -443,6 +459,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         let mut hashes = Vec::new();
         for (i, b) in [(0u64, 1u8), (1, 2), (3, 4)] {

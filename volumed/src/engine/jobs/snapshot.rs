@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::block_upload::BlockUploads;
+use super::copy::CopyJobs;
 pub use super::snapshot_outcome::{SnapshotDone, SnapshotError, SnapshotOutcome};
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, unix_now};
 use crate::engine::Volume;
@@ -67,6 +68,7 @@ pub struct SnapshotJobs {
     catalog: Arc<Catalog>,
     repo: Repo,
     pub uploads: Arc<BlockUploads>,
+    pub copies: Arc<CopyJobs>,
     running: Mutex<HashMap<SnapshotId, Running>>,
     tasks: TaskTracker,
     /// Fired at shutdown: jobs stop and end `error`.
@@ -77,6 +79,7 @@ impl SnapshotJobs {
     pub fn new(catalog: Arc<Catalog>, repo: Repo) -> Self {
         SnapshotJobs {
             uploads: Arc::new(BlockUploads::new(Arc::clone(&catalog), repo.clone())),
+            copies: Arc::new(CopyJobs::new(Arc::clone(&catalog), repo.clone())),
             catalog,
             repo,
             running: Mutex::new(HashMap::new()),
@@ -137,6 +140,7 @@ impl SnapshotJobs {
             completed_at: None,
             seq: 0,
             source: SnapshotSource::Volume,
+            encryption: vol.record().encryption,
         };
         let recorded = match self.catalog.next_id() {
             Ok(seq) => {
@@ -171,12 +175,13 @@ impl SnapshotJobs {
 
     /// `(done, total)` chunks of a snapshot still running.
     pub fn progress(&self, id: &SnapshotId) -> Option<(u64, u64)> {
-        self.running().get(id).map(|r| {
+        let own = self.running().get(id).map(|r| {
             (
                 r.progress.done.load(Ordering::Relaxed),
                 r.progress.total.load(Ordering::Relaxed),
             )
-        })
+        });
+        own.or_else(|| self.copies.progress(id))
     }
 
     /// (done, total) chunks of the snapshot of `vol` in progress, if any.
@@ -195,7 +200,7 @@ impl SnapshotJobs {
     /// Whether snapshot `id` is being written here, from a volume or
     /// from uploaded blocks.
     pub fn is_running(&self, id: &SnapshotId) -> bool {
-        self.running().contains_key(id) || self.uploads.contains(id)
+        self.running().contains_key(id) || self.uploads.contains(id) || self.copies.contains(id)
     }
 
     /// Stops every job; each ends `error` and puts its changes back into
@@ -205,6 +210,7 @@ impl SnapshotJobs {
         self.tasks.close();
         self.tasks.wait().await;
         self.uploads.shutdown().await;
+        self.copies.shutdown().await;
     }
 
     /// Settles snapshots a previous run left `pending`: completed if their
@@ -227,6 +233,9 @@ impl SnapshotJobs {
                         SnapshotSource::Blocks => "interrupted by a daemon restart: blocks sent \
                             before it are not kept; start the snapshot again"
                             .into(),
+                        SnapshotSource::Copy => {
+                            "interrupted by a daemon restart; copy again".into()
+                        }
                     });
                 }
             }
@@ -341,7 +350,12 @@ impl SnapshotJob {
     ) -> std::result::Result<ManifestRoot, SnapshotError> {
         let plan = self.guard.plan();
         let geometry = self.guard.geometry();
-        let repo = &self.jobs.repo;
+        // Chunks and pages are sealed in the volume's domain, if any.
+        let repo = &self
+            .jobs
+            .repo
+            .sealed_as(self.rec.encryption.as_ref())
+            .map_err(SnapshotError::Manifest)?;
         // The parent supplies every unchanged chunk; without a readable one
         // only a full snapshot is correct, and this one froze only changes.
         // It must still be in the store now: gc honours a snapshot deleted
@@ -358,7 +372,7 @@ impl SnapshotJob {
             _ => None,
         };
 
-        let (hashed, uploaded) = self.upload_changed().await?;
+        let (hashed, uploaded) = self.upload_changed(repo).await?;
         let based = self.base_hashes(&plan.base_chunks).await?;
 
         let rec = &self.rec;
@@ -373,6 +387,7 @@ impl SnapshotJob {
             changed_chunks: plan.changed_chunks(),
             logical_bytes: 0,
             uploaded_bytes: uploaded,
+            encryption: self.rec.encryption.clone(),
         };
         // Step 3: changed chunks from above and chunks still Base at the
         // instant with their snapshot's hashes; the parent's pages for the
@@ -453,6 +468,7 @@ impl SnapshotJob {
     /// added to the store.
     async fn upload_changed(
         &self,
+        repo: &Repo,
     ) -> std::result::Result<(Vec<(u64, ChunkHash)>, u64), SnapshotError> {
         let to_read = &self.guard.plan().to_read;
         let mut hashed = Vec::with_capacity(to_read.len());
@@ -462,7 +478,7 @@ impl SnapshotJob {
         loop {
             while set.len() < UPLOAD_CONCURRENCY {
                 let Some(&c) = next.next() else { break };
-                let (reader, repo) = (self.guard.reader(), self.jobs.repo.clone());
+                let (reader, repo) = (self.guard.reader(), repo.clone());
                 set.spawn(async move {
                     crate::failpoint::delay("snapshot-chunk-upload").await;
                     let data = reader
