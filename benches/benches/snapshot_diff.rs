@@ -20,6 +20,7 @@ fn manifest(id: &str, changed_every: Option<u64>) -> Manifest {
         changed_chunks: 0,
         logical_bytes: 0,
         uploaded_bytes: 0,
+        encryption: None,
     });
     for i in 0..CHUNKS {
         // A handful of distinct objects, as a synthetic volume would name.

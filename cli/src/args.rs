@@ -48,12 +48,20 @@ pub enum Command {
         /// A tag KEY=VALUE (repeatable), as EC2 tags
         #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_label)]
         tags: Vec<(String, String)>,
+        /// Encrypt the volume's snapshots (every volume of an encrypted store
+        /// is; refused on an unencrypted one)
+        #[arg(long)]
+        encrypted: bool,
+        /// The key its snapshots are sealed under: a name, alias/NAME, id or
+        /// ARN [default: the default key; a restored volume: its snapshot's]
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
     },
     /// List volumes
     List {
         /// Only volumes matching NAME=VALUE[,VALUE...] (repeatable; all must
         /// match), with EC2's DescribeVolumes filter names: status,
-        /// volume-id, snapshot-id, size (GiB), volume-type, tag:KEY,
+        /// volume-id, snapshot-id, size (GiB), volume-type, encrypted, tag:KEY,
         /// tag-key, attachment.instance-id, attachment.device,
         /// attachment.status, attachment.delete-on-termination
         #[arg(long = "filter", value_name = "NAME=VALUE", value_parser = parse_filter)]
@@ -159,6 +167,38 @@ pub enum Command {
     /// Launch instances from images, stop, start and terminate them
     #[command(subcommand)]
     Instance(InstanceCommand),
+    /// The host's encryption keys
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create a key: 32 random bytes kept in DATA_DIR/keys/NAME.key, or
+    /// material an external KMS prints through --command
+    Create {
+        name: String,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// A shell command printing the material (64 hex digits) of the
+        /// version in $VOLUMED_KEY_VERSION (key id in $VOLUMED_KEY_ID)
+        #[arg(long, value_name = "COMMAND")]
+        command: Option<String>,
+    },
+    /// List keys
+    List,
+    /// Show one key (by name, alias/NAME, id or ARN)
+    Inspect { key: String },
+    /// Add a version to a key and wrap every data key under it anew (no
+    /// data is re-encrypted); new data gets a new data key
+    Rotate { key: String },
+    /// Stop every use of a key on this host: reads of data under it fail
+    Disable { key: String },
+    /// Allow a disabled key again
+    Enable { key: String },
+    /// Make a key the default for volumes that name none (no KEY: the
+    /// managed aws-ebs key again)
+    Default { key: Option<String> },
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +340,21 @@ pub enum SnapshotCommand {
     Delete { id: String },
     /// Read every chunk of a snapshot and check it against its hash
     Verify { id: String },
+    /// Copy a snapshot under a new id: sharing its chunks, or under --key
+    /// another key, every chunk sealed anew (a full copy)
+    Copy {
+        #[arg(value_parser = parse_snapshot_id)]
+        id: String,
+        /// The key the copy is sealed under (a name, alias/NAME, id or ARN)
+        #[arg(long, value_name = "NAME")]
+        key: Option<String>,
+        /// A label KEY=VALUE added to the source's (repeatable)
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Wait until the copy is completed (or failed), showing progress
+        #[arg(long)]
+        wait: bool,
+    },
     /// Export a snapshot read-only over NBD on this host (any host's
     /// snapshot in the store), under its id, until detached; prints its URI
     Attach {

@@ -51,7 +51,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain, each cause once.
+            eprintln!("error: {}", volumed_api::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -60,7 +61,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::new(socket_path(cli.socket)?);
     let out = Out { json: cli.json };
-    use commands::{job, snapshot, status, volume};
+    use commands::{job, key, snapshot, status, volume};
     match cli.command {
         Command::Create {
             name,
@@ -71,6 +72,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             no_hydrate,
             wait,
             tags,
+            encrypted,
+            key,
         } => {
             volume::create(
                 &client,
@@ -82,6 +85,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     from_snapshot,
                     chunk_size,
                     hydrate: no_hydrate.then_some(false),
+                    encrypted: encrypted.then_some(true),
+                    key,
                 },
                 tags.into_iter().collect(),
                 wait,
@@ -131,6 +136,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Job(cmd) => job::run(&client, &out, cmd).await,
         Command::Image(cmd) => commands::image::run(&client, &out, cmd).await,
         Command::Instance(cmd) => commands::instance::run(&client, &out, cmd).await,
+        Command::Key(cmd) => key::run(&client, &out, cmd).await,
         Command::Export {
             source,
             dest,

@@ -7,7 +7,9 @@
 //! least recently used objects. Nothing in it is trusted: every object is
 //! verified against its hash when read, and a damaged one is dropped and
 //! fetched again. Files are written to a temporary name and renamed, without
-//! fsync: losing a cache file costs a fetch, never a wrong byte.
+//! fsync: losing a cache file costs a fetch, never a wrong byte. In an
+//! encrypted store the objects are sealed, here as in the store, and opened
+//! on every read.
 //!
 //! The [`Fetcher`] serves chunks from the cache, else from the store, and
 //! makes concurrent requests for the same chunk share one fetch.
@@ -22,7 +24,7 @@ use tokio::sync::OnceCell;
 use tracing::{debug, warn};
 
 use crate::hash::ChunkHash;
-use crate::repo::{Repo, RepoError, decode_chunk};
+use crate::repo::{Repo, RepoError};
 
 pub struct ChunkCache {
     dir: PathBuf,
@@ -164,8 +166,9 @@ impl ChunkCache {
         self.limit
     }
 
-    /// The chunk's verified bytes, if cached and intact.
-    pub async fn get(&self, h: &ChunkHash) -> Option<Bytes> {
+    /// The chunk's verified bytes, if cached and intact, opened and checked
+    /// by `repo`.
+    pub async fn get(&self, h: &ChunkHash, repo: &Repo) -> Option<Bytes> {
         if !self.lock().touch(h) {
             self.stats.misses.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -180,10 +183,16 @@ impl ChunkCache {
                 return None;
             }
         };
-        match decode_chunk(obj, h).await {
+        match repo.decode_chunk(obj, h).await {
             Ok(data) => {
                 self.stats.hits.fetch_add(1, Ordering::Relaxed);
                 Some(data)
+            }
+            // The file is fine; the key is what is missing.
+            Err(e) if e.is_key() => {
+                debug!(chunk = %h, error = %e, "cached chunk not opened");
+                self.stats.misses.fetch_add(1, Ordering::Relaxed);
+                None
             }
             Err(e) => {
                 warn!(chunk = %h, error = %e, "damaged chunk in the cache; dropped");
@@ -289,7 +298,7 @@ impl Fetcher {
 
     async fn load(&self, h: &ChunkHash) -> Result<Bytes, RepoError> {
         if let Some(cache) = &self.cache
-            && let Some(data) = cache.get(h).await
+            && let Some(data) = cache.get(h, &self.repo).await
         {
             return Ok(data);
         }
@@ -297,10 +306,12 @@ impl Fetcher {
         self.fetches.fetch_add(1, Ordering::Relaxed);
         self.fetched_bytes
             .fetch_add(obj.len() as u64, Ordering::Relaxed);
-        let data = decode_chunk(obj.clone(), h).await?;
-        if let Some(cache) = &self.cache {
-            cache.put(*h, obj).await;
-        }
+        let Some(cache) = &self.cache else {
+            // Not shared: a sealed object is opened where it lies.
+            return self.repo.decode_chunk(obj, h).await;
+        };
+        let data = self.repo.decode_chunk(obj.clone(), h).await?;
+        cache.put(*h, obj).await;
         Ok(data)
     }
 }
@@ -321,6 +332,7 @@ mod tests {
     #[tokio::test]
     async fn evicts_least_recently_used_and_reindexes_on_open() {
         let dir = tempfile::tempdir().unwrap();
+        let r = repo(dir.path());
         let objs: Vec<_> = (0..4u8)
             .map(|i| codec::encode(&vec![i; 10_000], codec::DEFAULT_LEVEL))
             .collect();
@@ -330,19 +342,22 @@ mod tests {
             cache.put(o.hash, Bytes::from(o.bytes.clone())).await;
         }
         // Using 0 makes 1 the least recently used.
-        assert_eq!(cache.get(&objs[0].hash).await.unwrap(), vec![0u8; 10_000]);
+        assert_eq!(
+            cache.get(&objs[0].hash, &r).await.unwrap(),
+            vec![0u8; 10_000]
+        );
         cache
             .put(objs[3].hash, Bytes::from(objs[3].bytes.clone()))
             .await;
-        assert!(cache.get(&objs[1].hash).await.is_none());
+        assert!(cache.get(&objs[1].hash, &r).await.is_none());
         for i in [0, 2, 3] {
-            assert!(cache.get(&objs[i].hash).await.is_some(), "chunk {i}");
+            assert!(cache.get(&objs[i].hash, &r).await.is_some(), "chunk {i}");
         }
         assert_eq!(cache.used_bytes(), 3 * size);
         drop(cache);
         let again = ChunkCache::open(&dir.path().join("c"), 3 * size).unwrap();
         assert_eq!(again.used_bytes(), 3 * size);
-        assert!(again.get(&objs[3].hash).await.is_some());
+        assert!(again.get(&objs[3].hash, &r).await.is_some());
     }
 
     #[tokio::test]

@@ -1,7 +1,9 @@
 //! The chunk object: a small header and the chunk's bytes, compressed with
-//! zstd when that makes them smaller. Everything read back is checked: the
-//! header, the lengths, and the blake3 of the decompressed bytes against the
-//! hash the object is named by.
+//! zstd when that makes them smaller (and compression is on). Everything
+//! read back is checked: the header, the lengths, and the name of the
+//! decompressed bytes (plain or keyed blake3, see [`Naming`]) against the
+//! name the object is fetched by. In an encrypted store this object is the
+//! plaintext of a sealed one (see `crypt::seal`).
 //!
 //! | offset | size | field |
 //! | --- | --- | --- |
@@ -11,12 +13,12 @@
 //! | 6 | 2 | reserved, zero |
 //! | 8 | 4 | uncompressed length, LE |
 //! | 12 | 4 | stored (payload) length, LE |
-//! | 16 | 32 | blake3 of the uncompressed bytes |
+//! | 16 | 32 | name: blake3 of the uncompressed bytes, keyed in an encrypted store |
 //! | 48 | stored length | payload |
 
 use bytes::Bytes;
 
-use crate::hash::ChunkHash;
+use crate::hash::{ChunkHash, Naming};
 
 pub const MAGIC: &[u8; 4] = b"VCHK";
 pub const VERSION: u8 = 1;
@@ -31,6 +33,10 @@ pub const MAX_CHUNK: usize = 4 << 20;
 /// zstd level 3 is zstd's default: about 300 MB/s per core on mixed data,
 /// which keeps a full snapshot near the speed of hashing on two cores.
 pub const DEFAULT_LEVEL: i32 = 3;
+
+/// The level that stores every chunk raw (`--compress off`): compressed
+/// sizes tell an observer of an encrypted store something about the data.
+pub const NO_COMPRESSION: i32 = 0;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
@@ -60,6 +66,8 @@ pub enum CodecError {
         expected: ChunkHash,
         found: ChunkHash,
     },
+    #[error("{0}")]
+    Seal(crate::crypt::SealError),
 }
 
 /// An encoded chunk object and its hash.
@@ -70,8 +78,21 @@ pub struct Encoded {
 
 /// Hashes and encodes a chunk. Data that zstd cannot shrink is stored raw.
 pub fn encode(data: &[u8], level: i32) -> Encoded {
-    let hash = ChunkHash::of(data);
-    let compressed = worth_compressing(data)
+    encode_named(data, level, &Naming::Plain, 0, 0)
+}
+
+/// Encodes a chunk named by `naming`, stored raw when `level` is
+/// [`NO_COMPRESSION`]. The object starts after `front` zero bytes and has
+/// room for `back` more, so a sealer can frame it without a copy.
+pub fn encode_named(
+    data: &[u8],
+    level: i32,
+    naming: &Naming,
+    front: usize,
+    back: usize,
+) -> Encoded {
+    let hash = naming.name(data);
+    let compressed = (level != NO_COMPRESSION && worth_compressing(data))
         .then(|| zstd::bulk::compress(data, level).ok())
         .flatten()
         .filter(|c| c.len() < data.len());
@@ -79,7 +100,8 @@ pub fn encode(data: &[u8], level: i32) -> Encoded {
         Some(c) => (CODEC_ZSTD, c),
         None => (CODEC_RAW, data),
     };
-    let mut bytes = Vec::with_capacity(HEADER_LEN + payload.len());
+    let mut bytes = Vec::with_capacity(front + HEADER_LEN + payload.len() + back);
+    bytes.resize(front, 0);
     bytes.extend_from_slice(MAGIC);
     bytes.push(VERSION);
     bytes.push(codec);
@@ -114,6 +136,15 @@ fn worth_compressing(data: &[u8]) -> bool {
 
 /// Decodes a chunk object and proves it is the chunk `expected`.
 pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
+    decode_named(obj, expected, &Naming::Plain)
+}
+
+/// [`decode`] under `naming`.
+pub fn decode_named(
+    obj: &[u8],
+    expected: &ChunkHash,
+    naming: &Naming,
+) -> Result<Vec<u8>, CodecError> {
     let raw_len = check_header(obj, expected)?;
     let payload = &obj[HEADER_LEN..];
     let data = match obj[5] {
@@ -123,7 +154,7 @@ pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
             .map_err(|e| CodecError::Decompress(e.to_string()))?,
         other => return Err(CodecError::Codec(other)),
     };
-    check_data(&data, raw_len, expected)?;
+    check_data(&data, raw_len, expected, naming)?;
     Ok(data)
 }
 
@@ -131,12 +162,21 @@ pub fn decode(obj: &[u8], expected: &ChunkHash) -> Result<Vec<u8>, CodecError> {
 /// slice of the object, without a copy (hydration moves every byte of a
 /// volume through here, and on two cores each copy of it shows).
 pub fn decode_shared(obj: Bytes, expected: &ChunkHash) -> Result<Bytes, CodecError> {
+    decode_shared_named(obj, expected, &Naming::Plain)
+}
+
+/// [`decode_shared`] under `naming`.
+pub fn decode_shared_named(
+    obj: Bytes,
+    expected: &ChunkHash,
+    naming: &Naming,
+) -> Result<Bytes, CodecError> {
     let raw_len = check_header(&obj, expected)?;
     if obj[5] != CODEC_RAW {
-        return decode(&obj, expected).map(Bytes::from);
+        return decode_named(&obj, expected, naming).map(Bytes::from);
     }
     let data = obj.slice(HEADER_LEN..);
-    check_data(&data, raw_len, expected)?;
+    check_data(&data, raw_len, expected, naming)?;
     Ok(data)
 }
 
@@ -180,16 +220,21 @@ fn check_header(obj: &[u8], expected: &ChunkHash) -> Result<usize, CodecError> {
     Ok(raw_len)
 }
 
-/// The decoded bytes have the length the header claims and the hash the
-/// object is named by.
-fn check_data(data: &[u8], raw_len: usize, expected: &ChunkHash) -> Result<(), CodecError> {
+/// The decoded bytes have the length the header claims and the name the
+/// object is fetched by.
+fn check_data(
+    data: &[u8],
+    raw_len: usize,
+    expected: &ChunkHash,
+    naming: &Naming,
+) -> Result<(), CodecError> {
     if data.len() != raw_len {
         return Err(CodecError::DecompressedLength {
             want: raw_len,
             got: data.len(),
         });
     }
-    let actual = ChunkHash::of(data);
+    let actual = naming.name(data);
     if actual != *expected {
         return Err(CodecError::Hash {
             expected: *expected,
@@ -282,6 +327,22 @@ mod tests {
         let n = bad.len();
         bad[n - 1] = 8;
         assert!(decode(&bad, &raw.hash).is_err());
+    }
+
+    #[test]
+    fn compression_off_keyed_names_and_room_for_a_frame() {
+        let text = b"volumed ".repeat(8192);
+        let keyed = Naming::Keyed([9; 32]);
+        let e = encode_named(&text, NO_COMPRESSION, &keyed, 7, 16);
+        assert!(e.bytes[..7].iter().all(|b| *b == 0));
+        let obj = &e.bytes[7..];
+        assert_eq!(obj[5], CODEC_RAW, "compression off stores raw");
+        assert_eq!(e.hash, keyed.name(&text));
+        assert_ne!(e.hash, ChunkHash::of(&text));
+        assert!(e.bytes.capacity() >= e.bytes.len() + 16);
+        assert_eq!(decode_named(obj, &e.hash, &keyed).unwrap(), text);
+        // The same object checked with the plain naming does not pass.
+        assert!(matches!(decode(obj, &e.hash), Err(CodecError::Hash { .. })));
     }
 
     proptest! {

@@ -278,6 +278,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         for &(i, b) in chunks {
             m.push(i, Some(ChunkHash::of(&[b])));

@@ -265,6 +265,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         for (i, h) in chunks.iter().enumerate() {
             m.push(i as u64, Some(*h));

@@ -13,11 +13,18 @@
 //! | `trash/hold-<name>` | a released hold, kept for the same reason |
 //! | `pending/<snapshot id>` | a snapshot being written, kept fresh while it runs, holding its start by the store's clock (see `gc`) |
 //! | `gc/clock-<random>` | a probe written and removed to read the store's clock |
+//! | `volumed-store` | the store header: whether the store is encrypted (see `store_header`) |
+//! | `datakeys/<domain>/<generation>` | an encryption domain's data key of one generation, wrapped by a master key (see `crypt::domain`); 32 and 8 hex digits |
+//!
+//! In an encrypted store chunks and pages are named by their keyed hash,
+//! and chunks, pages, manifests, holds and trash entries are sealed objects
+//! (see `crypt::seal`); the keys are the same.
 //!
 //! Hold names are chosen by the daemon; like every key component they must
 //! be `[a-z0-9._-]` (see `store::valid_key`). Keys for trash entries of
 //! manifests and of holds cannot collide: a snapshot id starts with `snap-`.
 
+use crate::crypt::DomainId;
 use crate::hash::ChunkHash;
 use crate::manifest::SnapshotId;
 
@@ -35,6 +42,11 @@ pub const HOLDS: &str = "holds/";
 pub const TRASH: &str = "trash/";
 /// Probes gc writes to read the store's clock.
 pub const GC_CLOCK: &str = "gc/clock-";
+
+/// The store header.
+pub const STORE_HEADER: &str = "volumed-store";
+/// Encryption domains' wrapped data keys.
+pub const DATAKEYS: &str = "datakeys/";
 
 /// What distinguishes a released hold from a deleted manifest in the trash.
 const TRASHED_HOLD: &str = "hold-";
@@ -95,6 +107,41 @@ pub fn trashed_hold_key(name: &str) -> String {
     format!("{TRASH}{TRASHED_HOLD}{name}")
 }
 
+/// The prefix of every data key of `domain`.
+pub fn data_keys_of(domain: &DomainId) -> String {
+    format!("{DATAKEYS}{domain}/")
+}
+
+pub fn data_key_key(domain: &DomainId, generation: u32) -> String {
+    format!("{DATAKEYS}{domain}/{generation:08x}")
+}
+
+/// The domain and generation a `datakeys/<domain>/<generation>` key names.
+pub fn data_key_of_key(key: &str) -> Option<(DomainId, u32)> {
+    let (domain, generation) = key.strip_prefix(DATAKEYS)?.split_once('/')?;
+    if generation.len() != 8
+        || !generation
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    Some((
+        domain.parse().ok()?,
+        u32::from_str_radix(generation, 16).ok()?,
+    ))
+}
+
+/// What a manifest-shaped object under `key` must be named: the snapshot
+/// id for a manifest or its trash entry; any snapshot for a hold (a copy of
+/// some snapshot's root) or a released one.
+pub fn root_name_of_key(key: &str) -> Option<SnapshotId> {
+    if let Some(id) = snapshot_of_manifest_key(key) {
+        return Some(id);
+    }
+    key.strip_prefix(TRASH).and_then(SnapshotId::parse)
+}
+
 /// A clock probe's key; `nonce` keeps concurrent probes apart.
 pub fn clock_probe_key(nonce: &str) -> String {
     format!("{GC_CLOCK}{nonce}")
@@ -142,7 +189,23 @@ mod tests {
         assert_eq!(trashed_manifest_key(&id), "trash/snap-00ab");
         assert_eq!(trashed_hold_key("host-1"), "trash/hold-host-1");
         assert_eq!(clock_probe_key("snap-1"), "gc/clock-snap-1");
+        let d = DomainId([0xab; 16]);
+        let dk = data_key_key(&d, 10);
+        assert_eq!(dk, format!("datakeys/{}/0000000a", "ab".repeat(16)));
+        assert_eq!(data_key_of_key(&dk), Some((d, 10)));
+        assert!(dk.starts_with(&data_keys_of(&d)));
+        assert_eq!(data_key_of_key("datakeys/ab/0000000a"), None);
+        assert_eq!(data_key_of_key(&format!("datakeys/{d}/A")), None);
+        assert_eq!(root_name_of_key(&manifest_key(&id)), Some(id.clone()));
+        assert_eq!(
+            root_name_of_key(&trashed_manifest_key(&id)),
+            Some(id.clone())
+        );
+        assert_eq!(root_name_of_key(&hold_key("h")), None);
+        assert_eq!(root_name_of_key(&trashed_hold_key("h")), None);
         for k in [
+            dk,
+            STORE_HEADER.to_owned(),
             manifest_key(&id),
             pending_key(&id),
             hold_key("h"),

@@ -4,6 +4,11 @@
 //! - `geometry`: how a volume splits into chunks (counts, ranges, the short last one);
 //! - `hash`: chunk hashes (blake3 of the uncompressed bytes);
 //! - `codec`: the chunk object (header + zstd or raw payload), verified on read;
+//! - `crypt`: encrypted stores: sealed objects, domains and their data
+//!   keys, master keys as the linking program holds them;
+//! - `objects`: each kind of object as stored, plain or sealed, and back;
+//! - `store_header`: the object saying whether a store is encrypted;
+//! - `copy`: a snapshot copied under a new id, in its domain or another;
 //! - `manifest`: the self-contained, checksummed list of a snapshot's chunks
 //!   (format 1, and the header and entry codec both formats share);
 //! - `root`: the format-2 manifest root, naming content-addressed pages;
@@ -26,22 +31,27 @@
 
 pub mod cache;
 pub mod codec;
+pub mod copy;
+pub mod crypt;
 pub mod diff;
 pub mod gc;
 pub mod geometry;
 pub mod hash;
 pub mod keys;
 pub mod manifest;
+mod objects;
 pub mod page;
 pub mod pending;
 pub mod reader;
 pub mod repo;
 pub mod root;
 pub mod store;
+pub mod store_header;
 pub mod store_url;
 pub mod verify;
 pub mod writer;
 
+pub use crypt::{Encryption, KeyError, MasterKeys};
 pub use geometry::ChunkGeometry;
 pub use hash::ChunkHash;
 pub use manifest::{InvalidSnapshotId, Manifest, ManifestHeader, SnapshotId, StoredManifest};

@@ -49,6 +49,11 @@ pub struct ManifestHeader {
     pub logical_bytes: u64,
     /// Bytes this snapshot added to the store, after dedup and compression.
     pub uploaded_bytes: u64,
+    /// The encryption domain, and the master key wrapping its data keys,
+    /// that the snapshot's objects are sealed in; absent in an unencrypted
+    /// store, whose headers stay as they always were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::crypt::Encryption>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +80,8 @@ pub enum ManifestError {
     /// A page object that is not the page its root names.
     #[error("manifest page is invalid: {0}")]
     Page(&'static str),
+    #[error("{0}")]
+    Seal(crate::crypt::SealError),
 }
 
 impl Manifest {
@@ -445,6 +452,7 @@ pub(crate) fn test_header(size: u64, chunk_size: u64) -> ManifestHeader {
         changed_chunks: 0,
         logical_bytes: 0,
         uploaded_bytes: 0,
+        encryption: None,
     }
 }
 
@@ -471,6 +479,7 @@ mod tests {
             changed_chunks: 2,
             logical_bytes: 2 * chunk_size,
             uploaded_bytes: 1000,
+            encryption: None,
         }
     }
 

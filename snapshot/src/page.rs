@@ -12,12 +12,13 @@
 //! | 28 | ... | entries over those chunks, as in a manifest: `0x00` + u64 zero run, `0x01` + 32-byte blake3 |
 //! | end − 32 | 32 | blake3 of every byte before it |
 //!
-//! A page is named by the blake3 of all of its bytes, so reading it back
+//! A page is named by the blake3 of all of its bytes (keyed in an
+//! encrypted store, as chunks are), so reading it back
 //! checks it against the name its root gave; the page also says which
 //! range it covers, so a valid page put where another belongs is refused.
 //! An all-zero page is never stored: the root names it as a zero run.
 
-use crate::hash::ChunkHash;
+use crate::hash::{ChunkHash, Naming};
 use crate::manifest::{self, ManifestError};
 
 pub const MAGIC: &[u8; 4] = b"VPAG";
@@ -81,6 +82,11 @@ impl Page {
 
     /// The page's bytes and the name it is stored under.
     pub fn encode(&self) -> (ChunkHash, Vec<u8>) {
+        self.encode_named(&Naming::Plain)
+    }
+
+    /// [`Page::encode`] under `naming`.
+    pub fn encode_named(&self, naming: &Naming) -> (ChunkHash, Vec<u8>) {
         let mut out = Vec::with_capacity(64 + self.hashed.len() * 33);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -95,13 +101,23 @@ impl Page {
         );
         let sum = blake3::hash(&out);
         out.extend_from_slice(sum.as_bytes());
-        (ChunkHash(*blake3::hash(&out).as_bytes()), out)
+        (naming.name(&out), out)
     }
 
     /// Decodes the page named `name` that must cover `want`: the bytes must
     /// hash to the name, check themselves, and cover exactly that range.
     pub fn decode(bytes: &[u8], name: &ChunkHash, want: PageSpan) -> Result<Self, ManifestError> {
-        if blake3::hash(bytes).as_bytes() != &name.0 {
+        Self::decode_named(bytes, name, want, &Naming::Plain)
+    }
+
+    /// [`Page::decode`] under `naming`.
+    pub fn decode_named(
+        bytes: &[u8],
+        name: &ChunkHash,
+        want: PageSpan,
+        naming: &Naming,
+    ) -> Result<Self, ManifestError> {
+        if naming.name(bytes) != *name {
             return Err(ManifestError::Page("bytes do not match the page's name"));
         }
         let page = Self::decode_unnamed(bytes)?;

@@ -132,6 +132,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         };
         ManifestRoot::new(header, crate::root::PAGE_CHUNKS, Vec::new())
     }

@@ -12,7 +12,8 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 
-use crate::codec::{self, CodecError};
+use crate::codec::CodecError;
+use crate::crypt::{DomainId, Encryption, KeyError, Keyring, MasterKeys, SealError};
 use crate::hash::ChunkHash;
 use crate::keys;
 use crate::manifest::{Manifest, ManifestError, SnapshotId, StoredManifest};
@@ -44,6 +45,32 @@ pub enum RepoError {
     /// A different manifest is already committed under this id.
     #[error("snapshot {0} already exists with a different manifest")]
     ManifestConflict(SnapshotId),
+    /// A master key that cannot be used: unknown here, disabled, ...
+    #[error("encryption domain {domain}: {source}")]
+    Key { domain: DomainId, source: KeyError },
+    #[error("encryption domain {0} has no data keys in the store")]
+    MissingDomain(DomainId),
+    #[error("encryption domain {domain} has no data key of generation {generation}")]
+    MissingDataKey { domain: DomainId, generation: u32 },
+    #[error("data key {generation} of encryption domain {domain} is damaged: {source}")]
+    CorruptDataKey {
+        domain: DomainId,
+        generation: u32,
+        source: SealError,
+    },
+    #[error("encryption domain {domain} is wrapped by key {found}, not {want}")]
+    DomainKey {
+        domain: DomainId,
+        want: String,
+        found: String,
+    },
+    /// `what` names the object.
+    #[error("{0} is sealed: the store is encrypted and no keys were given")]
+    NoKeys(String),
+    #[error("the store is not encrypted: a snapshot in it cannot name a key")]
+    NotEncrypted,
+    #[error("the store is encrypted: a snapshot in it must name a key")]
+    NeedsKey,
 }
 
 impl RepoError {
@@ -54,6 +81,15 @@ impl RepoError {
             RepoError::Store(e) => e.kind,
             _ => ErrorKind::Permanent,
         }
+    }
+
+    /// Whether a key (not the data) is what is missing: reads fail until
+    /// the key is back, and nothing in the store is damaged.
+    pub fn is_key(&self) -> bool {
+        matches!(
+            self,
+            RepoError::Key { .. } | RepoError::NoKeys(_) | RepoError::MissingDataKey { .. }
+        )
     }
 
     /// Whether trying again may help.
@@ -87,15 +123,60 @@ pub struct Repo {
     store: Arc<dyn ObjectStore>,
     level: i32,
     gc_grace: Duration,
+    /// Present exactly when the store is encrypted.
+    keyring: Option<Arc<Keyring>>,
+    /// The domain new chunks and pages are sealed in (see [`Repo::sealed_as`]).
+    sealing: Option<Encryption>,
 }
 
 impl Repo {
+    /// A repository over an unencrypted store.
     pub fn new(store: Arc<dyn ObjectStore>, level: i32) -> Self {
         Repo {
             store,
             level,
             gc_grace: DEFAULT_GC_GRACE,
+            keyring: None,
+            sealing: None,
         }
+    }
+
+    /// Makes this a repository over an encrypted store (its header says
+    /// so, see `store_header`), unwrapping data keys with `keys`.
+    pub fn with_keys(mut self, keys: Arc<dyn MasterKeys>) -> Self {
+        self.keyring = Some(Arc::new(Keyring::new(Arc::clone(&self.store), keys)));
+        self
+    }
+
+    /// This repository, sealing the chunks and pages it writes as `enc`
+    /// says: `None` in an unencrypted store, a domain in an encrypted one.
+    pub fn sealed_as(&self, enc: Option<&Encryption>) -> Result<Repo, RepoError> {
+        match (&self.keyring, enc) {
+            (None, Some(_)) => Err(RepoError::NotEncrypted),
+            (Some(_), None) => Err(RepoError::NeedsKey),
+            _ => Ok(Repo {
+                sealing: enc.cloned(),
+                ..self.clone()
+            }),
+        }
+    }
+
+    pub fn is_encrypted(&self) -> bool {
+        self.keyring.is_some()
+    }
+
+    pub fn keyring(&self) -> Option<&Arc<Keyring>> {
+        self.keyring.as_ref()
+    }
+
+    /// The domain new chunks and pages are sealed in.
+    pub fn sealing(&self) -> Option<&Encryption> {
+        self.sealing.as_ref()
+    }
+
+    /// The zstd level of new chunks (`codec::NO_COMPRESSION`: stored raw).
+    pub fn level(&self) -> i32 {
+        self.level
     }
 
     /// Sets the grace period gc honours, which also bounds how long a
@@ -113,13 +194,11 @@ impl Repo {
         &self.store
     }
 
-    /// Hashes and compresses a chunk (off the async workers) and uploads it
-    /// unless an object with its hash is already in the store.
+    /// Hashes and compresses (and in an encrypted store seals) a chunk,
+    /// off the async workers, and uploads it unless an object with its
+    /// name is already in the store.
     pub async fn put_chunk(&self, data: Vec<u8>) -> Result<PutChunk, RepoError> {
-        let level = self.level;
-        let encoded = tokio::task::spawn_blocking(move || codec::encode(&data, level))
-            .await
-            .map_err(|e| StoreError::new("encode", "", ErrorKind::Transient, e.to_string()))?;
+        let encoded = self.encode_chunk(data).await?;
         let key = keys::chunk_key(&encoded.hash);
         let uploaded = self.put_addressed(&key, encoded.bytes).await?;
         Ok(PutChunk {
@@ -162,7 +241,7 @@ impl Repo {
     /// bytes written. An all-zero page is never stored (callers name it as
     /// a zero run instead).
     pub async fn put_page(&self, page: &Page) -> Result<(ChunkHash, u64), RepoError> {
-        let (name, bytes) = page.encode();
+        let (name, bytes) = self.encode_page(page).await?;
         let uploaded = self.put_addressed(&keys::page_key(&name), bytes).await?;
         Ok((name, uploaded))
     }
@@ -174,10 +253,7 @@ impl Repo {
             .get(&keys::page_key(name))
             .await?
             .ok_or(RepoError::MissingPage(*name))?;
-        Page::decode(&bytes, name, span).map_err(|source| RepoError::CorruptPage {
-            hash: *name,
-            source,
-        })
+        self.decode_page(bytes, name, span).await
     }
 
     /// Page `index` of `root`: read from the store, or empty if all zero.
@@ -228,7 +304,7 @@ impl Repo {
     /// A chunk's bytes, verified against its hash.
     pub async fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
         let obj = self.get_chunk_object(hash).await?;
-        decode_chunk(obj, hash).await.map(Vec::from)
+        self.decode_chunk(obj, hash).await.map(Vec::from)
     }
 
     /// A chunk object as stored, not yet verified.
@@ -271,8 +347,9 @@ impl Repo {
     /// Records a hold on a manifest read from the store: a copy of its
     /// object (for format 2 the root only; gc keeps its pages through it).
     pub async fn put_hold_stored(&self, name: &str, m: &StoredManifest) -> Result<(), RepoError> {
+        let bytes = self.encode_root(m).await?;
         self.store
-            .put(&keys::hold_key(name), Bytes::from(m.encode()))
+            .put(&keys::hold_key(name), Bytes::from(bytes))
             .await?;
         Ok(())
     }
@@ -363,33 +440,8 @@ impl Repo {
         let Some(bytes) = self.store.get(key).await? else {
             return Ok(None);
         };
-        StoredManifest::decode(&bytes)
-            .map(Some)
-            .map_err(|source| RepoError::CorruptManifest {
-                id: key.to_owned(),
-                source,
-            })
+        self.decode_root(bytes, key, key).await.map(Some)
     }
-}
-
-/// Raw chunks up to this size are verified on the calling task: hashing
-/// 1 MiB is a fraction of a millisecond, and a round trip through the
-/// blocking pool for each chunk cost hydration two thread switches.
-const INLINE_VERIFY: usize = 1 << 20;
-
-/// Verifies and decodes a chunk object. Decompression, and hashing a large
-/// raw chunk, run off the async workers; a raw chunk comes back as a slice
-/// of `obj`.
-pub async fn decode_chunk(obj: Bytes, hash: &ChunkHash) -> Result<Bytes, RepoError> {
-    let h = *hash;
-    let r = if !codec::is_compressed(&obj) && obj.len() <= codec::HEADER_LEN + INLINE_VERIFY {
-        codec::decode_shared(obj, &h)
-    } else {
-        tokio::task::spawn_blocking(move || codec::decode_shared(obj, &h))
-            .await
-            .map_err(|e| StoreError::new("decode", "", ErrorKind::Transient, e.to_string()))?
-    };
-    r.map_err(|source| RepoError::CorruptChunk { hash: h, source })
 }
 
 impl Repo {
@@ -405,19 +457,32 @@ impl Repo {
     /// Writes a format-1 manifest, as older versions did: for tests and
     /// tools that make old-format stores.
     pub async fn put_manifest_v1(&self, m: &Manifest) -> Result<(), RepoError> {
-        self.commit(&m.header.id, Bytes::from(m.encode())).await
+        self.commit(StoredManifest::V1(m.clone())).await
     }
 
     /// Writes a root whose pages are all stored: the commit point.
     pub async fn commit_root(&self, root: &ManifestRoot) -> Result<(), RepoError> {
-        self.commit(&root.header.id, Bytes::from(root.encode()))
-            .await
+        self.commit(StoredManifest::V2(root.clone())).await
     }
 
-    /// Never replaces a manifest: finding the very same bytes committed
+    /// Whether `existing`, found under our manifest's key, is our manifest:
+    /// the same bytes, or (sealed afresh, so with other bytes) the same
+    /// plaintext.
+    async fn same_manifest(&self, existing: Bytes, bytes: &Bytes, plain: &[u8], key: &str) -> bool {
+        if existing == *bytes {
+            return true;
+        }
+        self.is_encrypted()
+            && matches!(self.decode_root_plain(existing, key, key).await, Ok((_, p)) if p == plain)
+    }
+
+    /// Never replaces a manifest: finding the very same manifest committed
     /// already is success (an earlier attempt whose reply was lost),
     /// finding anything else is a conflict.
-    async fn commit(&self, id: &SnapshotId, bytes: Bytes) -> Result<(), RepoError> {
+    async fn commit(&self, m: StoredManifest) -> Result<(), RepoError> {
+        let id = &m.header().id;
+        let plain = m.encode();
+        let bytes = Bytes::from(self.encode_root(&m).await?);
         let key = keys::manifest_key(id);
         let outcome = match self.store.put_if_absent(&key, bytes.clone()).await {
             Ok(o) => o,
@@ -425,7 +490,11 @@ impl Repo {
             // have landed and only its reply been lost. The snapshot exists
             // exactly when its manifest does, so the store decides.
             Err(e) if e.is_transient() => match self.store.get(&key).await {
-                Ok(Some(existing)) if existing == bytes => {
+                Ok(Some(existing))
+                    if self
+                        .same_manifest(existing.clone(), &bytes, &plain, &key)
+                        .await =>
+                {
                     tracing::warn!(snapshot = %id, error = %e,
                         "the manifest write's reply was lost, but the manifest is in the store: the snapshot completed");
                     return Ok(());
@@ -439,7 +508,13 @@ impl Repo {
             // A manifest that vanished since is one deleted as it was
             // written: not ours to recreate.
             PutOutcome::AlreadyExists => match self.store.get(&key).await? {
-                Some(existing) if existing == bytes => Ok(()),
+                Some(existing)
+                    if self
+                        .same_manifest(existing.clone(), &bytes, &plain, &key)
+                        .await =>
+                {
+                    Ok(())
+                }
                 _ => Err(RepoError::ManifestConflict(id.clone())),
             },
         }
@@ -458,10 +533,8 @@ impl Repo {
             .get(&keys::manifest_key(id))
             .await?
             .ok_or_else(|| RepoError::MissingManifest(id.to_string()))?;
-        StoredManifest::decode(&bytes).map_err(|source| RepoError::CorruptManifest {
-            id: id.to_string(),
-            source,
-        })
+        self.decode_root(bytes, &keys::manifest_key(id), id.as_str())
+            .await
     }
 
     /// Every snapshot in the store, from any host.
@@ -485,6 +558,7 @@ impl Repo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec;
     use crate::manifest::ManifestHeader;
     use crate::store::faulty::{Fault, Faulty};
     use crate::store::{LocalStore, MemoryStore, RetryPolicy, Retrying};
@@ -537,6 +611,7 @@ mod tests {
             changed_chunks: 1,
             logical_bytes: 1 << 20,
             uploaded_bytes: first.uploaded,
+            encryption: None,
         });
         m.push(2, Some(first.hash));
         repo.put_manifest(&m).await.unwrap();
@@ -564,6 +639,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         }
     }
 

@@ -32,6 +32,8 @@ pub async fn write_entries(
     header: ManifestHeader,
     hashed: &[(u64, ChunkHash)],
 ) -> Result<(ManifestRoot, u64), RepoError> {
+    // Pages are sealed in the domain the header names.
+    let repo = &repo.sealed_as(header.encryption.as_ref())?;
     let chunks = header.size.div_ceil(header.chunk_size);
     let per = root::PAGE_CHUNKS;
     // Only pages with entries: a sparse 64 TiB volume costs its data.
@@ -85,6 +87,18 @@ pub async fn write_incremental(
     parent: &ManifestReader,
     changes: &[(u64, Option<ChunkHash>)],
 ) -> Result<Written, RepoError> {
+    let repo = &repo.sealed_as(header.encryption.as_ref())?;
+    // A page, like a chunk, is named within its domain: another domain's
+    // pages (and the chunks they name) cannot be reused.
+    if parent.header().encryption != header.encryption {
+        return Err(RepoError::CorruptManifest {
+            id: header.id.to_string(),
+            source: crate::manifest::ManifestError::Header(format!(
+                "parent {} is in another encryption domain",
+                parent.header().id
+            )),
+        });
+    }
     let geometry = ChunkGeometry::new(header.size, header.chunk_size).map_err(|e| {
         RepoError::CorruptManifest {
             id: header.id.to_string(),

@@ -272,6 +272,7 @@ fn a_format_one_manifest_still_restores() {
         changed_chunks: 2,
         logical_bytes: 2 * cs,
         uploaded_bytes: 0,
+        encryption: None,
     });
     let mut want = vec![0u8; size as usize];
     rt().block_on(async {

@@ -28,6 +28,7 @@ fn header(id: &SnapshotId) -> ManifestHeader {
         changed_chunks: 2,
         logical_bytes: 2 << 20,
         uploaded_bytes: 0,
+        encryption: None,
     }
 }
 

@@ -10,7 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use snapshot::StoreUrl;
 
 use crate::disk::EngineChoice;
-use crate::nbd::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -97,6 +97,33 @@ pub struct Args {
           value_parser = clap::value_parser!(i32).range(1..=19))]
     pub zstd_level: i32,
 
+    /// Compress chunk objects with zstd, or store them raw (in an encrypted
+    /// store compressed sizes say something about the data)
+    #[arg(long, env = "VOLUMED_COMPRESS", value_enum, default_value = "zstd")]
+    pub compress: Compress,
+
+    /// Whether the store is encrypted: `auto` follows its header (a new
+    /// store is unencrypted); `on` makes a new store encrypted and refuses
+    /// an unencrypted one; `off` the reverse
+    #[arg(
+        long,
+        env = "VOLUMED_STORE_ENCRYPTION",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub store_encryption: StoreEncryption,
+
+    /// In an encrypted store, what shares a data key (and so dedup): every
+    /// volume under one key (`store`), or each new volume and the volumes
+    /// restored from its snapshots (`lineage`, as EBS does)
+    #[arg(
+        long,
+        env = "VOLUMED_ENCRYPTION_DOMAIN",
+        value_enum,
+        default_value = "store"
+    )]
+    pub encryption_domain: crate::keys::DomainScope,
+
     /// Bound on the host's chunk cache (DATA_DIR/cache), shared by every
     /// restored volume; 0 disables it
     #[arg(long, env = "VOLUMED_CACHE_SIZE", value_name = "SIZE", default_value = "4GiB",
@@ -182,6 +209,32 @@ pub struct Args {
     pub aws_tls_key: Option<PathBuf>,
 }
 
+/// `--compress`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Compress {
+    Zstd,
+    Off,
+}
+
+/// `--store-encryption`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoreEncryption {
+    Auto,
+    On,
+    Off,
+}
+
+impl StoreEncryption {
+    pub fn expect(self) -> snapshot::store_header::Expect {
+        use snapshot::store_header::Expect;
+        match self {
+            StoreEncryption::Auto => Expect::Auto,
+            StoreEncryption::On => Expect::Encrypted,
+            StoreEncryption::Off => Expect::Plain,
+        }
+    }
+}
+
 /// Settings with every default filled in.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -193,7 +246,10 @@ pub struct Config {
     pub nbd_limits: crate::nbd::server::Limits,
     pub store: StoreUrl,
     pub io_engine: EngineChoice,
+    /// `codec::NO_COMPRESSION` with `--compress off`.
     pub zstd_level: i32,
+    pub store_encryption: StoreEncryption,
+    pub encryption_domain: crate::keys::DomainScope,
     pub cache_size: u64,
     pub gc_grace: std::time::Duration,
     pub metrics_listen: Option<SocketAddr>,
@@ -317,7 +373,12 @@ impl Args {
                 poll: self.nbd_poll,
             },
             io_engine: self.io_engine,
-            zstd_level: self.zstd_level,
+            zstd_level: match self.compress {
+                Compress::Zstd => self.zstd_level,
+                Compress::Off => snapshot::codec::NO_COMPRESSION,
+            },
+            store_encryption: self.store_encryption,
+            encryption_domain: self.encryption_domain,
             cache_size: self.cache_size,
             gc_grace: self.gc_grace,
             metrics_listen: self.metrics_listen,
@@ -478,6 +539,28 @@ mod tests {
         .unwrap()
         .resolve();
         assert!(bad.is_err());
+    }
+
+    #[test]
+    fn encryption_and_compression_flags() {
+        let c = parse(&["--data-dir", "/tmp/x"]).unwrap().resolve().unwrap();
+        assert_eq!(c.store_encryption, StoreEncryption::Auto);
+        assert_eq!(c.encryption_domain, crate::keys::DomainScope::Store);
+        assert_eq!(c.zstd_level, snapshot::codec::DEFAULT_LEVEL);
+        let c = parse_env(
+            &["--data-dir", "/tmp/x", "--compress", "off"],
+            &[
+                ("VOLUMED_STORE_ENCRYPTION", "on"),
+                ("VOLUMED_ENCRYPTION_DOMAIN", "lineage"),
+            ],
+        )
+        .unwrap()
+        .resolve()
+        .unwrap();
+        assert_eq!(c.store_encryption, StoreEncryption::On);
+        assert_eq!(c.encryption_domain, crate::keys::DomainScope::Lineage);
+        assert_eq!(c.zstd_level, snapshot::codec::NO_COMPRESSION);
+        assert!(parse(&["--store-encryption", "maybe"]).is_err());
     }
 
     #[test]

@@ -88,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             changed_chunks: chunks,
             logical_bytes: chunks * chunk_size,
             uploaded_bytes: page_bytes,
+            encryption: None,
         };
         let root = ManifestRoot::new(header, per, named);
         let root_bytes = root.encode().len();

@@ -6,6 +6,7 @@ pub mod image;
 pub mod import;
 pub mod instance;
 pub mod job;
+pub mod key;
 pub mod snapshot;
 pub mod status;
 pub mod volume;

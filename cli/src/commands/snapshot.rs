@@ -1,4 +1,4 @@
-//! `vol snapshot create | list | inspect | delete | verify | attach |
+//! `vol snapshot create | list | inspect | delete | verify | copy | attach |
 //! detach`, and `vol gc`.
 
 use hyper::Method;
@@ -207,6 +207,10 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                         labels
                     },
                 ),
+                (
+                    "encryption",
+                    super::key::encryption_text(s.encryption.as_ref()),
+                ),
                 ("error", s.error.clone().unwrap_or_else(|| "-".into())),
                 (
                     "export",
@@ -256,6 +260,45 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
             out.line(format!("detached snapshot {id}"))?;
             Ok(())
         }
+        SnapshotCommand::Copy {
+            id,
+            key,
+            labels,
+            wait,
+        } => {
+            let req = volumed_api::CopySnapshot {
+                key,
+                labels: labels.into_iter().collect(),
+            };
+            let snap: Snapshot = client
+                .send(Method::POST, &format!("/v1/snapshots/{id}/copy"), &req)
+                .await?;
+            let snap = if wait {
+                wait_for(client, out, snap).await?
+            } else {
+                snap
+            };
+            if out.json {
+                out.json(&snap)?;
+            } else if wait {
+                out.line(format!(
+                    "snapshot {} (a copy of {id}) {}: {} uploaded",
+                    snap.id,
+                    snap.state.as_str(),
+                    format_size(snap.uploaded_bytes)
+                ))?;
+            } else {
+                out.line(&snap.id)?;
+            }
+            if snap.state == SnapshotState::Error {
+                anyhow::bail!(
+                    "copy {} of snapshot {id} failed: {}",
+                    snap.id,
+                    snap.error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
         SnapshotCommand::Diff { from, to, format } => {
             super::diff::run(client, out, from, to, format).await
         }
@@ -279,6 +322,9 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                     r.missing.len(),
                     r.damaged.len()
                 ))?;
+                if let Some(why) = &r.framing_only {
+                    out.line(format!("  only the manifest's framing was checked: {why}"))?;
+                }
                 for (what, list) in [("missing", &r.missing), ("damaged", &r.damaged)] {
                     for b in list {
                         out.line(format!(
@@ -287,6 +333,12 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                         ))?;
                     }
                 }
+            }
+            if let Some(why) = &r.framing_only {
+                anyhow::bail!(
+                    "snapshot {} was checked only for its sealed framing: {why}",
+                    r.snapshot
+                );
             }
             if !r.ok {
                 anyhow::bail!(

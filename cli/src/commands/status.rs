@@ -1,3 +1,5 @@
+//! `vol status`: the daemon's settings and counters, a table or JSON.
+
 use volumed_api::Status;
 
 use crate::client::Client;
@@ -15,7 +17,14 @@ pub async fn status(client: &Client, out: &Out) -> anyhow::Result<()> {
         ("nbd listen", st.nbd_listen),
         ("nbd socket", st.nbd_socket),
         ("nbd tls", st.nbd_tls),
-        ("store", st.store),
+        (
+            "store",
+            if st.store_encrypted {
+                format!("{} (encrypted)", st.store)
+            } else {
+                st.store
+            },
+        ),
         ("volumes", st.volumes.to_string()),
         ("io backend", st.io_backend),
         ("image tools", st.image_tools),

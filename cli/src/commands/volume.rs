@@ -160,13 +160,20 @@ pub async fn inspect(client: &Client, out: &Out, name: VolumeName) -> anyhow::Re
             "hydration",
             match &v.hydration {
                 Some(h) => format!(
-                    "{} ({} of {})",
+                    "{} ({} of {}){}",
                     h.state,
                     format_size(h.hydrated_bytes),
-                    format_size(h.total_bytes)
+                    format_size(h.total_bytes),
+                    h.error
+                        .as_ref()
+                        .map_or_else(String::new, |e| format!(": {e}"))
                 ),
                 None => "-".into(),
             },
+        ),
+        (
+            "encryption",
+            super::key::encryption_text(v.encryption.as_ref()),
         ),
         ("allocated", format_size(v.allocated_bytes)),
         ("created", v.created_at.clone()),

@@ -17,6 +17,7 @@ pub const VOLUME_FILTERS: &[&str] = &[
     "snapshot-id",
     "size",
     "volume-type",
+    "encrypted",
     "tag-key",
     "attachment.instance-id",
     "attachment.device",
@@ -86,6 +87,7 @@ impl VolumeFilter {
             "snapshot-id" => vec![v.source_snapshot.clone().unwrap_or_default()],
             "size" => vec![size_gib(v.size).to_string()],
             "volume-type" => v.volume_type.iter().cloned().collect(),
+            "encrypted" => vec![v.encrypted.to_string()],
             "tag-key" => v.tags.keys().cloned().collect(),
             "attachment.instance-id" => att.and_then(|a| a.instance.clone()).into_iter().collect(),
             "attachment.device" => att.and_then(|a| a.device.clone()).into_iter().collect(),
@@ -233,6 +235,8 @@ mod tests {
             volume_type: Some("gp3".into()),
             iops: None,
             throughput: None,
+            encrypted: false,
+            encryption: None,
         }
     }
 
@@ -257,6 +261,8 @@ mod tests {
             ("attachment.delete-on-termination=true", true),
             ("attachment.delete-on-termination=false", false),
             ("volume-type=gp3", true),
+            ("encrypted=false", true),
+            ("encrypted=true", false),
         ] {
             assert_eq!(VolumeFilter::parse(f).unwrap().matches(&v), yes, "{f}");
         }

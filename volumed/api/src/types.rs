@@ -88,6 +88,11 @@ pub struct Volume {
     pub iops: Option<u64>,
     #[serde(default)]
     pub throughput: Option<u64>,
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Its key and encryption domain, when encrypted.
+    #[serde(default)]
+    pub encryption: Option<crate::EncryptionInfo>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -162,6 +167,14 @@ pub struct CreateVolume {
     /// true); without it chunks are fetched only when first touched.
     #[serde(default)]
     pub hydrate: Option<bool>,
+    /// In an encrypted store every volume is encrypted; `false` is refused
+    /// there, `true` refused in an unencrypted one.
+    #[serde(default)]
+    pub encrypted: Option<bool>,
+    /// The key (name, alias, id or ARN); default: the default key, or for
+    /// a restored volume its snapshot's.
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +311,11 @@ pub struct Snapshot {
     /// keeps it; null otherwise.
     #[serde(default)]
     pub export: Option<SnapshotExport>,
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Its key and encryption domain, when encrypted.
+    #[serde(default)]
+    pub encryption: Option<crate::EncryptionInfo>,
 }
 
 /// Where a snapshot attached read-only is served.
@@ -352,6 +370,9 @@ pub struct Status {
     /// The AWS-compatible endpoint's address, null when it is off.
     #[serde(default)]
     pub aws_listen: Option<String>,
+    /// Whether the store is encrypted (its header says so).
+    #[serde(default)]
+    pub store_encrypted: bool,
 }
 
 #[cfg(test)]
@@ -389,7 +410,8 @@ mod tests {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub snapshot: String,
-    /// True when every object was present and matched its hash.
+    /// True when every object was present and matched its hash (false
+    /// when only the framing could be checked).
     pub ok: bool,
     /// Non-zero chunks the manifest names.
     pub chunks: u64,
@@ -398,6 +420,10 @@ pub struct VerifyReport {
     pub ok_objects: u64,
     pub missing: Vec<BadChunk>,
     pub damaged: Vec<BadChunk>,
+    /// Set when only the manifest's sealed framing could be checked,
+    /// saying why (its key is disabled or unknown here).
+    #[serde(default)]
+    pub framing_only: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

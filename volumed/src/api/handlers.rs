@@ -1,176 +1,21 @@
-//! Routes and handlers. Handlers validate what they are given, call the
-//! engine, and turn its answer into JSON; the engine holds every rule.
-
-use std::sync::Arc;
+//! Handlers of volumes, snapshots, status and gc. Each validates what it
+//! is given, calls the engine, and turns its answer into JSON through
+//! `present::views`; the engine holds every rule.
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::de::DeserializeOwned;
+use axum::response::IntoResponse;
+use snapshot::SnapshotId;
 use volumed_api::{
-    ApiError, AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorBody, ErrorCode, GcReport,
-    GcRequest, ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
+    AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorCode, GcReport, GcRequest,
+    ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
 };
 
-use snapshot::SnapshotId;
-
-use super::jobs;
-use super::machines;
-use super::views::{self, NbdEndpoints};
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::engine::{Engine, Volume};
-use crate::error::Error;
-
-#[derive(Clone)]
-pub struct ApiState {
-    pub engine: Arc<Engine>,
-    /// Images, instances and snapshot sets.
-    pub machines: Arc<crate::machines::Machines>,
-    /// The facts of this run; live counts are filled in per request.
-    pub status: Arc<Status>,
-    pub endpoints: Arc<NbdEndpoints>,
-}
-
-impl ApiState {
-    fn volume(&self, vol: &Volume) -> volumed_api::Volume {
-        views::volume(&self.engine, &self.endpoints, vol)
-    }
-
-    pub(super) fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
-        views::snapshot(&self.engine, &self.endpoints, info)
-    }
-}
-
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route(
-            "/v1/volumes/{name}",
-            get(get_volume).patch(modify_volume).delete(delete_volume),
-        )
-        .route("/v1/volumes/{name}/attach", post(attach_volume))
-        .route("/v1/volumes/{name}/detach", post(detach_volume))
-        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
-        .route(
-            "/v1/volumes/{name}/tags",
-            post(tag_volume).delete(untag_volume),
-        )
-        .route("/v1/snapshots", get(list_snapshots))
-        .route(
-            "/v1/snapshots/{id}",
-            get(get_snapshot).delete(delete_snapshot),
-        )
-        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
-        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
-        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
-        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
-        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
-        .route("/v1/gc", post(gc))
-        .route(
-            "/v1/images",
-            get(machines::list_images).post(machines::register_image),
-        )
-        .route(
-            "/v1/images/{id}",
-            get(machines::get_image).delete(machines::deregister_image),
-        )
-        .route(
-            "/v1/instances",
-            get(machines::list_instances).post(machines::run_instances),
-        )
-        .route("/v1/instances/{id}", get(machines::get_instance))
-        .route(
-            "/v1/instances/{id}/{action}",
-            post(machines::instance_action),
-        )
-        .route(
-            "/v1/snapshot-sets",
-            get(machines::list_snapshot_sets).post(machines::create_snapshot_set),
-        )
-        .route("/v1/snapshot-sets/{id}", get(machines::get_snapshot_set))
-        .route("/v1/imports", post(jobs::import_file))
-        .route("/v1/imports/stream", post(jobs::import_stream))
-        .route("/v1/exports", post(jobs::export))
-        .route("/v1/jobs", get(jobs::list_jobs))
-        .route("/v1/jobs/{id}", get(jobs::get_job))
-        .route("/v1/jobs/{id}/events", get(jobs::job_events))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
-        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
-        .method_not_allowed_fallback(|| async {
-            ApiFailure {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                code: ErrorCode::InvalidRequest,
-                message: "method not allowed on this resource".into(),
-            }
-        })
-        .with_state(state)
-}
-
-/// An error response.
-pub struct ApiFailure {
-    status: StatusCode,
-    code: ErrorCode,
-    message: String,
-}
-
-impl ApiFailure {
-    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let status =
-            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiFailure {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<Error> for ApiFailure {
-    fn from(e: Error) -> Self {
-        if e.code() == ErrorCode::Internal {
-            tracing::error!(error = %e, "control API request failed");
-        }
-        ApiFailure::new(e.code(), e.to_string())
-    }
-}
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ApiError {
-                code: self.code,
-                message: self.message,
-            },
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
-
-pub(super) type ApiResult<T> = Result<T, ApiFailure>;
-
-/// Parses a JSON body; an empty body means the type's default when
-/// `default` is given (so `curl -X POST .../attach` works).
-pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> ApiResult<T> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return default.ok_or_else(|| {
-            ApiFailure::new(
-                ErrorCode::InvalidRequest,
-                "request body is empty; JSON expected",
-            )
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiFailure::new(
-            ErrorCode::InvalidRequest,
-            format!("invalid request body: {e}"),
-        )
-    })
-}
+use super::state::{ApiFailure, ApiResult, ApiState, body};
+use crate::engine::{Error, VolumeOptions};
+use crate::present::views;
 
 /// A CreateVolume body with optional `tags` (kept out of `CreateVolume`
 /// itself, whose literal other code builds).
@@ -196,7 +41,7 @@ fn create_body(
     Ok((req, tags))
 }
 
-async fn tag_volume(
+pub(super) async fn tag_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -207,7 +52,7 @@ async fn tag_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn untag_volume(
+pub(super) async fn untag_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -233,30 +78,33 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 }
 
 /// A snapshot id from a path: a malformed one names no snapshot.
-fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
-    SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()).into())
+pub(super) fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
+    Ok(Error::snapshot_id(raw)?)
 }
 
-async fn status(State(s): State<ApiState>) -> Json<Status> {
+pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
     Json(views::status(&s.status, &s.engine))
 }
 
-async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
+pub(super) async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
     let volumes = s.engine.list().iter().map(|v| s.volume(v)).collect();
     Json(VolumeList { volumes })
 }
 
-async fn create_volume(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
+pub(super) async fn create_volume(
+    State(s): State<ApiState>,
+    bytes: Bytes,
+) -> ApiResult<impl IntoResponse> {
     let (req, tags) = create_body(&bytes)?;
-    let attrs = crate::engine::aws_attrs::VolumeAttrs {
+    let opts = VolumeOptions {
         tags,
         ..Default::default()
     };
-    let vol = s.engine.create_with(req, attrs, None).await?;
+    let vol = s.engine.create_with(req, opts).await?;
     Ok((StatusCode::CREATED, Json(s.volume(&vol))))
 }
 
-async fn get_volume(
+pub(super) async fn get_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<volumed_api::Volume>> {
@@ -264,7 +112,7 @@ async fn get_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn modify_volume(
+pub(super) async fn modify_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -275,7 +123,7 @@ async fn modify_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn delete_volume(
+pub(super) async fn delete_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<StatusCode> {
@@ -283,7 +131,7 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn attach_volume(
+pub(super) async fn attach_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -294,7 +142,7 @@ async fn attach_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn detach_volume(
+pub(super) async fn detach_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<Detached>> {
@@ -305,7 +153,7 @@ async fn detach_volume(
     }))
 }
 
-async fn create_snapshot(
+pub(super) async fn create_snapshot(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -321,11 +169,11 @@ async fn create_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SnapshotQuery {
+pub(super) struct SnapshotQuery {
     volume: Option<String>,
 }
 
-async fn list_snapshots(
+pub(super) async fn list_snapshots(
     State(s): State<ApiState>,
     query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<SnapshotList>> {
@@ -344,7 +192,7 @@ async fn list_snapshots(
     }))
 }
 
-async fn get_snapshot(
+pub(super) async fn get_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
@@ -352,7 +200,7 @@ async fn get_snapshot(
     Ok(Json(s.snapshot(s.engine.snapshot(&id).await?)))
 }
 
-async fn attach_snapshot(
+pub(super) async fn attach_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
@@ -360,7 +208,7 @@ async fn attach_snapshot(
     Ok(Json(s.snapshot(s.engine.attach_snapshot(&id).await?)))
 }
 
-async fn detach_snapshot(
+pub(super) async fn detach_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
@@ -368,7 +216,7 @@ async fn detach_snapshot(
     Ok(Json(s.snapshot(s.engine.detach_snapshot(&id).await?)))
 }
 
-async fn delete_snapshot(
+pub(super) async fn delete_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
@@ -377,7 +225,7 @@ async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn verify_snapshot(
+pub(super) async fn verify_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VerifyReport>> {
@@ -387,11 +235,11 @@ async fn verify_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DiffQuery {
+pub(super) struct DiffQuery {
     from: Option<String>,
 }
 
-async fn diff_snapshot(
+pub(super) async fn diff_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
@@ -405,7 +253,7 @@ async fn diff_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChangedBlocksQuery {
+pub(super) struct ChangedBlocksQuery {
     from: Option<String>,
     starting_offset: Option<u64>,
     max_results: Option<usize>,
@@ -414,7 +262,7 @@ struct ChangedBlocksQuery {
 
 /// Paged changed blocks with CSI SnapshotMetadata's names; `next_token`,
 /// when given, wins over `starting_offset`.
-async fn changed_blocks(
+pub(super) async fn changed_blocks(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<ChangedBlocksQuery>, axum::extract::rejection::QueryRejection>,
@@ -445,7 +293,7 @@ async fn changed_blocks(
     Ok(Json(views::changed_blocks(&d, start, max)))
 }
 
-async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
+pub(super) async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
     let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
     let (grace, report) = s.engine.gc(grace).await?;

@@ -3,9 +3,9 @@
 
 use volumed_api::{Image, Instance, InstanceDevice, SetMember, SnapshotSet, SnapshotSetState};
 
-use super::views::NbdEndpoints;
 use crate::catalog::{ImageRecord, InstanceRecord, SetState, SnapshotSetRecord, rfc3339};
 use crate::engine::Engine;
+use crate::present::NbdEndpoints;
 
 pub fn image(rec: ImageRecord) -> Image {
     Image {

@@ -11,8 +11,8 @@ use volumed_api::{
     SnapshotSetList,
 };
 
-use super::handlers::{ApiFailure, ApiResult, ApiState, body};
 use super::machine_views;
+use super::state::{ApiFailure, ApiResult, ApiState, body};
 use crate::engine::snapshot_catalog::SnapshotInfo;
 use crate::machines::MachineError;
 use crate::machines::launch::Launch;
@@ -20,10 +20,7 @@ use crate::machines::quiesce::Hook;
 
 impl From<MachineError> for ApiFailure {
     fn from(e: MachineError) -> Self {
-        match e {
-            MachineError::Engine(e) => e.into(),
-            e => ApiFailure::new(e.code(), e.to_string()),
-        }
+        ApiFailure::of(&e)
     }
 }
 

@@ -21,6 +21,7 @@
 //! | POST | /v1/snapshots/{id}/verify | | VerifyReport |
 //! | GET | /v1/snapshots/{id}/diff?from=ID | | SnapshotDiff |
 //! | GET | /v1/snapshots/{id}/changed-blocks?from=ID&starting_offset=N&max_results=N&next_token=T | | ChangedBlocks |
+//! | POST | /v1/snapshots/{id}/copy | CopySnapshot (optional) | 202 Snapshot (pending) |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //! | POST | /v1/imports | ImportRequest (a file) | 202 Job (running) |
 //! | POST | /v1/imports/stream | raw bytes; ImportRequest in `x-volumed-import` | Job (completed) |
@@ -40,19 +41,108 @@
 //! | GET | /v1/snapshot-sets | | SnapshotSetList |
 //! | POST | /v1/snapshot-sets | CreateSnapshotSet | SnapshotSetCreated |
 //! | GET | /v1/snapshot-sets/{id} | | SnapshotSet |
+//! | GET | /v1/keys | | KeyList |
+//! | POST | /v1/keys | CreateKey | 201 Key |
+//! | GET | /v1/keys/{key} | | Key (by name, alias, id or ARN) |
+//! | POST | /v1/keys/{key}/rotate | | KeyRotation |
+//! | POST | /v1/keys/{key}/enable | | Key |
+//! | POST | /v1/keys/{key}/disable | | Key |
+//! | POST | /v1/default-key | SetDefaultKey (optional) | Key |
 //!
-//! `handlers` parses and routes; `views` builds every answer and URI from
-//! engine state; `server` runs axum on the socket.
+//! `handlers` parses and routes; `present::views` builds every answer and
+//! URI from engine state; `server` runs axum on the socket.
 //!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).
 
 mod handlers;
 mod jobs;
+mod keys;
 mod machine_views;
 mod machines;
 pub mod server;
-pub mod views;
+mod state;
 
-pub use handlers::ApiState;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use volumed_api::ErrorCode;
+
 pub use server::serve;
+use state::ApiFailure;
+pub use state::ApiState;
+
+/// The one routing table.
+pub(crate) fn router(state: ApiState) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/status", get(handlers::status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(modify_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route(
+            "/v1/volumes/{name}/tags",
+            post(tag_volume).delete(untag_volume),
+        )
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
+        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
+        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
+        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
+        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
+        .route("/v1/snapshots/{id}/copy", post(keys::copy_snapshot))
+        .route("/v1/keys", get(keys::list_keys).post(keys::create_key))
+        .route("/v1/keys/{key}", get(keys::get_key))
+        .route("/v1/keys/{key}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/{key}/enable", post(keys::enable_key))
+        .route("/v1/keys/{key}/disable", post(keys::disable_key))
+        .route("/v1/default-key", post(keys::set_default_key))
+        .route("/v1/gc", post(gc))
+        .route(
+            "/v1/images",
+            get(machines::list_images).post(machines::register_image),
+        )
+        .route(
+            "/v1/images/{id}",
+            get(machines::get_image).delete(machines::deregister_image),
+        )
+        .route(
+            "/v1/instances",
+            get(machines::list_instances).post(machines::run_instances),
+        )
+        .route("/v1/instances/{id}", get(machines::get_instance))
+        .route(
+            "/v1/instances/{id}/{action}",
+            post(machines::instance_action),
+        )
+        .route(
+            "/v1/snapshot-sets",
+            get(machines::list_snapshot_sets).post(machines::create_snapshot_set),
+        )
+        .route("/v1/snapshot-sets/{id}", get(machines::get_snapshot_set))
+        .route("/v1/imports", post(jobs::import_file))
+        .route("/v1/imports/stream", post(jobs::import_stream))
+        .route("/v1/exports", post(jobs::export))
+        .route("/v1/jobs", get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiFailure {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: ErrorCode::InvalidRequest,
+                message: "method not allowed on this resource".into(),
+            }
+        })
+        .with_state(state)
+}

@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -20,9 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::attrs::Ec2Attributes;
 use super::credentials::Credentials;
-use super::{AwsConfig, AwsState, Request, Response, Service, ebs, ec2, sigv4};
-use crate::api::views::NbdEndpoints;
+use super::{AwsConfig, AwsState, Refusal, Request, Response, Service, ebs, ec2, sigv4};
+use crate::catalog::{Catalog, CatalogError};
+use crate::present::NbdEndpoints;
 
 /// A request body larger than this is refused: a 512 KiB block plus room.
 pub const MAX_BODY: usize = 2 << 20;
@@ -32,6 +33,20 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// ... and its body within this (a 512 KiB block at well under 10 KiB/s).
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configure AWS endpoint TLS")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("bind AWS endpoint on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("forget the EC2 attributes of deleted volumes")]
+    Sweep(#[source] CatalogError),
+}
 
 pub struct AwsServer {
     listener: TcpListener,
@@ -45,26 +60,33 @@ pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
     machines: Arc<crate::machines::Machines>,
+    catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
-) -> anyhow::Result<AwsServer> {
+) -> Result<AwsServer, StartError> {
     let engine = Arc::clone(machines.engine());
     let tls = config
         .tls
         .as_ref()
-        .map(crate::nbd::tls::acceptor)
+        .map(crate::tls::acceptor)
         .transpose()
-        .context("configure AWS endpoint TLS")?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("bind AWS endpoint on {}", config.listen))?;
+        .map_err(StartError::Tls)?;
+    let bind_err = |source| StartError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     info!(keys = credentials.len(), region = %config.region, tls = tls.is_some(),
-          addr = %listener.local_addr()?, "AWS endpoint listening");
+          %addr, "AWS endpoint listening");
+    let attrs = Ec2Attributes::new(catalog);
+    attrs.sweep().await.map_err(StartError::Sweep)?;
     Ok(AwsServer {
         listener,
         tls,
         state: Arc::new(AwsState {
             engine,
             machines,
+            attrs,
             endpoints,
             credentials,
             region: config.region.clone(),
@@ -222,11 +244,6 @@ async fn route(state: &AwsState, req: hyper::Request<Incoming>, request_id: Stri
 }
 
 /// Why a request was refused before reaching an API.
-pub enum Refusal {
-    Auth(sigv4::AuthError),
-    TooLarge,
-}
-
 fn refuse(service: Service, request_id: &str, why: Refusal) -> Response {
     match service {
         Service::Ec2 => ec2::refusal(request_id, why),

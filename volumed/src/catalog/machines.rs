@@ -12,7 +12,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use volumed_api::{BlockDeviceMapping, ImageState, InstanceState, VolumeName};
 
-use super::{Catalog, Result};
+use super::writer::{Pending, Tree};
+use super::{Catalog, Result, encode, get, scan};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -54,6 +55,14 @@ pub struct DeviceRecord {
     pub delete_on_termination: bool,
     /// Seconds since the Unix epoch.
     pub attached_at: u64,
+    /// An EBS device's volume type, IOPS and throughput as its mapping
+    /// gave them (the endpoint shows them for the device's volume).
+    #[serde(default)]
+    pub volume_type: Option<String>,
+    #[serde(default)]
+    pub iops: Option<u64>,
+    #[serde(default)]
+    pub throughput: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,31 +96,31 @@ pub struct InstanceRecord {
 }
 
 impl Catalog {
-    pub fn put_image(&self, rec: &ImageRecord) -> Result<()> {
-        self.images.put(&rec.id, rec)
+    pub fn put_image(&self, rec: &ImageRecord) -> Pending {
+        self.put(Tree::Images, &rec.id, encode(rec))
     }
 
-    pub fn remove_image(&self, id: &str) -> Result<()> {
-        self.images.remove(id)
+    pub fn remove_image(&self, id: &str) -> Pending {
+        self.remove(Tree::Images, id)
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        self.images.all()
+        scan(&self.images, "read images")
     }
 
-    pub fn put_instance(&self, rec: &InstanceRecord) -> Result<()> {
-        self.instances.put(&rec.id, rec)
+    pub fn put_instance(&self, rec: &InstanceRecord) -> Pending {
+        self.put(Tree::Instances, &rec.id, encode(rec))
     }
 
-    pub fn remove_instance(&self, id: &str) -> Result<()> {
-        self.instances.remove(id)
+    pub fn remove_instance(&self, id: &str) -> Pending {
+        self.remove(Tree::Instances, id)
     }
 
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
-        self.instances.get(id)
+        get(&self.instances, id, "read instances")
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRecord>> {
-        self.instances.all()
+        scan(&self.instances, "read instances")
     }
 }

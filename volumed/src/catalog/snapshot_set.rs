@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use snapshot::SnapshotId;
 use volumed_api::VolumeName;
 
-use super::{Catalog, Result};
+use super::writer::{Pending, Tree};
+use super::{Catalog, Result, encode, scan};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -47,11 +48,11 @@ pub struct SnapshotSetRecord {
 }
 
 impl Catalog {
-    pub fn put_snapshot_set(&self, rec: &SnapshotSetRecord) -> Result<()> {
-        self.snapshot_sets.put(&rec.id, rec)
+    pub fn put_snapshot_set(&self, rec: &SnapshotSetRecord) -> Pending {
+        self.put(Tree::SnapshotSets, &rec.id, encode(rec))
     }
 
     pub fn snapshot_sets(&self) -> Result<Vec<SnapshotSetRecord>> {
-        self.snapshot_sets.all()
+        scan(&self.snapshot_sets, "read snapshot_sets")
     }
 }

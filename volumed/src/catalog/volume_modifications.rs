@@ -7,7 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Catalog, Result};
+use super::writer::{Pending, Tree};
+use super::{Catalog, Result, encode, scan};
 
 /// One ModifyVolume: the volume before and after. Sizes in bytes, times in
 /// seconds since the Unix epoch; IOPS and throughput as DescribeVolumes
@@ -32,15 +33,15 @@ pub struct VolumeModificationRecord {
 }
 
 impl Catalog {
-    pub fn put_volume_modification(&self, rec: &VolumeModificationRecord) -> Result<()> {
-        self.volume_modifications.put(&rec.volume_id, rec)
+    pub fn put_volume_modification(&self, rec: &VolumeModificationRecord) -> Pending {
+        self.put(Tree::VolumeModifications, &rec.volume_id, encode(rec))
     }
 
-    pub fn remove_volume_modification(&self, volume_id: &str) -> Result<()> {
-        self.volume_modifications.remove(volume_id)
+    pub fn remove_volume_modification(&self, volume_id: &str) -> Pending {
+        self.remove(Tree::VolumeModifications, volume_id)
     }
 
     pub fn volume_modifications(&self) -> Result<Vec<VolumeModificationRecord>> {
-        self.volume_modifications.all()
+        scan(&self.volume_modifications, "read volume_modifications")
     }
 }

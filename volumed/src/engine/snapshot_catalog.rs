@@ -15,7 +15,7 @@ use snapshot::{Manifest, ManifestHeader, ManifestReader, Repo, RepoError, Snapsh
 use tracing::{info, warn};
 
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotState};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// A snapshot as this host knows it.
 pub enum SnapshotInfo {
@@ -48,6 +48,14 @@ impl SnapshotInfo {
         match self {
             SnapshotInfo::Recorded { rec, .. } => rec.chunk_size,
             SnapshotInfo::Stored(h) => h.chunk_size,
+        }
+    }
+
+    /// The domain and key it is sealed with, in an encrypted store.
+    pub fn encryption(&self) -> Option<&snapshot::Encryption> {
+        match self {
+            SnapshotInfo::Recorded { rec, .. } => rec.encryption.as_ref(),
+            SnapshotInfo::Stored(h) => h.encryption.as_ref(),
         }
     }
 
@@ -91,7 +99,7 @@ impl SnapshotCatalog {
         }
         match self.header(id).await {
             Ok(h) => Ok(SnapshotInfo::Stored(h)),
-            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.clone())),
             Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
         }
     }
@@ -126,7 +134,7 @@ impl SnapshotCatalog {
                     .collect();
                 for id in &gone {
                     info!(snapshot = %id, "snapshot deleted from the store elsewhere; dropping its record");
-                    let _ = self.catalog.remove_snapshot(id.as_str());
+                    let _ = self.catalog.remove_snapshot(id.as_str()).await;
                 }
                 recs.retain(|r| !gone.contains(&r.id));
                 let ours: HashSet<SnapshotId> = recs.iter().map(|r| r.id.clone()).collect();
@@ -165,11 +173,11 @@ impl SnapshotCatalog {
             Ok(()) => {}
             Err(RepoError::MissingManifest(_)) if local.is_some() => {}
             Err(RepoError::MissingManifest(_)) => {
-                return Err(Error::SnapshotNotFound(id.to_string()));
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => return Err(Error::store(format!("delete snapshot {id}"), e)),
         }
-        self.catalog.remove_snapshot(id.as_str())?;
+        self.catalog.remove_snapshot(id.as_str()).await?;
         self.headers().remove(id);
         Ok(())
     }
@@ -179,7 +187,7 @@ impl SnapshotCatalog {
         let r = match snapshot::verify::verify(&self.repo, id).await {
             Ok(r) => r,
             Err(RepoError::MissingManifest(_)) => {
-                return Err(Error::SnapshotNotFound(id.to_string()));
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => return Err(Error::store(format!("verify snapshot {id}"), e)),
         };
@@ -206,7 +214,7 @@ impl SnapshotCatalog {
                 Some(rec) if rec.state != SnapshotState::Completed => Err(Error::InvalidRequest(
                     format!("snapshot {id} is not completed"),
                 )),
-                _ => Err(Error::SnapshotNotFound(id.to_string())),
+                _ => Err(Error::SnapshotNotFound(id.clone())),
             },
             Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
         }

@@ -27,19 +27,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use snapshot::SnapshotId;
-use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use volumed_api::VolumeName;
 
 use super::Volume;
+use super::error::{Error, Result};
 use super::jobs::snapshot::SnapshotJobs;
+use super::jobs::snapshot::{SnapshotDone, SnapshotOutcome};
 use super::registry::Registry;
 use super::snapshot_catalog::SnapshotCatalog;
 use crate::catalog::{
     Catalog, SetMemberRecord, SetState, SnapshotRecord, SnapshotSetRecord, unix_now,
 };
-use crate::error::{Error, Result};
 use crate::failpoint;
 
 /// How long closing every member's gate may take by default: long beside a
@@ -69,7 +69,7 @@ impl SnapshotSets {
     /// Loads the sets; a set a previous run left `creating` is `failed`
     /// from now on, and its members hidden until `discard_failed` removes
     /// them.
-    pub fn open(
+    pub async fn open(
         catalog: Arc<Catalog>,
         jobs: Arc<SnapshotJobs>,
         snapshots: Arc<SnapshotCatalog>,
@@ -90,7 +90,7 @@ impl SnapshotSets {
                 rec.state = SetState::Failed;
                 rec.error = Some("interrupted by a daemon restart".into());
                 rec.to_discard = rec.members.iter().map(|m| m.snapshot.clone()).collect();
-                sets.catalog.put_snapshot_set(&rec)?;
+                sets.catalog.put_snapshot_set(&rec).await?;
                 info!(set = %rec.id, "snapshot set interrupted by a restart: its members will be removed");
             }
             sets.note(&rec);
@@ -166,7 +166,7 @@ impl SnapshotSets {
             error: None,
             to_discard: Vec::new(),
         };
-        self.catalog.put_snapshot_set(&rec)?;
+        self.catalog.put_snapshot_set(&rec).await?;
         self.note(&rec);
         let guards = match self.barrier(&rec, &vols).await {
             Ok(g) => g,
@@ -174,7 +174,7 @@ impl SnapshotSets {
                 // Nothing was frozen or recorded but the set itself.
                 rec.state = SetState::Failed;
                 rec.error = Some(e.to_string());
-                if let Err(w) = self.catalog.put_snapshot_set(&rec) {
+                if let Err(w) = self.catalog.put_snapshot_set(&rec).await {
                     warn!(set = %rec.id, error = %w, "could not record the failed snapshot set; the next start settles it");
                 }
                 warn!(set = %rec.id, error = %e, "snapshot set failed at its barrier");
@@ -263,12 +263,12 @@ impl SnapshotSets {
     async fn settle(
         &self,
         mut rec: SnapshotSetRecord,
-        ended: Vec<oneshot::Receiver<bool>>,
+        ended: Vec<SnapshotDone>,
         mut failed: Option<String>,
     ) {
         let mut ok = 0;
-        for rx in ended {
-            if rx.await.unwrap_or(false) {
+        for done in ended {
+            if matches!(done.wait().await, SnapshotOutcome::Completed) {
                 ok += 1;
             } else if failed.is_none() {
                 failed = Some("a member snapshot failed".into());
@@ -281,7 +281,7 @@ impl SnapshotSets {
         match failed {
             None => {
                 rec.state = SetState::Completed;
-                if let Err(e) = self.catalog.put_snapshot_set(&rec) {
+                if let Err(e) = self.catalog.put_snapshot_set(&rec).await {
                     warn!(set = %rec.id, error = %e, "could not record the completed snapshot set");
                     return;
                 }
@@ -291,7 +291,7 @@ impl SnapshotSets {
                 rec.state = SetState::Failed;
                 rec.error = Some(why);
                 rec.to_discard = rec.members.iter().map(|m| m.snapshot.clone()).collect();
-                if let Err(e) = self.catalog.put_snapshot_set(&rec) {
+                if let Err(e) = self.catalog.put_snapshot_set(&rec).await {
                     warn!(set = %rec.id, error = %e, "could not record the failed snapshot set");
                     return;
                 }
@@ -332,7 +332,7 @@ impl SnapshotSets {
             }
         }
         rec.to_discard = left;
-        if let Err(e) = self.catalog.put_snapshot_set(&rec) {
+        if let Err(e) = self.catalog.put_snapshot_set(&rec).await {
             warn!(set = %rec.id, error = %e, "could not record the removal of a failed set's members");
             return;
         }
@@ -359,7 +359,6 @@ pub(super) async fn forget_snapshot(
     id: &SnapshotId,
 ) -> Result<()> {
     snapshots.delete(id).await?;
-    catalog.remove_aws_snapshot(id.as_str())?;
     let _guard = registry.lock().await;
     for vol in registry.list() {
         // A volume deleted meanwhile owns no record to change.
@@ -381,42 +380,6 @@ pub(super) async fn forget_snapshot(
         }
     }
     Ok(())
-}
-
-impl super::Engine {
-    /// One crash-consistent snapshot of each of `names` (see the module
-    /// comment): returns the set and its members' `pending` records.
-    pub async fn create_snapshot_set(
-        &self,
-        name: &str,
-        names: &[VolumeName],
-        labels: BTreeMap<String, String>,
-    ) -> Result<(SnapshotSetRecord, Vec<SnapshotRecord>)> {
-        super::validate::labels(&labels)?;
-        let vols = names
-            .iter()
-            .map(|n| self.get(n))
-            .collect::<Result<Vec<_>>>()?;
-        self.snapshot_sets.create(name, vols, labels).await
-    }
-
-    pub fn snapshot_set(&self, id: &str) -> Result<SnapshotSetRecord> {
-        self.snapshot_sets.get(id)
-    }
-
-    pub fn snapshot_sets(&self) -> Result<Vec<SnapshotSetRecord>> {
-        self.snapshot_sets.list()
-    }
-
-    /// The set snapshot `id` was taken in, if any.
-    pub fn snapshot_set_of(&self, id: &SnapshotId) -> Option<String> {
-        self.snapshot_sets.set_of(id)
-    }
-
-    /// How long a set's barrier may wait for the writes in flight.
-    pub fn set_barrier_timeout(&self, d: Duration) {
-        self.snapshot_sets.set_barrier_timeout(d);
-    }
 }
 
 fn check_request(name: &str, vols: &[Arc<Volume>]) -> Result<()> {
@@ -464,16 +427,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::disk::IoEngine;
     use crate::engine::Engine;
     use volumed_api::CreateVolume;
 
-    fn open(dir: &std::path::Path) -> Arc<Engine> {
-        let store = snapshot::store::LocalStore::open(&dir.join("store")).unwrap();
-        let repo = snapshot::Repo::new(Arc::new(store), 3);
-        let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
-        let io = Arc::new(IoEngine::new(crate::disk::EngineChoice::Auto).unwrap());
-        Arc::new(Engine::open(dir, io, repo, fetcher).unwrap().0)
+    async fn open(dir: &std::path::Path) -> Arc<Engine> {
+        crate::engine::tests::open(dir).await.0
     }
 
     async fn volume(e: &Engine, n: &str) -> Arc<Volume> {
@@ -484,6 +442,8 @@ mod tests {
             from_snapshot: None,
             chunk_size: None,
             hydrate: None,
+            encrypted: None,
+            key: None,
         })
         .await
         .unwrap()
@@ -495,7 +455,7 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_member_fails_the_set_not_the_io() {
         let dir = tempfile::tempdir().unwrap();
-        let e = open(dir.path());
+        let e = open(dir.path()).await;
         let a = volume(&e, "a").await;
         let b = volume(&e, "b").await;
         a.write(0, vec![1; 4096], false).await.unwrap();
@@ -540,7 +500,7 @@ mod tests {
     #[tokio::test]
     async fn bad_sets_are_refused_before_anything_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let e = open(dir.path());
+        let e = open(dir.path()).await;
         let a = volume(&e, "a").await;
         let n = || BTreeMap::new();
         let twice = [a.name.clone(), a.name.clone()];

@@ -20,8 +20,8 @@ use super::images::{check_description, check_image_name};
 use super::quiesce::{self, Hook};
 use super::{MachineError, Machines, Result, fresh_id, gib_ceil};
 use crate::catalog::{ImageRecord, InstanceRecord, SnapshotRecord, SnapshotSetRecord, unix_now};
+use crate::engine::Error;
 use crate::engine::Volume;
-use crate::error::Error;
 
 /// What CreateImage asks for.
 #[derive(Debug, Clone, Default)]
@@ -125,16 +125,15 @@ impl Machines {
             }
             let Some(name) = &d.volume else { continue };
             let vol = self.engine.get(name)?;
-            let r = vol.record();
             mappings.push(BlockDeviceMapping {
                 device_name: d.device_name.clone(),
                 ebs: Some(EbsDevice {
                     snapshot_id: None,
                     volume_size: Some(gib_ceil(vol.size())),
-                    volume_type: r.volume_type.clone(),
+                    volume_type: d.volume_type.clone(),
                     delete_on_termination: Some(d.delete_on_termination),
-                    iops: r.iops,
-                    throughput: r.throughput,
+                    iops: d.iops,
+                    throughput: d.throughput,
                 }),
                 ..Default::default()
             });
@@ -183,7 +182,7 @@ impl Machines {
             snapshot_set: Some(set.id.clone()),
             error: None,
         };
-        self.catalog.put_image(&image).map_err(Error::from)?;
+        self.catalog.put_image(&image).await.map_err(Error::from)?;
         info!(image = %image.id, instance = %rec.id, set = %set.id, "image created from an instance");
         Ok((image, set))
     }

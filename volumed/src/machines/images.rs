@@ -14,8 +14,8 @@ use volumed_api::{
 
 use super::{MachineError, Machines, Result, fresh_id, gib_ceil, is_id};
 use crate::catalog::{ImageRecord, SetState, SnapshotState, unix_now};
+use crate::engine::Error;
 use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::error::Error;
 
 /// Architectures RegisterImage accepts (EC2's).
 pub const ARCHITECTURES: &[&str] = &["i386", "x86_64", "arm64", "x86_64_mac", "arm64_mac"];
@@ -32,7 +32,7 @@ impl Machines {
     /// Size and state of snapshot `raw`; `InvalidSnapshot.NotFound` when
     /// this host cannot see it.
     pub async fn snapshot_facts(&self, raw: &str) -> Result<SnapshotFacts> {
-        let id = SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()))?;
+        let id = Error::snapshot_id(raw)?;
         Ok(match self.engine.snapshot(&id).await? {
             SnapshotInfo::Recorded { rec, .. } => SnapshotFacts {
                 size: rec.size,
@@ -60,7 +60,7 @@ impl Machines {
             };
             let facts = self.snapshot_facts(snap).await?;
             if facts.failed {
-                return Err(Error::SnapshotNotFound(snap.clone()).into());
+                return Err(Error::NoSuchSnapshotId(snap.clone()).into());
             }
             completed &= facts.completed;
             if let Some(gib) = ebs.volume_size
@@ -111,7 +111,7 @@ impl Machines {
             snapshot_set: None,
             error: None,
         };
-        self.catalog.put_image(&rec).map_err(Error::from)?;
+        self.catalog.put_image(&rec).await.map_err(Error::from)?;
         info!(image = %rec.id, name = %rec.name, "image registered");
         Ok(rec)
     }
@@ -201,7 +201,7 @@ impl Machines {
         };
         img.state = state;
         img.error = error;
-        self.catalog.put_image(img).map_err(Error::from)?;
+        self.catalog.put_image(img).await.map_err(Error::from)?;
         info!(image = %img.id, state = img.state.as_str(), "pending image settled");
         Ok(())
     }
@@ -215,7 +215,10 @@ impl Machines {
     ) -> Result<Vec<(String, std::result::Result<(), String>)>> {
         let img = self.image(id).await?;
         let _guard = self.lock.lock().await;
-        self.catalog.remove_image(&img.id).map_err(Error::from)?;
+        self.catalog
+            .remove_image(&img.id)
+            .await
+            .map_err(Error::from)?;
         info!(image = %img.id, "image deregistered");
         let mut out = Vec::new();
         if !delete_snapshots {
@@ -249,8 +252,8 @@ impl Machines {
     ) -> Result<()> {
         let mut img = self.image(id).await?;
         let _guard = self.lock.lock().await;
-        img.tags = crate::engine::aws_attrs::retag(&img.tags, set, remove)?;
-        self.catalog.put_image(&img).map_err(Error::from)?;
+        img.tags = crate::engine::volume_id::retag(&img.tags, set, remove)?;
+        self.catalog.put_image(&img).await.map_err(Error::from)?;
         Ok(())
     }
 

@@ -21,8 +21,7 @@ use volumed_api::{CreateVolume, InstanceState, VolumeName};
 use super::launch::store_volume_name;
 use super::{MachineError, Machines, Result, TERMINATED_VISIBLE_SECS, is_id};
 use crate::catalog::{DeviceRecord, InstanceRecord, unix_now};
-use crate::engine::aws_attrs::VolumeAttrs;
-use crate::error::Error;
+use crate::engine::{Error, VolumeOptions};
 
 impl Machines {
     /// Every instance but those still being launched, by id; terminated
@@ -34,7 +33,10 @@ impl Machines {
             let _guard = self.lock.lock().await;
             for i in self.catalog.instances().map_err(Error::from)? {
                 if expired(&i, now) {
-                    self.catalog.remove_instance(&i.id).map_err(Error::from)?;
+                    self.catalog
+                        .remove_instance(&i.id)
+                        .await
+                        .map_err(Error::from)?;
                 }
             }
         }
@@ -80,13 +82,14 @@ impl Machines {
 
     /// The device and DeleteOnTermination of volume `name` as its instance
     /// records them, if an instance of this layer has it.
-    pub fn device_of(&self, name: &VolumeName) -> Option<(String, String, bool)> {
+    pub fn device_of(&self, name: &VolumeName) -> Option<(String, DeviceRecord)> {
         let all = self.catalog.instances().ok()?;
-        all.iter().find_map(|i| {
+        all.into_iter().find_map(|i| {
+            let id = i.id;
             i.devices
-                .iter()
+                .into_iter()
                 .find(|d| d.volume.as_ref() == Some(name))
-                .map(|d| (i.id.clone(), d.device_name.clone(), d.delete_on_termination))
+                .map(|d| (id, d))
         })
     }
 
@@ -130,7 +133,7 @@ impl Machines {
         for mut rec in recs {
             let before = rec.state;
             if before == InstanceState::Running {
-                self.set_state(&mut rec, InstanceState::Stopping)?;
+                self.set_state(&mut rec, InstanceState::Stopping).await?;
                 self.finish(&mut rec).await?;
             }
             out.push((before, rec));
@@ -154,7 +157,7 @@ impl Machines {
         for mut rec in recs {
             let before = rec.state;
             if before == InstanceState::Stopped {
-                self.set_state(&mut rec, InstanceState::Pending)?;
+                self.set_state(&mut rec, InstanceState::Pending).await?;
                 self.finish(&mut rec).await?;
             }
             out.push((before, rec));
@@ -188,7 +191,7 @@ impl Machines {
         for mut rec in recs {
             let before = rec.state;
             if before != Terminated {
-                self.set_state(&mut rec, ShuttingDown)?;
+                self.set_state(&mut rec, ShuttingDown).await?;
                 self.finish(&mut rec).await?;
             }
             out.push((before, rec));
@@ -205,8 +208,8 @@ impl Machines {
     ) -> Result<()> {
         let _guard = self.lock.lock().await;
         let mut rec = self.instance(id).await?;
-        rec.tags = crate::engine::aws_attrs::retag(&rec.tags, set, remove)?;
-        self.catalog.put_instance(&rec).map_err(Error::from)?;
+        rec.tags = crate::engine::volume_id::retag(&rec.tags, set, remove)?;
+        self.catalog.put_instance(&rec).await.map_err(Error::from)?;
         Ok(())
     }
 
@@ -235,7 +238,7 @@ impl Machines {
                 d.delete_on_termination = *dot;
             }
         }
-        self.catalog.put_instance(&rec).map_err(Error::from)?;
+        self.catalog.put_instance(&rec).await.map_err(Error::from)?;
         Ok(())
     }
 
@@ -267,16 +270,20 @@ impl Machines {
             size,
             delete_on_termination: false,
             attached_at: unix_now(),
+            // The volume's own (the endpoint keeps them).
+            volume_type: None,
+            iops: None,
+            throughput: None,
         });
-        self.catalog.put_instance(&rec).map_err(Error::from)?;
-        self.attach_to(&rec, name, device).await
+        self.catalog.put_instance(&rec).await.map_err(Error::from)?;
+        self.attach_to(&rec, name).await
     }
 
     /// Detaches volume `name` from its instance, if an instance of this
     /// layer has it; else does nothing and says so.
     pub async fn detach_volume(&self, name: &VolumeName) -> Result<bool> {
         let _guard = self.lock.lock().await;
-        let Some((id, _, _)) = self.device_of(name) else {
+        let Some((id, _)) = self.device_of(name) else {
             return Ok(false);
         };
         let mut rec = self.instance(&id).await?;
@@ -285,14 +292,14 @@ impl Machines {
             Err(e) => return Err(e.into()),
         }
         rec.devices.retain(|d| d.volume.as_ref() != Some(name));
-        self.catalog.put_instance(&rec).map_err(Error::from)?;
+        self.catalog.put_instance(&rec).await.map_err(Error::from)?;
         Ok(true)
     }
 
-    fn set_state(&self, rec: &mut InstanceRecord, state: InstanceState) -> Result<()> {
+    async fn set_state(&self, rec: &mut InstanceRecord, state: InstanceState) -> Result<()> {
         rec.state = state;
         rec.state_changed_at = unix_now();
-        self.catalog.put_instance(rec).map_err(Error::from)?;
+        self.catalog.put_instance(rec).await.map_err(Error::from)?;
         Ok(())
     }
 
@@ -307,14 +314,14 @@ impl Machines {
                         self.remove_volume(&name).await?;
                     }
                 }
-                self.set_state(rec, InstanceState::Stopped)?;
+                self.set_state(rec, InstanceState::Stopped).await?;
                 info!(instance = %rec.id, "instance stopped: instance-store volumes discarded");
             }
             InstanceState::Pending => {
                 for i in 0..rec.devices.len() {
                     self.bring_back(rec, i).await?;
                 }
-                self.set_state(rec, InstanceState::Running)?;
+                self.set_state(rec, InstanceState::Running).await?;
                 info!(instance = %rec.id, "instance started");
             }
             InstanceState::ShuttingDown => {
@@ -331,16 +338,16 @@ impl Machines {
                                     volume: Some(name),
                                     ..d
                                 });
-                                self.catalog.put_instance(rec).map_err(Error::from)?;
+                                self.catalog.put_instance(rec).await.map_err(Error::from)?;
                                 return Err(e.into());
                             }
                         }
                     }
                     // Recorded as it goes, so a failure leaves only what
                     // is still to do.
-                    self.catalog.put_instance(rec).map_err(Error::from)?;
+                    self.catalog.put_instance(rec).await.map_err(Error::from)?;
                 }
-                self.set_state(rec, InstanceState::Terminated)?;
+                self.set_state(rec, InstanceState::Terminated).await?;
                 info!(instance = %rec.id, "instance terminated");
             }
             _ => {}
@@ -358,7 +365,7 @@ impl Machines {
                 // Recorded before it is made, so a crash leaves nothing
                 // unnamed.
                 rec.devices[i].volume = Some(name.clone());
-                self.catalog.put_instance(rec).map_err(Error::from)?;
+                self.catalog.put_instance(rec).await.map_err(Error::from)?;
                 name
             }
             (_, Some(n)) => n.clone(),
@@ -382,9 +389,10 @@ impl Machines {
                         from_snapshot: None,
                         chunk_size: None,
                         hydrate: None,
+                        encrypted: None,
+                        key: None,
                     },
-                    VolumeAttrs::default(),
-                    None,
+                    VolumeOptions::default(),
                 )
                 .await?;
         }
@@ -393,7 +401,7 @@ impl Machines {
             .get(&name)
             .is_ok_and(|v| v.record().attachment.is_some());
         if !attached {
-            self.attach_to(rec, &name, &d.device_name).await?;
+            self.attach_to(rec, &name).await?;
         }
         Ok(())
     }

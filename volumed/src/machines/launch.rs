@@ -17,11 +17,12 @@ use volumed_api::{
     VolumeName, merge, validate_tags,
 };
 
+use super::VolumeAttrs;
 use super::types::DEFAULT_TYPE;
 use super::{MachineError, Machines, Result, fresh_id};
 use crate::catalog::{DeviceRecord, InstanceRecord, unix_now};
-use crate::engine::aws_attrs::{VolumeAttrs, new_volume_id};
-use crate::error::Error;
+use crate::engine::volume_id::new_volume_id;
+use crate::engine::{Error, VolumeOptions};
 use crate::failpoint;
 
 /// Instances one RunInstances may launch.
@@ -117,7 +118,6 @@ impl Machines {
                         snapshot: e.snapshot_id.clone(),
                         size: e.volume_size.map(|g| g << 30),
                         attrs: VolumeAttrs {
-                            volume_id: None,
                             tags: req.volume_tags.clone(),
                             volume_type: Some(
                                 e.volume_type.clone().unwrap_or_else(|| "gp2".into()),
@@ -150,9 +150,9 @@ impl Machines {
                     (Make::InstanceStore { .. }, Some(v)) => store_volume_name(&id, v)?,
                     _ => volume_name(&new_volume_id())?,
                 };
-                let size = match make {
-                    Make::Ebs { size, .. } => size.unwrap_or(0),
-                    Make::InstanceStore { size } => *size,
+                let (size, attrs) = match make {
+                    Make::Ebs { size, attrs, .. } => (size.unwrap_or(0), attrs.clone()),
+                    Make::InstanceStore { size } => (*size, VolumeAttrs::default()),
                 };
                 devices.push(DeviceRecord {
                     device_name: dev.clone(),
@@ -161,6 +161,9 @@ impl Machines {
                     size,
                     delete_on_termination: *dot,
                     attached_at: now,
+                    volume_type: attrs.volume_type,
+                    iops: attrs.iops,
+                    throughput: attrs.throughput,
                 });
                 makes.push((name, make.clone()));
             }
@@ -184,12 +187,12 @@ impl Machines {
         }
         // Every record before any volume: see the module comment.
         for (rec, _) in &launches {
-            self.catalog.put_instance(rec).map_err(Error::from)?;
+            self.catalog.put_instance(rec).await.map_err(Error::from)?;
         }
         let mut made = Ok(());
         'all: for (rec, makes) in &launches {
-            for ((name, make), dev) in makes.iter().zip(&rec.devices) {
-                made = self.make_device(rec, name, make, &dev.device_name).await;
+            for (name, make) in makes {
+                made = self.make_device(rec, name, make).await;
                 if made.is_err() {
                     break 'all;
                 }
@@ -216,7 +219,7 @@ impl Machines {
             rec.launching = false;
             rec.state = InstanceState::Running;
             rec.state_changed_at = unix_now();
-            self.catalog.put_instance(&rec).map_err(Error::from)?;
+            self.catalog.put_instance(&rec).await.map_err(Error::from)?;
             info!(instance = %rec.id, image = %rec.image_id, devices = rec.devices.len(), "instance launched");
             out.push(rec);
         }
@@ -229,7 +232,6 @@ impl Machines {
         rec: &InstanceRecord,
         name: &VolumeName,
         make: &Make,
-        device: &str,
     ) -> Result<()> {
         let (req, attrs) = match make {
             Make::Ebs {
@@ -244,10 +246,12 @@ impl Machines {
                     from_snapshot: snapshot.clone(),
                     chunk_size: None,
                     hydrate: None,
+                    encrypted: None,
+                    key: None,
                 },
-                VolumeAttrs {
+                VolumeOptions {
                     volume_id: Some(name.to_string()),
-                    ..attrs.clone()
+                    tags: attrs.tags.clone(),
                 },
             ),
             Make::InstanceStore { size } => (
@@ -258,28 +262,25 @@ impl Machines {
                     from_snapshot: None,
                     chunk_size: None,
                     hydrate: None,
+                    encrypted: None,
+                    key: None,
                 },
-                VolumeAttrs::default(),
+                VolumeOptions::default(),
             ),
         };
-        self.engine.create_with(req, attrs, None).await?;
-        self.attach_to(rec, name, device).await
+        self.engine.create_with(req, attrs).await?;
+        self.attach_to(rec, name).await
     }
 
-    /// Attaches volume `name` to instance `rec` at `device` (exports it).
-    pub(super) async fn attach_to(
-        &self,
-        rec: &InstanceRecord,
-        name: &VolumeName,
-        device: &str,
-    ) -> Result<()> {
+    /// Attaches volume `name` to instance `rec` (exports it); the device
+    /// it is attached as is the instance record's.
+    pub(super) async fn attach_to(&self, rec: &InstanceRecord, name: &VolumeName) -> Result<()> {
         self.engine
-            .attach_with(
+            .attach(
                 name,
                 AttachVolume {
                     instance: Some(rec.id.clone()),
                 },
-                Some(device.to_owned()),
             )
             .await?;
         Ok(())
@@ -293,7 +294,10 @@ impl Machines {
                 self.remove_volume(name).await?;
             }
         }
-        self.catalog.remove_instance(&rec.id).map_err(Error::from)?;
+        self.catalog
+            .remove_instance(&rec.id)
+            .await
+            .map_err(Error::from)?;
         info!(instance = %rec.id, "launch undone");
         Ok(())
     }

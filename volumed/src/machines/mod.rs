@@ -32,7 +32,7 @@ use volumed_api::{ErrorCode, MappingError};
 
 use crate::catalog::Catalog;
 use crate::engine::Engine;
-use crate::error::Error;
+use crate::engine::Error;
 use types::InstanceTypes;
 
 /// How long a terminated instance stays visible, as on EC2.
@@ -88,9 +88,10 @@ pub enum MachineError {
 }
 
 impl MachineError {
-    /// The control API's code for this error.
-    pub fn code(&self) -> ErrorCode {
-        match self {
+    /// The control API's code for this error; an engine error's is the
+    /// engine's (`present::failure`, which calls this).
+    pub fn code(&self) -> Option<ErrorCode> {
+        Some(match self {
             MachineError::Mapping(_)
             | MachineError::SmallerThanSnapshot { .. }
             | MachineError::BadMapping(_)
@@ -108,8 +109,8 @@ impl MachineError {
             | MachineError::SnapshotInUse { .. }
             | MachineError::Quiesce(_) => ErrorCode::Conflict,
             MachineError::Unsupported(_) => ErrorCode::Unsupported,
-            MachineError::Engine(e) => e.code(),
-        }
+            MachineError::Engine(_) => return None,
+        })
     }
 }
 
@@ -128,9 +129,14 @@ pub struct Machines {
 }
 
 impl Machines {
-    pub fn new(engine: Arc<Engine>, types: InstanceTypes, quiesce_hook: Option<PathBuf>) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        catalog: Arc<Catalog>,
+        types: InstanceTypes,
+        quiesce_hook: Option<PathBuf>,
+    ) -> Self {
         Machines {
-            catalog: Arc::clone(engine.catalog()),
+            catalog,
             engine,
             types,
             quiesce_hook,
@@ -156,6 +162,16 @@ impl Machines {
 }
 
 /// `PREFIX-` and 17 hex digits, unique across hosts as snapshot ids are.
+/// What an EBS device's mapping asks of its volume beyond the engine's
+/// options: kept on the instance's device record.
+#[derive(Debug, Clone, Default)]
+pub struct VolumeAttrs {
+    pub tags: std::collections::BTreeMap<String, String>,
+    pub volume_type: Option<String>,
+    pub iops: Option<u64>,
+    pub throughput: Option<u64>,
+}
+
 pub fn fresh_id(prefix: &str) -> String {
     let seed = snapshot::SnapshotId::generate();
     let hex = snapshot::ChunkHash::of(seed.as_str().as_bytes()).to_hex();

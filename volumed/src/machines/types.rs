@@ -140,18 +140,6 @@ impl InstanceTypes {
     }
 }
 
-/// The table `--instance-types` names, else the built-in one; a file that
-/// cannot be read or parsed stops the daemon at start.
-pub fn load(path: Option<&std::path::Path>) -> anyhow::Result<InstanceTypes> {
-    use anyhow::Context;
-    let Some(path) = path else {
-        return Ok(InstanceTypes::builtin());
-    };
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("read --instance-types {}", path.display()))?;
-    InstanceTypes::parse(&text).with_context(|| format!("--instance-types {}", path.display()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

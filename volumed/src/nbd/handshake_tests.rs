@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::handshake::{HandshakeError, MAX_OPTION_LEN, Negotiated, negotiate, transmission_flags};
 use super::testutil::{CHUNK, FakeExports, engine_with};
-use super::tls::Tls;
+use crate::tls::Tls;
 
 type Outcome = Result<Negotiated, HandshakeError>;
 
@@ -378,6 +378,7 @@ fn snapshot_export() -> SnapshotExports {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         for &(i, b) in chunks {
             m.push(i, Some(ChunkHash::of(&[b])));

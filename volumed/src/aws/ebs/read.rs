@@ -47,7 +47,7 @@ fn volume_size_gib(m: &ManifestReader) -> u64 {
 }
 
 fn page_error(id: &SnapshotId, e: RepoError) -> EbsError {
-    crate::error::Error::store(format!("read the manifest of snapshot {id}"), e).into()
+    crate::engine::Error::store(format!("read the manifest of snapshot {id}"), e).into()
 }
 
 /// Up to `max` non-zero blocks from `start`, ascending, and whether more
@@ -200,7 +200,7 @@ pub async fn get_block(
         .fetcher()
         .get(&hash)
         .await
-        .map_err(|e| crate::error::Error::store(format!("read block {index} of {id}"), e))?;
+        .map_err(|e| crate::engine::Error::store(format!("read block {index} of {id}"), e))?;
     // A snapshot whose size is not a whole number of blocks has a short
     // last chunk; the API's blocks are always whole, zero-filled.
     let mut bytes: Vec<u8> = data.to_vec();

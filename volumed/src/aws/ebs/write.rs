@@ -18,8 +18,8 @@ use super::{BLOCK_SIZE, EbsError, EbsResult, checksum, epoch_seconds, json_respo
 use crate::aws::ec2::snapshots::UNKNOWN_VOLUME;
 use crate::aws::{AwsState, OWNER_ID, Request, Response};
 use crate::catalog::AwsSnapshotRecord;
+use crate::engine::Error;
 use crate::engine::UploadSpec;
-use crate::error::Error;
 
 /// EBS's largest volume, in GiB.
 const MAX_VOLUME_GIB: u64 = 64 << 10;
@@ -90,10 +90,18 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
             ),
         ));
     }
-    if r.encrypted == Some(true) || r.kms_key_arn.is_some() {
+    // A child is sealed as its parent is: naming a key with a parent is
+    // refused, as on AWS.
+    if r.parent_snapshot_id.is_some() && (r.encrypted.is_some() || r.kms_key_arn.is_some()) {
         return Err(EbsError::validation(
             "INVALID_PARAMETER_VALUE",
-            "encrypted snapshots are not supported",
+            "Encrypted and KmsKeyArn cannot be given with ParentSnapshotId",
+        ));
+    }
+    if r.kms_key_arn.is_some() && r.encrypted != Some(true) {
+        return Err(EbsError::validation(
+            "INVALID_PARAMETER_VALUE",
+            "KmsKeyArn requires Encrypted to be true",
         ));
     }
     let description = r.description.clone().unwrap_or_default();
@@ -130,8 +138,8 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
         ));
     }
     let fingerprint = format!(
-        "{}|{:?}|{:?}|{description}|{:?}",
-        r.volume_size, r.parent_snapshot_id, tags, r.timeout
+        "{}|{:?}|{:?}|{description}|{:?}|{:?}|{:?}",
+        r.volume_size, r.parent_snapshot_id, tags, r.timeout, r.encrypted, r.kms_key_arn
     );
     if let Some(token) = &r.client_token {
         let seen = state.ebs_tokens.lock().get(token).cloned();
@@ -186,6 +194,15 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
         parent,
         labels: BTreeMap::new(),
         timeout: Duration::from_secs(timeout * 60),
+        encryption: match &r.parent_snapshot_id {
+            // The parent's, read again by the engine once announced.
+            Some(_) => None,
+            None => state
+                .engine
+                .new_encryption(r.encrypted, r.kms_key_arn.as_deref())
+                .await
+                .map_err(|e| EbsError::validation("INVALID_PARAMETER_VALUE", e.to_string()))?,
+        },
     };
     let parent_name = r.parent_snapshot_id.clone().unwrap_or_default();
     let rec = state
@@ -198,7 +215,7 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
         description: description.clone(),
         tags: tags.clone(),
     };
-    state.engine.put_snapshot_meta(&rec.id, &meta)?;
+    state.attrs.put_snapshot(&rec.id, &meta).await?;
     let tag_list: Vec<serde_json::Value> = tags
         .iter()
         .map(|(k, v)| serde_json::json!({ "Key": k, "Value": v }))
@@ -215,6 +232,9 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
     });
     if let Some(p) = &rec.parent {
         body["ParentSnapshotId"] = p.as_str().into();
+    }
+    if let (Some(enc), Ok(keys)) = (&rec.encryption, state.engine.keys()) {
+        body["KmsKeyArn"] = keys.arn(&enc.key).into();
     }
     if let Some(token) = &r.client_token {
         state

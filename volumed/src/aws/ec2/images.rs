@@ -303,7 +303,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
             volume_id: Some(volume_id),
             tags: snapshot_tags.clone(),
         };
-        cx.state.engine.put_snapshot_meta(&m.snapshot, &meta)?;
+        cx.state.attrs.put_snapshot(&m.snapshot, &meta).await?;
     }
     let mut x = Xml::response("CreateImage", cx.rid);
     x.elem("imageId", &img.id);

@@ -73,15 +73,22 @@ pub async fn modify_attribute(cx: Cx<'_>) -> Ec2Result<String> {
         return Err(not_found(instance));
     }
     // Every device is found before any volume changes.
+    let mut devices = Vec::with_capacity(vols.len());
+    for v in &vols {
+        let att = v.record().attachment;
+        let ec2 = cx.state.attrs.volume(v)?;
+        let device = att
+            .as_ref()
+            .and_then(|a| ec2.attachment_of(a))
+            .and_then(|e| e.device.clone());
+        devices.push((v, device));
+    }
     let mut plan = Vec::with_capacity(mappings.len());
     for (device, dot) in &mappings {
-        let vol = vols
+        let vol = devices
             .iter()
-            .find(|v| {
-                v.record()
-                    .attachment
-                    .is_some_and(|a| a.device.as_deref() == Some(device.as_str()))
-            })
+            .find(|(_, d)| d.as_deref() == Some(device.as_str()))
+            .map(|(v, _)| *v)
             .ok_or_else(|| {
                 Ec2Error::new(
                     "InvalidInstanceAttributeValue",
@@ -93,12 +100,12 @@ pub async fn modify_attribute(cx: Cx<'_>) -> Ec2Result<String> {
                 "BlockDeviceMapping.N.Ebs.DeleteOnTermination for {device}"
             ))
         })?;
-        plan.push((vol.record().name.clone(), dot));
+        plan.push((Arc::clone(vol), dot));
     }
-    for (name, dot) in plan {
+    for (vol, dot) in plan {
         cx.state
-            .engine
-            .set_delete_on_termination(&name, dot)
+            .attrs
+            .set_attachment(&vol, |a| a.delete_on_termination = dot)
             .await?;
     }
     let mut x = Xml::response("ModifyInstanceAttribute", cx.rid);
@@ -137,13 +144,18 @@ pub async fn terminate(cx: Cx<'_>) -> Ec2Result<String> {
     for (id, vols) in &plan {
         for vol in vols {
             let rec = vol.record();
+            let ec2 = cx.state.attrs.volume(vol)?;
             let dot = rec
                 .attachment
                 .as_ref()
+                .and_then(|a| ec2.attachment_of(a))
                 .is_some_and(|a| a.delete_on_termination);
             let (_, deleted) = engine.detach(&rec.name).await?;
             if dot && !deleted {
                 engine.delete(&rec.name).await?;
+            }
+            if dot || deleted {
+                cx.state.attrs.remove_volume(rec.id).await?;
             }
             tracing::info!(instance = %id, volume = %rec.name, deleted = dot || deleted,
                            "instance terminated: volume detached");

@@ -11,6 +11,7 @@
 //! - `volume_types`: sizes, IOPS and throughput per volume type;
 //!   `modifications`: ModifyVolume's record, DescribeVolumesModifications.
 
+pub mod encryption;
 pub mod images;
 pub mod instances;
 pub mod mappings;
@@ -27,10 +28,10 @@ pub mod xml;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use super::server::Refusal;
 use super::sigv4::AuthError;
-use super::{AwsState, Request, Response};
-use crate::error::Error;
+use super::{AwsState, Refusal, Request, Response};
+use crate::catalog::CatalogError;
+use crate::engine::Error;
 use params::Params;
 
 /// The API version we answer as; requests may name it or omit it.
@@ -97,10 +98,10 @@ impl Ec2Error {
 /// The engine's errors in EC2's words.
 impl From<Error> for Ec2Error {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
+        let msg = volumed_api::error_chain(&e);
         let code = match &e {
             Error::VolumeNotFound(_) => "InvalidVolume.NotFound",
-            Error::SnapshotNotFound(_) => "InvalidSnapshot.NotFound",
+            Error::SnapshotNotFound(_) | Error::NoSuchSnapshotId(_) => "InvalidSnapshot.NotFound",
             Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => "VolumeInUse",
             Error::VolumeNotAttached(_)
             | Error::SnapshotInProgress(..)
@@ -113,14 +114,14 @@ impl From<Error> for Ec2Error {
             Error::SnapshotAttached(_)
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
-            Error::JobNotFound(_) => "InvalidParameterValue",
             Error::SnapshotSetFailed(_) => "IncorrectState",
             Error::SnapshotSetNotFound(_) => "InvalidParameterValue",
-            Error::Image(_) => "InvalidParameterValue",
             Error::InvalidRequest(_)
             | Error::InvalidName { .. }
             | Error::InvalidSize(_)
             | Error::InvalidLabel(..) => "InvalidParameterValue",
+            // A KmsKeyId naming no key, or a key that cannot be made.
+            Error::Key(_) => "InvalidParameterValue",
             Error::ShuttingDown | Error::Store { .. } | Error::SnapshotCommit { .. } => {
                 "Unavailable"
             }
@@ -130,6 +131,13 @@ impl From<Error> for Ec2Error {
             }
         };
         Ec2Error::new(code, msg)
+    }
+}
+
+/// The endpoint's own records (EC2 attributes) failing: internal.
+impl From<CatalogError> for Ec2Error {
+    fn from(e: CatalogError) -> Self {
+        Ec2Error::from(Error::from(e))
     }
 }
 
@@ -190,6 +198,13 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "CreateSnapshot" => snapshots::create(cx).await,
         "DescribeSnapshots" => snapshots::describe(cx).await,
         "DeleteSnapshot" => snapshots::delete(cx).await,
+        "CopySnapshot" => encryption::copy_snapshot(cx).await,
+        "EnableEbsEncryptionByDefault" => encryption::by_default(cx, Some(true)).await,
+        "DisableEbsEncryptionByDefault" => encryption::by_default(cx, Some(false)).await,
+        "GetEbsEncryptionByDefault" => encryption::by_default(cx, None).await,
+        "GetEbsDefaultKmsKeyId" => encryption::default_key(cx, None).await,
+        "ModifyEbsDefaultKmsKeyId" => encryption::default_key(cx, Some(true)).await,
+        "ResetEbsDefaultKmsKeyId" => encryption::default_key(cx, Some(false)).await,
         "CreateTags" => tags::create(cx).await,
         "DeleteTags" => tags::delete(cx).await,
         "DescribeTags" => tags::describe(cx).await,

@@ -9,24 +9,26 @@ use volumed_api::filter::{size_gib, wildcard};
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page, volume_types};
 use crate::aws::{AwsState, iso8601};
-use crate::catalog::{VolumeModificationRecord, VolumeRecord};
+use crate::catalog::{AwsVolumeRecord, VolumeModificationRecord, VolumeRecord};
 
-/// The modification from `before` to `after` (one volume's records),
-/// started at `start`, ended now: recorded, and returned for the answer.
-pub fn record(
+/// The modification from `before` to `after` (one volume's records, whose
+/// EC2 attributes are `attrs`), started at `start`, ended now: recorded,
+/// and returned for the answer.
+pub async fn record(
     state: &AwsState,
     before: &VolumeRecord,
     after: &VolumeRecord,
+    attrs: &AwsVolumeRecord,
     start: u64,
 ) -> Ec2Result<VolumeModificationRecord> {
     let volume_id = state.engine.volume_id(after);
-    let vtype = |r: &VolumeRecord| {
-        r.volume_type
-            .clone()
-            .unwrap_or_else(|| volume_types::DEFAULT_TYPE.to_owned())
-    };
+    // Only the size changes: the type and performance are the volume's.
+    let vtype = attrs
+        .volume_type
+        .clone()
+        .unwrap_or_else(|| volume_types::DEFAULT_TYPE.to_owned());
     let perf = |r: &VolumeRecord| {
-        volume_types::reported(&vtype(r), size_gib(r.size), r.iops, r.throughput)
+        volume_types::reported(&vtype, size_gib(r.size), attrs.iops, attrs.throughput)
     };
     let (original_iops, original_throughput) = perf(before);
     let (target_iops, target_throughput) = perf(after);
@@ -34,8 +36,8 @@ pub fn record(
         volume_id,
         original_size: before.size,
         target_size: after.size,
-        original_volume_type: vtype(before),
-        target_volume_type: vtype(after),
+        original_volume_type: vtype.clone(),
+        target_volume_type: vtype.clone(),
         original_iops,
         target_iops,
         original_throughput,
@@ -43,21 +45,13 @@ pub fn record(
         start_time: start,
         end_time: crate::catalog::unix_now(),
     };
-    state
-        .engine
-        .catalog()
-        .put_volume_modification(&rec)
-        .map_err(crate::error::Error::from)?;
+    state.attrs.put_volume_modification(&rec).await?;
     Ok(rec)
 }
 
 /// Forgets a deleted volume's modification.
-pub fn forget(state: &AwsState, volume_id: &str) -> Ec2Result<()> {
-    state
-        .engine
-        .catalog()
-        .remove_volume_modification(volume_id)
-        .map_err(crate::error::Error::from)?;
+pub async fn forget(state: &AwsState, volume_id: &str) -> Ec2Result<()> {
+    state.attrs.remove_volume_modification(volume_id).await?;
     Ok(())
 }
 
@@ -109,12 +103,7 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
     let ids = p.list("VolumeId")?;
     let max = max_results(p, 1, 500)?;
     let filters = p.filters()?;
-    let known = cx
-        .state
-        .engine
-        .catalog()
-        .volume_modifications()
-        .map_err(crate::error::Error::from)?;
+    let known = cx.state.attrs.volume_modifications()?;
     // Only modifications of volumes that still exist.
     let mut all: Vec<VolumeModificationRecord> = known
         .into_iter()

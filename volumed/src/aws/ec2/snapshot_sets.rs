@@ -96,11 +96,10 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         for v in attached {
             let rec = v.record();
             let id = state.engine.volume_id(&rec);
-            let root = rec
-                .attachment
-                .as_ref()
-                .and_then(|a| a.device.as_deref())
-                .is_some_and(|d| ROOT_DEVICES.contains(&d));
+            let root = state
+                .machines
+                .device_of(&v.name)
+                .is_some_and(|(_, d)| ROOT_DEVICES.contains(&d.device_name.as_str()));
             if root && exclude.contains(&id) {
                 return Err(Ec2Error::invalid_parameter(format!(
                     "The root volume {id} cannot be excluded with ExcludeDataVolumeId; use ExcludeBootVolume"
@@ -144,7 +143,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
             description: description.clone(),
             tags: t.clone(),
         };
-        state.engine.put_snapshot_meta(&snap.id, &meta)?;
+        state.attrs.put_snapshot(&snap.id, &meta).await?;
         t.insert(super::snapshots::SET_TAG.to_owned(), set.id.clone());
         out.push(Ec2Snapshot {
             id: snap.id.to_string(),
@@ -156,6 +155,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
             size_gib: size_gib(snap.size),
             description: description.clone(),
             tags: t,
+            encryption: crate::present::views::encryption(&state.engine, snap.encryption.as_ref()),
         });
     }
     let mut x = Xml::response("CreateSnapshots", cx.rid);

@@ -11,10 +11,10 @@ use volumed_api::{CreateSnapshot, SnapshotState};
 
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
 use crate::aws::{AwsState, OWNER_ID, iso8601, parse_rfc3339};
 use crate::catalog::AwsSnapshotRecord;
-use crate::engine::aws_attrs::is_volume_id;
+use crate::engine::volume_id::is_volume_id;
+use crate::present::views;
 
 /// What EC2 shows of a snapshot.
 #[derive(Debug, Clone)]
@@ -27,6 +27,7 @@ pub struct Ec2Snapshot {
     pub size_gib: u64,
     pub description: String,
     pub tags: BTreeMap<String, String>,
+    pub encryption: Option<volumed_api::EncryptionInfo>,
 }
 
 /// The tag EC2 shows on each snapshot of a set (CreateSnapshots,
@@ -49,7 +50,7 @@ pub fn snapshot_id(s: &str) -> Ec2Result<SnapshotId> {
 /// The EC2 view of a snapshot as the control API reports it.
 pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snapshot> {
     let id = snapshot_id(&s.id)?;
-    let meta = state.engine.snapshot_meta(&id)?;
+    let meta = state.attrs.snapshot(&id)?;
     let volume_id = meta
         .as_ref()
         .and_then(|m| m.volume_id.clone())
@@ -80,6 +81,7 @@ pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snap
         size_gib: size_gib(s.size),
         description,
         tags,
+        encryption: s.encryption,
     })
 }
 
@@ -92,7 +94,15 @@ pub fn write_snapshot(x: &mut Xml, s: &Ec2Snapshot) {
         .elem("ownerId", OWNER_ID)
         .elem("volumeSize", s.size_gib)
         .elem("description", &s.description)
-        .elem("encrypted", false)
+        .elem("encrypted", s.encryption.is_some())
+        .opt(
+            "kmsKeyId",
+            s.encryption.as_ref().map(|e| e.kms_key_id.as_str()),
+        )
+        .opt(
+            "dataEncryptionKeyId",
+            s.encryption.as_ref().map(|e| e.data_key_id.as_str()),
+        )
         .elem("storageTier", "standard")
         .tag_set(&s.tags);
 }
@@ -121,6 +131,8 @@ fn matches(name: &str, values: &[String], s: &Ec2Snapshot) -> Ec2Result<bool> {
         "owner-id" => vec![OWNER_ID.to_owned()],
         "description" => vec![s.description.clone()],
         "progress" => vec![format!("{}%", s.progress)],
+        "encrypted" => vec![s.encryption.is_some().to_string()],
+        "kms-key-id" => s.encryption.iter().map(|e| e.kms_key_id.clone()).collect(),
         "tag-key" => s.tags.keys().cloned().collect(),
         other => match other.strip_prefix("tag:") {
             Some(k) if !k.is_empty() => s.tags.get(k).cloned().into_iter().collect(),
@@ -161,7 +173,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         description: description.clone(),
         tags: tags.clone(),
     };
-    cx.state.engine.put_snapshot_meta(&snap.id, &meta)?;
+    cx.state.attrs.put_snapshot(&snap.id, &meta).await?;
     let s = Ec2Snapshot {
         id: snap.id.to_string(),
         volume_id,
@@ -171,6 +183,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         size_gib: size_gib(snap.size),
         description,
         tags,
+        encryption: views::encryption(&cx.state.engine, rec.encryption.as_ref()),
     };
     let mut x = Xml::response("CreateSnapshot", cx.rid);
     write_snapshot(&mut x, &s);
@@ -244,6 +257,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
     }
     // Refused while a registered image uses it (InvalidSnapshot.InUse).
     cx.state.machines.delete_snapshot(&id).await?;
+    cx.state.attrs.remove_snapshot(&id).await?;
     let mut x = Xml::response("DeleteSnapshot", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteSnapshot"))

@@ -17,7 +17,7 @@ use crate::engine::Volume;
 
 enum Resource {
     Volume(Arc<Volume>),
-    Snapshot(snapshots::Ec2Snapshot),
+    Snapshot(Box<snapshots::Ec2Snapshot>),
     Image(crate::catalog::ImageRecord),
     Instance(crate::catalog::InstanceRecord),
 }
@@ -63,7 +63,7 @@ async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
                     format!("Snapshot '{id}' is being written; tag it when it completes"),
                 ));
             }
-            out.push(Resource::Snapshot(s.clone()));
+            out.push(Resource::Snapshot(Box::new(s.clone())));
         } else if id.starts_with("ami-") {
             out.push(Resource::Image(state.machines.image(id).await?));
         } else if id.starts_with("i-") {
@@ -90,7 +90,7 @@ async fn retag(
     // Checked on each resource first, so one that would break the limit
     // changes nothing anywhere.
     for r in &resources {
-        crate::engine::aws_attrs::retag(&r.tags(), set, remove)?;
+        crate::engine::volume_id::retag(&r.tags(), set, remove)?;
     }
     for r in resources {
         match r {
@@ -104,13 +104,13 @@ async fn retag(
                     unreachable!("matched just above")
                 };
                 let id = snapshot_id(&s.id)?;
-                let tags = crate::engine::aws_attrs::retag(&current, set, remove)?;
+                let tags = crate::engine::volume_id::retag(&current, set, remove)?;
                 let meta = AwsSnapshotRecord {
                     volume_id: Some(s.volume_id.clone()),
                     description: s.description.clone(),
                     tags,
                 };
-                state.engine.put_snapshot_meta(&id, &meta)?;
+                state.attrs.put_snapshot(&id, &meta).await?;
             }
             Resource::Image(i) => state.machines.tag_image(&i.id, set, remove).await?,
             Resource::Instance(i) => state.machines.tag_instance(&i.id, set, remove).await?,

@@ -9,10 +9,10 @@ use volumed_api::{AttachVolume, CreateVolume, ModifyVolume, VolumeFilter, Volume
 
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page, volume_types};
-use crate::api::views;
 use crate::aws::{AwsState, availability_zone, iso8601, parse_rfc3339};
-use crate::engine::Volume;
-use crate::engine::aws_attrs::{VolumeAttrs, is_volume_id, new_volume_id};
+use crate::engine::volume_id::{is_volume_id, new_volume_id};
+use crate::engine::{Volume, VolumeOptions};
+use crate::present::views;
 
 /// The tag that carries an attached volume's NBD URI.
 pub const NBD_URI_TAG: &str = "volumed:nbd-uri";
@@ -22,13 +22,19 @@ const MAX_SIZE_GIB: u64 = 64 << 10;
 /// The control API's view of a volume with the tags EC2 shows: its own and
 /// the NBD URI while attached.
 pub fn view(state: &AwsState, vol: &Volume) -> volumed_api::Volume {
-    let mut v = views::volume(&state.engine, &state.endpoints, vol);
+    let mut v = views::volume(&state.engine, state.attrs.catalog(), &state.endpoints, vol);
     // A launched instance's device and DeleteOnTermination are its own.
     if let Some(a) = v.attachment.as_mut()
-        && let Some((_, device, dot)) = state.machines.device_of(&v.name)
+        && let Some((_, d)) = state.machines.device_of(&v.name)
     {
-        a.device = Some(device);
-        a.delete_on_termination = dot;
+        a.device = Some(d.device_name);
+        a.delete_on_termination = d.delete_on_termination;
+        // A launched volume's type is its mapping's, unless set since.
+        if v.volume_type.is_none() {
+            v.volume_type = d.volume_type;
+            v.iops = d.iops;
+            v.throughput = d.throughput;
+        }
     }
     if let Some(uri) = &v.uri {
         v.tags.insert(NBD_URI_TAG.to_owned(), uri.clone());
@@ -109,7 +115,11 @@ pub fn write_volume(x: &mut Xml, v: &volumed_api::Volume, region: &str) {
         .elem("volumeType", vtype)
         .opt("iops", iops)
         .opt("throughput", throughput)
-        .elem("encrypted", false)
+        .elem("encrypted", v.encrypted)
+        .opt(
+            "kmsKeyId",
+            v.encryption.as_ref().map(|e| e.kms_key_id.as_str()),
+        )
         .elem("multiAttachEnabled", false);
 }
 
@@ -140,6 +150,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         "Throughput",
         "TagSpecification",
         "Encrypted",
+        "KmsKeyId",
         "MultiAttachEnabled",
         "ClientToken",
     ])?;
@@ -153,13 +164,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
             format!("The zone '{z}' does not exist; this host is {zone}."),
         ));
     }
-    if p.bool("Encrypted")? == Some(true) {
-        return Err(Ec2Error::invalid_value(
-            "Encrypted",
-            "true",
-            "Encryption is not supported.",
-        ));
-    }
+    let (encrypted, key) = super::encryption::params(p)?;
     if p.bool("MultiAttachEnabled")? == Some(true) {
         return Err(Ec2Error::invalid_value(
             "MultiAttachEnabled",
@@ -212,12 +217,9 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
     volumed_api::validate_tags(&tags).map_err(|e| Ec2Error::invalid_parameter(e.to_string()))?;
     let id = new_volume_id();
     let name = VolumeName::parse(&id).map_err(|e| Ec2Error::new("InternalError", e.to_string()))?;
-    let attrs = VolumeAttrs {
+    let opts = VolumeOptions {
         volume_id: Some(id),
         tags,
-        volume_type: Some(volume_type),
-        iops,
-        throughput,
     };
     let req = CreateVolume {
         name,
@@ -226,8 +228,18 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         from_snapshot: snapshot,
         chunk_size: None,
         hydrate: None,
+        encrypted,
+        key,
     };
-    let vol = cx.state.engine.create_with(req, attrs, None).await?;
+    let vol = cx.state.engine.create_with(req, opts).await?;
+    cx.state
+        .attrs
+        .update_volume(&vol, |a| {
+            a.volume_type = Some(volume_type);
+            a.iops = iops;
+            a.throughput = throughput;
+        })
+        .await?;
     let mut x = Xml::response("CreateVolume", cx.rid);
     write_volume(&mut x, &view(cx.state, &vol), &cx.state.region);
     Ok(x.finish("CreateVolume"))
@@ -303,7 +315,8 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
         }
         None => return Err(Ec2Error::missing("Size")),
     };
-    let vtype = before.volume_type.as_deref();
+    let attrs = cx.state.attrs.volume(&vol)?;
+    let vtype = attrs.volume_type.as_deref();
     volume_types::lookup(vtype.unwrap_or(volume_types::DEFAULT_TYPE))?.check_size(size >> 30)?;
     let start = crate::catalog::unix_now();
     let vol = cx
@@ -317,7 +330,7 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
             },
         )
         .await?;
-    let m = super::modifications::record(cx.state, &before, &vol.record(), start)?;
+    let m = super::modifications::record(cx.state, &before, &vol.record(), &attrs, start).await?;
     let mut x = Xml::response("ModifyVolume", cx.rid);
     x.open("volumeModification");
     super::modifications::write(&mut x, &m);
@@ -336,7 +349,8 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     cx.state.engine.delete(&name_of(&vol)).await?;
-    super::modifications::forget(cx.state, id)?;
+    super::modifications::forget(cx.state, id).await?;
+    cx.state.attrs.remove_volume(vol.id).await?;
     let mut x = Xml::response("DeleteVolume", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteVolume"))
@@ -355,12 +369,18 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
             format!("{id} is already attached to an instance"),
         ));
     }
-    let taken = cx.state.engine.list().into_iter().any(|v| {
-        v.record().attachment.is_some_and(|a| {
-            a.instance.as_deref() == Some(instance.as_str())
-                && a.device.as_deref() == Some(device.as_str())
-        })
-    });
+    let mut taken = false;
+    for v in cx.state.engine.list() {
+        let Some(a) = v.record().attachment else {
+            continue;
+        };
+        if a.instance.as_deref() == Some(instance.as_str()) {
+            let ec2 = cx.state.attrs.volume(&v)?;
+            taken |= ec2
+                .attachment_of(&a)
+                .is_some_and(|e| e.device.as_deref() == Some(device.as_str()));
+        }
+    }
     if taken {
         return Err(Ec2Error::invalid_parameter(format!(
             "Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"
@@ -383,13 +403,16 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
     let vol = cx
         .state
         .engine
-        .attach_with(
+        .attach(
             &name_of(&vol),
             AttachVolume {
                 instance: Some(instance),
             },
-            Some(device),
         )
+        .await?;
+    cx.state
+        .attrs
+        .set_attachment(&vol, |a| a.device = Some(device))
         .await?;
     let v = view(cx.state, &vol);
     let mut x = Xml::response("AttachVolume", cx.rid);

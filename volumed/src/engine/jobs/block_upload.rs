@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::snapshot::complete_record;
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, rfc3339, unix_now};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// What a client asks for when it starts an upload.
 pub struct UploadSpec {
@@ -38,6 +38,9 @@ pub struct UploadSpec {
     pub labels: BTreeMap<String, String>,
     /// Idle time after which the upload ends `error`.
     pub timeout: Duration,
+    /// How a snapshot without a parent is sealed (one with a parent is
+    /// sealed as its parent is).
+    pub encryption: Option<snapshot::Encryption>,
 }
 
 /// A block received: its chunk (none for zeros) and the checksum the
@@ -138,13 +141,21 @@ impl BlockUploads {
                 Err(e) => {
                     pending.end().await;
                     return Err(match e {
-                        RepoError::MissingManifest(_) => Error::SnapshotNotFound(p.to_string()),
+                        RepoError::MissingManifest(_) => Error::SnapshotNotFound(p.clone()),
                         e => Error::store(format!("read parent snapshot {p}"), e),
                     });
                 }
             },
             None => None,
         };
+        let encryption = match &parent {
+            Some(p) => p.header().encryption.clone(),
+            None => spec.encryption,
+        };
+        if let Err(e) = self.repo.sealed_as(encryption.as_ref()) {
+            pending.end().await;
+            return Err(Error::InvalidRequest(e.to_string()));
+        }
         let rec = SnapshotRecord {
             id: id.clone(),
             volume: spec.volume,
@@ -163,13 +174,16 @@ impl BlockUploads {
             completed_at: None,
             seq: 0,
             source: SnapshotSource::Blocks,
+            encryption,
         };
-        let rec = match self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
+        let recorded = match self.catalog.next_id() {
+            Ok(seq) => {
+                let rec = SnapshotRecord { seq, ..rec };
+                self.catalog.put_snapshot(&rec).await.map(|()| rec)
+            }
+            Err(e) => Err(e),
+        };
+        let rec = match recorded {
             Ok(rec) => rec,
             Err(e) => {
                 pending.end().await;
@@ -254,6 +268,8 @@ impl BlockUploads {
         } else {
             let put = self
                 .repo
+                .sealed_as(upload.rec.encryption.as_ref())
+                .map_err(|e| Error::store(format!("store block {index} of {id}"), e))?
                 .put_chunk(data)
                 .await
                 .map_err(|e| Error::store(format!("store block {index} of {id}"), e))?;
@@ -276,7 +292,7 @@ impl BlockUploads {
     ) -> Result<SnapshotRecord> {
         let upload = self.get(id)?;
         if upload.completing.swap(true, Ordering::AcqRel) {
-            return Err(Error::SnapshotBusy(id.to_string()));
+            return Err(Error::SnapshotBusy(id.clone()));
         }
         let changes: Vec<(u64, Option<ChunkHash>)> = {
             let blocks = upload.blocks();
@@ -297,16 +313,17 @@ impl BlockUploads {
             Ok(header) => {
                 let mut rec = upload.rec.clone();
                 complete_record(&mut rec, &header);
-                if let Err(e) = self.catalog.put_snapshot(&rec) {
+                if let Err(e) = self.catalog.put_snapshot(&rec).await {
                     // The manifest is in the store: the next start settles
                     // the record from it.
-                    warn!(snapshot = %id, error = %e, "snapshot completed but its record could not be saved");
+                    warn!(snapshot = %id, error = %volumed_api::error_chain(&e), "snapshot completed but its record could not be saved");
                 }
                 info!(snapshot = %id, blocks = changes.len(), "block upload completed");
                 Ok(rec)
             }
             Err(e) => {
-                self.record_failure(&upload, e.to_string());
+                self.record_failure(&upload, volumed_api::error_chain(&e))
+                    .await;
                 Err(e)
             }
         }
@@ -331,6 +348,7 @@ impl BlockUploads {
             changed_chunks: changes.len() as u64,
             logical_bytes: 0,
             uploaded_bytes: upload.uploaded.load(Ordering::Relaxed),
+            encryption: rec.encryption.clone(),
         };
         let store_err = |e| Error::store(format!("complete snapshot {}", rec.id), e);
         let root = match &upload.parent {
@@ -376,16 +394,16 @@ impl BlockUploads {
         let Some(pending) = upload.take_pending() else {
             return;
         };
-        self.record_failure(&upload, reason);
+        self.record_failure(&upload, reason).await;
         pending.end().await;
     }
 
-    fn record_failure(&self, upload: &Upload, reason: String) {
+    async fn record_failure(&self, upload: &Upload, reason: String) {
         let mut rec = upload.rec.clone();
         rec.state = SnapshotState::Error;
         rec.error = Some(reason.clone());
-        if let Err(e) = self.catalog.put_snapshot(&rec) {
-            warn!(snapshot = %rec.id, error = %e, "could not record a failed block upload");
+        if let Err(e) = self.catalog.put_snapshot(&rec).await {
+            warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "could not record a failed block upload");
         }
         warn!(snapshot = %rec.id, reason, "block upload failed");
     }
@@ -416,6 +434,7 @@ mod tests {
             parent,
             labels: BTreeMap::new(),
             timeout,
+            encryption: None,
         }
     }
 
@@ -440,6 +459,7 @@ mod tests {
             changed_chunks: 0,
             logical_bytes: 0,
             uploaded_bytes: 0,
+            encryption: None,
         });
         let mut hashes = Vec::new();
         for (i, b) in [(0u64, 1u8), (1, 2), (3, 4)] {

@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use snapshot::{
-    ChunkHash, CommitError, ManifestHeader, ManifestReader, ManifestRoot, PendingSnapshot, Repo,
-    RepoError, SnapshotId, StoredManifest,
+    ChunkHash, ManifestHeader, ManifestReader, ManifestRoot, PendingSnapshot, Repo, RepoError,
+    SnapshotId, StoredManifest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -36,56 +36,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use super::block_upload::BlockUploads;
+use super::copy::CopyJobs;
+pub use super::snapshot_outcome::{SnapshotDone, SnapshotError, SnapshotOutcome};
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, unix_now};
 use crate::engine::Volume;
 use crate::engine::chunk_map::Changed;
+use crate::engine::error::{Error, Result};
 use crate::engine::freeze::FreezeGuard;
-use crate::error::{Error, Result};
 
 /// Chunks read, hashed and uploaded at once: enough to keep both cores
 /// hashing and compressing while uploads wait on the network.
 const UPLOAD_CONCURRENCY: usize = 16;
-
-/// Why a snapshot ended `error`; its text is what the record keeps.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("announce the snapshot in the store: {0}")]
-    Announce(#[source] RepoError),
-    #[error("parent snapshot {id} unusable ({source}); the next snapshot will be a full one")]
-    Parent {
-        id: SnapshotId,
-        #[source]
-        source: RepoError,
-    },
-    #[error("read chunk {chunk}: {source}")]
-    Read {
-        chunk: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("upload chunk {chunk}: {source}")]
-    Upload {
-        chunk: u64,
-        #[source]
-        source: RepoError,
-    },
-    #[error("snapshot task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("volumed is shutting down")]
-    ShuttingDown,
-    #[error("{0}; its changes go to the next snapshot")]
-    Commit(#[from] CommitError),
-    #[error("write manifest: {0}")]
-    Manifest(#[source] RepoError),
-    #[error("read the base's hash of chunk {chunk}: {source}")]
-    Base {
-        chunk: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the volume failed during the snapshot: {0}")]
-    VolumeFailed(String),
-}
 
 /// Live progress of a pending snapshot, in chunks.
 #[derive(Default)]
@@ -131,6 +92,7 @@ pub struct SnapshotJobs {
     catalog: Arc<Catalog>,
     repo: Repo,
     pub uploads: Arc<BlockUploads>,
+    pub copies: Arc<CopyJobs>,
     running: Mutex<HashMap<SnapshotId, Running>>,
     tasks: TaskTracker,
     /// Fired at shutdown: jobs stop and end `error`.
@@ -141,6 +103,7 @@ impl SnapshotJobs {
     pub fn new(catalog: Arc<Catalog>, repo: Repo) -> Self {
         SnapshotJobs {
             uploads: Arc::new(BlockUploads::new(Arc::clone(&catalog), repo.clone())),
+            copies: Arc::new(CopyJobs::new(Arc::clone(&catalog), repo.clone())),
             catalog,
             repo,
             running: Mutex::new(HashMap::new()),
@@ -154,16 +117,16 @@ impl SnapshotJobs {
     }
 
     /// Takes a snapshot of `vol` at this instant and uploads it in the
-    /// background; returns the `pending` record at once.
+    /// background; returns the `pending` record at once, and the handle
+    /// that says how it ended.
     pub async fn start(
         self: &Arc<Self>,
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
-    ) -> Result<SnapshotRecord> {
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
         let slot = self.reserve(&vol).await?;
         let guard = vol.begin_snapshot().await;
-        let (rec, _) = self.launch(slot, vol, guard, labels, unix_now()).await?;
-        Ok(rec)
+        self.launch(slot, vol, guard, labels, unix_now()).await
     }
 
     /// Claims `vol`'s one snapshot slot under a fresh id, before its
@@ -182,10 +145,7 @@ impl SnapshotJobs {
                 match running.iter().find(|(_, r)| r.volume_id == vol.id) {
                     Some((_, r)) if r.ending.load(Ordering::Acquire) => Arc::clone(&r.ended),
                     Some((other, _)) => {
-                        return Err(Error::SnapshotInProgress(
-                            vol.name.clone(),
-                            other.to_string(),
-                        ));
+                        return Err(Error::SnapshotInProgress(vol.name.clone(), other.clone()));
                     }
                     None => {
                         running.insert(
@@ -223,8 +183,8 @@ impl SnapshotJobs {
     }
 
     /// Records the snapshot `guard` froze `pending` (taken at `created_at`)
-    /// and starts its upload. The receiver learns whether it completed,
-    /// once its record says so.
+    /// and starts its upload. The handle says how it ended, once its
+    /// record says so.
     pub async fn launch(
         self: &Arc<Self>,
         mut slot: Slot,
@@ -232,7 +192,7 @@ impl SnapshotJobs {
         guard: FreezeGuard,
         labels: BTreeMap<String, String>,
         created_at: u64,
-    ) -> Result<(SnapshotRecord, tokio::sync::oneshot::Receiver<bool>)> {
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
         let id = slot.id.clone();
         let progress = Arc::clone(&slot.progress);
         let plan = guard.plan();
@@ -256,38 +216,38 @@ impl SnapshotJobs {
             completed_at: None,
             seq: 0,
             source: SnapshotSource::Volume,
+            encryption: vol.record().encryption,
         };
         // On an error the guard drops (its changes go back) and so does
         // the slot (the volume may snapshot again).
-        let rec = self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))?;
+        let seq = self.catalog.next_id()?;
+        let rec = SnapshotRecord { seq, ..rec };
+        self.catalog.put_snapshot(&rec).await?;
         slot.launched = true;
         info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
               all = matches!(guard.plan().changed, Changed::All), "snapshot started");
-        let (done, ended) = tokio::sync::oneshot::channel();
+        let (done, ended) = tokio::sync::watch::channel(None);
         let job = SnapshotJob {
             jobs: Arc::clone(self),
             vol,
             rec: rec.clone(),
             guard,
             progress,
-            done: Some(done),
+            done,
         };
         self.tasks.spawn(job.run());
-        Ok((rec, ended))
+        Ok((rec, SnapshotDone(ended)))
     }
 
     /// `(done, total)` chunks of a snapshot still running.
     pub fn progress(&self, id: &SnapshotId) -> Option<(u64, u64)> {
-        self.running().get(id).map(|r| {
+        let own = self.running().get(id).map(|r| {
             (
                 r.progress.done.load(Ordering::Relaxed),
                 r.progress.total.load(Ordering::Relaxed),
             )
-        })
+        });
+        own.or_else(|| self.copies.progress(id))
     }
 
     /// (done, total) chunks of the snapshot of `vol` in progress, if any.
@@ -306,7 +266,7 @@ impl SnapshotJobs {
     /// Whether snapshot `id` is being written here, from a volume or
     /// from uploaded blocks.
     pub fn is_running(&self, id: &SnapshotId) -> bool {
-        self.running().contains_key(id) || self.uploads.contains(id)
+        self.running().contains_key(id) || self.uploads.contains(id) || self.copies.contains(id)
     }
 
     /// Whether the jobs are being stopped for a shutdown.
@@ -321,6 +281,7 @@ impl SnapshotJobs {
         self.tasks.close();
         self.tasks.wait().await;
         self.uploads.shutdown().await;
+        self.copies.shutdown().await;
     }
 
     /// Settles snapshots a previous run left `pending`: completed if their
@@ -343,11 +304,14 @@ impl SnapshotJobs {
                         SnapshotSource::Blocks => "interrupted by a daemon restart: blocks sent \
                             before it are not kept; start the snapshot again"
                             .into(),
+                        SnapshotSource::Copy => {
+                            "interrupted by a daemon restart; copy again".into()
+                        }
                     });
                 }
             }
             info!(snapshot = %rec.id, state = ?rec.state, "settled a snapshot interrupted by a restart");
-            let _ = self.catalog.put_snapshot(&rec);
+            let _ = self.catalog.put_snapshot(&rec).await;
         }
     }
 }
@@ -369,8 +333,8 @@ struct SnapshotJob {
     rec: SnapshotRecord,
     guard: FreezeGuard,
     progress: Arc<Progress>,
-    /// Told whether the snapshot completed, once its record says so.
-    done: Option<tokio::sync::oneshot::Sender<bool>>,
+    /// Fired with how it ended.
+    done: tokio::sync::watch::Sender<Option<SnapshotOutcome>>,
 }
 
 impl SnapshotJob {
@@ -392,18 +356,17 @@ impl SnapshotJob {
             done,
             ..
         } = self;
-        let completed = result.is_ok();
         if let Some(r) = jobs.running().get(&rec.id) {
             r.ending.store(true, Ordering::Release);
         }
-        match result {
+        let outcome = match result {
             Ok(m) => {
                 guard.commit();
                 complete_record(&mut rec, &m.header);
-                if let Err(e) = jobs.catalog.put_snapshot(&rec) {
+                if let Err(e) = jobs.catalog.put_snapshot(&rec).await {
                     // The manifest is in the store, so the snapshot exists;
                     // the next start settles the record from it.
-                    warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
+                    warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its record could not be saved");
                 }
                 // The next snapshot's parent, through the record's owner:
                 // refused if the volume was deleted (or reopened) while
@@ -427,11 +390,12 @@ impl SnapshotJob {
                         // The next snapshot is then a full one, never a
                         // wrong incremental.
                         vol.map().mark_all_dirty();
-                        warn!(snapshot = %rec.id, error = %e, "snapshot completed but its volume's record could not name it");
+                        warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its volume's record could not name it");
                     }
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
                       uploaded = rec.uploaded_bytes, "snapshot completed");
+                SnapshotOutcome::Completed
             }
             Err(e) => {
                 if matches!(e, SnapshotError::Parent { .. }) {
@@ -439,20 +403,21 @@ impl SnapshotJob {
                 }
                 // Puts the changes back for the next snapshot.
                 drop(guard);
+                let text = e.record_text();
                 rec.state = SnapshotState::Error;
-                rec.error = Some(e.to_string());
+                rec.error = Some(text.clone());
                 rec.chunks_done = progress.done.load(Ordering::Relaxed);
-                let _ = jobs.catalog.put_snapshot(&rec);
-                warn!(volume = %rec.volume, snapshot = %rec.id, error = %e, "snapshot failed; its changes go to the next one");
+                let _ = jobs.catalog.put_snapshot(&rec).await;
+                warn!(volume = %rec.volume, snapshot = %rec.id, error = %text, "snapshot failed; its changes go to the next one");
+                SnapshotOutcome::Failed(text)
             }
-        }
+        };
         let ended = jobs.running().remove(&rec.id).map(|r| r.ended);
         if let Some(n) = ended {
             n.notify_waiters();
         }
-        if let Some(done) = done {
-            let _ = done.send(completed);
-        }
+        // After it stops running: whoever waits may read or export it now.
+        done.send_replace(Some(outcome));
     }
 
     /// Steps 2 to 4.
@@ -462,7 +427,12 @@ impl SnapshotJob {
     ) -> std::result::Result<ManifestRoot, SnapshotError> {
         let plan = self.guard.plan();
         let geometry = self.guard.geometry();
-        let repo = &self.jobs.repo;
+        // Chunks and pages are sealed in the volume's domain, if any.
+        let repo = &self
+            .jobs
+            .repo
+            .sealed_as(self.rec.encryption.as_ref())
+            .map_err(SnapshotError::Manifest)?;
         // The parent supplies every unchanged chunk; without a readable one
         // only a full snapshot is correct, and this one froze only changes.
         // It must still be in the store now: gc honours a snapshot deleted
@@ -479,7 +449,7 @@ impl SnapshotJob {
             _ => None,
         };
 
-        let (hashed, uploaded) = self.upload_changed().await?;
+        let (hashed, uploaded) = self.upload_changed(repo).await?;
         let based = self.base_hashes(&plan.base_chunks).await?;
 
         let rec = &self.rec;
@@ -494,6 +464,7 @@ impl SnapshotJob {
             changed_chunks: plan.changed_chunks(),
             logical_bytes: 0,
             uploaded_bytes: uploaded,
+            encryption: self.rec.encryption.clone(),
         };
         // Step 3: changed chunks from above and chunks still Base at the
         // instant with their snapshot's hashes; the parent's pages for the
@@ -574,6 +545,7 @@ impl SnapshotJob {
     /// added to the store.
     async fn upload_changed(
         &self,
+        repo: &Repo,
     ) -> std::result::Result<(Vec<(u64, ChunkHash)>, u64), SnapshotError> {
         let to_read = &self.guard.plan().to_read;
         let mut hashed = Vec::with_capacity(to_read.len());
@@ -583,7 +555,7 @@ impl SnapshotJob {
         loop {
             while set.len() < UPLOAD_CONCURRENCY {
                 let Some(&c) = next.next() else { break };
-                let (reader, repo) = (self.guard.reader(), self.jobs.repo.clone());
+                let (reader, repo) = (self.guard.reader(), repo.clone());
                 set.spawn(async move {
                     crate::failpoint::delay("snapshot-chunk-upload").await;
                     let data = reader
