@@ -592,7 +592,17 @@ mod tests {
         assert!(uploads.contains(&id), "a block restarted the clock");
         tokio::time::sleep(Duration::from_secs(300)).await;
         assert!(!uploads.contains(&id));
-        let rec = catalog.snapshots().unwrap().remove(0);
+        // The timeout's record goes through the catalog's writer thread,
+        // which the paused clock does not wait for.
+        let mut tries = 0;
+        let rec = loop {
+            let rec = catalog.snapshots().unwrap().remove(0);
+            if rec.state != SnapshotState::Pending || tries == 1000 {
+                break rec;
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(rec.state, SnapshotState::Error);
         assert!(rec.error.unwrap().contains("timed out"));
         let late = uploads
