@@ -40,6 +40,20 @@ pub fn bin_dir() -> &'static Path {
         // The same selection scripts/test builds: `-p` would resolve
         // dependency features differently and build everything twice.
         cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // What cargo set for this test binary: build scripts (ring's, cc's)
+        // rerun when these differ, so passing them on would rebuild their
+        // crates here and again at the next build from a shell.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"]
+                    .contains(&k.as_ref())
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
