@@ -16,7 +16,9 @@ use serde_json::Value;
 use procs::{Group, Proc};
 
 pub mod aws;
+pub mod ebs;
 pub mod faults;
+pub mod model;
 pub mod pki;
 pub mod procs;
 pub mod raw;
@@ -48,8 +50,13 @@ pub fn bin_dir() -> &'static Path {
             if k.starts_with("CARGO_PKG_")
                 || k.starts_with("CARGO_MANIFEST_")
                 || k.starts_with("CARGO_BIN_")
-                || ["CARGO_CRATE_NAME", "CARGO_PRIMARY_PACKAGE", "CARGO_TARGET_TMPDIR", "OUT_DIR"]
-                    .contains(&k.as_ref())
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref())
             {
                 cmd.env_remove(k.as_ref());
             }
@@ -94,23 +101,26 @@ impl TestDaemon {
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let mut d = Self::unstarted();
+        d.set_env(env);
+        d.spawn();
+        d
+    }
+
+    /// A data dir with no daemon yet: `set_env`, then `start_again`.
+    pub fn unstarted() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("volumed-test-")
             .tempdir()
             .expect("tempdir");
-        let mut d = TestDaemon {
+        TestDaemon {
             dir,
             child: None,
             nbd_port: 0,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: Vec::new(),
             runs: 0,
             groups: Vec::new(),
-        };
-        d.spawn();
-        d
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
