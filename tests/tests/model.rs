@@ -7,7 +7,7 @@ use volumed_tests::model::{Config, run};
 
 /// Steps of one run in the test suite: about a minute on two cores with
 /// a debug build.
-const STEPS: usize = 120;
+const STEPS: usize = 200;
 
 #[test]
 fn lifecycle_matches_the_model() {

@@ -5,10 +5,10 @@
 //! what state, a snapshot's content once it completes (and again after
 //! every gc), and the daemon's log.
 
-use std::collections::BTreeMap;
-use std::process::Command;
 use serde_json::Value;
 use snapshot::SnapshotId;
+use std::collections::BTreeMap;
+use std::process::Command;
 
 use super::driver::Driver;
 use super::state::{Content, Model, Phase, Snapshot, Volume};
@@ -67,6 +67,14 @@ fn volumes(drv: &Driver, model: &Model) {
             "volume {name}: a URI exactly while attached: {v}"
         );
     }
+    // A deleted volume's data goes with its entry (an ephemeral one's at
+    // detach): one data directory per volume.
+    let dirs = drv.daemon.volume_dirs();
+    assert_eq!(
+        dirs.len(),
+        model.volumes.len(),
+        "data directories {dirs:?} for volumes {want:?}"
+    );
 }
 
 /// The bytes of attached volume `name`, read by nbdcopy.

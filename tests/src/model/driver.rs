@@ -32,7 +32,7 @@ pub struct Driver {
     /// The AWS endpoint's port, the same in every run so the boto3 client
     /// keeps its endpoint.
     aws_port: u16,
-    pub gc_grace_ms: u64,
+    gc_grace_ms: u64,
     /// WARN lines the run has made legitimate so far (message substrings).
     pub warnings: Vec<String>,
 }
@@ -171,15 +171,19 @@ impl Driver {
                 String::new()
             }
             Op::Restart { delays } => {
-                // Jobs stopped by the shutdown end `error`, and their store
-                // calls cut short by it say so.
-                for (id, _) in model.snapshots.iter().filter(|(_, s)| s.in_flight()) {
-                    self.warnings.push(format!("snapshot={id}"));
+                // Jobs the shutdown stops end `error` with a warning, and
+                // store calls it cuts short (a marker's refresh, a hold's
+                // release) warn that they were cancelled.
+                let ids: Vec<String> = model
+                    .snapshots
+                    .iter()
+                    .filter(|(_, s)| s.in_flight())
+                    .map(|(id, _)| format!("snapshot={id}"))
+                    .collect();
+                for id in ids {
+                    self.allow(&id);
                 }
-                let cancelled = "\": cancelled".to_owned();
-                if !self.warnings.contains(&cancelled) {
-                    self.warnings.push(cancelled);
-                }
+                self.allow("\": cancelled");
                 model.interrupt();
                 self.set_delays(*delays);
                 self.daemon.restart();
@@ -189,19 +193,20 @@ impl Driver {
             Op::Kill { delays } => {
                 model.interrupt();
                 self.daemon.kill9();
-                for w in [
-                    "previous run did not shut down cleanly",
-                    "dropped fetched chunks that were never made durable",
-                ] {
-                    if !self.warnings.iter().any(|x| x == w) {
-                        self.warnings.push(w.to_owned());
-                    }
-                }
+                self.allow("previous run did not shut down cleanly");
+                self.allow("dropped fetched chunks that were never made durable");
                 self.set_delays(*delays);
                 self.daemon.start_again();
                 self.ebs.reset();
                 String::new()
             }
+        }
+    }
+
+    /// From now on, WARN lines containing `what` are expected.
+    fn allow(&mut self, what: &str) {
+        if !self.warnings.iter().any(|w| w == what) {
+            self.warnings.push(what.to_owned());
         }
     }
 

@@ -302,17 +302,27 @@ fn restorable(model: &Model) -> Vec<String> {
 
 fn possible(model: &Model, kind: Kind) -> bool {
     let any = |f: &dyn Fn(Option<&super::state::Volume>) -> bool| {
-        !names_where(model, |v| f(v)).is_empty()
+        !names_where(model, f).is_empty()
     };
     match kind {
         Kind::Create | Kind::Delete | Kind::Gc | Kind::Sleep | Kind::Restart | Kind::Kill => true,
         Kind::Attach => any(&|v| v.is_some_and(|v| !v.attached)),
         Kind::Detach | Kind::Write => any(&|v| v.is_some_and(|v| v.attached)),
         Kind::Snapshot => !model.volumes.is_empty(),
-        Kind::SnapshotDelete => model.snapshots.values().any(|s| !s.in_flight() || !s.is_ebs()),
+        Kind::SnapshotDelete => model
+            .snapshots
+            .values()
+            .any(|s| !s.in_flight() || !s.is_ebs()),
         Kind::WaitSnapshot => !model.in_phase(Phase::Pending).is_empty(),
         Kind::WaitHydrated => !hydrating(model).is_empty(),
-        Kind::EbsStart => model.snapshots.values().filter(|s| s.phase == Phase::Open).count() < 2,
+        Kind::EbsStart => {
+            model
+                .snapshots
+                .values()
+                .filter(|s| s.phase == Phase::Open)
+                .count()
+                < 2
+        }
         Kind::EbsPut | Kind::EbsComplete => !open_uploads(model).is_empty(),
     }
 }
