@@ -434,8 +434,16 @@ impl TestDaemon {
             body.len()
         )
         .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
+        let mut resp = Vec::new();
+        // A reset here once hid what the daemon had said, or that it died.
+        if let Err(e) = s.read_to_end(&mut resp) {
+            panic!(
+                "{method} {path}: reading the answer failed: {e}, after {:?}; the daemon's log:\n{}",
+                String::from_utf8_lossy(&resp),
+                self.log()
+            );
+        }
+        let resp = String::from_utf8_lossy(&resp).into_owned();
         let status = resp
             .split(' ')
             .nth(1)
