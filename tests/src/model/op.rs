@@ -301,9 +301,7 @@ fn restorable(model: &Model) -> Vec<String> {
 }
 
 fn possible(model: &Model, kind: Kind) -> bool {
-    let any = |f: &dyn Fn(Option<&super::state::Volume>) -> bool| {
-        !names_where(model, f).is_empty()
-    };
+    let any = |f: &dyn Fn(Option<&super::state::Volume>) -> bool| !names_where(model, f).is_empty();
     match kind {
         Kind::Create | Kind::Delete | Kind::Gc | Kind::Sleep | Kind::Restart | Kind::Kill => true,
         Kind::Attach => any(&|v| v.is_some_and(|v| !v.attached)),
