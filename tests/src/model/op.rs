@@ -263,7 +263,18 @@ impl Op {
             .into_iter()
             .filter(|k| !skip.contains(k) && possible(model, *k))
             .collect();
-        let weights: Vec<u64> = allowed.iter().map(|k| k.weight()).collect();
+        // A snapshot job outliving its volume, whose name then comes back,
+        // is the sequence that lost data once (issue 24): while a job may
+        // still run, deleting its volume and creating the name again are
+        // drawn three times as often.
+        let racing = !pending_volumes(model).is_empty();
+        let weights: Vec<u64> = allowed
+            .iter()
+            .map(|k| match k {
+                Kind::Delete | Kind::Create if racing => 3 * k.weight(),
+                _ => k.weight(),
+            })
+            .collect();
         let kind = allowed[d.weighted(&weights)];
         build(model, kind, &mut d, gc_grace_ms)
     }
@@ -275,6 +286,20 @@ fn names_where(model: &Model, f: impl Fn(Option<&super::state::Volume>) -> bool)
         .filter(|n| f(model.volumes.get(**n)))
         .map(|n| n.to_string())
         .collect()
+}
+
+/// Names with a snapshot of theirs still pending: of the volume under
+/// that name now, or of one deleted since.
+fn pending_volumes(model: &Model) -> Vec<String> {
+    let mut names: Vec<String> = model
+        .snapshots
+        .values()
+        .filter(|s| s.phase == Phase::Pending)
+        .filter_map(|s| s.content.volume().map(str::to_owned))
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn hydrating(model: &Model) -> Vec<String> {
@@ -330,8 +355,14 @@ fn build(model: &Model, kind: Kind, d: &mut Draws, gc_grace_ms: u64) -> Op {
         Kind::Create => {
             // Mostly a free name; sometimes a taken one, which must be
             // refused.
-            let name = match names_where(model, |v| v.is_none()) {
-                free if !free.is_empty() && d.chance(85) => d.pick(&free),
+            let free = names_where(model, |v| v.is_none());
+            let racing: Vec<String> = pending_volumes(model)
+                .into_iter()
+                .filter(|n| free.contains(n))
+                .collect();
+            let name = match (racing, free) {
+                (racing, _) if !racing.is_empty() && d.chance(70) => d.pick(&racing),
+                (_, free) if !free.is_empty() && d.chance(85) => d.pick(&free),
                 _ => d.pick(&NAMES).to_string(),
             };
             let from = restorable(model);
@@ -357,8 +388,14 @@ fn build(model: &Model, kind: Kind, d: &mut Draws, gc_grace_ms: u64) -> Op {
         Kind::Delete => {
             // Mostly a volume that can go; sometimes an attached one or a
             // name that does not exist, which must be refused.
-            let name = match names_where(model, |v| v.is_some_and(|v| !v.attached)) {
-                detached if !detached.is_empty() && d.chance(85) => d.pick(&detached),
+            let detached = names_where(model, |v| v.is_some_and(|v| !v.attached));
+            let racing: Vec<String> = pending_volumes(model)
+                .into_iter()
+                .filter(|n| detached.contains(n))
+                .collect();
+            let name = match (racing, detached) {
+                (racing, _) if !racing.is_empty() && d.chance(70) => d.pick(&racing),
+                (_, detached) if !detached.is_empty() && d.chance(85) => d.pick(&detached),
                 _ => d.pick(&NAMES).to_string(),
             };
             Op::Delete { name }
