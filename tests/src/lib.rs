@@ -436,7 +436,11 @@ impl TestDaemon {
         .unwrap();
         let mut resp = Vec::new();
         // A reset here once hid what the daemon had said, or that it died.
-        if let Err(e) = s.read_to_end(&mut resp) {
+        // A reset after the whole answer (axum closing a `Connection:
+        // close` socket) loses nothing.
+        if let Err(e) = s.read_to_end(&mut resp)
+            && !complete_http_answer(&resp)
+        {
             panic!(
                 "{method} {path}: reading the answer failed: {e}, after {:?}; the daemon's log:\n{}",
                 String::from_utf8_lossy(&resp),
@@ -574,4 +578,17 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         "qemu-io {cmds:?}: {out}"
     );
     out
+}
+
+/// Whether `resp` holds an HTTP answer's head and all the body its
+/// `content-length` announces.
+fn complete_http_answer(resp: &[u8]) -> bool {
+    let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| resp.len() - (end + 4) >= len)
 }
