@@ -473,6 +473,7 @@ const TREE_OWNERS: &[(&[&str], &[&str])] = &[
     (
         &[
             "put_snapshot",
+            "record_new_snapshot",
             "remove_snapshot",
             "put_snapshot_export",
             "remove_snapshot_export",

@@ -278,6 +278,17 @@ impl Catalog {
         self.put(Tree::Snapshots, rec.id.as_str(), encode(rec))
     }
 
+    /// Records a new snapshot under the next catalog id (its `seq`, the
+    /// order snapshots are listed in); returns the record as written.
+    pub async fn record_new_snapshot(&self, rec: SnapshotRecord) -> Result<SnapshotRecord> {
+        let rec = SnapshotRecord {
+            seq: self.next_id()?,
+            ..rec
+        };
+        self.put_snapshot(&rec).await?;
+        Ok(rec)
+    }
+
     pub fn remove_snapshot(&self, id: &str) -> Pending {
         self.remove(Tree::Snapshots, id)
     }

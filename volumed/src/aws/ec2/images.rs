@@ -10,7 +10,7 @@ use volumed_api::{ImageState, RegisterImage};
 use super::mappings;
 use super::params::Params;
 use super::xml::Xml;
-use super::{Cx, Ec2Error, Ec2Result, max_results, page};
+use super::{Cx, Describe, Ec2Error, Ec2Result, max_results};
 use crate::aws::{AwsState, OWNER_ID, iso8601};
 use crate::catalog::{AwsSnapshotRecord, ImageRecord};
 use crate::machines::capture::CaptureImage;
@@ -203,30 +203,17 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
             ));
         }
     }
-    let mut selected = Vec::new();
-    for i in all {
-        if !ours || (!ids.is_empty() && !ids.contains(&i.id)) {
-            continue;
-        }
-        let mut keep = true;
-        for (name, values) in &filters {
-            keep &= matches(name, values, &i)?;
-        }
-        if keep {
-            selected.push(i);
-        }
+    Describe {
+        action: "DescribeImages",
+        set: "imagesSet",
+        rid: cx.rid,
+        ours,
+        ids: &ids,
+        filters: &filters,
+        token: p.get("NextToken"),
+        max,
     }
-    let (selected, next) = page(selected, |i| i.id.as_str(), p.get("NextToken"), max)?;
-    let mut x = Xml::response("DescribeImages", cx.rid);
-    x.open("imagesSet");
-    for i in &selected {
-        x.open("item");
-        write_image(&mut x, i);
-        x.close("item");
-    }
-    x.close("imagesSet");
-    x.opt("nextToken", next);
-    Ok(x.finish("DescribeImages"))
+    .answer(all, |i| i.id.as_str(), matches, write_image)
 }
 
 pub async fn deregister(cx: Cx<'_>) -> Ec2Result<String> {

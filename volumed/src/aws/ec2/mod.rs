@@ -33,6 +33,7 @@ use super::{AwsState, Refusal, Request, Response};
 use crate::catalog::CatalogError;
 use crate::engine::Error;
 use params::Params;
+use xml::Xml;
 
 /// The API version we answer as; requests may name it or omit it.
 pub const VERSION: &str = "2016-11-15";
@@ -260,6 +261,55 @@ pub fn max_results(p: &Params, min: u64, max: u64) -> Ec2Result<Option<usize>> {
             &n.to_string(),
             &format!("Expecting a value from {min} to {max}."),
         )),
+    }
+}
+
+/// One page of a Describe call's answer: the items of `all` that are
+/// `ours`, named in `ids` (all when none is named) and kept by every
+/// filter, each written by `write` as an `item` of `set`.
+pub struct Describe<'a> {
+    pub action: &'a str,
+    pub set: &'a str,
+    pub rid: &'a str,
+    pub ours: bool,
+    pub ids: &'a [String],
+    pub filters: &'a [(String, Vec<String>)],
+    pub token: Option<&'a str>,
+    pub max: Option<usize>,
+}
+
+impl Describe<'_> {
+    pub fn answer<T>(
+        &self,
+        all: Vec<T>,
+        id: impl Fn(&T) -> &str,
+        matches: impl Fn(&str, &[String], &T) -> Ec2Result<bool>,
+        write: impl Fn(&mut Xml, &T),
+    ) -> Ec2Result<String> {
+        let mut selected = Vec::new();
+        for item in all {
+            if !self.ours || (!self.ids.is_empty() && !self.ids.iter().any(|i| i == id(&item))) {
+                continue;
+            }
+            let mut keep = true;
+            for (name, values) in self.filters {
+                keep &= matches(name, values, &item)?;
+            }
+            if keep {
+                selected.push(item);
+            }
+        }
+        let (selected, next) = page(selected, &id, self.token, self.max)?;
+        let mut x = Xml::response(self.action, self.rid);
+        x.open(self.set);
+        for item in &selected {
+            x.open("item");
+            write(&mut x, item);
+            x.close("item");
+        }
+        x.close(self.set);
+        x.opt("nextToken", next);
+        Ok(x.finish(self.action))
     }
 }
 

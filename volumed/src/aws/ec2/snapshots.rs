@@ -10,7 +10,7 @@ use volumed_api::filter::{size_gib, wildcard};
 use volumed_api::{CreateSnapshot, SnapshotState};
 
 use super::xml::Xml;
-use super::{Cx, Ec2Error, Ec2Result, max_results, page};
+use super::{Cx, Describe, Ec2Error, Ec2Result, max_results};
 use crate::aws::{AwsState, OWNER_ID, iso8601, parse_rfc3339};
 use crate::catalog::AwsSnapshotRecord;
 use crate::engine::volume_id::is_volume_id;
@@ -220,30 +220,17 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
             return Err(Ec2Error::snapshot_not_found(id));
         }
     }
-    let mut selected = Vec::new();
-    for s in all {
-        if !ours || (!ids.is_empty() && !ids.contains(&s.id)) {
-            continue;
-        }
-        let mut keep = true;
-        for (name, values) in &filters {
-            keep &= matches(name, values, &s)?;
-        }
-        if keep {
-            selected.push(s);
-        }
+    Describe {
+        action: "DescribeSnapshots",
+        set: "snapshotSet",
+        rid: cx.rid,
+        ours,
+        ids: &ids,
+        filters: &filters,
+        token: p.get("NextToken"),
+        max,
     }
-    let (selected, next) = page(selected, |s| s.id.as_str(), p.get("NextToken"), max)?;
-    let mut x = Xml::response("DescribeSnapshots", cx.rid);
-    x.open("snapshotSet");
-    for s in &selected {
-        x.open("item");
-        write_snapshot(&mut x, s);
-        x.close("item");
-    }
-    x.close("snapshotSet");
-    x.opt("nextToken", next);
-    Ok(x.finish("DescribeSnapshots"))
+    .answer(all, |s| s.id.as_str(), matches, write_snapshot)
 }
 
 pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {

@@ -176,14 +176,7 @@ impl BlockUploads {
             source: SnapshotSource::Blocks,
             encryption,
         };
-        let recorded = match self.catalog.next_id() {
-            Ok(seq) => {
-                let rec = SnapshotRecord { seq, ..rec };
-                self.catalog.put_snapshot(&rec).await.map(|()| rec)
-            }
-            Err(e) => Err(e),
-        };
-        let rec = match recorded {
+        let rec = match self.catalog.record_new_snapshot(rec).await {
             Ok(rec) => rec,
             Err(e) => {
                 pending.end().await;

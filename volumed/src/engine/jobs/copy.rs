@@ -93,14 +93,7 @@ impl CopyJobs {
             source: SnapshotSource::Copy,
             encryption: target.clone(),
         };
-        let recorded = match self.catalog.next_id() {
-            Ok(seq) => {
-                let rec = SnapshotRecord { seq, ..rec };
-                self.catalog.put_snapshot(&rec).await.map(|()| rec)
-            }
-            Err(e) => Err(e),
-        };
-        let rec = match recorded {
+        let rec = match self.catalog.record_new_snapshot(rec).await {
             Ok(rec) => rec,
             Err(e) => {
                 pending.end().await;

@@ -220,9 +220,7 @@ impl SnapshotJobs {
         };
         // On an error the guard drops (its changes go back) and so does
         // the slot (the volume may snapshot again).
-        let seq = self.catalog.next_id()?;
-        let rec = SnapshotRecord { seq, ..rec };
-        self.catalog.put_snapshot(&rec).await?;
+        let rec = self.catalog.record_new_snapshot(rec).await?;
         slot.launched = true;
         info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
               all = matches!(guard.plan().changed, Changed::All), "snapshot started");
