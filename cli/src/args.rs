@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{ArgAction, Parser, Subcommand};
-use volumed_api::VolumeName;
+use volumed_api::{BlockDeviceMapping, VolumeName};
 
 #[derive(Debug, Parser)]
 #[command(name = "vol", version, about = "Manage the volumes of a volumed host")]
@@ -161,6 +161,12 @@ pub enum Command {
     /// Import and export jobs
     #[command(subcommand)]
     Job(JobCommand),
+    /// Register, list and deregister images (AMIs)
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Launch instances from images, stop, start and terminate them
+    #[command(subcommand)]
+    Instance(InstanceCommand),
     /// The host's encryption keys
     #[command(subcommand)]
     Key(KeyCommand),
@@ -320,6 +326,89 @@ pub enum KeyCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Register an image: a root snapshot and more devices
+    Register {
+        name: String,
+        /// The root device and its snapshot: DEVICE=snap-ID[:SIZE_GIB[:DELETE_ON_TERMINATION[:TYPE[:IOPS]]]]
+        #[arg(long, value_name = "DEVICE=SNAPSHOT", value_parser = parse_root)]
+        root: Box<BlockDeviceMapping>,
+        /// Another device (repeatable): DEVICE=ephemeralN, DEVICE=none, or
+        /// DEVICE=[snap-ID]:[SIZE_GIB]:[DELETE_ON_TERMINATION]:[TYPE[:IOPS]]
+        #[arg(short = 'b', long = "block-device-mapping", value_name = "DEVICE=SPEC", value_parser = parse_mapping)]
+        mappings: Vec<BlockDeviceMapping>,
+        #[arg(long, default_value = "")]
+        description: String,
+        /// i386, x86_64, arm64, x86_64_mac, arm64_mac [default: x86_64]
+        #[arg(long = "arch")]
+        architecture: Option<String>,
+        /// A tag KEY=VALUE (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_label)]
+        tags: Vec<(String, String)>,
+    },
+    /// List images
+    List,
+    /// Show one image and its block-device mapping
+    Inspect { id: String },
+    /// Deregister an image
+    Deregister {
+        id: String,
+        /// Also delete its snapshots that no other image uses
+        #[arg(long)]
+        delete_snapshots: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// Launch instances of an image: its volumes made and attached (exported)
+    Run {
+        image: String,
+        /// Instance type, from the daemon's instance-type table [default: m1.small]
+        #[arg(long = "type", value_name = "TYPE")]
+        instance_type: Option<String>,
+        /// Instances to launch, all or none
+        #[arg(long, default_value_t = 1)]
+        count: u32,
+        /// Merged into the image's by device (repeatable): DEVICE=none,
+        /// DEVICE=ephemeralN, DEVICE=[snap-ID]:[SIZE_GIB]:[DELETE_ON_TERMINATION]:[TYPE[:IOPS]]
+        #[arg(short = 'b', long = "block-device-mapping", value_name = "DEVICE=SPEC", value_parser = parse_mapping)]
+        mappings: Vec<BlockDeviceMapping>,
+        /// A tag KEY=VALUE for the instance (repeatable)
+        #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_label)]
+        tags: Vec<(String, String)>,
+    },
+    /// List instances (terminated ones for an hour)
+    List,
+    /// Show one instance and its devices
+    Inspect {
+        id: String,
+        /// Print qemu's -blockdev and -device options for every device
+        #[arg(long, conflicts_with = "libvirt")]
+        qemu: bool,
+        /// Print a libvirt <disk> element for every device
+        #[arg(long)]
+        libvirt: bool,
+    },
+    /// Stop: instance-store volumes are discarded, EBS volumes stay
+    Stop { id: String },
+    /// Start a stopped instance: instance-store volumes come back empty
+    Start { id: String },
+    /// Reboot: nothing changes on any volume
+    Reboot { id: String },
+    /// Terminate: volumes detached, those with DeleteOnTermination deleted
+    Terminate { id: String },
+}
+
+fn parse_mapping(s: &str) -> Result<BlockDeviceMapping, String> {
+    BlockDeviceMapping::parse_legacy(s).map_err(|e| e.to_string())
+}
+
+fn parse_root(s: &str) -> Result<Box<BlockDeviceMapping>, String> {
+    parse_mapping(s).map(Box::new)
+}
+
+#[derive(Debug, Subcommand)]
 pub enum JobCommand {
     /// List jobs
     List,
@@ -341,11 +430,25 @@ fn parse_sha256(s: &str) -> Result<String, String> {
 pub enum SnapshotCommand {
     /// Snapshot a volume at this instant; it uploads in the background
     Create {
-        volume: VolumeName,
+        /// The volume; with --set, every volume of the set
+        #[arg(required = true, num_args = 1..)]
+        volumes: Vec<VolumeName>,
+        /// Take one crash-consistent snapshot of every volume given, at one
+        /// instant, as a set of this name
+        #[arg(long, value_name = "NAME")]
+        set: Option<String>,
+        /// With --set: run PATH NBD-URI quiesce (and unquiesce) for each
+        /// attached volume around the barrier, as rbd-nbd's hook
+        #[arg(long, value_name = "PATH", requires = "set")]
+        quiesce_hook: Option<PathBuf>,
+        /// Go on when the quiesce hook fails
+        #[arg(long, requires = "quiesce_hook")]
+        ignore_quiesce_error: bool,
         /// A label KEY=VALUE (repeatable)
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Wait until the snapshot is completed (or failed), showing progress
+        /// Wait until the snapshot (every snapshot of the set) is completed
+        /// (or failed), showing progress
         #[arg(long)]
         wait: bool,
     },

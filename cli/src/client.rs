@@ -13,10 +13,12 @@ use volumed_api::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot reach volumed at {socket}: {source} (is the daemon running? see --socket)")]
+    /// The cause sits inside the sentence, before the hint, so it is part
+    /// of the message and not a source the chain would print again.
+    #[error("cannot reach volumed at {socket}: {cause} (is the daemon running? see --socket)")]
     Connect {
         socket: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// The daemon refused the request; its message names object and reason.
     #[error("{}", .0.error.message)]
@@ -177,9 +179,9 @@ impl Client {
         let stream =
             UnixStream::connect(&self.socket)
                 .await
-                .map_err(|source| ClientError::Connect {
+                .map_err(|cause| ClientError::Connect {
                     socket: self.socket.display().to_string(),
-                    source,
+                    cause,
                 })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await

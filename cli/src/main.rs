@@ -51,7 +51,8 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // The chain, each cause once.
+            eprintln!("error: {}", volumed_api::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -133,6 +134,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::import::import(&client, &out, req, no_wait).await
         }
         Command::Job(cmd) => job::run(&client, &out, cmd).await,
+        Command::Image(cmd) => commands::image::run(&client, &out, cmd).await,
+        Command::Instance(cmd) => commands::instance::run(&client, &out, cmd).await,
         Command::Key(cmd) => key::run(&client, &out, cmd).await,
         Command::Policy(cmd) => policy::run(&client, &out, cmd).await,
         Command::Prune { policy, dry_run } => policy::prune(&client, &out, policy, dry_run).await,

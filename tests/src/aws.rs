@@ -45,6 +45,23 @@ pub fn coldsnap_bin() -> PathBuf {
     "coldsnap".into()
 }
 
+/// The environment every client of the endpoint at `url` gets: our key,
+/// region and endpoint, no user configuration, no retries.
+pub fn client_env(cmd: &mut Command, url: &str) {
+    cmd.env("AWS_ACCESS_KEY_ID", KEY_ID)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", REGION)
+        .env("AWS_DEFAULT_REGION", REGION)
+        .env("AWS_ENDPOINT_URL", url)
+        .env("AWS_CONFIG_FILE", "/dev/null")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .env("AWS_RETRY_MODE", "standard")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE");
+}
+
 pub struct AwsEndpoint {
     pub daemon: TestDaemon,
     /// `http://127.0.0.1:PORT`
@@ -95,21 +112,8 @@ impl AwsEndpoint {
         }
     }
 
-    /// The environment every client gets: our key, region and endpoint,
-    /// and no user configuration.
     fn client_env(&self, cmd: &mut Command) {
-        cmd.env("AWS_ACCESS_KEY_ID", KEY_ID)
-            .env("AWS_SECRET_ACCESS_KEY", SECRET)
-            .env("AWS_REGION", REGION)
-            .env("AWS_DEFAULT_REGION", REGION)
-            .env("AWS_ENDPOINT_URL", &self.url)
-            .env("AWS_CONFIG_FILE", "/dev/null")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
-            .env("AWS_EC2_METADATA_DISABLED", "true")
-            .env("AWS_MAX_ATTEMPTS", "1")
-            .env("AWS_RETRY_MODE", "standard")
-            .env_remove("AWS_SESSION_TOKEN")
-            .env_remove("AWS_PROFILE");
+        client_env(cmd, &self.url);
     }
 
     /// Runs `aws ARGS` against the endpoint, with JSON output.

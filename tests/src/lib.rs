@@ -16,7 +16,9 @@ use serde_json::Value;
 use procs::{Group, Proc};
 
 pub mod aws;
+pub mod ebs;
 pub mod faults;
+pub mod model;
 pub mod pki;
 pub mod procs;
 pub mod raw;
@@ -40,6 +42,25 @@ pub fn bin_dir() -> &'static Path {
         // The same selection scripts/test builds: `-p` would resolve
         // dependency features differently and build everything twice.
         cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+        // What cargo set for this test binary: build scripts (ring's, cc's)
+        // rerun when these differ, so passing them on would rebuild their
+        // crates here and again at the next build from a shell.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_MANIFEST_")
+                || k.starts_with("CARGO_BIN_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "OUT_DIR",
+                ]
+                .contains(&k.as_ref())
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
@@ -80,23 +101,26 @@ impl TestDaemon {
     }
 
     pub fn start_with_env(env: &[(&str, &str)]) -> Self {
+        let mut d = Self::unstarted();
+        d.set_env(env);
+        d.spawn();
+        d
+    }
+
+    /// A data dir with no daemon yet: `set_env`, then `start_again`.
+    pub fn unstarted() -> Self {
         let dir = tempfile::Builder::new()
             .prefix("volumed-test-")
             .tempdir()
             .expect("tempdir");
-        let mut d = TestDaemon {
+        TestDaemon {
             dir,
             child: None,
             nbd_port: 0,
-            env: env
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            env: Vec::new(),
             runs: 0,
             groups: Vec::new(),
-        };
-        d.spawn();
-        d
+        }
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -410,8 +434,20 @@ impl TestDaemon {
             body.len()
         )
         .unwrap();
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
+        let mut resp = Vec::new();
+        // A reset here once hid what the daemon had said, or that it died.
+        // A reset after the whole answer (axum closing a `Connection:
+        // close` socket) loses nothing.
+        if let Err(e) = s.read_to_end(&mut resp)
+            && !complete_http_answer(&resp)
+        {
+            panic!(
+                "{method} {path}: reading the answer failed: {e}, after {:?}; the daemon's log:\n{}",
+                String::from_utf8_lossy(&resp),
+                self.log()
+            );
+        }
+        let resp = String::from_utf8_lossy(&resp).into_owned();
         let status = resp
             .split(' ')
             .nth(1)
@@ -542,4 +578,17 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
         "qemu-io {cmds:?}: {out}"
     );
     out
+}
+
+/// Whether `resp` holds an HTTP answer's head and all the body its
+/// `content-length` announces.
+fn complete_http_answer(resp: &[u8]) -> bool {
+    let Some(end) = resp.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&resp[..end]).to_ascii_lowercase();
+    head.lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .is_some_and(|len| resp.len() - (end + 4) >= len)
 }

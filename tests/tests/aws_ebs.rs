@@ -1,13 +1,17 @@
 //! The EBS direct APIs, driven by `aws ebs`, boto3 and coldsnap against
 //! the real daemon: blocks listed, diffed and read from volumed snapshots,
-//! and snapshots written block by block that restore like any other.
+//! and snapshots written block by block that restore like any other, even
+//! when the upload outlasts gc's grace period on another host.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use volumed_tests::aws::AwsEndpoint;
-use volumed_tests::{qemu_io, run_ok};
+use volumed_tests::ebs::EbsClient;
+use volumed_tests::{TestDaemon, qemu_io, run_ok};
 
 const BLOCK: u64 = 512 << 10;
 
@@ -287,7 +291,7 @@ print("size0", code(lambda: ebs.start_snapshot(VolumeSize=100000)))
     assert_eq!(line("count"), "ValidationException");
     assert_eq!(line("badagg"), "ValidationException");
     assert_eq!(line("complete"), "completed");
-    assert_eq!(line("after"), "ResourceNotFoundException");
+    assert_eq!(line("after"), "ValidationException");
     assert_eq!(line("described"), "completed 1 base boto3");
     assert_eq!(line("changed"), "[5, 7]");
     assert_eq!(line("noparent"), "ResourceNotFoundException");
@@ -402,5 +406,75 @@ fn coldsnap_uploads_an_image_and_downloads_a_snapshot() {
             .arg(&uri),
     );
     ep.daemon.vol_ok(&["detach", "restored"]);
+    ep.daemon.finish();
+}
+
+/// Issue 24, third path: an EBS direct upload held open past gc's grace
+/// period while `vol gc` runs on a second daemon sharing the store, then
+/// completed: every block put before and after the gc is in the snapshot,
+/// read back by GetSnapshotBlock and by a restore compared byte for byte.
+#[test]
+fn a_direct_upload_outlasting_the_grace_period_survives_gc_on_another_host() {
+    let grace = Duration::from_secs(2);
+    let ep = AwsEndpoint::start_with_env(&[("VOLUMED_GC_GRACE", "2s")]);
+    // Host B shares A's store directory. It starts before the upload, as
+    // opening a local store clears temporary files, a live writer's too.
+    let store = format!("file://{}", ep.daemon.data_dir().join("store").display());
+    let b = TestDaemon::start_with_env(&[("VOLUMED_STORE", &store), ("VOLUMED_GC_GRACE", "2s")]);
+    let mut ebs = EbsClient::start(&ep.url);
+    let (id, status) = ebs.start_snapshot(1).unwrap();
+    assert_eq!(status, "pending");
+    let blocks = [(0u64, 0xa1u8), (3, 0xb2), (2047, 0xc3)];
+    for (i, byte) in blocks {
+        ebs.put_block(&id, i, byte).unwrap();
+    }
+    // Longer than the grace period, with nothing but the upload's own
+    // claim keeping its blocks.
+    std::thread::sleep(grace + Duration::from_secs(1));
+    let gc = b.vol_json(&["gc"]);
+    eprintln!("gc on host B during the upload: {gc}");
+    ebs.put_block(&id, 5, 0xd4).unwrap();
+    assert_eq!(ebs.complete(&id, 4).unwrap(), "completed");
+    let d = &ep.daemon;
+    let s = d.wait_snapshot_settled(&id);
+    assert_eq!(s["state"], "completed", "{s}");
+
+    let want: BTreeMap<u64, Option<u8>> = blocks
+        .iter()
+        .chain(&[(5, 0xd4)])
+        .map(|(i, b)| (*i, Some(*b)))
+        .collect();
+    let got = ebs.read_blocks(&id).unwrap_or_else(|e| {
+        panic!("the completed snapshot's blocks cannot be read after gc on host B ({gc}): {e}")
+    });
+    assert_eq!(got, want, "blocks read back (index -> byte)");
+    let v = b.vol(&["--json", "snapshot", "verify", &id]);
+    let report: Value = serde_json::from_slice(&v.stdout).unwrap();
+    assert_eq!(report["ok"], true, "host B verifies the snapshot: {report}");
+
+    // Restored on host A, the volume is the blocks put over zeros.
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("model.img");
+    run_ok(Command::new("truncate").args(["-s", "1G"]).arg(&image));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap();
+    for (i, b) in &want {
+        use std::io::{Seek, SeekFrom, Write};
+        f.seek(SeekFrom::Start(i * BLOCK)).unwrap();
+        f.write_all(&vec![b.unwrap(); BLOCK as usize]).unwrap();
+    }
+    drop(f);
+    d.vol_ok(&["create", "r", "--from-snapshot", &id]);
+    d.vol_ok(&["attach", "r"]);
+    run_ok(
+        Command::new("qemu-img")
+            .args(["compare", "-f", "raw", "-F", "raw"])
+            .arg(&image)
+            .arg(d.uri("r")),
+    );
+    d.vol_ok(&["detach", "r"]);
+    b.finish();
     ep.daemon.finish();
 }

@@ -478,6 +478,10 @@ fn bad_input_gets_ec2_errors_and_changes_nothing() {
         ),
         (
             "Action=CreateTags&Version=2016-11-15&ResourceId.1=i-0123456789abcdef0&Tag.1.Key=k",
+            "InvalidInstanceID.NotFound",
+        ),
+        (
+            "Action=CreateTags&Version=2016-11-15&ResourceId.1=eni-0123456789abcdef0&Tag.1.Key=k",
             "InvalidID",
         ),
         (

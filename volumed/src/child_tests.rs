@@ -1,3 +1,6 @@
+//! Unit tests of `child::spawn`: a child outlives the short-lived thread
+//! that asked for it, limits reach the child, nothing spawns past it.
+
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::time::{Duration, Instant};

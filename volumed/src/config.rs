@@ -10,7 +10,7 @@ use clap::{CommandFactory, FromArgMatches, Parser};
 use snapshot::StoreUrl;
 
 use crate::disk::EngineChoice;
-use crate::nbd::tls::TlsFiles;
+use crate::tls::TlsFiles;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,6 +174,22 @@ pub struct Args {
     )]
     pub aws_region: String,
 
+    /// Instance-type table: instance-store volumes per type, one
+    /// `TYPE = COUNT x SIZE` (or `TYPE = none`) per line [default: built in]
+    #[arg(long, env = "VOLUMED_INSTANCE_TYPES", value_name = "FILE")]
+    pub instance_types: Option<PathBuf>,
+
+    /// How long a snapshot set's barrier may wait for the writes in flight
+    /// on its members before the set fails (their I/O is paused meanwhile)
+    #[arg(long, env = "VOLUMED_SNAPSHOT_BARRIER_TIMEOUT", value_name = "DURATION",
+          default_value = "5s", value_parser = parse_timeout)]
+    pub snapshot_barrier_timeout: std::time::Duration,
+
+    /// A program run as `PATH NBD-URI quiesce|unquiesce` for each volume
+    /// around the snapshots of EC2 CreateImage without NoReboot
+    #[arg(long, env = "VOLUMED_QUIESCE_HOOK", value_name = "PATH")]
+    pub quiesce_hook: Option<PathBuf>,
+
     /// TLS certificate chain (PEM) for the AWS endpoint: it then speaks HTTPS only
     #[arg(
         long,
@@ -239,6 +255,9 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The AWS-compatible endpoint, when configured.
     pub aws: Option<crate::aws::AwsConfig>,
+    pub instance_types: Option<PathBuf>,
+    pub snapshot_barrier_timeout: std::time::Duration,
+    pub quiesce_hook: Option<PathBuf>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -363,6 +382,9 @@ impl Args {
             cache_size: self.cache_size,
             gc_grace: self.gc_grace,
             metrics_listen: self.metrics_listen,
+            instance_types: self.instance_types.map(absolute).transpose()?,
+            snapshot_barrier_timeout: self.snapshot_barrier_timeout,
+            quiesce_hook: self.quiesce_hook.map(absolute).transpose()?,
             store,
             data_dir,
         })

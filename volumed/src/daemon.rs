@@ -12,12 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use volumed_api::Status;
 
-use crate::api::views::NbdEndpoints;
 use crate::api::{self, ApiState};
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::disk::IoEngine;
 use crate::engine::Engine;
+use crate::images::Images;
 use crate::nbd::NbdServer;
+use crate::present::NbdEndpoints;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before anything can answer: a SIGTERM that arrives once the control
@@ -44,7 +46,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let tls = config
         .nbd_tls
         .as_ref()
-        .map(crate::nbd::tls::acceptor)
+        .map(crate::tls::acceptor)
         .transpose()
         .context("configure NBD TLS")?;
     let endpoints = NbdEndpoints {
@@ -93,20 +95,56 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         repo.clone(),
         (config.cache_size > 0).then(|| Arc::new(cache)),
     ));
-    let (engine, clean) = Engine::open(&config.data_dir, Arc::clone(&io), repo, fetcher)
+    // The engine, the image jobs and the AWS endpoint each own trees of it.
+    let catalog_path = config.data_dir.join("catalog");
+    let catalog = tokio::task::spawn_blocking(move || Catalog::open(&catalog_path))
+        .await
+        .context("open catalog")?
+        .context("open catalog")
         .context("open volume engine")?;
+    let catalog = Arc::new(catalog);
+    let (engine, clean) = Engine::open(
+        &config.data_dir,
+        Arc::clone(&catalog),
+        Arc::clone(&io),
+        repo,
+        fetcher,
+    )
+    .await
+    .context("open volume engine")?;
     if !clean {
         warn!("previous run did not shut down cleanly");
     }
     let engine = Arc::new(engine);
     engine.set_encryption(keys, config.encryption_domain);
     engine.start_background();
-    engine.set_nbd_socket(config.nbd_socket.clone());
-    let lifecycle =
-        crate::lifecycle::Lifecycle::open(Arc::clone(&engine)).context("open snapshot policies")?;
+    engine.set_barrier_timeout(config.snapshot_barrier_timeout);
+    let machines = Arc::new(crate::machines::Machines::new(
+        Arc::clone(&engine),
+        Arc::clone(&catalog),
+        instance_types(config.instance_types.as_deref())?,
+        config.quiesce_hook.clone(),
+    ));
+    machines.start_background();
+    let lifecycle = crate::lifecycle::Lifecycle::open(
+        Arc::clone(&engine),
+        Arc::clone(&machines),
+        Arc::clone(&catalog),
+    )
+    .context("open snapshot policies")?;
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
     engine.reopen_snapshot_exports().await;
+    let images = Images::open(
+        Arc::clone(&engine),
+        Arc::clone(&catalog),
+        &config.data_dir,
+        config.nbd_socket.clone(),
+    )
+    .await
+    .context("load jobs")?;
+    let images = Arc::new(images);
+    images.start_background();
 
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let threads = crate::nbd::io_threads::IoThreads::start(threads, &io)?;
@@ -122,8 +160,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             crate::aws::server::bind(
                 c,
                 creds,
-                Arc::clone(&engine),
+                Arc::clone(&machines),
                 Arc::clone(&lifecycle),
+                Arc::clone(&catalog),
                 Arc::clone(&endpoints),
             )
             .await?,
@@ -150,13 +189,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         store_fetched_bytes: 0,
         cache_bytes: 0,
         cache_hits: 0,
-        image_tools: crate::image::qemu::tools_version().await,
+        image_tools: crate::images::qemu::tools_version().await,
         aws_listen: aws_addr.map(|a| a.to_string()),
         store_encrypted: engine.store_encrypted(),
         failing_policies: Vec::new(),
     };
     let state = ApiState {
         engine: Arc::clone(&engine),
+        machines,
+        images: Arc::clone(&images),
+        catalog,
         status: Arc::new(status),
         endpoints,
         lifecycle: Arc::clone(&lifecycle),
@@ -164,7 +206,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let metrics_task = match config.metrics_listen {
         Some(addr) => Some(
-            crate::metrics::server::serve(
+            crate::telemetry::serve(
                 addr,
                 Arc::clone(&engine),
                 Arc::clone(&lifecycle),
@@ -187,10 +229,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     root.cancel();
-    // A run in progress ends at its next step; its snapshots are the
-    // engine's and finish or fail with it.
+    // A policy run in progress ends at its next step; its snapshots are
+    // the engine's and finish or fail with it.
     scheduler.abort();
     let _ = scheduler.await;
+    // Imports stop first (a file import resumes from its checkpoint), then
+    // the engine's own jobs, sessions and volumes.
+    images.shutdown().await;
     engine
         .shutdown()
         .await
@@ -203,7 +248,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let _ = t.await;
     }
     match api_task.await {
-        Ok(Err(e)) => warn!(error = %e, "control API ended with an error"),
+        Ok(Err(e)) => {
+            warn!(error = %volumed_api::error_chain(&e), "control API ended with an error")
+        }
         Err(e) => warn!(error = %e, "control API task failed"),
         Ok(Ok(())) => {}
     }
@@ -233,4 +280,15 @@ fn prepare_data_dir(dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The instance-type table: `--instance-types FILE`, or the built-in one.
+fn instance_types(path: Option<&Path>) -> anyhow::Result<crate::machines::types::InstanceTypes> {
+    use crate::machines::types::InstanceTypes;
+    let Some(path) = path else {
+        return Ok(InstanceTypes::builtin());
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read --instance-types {}", path.display()))?;
+    InstanceTypes::parse(&text).with_context(|| format!("--instance-types {}", path.display()))
 }

@@ -1,3 +1,6 @@
+//! The `volumed` binary: logging to stderr, umask 077, flags resolved,
+//! `daemon::run`, and the error chain printed once with the exit code.
+
 use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
@@ -21,7 +24,7 @@ fn main() -> std::process::ExitCode {
     let config = match Args::from_process().resolve() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("volumed: error: {e:#}");
+            eprintln!("volumed: error: {}", volumed_api::error_chain(e.as_ref()));
             return std::process::ExitCode::from(2);
         }
     };
@@ -38,8 +41,10 @@ fn main() -> std::process::ExitCode {
     match rt.block_on(volumed::daemon::run(config)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("volumed: error: {e:#}");
+            // The chain, each cause once.
+            let chain = volumed_api::error_chain(e.as_ref());
+            tracing::error!("{chain}");
+            eprintln!("volumed: error: {chain}");
             std::process::ExitCode::FAILURE
         }
     }

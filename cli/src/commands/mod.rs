@@ -3,7 +3,9 @@
 pub mod bin;
 pub mod diff;
 pub mod export;
+pub mod image;
 pub mod import;
+pub mod instance;
 pub mod job;
 pub mod key;
 pub mod policy;

@@ -3,8 +3,8 @@
 
 use hyper::Method;
 use volumed_api::{
-    CreateSnapshot, GcReport, GcRequest, Snapshot, SnapshotList, SnapshotState, VerifyReport,
-    format_size,
+    CreateSnapshot, CreateSnapshotSet, GcReport, GcRequest, Snapshot, SnapshotList,
+    SnapshotSetCreated, SnapshotSetState, SnapshotState, VerifyReport, format_size,
 };
 
 use crate::args::SnapshotCommand;
@@ -26,10 +26,82 @@ async fn protect(client: &Client, out: &Out, id: &str, on: bool) -> anyhow::Resu
 pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Result<()> {
     match cmd {
         SnapshotCommand::Create {
-            volume,
+            volumes,
+            set: Some(set),
+            quiesce_hook,
+            ignore_quiesce_error,
             labels,
             wait,
         } => {
+            let quiesce_hook = quiesce_hook
+                .map(|p| {
+                    std::path::absolute(&p)
+                        .map(|p| p.display().to_string())
+                        .map_err(|e| anyhow::anyhow!("quiesce hook {}: {e}", p.display()))
+                })
+                .transpose()?;
+            let req = CreateSnapshotSet {
+                name: set,
+                volumes,
+                labels: labels.into_iter().collect(),
+                quiesce_hook,
+                ignore_quiesce_error,
+            };
+            let mut created: SnapshotSetCreated =
+                client.send(Method::POST, "/v1/snapshot-sets", &req).await?;
+            if wait {
+                let mut done = Vec::new();
+                for snap in created.snapshots {
+                    done.push(wait_for(client, out, snap).await?);
+                }
+                created.snapshots = done;
+                // The set settles once every member has.
+                let mut poll = super::Poll::new();
+                while created.set.state == SnapshotSetState::Pending {
+                    poll.sleep().await;
+                    created.set = client
+                        .get(&format!("/v1/snapshot-sets/{}", created.set.id))
+                        .await?;
+                }
+            }
+            if out.json {
+                out.json(&created)?;
+            } else {
+                out.line(format!(
+                    "snapshot set {} ({}) {}",
+                    created.set.id,
+                    created.set.name,
+                    set_state(created.set.state)
+                ))?;
+                let rows: Vec<Vec<String>> = created
+                    .snapshots
+                    .iter()
+                    .map(|s| vec![s.id.clone(), s.volume.clone(), s.state.as_str().to_owned()])
+                    .collect();
+                out.table(&["ID", "VOLUME", "STATE"], &rows)?;
+            }
+            if created.set.state == SnapshotSetState::Failed {
+                anyhow::bail!(
+                    "snapshot set {} failed: {}; none of its snapshots remains",
+                    created.set.id,
+                    created.set.error.unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        SnapshotCommand::Create {
+            volumes,
+            set: None,
+            labels,
+            wait,
+            ..
+        } => {
+            let [volume] = <[_; 1]>::try_from(volumes).map_err(|v| {
+                anyhow::anyhow!(
+                    "{} volumes given without --set: snapshot one volume, or name a set with --set NAME",
+                    v.len()
+                )
+            })?;
             let req = CreateSnapshot {
                 labels: labels.into_iter().collect(),
             };
@@ -324,6 +396,14 @@ pub async fn gc(
 
 /// Polls until the snapshot leaves `pending`, with a progress bar on
 /// stderr for people (hidden when stderr is not a terminal or with --json).
+fn set_state(s: SnapshotSetState) -> &'static str {
+    match s {
+        SnapshotSetState::Pending => "pending",
+        SnapshotSetState::Completed => "completed",
+        SnapshotSetState::Failed => "failed",
+    }
+}
+
 async fn wait_for(client: &Client, out: &Out, mut snap: Snapshot) -> anyhow::Result<Snapshot> {
     let bar = if out.json {
         indicatif::ProgressBar::hidden()

@@ -1,3 +1,5 @@
+//! `vol status`: the daemon's settings and counters, a table or JSON.
+
 use volumed_api::Status;
 
 use crate::client::Client;

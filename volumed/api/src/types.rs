@@ -169,11 +169,13 @@ pub struct CreateVolume {
     pub hydrate: Option<bool>,
     /// In an encrypted store every volume is encrypted; `false` is refused
     /// there, `true` refused in an unencrypted one.
-    #[serde(default)]
+    // Left out when unset, so a newer `vol` still creates volumes on an
+    // older daemon, whose requests refuse fields they do not know.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encrypted: Option<bool>,
     /// The key (name, alias, id or ARN); default: the default key, or for
     /// a restored volume its snapshot's.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
 

@@ -1,185 +1,21 @@
-//! Routes and handlers. Handlers validate what they are given, call the
-//! engine, and turn its answer into JSON; the engine holds every rule.
-
-use std::sync::Arc;
+//! Handlers of volumes, snapshots, status and gc. Each validates what it
+//! is given, calls the engine, and turns its answer into JSON through
+//! `present::views`; the engine holds every rule.
 
 use axum::Json;
-use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use serde::de::DeserializeOwned;
+use axum::response::IntoResponse;
+use snapshot::SnapshotId;
 use volumed_api::{
-    ApiError, AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorBody, ErrorCode, GcReport,
-    GcRequest, ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
+    AttachVolume, CreateSnapshot, CreateVolume, Detached, ErrorCode, GcReport, GcRequest,
+    ModifyVolume, Snapshot, SnapshotList, Status, VerifyReport, VolumeList, VolumeName,
 };
 
-use snapshot::SnapshotId;
-
-use super::jobs;
-use super::keys;
-use super::lifecycle;
-use super::views::{self, NbdEndpoints};
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::engine::{Engine, Volume};
-use crate::error::Error;
-
-#[derive(Clone)]
-pub struct ApiState {
-    pub engine: Arc<Engine>,
-    /// The facts of this run; live counts are filled in per request.
-    pub status: Arc<Status>,
-    pub endpoints: Arc<NbdEndpoints>,
-    pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
-}
-
-impl ApiState {
-    fn volume(&self, vol: &Volume) -> volumed_api::Volume {
-        views::volume(&self.engine, &self.endpoints, vol)
-    }
-
-    fn snapshot(&self, info: SnapshotInfo) -> Snapshot {
-        views::snapshot(&self.engine, &self.endpoints, info)
-    }
-}
-
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/volumes", get(list_volumes).post(create_volume))
-        .route(
-            "/v1/volumes/{name}",
-            get(get_volume).patch(modify_volume).delete(delete_volume),
-        )
-        .route("/v1/volumes/{name}/attach", post(attach_volume))
-        .route("/v1/volumes/{name}/detach", post(detach_volume))
-        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
-        .route(
-            "/v1/volumes/{name}/tags",
-            post(tag_volume).delete(untag_volume),
-        )
-        .route("/v1/snapshots", get(list_snapshots))
-        .route(
-            "/v1/snapshots/{id}",
-            get(get_snapshot).delete(delete_snapshot),
-        )
-        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
-        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
-        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
-        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
-        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
-        .route("/v1/snapshots/{id}/copy", post(keys::copy_snapshot))
-        .route("/v1/keys", get(keys::list_keys).post(keys::create_key))
-        .route("/v1/keys/{key}", get(keys::get_key))
-        .route("/v1/keys/{key}/rotate", post(keys::rotate_key))
-        .route("/v1/keys/{key}/enable", post(keys::enable_key))
-        .route("/v1/keys/{key}/disable", post(keys::disable_key))
-        .route("/v1/default-key", post(keys::set_default_key))
-        .route("/v1/snapshots/{id}/protect", post(lifecycle::protect))
-        .route("/v1/snapshots/{id}/unprotect", post(lifecycle::unprotect))
-        .route(
-            "/v1/policies",
-            get(lifecycle::list_policies).post(lifecycle::create_policy),
-        )
-        .route(
-            "/v1/policies/{name}",
-            get(lifecycle::get_policy)
-                .put(lifecycle::update_policy)
-                .delete(lifecycle::delete_policy),
-        )
-        .route("/v1/policies/{name}/run", post(lifecycle::run_now))
-        .route("/v1/prune", post(lifecycle::prune))
-        .route("/v1/bin", get(lifecycle::bin_list))
-        .route("/v1/bin/{id}/restore", post(lifecycle::bin_restore))
-        .route(
-            "/v1/bin/rules",
-            get(lifecycle::list_rules).post(lifecycle::create_rule),
-        )
-        .route(
-            "/v1/bin/rules/{id}",
-            get(lifecycle::get_rule).delete(lifecycle::delete_rule),
-        )
-        .route("/v1/gc", post(gc))
-        .route("/v1/imports", post(jobs::import_file))
-        .route("/v1/imports/stream", post(jobs::import_stream))
-        .route("/v1/exports", post(jobs::export))
-        .route("/v1/jobs", get(jobs::list_jobs))
-        .route("/v1/jobs/{id}", get(jobs::get_job))
-        .route("/v1/jobs/{id}/events", get(jobs::job_events))
-        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
-        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
-        .method_not_allowed_fallback(|| async {
-            ApiFailure {
-                status: StatusCode::METHOD_NOT_ALLOWED,
-                code: ErrorCode::InvalidRequest,
-                message: "method not allowed on this resource".into(),
-            }
-        })
-        .with_state(state)
-}
-
-/// An error response.
-pub struct ApiFailure {
-    status: StatusCode,
-    code: ErrorCode,
-    message: String,
-}
-
-impl ApiFailure {
-    pub(super) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        let status =
-            StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        ApiFailure {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-}
-
-impl From<Error> for ApiFailure {
-    fn from(e: Error) -> Self {
-        if e.code() == ErrorCode::Internal {
-            tracing::error!(error = %e, "control API request failed");
-        }
-        ApiFailure::new(e.code(), e.to_string())
-    }
-}
-
-impl IntoResponse for ApiFailure {
-    fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ApiError {
-                code: self.code,
-                message: self.message,
-            },
-        };
-        (self.status, Json(body)).into_response()
-    }
-}
-
-pub(super) type ApiResult<T> = Result<T, ApiFailure>;
-
-/// Parses a JSON body; an empty body means the type's default when
-/// `default` is given (so `curl -X POST .../attach` works).
-pub(super) fn body<T: DeserializeOwned>(bytes: &Bytes, default: Option<T>) -> ApiResult<T> {
-    if bytes.iter().all(u8::is_ascii_whitespace) {
-        return default.ok_or_else(|| {
-            ApiFailure::new(
-                ErrorCode::InvalidRequest,
-                "request body is empty; JSON expected",
-            )
-        });
-    }
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiFailure::new(
-            ErrorCode::InvalidRequest,
-            format!("invalid request body: {e}"),
-        )
-    })
-}
+use super::state::{ApiFailure, ApiResult, ApiState, body};
+use crate::engine::{Error, VolumeOptions};
+use crate::present::views;
 
 /// A CreateVolume body with optional `tags` (kept out of `CreateVolume`
 /// itself, whose literal other code builds).
@@ -205,7 +41,7 @@ fn create_body(
     Ok((req, tags))
 }
 
-async fn tag_volume(
+pub(super) async fn tag_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -216,7 +52,7 @@ async fn tag_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn untag_volume(
+pub(super) async fn untag_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -243,31 +79,34 @@ fn name(raw: &str) -> ApiResult<VolumeName> {
 
 /// A snapshot id from a path: a malformed one names no snapshot.
 pub(super) fn snapshot_id(raw: &str) -> ApiResult<SnapshotId> {
-    SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.to_owned()).into())
+    Ok(Error::snapshot_id(raw)?)
 }
 
-async fn status(State(s): State<ApiState>) -> Json<Status> {
+pub(super) async fn status(State(s): State<ApiState>) -> Json<Status> {
     let mut st = views::status(&s.status, &s.engine);
     st.failing_policies = s.lifecycle.failing_policies();
     Json(st)
 }
 
-async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
+pub(super) async fn list_volumes(State(s): State<ApiState>) -> Json<VolumeList> {
     let volumes = s.engine.list().iter().map(|v| s.volume(v)).collect();
     Json(VolumeList { volumes })
 }
 
-async fn create_volume(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
+pub(super) async fn create_volume(
+    State(s): State<ApiState>,
+    bytes: Bytes,
+) -> ApiResult<impl IntoResponse> {
     let (req, tags) = create_body(&bytes)?;
-    let attrs = crate::engine::aws_attrs::VolumeAttrs {
+    let opts = VolumeOptions {
         tags,
         ..Default::default()
     };
-    let vol = s.engine.create_with(req, attrs, None).await?;
+    let vol = s.engine.create_with(req, opts).await?;
     Ok((StatusCode::CREATED, Json(s.volume(&vol))))
 }
 
-async fn get_volume(
+pub(super) async fn get_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<volumed_api::Volume>> {
@@ -275,7 +114,7 @@ async fn get_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn modify_volume(
+pub(super) async fn modify_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -286,7 +125,7 @@ async fn modify_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn delete_volume(
+pub(super) async fn delete_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<StatusCode> {
@@ -294,7 +133,7 @@ async fn delete_volume(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn attach_volume(
+pub(super) async fn attach_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -305,7 +144,7 @@ async fn attach_volume(
     Ok(Json(s.volume(&vol)))
 }
 
-async fn detach_volume(
+pub(super) async fn detach_volume(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
 ) -> ApiResult<Json<Detached>> {
@@ -316,7 +155,7 @@ async fn detach_volume(
     }))
 }
 
-async fn create_snapshot(
+pub(super) async fn create_snapshot(
     State(s): State<ApiState>,
     Path(raw): Path<String>,
     bytes: Bytes,
@@ -332,11 +171,11 @@ async fn create_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct SnapshotQuery {
+pub(super) struct SnapshotQuery {
     volume: Option<String>,
 }
 
-async fn list_snapshots(
+pub(super) async fn list_snapshots(
     State(s): State<ApiState>,
     query: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<SnapshotList>> {
@@ -362,19 +201,22 @@ async fn list_snapshots(
     }))
 }
 
-async fn get_snapshot(
+pub(super) async fn get_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
     let id = snapshot_id(&id)?;
-    let protected = s.engine.snapshot_protected(&id).await?;
+    let info = s.engine.snapshot(&id).await?;
+    // Only a completed snapshot can be protected: a pending or failed one
+    // answers from its record alone, also while the store is down.
+    let protected = info.completed() && s.engine.snapshot_protected(&id).await?;
     Ok(Json(Snapshot {
         protected,
-        ..s.snapshot(s.engine.snapshot(&id).await?)
+        ..s.snapshot(info)
     }))
 }
 
-async fn attach_snapshot(
+pub(super) async fn attach_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
@@ -382,7 +224,7 @@ async fn attach_snapshot(
     Ok(Json(s.snapshot(s.engine.attach_snapshot(&id).await?)))
 }
 
-async fn detach_snapshot(
+pub(super) async fn detach_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Snapshot>> {
@@ -390,15 +232,17 @@ async fn detach_snapshot(
     Ok(Json(s.snapshot(s.engine.detach_snapshot(&id).await?)))
 }
 
-async fn delete_snapshot(
+pub(super) async fn delete_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
+    // Into the recycle bin if a rule keeps it; refused while a registered
+    // image uses it, as on EC2.
     s.lifecycle.delete_snapshot(&snapshot_id(&id)?).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn verify_snapshot(
+pub(super) async fn verify_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<VerifyReport>> {
@@ -408,11 +252,11 @@ async fn verify_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct DiffQuery {
+pub(super) struct DiffQuery {
     from: Option<String>,
 }
 
-async fn diff_snapshot(
+pub(super) async fn diff_snapshot(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<DiffQuery>, axum::extract::rejection::QueryRejection>,
@@ -426,7 +270,7 @@ async fn diff_snapshot(
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ChangedBlocksQuery {
+pub(super) struct ChangedBlocksQuery {
     from: Option<String>,
     starting_offset: Option<u64>,
     max_results: Option<usize>,
@@ -435,7 +279,7 @@ struct ChangedBlocksQuery {
 
 /// Paged changed blocks with CSI SnapshotMetadata's names; `next_token`,
 /// when given, wins over `starting_offset`.
-async fn changed_blocks(
+pub(super) async fn changed_blocks(
     State(s): State<ApiState>,
     Path(id): Path<String>,
     query: Result<Query<ChangedBlocksQuery>, axum::extract::rejection::QueryRejection>,
@@ -466,7 +310,7 @@ async fn changed_blocks(
     Ok(Json(views::changed_blocks(&d, start, max)))
 }
 
-async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
+pub(super) async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
     let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
     let (grace, report) = s.engine.gc(grace).await?;

@@ -11,9 +11,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use volumed_api::{ErrorCode, ImportRequest, Job, JobList};
 
-use super::handlers::{ApiFailure, ApiResult, ApiState, body};
-use super::views;
-use crate::engine::jobs::registry::JobHandle;
+use super::state::{ApiFailure, ApiResult, ApiState, body};
+use crate::images::registry::JobHandle;
+use crate::present::views;
 
 /// The header carrying a stream import's request (the body is the bytes).
 pub const IMPORT_HEADER: &str = "x-volumed-import";
@@ -24,7 +24,7 @@ const EVENT_HEARTBEAT: Duration = Duration::from_secs(5);
 
 pub async fn import_file(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<impl IntoResponse> {
     let req: ImportRequest = body(&bytes, None)?;
-    let h = s.engine.import(req).await?;
+    let h = s.images.import(req).await?;
     Ok((StatusCode::ACCEPTED, Json(views::job(&h))))
 }
 
@@ -45,7 +45,7 @@ pub async fn import_stream(
         })?
         .as_bytes();
     let req: ImportRequest = body(&Bytes::copy_from_slice(raw), None)?;
-    let (h, task) = s.engine.import_stream(req, data.into_data_stream()).await?;
+    let (h, task) = s.images.import_stream(req, data.into_data_stream()).await?;
     let _ = task.await;
     let job = views::job(&h);
     match job.state {
@@ -64,28 +64,28 @@ pub async fn import_stream(
 
 pub async fn list_jobs(State(s): State<ApiState>) -> Json<JobList> {
     Json(JobList {
-        jobs: s.engine.jobs().iter().map(|h| views::job(h)).collect(),
+        jobs: s.images.jobs().iter().map(|h| views::job(h)).collect(),
     })
 }
 
 pub async fn get_job(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
-    let h = s.engine.job(&id)?;
+    let h = s.images.job(&id)?;
     Ok(Json(views::job(&h)))
 }
 
 pub async fn cancel_job(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Job>> {
-    let h = s.engine.cancel_job(&id)?;
+    let h = s.images.cancel_job(&id)?;
     Ok(Json(views::job(&h)))
 }
 
 /// One JSON line per change (at most every 250 ms, at least every 5 s),
 /// ending with the line of the job's final state.
 pub async fn job_events(State(s): State<ApiState>, Path(id): Path<String>) -> ApiResult<Response> {
-    let h = s.engine.job(&id)?;
+    let h = s.images.job(&id)?;
     let rx = h.subscribe();
     // Ends at shutdown too, so the API's graceful stop is not held by a
     // job that will resume at the next start.
-    let stop = s.engine.jobs_stopping();
+    let stop = s.images.jobs_stopping();
     let stream = futures_util::stream::unfold((h, rx, false), move |(h, mut rx, ended)| {
         let stop = stop.clone();
         async move {
@@ -138,7 +138,7 @@ async fn next_event(h: &JobHandle, rx: &mut tokio::sync::watch::Receiver<u64>) {
 /// bytes as the answer's body (the job's id in `x-volumed-job`).
 pub async fn export(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Response> {
     let req: volumed_api::ExportRequest = body(&bytes, None)?;
-    let (h, rx) = s.engine.export_image(req).await?;
+    let (h, rx) = s.images.export_image(req).await?;
     let Some(rx) = rx else {
         return Ok((StatusCode::ACCEPTED, Json(views::job(&h))).into_response());
     };
@@ -151,7 +151,10 @@ pub async fn export(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Respon
                 axum::http::header::CONTENT_TYPE,
                 "application/octet-stream".to_owned(),
             ),
-            (axum::http::HeaderName::from_static("x-volumed-job"), h.id()),
+            (
+                axum::http::HeaderName::from_static("x-volumed-job"),
+                h.id().to_string(),
+            ),
         ],
         Body::from_stream(stream),
     )

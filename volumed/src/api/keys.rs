@@ -8,8 +8,9 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use volumed_api::{CopySnapshot, CreateKey, Key, KeyList, KeyRotation, SetDefaultKey, Snapshot};
 
-use super::handlers::{ApiResult, ApiState, body, snapshot_id};
-use super::views;
+use super::handlers::snapshot_id;
+use super::state::{ApiResult, ApiState, body};
+use crate::present::views;
 
 pub async fn list_keys(State(s): State<ApiState>) -> ApiResult<Json<KeyList>> {
     let keys = s.engine.keys()?.list();
@@ -29,7 +30,7 @@ pub async fn create_key(
         .keys()?
         .create(&req.name, &req.description, req.command.as_deref())
         .await
-        .map_err(crate::error::Error::from)?;
+        .map_err(crate::engine::Error::from)?;
     Ok((StatusCode::CREATED, Json(views::key(k))))
 }
 
@@ -38,7 +39,7 @@ pub async fn get_key(State(s): State<ApiState>, Path(r): Path<String>) -> ApiRes
         .engine
         .keys()?
         .resolve(&r)
-        .map_err(crate::error::Error::from)?;
+        .map_err(crate::engine::Error::from)?;
     Ok(Json(views::key(k)))
 }
 
@@ -61,7 +62,7 @@ async fn set_enabled(s: &ApiState, r: &str, enabled: bool) -> ApiResult<Json<Key
         .keys()?
         .set_enabled(r, enabled)
         .await
-        .map_err(crate::error::Error::from)?;
+        .map_err(crate::engine::Error::from)?;
     Ok(Json(views::key(k)))
 }
 
@@ -80,7 +81,7 @@ pub async fn set_default_key(State(s): State<ApiState>, bytes: Bytes) -> ApiResu
         .keys()?
         .set_default(req.key.as_deref())
         .await
-        .map_err(crate::error::Error::from)?;
+        .map_err(crate::engine::Error::from)?;
     Ok(Json(views::key(k)))
 }
 

@@ -11,25 +11,17 @@ use volumed_api::{
     PruneRequest, RunResult, Snapshot,
 };
 
-use super::handlers::{ApiFailure, ApiResult, ApiState, body, snapshot_id};
+use super::handlers::snapshot_id;
+use super::state::{ApiResult, ApiState, body};
 use crate::lifecycle::LifecycleError;
 use crate::lifecycle::policy::Source;
-
-impl From<LifecycleError> for ApiFailure {
-    fn from(e: LifecycleError) -> Self {
-        match e {
-            LifecycleError::Engine(e) => e.into(),
-            e => ApiFailure::new(e.code(), e.to_string()),
-        }
-    }
-}
 
 async fn set_protected(s: &ApiState, id: &str, protected: bool) -> ApiResult<Json<Snapshot>> {
     let id = snapshot_id(id)?;
     let info = s.engine.protect_snapshot(&id, protected).await?;
     Ok(Json(Snapshot {
         protected,
-        ..super::views::snapshot(&s.engine, &s.endpoints, info)
+        ..s.snapshot(info)
     }))
 }
 
@@ -58,7 +50,10 @@ pub async fn create_policy(
     bytes: Bytes,
 ) -> ApiResult<(StatusCode, Json<Policy>)> {
     let spec: PolicySpec = body(&bytes, None)?;
-    let p = s.lifecycle.create_policy(spec, Source::Native, None)?;
+    let p = s
+        .lifecycle
+        .create_policy(spec, Source::Native, None)
+        .await?;
     Ok((StatusCode::CREATED, Json(p)))
 }
 
@@ -82,14 +77,14 @@ pub async fn update_policy(
         ))
         .into());
     }
-    Ok(Json(s.lifecycle.update_policy(spec, None)?))
+    Ok(Json(s.lifecycle.update_policy(spec, None).await?))
 }
 
 pub async fn delete_policy(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.lifecycle.delete_policy(&name)?;
+    s.lifecycle.delete_policy(&name).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -117,7 +112,7 @@ pub async fn bin_restore(
 ) -> ApiResult<Json<Snapshot>> {
     let id = snapshot_id(&id)?;
     let info = s.lifecycle.bin_restore(&id).await?;
-    Ok(Json(super::views::snapshot(&s.engine, &s.endpoints, info)))
+    Ok(Json(s.snapshot(info)))
 }
 
 pub async fn list_rules(State(s): State<ApiState>) -> ApiResult<Json<BinRuleList>> {
@@ -131,7 +126,10 @@ pub async fn create_rule(
     bytes: Bytes,
 ) -> ApiResult<(StatusCode, Json<BinRule>)> {
     let spec: BinRuleSpec = body(&bytes, None)?;
-    let r = s.lifecycle.create_bin_rule(spec, Default::default())?;
+    let r = s
+        .lifecycle
+        .create_bin_rule(spec, Default::default())
+        .await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 
@@ -151,6 +149,6 @@ pub async fn delete_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    s.lifecycle.delete_bin_rule(&id)?;
+    s.lifecycle.delete_bin_rule(&id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

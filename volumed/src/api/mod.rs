@@ -45,6 +45,17 @@
 //! | GET | /v1/jobs/{id} | | Job |
 //! | GET | /v1/jobs/{id}/events | | NDJSON stream of Job, one per change, the last final |
 //! | POST | /v1/jobs/{id}/cancel | | Job |
+//! | GET | /v1/images | | ImageList |
+//! | POST | /v1/images | RegisterImage | Image |
+//! | GET | /v1/images/{id} | | Image |
+//! | DELETE | /v1/images/{id} | DeregisterImage (optional) | Deregistered |
+//! | GET | /v1/instances | | InstanceList |
+//! | POST | /v1/instances | RunInstances | InstanceList |
+//! | GET | /v1/instances/{id} | | Instance |
+//! | POST | /v1/instances/{id}/{stop,start,reboot,terminate} | | Instance |
+//! | GET | /v1/snapshot-sets | | SnapshotSetList |
+//! | POST | /v1/snapshot-sets | CreateSnapshotSet | SnapshotSetCreated |
+//! | GET | /v1/snapshot-sets/{id} | | SnapshotSet |
 //! | GET | /v1/keys | | KeyList |
 //! | POST | /v1/keys | CreateKey | 201 Key |
 //! | GET | /v1/keys/{key} | | Key (by name, alias, id or ARN) |
@@ -53,8 +64,8 @@
 //! | POST | /v1/keys/{key}/disable | | Key |
 //! | POST | /v1/default-key | SetDefaultKey (optional) | Key |
 //!
-//! `handlers` parses and routes; `views` builds every answer and URI from
-//! engine state; `server` runs axum on the socket.
+//! `handlers` parses and routes; `present::views` builds every answer and
+//! URI from engine state; `server` runs axum on the socket.
 //!
 //! Every error is `{"error": {"code", "message"}}` with the status of its
 //! code (see `volumed_api::ErrorCode::http_status`).
@@ -63,8 +74,115 @@ mod handlers;
 mod jobs;
 mod keys;
 mod lifecycle;
+mod machine_views;
+mod machines;
 pub mod server;
-pub mod views;
+mod state;
 
-pub use handlers::ApiState;
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use volumed_api::ErrorCode;
+
 pub use server::serve;
+use state::ApiFailure;
+pub use state::ApiState;
+
+/// The one routing table.
+pub(crate) fn router(state: ApiState) -> Router {
+    use handlers::*;
+    Router::new()
+        .route("/v1/status", get(handlers::status))
+        .route("/v1/volumes", get(list_volumes).post(create_volume))
+        .route(
+            "/v1/volumes/{name}",
+            get(get_volume).patch(modify_volume).delete(delete_volume),
+        )
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/snapshots", post(create_snapshot))
+        .route(
+            "/v1/volumes/{name}/tags",
+            post(tag_volume).delete(untag_volume),
+        )
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{id}",
+            get(get_snapshot).delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{id}/attach", post(attach_snapshot))
+        .route("/v1/snapshots/{id}/detach", post(detach_snapshot))
+        .route("/v1/snapshots/{id}/verify", post(verify_snapshot))
+        .route("/v1/snapshots/{id}/diff", get(diff_snapshot))
+        .route("/v1/snapshots/{id}/changed-blocks", get(changed_blocks))
+        .route("/v1/snapshots/{id}/copy", post(keys::copy_snapshot))
+        .route("/v1/keys", get(keys::list_keys).post(keys::create_key))
+        .route("/v1/keys/{key}", get(keys::get_key))
+        .route("/v1/keys/{key}/rotate", post(keys::rotate_key))
+        .route("/v1/keys/{key}/enable", post(keys::enable_key))
+        .route("/v1/keys/{key}/disable", post(keys::disable_key))
+        .route("/v1/default-key", post(keys::set_default_key))
+        .route("/v1/snapshots/{id}/protect", post(lifecycle::protect))
+        .route("/v1/snapshots/{id}/unprotect", post(lifecycle::unprotect))
+        .route(
+            "/v1/policies",
+            get(lifecycle::list_policies).post(lifecycle::create_policy),
+        )
+        .route(
+            "/v1/policies/{name}",
+            get(lifecycle::get_policy)
+                .put(lifecycle::update_policy)
+                .delete(lifecycle::delete_policy),
+        )
+        .route("/v1/policies/{name}/run", post(lifecycle::run_now))
+        .route("/v1/prune", post(lifecycle::prune))
+        .route("/v1/bin", get(lifecycle::bin_list))
+        .route("/v1/bin/{id}/restore", post(lifecycle::bin_restore))
+        .route(
+            "/v1/bin/rules",
+            get(lifecycle::list_rules).post(lifecycle::create_rule),
+        )
+        .route(
+            "/v1/bin/rules/{id}",
+            get(lifecycle::get_rule).delete(lifecycle::delete_rule),
+        )
+        .route("/v1/gc", post(gc))
+        .route(
+            "/v1/images",
+            get(machines::list_images).post(machines::register_image),
+        )
+        .route(
+            "/v1/images/{id}",
+            get(machines::get_image).delete(machines::deregister_image),
+        )
+        .route(
+            "/v1/instances",
+            get(machines::list_instances).post(machines::run_instances),
+        )
+        .route("/v1/instances/{id}", get(machines::get_instance))
+        .route(
+            "/v1/instances/{id}/{action}",
+            post(machines::instance_action),
+        )
+        .route(
+            "/v1/snapshot-sets",
+            get(machines::list_snapshot_sets).post(machines::create_snapshot_set),
+        )
+        .route("/v1/snapshot-sets/{id}", get(machines::get_snapshot_set))
+        .route("/v1/imports", post(jobs::import_file))
+        .route("/v1/imports/stream", post(jobs::import_stream))
+        .route("/v1/exports", post(jobs::export))
+        .route("/v1/jobs", get(jobs::list_jobs))
+        .route("/v1/jobs/{id}", get(jobs::get_job))
+        .route("/v1/jobs/{id}/events", get(jobs::job_events))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel_job))
+        .fallback(|| async { ApiFailure::new(ErrorCode::NotFound, "no such API resource") })
+        .method_not_allowed_fallback(|| async {
+            ApiFailure {
+                status: StatusCode::METHOD_NOT_ALLOWED,
+                code: ErrorCode::InvalidRequest,
+                message: "method not allowed on this resource".into(),
+            }
+        })
+        .with_state(state)
+}

@@ -1,22 +1,46 @@
 //! Serves the router on the control socket (mode 0600).
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use super::handlers::{ApiState, router};
+use super::{ApiState, router};
+use crate::socket_path::{SocketError, remove_stale_socket};
 
-pub async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
-    crate::socket_path::remove_stale_socket(socket).await?;
-    let listener = UnixListener::bind(socket)
-        .with_context(|| format!("bind control socket {}", socket.display()))?;
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("bind control socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("chmod 0600 {}", path.display())]
+    Chmod {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("control API server")]
+    Serve(#[source] std::io::Error),
+}
+
+pub async fn bind(socket: &Path) -> Result<UnixListener, ServerError> {
+    remove_stale_socket(socket).await?;
+    let listener = UnixListener::bind(socket).map_err(|source| ServerError::Bind {
+        path: socket.to_owned(),
+        source,
+    })?;
     // The umask already makes it 0600; set it explicitly so that holds even
     // when the daemon is embedded with another umask.
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", socket.display()))?;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ServerError::Chmod {
+            path: socket.to_owned(),
+            source,
+        }
+    })?;
     Ok(listener)
 }
 
@@ -25,9 +49,9 @@ pub async fn serve(
     listener: UnixListener,
     state: ApiState,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), ServerError> {
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
-        .context("control API server")
+        .map_err(ServerError::Serve)
 }

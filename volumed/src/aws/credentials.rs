@@ -12,7 +12,7 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("read {path}: {source}")]
+    #[error("read {path}")]
     Read {
         path: String,
         source: std::io::Error,
@@ -174,10 +174,6 @@ impl Credentials {
 
     pub fn len(&self) -> usize {
         self.by_id.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
     }
 }
 

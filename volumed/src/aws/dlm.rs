@@ -51,7 +51,8 @@ fn lc_err(e: LifecycleError) -> EbsError {
     match e {
         LifecycleError::PolicyNotFound(id) => not_found(&id),
         LifecycleError::Engine(e) => e.into(),
-        e => invalid(e.to_string()),
+        LifecycleError::Catalog(e) => e.into(),
+        e => invalid(volumed_api::error_chain(&e)),
     }
 }
 
@@ -279,7 +280,7 @@ fn iso(t: u64) -> String {
 /// Routes one authenticated request.
 pub async fn handle(state: &AwsState, req: Request) -> Response {
     let rid = req.request_id.clone();
-    match dispatch(state, &req) {
+    match dispatch(state, &req).await {
         Ok((status, body)) => json_response(status, &body),
         Err(e) => {
             tracing::info!(request_id = rid, kind = e.kind, message = %e.message, "dlm request failed");
@@ -288,7 +289,7 @@ pub async fn handle(state: &AwsState, req: Request) -> Response {
     }
 }
 
-fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
+async fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
     let lc = &state.lifecycle;
     let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     match (&req.method, segs.as_slice()) {
@@ -308,6 +309,7 @@ fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
             let id = new_id();
             let spec = spec(&id, &b)?;
             lc.create_policy(spec, Source::Dlm, Some(b))
+                .await
                 .map_err(lc_err)?;
             Ok((200, json!({ "PolicyId": id })))
         }
@@ -385,7 +387,7 @@ fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
                 }
             }
             let spec = spec(id, &given)?;
-            lc.update_policy(spec, Some(given)).map_err(lc_err)?;
+            lc.update_policy(spec, Some(given)).await.map_err(lc_err)?;
             Ok((200, json!({})))
         }
         (&Method::DELETE, ["policies", id]) => {
@@ -393,7 +395,7 @@ fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
             if r.dlm.is_none() {
                 return Err(not_found(id));
             }
-            lc.delete_policy(id).map_err(lc_err)?;
+            lc.delete_policy(id).await.map_err(lc_err)?;
             Ok((200, json!({})))
         }
         (m, _) => Err(invalid(format!("no DLM API at {m} {}", req.path))),

@@ -14,6 +14,7 @@
 //! volumes and snapshots is the engine's, reached through the same methods
 //! the control API calls.
 
+pub mod attrs;
 pub mod credentials;
 pub mod dlm;
 pub mod ebs;
@@ -29,9 +30,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 
-use crate::api::views::NbdEndpoints;
 use crate::engine::Engine;
-use crate::nbd::tls::TlsFiles;
+use crate::present::NbdEndpoints;
+use crate::tls::TlsFiles;
+use attrs::Ec2Attributes;
 use credentials::Credentials;
 
 /// The endpoint's settings from the command line.
@@ -45,19 +47,23 @@ pub struct AwsConfig {
 }
 
 /// The account id every resource reports as its owner, and `self` means.
-pub const OWNER_ID: &str = "000000000000";
+pub const OWNER_ID: &str = crate::keys::ACCOUNT_ID;
 /// The availability zone volumes report: one host is one zone.
 pub fn availability_zone(region: &str) -> String {
     format!("{region}a")
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --aws-region {0:?}: expected lowercase letters, digits and dashes")]
+pub struct InvalidRegion(String);
+
 /// A region name as AWS spells them: lowercase letters, digits and dashes.
-pub fn region(s: &str) -> anyhow::Result<String> {
+pub fn region(s: &str) -> Result<String, InvalidRegion> {
     let ok = (1..=32).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if !ok {
-        anyhow::bail!("invalid --aws-region {s:?}: expected lowercase letters, digits and dashes");
+        return Err(InvalidRegion(s.to_owned()));
     }
     Ok(s.to_owned())
 }
@@ -65,7 +71,13 @@ pub fn region(s: &str) -> anyhow::Result<String> {
 /// What every request handler shares.
 pub struct AwsState {
     pub engine: Arc<Engine>,
+    /// Snapshot policies (DLM) and the recycle bin (rbin, EC2's recycle
+    /// actions); every snapshot deletion goes through it.
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    /// Images and instances.
+    pub machines: Arc<crate::machines::Machines>,
+    /// The endpoint's own records: EC2 attributes of volumes and snapshots.
+    pub attrs: Ec2Attributes,
     pub endpoints: Arc<NbdEndpoints>,
     pub credentials: Credentials,
     pub region: String,
@@ -91,6 +103,12 @@ impl Request {
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Why the listener answered a request before routing it.
+pub enum Refusal {
+    Auth(sigv4::AuthError),
+    TooLarge,
 }
 
 /// Which API a path belongs to, and so the service name it is signed for.

@@ -50,7 +50,8 @@ impl From<LifecycleError> for EbsError {
         match e {
             LifecycleError::RuleNotFound(id) => not_found(&id),
             LifecycleError::Engine(e) => e.into(),
-            e => invalid(e.to_string()),
+            LifecycleError::Catalog(e) => e.into(),
+            e => invalid(volumed_api::error_chain(&e)),
         }
     }
 }
@@ -183,7 +184,7 @@ fn no_lock(b: &RuleBody) -> RbinResult<()> {
 /// Routes one authenticated request.
 pub async fn handle(state: &AwsState, req: Request) -> Response {
     let rid = req.request_id.clone();
-    let (status, body) = match dispatch(state, &req) {
+    let (status, body) = match dispatch(state, &req).await {
         Ok(r) => r,
         Err(e) => {
             tracing::info!(request_id = rid, kind = e.kind, message = %e.message, "rbin request failed");
@@ -193,7 +194,7 @@ pub async fn handle(state: &AwsState, req: Request) -> Response {
     json_response(status, &body)
 }
 
-fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
+async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
     let lc = &state.lifecycle;
     let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
     match (&req.method, segs.as_slice()) {
@@ -217,7 +218,7 @@ fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
                 .into_iter()
                 .map(|t| (t.key, t.value))
                 .collect();
-            let r = lc.create_bin_rule(spec, rule_tags)?;
+            let r = lc.create_bin_rule(spec, rule_tags).await?;
             Ok((201, rule_json(state, &lc.bin_rule(&r.id)?)))
         }
         (&Method::POST, ["list-rules"]) => {
@@ -289,11 +290,11 @@ fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
             if let Some(t) = &b.exclude_resource_tags {
                 r.spec.exclude_tags = matches(t);
             }
-            lc.update_bin_rule(r.clone())?;
+            lc.update_bin_rule(r.clone()).await?;
             Ok((200, rule_json(state, &r)))
         }
         (&Method::DELETE, ["rules", id]) => {
-            lc.delete_bin_rule(id)?;
+            lc.delete_bin_rule(id).await?;
             Ok((200, json!({})))
         }
         (m, _) => Err(invalid(format!("no Recycle Bin API at {m} {}", req.path))),

@@ -7,7 +7,6 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -20,10 +19,11 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+use super::attrs::Ec2Attributes;
 use super::credentials::Credentials;
-use super::{AwsConfig, AwsState, Request, Response, Service, ebs, ec2, sigv4};
-use crate::api::views::NbdEndpoints;
-use crate::engine::Engine;
+use super::{AwsConfig, AwsState, Refusal, Request, Response, Service, ebs, ec2, sigv4};
+use crate::catalog::{Catalog, CatalogError};
+use crate::present::NbdEndpoints;
 
 /// A request body larger than this is refused: a 512 KiB block plus room.
 pub const MAX_BODY: usize = 2 << 20;
@@ -33,6 +33,20 @@ const MAX_CONNECTIONS: usize = 256;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// ... and its body within this (a 512 KiB block at well under 10 KiB/s).
 const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("configure AWS endpoint TLS")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("bind AWS endpoint on {addr}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("forget the EC2 attributes of deleted volumes")]
+    Sweep(#[source] CatalogError),
+}
 
 pub struct AwsServer {
     listener: TcpListener,
@@ -45,27 +59,36 @@ pub struct AwsServer {
 pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
-    engine: Arc<Engine>,
+    machines: Arc<crate::machines::Machines>,
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
-) -> anyhow::Result<AwsServer> {
+) -> Result<AwsServer, StartError> {
+    let engine = Arc::clone(machines.engine());
     let tls = config
         .tls
         .as_ref()
-        .map(crate::nbd::tls::acceptor)
+        .map(crate::tls::acceptor)
         .transpose()
-        .context("configure AWS endpoint TLS")?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("bind AWS endpoint on {}", config.listen))?;
+        .map_err(StartError::Tls)?;
+    let bind_err = |source| StartError::Bind {
+        addr: config.listen,
+        source,
+    };
+    let listener = TcpListener::bind(config.listen).await.map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
     info!(keys = credentials.len(), region = %config.region, tls = tls.is_some(),
-          addr = %listener.local_addr()?, "AWS endpoint listening");
+          %addr, "AWS endpoint listening");
+    let attrs = Ec2Attributes::new(catalog);
+    attrs.sweep().await.map_err(StartError::Sweep)?;
     Ok(AwsServer {
         listener,
         tls,
         state: Arc::new(AwsState {
             engine,
+            machines,
             lifecycle,
+            attrs,
             endpoints,
             credentials,
             region: config.region.clone(),
@@ -150,13 +173,23 @@ where
     }
 }
 
-/// Reads, authenticates and routes one request.
+/// Answers one request, every answer (EC2 or EBS, success or error)
+/// carrying its request id in `x-amzn-requestid`, where SDKs read it.
 async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
+    let request_id = super::request_id();
+    let mut resp = route(state, req, request_id.clone()).await;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+/// Reads, authenticates and routes one request.
+async fn route(state: &AwsState, req: hyper::Request<Incoming>, request_id: String) -> Response {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path().to_owned();
     let query = parts.uri.query().unwrap_or("").to_owned();
     let service = Service::of(&path);
-    let request_id = super::request_id();
     // The body must arrive in time too: the header timeout does not cover it.
     let body =
         match tokio::time::timeout(BODY_TIMEOUT, Limited::new(body, MAX_BODY).collect()).await {
@@ -215,11 +248,6 @@ async fn handle(state: &AwsState, req: hyper::Request<Incoming>) -> Response {
 }
 
 /// Why a request was refused before reaching an API.
-pub enum Refusal {
-    Auth(sigv4::AuthError),
-    TooLarge,
-}
-
 fn refuse(service: Service, request_id: &str, why: Refusal) -> Response {
     match service {
         Service::Ec2 => ec2::refusal(request_id, why),

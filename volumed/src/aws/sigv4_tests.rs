@@ -1,3 +1,7 @@
+//! Unit tests of SigV4 verification: AWS's documented example, requests
+//! signed by the `aws-sigv4` crate in both forms, tampering, expiry, and
+//! arbitrary input.
+
 use super::*;
 use proptest::prelude::*;
 

@@ -1,17 +1,18 @@
 //! The lifecycle layer's trees: snapshot policies, what their schedules
 //! last did on this host, and recycle-bin rules. `lifecycle/` is their one
-//! writer; it gets them from the engine as [`LifecycleTrees`].
+//! writer.
 //!
 //! - `policies`: policy name -> [`PolicyRecord`]
 //! - `policy_runs`: `<policy>\0<schedule>` -> [`ScheduleRunRecord`]
 //! - `bin_rules`: rule id -> [`BinRuleRecord`]
 //!
-//! Every change is flushed before it returns, like every other tree.
+//! Every change goes through the catalog's writer, like every other tree's.
 
 use serde::{Deserialize, Serialize};
 use volumed_api::{BinRuleSpec, PolicySpec, RunResult};
 
-use super::{Catalog, CatalogError, Result, sled_err};
+use super::writer::{Pending, Tree};
+use super::{Catalog, Result, decode, encode, get, scan, sled_err};
 
 /// A policy as kept: its spec, and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,90 +66,52 @@ pub struct BinRuleRecord {
     pub rule_tags: std::collections::BTreeMap<String, String>,
 }
 
-/// The three trees, without the rest of the catalog.
-pub struct LifecycleTrees {
-    db: sled::Db,
-    policies: sled::Tree,
-    runs: sled::Tree,
-    rules: sled::Tree,
-}
-
 impl Catalog {
-    pub fn lifecycle_trees(&self) -> Result<LifecycleTrees> {
-        Ok(LifecycleTrees {
-            db: self.db.clone(),
-            policies: self
-                .db
-                .open_tree("policies")
-                .map_err(sled_err("open tree policies"))?,
-            runs: self
-                .db
-                .open_tree("policy_runs")
-                .map_err(sled_err("open tree policy_runs"))?,
-            rules: self
-                .db
-                .open_tree("bin_rules")
-                .map_err(sled_err("open tree bin_rules"))?,
-        })
-    }
-}
-
-fn run_key(policy: &str, schedule: &str) -> String {
-    format!("{policy}\0{schedule}")
-}
-
-fn scan<T: serde::de::DeserializeOwned>(tree: &sled::Tree, op: &'static str) -> Result<Vec<T>> {
-    tree.iter()
-        .map(|kv| {
-            let (k, v) = kv.map_err(sled_err(op))?;
-            serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                key: String::from_utf8_lossy(&k).into_owned(),
-                source,
-            })
-        })
-        .collect()
-}
-
-impl LifecycleTrees {
-    fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(sled_err("flush"))
-    }
-
     /// Every policy, by name.
     pub fn policies(&self) -> Result<Vec<PolicyRecord>> {
         scan(&self.policies, "scan policies")
     }
 
-    pub fn put_policy(&self, rec: &PolicyRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a PolicyRecord always serializes");
-        self.policies
-            .insert(rec.spec.name.as_str(), value)
-            .map_err(sled_err("write policy"))?;
-        self.flush()
+    pub fn policy(&self, name: &str) -> Result<Option<PolicyRecord>> {
+        get(&self.policies, name, "read policy")
     }
 
-    /// Removes a policy and the run records of its schedules.
-    pub fn remove_policy(&self, name: &str) -> Result<()> {
-        self.policies
-            .remove(name)
-            .map_err(sled_err("remove policy"))?;
-        let prefix = format!("{name}\0");
-        for kv in self.runs.scan_prefix(prefix.as_bytes()) {
-            let (k, _) = kv.map_err(sled_err("scan policy runs"))?;
-            self.runs.remove(k).map_err(sled_err("remove policy run"))?;
-        }
-        self.flush()
+    pub fn put_policy(&self, rec: &PolicyRecord) -> Pending {
+        self.put(Tree::Policies, rec.spec.name.as_str(), encode(rec))
     }
 
+    /// Removes a policy's record; its schedules' run records go with
+    /// [`Catalog::remove_schedule_run`].
+    pub fn remove_policy(&self, name: &str) -> Pending {
+        self.remove(Tree::Policies, name)
+    }
+
+    /// What schedule `schedule` of `policy` has done (nothing yet: the
+    /// default).
     pub fn schedule_run(&self, policy: &str, schedule: &str) -> Result<ScheduleRunRecord> {
         let key = run_key(policy, schedule);
-        match self.runs.get(&key).map_err(sled_err("read policy run"))? {
+        match self
+            .policy_runs
+            .get(&key)
+            .map_err(sled_err("read policy run"))?
+        {
             None => Ok(ScheduleRunRecord::default()),
-            Some(v) => serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                key: key.replace('\0', "/"),
-                source,
-            }),
+            Some(v) => decode(key.replace('\0', "/").as_bytes(), &v),
         }
+    }
+
+    /// The names of the schedules of `policy` with a run record, whether
+    /// or not the policy still has them.
+    pub fn schedule_runs_of(&self, policy: &str) -> Result<Vec<String>> {
+        let prefix = run_key(policy, "");
+        self.policy_runs
+            .scan_prefix(prefix.as_bytes())
+            .keys()
+            .map(|k| {
+                let k = k.map_err(sled_err("scan policy runs"))?;
+                Ok(String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
+            })
+            .collect()
     }
 
     pub fn put_schedule_run(
@@ -156,30 +119,29 @@ impl LifecycleTrees {
         policy: &str,
         schedule: &str,
         rec: &ScheduleRunRecord,
-    ) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a ScheduleRunRecord always serializes");
-        self.runs
-            .insert(run_key(policy, schedule), value)
-            .map_err(sled_err("write policy run"))?;
-        self.flush()
+    ) -> Pending {
+        self.put(Tree::PolicyRuns, &run_key(policy, schedule), encode(rec))
+    }
+
+    pub fn remove_schedule_run(&self, policy: &str, schedule: &str) -> Pending {
+        self.remove(Tree::PolicyRuns, &run_key(policy, schedule))
     }
 
     pub fn bin_rules(&self) -> Result<Vec<BinRuleRecord>> {
-        scan(&self.rules, "scan bin rules")
+        scan(&self.bin_rules, "scan bin rules")
     }
 
-    pub fn put_bin_rule(&self, rec: &BinRuleRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a BinRuleRecord always serializes");
-        self.rules
-            .insert(rec.id.as_str(), value)
-            .map_err(sled_err("write bin rule"))?;
-        self.flush()
+    pub fn put_bin_rule(&self, rec: &BinRuleRecord) -> Pending {
+        self.put(Tree::BinRules, rec.id.as_str(), encode(rec))
     }
 
-    pub fn remove_bin_rule(&self, id: &str) -> Result<()> {
-        self.rules.remove(id).map_err(sled_err("remove bin rule"))?;
-        self.flush()
+    pub fn remove_bin_rule(&self, id: &str) -> Pending {
+        self.remove(Tree::BinRules, id)
     }
+}
+
+fn run_key(policy: &str, schedule: &str) -> String {
+    format!("{policy}\0{schedule}")
 }
 
 #[cfg(test)]
@@ -215,21 +177,21 @@ mod tests {
     }
 
     #[test]
-    fn policies_runs_and_rules_survive_reopen_and_go_together() {
+    fn policies_runs_and_rules_survive_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog");
         {
-            let t = Catalog::open(&path).unwrap().lifecycle_trees().unwrap();
-            t.put_policy(&policy("a")).unwrap();
-            t.put_policy(&policy("ab")).unwrap();
+            let c = Catalog::open(&path).unwrap();
+            c.put_policy(&policy("a")).wait().unwrap();
+            c.put_policy(&policy("ab")).wait().unwrap();
             let run = ScheduleRunRecord {
                 last_slot: Some(120),
                 runs: 2,
                 ..Default::default()
             };
-            t.put_schedule_run("a", "default", &run).unwrap();
-            t.put_schedule_run("ab", "default", &run).unwrap();
-            t.put_bin_rule(&BinRuleRecord {
+            c.put_schedule_run("a", "default", &run).wait().unwrap();
+            c.put_schedule_run("ab", "default", &run).wait().unwrap();
+            c.put_bin_rule(&BinRuleRecord {
                 id: "r1".into(),
                 spec: BinRuleSpec {
                     resource: BinResource::Snapshot,
@@ -241,24 +203,33 @@ mod tests {
                 created_at: 5,
                 rule_tags: Default::default(),
             })
+            .wait()
             .unwrap();
         }
-        let t = Catalog::open(&path).unwrap().lifecycle_trees().unwrap();
-        assert_eq!(t.policies().unwrap().len(), 2);
-        assert_eq!(t.schedule_run("a", "default").unwrap().runs, 2);
-        t.remove_policy("a").unwrap();
-        assert_eq!(t.policies().unwrap(), vec![policy("ab")]);
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.policies().unwrap().len(), 2);
+        assert_eq!(c.policy("a").unwrap(), Some(policy("a")));
+        assert_eq!(c.schedule_run("a", "default").unwrap().runs, 2);
         assert_eq!(
-            t.schedule_run("a", "default").unwrap(),
+            c.schedule_runs_of("a").unwrap(),
+            ["default"],
+            "a policy whose name extends another's has runs of its own"
+        );
+        for s in c.schedule_runs_of("a").unwrap() {
+            c.remove_schedule_run("a", &s).wait().unwrap();
+        }
+        c.remove_policy("a").wait().unwrap();
+        assert_eq!(c.policies().unwrap(), vec![policy("ab")]);
+        assert_eq!(
+            c.schedule_run("a", "default").unwrap(),
             ScheduleRunRecord::default()
         );
         assert_eq!(
-            t.schedule_run("ab", "default").unwrap().last_slot,
-            Some(120),
-            "a policy whose name extends another's keeps its runs"
+            c.schedule_run("ab", "default").unwrap().last_slot,
+            Some(120)
         );
-        assert_eq!(t.bin_rules().unwrap().len(), 1);
-        t.remove_bin_rule("r1").unwrap();
-        assert!(t.bin_rules().unwrap().is_empty());
+        assert_eq!(c.bin_rules().unwrap().len(), 1);
+        c.remove_bin_rule("r1").wait().unwrap();
+        assert!(c.bin_rules().unwrap().is_empty());
     }
 }

@@ -1,46 +1,70 @@
 //! The catalog: what volumes exist and how they are attached, kept in sled.
 //!
-//! Architecture invariant: no sled type leaves this module. Every mutation is
-//! flushed before it returns, because the control plane promises that a
-//! completed API call survives `kill -9`.
+//! Architecture invariant: no sled type leaves this module. Every change
+//! goes through one writer thread (`writer`), which flushes each batch
+//! before it answers, because the control plane promises that a completed
+//! API call survives `kill -9`. Reads come straight from sled's memory.
 //!
-//! Trees (keys are UTF-8 names; values are JSON documents, see docs/formats.md):
+//! Each tree has one owner that writes it: `volumes` (through
+//! `Volume::update_record`), `snapshots` and `snapshot_exports` the engine,
+//! `jobs` the images layer, `aws_volumes` and `aws_snapshots` the AWS
+//! endpoint, `policies`, `policy_runs` and `bin_rules` the lifecycle layer
+//! (`tests/tests/tidy.rs` holds every other module to reading).
+//!
+//! Trees (keys are UTF-8; values are JSON documents, see docs/formats.md):
 //! - `volumes`: volume name -> [`VolumeRecord`]
 //! - `snapshots`: snapshot id -> [`SnapshotRecord`] (snapshots this host took)
+//! - `snapshot_exports`: snapshot id -> [`SnapshotExportRecord`]
 //! - `jobs`: job id -> [`JobRecord`] (imports and exports)
-//! - `aws_snapshots`: snapshot id -> [`AwsSnapshotRecord`] (EC2 tags and
-//!   description set through the AWS endpoint)
-//! - `policies`, `policy_runs`, `bin_rules`: the lifecycle layer's (see
-//!   `lifecycle.rs`)
-//! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or "0"
+//! - `aws_volumes`, `aws_snapshots`: see [`aws`]
+//! - `policies`, `policy_runs`, `bin_rules`: see [`lifecycle`]
+//! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or
+//!   "0", `host_id`
+//! - `snapshot_sets`: see `snapshot_set`; `images`, `instances`: see
+//!   `machines`; `volume_modifications`: see `volume_modifications`
 
+mod aws;
 mod job;
 mod lifecycle;
+mod machines;
+mod migrate;
 mod record;
+mod snapshot_set;
+mod volume_modifications;
+mod writer;
 
 use std::path::Path;
 
-pub use job::{Checkpoint, JobRecord};
-pub use lifecycle::{BinRuleRecord, LifecycleTrees, PolicyRecord};
+pub use aws::{AwsAttachmentRecord, AwsSnapshotRecord, AwsVolumeRecord};
+pub use job::{Checkpoint, ExportSpec, ImportSpec, JobId, JobRecord, JobSpec};
+pub use lifecycle::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
+pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
 pub use record::{
-    AttachmentRecord, AwsSnapshotRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource,
-    SnapshotState, VolumeRecord, rfc3339, unix_now,
+    AttachmentRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource, SnapshotState,
+    VolumeRecord, rfc3339, unix_now,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+pub use snapshot_set::{SetMemberRecord, SetState, SnapshotSetRecord};
+pub use volume_modifications::VolumeModificationRecord;
 use volumed_api::VolumeName;
+pub use writer::Pending;
+use writer::{Op, Tree, Writer};
 
-/// Bumped when a record changes incompatibly; a newer catalog is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// Bumped when a record changes incompatibly; a newer catalog is refused,
+/// an older one is brought up to date once (`migrate`).
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("open {path}: {source}")]
+    #[error("open {path}")]
     Open { path: String, source: sled::Error },
-    #[error("{op}: {source}")]
+    #[error("{op}")]
     Sled {
         op: &'static str,
         source: sled::Error,
     },
-    #[error("record for key {key:?} is corrupt: {source}")]
+    #[error("record for key {key:?} is corrupt")]
     Corrupt {
         key: String,
         source: serde_json::Error,
@@ -58,33 +82,73 @@ pub enum CatalogError {
         expected: Option<u64>,
         found: Option<u64>,
     },
+    #[error("the catalog writer has stopped")]
+    WriterGone,
+    #[error("start the catalog writer")]
+    Start(#[source] std::io::Error),
 }
 
 type Result<T> = std::result::Result<T, CatalogError>;
 
-/// The id in a stored volume record, for an error message.
-fn record_id(raw: &[u8]) -> Option<u64> {
-    serde_json::from_slice::<VolumeRecord>(raw)
-        .ok()
-        .map(|r| r.id)
-}
-
 fn sled_err(op: &'static str) -> impl FnOnce(sled::Error) -> CatalogError {
     move |source| CatalogError::Sled { op, source }
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T> {
+    serde_json::from_slice(value).map_err(|source| CatalogError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn encode<T: Serialize>(rec: &T) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("a catalog record always serializes")
+}
+
+/// Every tree, shared by the readers and the writer thread.
+#[derive(Clone)]
+struct Trees {
+    volumes: sled::Tree,
+    snapshots: sled::Tree,
+    snapshot_exports: sled::Tree,
+    meta: sled::Tree,
+    jobs: sled::Tree,
+    aws_snapshots: sled::Tree,
+    aws_volumes: sled::Tree,
+    policies: sled::Tree,
+    policy_runs: sled::Tree,
+    bin_rules: sled::Tree,
+    snapshot_sets: sled::Tree,
+    images: sled::Tree,
+    instances: sled::Tree,
+    volume_modifications: sled::Tree,
 }
 
 pub struct Catalog {
     db: sled::Db,
     volumes: sled::Tree,
     snapshots: sled::Tree,
-    /// Snapshots exported with `vol snapshot attach`, by id.
     snapshot_exports: sled::Tree,
     meta: sled::Tree,
     jobs: sled::Tree,
     aws_snapshots: sled::Tree,
+    aws_volumes: sled::Tree,
+    policies: sled::Tree,
+    policy_runs: sled::Tree,
+    bin_rules: sled::Tree,
+    snapshot_sets: sled::Tree,
+    images: sled::Tree,
+    instances: sled::Tree,
+    volume_modifications: sled::Tree,
+    /// Its thread holds handles of the database too: dropping the writer
+    /// joins it, so the database (and its file lock) is closed once the
+    /// catalog is dropped.
+    writer: Writer,
 }
 
 impl Catalog {
+    /// Opens (or makes) the catalog, brings an older one up to date, and
+    /// starts its writer. Blocking.
     pub fn open(path: &Path) -> Result<Self> {
         // A handle dropped a moment ago may still hold the file lock while
         // sled's I/O pool finishes a write (seen when a test reopens at
@@ -110,65 +174,68 @@ impl Catalog {
             // The catalog is small and written rarely; a small cache keeps the
             // daemon's resident memory for the data path.
             .cache_capacity(16 << 20)
-            // Every change is flushed before it returns, so sled's periodic
-            // flusher adds nothing; without it no thread outlives the handle
-            // holding the database's file lock.
+            // The writer flushes every batch before it answers, so sled's
+            // periodic flusher adds nothing; without it no thread outlives
+            // the handle holding the database's file lock.
             .flush_every_ms(None)
             .open()
             .map_err(|source| CatalogError::Open {
                 path: path.display().to_string(),
                 source,
             })?;
-        let volumes = db
-            .open_tree("volumes")
-            .map_err(sled_err("open tree volumes"))?;
-        let meta = db.open_tree("meta").map_err(sled_err("open tree meta"))?;
-        let snapshots = db
-            .open_tree("snapshots")
-            .map_err(sled_err("open tree snapshots"))?;
-        let jobs = db.open_tree("jobs").map_err(sled_err("open tree jobs"))?;
-        let snapshot_exports = db
-            .open_tree("snapshot_exports")
-            .map_err(sled_err("open tree snapshot_exports"))?;
-        let aws_snapshots = db
-            .open_tree("aws_snapshots")
-            .map_err(sled_err("open tree aws_snapshots"))?;
-        let catalog = Catalog {
+        let open = |name: &'static str| db.open_tree(name).map_err(sled_err("open tree"));
+        let trees = Trees {
+            volumes: open("volumes")?,
+            snapshots: open("snapshots")?,
+            snapshot_exports: open("snapshot_exports")?,
+            meta: open("meta")?,
+            jobs: open("jobs")?,
+            aws_snapshots: open("aws_snapshots")?,
+            aws_volumes: open("aws_volumes")?,
+            policies: open("policies")?,
+            policy_runs: open("policy_runs")?,
+            bin_rules: open("bin_rules")?,
+            snapshot_sets: open("snapshot_sets")?,
+            images: open("images")?,
+            instances: open("instances")?,
+            volume_modifications: open("volume_modifications")?,
+        };
+        migrate::to_current(&db, &trees)?;
+        let writer = Writer::start(db.clone(), trees.clone()).map_err(CatalogError::Start)?;
+        let Trees {
+            volumes,
+            snapshots,
+            snapshot_exports,
+            meta,
             jobs,
+            aws_snapshots,
+            aws_volumes,
+            policies,
+            policy_runs,
+            bin_rules,
+            snapshot_sets,
+            images,
+            instances,
+            volume_modifications,
+        } = trees;
+        Ok(Catalog {
             db,
             volumes,
             snapshots,
             snapshot_exports,
             meta,
+            jobs,
             aws_snapshots,
-        };
-        catalog.check_format()?;
-        Ok(catalog)
-    }
-
-    fn check_format(&self) -> Result<()> {
-        match self.meta.get("format").map_err(sled_err("read format"))? {
-            Some(v) => {
-                let found = std::str::from_utf8(&v)
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(u32::MAX);
-                if found > FORMAT_VERSION {
-                    return Err(CatalogError::TooNew { found });
-                }
-                Ok(())
-            }
-            None => {
-                self.meta
-                    .insert("format", FORMAT_VERSION.to_string().as_bytes())
-                    .map_err(sled_err("write format"))?;
-                self.flush()
-            }
-        }
-    }
-
-    fn flush(&self) -> Result<()> {
-        self.db.flush().map(|_| ()).map_err(sled_err("flush"))
+            aws_volumes,
+            policies,
+            policy_runs,
+            bin_rules,
+            snapshot_sets,
+            images,
+            instances,
+            volume_modifications,
+            writer,
+        })
     }
 
     /// A fresh id, never handed out before, even across restarts.
@@ -177,191 +244,146 @@ impl Catalog {
     }
 
     /// Records a new volume; refused if a record of that name exists.
-    pub fn create_volume(&self, rec: &VolumeRecord) -> Result<()> {
+    pub fn create_volume(&self, rec: &VolumeRecord) -> Pending {
         self.swap_volume(&rec.name, None, Some(rec))
     }
 
     /// Replaces `old` by `new` (same name), only while `old` is exactly the
     /// record stored: the compare-and-swap that makes a stale writer fail
     /// instead of overwriting a volume it does not own.
-    pub fn replace_volume(&self, old: &VolumeRecord, new: &VolumeRecord) -> Result<()> {
+    pub fn replace_volume(&self, old: &VolumeRecord, new: &VolumeRecord) -> Pending {
         debug_assert_eq!(old.name, new.name, "a record keeps its name");
         self.swap_volume(&old.name, Some(old), Some(new))
     }
 
     /// Removes `old`'s record, only while it is exactly the record stored.
-    pub fn remove_volume(&self, old: &VolumeRecord) -> Result<()> {
+    pub fn remove_volume(&self, old: &VolumeRecord) -> Pending {
         self.swap_volume(&old.name, Some(old), None)
     }
 
-    /// Compares by decoded record, not by bytes: a record written by an
-    /// older volumed lacks fields this one would serialize.
     fn swap_volume(
         &self,
         name: &VolumeName,
         expected: Option<&VolumeRecord>,
         new: Option<&VolumeRecord>,
-    ) -> Result<()> {
-        let stale = |found: Option<u64>| CatalogError::StaleVolume {
+    ) -> Pending {
+        self.writer.submit(Op::SwapVolume {
             name: name.clone(),
-            expected: expected.map(|r| r.id),
-            found,
-        };
-        let raw = self
-            .volumes
-            .get(name.as_str())
-            .map_err(sled_err("read volume"))?;
-        let current: Option<VolumeRecord> = raw
-            .as_ref()
-            .map(|v| {
-                serde_json::from_slice(v).map_err(|source| CatalogError::Corrupt {
-                    key: name.to_string(),
-                    source,
-                })
-            })
-            .transpose()?;
-        if current.as_ref() != expected {
-            return Err(stale(current.map(|r| r.id)));
-        }
-        let value = new.map(|r| serde_json::to_vec(r).expect("a VolumeRecord always serializes"));
-        self.volumes
-            .compare_and_swap(name.as_str(), raw, value)
-            .map_err(sled_err("write volume"))?
-            // Only a writer bypassing the owner can get here.
-            .map_err(|e| stale(e.current.and_then(|v| record_id(&v))))?;
-        self.flush()
+            expected: expected.cloned().map(Box::new),
+            new: new.cloned().map(Box::new),
+        })
+    }
+
+    fn put(&self, tree: Tree, key: &str, value: Vec<u8>) -> Pending {
+        self.writer.submit(Op::Put {
+            tree,
+            key: key.to_owned(),
+            value,
+        })
+    }
+
+    fn remove(&self, tree: Tree, key: &str) -> Pending {
+        self.writer.submit(Op::Remove {
+            tree,
+            key: key.to_owned(),
+        })
     }
 
     pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
-        self.volumes
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(sled_err("scan volumes"))?;
-                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })
-            })
-            .collect()
+        scan(&self.volumes, "scan volumes")
     }
 
-    pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a SnapshotRecord always serializes");
-        self.snapshots
-            .insert(rec.id.as_str(), value)
-            .map_err(sled_err("write snapshot"))?;
-        self.flush()
+    pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Pending {
+        self.put(Tree::Snapshots, rec.id.as_str(), encode(rec))
     }
 
-    pub fn remove_snapshot(&self, id: &str) -> Result<()> {
-        self.snapshots
-            .remove(id)
-            .map_err(sled_err("remove snapshot"))?;
-        self.flush()
+    /// Records a new snapshot under the next catalog id (its `seq`, the
+    /// order snapshots are listed in); returns the record as written.
+    pub async fn record_new_snapshot(&self, rec: SnapshotRecord) -> Result<SnapshotRecord> {
+        let rec = SnapshotRecord {
+            seq: self.next_id()?,
+            ..rec
+        };
+        self.put_snapshot(&rec).await?;
+        Ok(rec)
+    }
+
+    pub fn remove_snapshot(&self, id: &str) -> Pending {
+        self.remove(Tree::Snapshots, id)
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
-        self.snapshots
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(sled_err("scan snapshots"))?;
-                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })
-            })
-            .collect()
+        scan(&self.snapshots, "scan snapshots")
     }
 
-    pub fn put_job(&self, rec: &JobRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a JobRecord always serializes");
-        self.jobs
-            .insert(rec.id.as_str(), value)
-            .map_err(sled_err("write job"))?;
-        self.flush()
+    pub fn put_job(&self, rec: &JobRecord) -> Pending {
+        self.put(Tree::Jobs, rec.id.as_str(), encode(rec))
     }
 
-    pub fn remove_job(&self, id: &str) -> Result<()> {
-        self.jobs.remove(id).map_err(sled_err("remove job"))?;
-        self.flush()
+    pub fn remove_job(&self, id: &JobId) -> Pending {
+        self.remove(Tree::Jobs, id.as_str())
     }
 
     /// Every job record, oldest first (ids grow).
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        self.jobs
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(sled_err("scan jobs"))?;
-                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })
-            })
-            .collect()
+        scan(&self.jobs, "scan jobs")
     }
 
-    pub fn put_snapshot_export(&self, rec: &SnapshotExportRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("a SnapshotExportRecord always serializes");
-        self.snapshot_exports
-            .insert(rec.id.as_str(), value)
-            .map_err(sled_err("write snapshot export"))?;
-        self.flush()
+    pub fn put_snapshot_export(&self, rec: &SnapshotExportRecord) -> Pending {
+        self.put(Tree::SnapshotExports, rec.id.as_str(), encode(rec))
     }
 
-    pub fn remove_snapshot_export(&self, id: &str) -> Result<()> {
-        self.snapshot_exports
-            .remove(id)
-            .map_err(sled_err("remove snapshot export"))?;
-        self.flush()
+    pub fn remove_snapshot_export(&self, id: &str) -> Pending {
+        self.remove(Tree::SnapshotExports, id)
     }
 
     pub fn snapshot_exports(&self) -> Result<Vec<SnapshotExportRecord>> {
-        self.snapshot_exports
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv.map_err(sled_err("scan snapshot exports"))?;
-                serde_json::from_slice(&v).map_err(|source| CatalogError::Corrupt {
-                    key: String::from_utf8_lossy(&k).into_owned(),
-                    source,
-                })
-            })
-            .collect()
+        scan(&self.snapshot_exports, "scan snapshot exports")
     }
 
     pub fn aws_snapshot(&self, id: &str) -> Result<Option<AwsSnapshotRecord>> {
-        let Some(v) = self
-            .aws_snapshots
-            .get(id)
-            .map_err(sled_err("read aws snapshot"))?
-        else {
-            return Ok(None);
-        };
-        serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|source| CatalogError::Corrupt {
-                key: id.to_owned(),
-                source,
+        get(&self.aws_snapshots, id, "read aws snapshot")
+    }
+
+    pub fn put_aws_snapshot(&self, id: &str, rec: &AwsSnapshotRecord) -> Pending {
+        self.put(Tree::AwsSnapshots, id, encode(rec))
+    }
+
+    pub fn remove_aws_snapshot(&self, id: &str) -> Pending {
+        self.remove(Tree::AwsSnapshots, id)
+    }
+
+    /// The EC2 attributes of the volume with id `id`, if any were set.
+    pub fn aws_volume(&self, id: u64) -> Result<Option<AwsVolumeRecord>> {
+        get(&self.aws_volumes, &aws::volume_key(id), "read aws volume")
+    }
+
+    /// The ids of every volume with EC2 attributes.
+    pub fn aws_volume_ids(&self) -> Result<Vec<u64>> {
+        self.aws_volumes
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(sled_err("scan aws volumes"))?;
+                Ok(std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|s| u64::from_str_radix(s, 16).ok()))
             })
+            .filter_map(Result::transpose)
+            .collect()
     }
 
-    pub fn put_aws_snapshot(&self, id: &str, rec: &AwsSnapshotRecord) -> Result<()> {
-        let value = serde_json::to_vec(rec).expect("an AwsSnapshotRecord always serializes");
-        self.aws_snapshots
-            .insert(id, value)
-            .map_err(sled_err("write aws snapshot"))?;
-        self.flush()
+    pub fn put_aws_volume(&self, id: u64, rec: &AwsVolumeRecord) -> Pending {
+        self.put(Tree::AwsVolumes, &aws::volume_key(id), encode(rec))
     }
 
-    pub fn remove_aws_snapshot(&self, id: &str) -> Result<()> {
-        self.aws_snapshots
-            .remove(id)
-            .map_err(sled_err("remove aws snapshot"))?;
-        self.flush()
+    pub fn remove_aws_volume(&self, id: u64) -> Pending {
+        self.remove(Tree::AwsVolumes, &aws::volume_key(id))
     }
 
     /// Whether the previous run ended with [`Catalog::mark_clean_shutdown`].
     /// Marks this run as running, so a crash before the next clean shutdown
-    /// is seen by the next start.
+    /// is seen by the next start. Blocking: for start-up.
     pub fn begin_run(&self) -> Result<bool> {
         let prev = self
             .meta
@@ -369,15 +391,13 @@ impl Catalog {
             .map_err(sled_err("read clean_shutdown"))?;
         // A fresh catalog has no previous run to distrust.
         let clean = prev.is_none_or(|v| v.as_ref() == b"1");
-        self.meta
-            .insert("clean_shutdown", "0")
-            .map_err(sled_err("write clean_shutdown"))?;
-        self.flush()?;
+        self.put(Tree::Meta, "clean_shutdown", b"0".to_vec())
+            .wait()?;
         Ok(clean)
     }
 
     /// This host's id, made once: it names the holds this host keeps in a
-    /// shared store.
+    /// shared store. Blocking: for start-up.
     pub fn host_id(&self) -> Result<String> {
         if let Some(v) = self.meta.get("host_id").map_err(sled_err("read host_id"))?
             && let Ok(s) = std::str::from_utf8(&v)
@@ -385,19 +405,30 @@ impl Catalog {
             return Ok(s.to_owned());
         }
         let id = snapshot::SnapshotId::generate().as_str()["snap-".len()..].to_owned();
-        self.meta
-            .insert("host_id", id.as_bytes())
-            .map_err(sled_err("write host_id"))?;
-        self.flush()?;
+        self.put(Tree::Meta, "host_id", id.as_bytes().to_vec())
+            .wait()?;
         Ok(id)
     }
 
-    pub fn mark_clean_shutdown(&self) -> Result<()> {
-        self.meta
-            .insert("clean_shutdown", "1")
-            .map_err(sled_err("write clean_shutdown"))?;
-        self.flush()
+    pub fn mark_clean_shutdown(&self) -> Pending {
+        self.put(Tree::Meta, "clean_shutdown", b"1".to_vec())
     }
+}
+
+fn scan<T: DeserializeOwned>(tree: &sled::Tree, op: &'static str) -> Result<Vec<T>> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv.map_err(sled_err(op))?;
+            decode(&k, &v)
+        })
+        .collect()
+}
+
+fn get<T: DeserializeOwned>(tree: &sled::Tree, key: &str, op: &'static str) -> Result<Option<T>> {
+    tree.get(key)
+        .map_err(sled_err(op))?
+        .map(|v| decode(key.as_bytes(), &v))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -422,9 +453,9 @@ mod tests {
         {
             let c = Catalog::open(&path).unwrap();
             assert!(c.begin_run().unwrap(), "a fresh catalog counts as clean");
-            c.create_volume(&record("a", 1)).unwrap();
-            c.create_volume(&record("b", 2)).unwrap();
-            c.remove_volume(&record("a", 1)).unwrap();
+            c.create_volume(&record("a", 1)).wait().unwrap();
+            c.create_volume(&record("b", 2)).wait().unwrap();
+            c.remove_volume(&record("a", 1)).wait().unwrap();
         }
         let c = Catalog::open(&path).unwrap();
         assert!(!c.begin_run().unwrap(), "no clean shutdown was recorded");
@@ -435,7 +466,7 @@ mod tests {
             .map(|r| r.name.to_string())
             .collect();
         assert_eq!(names, ["b"]);
-        c.mark_clean_shutdown().unwrap();
+        c.mark_clean_shutdown().wait().unwrap();
         drop(c);
         assert!(Catalog::open(&path).unwrap().begin_run().unwrap());
     }
@@ -445,31 +476,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(&dir.path().join("catalog")).unwrap();
         let first = record("a", 1);
-        c.create_volume(&first).unwrap();
+        c.create_volume(&first).wait().unwrap();
         assert!(matches!(
-            c.create_volume(&record("a", 9)),
+            c.create_volume(&record("a", 9)).wait(),
             Err(CatalogError::StaleVolume { found: Some(1), .. })
         ));
         // Deleted and created again under the same name.
-        c.remove_volume(&first).unwrap();
+        c.remove_volume(&first).wait().unwrap();
         let second = record("a", 2);
-        c.create_volume(&second).unwrap();
+        c.create_volume(&second).wait().unwrap();
         // The first volume's writer still holds its record: every write of
         // it is refused, naming both ids.
         let mut late = first.clone();
         late.last_snapshot = snapshot::SnapshotId::parse("snap-0123456789abcdef0");
-        let err = c.replace_volume(&first, &late).unwrap_err();
+        let err = c.replace_volume(&first, &late).wait().unwrap_err();
         assert!(
             err.to_string()
                 .contains("expected id=Some(1), found id=Some(2)"),
             "{err}"
         );
-        assert!(c.remove_volume(&first).is_err());
+        assert!(c.remove_volume(&first).wait().is_err());
         assert_eq!(c.volumes().unwrap(), vec![second.clone()]);
         // The owner of the current record writes as before.
         let mut next = second.clone();
         next.size *= 2;
-        c.replace_volume(&second, &next).unwrap();
+        c.replace_volume(&second, &next).wait().unwrap();
         assert_eq!(c.volumes().unwrap(), vec![next]);
     }
 
@@ -483,7 +514,7 @@ mod tests {
         let rec = c.volumes().unwrap().remove(0);
         let mut next = rec.clone();
         next.ephemeral = true;
-        c.replace_volume(&rec, &next).unwrap();
+        c.replace_volume(&rec, &next).wait().unwrap();
         assert_eq!(c.volumes().unwrap(), vec![next]);
     }
 

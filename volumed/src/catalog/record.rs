@@ -1,10 +1,13 @@
-//! The catalog's record of one volume.
+//! The catalog's records of volumes, snapshots and snapshot exports, and
+//! the clock they are written with.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use snapshot::SnapshotId;
 use volumed_api::VolumeName;
+
+use super::JobId;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -36,7 +39,7 @@ pub struct VolumeRecord {
     /// The import job filling the volume: until it completes the volume is
     /// `importing`, cannot be attached, and is removed if the job fails.
     #[serde(default)]
-    pub importing: Option<String>,
+    pub importing: Option<JobId>,
     /// The EC2-style id (`vol-` and 17 hex digits). Records from before it
     /// existed have none; theirs is derived from the host and `id` (see
     /// `Engine::volume_id`), so it is stable all the same.
@@ -44,13 +47,6 @@ pub struct VolumeRecord {
     pub volume_id: Option<String>,
     #[serde(default)]
     pub tags: std::collections::BTreeMap<String, String>,
-    /// EC2 attributes, recorded as given.
-    #[serde(default)]
-    pub volume_type: Option<String>,
-    #[serde(default)]
-    pub iops: Option<u64>,
-    #[serde(default)]
-    pub throughput: Option<u64>,
     /// In an encrypted store: the domain and key its snapshots are sealed
     /// with (its source snapshot's, for a restored volume).
     #[serde(default)]
@@ -102,18 +98,6 @@ pub enum SnapshotSource {
     Copy,
 }
 
-/// What the AWS endpoint keeps about a snapshot beyond its manifest, whose
-/// labels cannot change: EC2 tags, description and source volume id.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AwsSnapshotRecord {
-    #[serde(default)]
-    pub volume_id: Option<String>,
-    #[serde(default)]
-    pub description: String,
-    #[serde(default)]
-    pub tags: std::collections::BTreeMap<String, String>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotState {
@@ -126,12 +110,11 @@ pub enum SnapshotState {
 pub struct AttachmentRecord {
     pub instance: Option<String>,
     pub attached_at: u64,
-    /// The device name the attacher gave (EC2's `/dev/sdf`).
+    /// A catalog id, never reused: what the AWS endpoint keys an
+    /// attachment's attributes by, so they never apply to a later
+    /// attachment of the volume. Attachments recorded before it have none.
     #[serde(default)]
-    pub device: Option<String>,
-    /// Ending the instance (EC2 TerminateInstances) deletes the volume.
-    #[serde(default)]
-    pub delete_on_termination: bool,
+    pub id: Option<u64>,
 }
 
 /// A snapshot exported read-only over NBD by `vol snapshot attach`: opened
@@ -168,9 +151,6 @@ impl VolumeRecord {
             importing: None,
             volume_id: None,
             tags: Default::default(),
-            volume_type: None,
-            iops: None,
-            throughput: None,
             encryption: None,
         }
     }

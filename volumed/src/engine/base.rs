@@ -240,8 +240,12 @@ impl BaseImage {
             return Ok(None);
         };
         let data = self.fetcher.get(&hash).await.map_err(|e| {
-            tracing::error!(volume = %volume, snapshot, chunk, %hash, error = %e,
-                "cannot fetch a chunk of the volume's snapshot");
+            // A fetch cut short by shutdown is no fault of the snapshot; the
+            // chunk stays `Base` and is fetched after the restart.
+            if !e.is_cancelled() {
+                tracing::error!(volume = %volume, snapshot, chunk, %hash, error = %e,
+                    "cannot fetch a chunk of the volume's snapshot");
+            }
             io::Error::other(format!(
                 "chunk {chunk} of snapshot {snapshot} (object {hash}): {e}"
             ))

@@ -15,8 +15,10 @@ use std::sync::Arc;
 use snapshot::crypt::RotateReport;
 use snapshot::{Encryption, ManifestReader};
 
-use super::Engine;
-use crate::error::{Error, Result};
+use snapshot::Repo;
+
+use super::error::{Error, Result};
+use crate::catalog::Catalog;
 use crate::keys::{DomainScope, KeyInfo, KeyService};
 
 /// The engine's encryption settings, set once at start.
@@ -25,7 +27,21 @@ pub struct EncryptionSettings {
     pub scope: DomainScope,
 }
 
-impl Engine {
+/// What encryption new data gets: the one reader of the key service and
+/// the store's keyring for the engine's parts (volumes, snapshots, copies).
+pub(super) struct Sealing {
+    pub(super) repo: Repo,
+    encryption: std::sync::OnceLock<EncryptionSettings>,
+}
+
+impl Sealing {
+    pub(super) fn new(repo: Repo) -> Self {
+        Sealing {
+            repo,
+            encryption: std::sync::OnceLock::new(),
+        }
+    }
+
     /// Gives the engine the key service (the daemon does, at start).
     pub fn set_encryption(&self, keys: Arc<KeyService>, scope: DomainScope) {
         let _ = self.encryption.set(EncryptionSettings { keys, scope });
@@ -108,12 +124,16 @@ impl Engine {
     /// Gives a volume made before its store was encrypted (its host moved
     /// to an encrypted store) the default key's domain, through the
     /// record's owner, before its first snapshot there.
-    pub(crate) async fn ensure_encryption(&self, vol: &super::Volume) -> Result<()> {
+    pub(crate) async fn ensure_encryption(
+        &self,
+        catalog: &Catalog,
+        vol: &super::Volume,
+    ) -> Result<()> {
         if !self.store_encrypted() || vol.record().encryption.is_some() {
             return Ok(());
         }
         let enc = self.new_encryption(None, None).await?;
-        vol.update_record(&self.catalog, |r| {
+        vol.update_record(catalog, |r| {
             if r.encryption.is_none() {
                 r.encryption = enc;
             }
@@ -150,22 +170,6 @@ impl Engine {
             Some(s) if s.key == k.id => Ok(Some(s.clone())),
             _ => Ok(Some(self.new_domain(&k))),
         }
-    }
-
-    /// Copies snapshot `source` under a new id: under `key` when given (a
-    /// full copy, every chunk sealed anew, unless it is the source's key),
-    /// else sharing the source's chunks. Returns the copy's `pending`
-    /// record; the copy runs in the background.
-    pub async fn copy_snapshot(
-        &self,
-        source: &snapshot::SnapshotId,
-        key: Option<&str>,
-        labels: std::collections::BTreeMap<String, String>,
-    ) -> Result<crate::catalog::SnapshotRecord> {
-        super::validate::labels(&labels)?;
-        let h = self.snapshot_header(source).await?;
-        let target = self.copy_encryption(&h.encryption, key).await?;
-        self.snapshot_jobs.copies.start(&h, target, labels).await
     }
 
     /// Rotates key `reference`: a new version on this host, then every data

@@ -1,94 +1,82 @@
-//! The volume engine: owns every volume of the host and applies the
-//! lifecycle rules (create, attach, detach, modify, delete, shutdown). It
-//! holds the parts below and is the only place that combines them:
+//! The volume engine: the one owner of volume state on this host. It holds
+//! every volume (its record, its files, its data path), the snapshots taken
+//! from them, and the jobs that work on them, and answers every other
+//! layer through the public functions of [`Engine`], all in this file.
 //!
+//! - `lifecycle`: the rules of create, attach, detach, modify, tag and
+//!   delete, and what an import may do to the volumes it fills;
+//! - `snapshots`: snapshots taken, uploaded, listed, deleted, compared,
+//!   collected, exported;
 //! - `registry`: the open volumes by name, and the lifecycle lock;
-//! - `recovery`: what opening does after a crash;
+//! - `recovery`: what opening does after a crash; `dirs`: where volumes'
+//!   files live and the trash they leave through;
 //! - `restore`: setting up a volume created from a snapshot;
-//! - `volume`: one volume and its data path; `freeze`: a snapshot's hold on
-//!   it; `chunk_map`: chunk states and the dirty set; `base`: a restored
+//! - `volume`: one volume and its data path; `record`: its catalog record
+//!   and the record's one writer; `freeze`: a snapshot's hold on it;
+//!   `chunk_map`: chunk states and the dirty set; `base`: a restored
 //!   volume's snapshot and detach log;
-//! - `jobs::snapshot`, `jobs::hydrate`, `jobs::import`, `jobs::export`:
-//!   background work (the last two listed in `jobs::registry`);
-//! - `snapshot_catalog`: the snapshots this host can see, and store-wide
-//!   operations on them;
-//! - `validate`: the rules for request values.
+//! - `jobs`: snapshot uploads, block uploads, hydration;
+//! - `snapshot_catalog`, `snapshot_export`: the snapshots this host can
+//!   see, and the read-only exports of them;
+//! - `validate`, `volume_id`: the rules for request values, ids and tags;
+//! - `error`: the engine's error.
 //!
-//! Presentation (API views, NBD URIs) is not here: see `api::views`.
-//!
-//! Crash safety of the lifecycle: create writes data files before the
-//! record; delete marks the record, removes the files, then the record.
-//! `recovery` finishes or undoes whatever a crash interrupted.
+//! Architecture invariant: `impl Engine` is here only, and every function
+//! in it hands the work to the part that owns it; no layer above reaches a
+//! part but through these functions. The engine imports nothing above it:
+//! no front-end, no presentation, no image code.
 
-pub(crate) mod aws_attrs;
 pub(crate) mod base;
 pub mod chunk_map;
+mod dirs;
 pub(crate) mod encryption;
+pub(crate) mod error;
 mod export;
 pub(crate) mod freeze;
-mod images;
 pub(crate) mod jobs;
+mod lifecycle;
+mod record;
 pub(crate) mod recovery;
 pub(crate) mod registry;
 pub(crate) mod restore;
 pub(crate) mod snapshot_catalog;
 pub(crate) mod snapshot_export;
+pub(crate) mod snapshot_set;
+mod snapshots;
 pub(crate) mod validate;
 mod volume;
+pub(crate) mod volume_id;
 
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use snapshot::cache::Fetcher;
-use snapshot::{ChunkGeometry, SnapshotId};
-use tracing::{info, warn};
-use volumed_api::{
-    AttachVolume, CreateSnapshot, CreateVolume, DEFAULT_CHUNK_SIZE, ImportRequest, ModifyVolume,
-    VolumeName, format_size,
-};
+use snapshot::{Manifest, ManifestHeader, ManifestReader, SnapshotId};
+use volumed_api::{AttachVolume, CreateSnapshot, CreateVolume, ModifyVolume, VolumeName};
 
+pub use error::{Error, Result};
 pub use export::{Backend, Export};
+pub use jobs::block_upload::{Block, UploadSpec};
+pub use jobs::hydrate::{HydrationProgress, HydrationState};
+pub use jobs::snapshot::{SnapshotDone, SnapshotOutcome};
+pub use snapshot_catalog::SnapshotInfo;
 pub use snapshot_export::{SnapshotExportLease, SnapshotImage};
 pub use volume::{Extent, ReadPiece, Volume};
+pub use volume_id::VolumeOptions;
 
-use crate::catalog::{AttachmentRecord, Catalog, SnapshotRecord, VolumeRecord, unix_now};
-use crate::disk::{DataFile, IoEngine, sync_dir};
-use crate::error::{Error, IoContext, Result};
-use crate::failpoint;
-pub use jobs::block_upload::{Block, UploadSpec};
-use jobs::export::{ExportJobs, ExportSource, Sink};
+use crate::catalog::{Catalog, JobId, SnapshotRecord, SnapshotSetRecord};
+use crate::disk::IoEngine;
+use encryption::Sealing;
 use jobs::hydrate::Hydrator;
-use jobs::import::ImportJobs;
-use jobs::registry::{JobHandle, JobRegistry};
 use jobs::snapshot::SnapshotJobs;
-use jobs::work::WorkDirs;
+use lifecycle::Lifecycle;
 use registry::Registry;
-use snapshot_catalog::{SnapshotCatalog, SnapshotInfo};
+use snapshot_catalog::SnapshotCatalog;
 use snapshot_export::SnapshotExports;
-
-/// Where volumes' data directories live: one per volume, named by its id in
-/// hex, never reused.
-#[derive(Clone)]
-pub struct VolumeDirs {
-    root: PathBuf,
-}
-
-impl VolumeDirs {
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    pub fn volume(&self, id: u64) -> PathBuf {
-        self.root.join(format!("{id:016x}"))
-    }
-
-    pub fn parse_id(name: &str) -> Option<u64> {
-        (name.len() == 16)
-            .then(|| u64::from_str_radix(name, 16).ok())
-            .flatten()
-    }
-}
+use snapshot_set::SnapshotSets;
+use snapshots::Snapshots;
 
 /// Fetches from the store and the chunk cache's state, for `vol status`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -100,96 +88,72 @@ pub struct FetchStats {
 }
 
 pub struct Engine {
-    catalog: Arc<Catalog>,
-    dirs: VolumeDirs,
-    registry: Arc<Registry>,
-    io: Arc<IoEngine>,
-    repo: snapshot::Repo,
-    /// Restored volumes' chunks, through the host's cache.
-    fetcher: Arc<Fetcher>,
-    /// Names this host's holds in the store.
-    host_id: String,
-    snapshot_jobs: Arc<SnapshotJobs>,
-    hydrator: Arc<Hydrator>,
-    snapshots: SnapshotCatalog,
-    /// Imports and exports, and the registry listing them.
-    imports: Arc<ImportJobs>,
-    exports: Arc<ExportJobs>,
-    snapshot_exports: Arc<SnapshotExports>,
-    /// The key service and domain scope, set once at start.
-    encryption: std::sync::OnceLock<encryption::EncryptionSettings>,
+    volumes: Lifecycle,
+    snapshots: Snapshots,
 }
 
 impl Engine {
-    /// Opens the catalog under `data_dir` and reopens every volume (see
+    /// Opens the volumes `catalog` records under `data_dir` (see
     /// `recovery`); attached ones are exported again. Returns whether the
     /// previous run shut down cleanly.
-    pub fn open(
+    pub async fn open(
         data_dir: &Path,
+        catalog: Arc<Catalog>,
         io: Arc<IoEngine>,
         repo: snapshot::Repo,
         fetcher: Arc<Fetcher>,
-    ) -> anyhow::Result<(Self, bool)> {
-        use anyhow::Context;
-        let catalog = Arc::new(Catalog::open(&data_dir.join("catalog")).context("open catalog")?);
-        let clean = catalog.begin_run().context("record start")?;
-        let host_id = catalog.host_id().context("read host id")?;
-        let dirs = VolumeDirs {
-            root: data_dir.join("volumes"),
-        };
-        std::fs::create_dir_all(dirs.root())
-            .with_context(|| format!("create {}", dirs.root().display()))?;
+    ) -> Result<(Self, bool)> {
+        let (clean, host_id, dirs, vols) =
+            recovery::open(&catalog, data_dir, &io, &fetcher).await?;
         let registry = Arc::new(Registry::default());
-        for vol in recovery::open_volumes(&catalog, &dirs, &io, &fetcher, clean)? {
+        for vol in vols {
             registry.insert(vol);
         }
-        let snapshot_jobs = Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone()));
-        let job_registry = Arc::new(JobRegistry::open(Arc::clone(&catalog)).context("load jobs")?);
-        // Emptied before `start_background` resumes any import.
-        let work = WorkDirs::new(data_dir.join("jobs"));
-        work.clear_stale();
-        let imports = Arc::new(ImportJobs::new(
-            Arc::clone(&catalog),
-            Arc::clone(&registry),
-            dirs.clone(),
-            Arc::clone(&job_registry),
-            Arc::clone(&snapshot_jobs),
-            work,
-        ));
-        let snapshot_exports = Arc::new(SnapshotExports::new(
+        let jobs = Arc::new(SnapshotJobs::new(Arc::clone(&catalog), repo.clone()));
+        let known = Arc::new(SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()));
+        let sets = Arc::new(
+            SnapshotSets::open(
+                Arc::clone(&catalog),
+                Arc::clone(&jobs),
+                Arc::clone(&known),
+                Arc::clone(&registry),
+            )
+            .await?,
+        );
+        let exports = Arc::new(SnapshotExports::new(
             Arc::clone(&catalog),
             repo.clone(),
             Arc::clone(&fetcher),
             host_id.clone(),
         ));
-        let exports = Arc::new(ExportJobs::new(
+        let hydrator = Arc::new(Hydrator::new(
             Arc::clone(&catalog),
-            job_registry,
-            Arc::clone(&snapshot_jobs),
-            Arc::clone(&snapshot_exports),
             repo.clone(),
-            Arc::clone(&fetcher),
+            Arc::clone(&registry),
+            host_id.clone(),
         ));
+        let sealing = Arc::new(Sealing::new(repo.clone()));
         let engine = Engine {
-            imports,
-            exports,
-            snapshot_jobs,
-            hydrator: Arc::new(Hydrator::new(
-                Arc::clone(&catalog),
-                repo.clone(),
-                Arc::clone(&registry),
-                host_id.clone(),
-            )),
-            snapshots: SnapshotCatalog::new(Arc::clone(&catalog), repo.clone()),
-            snapshot_exports,
-            catalog,
-            dirs,
-            registry,
-            io,
-            repo,
-            fetcher,
-            host_id,
-            encryption: std::sync::OnceLock::new(),
+            snapshots: Snapshots {
+                catalog: Arc::clone(&catalog),
+                registry: Arc::clone(&registry),
+                jobs,
+                known,
+                sets,
+                exports,
+                sealing: Arc::clone(&sealing),
+            },
+            volumes: Lifecycle {
+                catalog,
+                dirs,
+                registry,
+                io,
+                repo,
+                fetcher,
+                host_id,
+                hydrator,
+                sealing,
+            },
         };
         Ok((engine, clean))
     }
@@ -199,38 +163,149 @@ impl Engine {
     /// left pending (in the background, so an unreachable store does not
     /// delay start-up).
     pub fn start_background(&self) {
-        self.hydrator.start_all();
-        let jobs = Arc::clone(&self.snapshot_jobs);
-        tokio::spawn(async move { jobs.settle_interrupted().await });
-        let imports = Arc::clone(&self.imports);
-        let registry = Arc::clone(&self.registry);
+        self.volumes.hydrator.start_all();
+        let jobs = Arc::clone(&self.snapshots.jobs);
+        let sets = Arc::clone(&self.snapshots.sets);
         tokio::spawn(async move {
-            imports
-                .settle_interrupted(|rec| {
-                    let registry = Arc::clone(&registry);
-                    async move { reopen_import(&registry, rec).await }
-                })
-                .await
+            jobs.settle_interrupted().await;
+            // Only now is each member of an interrupted set settled.
+            sets.discard_failed().await;
         });
     }
 
-    pub fn io_engine_name(&self) -> &'static str {
-        self.io.name()
+    /// Shutdown: ends every session after its in-flight requests (the
+    /// attachments stay recorded), makes all data durable, saves each
+    /// volume's dirty set, and records a clean shutdown. Jobs above the
+    /// engine (imports, exports) are stopped first by their owner.
+    pub async fn shutdown(&self) -> Result<()> {
+        // Snapshot jobs first: each puts its changes back into the dirty
+        // set, which the volumes' shutdown saves.
+        self.snapshots.jobs.shutdown().await;
+        self.snapshots.sets.shutdown().await;
+        self.volumes.hydrator.shutdown().await;
+        self.snapshots.exports.close_sessions().await;
+        self.volumes.shutdown().await
     }
 
+    pub fn io_engine_name(&self) -> &'static str {
+        self.volumes.io.name()
+    }
+
+    pub fn fetch_stats(&self) -> FetchStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let f = &self.volumes.fetcher;
+        let (cache_bytes, cache_hits) = f
+            .cache()
+            .map_or((0, 0), |c| (c.used_bytes(), c.stats.hits.load(Relaxed)));
+        FetchStats {
+            fetches: f.fetches.load(Relaxed),
+            fetched_bytes: f.fetched_bytes.load(Relaxed),
+            cache_bytes,
+            cache_hits,
+        }
+    }
+
+    /// A restored volume's hydration; `None` for other volumes.
+    pub fn hydration(&self, vol: &Volume) -> Option<HydrationProgress> {
+        HydrationProgress::of(vol, self.volumes.hydrator.status(vol))
+    }
+
+    // Volumes: `lifecycle`.
+
     pub fn get(&self, name: &VolumeName) -> Result<Arc<Volume>> {
-        self.registry.get(name)
+        self.volumes.get(name)
     }
 
     pub fn list(&self) -> Vec<Arc<Volume>> {
-        self.registry.list()
+        self.volumes.list()
     }
 
-    /// The export named `name`, for the NBD server: an exported snapshot
-    /// by id, else an attached volume.
+    pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
+        self.volumes
+            .create(req, VolumeOptions::default(), None)
+            .await
+    }
+
+    /// `create` with an EC2-style id and tags.
+    pub async fn create_with(&self, req: CreateVolume, opts: VolumeOptions) -> Result<Arc<Volume>> {
+        self.volumes.create(req, opts, None).await
+    }
+
+    pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
+        self.volumes.attach(name, req).await
+    }
+
+    /// Returns the volume and whether it was deleted (an ephemeral one).
+    pub async fn detach(&self, name: &VolumeName) -> Result<(Arc<Volume>, bool)> {
+        self.volumes.detach(name).await
+    }
+
+    pub async fn modify(&self, name: &VolumeName, req: ModifyVolume) -> Result<Arc<Volume>> {
+        self.volumes.modify(name, req).await
+    }
+
+    pub async fn delete(&self, name: &VolumeName) -> Result<()> {
+        self.volumes.delete(name).await
+    }
+
+    /// Sets the tags in `set` and removes the keys in `remove` (a key whose
+    /// value is given is removed only while it has that value, as EC2's
+    /// DeleteTags).
+    pub async fn tag_volume(
+        &self,
+        name: &VolumeName,
+        set: &BTreeMap<String, String>,
+        remove: &[(String, Option<String>)],
+    ) -> Result<Arc<Volume>> {
+        self.volumes.tag(name, set, remove).await
+    }
+
+    /// A volume's EC2-style id.
+    pub fn volume_id(&self, rec: &crate::catalog::VolumeRecord) -> String {
+        self.volumes.volume_id(rec)
+    }
+
+    /// The volume with this EC2-style id.
+    pub fn find_volume_id(&self, volume_id: &str) -> Option<Arc<Volume>> {
+        self.volumes.find_volume_id(volume_id)
+    }
+
+    // What an import job may do to the volumes it fills.
+
+    /// Creates a volume recorded `importing` for job `job`: no lifecycle
+    /// change but the job's own reaches it until [`Engine::finish_import`].
+    pub async fn create_importing(&self, req: CreateVolume, job: &JobId) -> Result<Arc<Volume>> {
+        self.volumes.create_importing(req, job).await
+    }
+
+    /// Grows a volume job `job` fills from a stream.
+    pub async fn grow_importing(
+        &self,
+        vol: &Arc<Volume>,
+        job: &JobId,
+        size: u64,
+        reserve: Option<u64>,
+    ) -> Result<()> {
+        self.volumes.grow_importing(vol, job, size, reserve).await
+    }
+
+    /// Makes the (flushed) volumes job `job` filled available.
+    pub async fn finish_import(&self, job: &JobId, vols: &[Arc<Volume>]) -> Result<()> {
+        self.volumes.finish_import(job, vols).await
+    }
+
+    /// Removes the volumes among `names` job `job` still fills.
+    pub async fn remove_importing(&self, job: &JobId, names: &[VolumeName]) {
+        self.volumes.remove_importing(job, names).await
+    }
+
+    // Exports over NBD: what the NBD server asks.
+
+    /// The export named `name`: an exported snapshot by id, else an
+    /// attached volume.
     pub fn export(&self, name: &str) -> Option<Export> {
         if let Some(id) = SnapshotId::parse(name)
-            && let Some(e) = self.snapshot_exports.export(&id)
+            && let Some(e) = self.snapshots.exports.export(&id)
         {
             return Some(e);
         }
@@ -247,422 +322,32 @@ impl Engine {
             .filter(|v| v.export().is_some())
             .map(|v| v.name.as_str().to_owned())
             .collect();
-        names.extend(self.snapshot_exports.names().into_iter().map(String::from));
+        names.extend(self.snapshots.exports.names().into_iter().map(String::from));
         names
-    }
-
-    /// The NBD Unix socket, for the URIs of snapshot export leases.
-    pub fn set_nbd_socket(&self, path: PathBuf) {
-        self.snapshot_exports.set_nbd_socket(path);
     }
 
     /// Exports the snapshots `vol snapshot attach` left exported (after a
     /// restart) and releases the holds of exports that ended.
     pub async fn reopen_snapshot_exports(&self) {
-        self.snapshot_exports.reopen().await;
-    }
-
-    /// When snapshot `id` was exported by `vol snapshot attach`, if it is.
-    pub fn snapshot_attached_at(&self, id: &SnapshotId) -> Option<u64> {
-        self.snapshot_exports.attached_at(id)
-    }
-
-    /// Exports snapshot `id` read-only over NBD under its id, on this host,
-    /// until [`Engine::detach_snapshot`]; it survives restarts.
-    pub async fn attach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
-        let m = self.exportable_manifest(id).await?;
-        self.snapshot_exports.attach(m).await?;
-        self.snapshot(id).await
-    }
-
-    pub async fn detach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
-        let header = self.snapshot_exports.detach(id).await?;
-        match self.snapshot(id).await {
-            // Deleted by another host while exported here: what was served.
-            Err(Error::SnapshotNotFound(_)) => Ok(SnapshotInfo::Stored(header)),
-            other => other,
-        }
-    }
-
-    /// Exports snapshot `id` over the NBD Unix socket for as long as the
-    /// lease lives, for the daemon's own readers (image export).
-    pub async fn lease_snapshot_export(&self, id: &SnapshotId) -> Result<SnapshotExportLease> {
-        let m = self.exportable_manifest(id).await?;
-        self.snapshot_exports.lease(m).await
-    }
-
-    async fn exportable_manifest(&self, id: &SnapshotId) -> Result<Arc<snapshot::ManifestReader>> {
-        if self.snapshot_jobs.is_running(id) {
-            return Err(Error::SnapshotBusy(id.to_string()));
-        }
-        Ok(Arc::new(self.snapshots.reader(id).await?))
+        self.snapshots.exports.reopen().await;
     }
 
     /// The changed blocks from snapshot `from` to the snapshot `export`
-    /// serves, for a dirty-bitmap context; `None` when the export is a
-    /// volume, `from` is unknown, or it cannot be compared.
+    /// serves, for a dirty-bitmap context.
     pub async fn changed_since(
         &self,
         export: &Export,
         from: &str,
     ) -> Option<Arc<snapshot::diff::Diff>> {
-        let image = export.backend.snapshot()?;
-        let from = SnapshotId::parse(from)?;
-        let m = match self.snapshots.reader(&from).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
-                return None;
-            }
-        };
-        match image.changed_from(&m).await {
-            Ok(d) => Some(d),
-            Err(e) => {
-                tracing::debug!(snapshot = %image.id, from = %from, error = %e, "no dirty bitmap");
-                None
-            }
-        }
+        self.snapshots.changed_since(export, from).await
     }
 
-    /// The snapshots a snapshot export can be compared with, for
-    /// NBD_OPT_LIST_META_CONTEXT: the completed snapshots of its volume
-    /// with its chunk size, itself excluded.
+    /// The snapshots a snapshot export can be compared with.
     pub async fn changed_candidates(&self, export: &Export) -> Vec<String> {
-        let Some(image) = export.backend.snapshot() else {
-            return Vec::new();
-        };
-        let h = image.manifest.header();
-        match self.snapshots.list(Some(&h.volume)).await {
-            Ok(list) => list
-                .iter()
-                .filter(|s| s.completed() && s.chunk_size() == h.chunk_size && *s.id() != h.id)
-                .map(|s| s.id().to_string())
-                .collect(),
-            Err(e) => {
-                tracing::debug!(snapshot = %h.id, error = %e, "cannot list dirty bitmaps");
-                Vec::new()
-            }
-        }
+        self.snapshots.changed_candidates(export).await
     }
 
-    /// (done, total) chunks of `vol`'s snapshot in progress, if one runs.
-    pub fn snapshot_progress(&self, vol: &Volume) -> Option<(u64, u64)> {
-        self.snapshot_jobs.progress_of(vol)
-    }
-
-    pub fn hydration(&self, vol: &Volume) -> Option<jobs::hydrate::HydrationStatus> {
-        self.hydrator.status(vol)
-    }
-
-    pub fn fetch_stats(&self) -> FetchStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let f = &self.fetcher;
-        let (cache_bytes, cache_hits) = f
-            .cache()
-            .map_or((0, 0), |c| (c.used_bytes(), c.stats.hits.load(Relaxed)));
-        FetchStats {
-            fetches: f.fetches.load(Relaxed),
-            fetched_bytes: f.fetched_bytes.load(Relaxed),
-            cache_bytes,
-            cache_hits,
-        }
-    }
-
-    pub async fn create(&self, req: CreateVolume) -> Result<Arc<Volume>> {
-        self.create_with(req, aws_attrs::VolumeAttrs::default(), None)
-            .await
-    }
-
-    /// `create` with the attributes the AWS endpoint and `vol create --tag`
-    /// add (tags, EC2 volume type), and for an import job's volume when
-    /// `importing` names the job: recorded `importing` from the start, so
-    /// it is never `available` half filled.
-    pub async fn create_with(
-        &self,
-        req: CreateVolume,
-        attrs: aws_attrs::VolumeAttrs,
-        importing: Option<String>,
-    ) -> Result<Arc<Volume>> {
-        attrs.validate()?;
-        let source = match &req.from_snapshot {
-            Some(raw) => {
-                let id =
-                    SnapshotId::parse(raw).ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?;
-                Some(restore::source_manifest(&self.repo, &id).await?)
-            }
-            None => None,
-        };
-        let encryption = self
-            .volume_encryption(req.encrypted, req.key.as_deref(), source.as_deref())
-            .await?;
-        let chunk_size = match (&source, req.chunk_size) {
-            (Some(m), Some(c)) if c != m.header().chunk_size => {
-                return Err(Error::InvalidSize(format!(
-                    "snapshot {} has chunks of {}; a volume created from it has the same, not {}",
-                    m.header().id,
-                    format_size(m.header().chunk_size),
-                    format_size(c)
-                )));
-            }
-            (Some(m), _) => m.header().chunk_size,
-            (None, c) => c.unwrap_or(DEFAULT_CHUNK_SIZE),
-        };
-        validate::chunk_size(chunk_size)?;
-        let size = match (req.size, &source) {
-            (Some(s), Some(m)) if s < m.header().size => {
-                return Err(Error::InvalidSize(format!(
-                    "size {} is smaller than snapshot {} ({})",
-                    format_size(s),
-                    m.header().id,
-                    format_size(m.header().size)
-                )));
-            }
-            (Some(s), _) => s,
-            (None, Some(m)) => m.header().size,
-            (None, None) => {
-                return Err(Error::InvalidSize(
-                    "size is required unless the volume is created from a snapshot".into(),
-                ));
-            }
-        };
-        validate::size(size)?;
-        let geometry =
-            ChunkGeometry::new(size, chunk_size).map_err(|e| Error::InvalidSize(e.to_string()))?;
-        let _guard = self.registry.lock().await;
-        if self.get(&req.name).is_ok() {
-            return Err(Error::VolumeExists(req.name));
-        }
-        let id = self.catalog.next_id()?;
-        let mut rec = VolumeRecord::new(
-            id,
-            req.name.clone(),
-            size,
-            chunk_size,
-            req.ephemeral,
-            source.as_ref().map(|m| m.header().id.clone()),
-        );
-        rec.last_snapshot = rec.source_snapshot.clone();
-        rec.hydrate = source.is_some() && req.hydrate.unwrap_or(true);
-        rec.importing = importing;
-        rec.encryption = encryption;
-        attrs.apply(&mut rec);
-        let dir = self.dirs.volume(id);
-        let data = DataFile::create(&dir, size, Arc::clone(&self.io))
-            .ctx(|| format!("create data files in {}", dir.display()))?;
-        let base = match &source {
-            Some(m) => {
-                let hold = restore::hold_name(&self.host_id, id);
-                match restore::prepare_base(&self.repo, &self.fetcher, &hold, &dir, m).await {
-                    Ok(b) => Some(b),
-                    Err(e) => {
-                        let _ = std::fs::remove_dir_all(&dir);
-                        return Err(e);
-                    }
-                }
-            }
-            None => None,
-        };
-        failpoint::hit("create-after-files");
-        if let Err(e) = self.catalog.create_volume(&rec) {
-            let _ = std::fs::remove_dir_all(&dir);
-            return Err(e.into());
-        }
-        info!(volume = %rec.name, size = rec.size, chunk_size, ephemeral = rec.ephemeral,
-              source = ?rec.source_snapshot, "volume created");
-        // From the base's copy, which is exact for a small manifest.
-        let map = restore::initial_map(geometry, base.as_ref().map(|b| &*b.manifest));
-        let vol = Volume::new(rec, geometry, data, map, base);
-        if let Some(m) = source {
-            vol.set_parent_manifest(m);
-        }
-        self.registry.insert(Arc::clone(&vol));
-        self.hydrator.adopt(Arc::clone(&vol));
-        Ok(vol)
-    }
-
-    pub async fn attach(&self, name: &VolumeName, req: AttachVolume) -> Result<Arc<Volume>> {
-        self.attach_with(name, req, None).await
-    }
-
-    /// `attach`, recording the device name the attacher gave (EC2's).
-    pub async fn attach_with(
-        &self,
-        name: &VolumeName,
-        req: AttachVolume,
-        device: Option<String>,
-    ) -> Result<Arc<Volume>> {
-        if let Some(i) = &req.instance {
-            validate::instance(i)?;
-        }
-        let _guard = self.registry.lock().await;
-        let mut vol = self.get(name)?;
-        not_importing(&vol)?;
-        if vol.record().attachment.is_none() && vol.failure().is_some() {
-            // Left failed by a detach whose reopen failed: try again.
-            let rec = vol.record();
-            vol = self.reopen(&vol, &rec)?;
-        }
-        let attached = vol
-            .update_record(&self.catalog, |rec| {
-                if let Some(att) = &rec.attachment {
-                    // Attaching again for the same instance is a no-op, so
-                    // a hypervisor retrying after a timeout gets the same
-                    // answer.
-                    if att.instance == req.instance {
-                        return Ok(false);
-                    }
-                    let holder = att.instance.clone().unwrap_or_else(|| "(none)".into());
-                    return Err(Error::AttachedElsewhere(name.clone(), holder));
-                }
-                rec.attachment = Some(AttachmentRecord {
-                    instance: req.instance,
-                    attached_at: unix_now(),
-                    device,
-                    delete_on_termination: false,
-                });
-                Ok(true)
-            })
-            .await?;
-        if attached {
-            vol.open_export();
-            info!(volume = %name, "volume attached");
-        }
-        Ok(vol)
-    }
-
-    /// Ends the export (disconnecting its clients after their in-flight
-    /// requests), makes the data durable, and records the volume available.
-    /// An ephemeral volume is deleted. Returns whether it was deleted.
-    pub async fn detach(&self, name: &VolumeName) -> Result<(Arc<Volume>, bool)> {
-        let _guard = self.registry.lock().await;
-        let vol = self.get(name)?;
-        let rec = vol.record();
-        if rec.attachment.is_none() {
-            return Err(Error::VolumeNotAttached(name.clone()));
-        }
-        if let Some(export) = vol.take_export() {
-            export.close().await;
-        }
-        let failed = vol.failure().is_some();
-        if !failed {
-            vol.flush().await.ctx(|| format!("flush volume '{name}'"))?;
-        }
-        if rec.ephemeral {
-            self.delete_locked(&vol).await?;
-            info!(volume = %name, "ephemeral volume detached and deleted");
-            return Ok((vol, true));
-        }
-        vol.update_record(&self.catalog, |r| {
-            r.attachment = None;
-            Ok(())
-        })
-        .await?;
-        info!(volume = %name, "volume detached");
-        if failed {
-            // Detached either way; a reopen that fails leaves it failed,
-            // and attach tries again.
-            match self.reopen(&vol, &vol.record()) {
-                Ok(v) => return Ok((v, false)),
-                Err(e) => {
-                    warn!(volume = %name, error = %e, "could not reopen the failed volume");
-                }
-            }
-        }
-        Ok((vol, false))
-    }
-
-    /// Replaces a failed, detached volume with one opened afresh from its
-    /// files, as after an unclean stop: the map rebuilt from the files'
-    /// allocation, a base reopened from its log, every chunk dirty (nothing
-    /// proves what the failure lost). The old one keeps refusing requests.
-    fn reopen(&self, old: &Arc<Volume>, rec: &VolumeRecord) -> Result<Arc<Volume>> {
-        let dir = self.dirs.volume(rec.id);
-        let vol = recovery::open_volume(rec, &dir, &self.io, &self.fetcher, false)
-            .ctx(|| format!("reopen volume '{}' from {}", rec.name, dir.display()))?;
-        if let Some(m) = old.parent_manifest() {
-            vol.set_parent_manifest(m);
-        }
-        self.hydrator.stop(old);
-        // From here the new object owns the record; the old one, which
-        // jobs may still hold, can no longer write it.
-        old.retire_record();
-        self.registry.insert(Arc::clone(&vol));
-        self.hydrator.adopt(Arc::clone(&vol));
-        info!(volume = %rec.name, reason = old.failure().unwrap_or_default(),
-              "failed volume reopened from its files; every chunk counts as changed");
-        Ok(vol)
-    }
-
-    pub async fn modify(&self, name: &VolumeName, req: ModifyVolume) -> Result<Arc<Volume>> {
-        let _guard = self.registry.lock().await;
-        let vol = self.get(name)?;
-        not_importing(&vol)?;
-        let current = vol.size();
-        if let Some(size) = req.size {
-            validate::size(size)?;
-            if size < current {
-                return Err(Error::InvalidSize(format!(
-                    "volume '{name}' cannot shrink from {} to {}",
-                    format_size(current),
-                    format_size(size)
-                )));
-            }
-            if size > current {
-                // Files grow before the record does: a crash in between leaves
-                // longer files than the record, which open() tolerates.
-                vol.grow(size).ctx(|| format!("grow volume '{name}'"))?;
-            }
-        }
-        vol.update_record(&self.catalog, |rec| {
-            if let Some(size) = req.size {
-                rec.size = rec.size.max(size);
-            }
-            if let Some(e) = req.ephemeral {
-                rec.ephemeral = e;
-            }
-            Ok(())
-        })
-        .await?;
-        info!(volume = %name, size = vol.size(), "volume modified");
-        Ok(vol)
-    }
-
-    pub async fn delete(&self, name: &VolumeName) -> Result<()> {
-        let _guard = self.registry.lock().await;
-        let vol = self.get(name)?;
-        not_importing(&vol)?;
-        if vol.record().attachment.is_some() {
-            return Err(Error::VolumeAttached(name.clone()));
-        }
-        self.delete_locked(&vol).await?;
-        info!(volume = %name, "volume deleted");
-        Ok(())
-    }
-
-    /// Deletes `vol` under the lifecycle lock. Its hydration stops; a
-    /// snapshot job of it runs on to completion from the open files (as EBS
-    /// completes the snapshot of a deleted volume), but the record is no
-    /// longer its volume's to write, so the job leaves it alone.
-    async fn delete_locked(&self, vol: &Arc<Volume>) -> Result<()> {
-        self.hydrator.stop(vol);
-        vol.update_record(&self.catalog, |r| {
-            r.deleting = true;
-            Ok(())
-        })
-        .await?;
-        let rec = vol.record();
-        failpoint::hit("delete-after-mark");
-        self.registry.remove(vol);
-        remove_files_and_record(&self.catalog, &self.dirs, &rec)?;
-        if rec.source_snapshot.is_some() && !rec.hydrated {
-            // Best effort: a hold left behind is released at the next start.
-            let name = restore::hold_name(&self.host_id, rec.id);
-            if let Err(e) = self.repo.release_hold(&name).await {
-                warn!(volume = %rec.name, hold = %name, error = %e, "could not release the store hold");
-            }
-        }
-        Ok(())
-    }
+    // Snapshots: `snapshots`.
 
     /// Takes a snapshot of `name` at this instant and uploads it in the
     /// background; returns the `pending` record at once.
@@ -671,137 +356,131 @@ impl Engine {
         name: &VolumeName,
         req: CreateSnapshot,
     ) -> Result<SnapshotRecord> {
-        validate::labels(&req.labels)?;
-        let vol = self.get(name)?;
-        not_importing(&vol)?;
-        self.ensure_encryption(&vol).await?;
-        self.snapshot_jobs.start(vol, req.labels).await
+        self.snapshots.create(name, req).await
     }
 
-    /// Starts a snapshot a client sends block by block (the EBS direct
-    /// APIs): see `jobs::block_upload`.
-    pub async fn start_block_upload(&self, spec: UploadSpec) -> Result<SnapshotRecord> {
-        self.snapshot_jobs.uploads.start(spec).await
-    }
-
-    /// Stores block `index` of upload `id`, with the client's checksum.
-    pub async fn put_upload_block(
+    /// Copies snapshot `source` under a new id (see `Snapshots::copy`).
+    pub async fn copy_snapshot(
         &self,
-        id: &SnapshotId,
-        index: u64,
-        data: Vec<u8>,
-        checksum: [u8; 32],
-    ) -> Result<()> {
-        self.snapshot_jobs
-            .uploads
-            .put_block(id, index, data, checksum)
-            .await
-    }
-
-    /// Completes upload `id` once `check` accepts the blocks received.
-    pub async fn complete_block_upload(
-        &self,
-        id: &SnapshotId,
-        check: impl FnOnce(&std::collections::BTreeMap<u64, Block>) -> Result<()>,
+        source: &SnapshotId,
+        key: Option<&str>,
+        labels: BTreeMap<String, String>,
     ) -> Result<SnapshotRecord> {
-        self.snapshot_jobs.uploads.complete(id, check).await
+        self.snapshots.copy(source, key, labels).await
     }
 
-    /// Whether snapshot `id` is being uploaded block by block here.
-    pub fn is_uploading(&self, id: &SnapshotId) -> bool {
-        self.snapshot_jobs.uploads.contains(id)
+    // Snapshot sets: `snapshot_set`.
+
+    /// One crash-consistent snapshot of each of `names` (see the module
+    /// comment): returns the set and its members' `pending` records.
+    pub async fn create_snapshot_set(
+        &self,
+        name: &str,
+        names: &[VolumeName],
+        labels: BTreeMap<String, String>,
+    ) -> Result<(SnapshotSetRecord, Vec<SnapshotRecord>)> {
+        validate::labels(&labels)?;
+        let vols = names
+            .iter()
+            .map(|n| self.get(n))
+            .collect::<Result<Vec<_>>>()?;
+        self.snapshots.sets.create(name, vols, labels).await
     }
 
-    /// The chunks of upload `id`, while it is being uploaded.
-    pub fn upload_chunk_count(&self, id: &SnapshotId) -> Option<u64> {
-        self.snapshot_jobs.uploads.chunk_count(id)
+    pub fn snapshot_set(&self, id: &str) -> Result<SnapshotSetRecord> {
+        self.snapshots.sets.get(id)
+    }
+
+    pub fn snapshot_sets(&self) -> Result<Vec<SnapshotSetRecord>> {
+        self.snapshots.sets.list()
+    }
+
+    /// The set snapshot `id` was taken in, if any.
+    pub fn snapshot_set_of(&self, id: &SnapshotId) -> Option<String> {
+        self.snapshots.sets.set_of(id)
+    }
+
+    /// How long a set's barrier may wait for the writes in flight.
+    pub fn set_barrier_timeout(&self, d: Duration) {
+        self.snapshots.sets.set_barrier_timeout(d);
+    }
+
+    // Encryption: `encryption`.
+
+    /// Gives the engine the key service (the daemon does, at start).
+    pub fn set_encryption(
+        &self,
+        keys: Arc<crate::keys::KeyService>,
+        scope: crate::keys::DomainScope,
+    ) {
+        self.volumes.sealing.set_encryption(keys, scope);
+    }
+
+    pub fn keys(&self) -> Result<&Arc<crate::keys::KeyService>> {
+        self.volumes.sealing.keys()
+    }
+
+    pub fn store_encrypted(&self) -> bool {
+        self.volumes.sealing.store_encrypted()
+    }
+
+    /// The encryption of a snapshot made from nothing (an EBS direct
+    /// upload without a parent): as a new volume's.
+    pub async fn new_encryption(
+        &self,
+        encrypted: Option<bool>,
+        key: Option<&str>,
+    ) -> Result<Option<snapshot::Encryption>> {
+        self.volumes.sealing.new_encryption(encrypted, key).await
+    }
+
+    /// Rotates key `reference` and rewraps its data keys in the store.
+    pub async fn rotate_key(
+        &self,
+        reference: &str,
+    ) -> Result<(crate::keys::KeyInfo, snapshot::crypt::RotateReport)> {
+        self.volumes.sealing.rotate_key(reference).await
+    }
+
+    /// A snapshot of `vol` for a job, and the handle that says how it ended.
+    pub async fn snapshot_for_job(
+        &self,
+        vol: Arc<Volume>,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
+        self.snapshots.of_volume(vol, labels).await
+    }
+
+    /// (done, total) chunks of `vol`'s snapshot in progress, if one runs.
+    pub fn snapshot_progress(&self, vol: &Volume) -> Option<(u64, u64)> {
+        self.snapshots.progress_of(vol)
     }
 
     /// A snapshot by id, with live progress while this host uploads it.
     pub async fn snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
-        Ok(self.with_progress(self.snapshots.get(id).await?))
+        self.snapshots.get(id).await
     }
 
     /// Every snapshot this host can see, optionally of one volume.
     pub async fn snapshots(&self, volume: Option<&str>) -> Result<Vec<SnapshotInfo>> {
-        let all = self.snapshots.list(volume).await?;
-        Ok(all.into_iter().map(|s| self.with_progress(s)).collect())
+        self.snapshots.list(volume).await
     }
 
-    fn with_progress(&self, s: SnapshotInfo) -> SnapshotInfo {
-        match s {
-            SnapshotInfo::Recorded { rec, .. } => {
-                let live = self.snapshot_jobs.progress(&rec.id);
-                SnapshotInfo::Recorded { rec, live }
-            }
-            stored => stored,
-        }
-    }
-
-    /// Deletes a snapshot. A volume whose next snapshot would have built on
-    /// it takes a full one instead. A protected snapshot is refused.
+    /// Deletes a snapshot. A protected snapshot is refused.
     pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        self.remove_snapshot(id, None).await
+        self.snapshots.delete(id).await
     }
 
     /// Deletes a snapshot into the recycle bin until `expires` (seconds
-    /// since the epoch): gone from every listing, its chunks kept, and
-    /// restorable until then (see snapshot::bin). Its EC2 tags stay for a
-    /// restore.
+    /// since the epoch), restorable until then. A protected snapshot is
+    /// refused.
     pub async fn recycle_snapshot(&self, id: &SnapshotId, expires: u64) -> Result<()> {
-        self.remove_snapshot(id, Some(expires)).await
-    }
-
-    async fn remove_snapshot(&self, id: &SnapshotId, bin_until: Option<u64>) -> Result<()> {
-        if self.snapshot_jobs.is_running(id) {
-            return Err(Error::SnapshotBusy(id.to_string()));
-        }
-        if self.snapshot_exports.is_exported(id) {
-            return Err(Error::SnapshotAttached(id.to_string()));
-        }
-        if self.snapshots.is_protected(id).await? {
-            return Err(Error::SnapshotProtected(id.to_string()));
-        }
-        match bin_until {
-            None => {
-                self.snapshots.delete(id).await?;
-                self.catalog.remove_aws_snapshot(id.as_str())?;
-            }
-            Some(expires) => self.snapshots.recycle(id, expires).await?,
-        }
-        let _guard = self.registry.lock().await;
-        for vol in self.list() {
-            // A volume deleted meanwhile owns no record to change.
-            let changed = vol
-                .update_record(&self.catalog, |rec| {
-                    if rec.last_snapshot.as_ref() != Some(id) {
-                        return Ok(());
-                    }
-                    // Before the record says "no parent": the next snapshot
-                    // must then be a full one.
-                    vol.map().mark_all_dirty();
-                    rec.last_snapshot = None;
-                    Ok(())
-                })
-                .await;
-            match changed {
-                Ok(()) | Err(Error::VolumeNotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        match bin_until {
-            None => info!(snapshot = %id, "snapshot deleted"),
-            Some(expires) => info!(snapshot = %id, expires, "snapshot moved to the recycle bin"),
-        }
-        Ok(())
+        self.snapshots.recycle(id, expires).await
     }
 
     /// Marks a snapshot protected (never deleted, never pruned) or not.
     pub async fn protect_snapshot(&self, id: &SnapshotId, protected: bool) -> Result<SnapshotInfo> {
-        let info = self.snapshot(id).await?;
-        self.snapshots.set_protected(id, protected).await?;
-        info!(snapshot = %id, protected, "snapshot protection changed");
-        Ok(info)
+        self.snapshots.protect(id, protected).await
     }
 
     pub async fn snapshot_protected(&self, id: &SnapshotId) -> Result<bool> {
@@ -814,32 +493,20 @@ impl Engine {
     }
 
     /// Every snapshot in the recycle bin, with its manifest's header.
-    pub async fn binned_snapshots(
-        &self,
-    ) -> Result<Vec<(snapshot::bin::BinEntry, snapshot::ManifestHeader)>> {
+    pub async fn binned_snapshots(&self) -> Result<Vec<(snapshot::bin::BinEntry, ManifestHeader)>> {
         self.snapshots.binned().await
     }
 
-    /// Restores a snapshot from the recycle bin: `completed`, with its
-    /// bytes, as it was deleted.
+    /// Restores a snapshot from the recycle bin, as it was deleted.
     pub async fn restore_binned_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
-        self.snapshots.restore_binned(id).await?;
-        info!(snapshot = %id, "snapshot restored from the recycle bin");
-        self.snapshot(id).await
-    }
-
-    /// The catalog trees of the lifecycle layer (policies, their runs,
-    /// recycle-bin rules), which that layer alone writes.
-    pub fn lifecycle_trees(&self) -> Result<crate::catalog::LifecycleTrees> {
-        Ok(self.catalog.lifecycle_trees()?)
+        self.snapshots.restore_binned(id).await
     }
 
     /// This host's id, as it names its holds and claims in the store.
     pub fn host_id(&self) -> &str {
-        &self.host_id
+        &self.volumes.host_id
     }
 
-    /// Changed blocks between two snapshots of any volumes, by content.
     pub async fn diff_snapshots(
         &self,
         from: Option<&SnapshotId>,
@@ -856,113 +523,90 @@ impl Engine {
         self.snapshots.gc(grace).await
     }
 
-    /// Shutdown: ends every session after its in-flight requests (the
-    /// attachments stay recorded), makes all data durable, saves each
-    /// volume's dirty set, and records a clean shutdown.
-    pub async fn shutdown(&self) -> Result<()> {
-        // Imports stop first (a file import resumes from its checkpoint),
-        // then snapshot jobs: each puts its changes back into the dirty
-        // set, which is saved below.
-        self.imports.jobs.stop().await;
-        self.snapshot_jobs.shutdown().await;
-        self.hydrator.shutdown().await;
-        self.snapshot_exports.close_sessions().await;
-        let _guard = self.registry.lock().await;
-        for vol in self.list() {
-            if let Some(export) = vol.export() {
-                export.close().await;
-            }
-            if let Some(reason) = vol.failure() {
-                // Nothing to make durable that can be trusted; without a
-                // saved dirty set the next start reads the whole volume.
-                warn!(volume = %vol.name, reason, "failed volume not flushed at shutdown");
-                continue;
-            }
-            vol.flush()
-                .await
-                .ctx(|| format!("flush volume '{}'", vol.name))?;
-            // Read back only after a clean shutdown (see `recovery`), so
-            // the next snapshot reads what changed, not the whole volume.
-            let path = vol.data().dir().join(recovery::DIRTY_FILE);
-            vol.map()
-                .save_dirty(&path)
-                .ctx(|| format!("save the dirty set of volume '{}'", vol.name))?;
-        }
-        self.catalog.mark_clean_shutdown()?;
-        Ok(())
+    /// A completed snapshot's manifest.
+    pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        self.snapshots.manifest(id).await
     }
-}
 
-/// A volume being imported takes no lifecycle change but the import's own.
-fn not_importing(vol: &Volume) -> Result<()> {
-    match vol.record().importing {
-        Some(job) => Err(Error::VolumeImporting(vol.name.clone(), job)),
-        None => Ok(()),
+    /// A completed snapshot's header.
+    pub async fn snapshot_header(&self, id: &SnapshotId) -> Result<ManifestHeader> {
+        self.snapshots.header(id).await
     }
-}
 
-/// `NAME`, `NAME-1`, ... for the disks of one import.
-fn import_names(name: &VolumeName, n: usize) -> Result<Vec<VolumeName>> {
-    (0..n)
-        .map(|i| {
-            if i == 0 {
-                return Ok(name.clone());
-            }
-            let raw = format!("{name}-{i}");
-            VolumeName::parse(&raw).map_err(|reason| Error::InvalidName { name: raw, reason })
-        })
-        .collect()
-}
+    /// A completed snapshot's manifest, read lazily.
+    pub async fn manifest_reader(&self, id: &SnapshotId) -> Result<ManifestReader> {
+        self.snapshots.reader(id).await
+    }
 
-/// What a file import resumed after a restart reads and writes: its image
-/// inspected again, and its volumes, still `importing` for it.
-async fn reopen_import(
-    registry: &Registry,
-    rec: crate::catalog::JobRecord,
-) -> std::result::Result<(Vec<crate::image::inspect::Disk>, Vec<Arc<Volume>>), String> {
-    let req = rec.import.ok_or("the job has no import request")?;
-    let format = req
-        .format
-        .as_deref()
-        .and_then(crate::image::ImageFormat::parse);
-    let disks = crate::image::inspect::open(std::path::Path::new(&req.source), format)
-        .await
-        .map_err(|e| e.to_string())?;
-    if disks.len() != rec.volumes.len() {
-        return Err("the image's disks changed".into());
+    /// When snapshot `id` was exported by `vol snapshot attach`, if it is.
+    pub fn snapshot_attached_at(&self, id: &SnapshotId) -> Option<u64> {
+        self.snapshots.attached_at(id)
     }
-    let mut vols = Vec::new();
-    for (d, name) in disks.iter().zip(&rec.volumes) {
-        let v = registry.get(name).map_err(|e| e.to_string())?;
-        if v.record().importing.as_deref() != Some(rec.id.as_str())
-            || v.size() != d.size.next_multiple_of(512)
-        {
-            return Err(format!("volume '{name}' no longer matches the image"));
-        }
-        vols.push(v);
-    }
-    Ok((disks, vols))
-}
 
-/// Removes a volume's files, then its record: the second half of a delete.
-pub(crate) fn remove_files_and_record(
-    catalog: &Catalog,
-    dirs: &VolumeDirs,
-    rec: &VolumeRecord,
-) -> Result<()> {
-    let dir = dirs.volume(rec.id);
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
+    /// Exports snapshot `id` read-only over NBD until detached; it survives
+    /// restarts.
+    pub async fn attach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        self.snapshots.attach(id).await
     }
-    failpoint::hit("delete-after-files");
-    sync_dir(dirs.root()).ctx(|| format!("sync {}", dirs.root().display()))?;
-    catalog.remove_volume(rec)?;
-    Ok(())
+
+    pub async fn detach_snapshot(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
+        self.snapshots.detach(id).await
+    }
+
+    /// Exports snapshot `id` for as long as the lease lives.
+    pub async fn lease_snapshot_export(&self, id: &SnapshotId) -> Result<SnapshotExportLease> {
+        self.snapshots.lease(id).await
+    }
+
+    /// Starts a snapshot a client sends block by block (the EBS direct
+    /// APIs): see `jobs::block_upload`.
+    pub async fn start_block_upload(&self, spec: UploadSpec) -> Result<SnapshotRecord> {
+        self.snapshots.start_block_upload(spec).await
+    }
+
+    /// Stores block `index` of upload `id`, with the client's checksum.
+    pub async fn put_upload_block(
+        &self,
+        id: &SnapshotId,
+        index: u64,
+        data: Vec<u8>,
+        checksum: [u8; 32],
+    ) -> Result<()> {
+        self.snapshots
+            .put_upload_block(id, index, data, checksum)
+            .await
+    }
+
+    /// Completes upload `id` once `check` accepts the blocks received.
+    pub async fn complete_block_upload(
+        &self,
+        id: &SnapshotId,
+        check: impl FnOnce(&BTreeMap<u64, Block>) -> Result<()>,
+    ) -> Result<SnapshotRecord> {
+        self.snapshots.complete_block_upload(id, check).await
+    }
+
+    /// Whether snapshot `id` is being uploaded block by block here.
+    pub fn is_uploading(&self, id: &SnapshotId) -> bool {
+        self.snapshots.is_uploading(id)
+    }
+
+    /// The chunks of upload `id`, while it is being uploaded.
+    pub fn upload_chunk_count(&self, id: &SnapshotId) -> Option<u64> {
+        self.snapshots.upload_chunk_count(id)
+    }
+
+    pub fn repo(&self) -> &snapshot::Repo {
+        &self.volumes.repo
+    }
+
+    /// Chunks through the host's cache, each verified against its hash.
+    pub fn fetcher(&self) -> &Arc<Fetcher> {
+        &self.volumes.fetcher
+    }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 #[cfg(test)]
 mod volume_tests;

@@ -1,15 +1,16 @@
 //! Everything opening the engine does after a run that may have crashed:
 //! finish deletes that were marked, rebuild each volume's chunk map from its
-//! data files, reopen restored volumes' bases, and remove data directories
-//! no record names.
+//! data files, reopen restored volumes' bases, remove data directories no
+//! record names, and empty the trash. Blocking: it runs before the engine
+//! serves anything, off the runtime's workers.
 //!
 //! Crash safety of the lifecycle, step by step (the other half is in
 //! `engine/mod.rs`):
 //! - create: data files first, then the catalog record. A crash in between
 //!   leaves a data directory no record names; [`remove_orphans`] removes it.
 //! - delete (and an ephemeral volume's detach): the record is marked
-//!   `deleting` first, then the files go, then the record. Opening finishes
-//!   any delete it finds marked.
+//!   `deleting` first, then the files go (into the trash), then the record.
+//!   Opening finishes any delete it finds marked, and empties the trash.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -19,14 +20,43 @@ use snapshot::ChunkGeometry;
 use snapshot::cache::Fetcher;
 use tracing::{info, warn};
 
+use super::Volume;
 use super::base::{self, BaseImage, DetachLog};
 use super::chunk_map::ChunkMap;
-use super::{Volume, VolumeDirs};
+use super::dirs::VolumeDirs;
+use super::error::{Error, IoContext, Result};
 use crate::catalog::{Catalog, VolumeRecord};
 use crate::disk::{DataFile, IoEngine, sync_dir};
 
 /// Where a volume's dirty set is saved at a clean shutdown.
 pub const DIRTY_FILE: &str = "dirty";
+
+/// Opening, off the runtime's workers: marks this run in the catalog
+/// (whether the last one was clean), reads the host id, makes the volume
+/// directories and opens every volume the catalog records.
+pub(super) async fn open(
+    catalog: &Arc<Catalog>,
+    data_dir: &Path,
+    io: &Arc<IoEngine>,
+    fetcher: &Arc<Fetcher>,
+) -> Result<(bool, String, VolumeDirs, Vec<Arc<Volume>>)> {
+    let (c, d, i, f) = (
+        Arc::clone(catalog),
+        data_dir.to_owned(),
+        Arc::clone(io),
+        Arc::clone(fetcher),
+    );
+    tokio::task::spawn_blocking(move || -> Result<_> {
+        let clean = c.begin_run()?;
+        let host_id = c.host_id()?;
+        let dirs = VolumeDirs::create(&d)
+            .ctx(|| format!("create the volume directories in {}", d.display()))?;
+        let vols = open_volumes(&c, &dirs, &i, &f, clean)?;
+        Ok((clean, host_id, dirs, vols))
+    })
+    .await
+    .map_err(|e| Error::io("open the volumes", std::io::Error::other(e.to_string())))?
+}
 
 /// Reopens every volume the catalog records. A volume whose files cannot be
 /// opened is reported and left out, so the others still come up.
@@ -36,15 +66,19 @@ pub fn open_volumes(
     io: &Arc<IoEngine>,
     fetcher: &Arc<Fetcher>,
     clean: bool,
-) -> anyhow::Result<Vec<Arc<Volume>>> {
-    use anyhow::Context;
+) -> Result<Vec<Arc<Volume>>> {
     let mut live = HashSet::new();
     let mut out = Vec::new();
-    for rec in catalog.volumes().context("load volumes")? {
+    for rec in catalog.volumes()? {
         if rec.deleting {
             info!(volume = %rec.name, "finishing a delete interrupted by a crash");
-            super::remove_files_and_record(catalog, dirs, &rec)
-                .context("finish interrupted delete")?;
+            let trashed = dirs
+                .discard(rec.id)
+                .ctx(|| format!("finish the interrupted delete of volume '{}'", rec.name))?;
+            catalog.remove_volume(&rec).wait()?;
+            if let Some(t) = trashed {
+                VolumeDirs::remove_discarded(&t);
+            }
             // A hold it left in the store is released by the hydrator's
             // sweep of stale holds.
             continue;
@@ -61,7 +95,9 @@ pub fn open_volumes(
             }
         }
     }
-    remove_orphans(dirs, &live).context("remove orphaned data files")?;
+    remove_orphans(dirs, &live).ctx(|| "remove orphaned data files".into())?;
+    dirs.empty_trash()
+        .ctx(|| "empty the trash of deleted volumes".into())?;
     Ok(out)
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use volumed_api::VolumeName;
 
 use super::Volume;
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 #[derive(Default)]
 pub struct Registry {

@@ -14,7 +14,7 @@ use snapshot::{ChunkGeometry, ManifestReader, Repo, RepoError, SnapshotId};
 use super::base::{self, BaseImage, DetachLog};
 use super::chunk_map::ChunkMap;
 use crate::disk::sync_dir;
-use crate::error::{Error, IoContext, Result};
+use crate::engine::error::{Error, IoContext, Result, blocking};
 
 /// The store hold of a restored volume: named by host and volume id, so a
 /// host can find and release its own stale holds.
@@ -32,7 +32,7 @@ pub fn hold_prefix(host_id: &str) -> String {
 pub async fn source_manifest(repo: &Repo, id: &SnapshotId) -> Result<Arc<ManifestReader>> {
     match repo.open_manifest(id).await {
         Ok(m) => Ok(Arc::new(m)),
-        Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+        Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.clone())),
         Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
     }
 }
@@ -45,18 +45,22 @@ pub async fn prepare_base(
     dir: &Path,
     m: &Arc<ManifestReader>,
 ) -> Result<Arc<BaseImage>> {
-    let path = dir.join(base::MANIFEST_FILE);
     let local = local_copy(repo, m).await?;
     let encoded = local.stored().encode();
-    (|| {
-        let mut f = std::fs::File::create(&path)?;
-        f.write_all(&encoded)?;
-        f.sync_all()
-    })()
-    .ctx(|| format!("write {}", path.display()))?;
-    let log = DetachLog::create(&dir.join(base::DETACHED_FILE))
-        .ctx(|| format!("create the detach log in {}", dir.display()))?;
-    sync_dir(dir).ctx(|| format!("sync {}", dir.display()))?;
+    // The files and their syncs, off the runtime's workers.
+    let d = dir.to_owned();
+    let log = blocking(
+        || format!("write the base of a restored volume in {}", dir.display()),
+        move || {
+            let mut f = std::fs::File::create(d.join(base::MANIFEST_FILE))?;
+            f.write_all(&encoded)?;
+            f.sync_all()?;
+            let log = DetachLog::create(&d.join(base::DETACHED_FILE))?;
+            sync_dir(&d)?;
+            Ok(log)
+        },
+    )
+    .await?;
     repo.put_hold_stored(hold, m.stored())
         .await
         .map_err(|e| Error::store(format!("record a hold on snapshot {}", m.header().id), e))?;

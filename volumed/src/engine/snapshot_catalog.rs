@@ -16,7 +16,7 @@ use snapshot::{Manifest, ManifestHeader, ManifestReader, Repo, RepoError, Snapsh
 use tracing::{info, warn};
 
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotState};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// A snapshot as this host knows it.
 pub enum SnapshotInfo {
@@ -100,7 +100,7 @@ impl SnapshotCatalog {
         }
         match self.header(id).await {
             Ok(h) => Ok(SnapshotInfo::Stored(h)),
-            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.to_string())),
+            Err(RepoError::MissingManifest(_)) => Err(Error::SnapshotNotFound(id.clone())),
             Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
         }
     }
@@ -135,7 +135,7 @@ impl SnapshotCatalog {
                     .collect();
                 for id in &gone {
                     info!(snapshot = %id, "snapshot deleted from the store elsewhere; dropping its record");
-                    let _ = self.catalog.remove_snapshot(id.as_str());
+                    let _ = self.catalog.remove_snapshot(id.as_str()).await;
                 }
                 recs.retain(|r| !gone.contains(&r.id));
                 let ours: HashSet<SnapshotId> = recs.iter().map(|r| r.id.clone()).collect();
@@ -174,11 +174,11 @@ impl SnapshotCatalog {
             Ok(()) => {}
             Err(RepoError::MissingManifest(_)) if local.is_some() => {}
             Err(RepoError::MissingManifest(_)) => {
-                return Err(Error::SnapshotNotFound(id.to_string()));
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => return Err(Error::store(format!("delete snapshot {id}"), e)),
         }
-        self.catalog.remove_snapshot(id.as_str())?;
+        self.catalog.remove_snapshot(id.as_str()).await?;
         self.headers().remove(id);
         Ok(())
     }
@@ -190,11 +190,11 @@ impl SnapshotCatalog {
             Ok(()) => {}
             Err(RepoError::MissingManifest(_)) if self.record(id)?.is_some() => {}
             Err(RepoError::MissingManifest(_)) => {
-                return Err(Error::SnapshotNotFound(id.to_string()));
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => return Err(Error::store(format!("recycle snapshot {id}"), e)),
         }
-        self.catalog.remove_snapshot(id.as_str())?;
+        self.catalog.remove_snapshot(id.as_str()).await?;
         self.headers().remove(id);
         Ok(())
     }
@@ -215,7 +215,7 @@ impl SnapshotCatalog {
                     out.push((e, h));
                 }
                 Err(err) => {
-                    warn!(snapshot = %e.id, error = %err, "unreadable recycle-bin entry left out of the list")
+                    warn!(snapshot = %e.id, error = %volumed_api::error_chain(&err), "unreadable recycle-bin entry left out of the list")
                 }
             }
         }
@@ -230,8 +230,8 @@ impl SnapshotCatalog {
             .await
         {
             Ok(()) => Ok(()),
-            Err(RepoError::NotInBin(_)) => Err(Error::NotInBin(id.to_string())),
-            Err(RepoError::BinExpired(_)) => Err(Error::BinExpired(id.to_string())),
+            Err(RepoError::NotInBin(_)) => Err(Error::NotInBin(id.clone())),
+            Err(RepoError::BinExpired(_)) => Err(Error::BinExpired(id.clone())),
             Err(e) => Err(Error::store(format!("restore snapshot {id}"), e)),
         }
     }
@@ -262,7 +262,7 @@ impl SnapshotCatalog {
         let r = match snapshot::verify::verify(&self.repo, id).await {
             Ok(r) => r,
             Err(RepoError::MissingManifest(_)) => {
-                return Err(Error::SnapshotNotFound(id.to_string()));
+                return Err(Error::SnapshotNotFound(id.clone()));
             }
             Err(e) => return Err(Error::store(format!("verify snapshot {id}"), e)),
         };
@@ -289,7 +289,7 @@ impl SnapshotCatalog {
                 Some(rec) if rec.state != SnapshotState::Completed => Err(Error::InvalidRequest(
                     format!("snapshot {id} is not completed"),
                 )),
-                _ => Err(Error::SnapshotNotFound(id.to_string())),
+                _ => Err(Error::SnapshotNotFound(id.clone())),
             },
             Err(e) => Err(Error::store(format!("read snapshot {id}"), e)),
         }

@@ -8,7 +8,7 @@ use volumed_api::{
     MAX_CHUNK_SIZE, MAX_INSTANCE_LEN, MAX_VOLUME_SIZE, MIN_CHUNK_SIZE, SIZE_ALIGNMENT, format_size,
 };
 
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// Labels a snapshot may carry, and their key and value limits (EBS tags
 /// allow 50 per resource).

@@ -16,10 +16,11 @@ use super::base::BaseImage;
 use super::chunk_map::{ChunkMap, ChunkState};
 use super::export::{Backend, Export};
 use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
+use super::record::RecordOwner;
 use crate::catalog::{Catalog, VolumeRecord};
 use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
-use crate::error::{Error, Result};
+use crate::engine::error::Result;
 
 pub struct Volume {
     pub name: VolumeName,
@@ -37,9 +38,7 @@ pub struct Volume {
     metadata_changed: AtomicBool,
     /// This volume's catalog record: read by anyone, changed only through
     /// [`Volume::update_record`].
-    record: Mutex<RecordCell>,
-    /// Serializes the writers of `record`, across the catalog write.
-    record_writer: tokio::sync::Mutex<()>,
+    record: RecordOwner,
     export: Mutex<Option<Export>>,
     /// Writes (and zeroings) hold it shared for their whole duration; a
     /// snapshot takes it exclusively for the instant it freezes the volume,
@@ -63,15 +62,6 @@ pub struct Volume {
     failure: OnceLock<String>,
     /// Requests served, by command, for metrics.
     pub stats: crate::metrics::IoStats,
-}
-
-/// A volume's record as this object holds it, and whether this object
-/// still owns it: a volume being deleted, or replaced by one reopened from
-/// its files, owns its record no longer, so a job that outlives it can
-/// never write it.
-struct RecordCell {
-    rec: VolumeRecord,
-    owner: bool,
 }
 
 /// Counts a client request for as long as it lives.
@@ -123,11 +113,7 @@ impl Volume {
             data,
             map,
             metadata_changed: AtomicBool::new(false),
-            record: Mutex::new(RecordCell {
-                rec: record,
-                owner: true,
-            }),
-            record_writer: tokio::sync::Mutex::new(()),
+            record: RecordOwner::new(record),
             export: Mutex::new(None),
             gate: tokio::sync::RwLock::new(()),
             freeze: Mutex::new(None),
@@ -291,11 +277,7 @@ impl Volume {
     }
 
     pub fn record(&self) -> VolumeRecord {
-        self.cell().rec.clone()
-    }
-
-    fn cell(&self) -> std::sync::MutexGuard<'_, RecordCell> {
-        self.record.lock().unwrap_or_else(|e| e.into_inner())
+        self.record.get()
     }
 
     /// The one way a volume's record changes: `change` is applied to the
@@ -311,35 +293,13 @@ impl Volume {
         catalog: &Catalog,
         change: impl FnOnce(&mut VolumeRecord) -> Result<T>,
     ) -> Result<T> {
-        let _writer = self.record_writer.lock().await;
-        let old = {
-            let cell = self.cell();
-            if !cell.owner {
-                return Err(Error::VolumeNotFound(self.name.clone()));
-            }
-            cell.rec.clone()
-        };
-        let mut new = old.clone();
-        let out = change(&mut new)?;
-        if new.id != old.id || new.name != old.name {
-            return Err(Error::InvalidRequest(format!(
-                "volume '{}': a record change may not alter its id or name",
-                self.name
-            )));
-        }
-        if new != old {
-            catalog.replace_volume(&old, &new)?;
-            let mut cell = self.cell();
-            cell.owner = !new.deleting;
-            cell.rec = new;
-        }
-        Ok(out)
+        self.record.update(&self.name, catalog, change).await
     }
 
     /// This object gives up its record: a volume reopened from the same
     /// files owns it from now on.
     pub(crate) fn retire_record(&self) {
-        self.cell().owner = false;
+        self.record.retire();
     }
 
     pub fn data(&self) -> &DataFile {
@@ -399,7 +359,28 @@ impl Volume {
     /// flight) the dirty set is split off and the changed chunks holding
     /// data become pending for the snapshot. See `freeze`.
     pub async fn begin_snapshot(self: &Arc<Self>) -> FreezeGuard {
-        let _gate = self.gate.write().await;
+        let gate = self.close_gate().await;
+        self.freeze_closed(&gate)
+    }
+
+    /// Takes the snapshot gate exclusively: waits for the writes in
+    /// flight, and admits no new one until the guard drops. A snapshot set
+    /// holds every member's at once (`snapshot_set`).
+    pub(super) async fn close_gate(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.gate.write().await
+    }
+
+    /// Holds the gate as a write in flight does, for tests of the barrier.
+    #[cfg(test)]
+    pub(super) async fn hold_gate_shared(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.gate.read().await
+    }
+
+    /// [`Volume::begin_snapshot`] under a gate the caller closed.
+    pub(super) fn freeze_closed(
+        self: &Arc<Self>,
+        _gate: &tokio::sync::RwLockWriteGuard<'_, ()>,
+    ) -> FreezeGuard {
         let changed = self.map.take_changed();
         let plan = SnapshotPlan::classify(changed, &self.map, self.base.as_deref());
         let freeze = Arc::new(Freeze::new(self.geometry(), &plan.to_read));

@@ -31,6 +31,10 @@ use tracing::{info, warn};
 
 use file::KeyFile;
 
+/// The one account this host answers as: in KMS ARNs here, and the EC2
+/// endpoint's owner id.
+pub const ACCOUNT_ID: &str = "000000000000";
+
 /// What shares a data key in an encrypted store (`--encryption-domain`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DomainScope {
@@ -277,11 +281,7 @@ impl KeyService {
     }
 
     pub fn arn(&self, id: &str) -> String {
-        format!(
-            "arn:aws:kms:{}:{}:key/{id}",
-            self.region,
-            crate::aws::OWNER_ID
-        )
+        format!("arn:aws:kms:{}:{}:key/{id}", self.region, ACCOUNT_ID)
     }
 
     fn info(&self, l: &Loaded, default: Option<&str>) -> KeyInfo {

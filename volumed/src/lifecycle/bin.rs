@@ -10,11 +10,11 @@
 //! Recycle Bin). Rules are this host's: a snapshot deleted on a host with
 //! no matching rule goes to the trash, whatever other hosts' rules say.
 //!
-//! Images: AMIs are not built yet (the instances work brings them). When
-//! they land, deregistering an image asks [`retention_for`] with
-//! [`BinResource::Image`] and the image's tags, and keeps the image record
-//! and its snapshots (through `Engine::recycle_snapshot`) for that long;
-//! the rules, their API and their matching are already here and tested.
+//! Images: `machines/` deregisters an image at once; the bin does not
+//! keep images yet. The step left: deregistering asks [`retention_for`]
+//! with [`BinResource::Image`] and the image's tags, and `Machines` keeps
+//! the image record and its snapshots (`Machines::recycle_snapshot`) for
+//! that long; the rules, their API and their matching are here and tested.
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,8 @@
 //! Snapshot lifecycles, a layer above the engine: policies (schedules and
 //! PBS-style retention), the scheduler that runs them, prune, and the
 //! recycle bin's rules. It calls only the engine's public API and writes
-//! only its own catalog trees (`catalog::lifecycle`).
+//! only its own catalog trees (`policies`, `policy_runs`, `bin_rules`),
+//! through the catalog's writer.
 //!
 //! - `policy`: what a valid policy is, its targets and its labels;
 //! - `schedule`: slots of an interval or a cron expression (pure);
@@ -25,13 +26,13 @@ use snapshot::SnapshotId;
 use tokio::sync::{Mutex, Notify};
 use tracing::info;
 use volumed_api::{
-    BinEntry, BinResource, BinRule, BinRuleSpec, ErrorCode, Policy, PolicySpec, ScheduleStatus,
+    BinEntry, BinResource, BinRule, BinRuleSpec, Policy, PolicySpec, ScheduleStatus,
 };
 
-use crate::catalog::{BinRuleRecord, LifecycleTrees, PolicyRecord, rfc3339, unix_now};
-use crate::engine::Engine;
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::error::Error;
+pub use crate::catalog::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
+use crate::catalog::{Catalog, CatalogError, rfc3339, unix_now};
+use crate::engine::{Engine, Error, SnapshotInfo};
+use crate::machines::{MachineError, Machines};
 use policy::Source;
 
 pub use scheduler::spawn as spawn_scheduler;
@@ -56,33 +57,33 @@ pub enum LifecycleError {
     RuleNotFound(String),
     #[error(transparent)]
     Engine(#[from] Error),
-}
-
-impl From<crate::catalog::CatalogError> for LifecycleError {
-    fn from(e: crate::catalog::CatalogError) -> Self {
-        LifecycleError::Engine(Error::Catalog(e))
-    }
-}
-
-impl LifecycleError {
-    pub fn code(&self) -> ErrorCode {
-        match self {
-            LifecycleError::Invalid(_) => ErrorCode::InvalidRequest,
-            LifecycleError::PolicyNotFound(_) | LifecycleError::RuleNotFound(_) => {
-                ErrorCode::NotFound
-            }
-            LifecycleError::PolicyExists(_) => ErrorCode::AlreadyExists,
-            LifecycleError::Engine(e) => e.code(),
-        }
-    }
+    /// A snapshot a registered image uses, refused by `Machines`.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
 }
 
 pub type Result<T, E = LifecycleError> = std::result::Result<T, E>;
 
+/// Where a deleted snapshot went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removed {
+    /// Gone for good (its chunks wait for gc).
+    Deleted,
+    /// Into the recycle bin, restorable until its retention ends.
+    Binned,
+}
+
 /// The lifecycle service of one host.
 pub struct Lifecycle {
     engine: Arc<Engine>,
-    trees: LifecycleTrees,
+    /// Every snapshot deletion goes through it: it refuses one a
+    /// registered image uses.
+    machines: Arc<Machines>,
+    /// Read freely; written only here (`policies`, `policy_runs`,
+    /// `bin_rules`).
+    catalog: Arc<Catalog>,
     min_interval: u64,
     /// One run or prune at a time on this host: two at once would judge
     /// the same snapshots twice.
@@ -92,7 +93,11 @@ pub struct Lifecycle {
 }
 
 impl Lifecycle {
-    pub fn open(engine: Arc<Engine>) -> Result<Arc<Lifecycle>> {
+    pub fn open(
+        engine: Arc<Engine>,
+        machines: Arc<Machines>,
+        catalog: Arc<Catalog>,
+    ) -> Result<Arc<Lifecycle>> {
         let min_interval = match std::env::var(TEST_MIN_INTERVAL_ENV) {
             Ok(v) => {
                 let s = v.parse().map_err(|_| {
@@ -103,10 +108,10 @@ impl Lifecycle {
             }
             Err(_) => MIN_INTERVAL,
         };
-        let trees = engine.lifecycle_trees()?;
         Ok(Arc::new(Lifecycle {
             engine,
-            trees,
+            machines,
+            catalog,
             min_interval,
             busy: Mutex::new(()),
             changed: Notify::new(),
@@ -122,15 +127,13 @@ impl Lifecycle {
     }
 
     fn record(&self, name: &str) -> Result<PolicyRecord> {
-        self.trees
-            .policies()?
-            .into_iter()
-            .find(|r| r.spec.name == name)
+        self.catalog
+            .policy(name)?
             .ok_or_else(|| LifecycleError::PolicyNotFound(name.to_owned()))
     }
 
     /// Creates a policy; its first run is its first slot after now.
-    pub fn create_policy(
+    pub async fn create_policy(
         &self,
         spec: PolicySpec,
         source: Source,
@@ -150,15 +153,15 @@ impl Lifecycle {
             updated_at: t,
             dlm,
         };
-        self.start_at(&rec, &scheds, now)?;
-        self.trees.put_policy(&rec)?;
+        self.start_at(&rec, &scheds, now).await?;
+        self.catalog.put_policy(&rec).await?;
         info!(policy = %rec.spec.name, "policy created");
         self.changed.notify_one();
         self.view(&rec)
     }
 
     /// Replaces a policy's spec; schedules keep their history by name.
-    pub fn update_policy(
+    pub async fn update_policy(
         &self,
         spec: PolicySpec,
         dlm: Option<serde_json::Value>,
@@ -173,30 +176,42 @@ impl Lifecycle {
             dlm: dlm.or(old.dlm),
             ..old
         };
-        self.start_at(&rec, &scheds, now)?;
-        self.trees.put_policy(&rec)?;
+        self.start_at(&rec, &scheds, now).await?;
+        self.catalog.put_policy(&rec).await?;
         info!(policy = %rec.spec.name, "policy updated");
         self.changed.notify_one();
         self.view(&rec)
     }
 
     /// A schedule never run starts at its next slot, not at its last one.
-    fn start_at(&self, rec: &PolicyRecord, scheds: &[schedule::Schedule], now: i64) -> Result<()> {
+    async fn start_at(
+        &self,
+        rec: &PolicyRecord,
+        scheds: &[schedule::Schedule],
+        now: i64,
+    ) -> Result<()> {
         for (s, sched) in rec.spec.schedules.iter().zip(scheds) {
-            let mut run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+            let mut run = self.catalog.schedule_run(&rec.spec.name, &s.name)?;
             if run.last_slot.is_none() {
                 run.last_slot = sched
                     .slot_at_or_before(now)
                     .and_then(|t| u64::try_from(t).ok());
-                self.trees.put_schedule_run(&rec.spec.name, &s.name, &run)?;
+                self.catalog
+                    .put_schedule_run(&rec.spec.name, &s.name, &run)
+                    .await?;
             }
         }
         Ok(())
     }
 
-    pub fn delete_policy(&self, name: &str) -> Result<()> {
+    /// Deletes a policy and the run records of its schedules (the policy
+    /// last: a crash between leaves a policy whose schedules start afresh).
+    pub async fn delete_policy(&self, name: &str) -> Result<()> {
         self.record(name)?;
-        self.trees.remove_policy(name)?;
+        for s in self.catalog.schedule_runs_of(name)? {
+            self.catalog.remove_schedule_run(name, &s).await?;
+        }
+        self.catalog.remove_policy(name).await?;
         info!(policy = %name, "policy deleted");
         self.changed.notify_one();
         Ok(())
@@ -207,7 +222,7 @@ impl Lifecycle {
     }
 
     pub fn policies(&self) -> Result<Vec<Policy>> {
-        self.trees
+        self.catalog
             .policies()?
             .iter()
             .map(|r| self.view(r))
@@ -216,7 +231,20 @@ impl Lifecycle {
 
     /// Every policy as kept, for the DLM API's answers.
     pub fn policy_records(&self) -> Result<Vec<PolicyRecord>> {
-        Ok(self.trees.policies()?)
+        Ok(self.catalog.policies()?)
+    }
+
+    /// Each schedule's run record, by policy and schedule name, for the
+    /// metrics exporter.
+    pub fn schedule_runs(&self) -> Result<Vec<(String, String, ScheduleRunRecord)>> {
+        let mut out = Vec::new();
+        for rec in self.catalog.policies()? {
+            for s in &rec.spec.schedules {
+                let run = self.catalog.schedule_run(&rec.spec.name, &s.name)?;
+                out.push((rec.spec.name.clone(), s.name.clone(), run));
+            }
+        }
+        Ok(out)
     }
 
     /// The raw record, for the DLM API's answers.
@@ -238,7 +266,7 @@ impl Lifecycle {
         let now = Self::now();
         let mut status = Vec::new();
         for s in &rec.spec.schedules {
-            let run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+            let run = self.catalog.schedule_run(&rec.spec.name, &s.name)?;
             let next = policy::schedule_of(s).ok().and_then(|sched| {
                 let after = run
                     .last_slot
@@ -280,38 +308,47 @@ impl Lifecycle {
 
     /// Deletes a snapshot the way every front-end does: into the recycle
     /// bin when a rule of this host keeps it, else for good. A protected
-    /// snapshot is refused (by the engine).
-    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<()> {
-        let rules = self.trees.bin_rules()?;
+    /// snapshot is refused (by the engine), and so is one a registered
+    /// image uses (by `Machines`).
+    pub async fn delete_snapshot(&self, id: &SnapshotId) -> Result<Removed> {
+        let rules = self.catalog.bin_rules()?;
         if rules.is_empty() {
-            return Ok(self.engine.delete_snapshot(id).await?);
+            self.machines.delete_snapshot(id).await?;
+            return Ok(Removed::Deleted);
         }
         let info = self.engine.snapshot(id).await?;
-        // Its labels and, set through EC2, its tags.
+        // Its labels and, set through EC2, its tags (the AWS endpoint's
+        // records, read here, never written).
         let mut tags = labels_of(&info);
-        if let Some(meta) = self.engine.snapshot_meta(id)? {
+        if let Some(meta) = self.catalog.aws_snapshot(id.as_str())? {
             tags.extend(meta.tags);
         }
         let retention = bin::retention_for(&rules, BinResource::Snapshot, &tags);
         match retention {
-            Some(r) => Ok(self
-                .engine
-                .recycle_snapshot(id, unix_now().saturating_add(r))
-                .await?),
-            None => Ok(self.engine.delete_snapshot(id).await?),
+            Some(r) => {
+                let expires = unix_now().saturating_add(r);
+                self.machines.recycle_snapshot(id, expires).await?;
+                Ok(Removed::Binned)
+            }
+            None => {
+                self.machines.delete_snapshot(id).await?;
+                Ok(Removed::Deleted)
+            }
         }
     }
 
-    pub fn create_bin_rule(
+    pub async fn create_bin_rule(
         &self,
         spec: BinRuleSpec,
         rule_tags: BTreeMap<String, String>,
     ) -> Result<BinRule> {
         bin::validate(&spec).map_err(LifecycleError::Invalid)?;
         if spec.resource == BinResource::Image {
-            // Rules for images are kept and matched (see `bin`); images
-            // themselves arrive with the instances work.
-            info!("recycle-bin rule for images created; no image exists on this daemon yet");
+            // Rules for images are kept and matched (see `bin`);
+            // DeregisterImage does not consult them yet.
+            info!(
+                "recycle-bin rule for images created; deregistered images do not go to the bin yet"
+            );
         }
         let rec = BinRuleRecord {
             id: bin::new_rule_id(),
@@ -319,17 +356,17 @@ impl Lifecycle {
             created_at: unix_now(),
             rule_tags,
         };
-        self.trees.put_bin_rule(&rec)?;
+        self.catalog.put_bin_rule(&rec).await?;
         info!(rule = %rec.id, retention = rec.spec.retention, "recycle-bin rule created");
         Ok(rule_view(&rec))
     }
 
     pub fn bin_rule_records(&self) -> Result<Vec<BinRuleRecord>> {
-        Ok(self.trees.bin_rules()?)
+        Ok(self.catalog.bin_rules()?)
     }
 
     pub fn bin_rule(&self, id: &str) -> Result<BinRuleRecord> {
-        self.trees
+        self.catalog
             .bin_rules()?
             .into_iter()
             .find(|r| r.id == id)
@@ -337,20 +374,20 @@ impl Lifecycle {
     }
 
     pub fn bin_rules(&self) -> Result<Vec<BinRule>> {
-        Ok(self.trees.bin_rules()?.iter().map(rule_view).collect())
+        Ok(self.catalog.bin_rules()?.iter().map(rule_view).collect())
     }
 
     /// Replaces a rule's spec (and, if given, its own tags).
-    pub fn update_bin_rule(&self, rec: BinRuleRecord) -> Result<BinRule> {
+    pub async fn update_bin_rule(&self, rec: BinRuleRecord) -> Result<BinRule> {
         bin::validate(&rec.spec).map_err(LifecycleError::Invalid)?;
         self.bin_rule(&rec.id)?;
-        self.trees.put_bin_rule(&rec)?;
+        self.catalog.put_bin_rule(&rec).await?;
         Ok(rule_view(&rec))
     }
 
-    pub fn delete_bin_rule(&self, id: &str) -> Result<()> {
+    pub async fn delete_bin_rule(&self, id: &str) -> Result<()> {
         self.bin_rule(id)?;
-        self.trees.remove_bin_rule(id)?;
+        self.catalog.remove_bin_rule(id).await?;
         info!(rule = %id, "recycle-bin rule deleted");
         Ok(())
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use snapshot::SnapshotId;
 use tracing::{info, warn};
+use volumed_api::error_chain;
 use volumed_api::{
     CreateSnapshot, PruneDecision, PruneReport, PruneRequest, RunResult, RunTrigger, SchedulePrune,
     ScheduleSpec,
@@ -24,8 +25,8 @@ use super::policy::{self, Source};
 use super::prune::{self, Candidate};
 use super::{Lifecycle, LifecycleError, Result, labels_of};
 use crate::catalog::{PolicyRecord, SnapshotState, rfc3339, unix_now};
-use crate::engine::snapshot_catalog::SnapshotInfo;
-use crate::error::Error;
+use crate::engine::{Error, SnapshotInfo};
+use crate::machines::MachineError;
 
 /// How long a run waits for its snapshots before it prunes without them.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(3600);
@@ -87,12 +88,12 @@ impl Lifecycle {
                 .await
             {
                 Ok(r) => created.push(r.id),
-                Err(e) => errors.push(format!("volume {}: {e}", vol.name)),
+                Err(e) => errors.push(format!("volume {}: {}", vol.name, error_chain(&e))),
             }
         }
         for id in &created {
             if let Err(e) = self.wait_completed(id).await {
-                errors.push(format!("snapshot {id}: {e}"));
+                errors.push(format!("snapshot {id}: {}", error_chain(&e)));
             }
         }
         let (prune, pruned) = match self.claim(rec, s, slot).await {
@@ -103,12 +104,12 @@ impl Lifecycle {
                     ("done".to_owned(), p.removed)
                 }
                 Err(e) => {
-                    errors.push(format!("prune: {e}"));
+                    errors.push(format!("prune: {}", error_chain(&e)));
                     ("failed".to_owned(), Vec::new())
                 }
             },
             Err(e) => {
-                errors.push(format!("claim the prune: {e}"));
+                errors.push(format!("claim the prune: {}", error_chain(&e)));
                 ("skipped: the claim failed".to_owned(), Vec::new())
             }
         };
@@ -152,7 +153,7 @@ impl Lifecycle {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(Error::SnapshotBusy(id.to_string()));
+                return Err(Error::SnapshotBusy(id.clone()));
             }
             tokio::time::sleep(every).await;
             every = (every * 2).min(Duration::from_millis(500));
@@ -250,10 +251,15 @@ impl Lifecycle {
                     continue;
                 };
                 match self.delete_snapshot(&id).await {
-                    Ok(()) => out.removed.push(c.id),
+                    Ok(_) => out.removed.push(c.id),
                     // Another host's prune, or a person, was first.
-                    Err(LifecycleError::Engine(Error::SnapshotNotFound(_))) => {}
-                    Err(e) => out.failed.push(format!("delete {}: {e}", c.id)),
+                    Err(
+                        LifecycleError::Engine(Error::SnapshotNotFound(_))
+                        | LifecycleError::Machine(MachineError::Engine(Error::SnapshotNotFound(_))),
+                    ) => {}
+                    Err(e) => out
+                        .failed
+                        .push(format!("delete {}: {}", c.id, error_chain(&e))),
                 }
                 crate::failpoint::hit("prune-after-delete");
             }
@@ -266,7 +272,7 @@ impl Lifecycle {
         let recs = match &req.policy {
             Some(name) => vec![self.record(name)?],
             None => self
-                .trees
+                .catalog
                 .policies()?
                 .into_iter()
                 .filter(|r| r.spec.enabled)
@@ -278,9 +284,11 @@ impl Lifecycle {
             for s in &rec.spec.schedules {
                 let p = self.prune_schedule(rec, s, req.dry_run).await?;
                 if !req.dry_run && !p.removed.is_empty() {
-                    let mut run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+                    let mut run = self.catalog.schedule_run(&rec.spec.name, &s.name)?;
                     run.pruned += p.removed.len() as u64;
-                    self.trees.put_schedule_run(&rec.spec.name, &s.name, &run)?;
+                    self.catalog
+                        .put_schedule_run(&rec.spec.name, &s.name, &run)
+                        .await?;
                 }
                 schedules.push(p);
             }
@@ -299,21 +307,21 @@ impl Lifecycle {
             let r = self
                 .run_schedule(&rec, s, None, RunTrigger::RunNow, 0)
                 .await;
-            self.record_run(&rec, s, None, &r)?;
+            self.record_run(&rec, s, None, &r).await?;
             out.push(r);
         }
         Ok(out)
     }
 
     /// Keeps what a run did in the schedule's run record.
-    pub(super) fn record_run(
+    pub(super) async fn record_run(
         &self,
         rec: &PolicyRecord,
         s: &ScheduleSpec,
         slot: Option<u64>,
         r: &RunResult,
     ) -> Result<()> {
-        let mut run = self.trees.schedule_run(&rec.spec.name, &s.name)?;
+        let mut run = self.catalog.schedule_run(&rec.spec.name, &s.name)?;
         if slot.is_some() {
             run.last_slot = run.last_slot.max(slot);
         }
@@ -331,7 +339,9 @@ impl Lifecycle {
             run.failures += 1;
         }
         run.last = Some(r.clone());
-        self.trees.put_schedule_run(&rec.spec.name, &s.name, &run)?;
+        self.catalog
+            .put_schedule_run(&rec.spec.name, &s.name, &run)
+            .await?;
         Ok(())
     }
 }

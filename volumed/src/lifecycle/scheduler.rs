@@ -45,7 +45,7 @@ pub fn spawn(lc: Arc<Lifecycle>, cancel: CancellationToken) -> JoinHandle<()> {
 /// Runs every schedule whose slot has come; returns how long to sleep.
 async fn tick(lc: &Lifecycle, cancel: &CancellationToken) -> super::Result<Duration> {
     let mut next_due: Option<i64> = None;
-    for rec in lc.trees.policies()? {
+    for rec in lc.catalog.policies()? {
         if !rec.spec.enabled {
             continue;
         }
@@ -57,7 +57,7 @@ async fn tick(lc: &Lifecycle, cancel: &CancellationToken) -> super::Result<Durat
                 continue;
             };
             let now = Lifecycle::now();
-            let run = lc.trees.schedule_run(&rec.spec.name, &s.name)?;
+            let run = lc.catalog.schedule_run(&rec.spec.name, &s.name)?;
             let Some(slot) = sched.slot_at_or_before(now) else {
                 continue;
             };
@@ -72,7 +72,7 @@ async fn tick(lc: &Lifecycle, cancel: &CancellationToken) -> super::Result<Durat
                 };
                 let slot = u64::try_from(slot).ok();
                 let r = lc.run_schedule(&rec, s, slot, trigger, missed).await;
-                lc.record_run(&rec, s, slot, &r)?;
+                lc.record_run(&rec, s, slot, &r).await?;
             }
             let now = Lifecycle::now();
             if let Some(n) = sched.next_after(now) {

@@ -6,11 +6,9 @@
 //! enabled, so a daemon without the flag never reads the clock for them.
 //! Everything else (allocation, changed bytes, snapshot and hydration
 //! progress, cache counters) is read from the engine when scraped
-//! (`server::EngineCollector`). Labels are bounded: volume and op, never a
+//! (`telemetry`). Labels are bounded: volume and op, never a
 //! client or a chunk.
 
-pub mod policies;
-pub mod server;
 pub mod store;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

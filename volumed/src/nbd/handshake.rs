@@ -13,8 +13,8 @@ use snapshot::diff::Diff;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tracing::debug;
 
-use super::tls::Tls;
 use crate::engine::Export;
+use crate::tls::Tls;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -96,9 +96,9 @@ pub fn transmission_flags(structured: bool, read_only: bool) -> u16 {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
-    #[error("{0}")]
+    #[error(transparent)]
     Proto(#[from] ProtoError),
-    #[error("i/o: {0}")]
+    #[error("i/o")]
     Io(#[from] std::io::Error),
     #[error("option {option} of {length} bytes is too long")]
     OptionTooLong { option: u32, length: u32 },

@@ -10,7 +10,7 @@ use tokio::task::JoinHandle;
 
 use super::handshake::{HandshakeError, MAX_OPTION_LEN, Negotiated, negotiate, transmission_flags};
 use super::testutil::{CHUNK, FakeExports, engine_with};
-use super::tls::Tls;
+use crate::tls::Tls;
 
 type Outcome = Result<Negotiated, HandshakeError>;
 

@@ -21,7 +21,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use anyhow::Context;
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -32,6 +31,14 @@ use crate::disk::IoEngine;
 /// registered with that thread's reactor).
 pub type Job = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("start an NBD thread's runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("start an NBD thread")]
+    Thread(#[source] std::io::Error),
+}
+
 pub struct IoThreads {
     queues: Vec<mpsc::UnboundedSender<Job>>,
     next: AtomicUsize,
@@ -40,19 +47,19 @@ pub struct IoThreads {
 impl IoThreads {
     /// Starts `n` threads (at least one); each binds a ring of its own
     /// from `io` when `io` uses io_uring.
-    pub fn start(n: usize, io: &Arc<IoEngine>) -> anyhow::Result<Self> {
+    pub fn start(n: usize, io: &Arc<IoEngine>) -> Result<Self, StartError> {
         let mut queues = Vec::new();
         for i in 0..n.max(1) {
             let (tx, rx) = mpsc::unbounded_channel::<Job>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
-                .context("start an NBD thread's runtime")?;
+                .map_err(StartError::Runtime)?;
             let io = Arc::clone(io);
             std::thread::Builder::new()
                 .name(format!("nbd-io-{i}"))
                 .spawn(move || rt.block_on(run(i, rx, io)))
-                .context("start an NBD thread")?;
+                .map_err(StartError::Thread)?;
             queues.push(tx);
         }
         info!(threads = queues.len(), "NBD threads ready");

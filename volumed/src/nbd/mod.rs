@@ -12,20 +12,27 @@
 //! - `handshake.rs`: option haggling, and `ExportLookup`, all it needs of
 //!   the engine.
 //! - `session.rs`: the transmission loop: one task polls the read of the
-//!   next request, the requests in flight and the reply writes; the
-//!   in-flight window.
+//!   next request, the requests in flight and the reply writes;
+//!   `window.rs`: the in-flight window every request holds a share of
+//!   until its reply is written; `output.rs`: the replies waiting for the
+//!   socket, staged and written with `writev`.
 //! - `server.rs`: TCP and Unix listeners, the connection task (handshake,
-//!   TLS upgrade, session), and `ExportLookup` for `Engine`.
+//!   TLS upgrade, session), and `ExportLookup` for `Engine`;
+//!   `refusals.rs`: refused connections logged, rate-limited.
 //! - `io_threads.rs`: the threads connections are served on, one per CPU,
 //!   each with its own runtime and io_uring ring.
-//! - `tls.rs`: the rustls acceptor and the per-connection TLS mode.
+//!
+//! TLS (the acceptor and the per-connection mode) is `crate::tls`, shared
+//! with the AWS endpoint.
 
 pub(crate) mod handshake;
 pub mod io_threads;
+mod output;
 pub(crate) mod poll;
+mod refusals;
 pub(crate) mod server;
 pub(crate) mod session;
-pub mod tls;
+mod window;
 
 #[cfg(test)]
 mod handshake_tests;

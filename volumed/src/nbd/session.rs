@@ -13,17 +13,16 @@
 //! a read the page cache answers completes in its first poll (the ring
 //! runs it inline at submit) and its reply is written in the same pass.
 //!
-//! The in-flight window is bounded twice: by a count of requests and by a
-//! budget of payload bytes. When either is exhausted the read of the next
-//! request waits, which is backpressure on the client, never an error.
-//! Every reply holds its request's share of the window until it is written
-//! to the socket, refusals and block status included: a client that
-//! pipelines requests and never reads its replies stops being read once
-//! the window is full, instead of growing the daemon's memory.
+//! The in-flight window (`window.rs`) is bounded twice: by a count of
+//! requests and by a budget of payload bytes. When either is exhausted the
+//! read of the next request waits, which is backpressure on the client,
+//! never an error. Every reply holds its request's share of the window
+//! until it is written to the socket (`output.rs`), refusals and block
+//! status included: a client that pipelines requests and never reads its
+//! replies stops being read once the window is full, instead of growing
+//! the daemon's memory.
 
-use std::collections::VecDeque;
 use std::future::Future;
-use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -31,84 +30,27 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use nbd_proto::{
     BlockExtent, CMD_FLAG_DF, CMD_FLAG_FUA, CMD_FLAG_NO_HOLE, CMD_FLAG_REQ_ONE, Command, EINVAL,
-    EPERM, Encoded, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
+    EPERM, MAX_PAYLOAD, Piece, ProtoError, REQUEST_HEADER_LEN, Reply, ReplyBody, Request,
     STATE_DIRTY, STATE_HOLE, STATE_ZERO, SessionOptions, validate,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::errno_of;
 use super::handshake::MetaContext;
+use super::output::Output;
 use super::poll::Quiet;
+use super::window::{Budget, InFlight, Window};
 use crate::engine::{Backend, Extent, ReadPiece};
 use crate::metrics;
 
-/// Requests in flight per connection (fio and qemu use up to 128).
-pub const MAX_IN_FLIGHT: usize = 128;
-
-/// Payload bytes in flight per connection, counted in KiB permits.
-const PAYLOAD_BUDGET_KIB: u32 = 256 << 10;
-
-/// Small replies are copied into staging buffers of up to this many bytes,
-/// so that many of them leave in one slice; larger ones are written from
-/// their own buffers. Queued replies keep their window share until written,
-/// so staging is not memory a client that does not read can grow.
-pub(crate) const WRITE_BUFFER: usize = 256 << 10;
-
-/// A reply at most this long is copied into staging.
-const COPY_REPLY: usize = 16 << 10;
-
-/// Slices handed to one `writev`.
-const MAX_SLICES: usize = 64;
-
-/// Bytes of a block-status extent on the wire (length and flags).
-const EXTENT_LEN: u64 = 8;
-
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("{0}")]
+    #[error(transparent)]
     Proto(#[from] ProtoError),
-    #[error("i/o: {0}")]
+    #[error("i/o")]
     Io(#[from] std::io::Error),
-}
-
-/// A request's share of the window; released when its reply is written.
-struct InFlight {
-    _slot: OwnedSemaphorePermit,
-    _bytes: OwnedSemaphorePermit,
-}
-
-#[derive(Clone)]
-struct Window {
-    slots: Arc<Semaphore>,
-    bytes: Arc<Semaphore>,
-}
-
-impl Window {
-    fn new() -> Self {
-        Window {
-            slots: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            bytes: Arc::new(Semaphore::new(PAYLOAD_BUDGET_KIB as usize)),
-        }
-    }
-
-    async fn acquire(&self, payload: u32) -> InFlight {
-        let kib = payload.div_ceil(1024).clamp(1, PAYLOAD_BUDGET_KIB);
-        let slot = Arc::clone(&self.slots)
-            .acquire_owned()
-            .await
-            .expect("the window is never closed");
-        let bytes = Arc::clone(&self.bytes)
-            .acquire_many_owned(kib)
-            .await
-            .expect("the window is never closed");
-        InFlight {
-            _slot: slot,
-            _bytes: bytes,
-        }
-    }
 }
 
 /// What the reader hands over.
@@ -165,7 +107,7 @@ where
         contexts: contexts.into(),
     };
     let window = Window::new();
-    let budget = Budget::of(&ctx);
+    let budget = Budget::new(ctx.contexts.len(), ctx.backend.chunk_size());
     // The read of the next request lives across the loop's passes, so a
     // request is never dropped half read; it is replaced in place when done.
     let mut reading = Some(Box::pin(read_next(reader, window.clone(), budget)));
@@ -309,232 +251,6 @@ struct Ctx {
     options: SessionOptions,
     /// The metadata contexts BLOCK_STATUS answers, by id.
     contexts: Arc<[(u32, MetaContext)]>,
-}
-
-/// What sizes a request's share of the window.
-#[derive(Clone, Copy)]
-struct Budget {
-    contexts: u64,
-    chunk: u64,
-}
-
-impl Budget {
-    fn of(ctx: &Ctx) -> Self {
-        Budget {
-            contexts: ctx.contexts.len().max(1) as u64,
-            chunk: ctx.backend.chunk_size().max(1),
-        }
-    }
-
-    /// The bytes of the window a request takes: its payload, or for block
-    /// status the largest reply it can get (per context, one extent per
-    /// chunk it spans, plus one for a range that starts inside a chunk).
-    /// Other replies are small and take the minimum.
-    fn of_request(&self, req: &Request) -> u32 {
-        match req.command {
-            Command::Read | Command::Write => req.length.min(MAX_PAYLOAD),
-            Command::BlockStatus if req.flags & CMD_FLAG_REQ_ONE != 0 => {
-                u32::try_from(EXTENT_LEN * self.contexts).unwrap_or(u32::MAX)
-            }
-            Command::BlockStatus => {
-                let extents = u64::from(req.length).div_ceil(self.chunk).saturating_add(1);
-                let bytes = extents
-                    .saturating_mul(EXTENT_LEN)
-                    .saturating_mul(self.contexts);
-                u32::try_from(bytes).unwrap_or(u32::MAX)
-            }
-            _ => 0,
-        }
-    }
-}
-
-/// Replies waiting for the socket, in the order they completed.
-struct Output {
-    structured: bool,
-    segs: VecDeque<Seg>,
-    /// Bytes queued and bytes written over the session; a reply's window
-    /// share is released once `written` reaches the end of its bytes.
-    queued: u64,
-    written: u64,
-    permits: VecDeque<(u64, InFlight)>,
-    /// Written since the last flush (TLS holds records back until then).
-    unflushed: bool,
-    /// A written staging buffer, kept for the next one.
-    spare: Vec<u8>,
-    /// A reply that could not be encoded (a bug): the stream cannot go on
-    /// without it, so the next write fails with this.
-    broken: Option<std::io::Error>,
-}
-
-enum Seg {
-    /// Small replies, copied; `pos` bytes of it are written.
-    Staged { buf: Vec<u8>, pos: usize },
-    /// A reply with large data, written from its own buffers.
-    Reply {
-        reply: Reply,
-        len: usize,
-        pos: usize,
-    },
-}
-
-impl Seg {
-    fn left(&self) -> usize {
-        match self {
-            Seg::Staged { buf, pos } => buf.len() - pos,
-            Seg::Reply { len, pos, .. } => len - pos,
-        }
-    }
-}
-
-impl Output {
-    fn new(structured: bool) -> Self {
-        Output {
-            structured,
-            segs: VecDeque::new(),
-            queued: 0,
-            written: 0,
-            permits: VecDeque::new(),
-            unflushed: false,
-            spare: Vec::new(),
-            broken: None,
-        }
-    }
-
-    /// Nothing to write and nothing to flush.
-    fn is_idle(&self) -> bool {
-        self.segs.is_empty() && !self.unflushed && self.broken.is_none()
-    }
-
-    fn clear(&mut self) {
-        self.segs.clear();
-        self.permits.clear();
-        self.unflushed = false;
-    }
-
-    /// Queues a reply; `permit` is released once its last byte is written.
-    fn push(&mut self, reply: Reply, permit: InFlight) {
-        let encoded = match encode(&reply, self.structured) {
-            Ok(e) => e,
-            Err(e) => {
-                self.broken = Some(e);
-                return;
-            }
-        };
-        let len: usize = encoded.slices().map(<[u8]>::len).sum();
-        if len <= COPY_REPLY {
-            let fits = matches!(self.segs.back(),
-                Some(Seg::Staged { buf, .. }) if buf.len() + len <= WRITE_BUFFER);
-            if !fits {
-                let mut buf = std::mem::take(&mut self.spare);
-                buf.reserve(COPY_REPLY * 4);
-                self.segs.push_back(Seg::Staged { buf, pos: 0 });
-            }
-            let Some(Seg::Staged { buf, .. }) = self.segs.back_mut() else {
-                unreachable!("the last segment is a staging buffer")
-            };
-            encoded.slices().for_each(|s| buf.extend_from_slice(s));
-        } else {
-            drop(encoded);
-            self.segs.push_back(Seg::Reply { reply, len, pos: 0 });
-        }
-        self.queued += len as u64;
-        self.permits.push_back((self.queued, permit));
-    }
-
-    /// One step of output: a `writev` of what is queued (up to
-    /// `MAX_SLICES` slices), or a flush once everything is written.
-    /// Cancel-safe: a write that did not complete wrote nothing.
-    async fn drive<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
-        if let Some(e) = self.broken.take() {
-            return Err(e);
-        }
-        if self.segs.is_empty() {
-            w.flush().await?;
-            self.unflushed = false;
-            return Ok(());
-        }
-        let n = {
-            let encoded = self
-                .segs
-                .iter()
-                .take(MAX_SLICES)
-                .filter_map(|s| match s {
-                    Seg::Reply { reply, .. } => Some(encode(reply, self.structured)),
-                    Seg::Staged { .. } => None,
-                })
-                .collect::<std::io::Result<Vec<_>>>()?;
-            let mut encoded = encoded.iter();
-            let mut slices = Vec::with_capacity(MAX_SLICES);
-            for seg in &self.segs {
-                match seg {
-                    Seg::Staged { buf, pos } => slices.push(IoSlice::new(&buf[*pos..])),
-                    Seg::Reply { pos, .. } => {
-                        let enc = encoded.next().expect("encoded in the same order");
-                        let mut skip = *pos;
-                        for s in enc.slices() {
-                            if skip >= s.len() {
-                                skip -= s.len();
-                                continue;
-                            }
-                            slices.push(IoSlice::new(&s[skip..]));
-                            skip = 0;
-                            if slices.len() == MAX_SLICES {
-                                break;
-                            }
-                        }
-                    }
-                }
-                if slices.len() >= MAX_SLICES {
-                    break;
-                }
-            }
-            w.write_vectored(&slices).await?
-        };
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        self.advance(n);
-        Ok(())
-    }
-
-    /// `n` bytes from the front were written.
-    fn advance(&mut self, mut n: usize) {
-        self.written += n as u64;
-        self.unflushed = true;
-        while n > 0 {
-            let Some(front) = self.segs.front_mut() else {
-                break;
-            };
-            let left = front.left();
-            if n < left {
-                match front {
-                    Seg::Staged { pos, .. } | Seg::Reply { pos, .. } => *pos += n,
-                }
-                break;
-            }
-            n -= left;
-            if let Some(Seg::Staged { mut buf, .. }) = self.segs.pop_front() {
-                buf.clear();
-                self.spare = buf;
-            }
-        }
-        while self
-            .permits
-            .front()
-            .is_some_and(|(end, _)| *end <= self.written)
-        {
-            self.permits.pop_front();
-        }
-    }
-}
-
-/// A reply's wire bytes. Validation keeps every reply encodable, so a
-/// failure is a bug, and the stream cannot go on without the reply.
-fn encode(reply: &Reply, structured: bool) -> std::io::Result<Encoded<'_>> {
-    reply.encode(structured).map_err(|e| {
-        tracing::error!(cookie = reply.cookie, error = %e, "NBD reply cannot be encoded");
-        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
-    })
 }
 
 /// How a validated request goes on.

@@ -382,8 +382,8 @@ async fn replies_a_client_does_not_read_stay_within_the_window() {
     }
     // The smallest reply here, a one-extent block status, is 32 bytes; the
     // pipe holds the last requests sent, not yet read.
-    let bound = session::MAX_IN_FLIGHT
-        + (session::WRITE_BUFFER + PIPE) / 32
+    let bound = super::window::MAX_IN_FLIGHT
+        + (super::output::WRITE_BUFFER + PIPE) / 32
         + PIPE / REQUEST_HEADER_LEN
         + 1;
     let (mut pos, mut answered, mut stalls, mut most) = (0, 0u64, 0, 0);

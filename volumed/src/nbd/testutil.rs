@@ -23,7 +23,8 @@ pub async fn engine_with(dir: &Path, volumes: &[(&str, u64)]) -> Arc<Engine> {
     let repo = snapshot::Repo::new(Arc::new(store), 3);
     let fetcher = Arc::new(snapshot::cache::Fetcher::new(repo.clone(), None));
     let io = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
-    let (engine, _) = Engine::open(dir, io, repo, fetcher).unwrap();
+    let catalog = Arc::new(crate::catalog::Catalog::open(&dir.join("catalog")).unwrap());
+    let (engine, _) = Engine::open(dir, catalog, io, repo, fetcher).await.unwrap();
     let engine = Arc::new(engine);
     for &(name, size) in volumes {
         let name = VolumeName::parse(name).unwrap();

@@ -15,6 +15,7 @@
 //! `{"Message", "Reason"}` in the body.
 
 pub mod read;
+pub mod states;
 pub mod write;
 
 use bytes::Bytes;
@@ -22,10 +23,10 @@ use http_body_util::Full;
 use hyper::Method;
 use snapshot::SnapshotId;
 
-use super::server::Refusal;
 use super::sigv4::AuthError;
-use super::{AwsState, Request, Response};
-use crate::error::Error;
+use super::{AwsState, Refusal, Request, Response};
+use crate::catalog::CatalogError;
+use crate::engine::Error;
 
 /// The block size of the EBS direct APIs.
 pub const BLOCK_SIZE: u64 = 512 << 10;
@@ -87,22 +88,31 @@ impl EbsError {
 
 impl From<Error> for EbsError {
     fn from(e: Error) -> Self {
+        let msg = volumed_api::error_chain(&e);
         match &e {
-            Error::SnapshotNotFound(id) => EbsError::not_found(id),
+            Error::SnapshotNotFound(id) => EbsError::not_found(id.as_str()),
+            Error::NoSuchSnapshotId(id) => EbsError::not_found(id),
             Error::InvalidRequest(_) | Error::InvalidSize(_) => {
-                EbsError::validation("INVALID_PARAMETER_VALUE", e.to_string())
+                EbsError::validation("INVALID_PARAMETER_VALUE", msg)
             }
             Error::Store { .. } | Error::ShuttingDown => EbsError {
                 kind: "InternalServerException",
                 status: 503,
                 reason: None,
-                message: e.to_string(),
+                message: msg,
             },
             _ => {
-                tracing::error!(error = %e, "EBS request failed");
-                EbsError::internal(e.to_string())
+                tracing::error!(error = %msg, "EBS request failed");
+                EbsError::internal(msg)
             }
         }
+    }
+}
+
+/// The endpoint's own records failing: internal.
+impl From<CatalogError> for EbsError {
+    fn from(e: CatalogError) -> Self {
+        EbsError::from(Error::from(e))
     }
 }
 
@@ -126,10 +136,18 @@ async fn dispatch(state: &AwsState, req: &Request) -> EbsResult<Response> {
     match (&req.method, segs.as_slice()) {
         (&Method::POST, ["snapshots"]) => write::start(state, req).await,
         (&Method::PUT, ["snapshots", id, "blocks", index]) => {
-            write::put_block(state, req, &snapshot_id(id)?, block_index(index)?).await
+            let id = snapshot_id(id)?;
+            match write::put_block(state, req, &id, block_index(index)?).await {
+                Err(e) => Err(states::refine_write(state, &id, e).await),
+                done => done,
+            }
         }
         (&Method::POST, ["snapshots", "completion", id]) => {
-            write::complete(state, req, &snapshot_id(id)?).await
+            let id = snapshot_id(id)?;
+            match write::complete(state, req, &id).await {
+                Err(e) => Err(states::refine_write(state, &id, e).await),
+                done => done,
+            }
         }
         (&Method::GET, ["snapshots", id, "blocks"]) => {
             read::list_blocks(state, &snapshot_id(id)?, &q).await

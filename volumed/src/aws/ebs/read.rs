@@ -26,7 +26,10 @@ const TOKEN_VALIDITY_SECS: u64 = 7 * 24 * 3600;
 /// A completed snapshot's manifest, which must have 512 KiB chunks, read
 /// lazily: a listing or a block read costs the pages it touches.
 async fn manifest(state: &AwsState, id: &SnapshotId) -> EbsResult<ManifestReader> {
-    let m = state.engine.manifest_reader(id).await?;
+    let m = match state.engine.manifest_reader(id).await {
+        Ok(m) => m,
+        Err(e) => return Err(super::states::refine_read(state, id, e.into()).await),
+    };
     if m.header().chunk_size != BLOCK_SIZE {
         return Err(EbsError::validation(
             "INVALID_PARAMETER_VALUE",
@@ -44,7 +47,7 @@ fn volume_size_gib(m: &ManifestReader) -> u64 {
 }
 
 fn page_error(id: &SnapshotId, e: RepoError) -> EbsError {
-    crate::error::Error::store(format!("read the manifest of snapshot {id}"), e).into()
+    crate::engine::Error::store(format!("read the manifest of snapshot {id}"), e).into()
 }
 
 /// Up to `max` non-zero blocks from `start`, ascending, and whether more
@@ -197,7 +200,7 @@ pub async fn get_block(
         .fetcher()
         .get(&hash)
         .await
-        .map_err(|e| crate::error::Error::store(format!("read block {index} of {id}"), e))?;
+        .map_err(|e| crate::engine::Error::store(format!("read block {index} of {id}"), e))?;
     // A snapshot whose size is not a whole number of blocks has a short
     // last chunk; the API's blocks are always whole, zero-filled.
     let mut bytes: Vec<u8> = data.to_vec();

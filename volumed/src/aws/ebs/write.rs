@@ -18,8 +18,8 @@ use super::{BLOCK_SIZE, EbsError, EbsResult, checksum, epoch_seconds, json_respo
 use crate::aws::ec2::snapshots::UNKNOWN_VOLUME;
 use crate::aws::{AwsState, OWNER_ID, Request, Response};
 use crate::catalog::AwsSnapshotRecord;
+use crate::engine::Error;
 use crate::engine::UploadSpec;
-use crate::error::Error;
 
 /// EBS's largest volume, in GiB.
 const MAX_VOLUME_GIB: u64 = 64 << 10;
@@ -215,7 +215,7 @@ pub async fn start(state: &AwsState, req: &Request) -> EbsResult<Response> {
         description: description.clone(),
         tags: tags.clone(),
     };
-    state.engine.put_snapshot_meta(&rec.id, &meta)?;
+    state.attrs.put_snapshot(&rec.id, &meta).await?;
     let tag_list: Vec<serde_json::Value> = tags
         .iter()
         .map(|(k, v)| serde_json::json!({ "Key": k, "Value": v }))

@@ -83,7 +83,7 @@ pub async fn copy_snapshot(cx: Cx<'_>) -> Ec2Result<String> {
         description,
         tags: tags.clone(),
     };
-    cx.state.engine.put_snapshot_meta(&rec.id, &meta)?;
+    cx.state.attrs.put_snapshot(&rec.id, &meta).await?;
     let mut x = Xml::response("CopySnapshot", cx.rid);
     x.elem("snapshotId", rec.id.as_str()).tag_set(&tags);
     Ok(x.finish("CopySnapshot"))
@@ -141,7 +141,7 @@ pub async fn default_key(cx: Cx<'_>, set: Option<bool>) -> Ec2Result<String> {
             ("ResetEbsDefaultKmsKeyId", keys.set_default(None).await)
         }
     };
-    let k = k.map_err(crate::error::Error::from)?;
+    let k = k.map_err(crate::engine::Error::from)?;
     let mut x = Xml::response(action, cx.rid);
     x.elem("kmsKeyId", &k.arn);
     Ok(x.finish(action))

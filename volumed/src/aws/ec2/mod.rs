@@ -4,25 +4,37 @@
 //!
 //! - `params`: the flattened parameters (`X.N`, `Filter.N.Name`);
 //! - `xml`: the answer and error documents;
-//! - `volumes`, `snapshots`, `tags`, `instances`: the actions.
+//! - `volumes`, `snapshots`, `tags`, `instances`: the actions;
+//! - `images`, `reservations`, `snapshot_sets`: images, launched
+//!   instances and CreateSnapshots, over the machines layer; `mappings`:
+//!   block-device mappings in EC2's words;
+//! - `volume_types`: sizes, IOPS and throughput per volume type;
+//!   `modifications`: ModifyVolume's record, DescribeVolumesModifications.
 
 pub mod encryption;
+pub mod images;
 pub mod instances;
+pub mod mappings;
+pub mod modifications;
 pub mod params;
 pub mod recycle;
+pub mod reservations;
+pub mod snapshot_sets;
 pub mod snapshots;
 pub mod tags;
+pub mod volume_types;
 pub mod volumes;
 pub mod xml;
 
 use bytes::Bytes;
 use http_body_util::Full;
 
-use super::server::Refusal;
 use super::sigv4::AuthError;
-use super::{AwsState, Request, Response};
-use crate::error::Error;
+use super::{AwsState, Refusal, Request, Response};
+use crate::catalog::CatalogError;
+use crate::engine::Error;
 use params::Params;
+use xml::Xml;
 
 /// The API version we answer as; requests may name it or omit it.
 pub const VERSION: &str = "2016-11-15";
@@ -39,6 +51,8 @@ impl Ec2Error {
     pub fn new(code: &'static str, message: impl Into<String>) -> Self {
         let status = match code {
             "AuthFailure" | "SignatureDoesNotMatch" | "IncompleteSignature" => 401,
+            // EC2 answers a dry run that would have succeeded with 412.
+            "DryRunOperation" => 412,
             "InternalError" => 500,
             "Unavailable" => 503,
             _ => 400,
@@ -86,10 +100,10 @@ impl Ec2Error {
 /// The engine's errors in EC2's words.
 impl From<Error> for Ec2Error {
     fn from(e: Error) -> Self {
-        let msg = e.to_string();
+        let msg = volumed_api::error_chain(&e);
         let code = match &e {
             Error::VolumeNotFound(_) => "InvalidVolume.NotFound",
-            Error::SnapshotNotFound(_) => "InvalidSnapshot.NotFound",
+            Error::SnapshotNotFound(_) | Error::NoSuchSnapshotId(_) => "InvalidSnapshot.NotFound",
             Error::VolumeAttached(_) | Error::AttachedElsewhere(..) => "VolumeInUse",
             Error::VolumeNotAttached(_)
             | Error::SnapshotInProgress(..)
@@ -102,18 +116,18 @@ impl From<Error> for Ec2Error {
             Error::SnapshotAttached(_)
             | Error::SnapshotNotAttached(_)
             | Error::VolumeImporting(..) => "IncorrectState",
-            Error::JobNotFound(_) => "InvalidParameterValue",
             // EC2 has no protected snapshots; its nearest refusal for a
             // snapshot that may not be deleted now.
             Error::SnapshotProtected(_) | Error::BinExpired(_) => "IncorrectState",
             Error::NotInBin(_) => "InvalidSnapshot.NotFound",
-            // A KmsKeyId naming no key, or a key that cannot be made.
-            Error::Key(_) => "InvalidParameterValue",
-            Error::Image(_) => "InvalidParameterValue",
+            Error::SnapshotSetFailed(_) => "IncorrectState",
+            Error::SnapshotSetNotFound(_) => "InvalidParameterValue",
             Error::InvalidRequest(_)
             | Error::InvalidName { .. }
             | Error::InvalidSize(_)
             | Error::InvalidLabel(..) => "InvalidParameterValue",
+            // A KmsKeyId naming no key, or a key that cannot be made.
+            Error::Key(_) => "InvalidParameterValue",
             Error::ShuttingDown | Error::Store { .. } | Error::SnapshotCommit { .. } => {
                 "Unavailable"
             }
@@ -123,6 +137,13 @@ impl From<Error> for Ec2Error {
             }
         };
         Ec2Error::new(code, msg)
+    }
+}
+
+/// The endpoint's own records (EC2 attributes) failing: internal.
+impl From<CatalogError> for Ec2Error {
+    fn from(e: CatalogError) -> Self {
+        Ec2Error::from(Error::from(e))
     }
 }
 
@@ -176,6 +197,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "CreateVolume" => volumes::create(cx).await,
         "DescribeVolumes" => volumes::describe(cx).await,
         "ModifyVolume" => volumes::modify(cx).await,
+        "DescribeVolumesModifications" => modifications::describe(cx).await,
         "DeleteVolume" => volumes::delete(cx).await,
         "AttachVolume" => volumes::attach(cx).await,
         "DetachVolume" => volumes::detach(cx).await,
@@ -198,6 +220,16 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "DescribeTags" => tags::describe(cx).await,
         "ModifyInstanceAttribute" => instances::modify_attribute(cx).await,
         "TerminateInstances" => instances::terminate(cx).await,
+        "RegisterImage" => images::register(cx).await,
+        "DescribeImages" => images::describe(cx).await,
+        "DeregisterImage" => images::deregister(cx).await,
+        "CreateImage" => images::create(cx).await,
+        "RunInstances" => reservations::run(cx).await,
+        "DescribeInstances" => reservations::describe(cx).await,
+        "StopInstances" => reservations::stop(cx).await,
+        "StartInstances" => reservations::start(cx).await,
+        "RebootInstances" => reservations::reboot(cx).await,
+        "CreateSnapshots" => snapshot_sets::create(cx).await,
         other => Err(Ec2Error::new(
             "InvalidAction",
             format!("The action {other} is not valid for this web service."),
@@ -238,6 +270,55 @@ pub fn max_results(p: &Params, min: u64, max: u64) -> Ec2Result<Option<usize>> {
             &n.to_string(),
             &format!("Expecting a value from {min} to {max}."),
         )),
+    }
+}
+
+/// One page of a Describe call's answer: the items of `all` that are
+/// `ours`, named in `ids` (all when none is named) and kept by every
+/// filter, each written by `write` as an `item` of `set`.
+pub struct Describe<'a> {
+    pub action: &'a str,
+    pub set: &'a str,
+    pub rid: &'a str,
+    pub ours: bool,
+    pub ids: &'a [String],
+    pub filters: &'a [(String, Vec<String>)],
+    pub token: Option<&'a str>,
+    pub max: Option<usize>,
+}
+
+impl Describe<'_> {
+    pub fn answer<T>(
+        &self,
+        all: Vec<T>,
+        id: impl Fn(&T) -> &str,
+        matches: impl Fn(&str, &[String], &T) -> Ec2Result<bool>,
+        write: impl Fn(&mut Xml, &T),
+    ) -> Ec2Result<String> {
+        let mut selected = Vec::new();
+        for item in all {
+            if !self.ours || (!self.ids.is_empty() && !self.ids.iter().any(|i| i == id(&item))) {
+                continue;
+            }
+            let mut keep = true;
+            for (name, values) in self.filters {
+                keep &= matches(name, values, &item)?;
+            }
+            if keep {
+                selected.push(item);
+            }
+        }
+        let (selected, next) = page(selected, &id, self.token, self.max)?;
+        let mut x = Xml::response(self.action, self.rid);
+        x.open(self.set);
+        for item in &selected {
+            x.open("item");
+            write(&mut x, item);
+            x.close("item");
+        }
+        x.close(self.set);
+        x.opt("nextToken", next);
+        Ok(x.finish(self.action))
     }
 }
 

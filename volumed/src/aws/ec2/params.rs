@@ -68,7 +68,7 @@ impl Params {
     }
 
     /// The N of every `prefix.N` or `prefix.N.rest` parameter, ascending.
-    fn indices(&self, prefix: &str) -> Result<Vec<u64>, Ec2Error> {
+    pub fn indices(&self, prefix: &str) -> Result<Vec<u64>, Ec2Error> {
         let dotted = format!("{prefix}.");
         let mut out: Vec<u64> = Vec::new();
         for k in self.map.keys() {
@@ -173,6 +173,18 @@ impl Params {
                 Ok((dev, dot))
             })
             .collect()
+    }
+
+    /// The rest of every parameter name that starts with `prefix`.
+    pub fn keys_under<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.map
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .map(|(k, _)| k.as_str())
+            .take_while(move |k| k.starts_with(prefix))
+            .map(move |k| &k[prefix.len()..])
     }
 
     /// Names of parameters not among `known` (exactly or as a `X.` prefix),

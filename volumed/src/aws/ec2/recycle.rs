@@ -3,23 +3,25 @@
 //! RestoreImageFromRecycleBin. The bin is the store's (`snapshot::bin`),
 //! so every host sharing the store lists the same entries.
 //!
-//! Images (AMIs) do not exist on this daemon yet: the image actions
+//! DeregisterImage does not put images in the bin yet: the image actions
 //! answer an empty bin and "not found", which is what EC2 answers an
 //! account without deleted images.
 
 use super::snapshots::{ec2_view, snapshot_id, write_snapshot};
 use super::xml::Xml;
 use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
 use crate::aws::{iso8601, parse_rfc3339};
 use crate::lifecycle::LifecycleError;
+use crate::present::views;
 
 /// Lifecycle errors in EC2's words.
 impl From<LifecycleError> for Ec2Error {
     fn from(e: LifecycleError) -> Self {
         match e {
             LifecycleError::Engine(e) => e.into(),
-            e => Ec2Error::invalid_parameter(e.to_string()),
+            LifecycleError::Machine(e) => e.into(),
+            LifecycleError::Catalog(e) => e.into(),
+            e => Ec2Error::invalid_parameter(volumed_api::error_chain(&e)),
         }
     }
 }
@@ -38,7 +40,7 @@ pub async fn list_snapshots(cx: Cx<'_>) -> Ec2Result<String> {
     x.open("snapshotSet");
     for e in &entries {
         let id = snapshot_id(&e.id)?;
-        let meta = cx.state.engine.snapshot_meta(&id)?;
+        let meta = cx.state.attrs.snapshot(&id)?;
         let volume_id = meta
             .as_ref()
             .and_then(|m| m.volume_id.clone())

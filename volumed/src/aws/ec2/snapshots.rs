@@ -10,11 +10,12 @@ use volumed_api::filter::{size_gib, wildcard};
 use volumed_api::{CreateSnapshot, SnapshotState};
 
 use super::xml::Xml;
-use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
+use super::{Cx, Describe, Ec2Error, Ec2Result, max_results};
 use crate::aws::{AwsState, OWNER_ID, iso8601, parse_rfc3339};
 use crate::catalog::AwsSnapshotRecord;
-use crate::engine::aws_attrs::is_volume_id;
+use crate::engine::volume_id::is_volume_id;
+use crate::lifecycle::Removed;
+use crate::present::views;
 
 /// What EC2 shows of a snapshot.
 #[derive(Debug, Clone)]
@@ -29,6 +30,10 @@ pub struct Ec2Snapshot {
     pub tags: BTreeMap<String, String>,
     pub encryption: Option<volumed_api::EncryptionInfo>,
 }
+
+/// The tag EC2 shows on each snapshot of a set (CreateSnapshots,
+/// CreateImage, `vol snapshot create --set`): the set's id.
+pub const SET_TAG: &str = "volumed:snapshot-set";
 
 /// The volume id EC2 shows for a snapshot whose volume is unknown, as AWS
 /// does for snapshots not taken from a volume.
@@ -46,7 +51,7 @@ pub fn snapshot_id(s: &str) -> Ec2Result<SnapshotId> {
 /// The EC2 view of a snapshot as the control API reports it.
 pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snapshot> {
     let id = snapshot_id(&s.id)?;
-    let meta = state.engine.snapshot_meta(&id)?;
+    let meta = state.attrs.snapshot(&id)?;
     let volume_id = meta
         .as_ref()
         .and_then(|m| m.volume_id.clone())
@@ -57,13 +62,16 @@ pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snap
         })
         .or_else(|| is_volume_id(&s.volume).then(|| s.volume.clone()))
         .unwrap_or_else(|| UNKNOWN_VOLUME.to_owned());
-    let (description, tags) = match meta {
+    let (description, mut tags) = match meta {
         Some(m) => (m.description, m.tags),
         None => (
             s.labels.get("description").cloned().unwrap_or_default(),
             s.labels.clone(),
         ),
     };
+    if let Some(set) = state.engine.snapshot_set_of(&id) {
+        tags.insert(SET_TAG.to_owned(), set);
+    }
     Ok(Ec2Snapshot {
         id: s.id,
         volume_id,
@@ -166,7 +174,7 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         description: description.clone(),
         tags: tags.clone(),
     };
-    cx.state.engine.put_snapshot_meta(&snap.id, &meta)?;
+    cx.state.attrs.put_snapshot(&snap.id, &meta).await?;
     let s = Ec2Snapshot {
         id: snap.id.to_string(),
         volume_id,
@@ -213,30 +221,17 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
             return Err(Ec2Error::snapshot_not_found(id));
         }
     }
-    let mut selected = Vec::new();
-    for s in all {
-        if !ours || (!ids.is_empty() && !ids.contains(&s.id)) {
-            continue;
-        }
-        let mut keep = true;
-        for (name, values) in &filters {
-            keep &= matches(name, values, &s)?;
-        }
-        if keep {
-            selected.push(s);
-        }
+    Describe {
+        action: "DescribeSnapshots",
+        set: "snapshotSet",
+        rid: cx.rid,
+        ours,
+        ids: &ids,
+        filters: &filters,
+        token: p.get("NextToken"),
+        max,
     }
-    let (selected, next) = page(selected, |s| s.id.as_str(), p.get("NextToken"), max)?;
-    let mut x = Xml::response("DescribeSnapshots", cx.rid);
-    x.open("snapshotSet");
-    for s in &selected {
-        x.open("item");
-        write_snapshot(&mut x, s);
-        x.close("item");
-    }
-    x.close("snapshotSet");
-    x.opt("nextToken", next);
-    Ok(x.finish("DescribeSnapshots"))
+    .answer(all, |s| s.id.as_str(), matches, write_snapshot)
 }
 
 pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
@@ -248,7 +243,12 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
             format!("Snapshot '{id}' is being written through the EBS direct APIs"),
         ));
     }
-    cx.state.lifecycle.delete_snapshot(&id).await?;
+    // Refused while a registered image uses it (InvalidSnapshot.InUse).
+    // Into the recycle bin, its EC2 attributes kept for a restore, or gone
+    // for good with them.
+    if cx.state.lifecycle.delete_snapshot(&id).await? == Removed::Deleted {
+        cx.state.attrs.remove_snapshot(&id).await?;
+    }
     let mut x = Xml::response("DeleteSnapshot", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteSnapshot"))

@@ -1,5 +1,5 @@
-//! EC2's tag actions on volumes and snapshots: CreateTags, DeleteTags,
-//! DescribeTags. Every resource is resolved before any is changed, so a
+//! EC2's tag actions on volumes, snapshots, images and instances:
+//! CreateTags, DeleteTags, DescribeTags. Every resource is resolved before any is changed, so a
 //! request naming one unknown resource changes nothing.
 
 use std::collections::BTreeMap;
@@ -18,6 +18,24 @@ use crate::engine::Volume;
 enum Resource {
     Volume(Arc<Volume>),
     Snapshot(Box<snapshots::Ec2Snapshot>),
+    Image(crate::catalog::ImageRecord),
+    Instance(crate::catalog::InstanceRecord),
+}
+
+impl Resource {
+    fn tags(&self) -> BTreeMap<String, String> {
+        match self {
+            Resource::Volume(v) => v.record().tags,
+            // The set tag is shown, not kept: it is no tag of the record.
+            Resource::Snapshot(s) => {
+                let mut t = s.tags.clone();
+                t.remove(snapshots::SET_TAG);
+                t
+            }
+            Resource::Image(i) => i.tags.clone(),
+            Resource::Instance(i) => i.tags.clone(),
+        }
+    }
 }
 
 async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
@@ -46,10 +64,16 @@ async fn resolve(state: &AwsState, ids: &[String]) -> Ec2Result<Vec<Resource>> {
                 ));
             }
             out.push(Resource::Snapshot(Box::new(s.clone())));
+        } else if id.starts_with("ami-") {
+            out.push(Resource::Image(state.machines.image(id).await?));
+        } else if id.starts_with("i-") {
+            out.push(Resource::Instance(state.machines.instance(id).await?));
         } else {
             return Err(Ec2Error::new(
                 "InvalidID",
-                format!("The ID '{id}' is not valid: only volumes and snapshots have tags here"),
+                format!(
+                    "The ID '{id}' is not valid: only volumes, snapshots, images and instances have tags here"
+                ),
             ));
         }
     }
@@ -66,11 +90,7 @@ async fn retag(
     // Checked on each resource first, so one that would break the limit
     // changes nothing anywhere.
     for r in &resources {
-        let current = match r {
-            Resource::Volume(v) => v.record().tags,
-            Resource::Snapshot(s) => s.tags.clone(),
-        };
-        crate::engine::aws_attrs::retag(&current, set, remove)?;
+        crate::engine::volume_id::retag(&r.tags(), set, remove)?;
     }
     for r in resources {
         match r {
@@ -78,16 +98,22 @@ async fn retag(
                 let name = v.record().name.clone();
                 state.engine.tag_volume(&name, set, remove).await?;
             }
-            Resource::Snapshot(s) => {
+            r @ Resource::Snapshot(_) => {
+                let current = r.tags();
+                let Resource::Snapshot(s) = r else {
+                    unreachable!("matched just above")
+                };
                 let id = snapshot_id(&s.id)?;
-                let tags = crate::engine::aws_attrs::retag(&s.tags, set, remove)?;
+                let tags = crate::engine::volume_id::retag(&current, set, remove)?;
                 let meta = AwsSnapshotRecord {
                     volume_id: Some(s.volume_id.clone()),
                     description: s.description.clone(),
                     tags,
                 };
-                state.engine.put_snapshot_meta(&id, &meta)?;
+                state.attrs.put_snapshot(&id, &meta).await?;
             }
+            Resource::Image(i) => state.machines.tag_image(&i.id, set, remove).await?,
+            Resource::Instance(i) => state.machines.tag_instance(&i.id, set, remove).await?,
         }
     }
     Ok(())
@@ -132,11 +158,7 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
     if remove.is_empty() {
         // No Tag parameter: every tag of each resource goes, as in EC2.
         for r in &resources {
-            let keys: Vec<String> = match r {
-                Resource::Volume(v) => v.record().tags.keys().cloned().collect(),
-                Resource::Snapshot(s) => s.tags.keys().cloned().collect(),
-            };
-            remove.extend(keys.into_iter().map(|k| (k, None)));
+            remove.extend(r.tags().into_keys().map(|k| (k, None)));
         }
     }
     retag(cx.state, resources, &BTreeMap::new(), &remove).await?;
@@ -186,6 +208,12 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
     }
     for s in snapshots::all(cx.state).await? {
         push(&s.id, "snapshot", &s.tags);
+    }
+    for i in cx.state.machines.images().await? {
+        push(&i.id, "image", &i.tags);
+    }
+    for i in cx.state.machines.instances().await? {
+        push(&i.id, "instance", &i.tags);
     }
     rows.retain(|r| {
         filters.iter().all(|(name, values)| {

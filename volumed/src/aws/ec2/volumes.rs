@@ -8,22 +8,34 @@ use volumed_api::filter::{ec2_status, matches_all, size_gib};
 use volumed_api::{AttachVolume, CreateVolume, ModifyVolume, VolumeFilter, VolumeName};
 
 use super::xml::Xml;
-use super::{Cx, Ec2Error, Ec2Result, max_results, page};
-use crate::api::views;
+use super::{Cx, Ec2Error, Ec2Result, max_results, page, volume_types};
 use crate::aws::{AwsState, availability_zone, iso8601, parse_rfc3339};
-use crate::engine::Volume;
-use crate::engine::aws_attrs::{VolumeAttrs, is_volume_id, new_volume_id};
+use crate::engine::volume_id::{is_volume_id, new_volume_id};
+use crate::engine::{Volume, VolumeOptions};
+use crate::present::views;
 
 /// The tag that carries an attached volume's NBD URI.
 pub const NBD_URI_TAG: &str = "volumed:nbd-uri";
-const VOLUME_TYPES: &[&str] = &["standard", "gp2", "gp3", "io1", "io2", "sc1", "st1"];
 /// EC2's largest volume, 64 TiB, in GiB (also ours).
 const MAX_SIZE_GIB: u64 = 64 << 10;
 
 /// The control API's view of a volume with the tags EC2 shows: its own and
 /// the NBD URI while attached.
 pub fn view(state: &AwsState, vol: &Volume) -> volumed_api::Volume {
-    let mut v = views::volume(&state.engine, &state.endpoints, vol);
+    let mut v = views::volume(&state.engine, state.attrs.catalog(), &state.endpoints, vol);
+    // A launched instance's device and DeleteOnTermination are its own.
+    if let Some(a) = v.attachment.as_mut()
+        && let Some((_, d)) = state.machines.device_of(&v.name)
+    {
+        a.device = Some(d.device_name);
+        a.delete_on_termination = d.delete_on_termination;
+        // A launched volume's type is its mapping's, unless set since.
+        if v.volume_type.is_none() {
+            v.volume_type = d.volume_type;
+            v.iops = d.iops;
+            v.throughput = d.throughput;
+        }
+    }
     if let Some(uri) = &v.uri {
         v.tags.insert(NBD_URI_TAG.to_owned(), uri.clone());
     }
@@ -61,18 +73,14 @@ pub fn instance_id(id: &str) -> Ec2Result<&str> {
     }
 }
 
+/// A device name EC2 accepts for an EBS volume (`/dev/sdf`, `xvdf`...).
 fn device_name(d: &str) -> Ec2Result<&str> {
-    let ok = (1..=64).contains(&d.len())
-        && d.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'_' | b'-'));
-    if ok {
+    if volumed_api::machine::valid_device_name(d) {
         Ok(d)
     } else {
-        Err(Ec2Error::invalid_value(
-            "Device",
-            d,
-            "Expecting a device name such as /dev/sdf.",
-        ))
+        Err(Ec2Error::invalid_parameter(format!(
+            "Value ({d}) for parameter device is invalid. {d} is not a valid EBS device name."
+        )))
     }
 }
 
@@ -98,10 +106,15 @@ pub fn write_volume(x: &mut Xml, v: &volumed_api::Volume, region: &str) {
         x.close("item");
     }
     x.close("attachmentSet");
+    let vtype = v
+        .volume_type
+        .as_deref()
+        .unwrap_or(volume_types::DEFAULT_TYPE);
+    let (iops, throughput) = volume_types::reported(vtype, size_gib(v.size), v.iops, v.throughput);
     x.tag_set(&v.tags)
-        .elem("volumeType", v.volume_type.as_deref().unwrap_or("gp2"))
-        .opt("iops", v.iops)
-        .opt("throughput", v.throughput)
+        .elem("volumeType", vtype)
+        .opt("iops", iops)
+        .opt("throughput", throughput)
         .elem("encrypted", v.encrypted)
         .opt(
             "kmsKeyId",
@@ -182,24 +195,31 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
     if size.is_none() && snapshot.is_none() {
         return Err(Ec2Error::missing("Size"));
     }
-    let volume_type = p.get("VolumeType").unwrap_or("gp2").to_owned();
-    if !VOLUME_TYPES.contains(&volume_type.as_str()) {
-        return Err(Ec2Error::invalid_value(
-            "VolumeType",
-            &volume_type,
-            "Expecting one of standard, gp2, gp3, io1, io2, sc1, st1.",
-        ));
+    let volume_type = p.get("VolumeType").unwrap_or(volume_types::DEFAULT_TYPE);
+    let vtype = volume_types::lookup(volume_type)?;
+    let volume_type = volume_type.to_owned();
+    let (iops, throughput) = (p.u64("Iops")?, p.u64("Throughput")?);
+    vtype.check_performance(iops, throughput)?;
+    let gib = match (size, &snapshot) {
+        (Some(b), _) => Some(b >> 30),
+        // As large as the snapshot; an unknown one is refused below.
+        (None, Some(s)) => match snapshot::SnapshotId::parse(s) {
+            Some(id) => cx.state.engine.snapshot_header(&id).await.ok(),
+            None => None,
+        }
+        .map(|h| h.size.div_ceil(1 << 30)),
+        (None, None) => None,
+    };
+    if let Some(g) = gib {
+        vtype.check_size(g)?;
     }
     let tags = p.tag_specifications("volume")?;
     volumed_api::validate_tags(&tags).map_err(|e| Ec2Error::invalid_parameter(e.to_string()))?;
     let id = new_volume_id();
     let name = VolumeName::parse(&id).map_err(|e| Ec2Error::new("InternalError", e.to_string()))?;
-    let attrs = VolumeAttrs {
+    let opts = VolumeOptions {
         volume_id: Some(id),
         tags,
-        volume_type: Some(volume_type),
-        iops: p.u64("Iops")?,
-        throughput: p.u64("Throughput")?,
     };
     let req = CreateVolume {
         name,
@@ -211,7 +231,15 @@ pub async fn create(cx: Cx<'_>) -> Ec2Result<String> {
         encrypted,
         key,
     };
-    let vol = cx.state.engine.create_with(req, attrs, None).await?;
+    let vol = cx.state.engine.create_with(req, opts).await?;
+    cx.state
+        .attrs
+        .update_volume(&vol, |a| {
+            a.volume_type = Some(volume_type);
+            a.iops = iops;
+            a.throughput = throughput;
+        })
+        .await?;
     let mut x = Xml::response("CreateVolume", cx.rid);
     write_volume(&mut x, &view(cx.state, &vol), &cx.state.region);
     Ok(x.finish("CreateVolume"))
@@ -241,7 +269,14 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
         wanted.push(lookup(cx.state, id)?);
     }
     let vols = if ids.is_empty() {
-        cx.state.engine.list()
+        // Instance-store volumes are an instance's, not EBS volumes: EC2
+        // does not list them.
+        cx.state
+            .engine
+            .list()
+            .into_iter()
+            .filter(|v| !cx.state.machines.is_instance_store(&v.name))
+            .collect()
     } else {
         wanted
     };
@@ -280,6 +315,10 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
         }
         None => return Err(Ec2Error::missing("Size")),
     };
+    let attrs = cx.state.attrs.volume(&vol)?;
+    let vtype = attrs.volume_type.as_deref();
+    volume_types::lookup(vtype.unwrap_or(volume_types::DEFAULT_TYPE))?.check_size(size >> 30)?;
+    let start = crate::catalog::unix_now();
     let vol = cx
         .state
         .engine
@@ -291,21 +330,11 @@ pub async fn modify(cx: Cx<'_>) -> Ec2Result<String> {
             },
         )
         .await?;
-    let after = vol.record();
-    let vtype = after.volume_type.clone().unwrap_or_else(|| "gp2".into());
-    let now = iso8601(crate::catalog::unix_now());
+    let m = super::modifications::record(cx.state, &before, &vol.record(), &attrs, start).await?;
     let mut x = Xml::response("ModifyVolume", cx.rid);
-    x.open("volumeModification")
-        .elem("volumeId", cx.state.engine.volume_id(&after))
-        .elem("modificationState", "completed")
-        .elem("targetSize", size_gib(after.size))
-        .elem("targetVolumeType", &vtype)
-        .elem("originalSize", size_gib(before.size))
-        .elem("originalVolumeType", &vtype)
-        .elem("progress", 100)
-        .elem("startTime", &now)
-        .elem("endTime", &now)
-        .close("volumeModification");
+    x.open("volumeModification");
+    super::modifications::write(&mut x, &m);
+    x.close("volumeModification");
     Ok(x.finish("ModifyVolume"))
 }
 
@@ -320,6 +349,8 @@ pub async fn delete(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     cx.state.engine.delete(&name_of(&vol)).await?;
+    super::modifications::forget(cx.state, id).await?;
+    cx.state.attrs.remove_volume(vol.id).await?;
     let mut x = Xml::response("DeleteVolume", cx.rid);
     x.elem("return", true);
     Ok(x.finish("DeleteVolume"))
@@ -338,27 +369,50 @@ pub async fn attach(cx: Cx<'_>) -> Ec2Result<String> {
             format!("{id} is already attached to an instance"),
         ));
     }
-    let taken = cx.state.engine.list().into_iter().any(|v| {
-        v.record().attachment.is_some_and(|a| {
-            a.instance.as_deref() == Some(instance.as_str())
-                && a.device.as_deref() == Some(device.as_str())
-        })
-    });
+    let mut taken = false;
+    for v in cx.state.engine.list() {
+        let Some(a) = v.record().attachment else {
+            continue;
+        };
+        if a.instance.as_deref() == Some(instance.as_str()) {
+            let ec2 = cx.state.attrs.volume(&v)?;
+            taken |= ec2
+                .attachment_of(&a)
+                .is_some_and(|e| e.device.as_deref() == Some(device.as_str()));
+        }
+    }
     if taken {
         return Err(Ec2Error::invalid_parameter(format!(
             "Invalid value '{device}' for unixDevice. Attachment point {device} is already in use"
         )));
     }
+    if cx.state.machines.knows_instance(&instance) {
+        // A launched instance records the device (DeleteOnTermination
+        // false, as for any volume attached after launch).
+        cx.state
+            .machines
+            .attach_volume(&instance, &name_of(&vol), &device)
+            .await?;
+        let v = view(cx.state, &vol);
+        let mut x = Xml::response("AttachVolume", cx.rid);
+        if let Some(a) = &v.attachment {
+            write_attachment(&mut x, &v, a, "attaching");
+        }
+        return Ok(x.finish("AttachVolume"));
+    }
     let vol = cx
         .state
         .engine
-        .attach_with(
+        .attach(
             &name_of(&vol),
             AttachVolume {
                 instance: Some(instance),
             },
-            Some(device),
         )
+        .await?;
+    cx.state
+        .attrs
+        .set_attachment(&vol, |a| a.device = Some(device))
         .await?;
     let v = view(cx.state, &vol);
     let mut x = Xml::response("AttachVolume", cx.rid);
@@ -398,7 +452,9 @@ pub async fn detach(cx: Cx<'_>) -> Ec2Result<String> {
         ));
     }
     p.bool("Force")?;
-    cx.state.engine.detach(&name_of(&vol)).await?;
+    if !cx.state.machines.detach_volume(&name_of(&vol)).await? {
+        cx.state.engine.detach(&name_of(&vol)).await?;
+    }
     let mut x = Xml::response("DetachVolume", cx.rid);
     write_attachment(&mut x, &v, &att, "detaching");
     Ok(x.finish("DetachVolume"))

@@ -37,6 +37,17 @@ impl Xml {
         self
     }
 
+    /// Takes back the closing tag just written, so the element goes on.
+    pub fn reopen(&mut self, tag: &str) -> &mut Self {
+        let end = format!("</{tag}>");
+        if self.out.ends_with(&end) {
+            self.out.truncate(self.out.len() - end.len());
+        } else {
+            self.open(tag);
+        }
+        self
+    }
+
     pub fn elem(&mut self, tag: &str, text: impl std::fmt::Display) -> &mut Self {
         self.open(tag);
         escape_into(&mut self.out, &text.to_string());

@@ -25,7 +25,7 @@ use tracing::{info, warn};
 
 use super::snapshot::complete_record;
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, rfc3339, unix_now};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// What a client asks for when it starts an upload.
 pub struct UploadSpec {
@@ -141,7 +141,7 @@ impl BlockUploads {
                 Err(e) => {
                     pending.end().await;
                     return Err(match e {
-                        RepoError::MissingManifest(_) => Error::SnapshotNotFound(p.to_string()),
+                        RepoError::MissingManifest(_) => Error::SnapshotNotFound(p.clone()),
                         e => Error::store(format!("read parent snapshot {p}"), e),
                     });
                 }
@@ -176,12 +176,7 @@ impl BlockUploads {
             source: SnapshotSource::Blocks,
             encryption,
         };
-        let rec = match self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
+        let rec = match self.catalog.record_new_snapshot(rec).await {
             Ok(rec) => rec,
             Err(e) => {
                 pending.end().await;
@@ -290,7 +285,7 @@ impl BlockUploads {
     ) -> Result<SnapshotRecord> {
         let upload = self.get(id)?;
         if upload.completing.swap(true, Ordering::AcqRel) {
-            return Err(Error::SnapshotBusy(id.to_string()));
+            return Err(Error::SnapshotBusy(id.clone()));
         }
         let changes: Vec<(u64, Option<ChunkHash>)> = {
             let blocks = upload.blocks();
@@ -311,16 +306,17 @@ impl BlockUploads {
             Ok(header) => {
                 let mut rec = upload.rec.clone();
                 complete_record(&mut rec, &header);
-                if let Err(e) = self.catalog.put_snapshot(&rec) {
+                if let Err(e) = self.catalog.put_snapshot(&rec).await {
                     // The manifest is in the store: the next start settles
                     // the record from it.
-                    warn!(snapshot = %id, error = %e, "snapshot completed but its record could not be saved");
+                    warn!(snapshot = %id, error = %volumed_api::error_chain(&e), "snapshot completed but its record could not be saved");
                 }
                 info!(snapshot = %id, blocks = changes.len(), "block upload completed");
                 Ok(rec)
             }
             Err(e) => {
-                self.record_failure(&upload, e.to_string());
+                self.record_failure(&upload, volumed_api::error_chain(&e))
+                    .await;
                 Err(e)
             }
         }
@@ -391,16 +387,16 @@ impl BlockUploads {
         let Some(pending) = upload.take_pending() else {
             return;
         };
-        self.record_failure(&upload, reason);
+        self.record_failure(&upload, reason).await;
         pending.end().await;
     }
 
-    fn record_failure(&self, upload: &Upload, reason: String) {
+    async fn record_failure(&self, upload: &Upload, reason: String) {
         let mut rec = upload.rec.clone();
         rec.state = SnapshotState::Error;
         rec.error = Some(reason.clone());
-        if let Err(e) = self.catalog.put_snapshot(&rec) {
-            warn!(snapshot = %rec.id, error = %e, "could not record a failed block upload");
+        if let Err(e) = self.catalog.put_snapshot(&rec).await {
+            warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "could not record a failed block upload");
         }
         warn!(snapshot = %rec.id, reason, "block upload failed");
     }
@@ -589,7 +585,17 @@ mod tests {
         assert!(uploads.contains(&id), "a block restarted the clock");
         tokio::time::sleep(Duration::from_secs(300)).await;
         assert!(!uploads.contains(&id));
-        let rec = catalog.snapshots().unwrap().remove(0);
+        // The timeout's record goes through the catalog's writer thread,
+        // which the paused clock does not wait for.
+        let mut tries = 0;
+        let rec = loop {
+            let rec = catalog.snapshots().unwrap().remove(0);
+            if rec.state != SnapshotState::Pending || tries == 1000 {
+                break rec;
+            }
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        };
         assert_eq!(rec.state, SnapshotState::Error);
         assert!(rec.error.unwrap().contains("timed out"));
         let late = uploads

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use super::snapshot::complete_record;
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, rfc3339, unix_now};
-use crate::error::{Error, Result};
+use crate::engine::error::{Error, Result};
 
 /// The copies this host is making.
 pub struct CopyJobs {
@@ -93,12 +93,7 @@ impl CopyJobs {
             source: SnapshotSource::Copy,
             encryption: target.clone(),
         };
-        let rec = match self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
+        let rec = match self.catalog.record_new_snapshot(rec).await {
             Ok(rec) => rec,
             Err(e) => {
                 pending.end().await;
@@ -117,12 +112,12 @@ impl CopyJobs {
                 _ = me.cancel.cancelled() => Err("volumed was shut down during the copy".into()),
             };
             pending.end().await;
-            me.finish(started, copied, &progress);
+            me.finish(started, copied, &progress).await;
         });
         Ok(rec)
     }
 
-    fn finish(
+    async fn finish(
         &self,
         mut rec: SnapshotRecord,
         copied: std::result::Result<snapshot::copy::Copied, String>,
@@ -141,7 +136,7 @@ impl CopyJobs {
                 rec.error = Some(e);
             }
         }
-        if let Err(e) = self.catalog.put_snapshot(&rec) {
+        if let Err(e) = self.catalog.put_snapshot(&rec).await {
             // A completed copy's manifest is in the store: the next start
             // settles the record from it.
             warn!(snapshot = %rec.id, error = %e, "could not record the end of a snapshot copy");

@@ -26,9 +26,10 @@ use tracing::{info, warn};
 
 use crate::catalog::Catalog;
 use crate::engine::Volume;
+use crate::engine::chunk_map::ChunkState;
+use crate::engine::error::Error;
 use crate::engine::registry::Registry;
 use crate::engine::restore::{hold_name, hold_prefix};
-use crate::error::Error;
 
 /// Chunks taken from the base per pass.
 const HYDRATE_BATCH: usize = 65_536;
@@ -63,6 +64,56 @@ impl HydrationState {
 pub struct HydrationStatus {
     pub state: HydrationState,
     pub error: Option<String>,
+}
+
+/// A restored volume's hydration in bytes, for views and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HydrationProgress {
+    pub state: HydrationState,
+    pub hydrated_bytes: u64,
+    pub total_bytes: u64,
+    pub error: Option<String>,
+}
+
+impl HydrationProgress {
+    /// `vol`'s hydration from its map and `status` (the job's, if one
+    /// ran); `None` for a volume not restored from a snapshot.
+    pub fn of(vol: &Volume, status: Option<HydrationStatus>) -> Option<Self> {
+        vol.record().source_snapshot.as_ref()?;
+        let Some(base) = vol.base() else {
+            // Hydrated in an earlier run: nothing is left to fetch.
+            return Some(HydrationProgress {
+                state: HydrationState::Complete,
+                hydrated_bytes: 0,
+                total_bytes: 0,
+                error: None,
+            });
+        };
+        let total = base.based_bytes();
+        // Counted, not listed: a 16 TiB base has 32 Mi chunks.
+        let remaining = {
+            let g = base.geometry;
+            let n = vol.map().base_chunks();
+            let last = g.count().saturating_sub(1);
+            let short = if n > 0 && vol.map().state(last) == ChunkState::Base {
+                g.chunk_size() - base.chunk_len(last)
+            } else {
+                0
+            };
+            (n * g.chunk_size()).saturating_sub(short)
+        };
+        let state = match &status {
+            _ if remaining == 0 => HydrationState::Complete,
+            Some(s) => s.state,
+            None => HydrationState::Hydrating,
+        };
+        Some(HydrationProgress {
+            state,
+            hydrated_bytes: total - remaining,
+            total_bytes: total,
+            error: status.and_then(|s| s.error),
+        })
+    }
 }
 
 struct Entry {

@@ -27,8 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use snapshot::{
-    ChunkHash, CommitError, ManifestHeader, ManifestReader, ManifestRoot, PendingSnapshot, Repo,
-    RepoError, SnapshotId, StoredManifest,
+    ChunkHash, ManifestHeader, ManifestReader, ManifestRoot, PendingSnapshot, Repo, RepoError,
+    SnapshotId, StoredManifest,
 };
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -37,56 +37,16 @@ use tracing::{info, warn};
 
 use super::block_upload::BlockUploads;
 use super::copy::CopyJobs;
+pub use super::snapshot_outcome::{SnapshotDone, SnapshotError, SnapshotOutcome};
 use crate::catalog::{Catalog, SnapshotRecord, SnapshotSource, SnapshotState, unix_now};
 use crate::engine::Volume;
 use crate::engine::chunk_map::Changed;
+use crate::engine::error::{Error, Result};
 use crate::engine::freeze::FreezeGuard;
-use crate::error::{Error, Result};
 
 /// Chunks read, hashed and uploaded at once: enough to keep both cores
 /// hashing and compressing while uploads wait on the network.
 const UPLOAD_CONCURRENCY: usize = 16;
-
-/// Why a snapshot ended `error`; its text is what the record keeps.
-#[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
-    #[error("announce the snapshot in the store: {0}")]
-    Announce(#[source] RepoError),
-    #[error("parent snapshot {id} unusable ({source}); the next snapshot will be a full one")]
-    Parent {
-        id: SnapshotId,
-        #[source]
-        source: RepoError,
-    },
-    #[error("read chunk {chunk}: {source}")]
-    Read {
-        chunk: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("upload chunk {chunk}: {source}")]
-    Upload {
-        chunk: u64,
-        #[source]
-        source: RepoError,
-    },
-    #[error("snapshot task failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
-    #[error("volumed is shutting down")]
-    ShuttingDown,
-    #[error("{0}; its changes go to the next snapshot")]
-    Commit(#[from] CommitError),
-    #[error("write manifest: {0}")]
-    Manifest(#[source] RepoError),
-    #[error("read the base's hash of chunk {chunk}: {source}")]
-    Base {
-        chunk: u64,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("the volume failed during the snapshot: {0}")]
-    VolumeFailed(String),
-}
 
 /// Live progress of a pending snapshot, in chunks.
 #[derive(Default)]
@@ -100,6 +60,30 @@ struct Running {
     /// name is another volume, free to take its own snapshot.
     volume_id: u64,
     progress: Arc<Progress>,
+    /// Set once the job writes its final record: a client that saw it may
+    /// ask for the next snapshot before the slot is free, and waits for it
+    /// rather than being refused.
+    ending: Arc<std::sync::atomic::AtomicBool>,
+    /// Woken when the slot is given back.
+    ended: Arc<tokio::sync::Notify>,
+}
+
+/// A volume's snapshot slot, claimed under the snapshot's id before its
+/// freeze: given back on drop unless the snapshot was launched (its job
+/// then gives it back when it ends).
+pub struct Slot {
+    jobs: Arc<SnapshotJobs>,
+    pub id: SnapshotId,
+    progress: Arc<Progress>,
+    launched: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if !self.launched {
+            self.jobs.running().remove(&self.id);
+        }
+    }
 }
 
 /// The snapshots this host is taking: of volumes (one per volume at a
@@ -133,34 +117,84 @@ impl SnapshotJobs {
     }
 
     /// Takes a snapshot of `vol` at this instant and uploads it in the
-    /// background; returns the `pending` record at once.
+    /// background; returns the `pending` record at once, and the handle
+    /// that says how it ended.
     pub async fn start(
         self: &Arc<Self>,
         vol: Arc<Volume>,
         labels: BTreeMap<String, String>,
-    ) -> Result<SnapshotRecord> {
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
+        let slot = self.reserve(&vol).await?;
+        let guard = vol.begin_snapshot().await;
+        self.launch(slot, vol, guard, labels, unix_now()).await
+    }
+
+    /// Claims `vol`'s one snapshot slot under a fresh id, before its
+    /// freeze; the slot is given back when the [`Slot`] drops unlaunched.
+    /// A snapshot of the volume that is only writing its final record is
+    /// waited for; one still uploading refuses.
+    pub async fn reserve(self: &Arc<Self>, vol: &Volume) -> Result<Slot> {
         if let Some(reason) = vol.failure() {
             return Err(Error::VolumeFailed(vol.name.clone(), reason.to_owned()));
         }
         let id = SnapshotId::generate();
         let progress = Arc::new(Progress::default());
-        {
-            let mut running = self.running();
-            if let Some((other, _)) = running.iter().find(|(_, r)| r.volume_id == vol.id) {
-                return Err(Error::SnapshotInProgress(
-                    vol.name.clone(),
-                    other.to_string(),
-                ));
+        loop {
+            let ended = {
+                let mut running = self.running();
+                match running.iter().find(|(_, r)| r.volume_id == vol.id) {
+                    Some((_, r)) if r.ending.load(Ordering::Acquire) => Arc::clone(&r.ended),
+                    Some((other, _)) => {
+                        return Err(Error::SnapshotInProgress(vol.name.clone(), other.clone()));
+                    }
+                    None => {
+                        running.insert(
+                            id.clone(),
+                            Running {
+                                volume_id: vol.id,
+                                progress: Arc::clone(&progress),
+                                ending: Default::default(),
+                                ended: Default::default(),
+                            },
+                        );
+                        break;
+                    }
+                }
+            };
+            let wait = ended.notified();
+            tokio::pin!(wait);
+            // Registered before the check below, so the wake-up that gives
+            // the slot back cannot be missed.
+            wait.as_mut().enable();
+            let still = self
+                .running()
+                .values()
+                .any(|r| r.volume_id == vol.id && Arc::ptr_eq(&r.ended, &ended));
+            if still {
+                wait.await;
             }
-            running.insert(
-                id.clone(),
-                Running {
-                    volume_id: vol.id,
-                    progress: Arc::clone(&progress),
-                },
-            );
         }
-        let guard = vol.begin_snapshot().await;
+        Ok(Slot {
+            jobs: Arc::clone(self),
+            id,
+            progress,
+            launched: false,
+        })
+    }
+
+    /// Records the snapshot `guard` froze `pending` (taken at `created_at`)
+    /// and starts its upload. The handle says how it ended, once its
+    /// record says so.
+    pub async fn launch(
+        self: &Arc<Self>,
+        mut slot: Slot,
+        vol: Arc<Volume>,
+        guard: FreezeGuard,
+        labels: BTreeMap<String, String>,
+        created_at: u64,
+    ) -> Result<(SnapshotRecord, SnapshotDone)> {
+        let id = slot.id.clone();
+        let progress = Arc::clone(&slot.progress);
         let plan = guard.plan();
         let to_read = plan.to_read.len() as u64;
         progress.total.store(to_read, Ordering::Relaxed);
@@ -171,7 +205,7 @@ impl SnapshotJobs {
             size: guard.geometry().size(),
             chunk_size: vol.chunk_size,
             parent: vol.record().last_snapshot,
-            created_at: unix_now(),
+            created_at,
             labels,
             changed_chunks: 0,
             logical_bytes: 0,
@@ -184,31 +218,23 @@ impl SnapshotJobs {
             source: SnapshotSource::Volume,
             encryption: vol.record().encryption,
         };
-        let rec = match self
-            .catalog
-            .next_id()
-            .map(|seq| SnapshotRecord { seq, ..rec })
-            .and_then(|rec| self.catalog.put_snapshot(&rec).map(|()| rec))
-        {
-            Ok(rec) => rec,
-            Err(e) => {
-                // Dropping the guard puts the changes back.
-                drop(guard);
-                self.running().remove(&id);
-                return Err(e.into());
-            }
-        };
+        // On an error the guard drops (its changes go back) and so does
+        // the slot (the volume may snapshot again).
+        let rec = self.catalog.record_new_snapshot(rec).await?;
+        slot.launched = true;
         info!(volume = %vol.name, snapshot = %rec.id, parent = ?rec.parent, to_read,
               all = matches!(guard.plan().changed, Changed::All), "snapshot started");
+        let (done, ended) = tokio::sync::watch::channel(None);
         let job = SnapshotJob {
             jobs: Arc::clone(self),
             vol,
             rec: rec.clone(),
             guard,
             progress,
+            done,
         };
         self.tasks.spawn(job.run());
-        Ok(rec)
+        Ok((rec, SnapshotDone(ended)))
     }
 
     /// `(done, total)` chunks of a snapshot still running.
@@ -239,6 +265,11 @@ impl SnapshotJobs {
     /// from uploaded blocks.
     pub fn is_running(&self, id: &SnapshotId) -> bool {
         self.running().contains_key(id) || self.uploads.contains(id) || self.copies.contains(id)
+    }
+
+    /// Whether the jobs are being stopped for a shutdown.
+    pub fn stopping(&self) -> bool {
+        self.cancel.is_cancelled()
     }
 
     /// Stops every job; each ends `error` and puts its changes back into
@@ -278,7 +309,7 @@ impl SnapshotJobs {
                 }
             }
             info!(snapshot = %rec.id, state = ?rec.state, "settled a snapshot interrupted by a restart");
-            let _ = self.catalog.put_snapshot(&rec);
+            let _ = self.catalog.put_snapshot(&rec).await;
         }
     }
 }
@@ -300,6 +331,8 @@ struct SnapshotJob {
     rec: SnapshotRecord,
     guard: FreezeGuard,
     progress: Arc<Progress>,
+    /// Fired with how it ended.
+    done: tokio::sync::watch::Sender<Option<SnapshotOutcome>>,
 }
 
 impl SnapshotJob {
@@ -318,16 +351,20 @@ impl SnapshotJob {
             mut rec,
             guard,
             progress,
+            done,
             ..
         } = self;
-        match result {
+        if let Some(r) = jobs.running().get(&rec.id) {
+            r.ending.store(true, Ordering::Release);
+        }
+        let outcome = match result {
             Ok(m) => {
                 guard.commit();
                 complete_record(&mut rec, &m.header);
-                if let Err(e) = jobs.catalog.put_snapshot(&rec) {
+                if let Err(e) = jobs.catalog.put_snapshot(&rec).await {
                     // The manifest is in the store, so the snapshot exists;
                     // the next start settles the record from it.
-                    warn!(snapshot = %rec.id, error = %e, "snapshot completed but its record could not be saved");
+                    warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its record could not be saved");
                 }
                 // The next snapshot's parent, through the record's owner:
                 // refused if the volume was deleted (or reopened) while
@@ -351,11 +388,12 @@ impl SnapshotJob {
                         // The next snapshot is then a full one, never a
                         // wrong incremental.
                         vol.map().mark_all_dirty();
-                        warn!(snapshot = %rec.id, error = %e, "snapshot completed but its volume's record could not name it");
+                        warn!(snapshot = %rec.id, error = %volumed_api::error_chain(&e), "snapshot completed but its volume's record could not name it");
                     }
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
                       uploaded = rec.uploaded_bytes, "snapshot completed");
+                SnapshotOutcome::Completed
             }
             Err(e) => {
                 if matches!(e, SnapshotError::Parent { .. }) {
@@ -363,14 +401,21 @@ impl SnapshotJob {
                 }
                 // Puts the changes back for the next snapshot.
                 drop(guard);
+                let text = e.record_text();
                 rec.state = SnapshotState::Error;
-                rec.error = Some(e.to_string());
+                rec.error = Some(text.clone());
                 rec.chunks_done = progress.done.load(Ordering::Relaxed);
-                let _ = jobs.catalog.put_snapshot(&rec);
-                warn!(volume = %rec.volume, snapshot = %rec.id, error = %e, "snapshot failed; its changes go to the next one");
+                let _ = jobs.catalog.put_snapshot(&rec).await;
+                warn!(volume = %rec.volume, snapshot = %rec.id, error = %text, "snapshot failed; its changes go to the next one");
+                SnapshotOutcome::Failed(text)
             }
+        };
+        let ended = jobs.running().remove(&rec.id).map(|r| r.ended);
+        if let Some(n) = ended {
+            n.notify_waiters();
         }
-        jobs.running().remove(&rec.id);
+        // After it stops running: whoever waits may read or export it now.
+        done.send_replace(Some(outcome));
     }
 
     /// Steps 2 to 4.

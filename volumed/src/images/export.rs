@@ -1,0 +1,363 @@
+//! Exports: a snapshot's bytes written out as an image. A volume given as
+//! the source is snapshotted first, so the export is point-in-time even
+//! while the volume is attached and written.
+//!
+//! Raw is written by us: the manifest's chunks fetched (through the host
+//! cache, each verified against its hash), 16 at a time, into a sparse file
+//! (zero chunks are never written) or, for `-`, in order into the answer's
+//! body. Other formats are made by `qemu-img convert -f raw` reading the
+//! snapshot's read-only NBD export (a lease on it, dropped at the end).
+//!
+//! A job cut short (error, cancel) removes its partial destination; one
+//! interrupted by a restart ends `error` (it is not resumed).
+
+use std::path::{Path, PathBuf};
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use snapshot::SnapshotId;
+use tokio::sync::mpsc;
+use tracing::info;
+use volumed_api::JobState;
+
+use super::ImageFormat;
+use super::registry::{JobHandle, JobRegistry};
+use crate::engine::{Engine, SnapshotOutcome, Volume};
+
+const FETCHES_IN_FLIGHT: usize = 16;
+/// Chunk writes into a raw file in flight.
+const WRITES_IN_FLIGHT: usize = 4;
+
+/// What an export reads.
+pub enum ExportSource {
+    Snapshot(SnapshotId),
+    /// Snapshotted first.
+    Volume(Arc<Volume>),
+}
+
+/// Where an export writes.
+pub enum Sink {
+    File(PathBuf),
+    /// The answer's body, in order; a closed receiver ends the job.
+    Stream(mpsc::Sender<std::io::Result<Vec<u8>>>),
+}
+
+pub struct ExportJobs {
+    engine: Arc<Engine>,
+    jobs: Arc<JobRegistry>,
+    /// The NBD server's Unix socket, where `qemu-img` reads a lease.
+    nbd_socket: PathBuf,
+}
+
+impl ExportJobs {
+    pub fn new(engine: Arc<Engine>, jobs: Arc<JobRegistry>, nbd_socket: PathBuf) -> Self {
+        ExportJobs {
+            engine,
+            jobs,
+            nbd_socket,
+        }
+    }
+
+    pub fn spawn(
+        self: &Arc<Self>,
+        h: Arc<JobHandle>,
+        source: ExportSource,
+        format: ImageFormat,
+        compress: bool,
+        sink: Sink,
+    ) {
+        let this = Arc::clone(self);
+        self.jobs.tasks.spawn(async move {
+            let dest = match &sink {
+                Sink::File(p) => Some(p.clone()),
+                Sink::Stream(_) => None,
+            };
+            let r = this.run(&h, source, format, compress, sink).await;
+            let id = h.id();
+            match r {
+                Ok(()) => {
+                    info!(job = %id, "export completed");
+                    this.jobs.finish(&h, JobState::Completed, None).await;
+                }
+                Err(e) => {
+                    if let Some(d) = dest {
+                        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(d)).await;
+                    }
+                    let cancelled = h.cancel.is_cancelled();
+                    info!(job = %id, error = %e, "export ended early");
+                    if cancelled {
+                        this.jobs.finish(&h, JobState::Cancelled, None).await;
+                    } else {
+                        this.jobs.finish(&h, JobState::Error, Some(e)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn run(
+        &self,
+        h: &JobHandle,
+        source: ExportSource,
+        format: ImageFormat,
+        compress: bool,
+        sink: Sink,
+    ) -> Result<(), String> {
+        let id = match source {
+            ExportSource::Snapshot(id) => id,
+            ExportSource::Volume(vol) => {
+                let labels = [("export".to_owned(), h.id().to_string())]
+                    .into_iter()
+                    .collect();
+                let (rec, done) = self
+                    .engine
+                    .snapshot_for_job(vol, labels)
+                    .await
+                    .map_err(|e| volumed_api::error_chain(&e))?;
+                let outcome = tokio::select! {
+                    o = done.wait() => o,
+                    () = h.cancel.cancelled() => return Err("stopped".into()),
+                    () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
+                };
+                if let SnapshotOutcome::Failed(e) = outcome {
+                    return Err(format!("snapshot {} failed: {e}", rec.id));
+                }
+                rec.id
+            }
+        };
+        let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone())).await;
+        let m = self
+            .engine
+            .repo()
+            .open_manifest(&id)
+            .await
+            .map_err(|e| format!("read snapshot {id}: {e}"))?;
+        let _ = self
+            .jobs
+            .update(h, |r| r.bytes_total = m.header().size)
+            .await;
+        match (format, sink) {
+            (ImageFormat::Raw, sink) => {
+                let m = m
+                    .materialize()
+                    .await
+                    .map_err(|e| format!("read snapshot {id}: {e}"))?;
+                self.write_raw(h, &m, sink).await
+            }
+            (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
+            (fmt, Sink::File(dest)) => {
+                drop(m);
+                let lease = self.engine.lease_snapshot_export(&id).await.map_err(|e| {
+                    format!(
+                        "export snapshot {id} over NBD: {}",
+                        volumed_api::error_chain(&e)
+                    )
+                })?;
+                let uri = nbd_proto::Uri::unix(&self.nbd_socket, lease.snapshot().as_str(), false)
+                    .to_string();
+                // qemu-img is killed when this future is dropped; the lease
+                // ends when `lease` goes.
+                let r = tokio::select! {
+                    r = convert(h, &uri, fmt, compress, &dest) => r,
+                    () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
+                    () = h.cancel.cancelled() => Err("stopped".into()),
+                };
+                drop(lease);
+                r
+            }
+        }
+    }
+
+    /// The snapshot's bytes into a sparse file or, in order, a stream.
+    async fn write_raw(
+        &self,
+        h: &JobHandle,
+        m: &snapshot::Manifest,
+        sink: Sink,
+    ) -> Result<(), String> {
+        let size = m.header.size;
+        let cs = m.header.chunk_size;
+        let chunk_len = |i: u64| cs.min(size - i * cs);
+        match sink {
+            Sink::File(path) => {
+                let p = path.clone();
+                let f = tokio::task::spawn_blocking(move || {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&p)
+                        .map_err(|e| format!("create {}: {e}", p.display()))?;
+                    f.set_len(size)
+                        .map_err(|e| format!("size {}: {e}", p.display()))?;
+                    Ok::<_, String>(f)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+                let f = Arc::new(f);
+                let mut fetches = futures_util::stream::iter(m.hashed().iter().copied())
+                    .map(|(i, hash)| {
+                        let fetcher = Arc::clone(self.engine.fetcher());
+                        async move { (i, fetcher.get(&hash).await) }
+                    })
+                    .buffer_unordered(FETCHES_IN_FLIGHT);
+                let zero_bytes = size - m.hashed().iter().map(|(i, _)| chunk_len(*i)).sum::<u64>();
+                h.add_done(zero_bytes);
+                // Chunks are written in any order, several at once, while
+                // the next ones are fetched.
+                let mut writes = futures_util::stream::FuturesUnordered::new();
+                let written = |r: Result<std::io::Result<u64>, tokio::task::JoinError>| {
+                    let n = r
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("write {}: {e}", path.display()))?;
+                    h.add_done(n);
+                    Ok::<_, String>(())
+                };
+                loop {
+                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
+                        return Err("stopped".into());
+                    }
+                    let (i, data) = tokio::select! {
+                        biased;
+                        Some(r) = writes.next(), if !writes.is_empty() => {
+                            written(r)?;
+                            continue;
+                        }
+                        next = fetches.next(), if writes.len() < WRITES_IN_FLIGHT => match next {
+                            Some(x) => x,
+                            None => break,
+                        },
+                    };
+                    let data = data
+                        .map_err(|e| format!("read chunk {i} of snapshot {}: {e}", m.header.id))?;
+                    let f = Arc::clone(&f);
+                    writes.push(tokio::task::spawn_blocking(move || {
+                        use std::os::unix::fs::FileExt;
+                        f.write_all_at(&data, i * cs).map(|()| data.len() as u64)
+                    }));
+                }
+                while let Some(r) = writes.next().await {
+                    written(r)?;
+                }
+                let f2 = Arc::clone(&f);
+                tokio::task::spawn_blocking(move || f2.sync_all())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("sync {}: {e}", path.display()))?;
+                Ok(())
+            }
+            Sink::Stream(tx) => {
+                let count = m.chunk_count();
+                let mut fetches = futures_util::stream::iter(0..count)
+                    .map(|i| {
+                        let fetcher = Arc::clone(self.engine.fetcher());
+                        let hash = m.get(i);
+                        let n = chunk_len(i);
+                        async move {
+                            match hash {
+                                None => Ok(vec![0u8; n as usize]),
+                                Some(hash) => fetcher
+                                    .get(&hash)
+                                    .await
+                                    .map(Vec::from)
+                                    .map_err(|e| format!("read chunk {i}: {e}")),
+                            }
+                        }
+                    })
+                    .buffered(FETCHES_IN_FLIGHT);
+                while let Some(data) = fetches.next().await {
+                    if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
+                        return Err("stopped".into());
+                    }
+                    let data = match data {
+                        Ok(d) => d,
+                        Err(e) => {
+                            let _ = tx.send(Err(std::io::Error::other(e.clone()))).await;
+                            return Err(e);
+                        }
+                    };
+                    let n = data.len() as u64;
+                    tokio::select! {
+                        r = tx.send(Ok(data)) => r.map_err(|_| "the reader went away".to_owned())?,
+                        () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
+                        () = h.cancel.cancelled() => return Err("stopped".into()),
+                    }
+                    h.add_done(n);
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `qemu-img convert` of the snapshot's NBD export into `fmt`: VMDK stream-optimized, VHD
+/// fixed with `force_size` (what AWS and Azure accept), qcow2 optionally
+/// zstd-compressed.
+async fn convert(
+    h: &JobHandle,
+    uri: &str,
+    fmt: ImageFormat,
+    compress: bool,
+    dest: &Path,
+) -> Result<(), String> {
+    let mut args: Vec<String> = vec!["convert".into(), "-p".into(), "-f".into(), "raw".into()];
+    args.extend(["-O".into(), fmt.to_string()]);
+    match fmt {
+        ImageFormat::Vmdk => args.extend(["-o".into(), "subformat=streamOptimized".into()]),
+        ImageFormat::Vpc => args.extend(["-o".into(), "subformat=fixed,force_size=on".into()]),
+        ImageFormat::Qcow2 if compress => {
+            args.extend(["-c".into(), "-o".into(), "compression_type=zstd".into()])
+        }
+        _ => {}
+    }
+    args.push(uri.to_owned());
+    args.push(dest.display().to_string());
+    let mut cmd = tokio::process::Command::new("qemu-img");
+    cmd.args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = crate::child::spawn(cmd, None)
+        .await
+        .map_err(|e| format!("qemu-img: {e} (install qemu-utils to export {fmt})"))?;
+    // `-p` prints "(12.34/100%)" as it goes: the job's progress.
+    let total = h.record().bytes_total;
+    if let Some(mut stdout) = child.stdout.take() {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 256];
+        let mut done = 0u64;
+        while let Ok(n) = stdout.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if let Some(pct) = text
+                .rsplit('(')
+                .next()
+                .and_then(|t| t.split('/').next())
+                .and_then(|p| p.trim().parse::<f64>().ok())
+            {
+                let now = ((pct / 100.0) * total as f64) as u64;
+                if now > done {
+                    h.add_done(now - done);
+                    done = now;
+                }
+            }
+        }
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| format!("qemu-img: {e}"))?;
+    if !out.status.success() {
+        let d = dest.to_owned();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_file(d)).await;
+        return Err(format!(
+            "qemu-img convert: {}",
+            super::qemu::one_line("qemu-img", &out.stderr)
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! The job registry: every import and export this host ran or runs, by id,
+//! with live progress, a cancellation token each, and its record in the
+//! catalog. Finished jobs stay listed (the last [`KEEP_FINISHED`]).
+//!
+//! Two tokens stop a job: its own (`vol job cancel`: the job ends
+//! `cancelled` and undoes its work) and the registry's shutdown token (the
+//! daemon stops: a file import stays `running` in the catalog with its
+//! checkpoint and resumes at the next start).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+use volumed_api::JobState;
+
+use super::error::{Error, Result};
+use crate::catalog::{Catalog, JobId, JobRecord, unix_now};
+
+/// Finished jobs kept in the catalog and listed; older ones are dropped.
+const KEEP_FINISHED: usize = 100;
+
+pub struct JobHandle {
+    rec: Mutex<JobRecord>,
+    /// Bytes of the source read so far (of every disk, for an OVA).
+    pub bytes_done: AtomicU64,
+    /// `vol job cancel`.
+    pub cancel: CancellationToken,
+    /// Bumped on every change a watcher should see.
+    changed: watch::Sender<u64>,
+}
+
+impl JobHandle {
+    pub fn record(&self) -> JobRecord {
+        self.rec.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn id(&self) -> JobId {
+        self.rec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .id
+            .clone()
+    }
+
+    /// Whether the job has ended (without copying the record).
+    pub fn is_final(&self) -> bool {
+        self.rec
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .state
+            .is_final()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn add_done(&self, n: u64) {
+        self.bytes_done.fetch_add(n, Ordering::Relaxed);
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+}
+
+pub struct JobRegistry {
+    catalog: Arc<Catalog>,
+    jobs: Mutex<BTreeMap<JobId, Arc<JobHandle>>>,
+    /// Record writes of one job in the order they were made.
+    writes: tokio::sync::Mutex<()>,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+impl JobRegistry {
+    /// Loads the jobs the catalog holds; those still `running` are for the
+    /// caller to resume or settle.
+    pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
+        let reg = JobRegistry {
+            catalog: Arc::clone(&catalog),
+            jobs: Mutex::new(BTreeMap::new()),
+            writes: tokio::sync::Mutex::new(()),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        let recs = catalog.jobs()?;
+        let finished = recs.iter().filter(|r| r.state.is_final()).count();
+        let mut drop_n = finished.saturating_sub(KEEP_FINISHED);
+        for r in recs {
+            if drop_n > 0 && r.state.is_final() {
+                drop_n -= 1;
+                if let Err(e) = catalog.remove_job(&r.id).await {
+                    warn!(job = %r.id, error = %volumed_api::error_chain(&e), "could not drop an old job record");
+                }
+                continue;
+            }
+            reg.insert_handle(r);
+        }
+        Ok(reg)
+    }
+
+    fn insert_handle(&self, rec: JobRecord) -> Arc<JobHandle> {
+        let done = if rec.state == JobState::Completed {
+            rec.bytes_total
+        } else {
+            0
+        };
+        let h = Arc::new(JobHandle {
+            rec: Mutex::new(rec.clone()),
+            bytes_done: AtomicU64::new(done),
+            cancel: CancellationToken::new(),
+            changed: watch::channel(0).0,
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id, Arc::clone(&h));
+        h
+    }
+
+    /// A new job's id: `job-` and a never reused catalog id.
+    pub fn next_id(&self) -> Result<JobId> {
+        Ok(JobId::new(self.catalog.next_id()?))
+    }
+
+    /// Records a new job (flushed) and lists it.
+    pub async fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
+        self.catalog.put_job(&rec).await?;
+        Ok(self.insert_handle(rec))
+    }
+
+    pub fn get(&self, id: &JobId) -> Result<Arc<JobHandle>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::JobNotFound(id.clone()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<JobHandle>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Changes a job's record and writes it (flushed). The registry is the
+    /// one writer of job records; writes go out in the order they were made.
+    pub async fn update(&self, h: &JobHandle, f: impl FnOnce(&mut JobRecord)) -> Result<()> {
+        let _order = self.writes.lock().await;
+        let rec = {
+            let mut r = h.rec.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut r);
+            if r.state.is_final() && r.finished_at.is_none() {
+                r.finished_at = Some(unix_now());
+            }
+            r.clone()
+        };
+        let res = self.catalog.put_job(&rec).await;
+        h.changed.send_modify(|v| *v = v.wrapping_add(1));
+        res.map_err(Into::into)
+    }
+
+    /// Ends a job in `state` with `error`, recorded.
+    pub async fn finish(&self, h: &JobHandle, state: JobState, error: Option<String>) {
+        let ended = self
+            .update(h, |r| {
+                r.state = state;
+                r.error = error;
+            })
+            .await;
+        if let Err(e) = ended {
+            warn!(job = %h.id(), error = %volumed_api::error_chain(&e), "could not record the job's end");
+        }
+    }
+
+    pub fn cancel(&self, id: &JobId) -> Result<Arc<JobHandle>> {
+        let h = self.get(id)?;
+        if h.record().state.is_final() {
+            return Err(Error::InvalidRequest(format!(
+                "job {id} has already ended ({})",
+                h.record().state.as_str()
+            )));
+        }
+        h.cancel.cancel();
+        Ok(h)
+    }
+
+    /// Stops every job's task, leaving what resumes recorded as running.
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Checkpoint, ImportSpec, JobSpec};
+
+    fn rec(id: JobId, state: JobState) -> JobRecord {
+        JobRecord {
+            id,
+            state,
+            created_at: 0,
+            finished_at: None,
+            format: "raw".into(),
+            bytes_total: 10,
+            error: None,
+            snapshot: None,
+            spec: JobSpec::Import(ImportSpec {
+                request: serde_json::from_str(r#"{"source":"-","name":"a"}"#).unwrap(),
+                volumes: Vec::new(),
+                checkpoint: Checkpoint::default(),
+                sha256: None,
+            }),
+        }
+    }
+
+    fn offset(r: &JobRecord) -> u64 {
+        r.import().map_or(0, |i| i.checkpoint.offset)
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopen_and_old_finished_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        {
+            let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+                .await
+                .unwrap();
+            for i in 0..KEEP_FINISHED + 5 {
+                let id = reg.next_id().unwrap();
+                let state = if i == 0 {
+                    JobState::Running
+                } else {
+                    JobState::Completed
+                };
+                reg.add(rec(id, state)).await.unwrap();
+            }
+            let first = reg.list()[0].clone();
+            reg.update(&first, |r| {
+                if let Some(i) = r.import_mut() {
+                    i.checkpoint.offset = 4096
+                }
+            })
+            .await
+            .unwrap();
+            assert!(reg.cancel(&JobId::new(u64::MAX)).is_err());
+            let done = reg.list()[1].id();
+            let err = reg.cancel(&done).err().expect("refused").to_string();
+            assert!(err.contains("already ended"), "{err}");
+        }
+        let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+            .await
+            .unwrap();
+        let all = reg.list();
+        // The running one stays, and the newest finished ones.
+        assert_eq!(all.len(), KEEP_FINISHED + 1);
+        let running: Vec<_> = all
+            .iter()
+            .filter(|h| h.record().state == JobState::Running)
+            .collect();
+        assert_eq!(running.len(), 1);
+        assert_eq!(offset(&running[0].record()), 4096);
+        // Finished jobs show all their bytes done.
+        let done = all
+            .iter()
+            .find(|h| h.record().state == JobState::Completed)
+            .unwrap();
+        assert_eq!(done.bytes_done.load(Ordering::Relaxed), 10);
+        let h = reg.cancel(&running[0].id()).unwrap();
+        assert!(h.cancel.is_cancelled());
+    }
+}
