@@ -42,6 +42,7 @@ use super::handshake::MetaContext;
 use super::output::Output;
 use super::poll::Quiet;
 use super::window::{Budget, InFlight, Window};
+use crate::disk::engine::INLINE_WRITE_MAX;
 use crate::engine::{Backend, Extent, ReadPiece};
 use crate::metrics;
 
@@ -116,8 +117,9 @@ where
     let mut writable = true;
     let mut result = Ok(());
     let Control { cancel, quiet } = control;
-    // Whether the last request read was a READ (see `quiet` below).
-    let mut last_read = false;
+    // Whether the last request read completes on this thread (a READ, or
+    // a WRITE small enough to be written inline; see `quiet` below).
+    let mut last_inline = false;
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
     loop {
@@ -127,10 +129,11 @@ where
             break;
         }
         // Nothing to do but wait for the next request: the read may poll.
-        // Not after a write: the next one goes to an io-wq worker, which
-        // needs the CPU the poll would hold (4k writes at QD1 went from
-        // 11.1-12.1k to 9.7-10.5k IOPS when polling followed them).
-        quiet.set(last_read && drained);
+        // Not after a request whose I/O goes to another thread (a large
+        // write, a flush: io-wq), which needs the CPU the poll would hold
+        // (4k writes at QD1 went from 11.1-12.1k to 9.7-10.5k IOPS when
+        // polling followed them while they still went to io-wq).
+        quiet.set(last_inline && drained);
         // Completions, then requests the client has already sent, and only
         // then the socket write: whatever is ready leaves in one `writev`
         // (a write per reply woke the client per reply). Reading stops when
@@ -158,7 +161,10 @@ where
                         true
                     }
                     Ok(Incoming::Request { req, data, permit }) => {
-                        last_read = req.command == Command::Read;
+                        last_inline = req.command == Command::Read
+                            || (req.command == Command::Write
+                                && req.flags & CMD_FLAG_FUA == 0
+                                && req.length as usize <= INLINE_WRITE_MAX);
                         match start(&ctx, req, data, permit) {
                             Started::Now(reply, permit) => out.push(reply, permit),
                             Started::Later(work) => inflight.push(work),
