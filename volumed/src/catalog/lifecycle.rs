@@ -69,11 +69,11 @@ pub struct BinRuleRecord {
 impl Catalog {
     /// Every policy, by name.
     pub fn policies(&self) -> Result<Vec<PolicyRecord>> {
-        scan(&self.policies, "scan policies")
+        scan(&self.trees.policies, "scan policies")
     }
 
     pub fn policy(&self, name: &str) -> Result<Option<PolicyRecord>> {
-        get(&self.policies, name, "read policy")
+        get(&self.trees.policies, name, "read policy")
     }
 
     pub fn put_policy(&self, rec: &PolicyRecord) -> Pending {
@@ -91,6 +91,7 @@ impl Catalog {
     pub fn schedule_run(&self, policy: &str, schedule: &str) -> Result<ScheduleRunRecord> {
         let key = run_key(policy, schedule);
         match self
+            .trees
             .policy_runs
             .get(&key)
             .map_err(sled_err("read policy run"))?
@@ -104,7 +105,8 @@ impl Catalog {
     /// or not the policy still has them.
     pub fn schedule_runs_of(&self, policy: &str) -> Result<Vec<String>> {
         let prefix = run_key(policy, "");
-        self.policy_runs
+        self.trees
+            .policy_runs
             .scan_prefix(prefix.as_bytes())
             .keys()
             .map(|k| {
@@ -128,7 +130,7 @@ impl Catalog {
     }
 
     pub fn bin_rules(&self) -> Result<Vec<BinRuleRecord>> {
-        scan(&self.bin_rules, "scan bin rules")
+        scan(&self.trees.bin_rules, "scan bin rules")
     }
 
     pub fn put_bin_rule(&self, rec: &BinRuleRecord) -> Pending {

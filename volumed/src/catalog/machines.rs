@@ -105,7 +105,7 @@ impl Catalog {
     }
 
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
-        scan(&self.images, "read images")
+        scan(&self.trees.images, "read images")
     }
 
     pub fn put_instance(&self, rec: &InstanceRecord) -> Pending {
@@ -117,10 +117,10 @@ impl Catalog {
     }
 
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRecord>> {
-        get(&self.instances, id, "read instances")
+        get(&self.trees.instances, id, "read instances")
     }
 
     pub fn instances(&self) -> Result<Vec<InstanceRecord>> {
-        scan(&self.instances, "read instances")
+        scan(&self.trees.instances, "read instances")
     }
 }

@@ -215,7 +215,7 @@ mod tests {
             assert!(aws.attachment_of(&later).is_none());
             assert_eq!(c.aws_volume(4).unwrap(), None);
             assert_eq!(c.aws_volume_ids().unwrap(), vec![3]);
-            let raw = c.volumes.get("data").unwrap().unwrap();
+            let raw = c.trees.volumes.get("data").unwrap().unwrap();
             let text = String::from_utf8_lossy(&raw).into_owned();
             assert!(
                 !text.contains("gp3") && !text.contains("/dev/sdf"),

@@ -126,20 +126,7 @@ struct Trees {
 
 pub struct Catalog {
     db: sled::Db,
-    volumes: sled::Tree,
-    snapshots: sled::Tree,
-    snapshot_exports: sled::Tree,
-    meta: sled::Tree,
-    jobs: sled::Tree,
-    aws_snapshots: sled::Tree,
-    aws_volumes: sled::Tree,
-    policies: sled::Tree,
-    policy_runs: sled::Tree,
-    bin_rules: sled::Tree,
-    snapshot_sets: sled::Tree,
-    images: sled::Tree,
-    instances: sled::Tree,
-    volume_modifications: sled::Tree,
+    trees: Trees,
     /// Its thread holds handles of the database too: dropping the writer
     /// joins it, so the database (and its file lock) is closed once the
     /// catalog is dropped.
@@ -202,40 +189,7 @@ impl Catalog {
         };
         migrate::to_current(&db, &trees)?;
         let writer = Writer::start(db.clone(), trees.clone()).map_err(CatalogError::Start)?;
-        let Trees {
-            volumes,
-            snapshots,
-            snapshot_exports,
-            meta,
-            jobs,
-            aws_snapshots,
-            aws_volumes,
-            policies,
-            policy_runs,
-            bin_rules,
-            snapshot_sets,
-            images,
-            instances,
-            volume_modifications,
-        } = trees;
-        Ok(Catalog {
-            db,
-            volumes,
-            snapshots,
-            snapshot_exports,
-            meta,
-            jobs,
-            aws_snapshots,
-            aws_volumes,
-            policies,
-            policy_runs,
-            bin_rules,
-            snapshot_sets,
-            images,
-            instances,
-            volume_modifications,
-            writer,
-        })
+        Ok(Catalog { db, trees, writer })
     }
 
     /// A fresh id, never handed out before, even across restarts.
@@ -290,7 +244,7 @@ impl Catalog {
     }
 
     pub fn volumes(&self) -> Result<Vec<VolumeRecord>> {
-        scan(&self.volumes, "scan volumes")
+        scan(&self.trees.volumes, "scan volumes")
     }
 
     pub fn put_snapshot(&self, rec: &SnapshotRecord) -> Pending {
@@ -313,7 +267,7 @@ impl Catalog {
     }
 
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>> {
-        scan(&self.snapshots, "scan snapshots")
+        scan(&self.trees.snapshots, "scan snapshots")
     }
 
     pub fn put_job(&self, rec: &JobRecord) -> Pending {
@@ -326,7 +280,7 @@ impl Catalog {
 
     /// Every job record, oldest first (ids grow).
     pub fn jobs(&self) -> Result<Vec<JobRecord>> {
-        scan(&self.jobs, "scan jobs")
+        scan(&self.trees.jobs, "scan jobs")
     }
 
     pub fn put_snapshot_export(&self, rec: &SnapshotExportRecord) -> Pending {
@@ -338,11 +292,11 @@ impl Catalog {
     }
 
     pub fn snapshot_exports(&self) -> Result<Vec<SnapshotExportRecord>> {
-        scan(&self.snapshot_exports, "scan snapshot exports")
+        scan(&self.trees.snapshot_exports, "scan snapshot exports")
     }
 
     pub fn aws_snapshot(&self, id: &str) -> Result<Option<AwsSnapshotRecord>> {
-        get(&self.aws_snapshots, id, "read aws snapshot")
+        get(&self.trees.aws_snapshots, id, "read aws snapshot")
     }
 
     pub fn put_aws_snapshot(&self, id: &str, rec: &AwsSnapshotRecord) -> Pending {
@@ -355,12 +309,17 @@ impl Catalog {
 
     /// The EC2 attributes of the volume with id `id`, if any were set.
     pub fn aws_volume(&self, id: u64) -> Result<Option<AwsVolumeRecord>> {
-        get(&self.aws_volumes, &aws::volume_key(id), "read aws volume")
+        get(
+            &self.trees.aws_volumes,
+            &aws::volume_key(id),
+            "read aws volume",
+        )
     }
 
     /// The ids of every volume with EC2 attributes.
     pub fn aws_volume_ids(&self) -> Result<Vec<u64>> {
-        self.aws_volumes
+        self.trees
+            .aws_volumes
             .iter()
             .keys()
             .map(|k| {
@@ -386,6 +345,7 @@ impl Catalog {
     /// is seen by the next start. Blocking: for start-up.
     pub fn begin_run(&self) -> Result<bool> {
         let prev = self
+            .trees
             .meta
             .get("clean_shutdown")
             .map_err(sled_err("read clean_shutdown"))?;
@@ -399,7 +359,11 @@ impl Catalog {
     /// This host's id, made once: it names the holds this host keeps in a
     /// shared store. Blocking: for start-up.
     pub fn host_id(&self) -> Result<String> {
-        if let Some(v) = self.meta.get("host_id").map_err(sled_err("read host_id"))?
+        if let Some(v) = self
+            .trees
+            .meta
+            .get("host_id")
+            .map_err(sled_err("read host_id"))?
             && let Ok(s) = std::str::from_utf8(&v)
         {
             return Ok(s.to_owned());
@@ -510,7 +474,7 @@ mod tests {
         let c = Catalog::open(&dir.path().join("catalog")).unwrap();
         // Written before `tags` and the EC2 fields existed.
         let old = br#"{"id":3,"name":"a","size":1073741824,"chunk_size":524288,"ephemeral":false,"source_snapshot":null,"created_at":5,"attachment":null}"#;
-        c.volumes.insert("a", &old[..]).unwrap();
+        c.trees.volumes.insert("a", &old[..]).unwrap();
         let rec = c.volumes().unwrap().remove(0);
         let mut next = rec.clone();
         next.ephemeral = true;
@@ -531,7 +495,7 @@ mod tests {
     fn corrupt_record_is_reported_with_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let c = Catalog::open(&dir.path().join("catalog")).unwrap();
-        c.volumes.insert("bad", &b"{not json"[..]).unwrap();
+        c.trees.volumes.insert("bad", &b"{not json"[..]).unwrap();
         let err = c.volumes().unwrap_err().to_string();
         assert!(err.contains("\"bad\""), "{err}");
     }

@@ -53,6 +53,6 @@ impl Catalog {
     }
 
     pub fn snapshot_sets(&self) -> Result<Vec<SnapshotSetRecord>> {
-        scan(&self.snapshot_sets, "read snapshot_sets")
+        scan(&self.trees.snapshot_sets, "read snapshot_sets")
     }
 }

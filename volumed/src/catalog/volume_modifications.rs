@@ -42,6 +42,9 @@ impl Catalog {
     }
 
     pub fn volume_modifications(&self) -> Result<Vec<VolumeModificationRecord>> {
-        scan(&self.volume_modifications, "read volume_modifications")
+        scan(
+            &self.trees.volume_modifications,
+            "read volume_modifications",
+        )
     }
 }

@@ -121,43 +121,37 @@ impl Machines {
         &self,
         ids: &[String],
     ) -> Result<Vec<(InstanceState, InstanceRecord)>> {
-        let _guard = self.lock.lock().await;
-        let recs = self
-            .each(
-                ids,
-                "stopped",
-                &[InstanceState::Running, InstanceState::Stopped],
-            )
-            .await?;
-        let mut out = Vec::new();
-        for mut rec in recs {
-            let before = rec.state;
-            if before == InstanceState::Running {
-                self.set_state(&mut rec, InstanceState::Stopping).await?;
-                self.finish(&mut rec).await?;
-            }
-            out.push((before, rec));
-        }
-        Ok(out)
+        use InstanceState::{Running, Stopped, Stopping};
+        self.transition(ids, "stopped", (Running, Stopped), Stopping)
+            .await
     }
 
     pub async fn start_instances(
         &self,
         ids: &[String],
     ) -> Result<Vec<(InstanceState, InstanceRecord)>> {
+        use InstanceState::{Pending, Running, Stopped};
+        self.transition(ids, "started", (Stopped, Running), Pending)
+            .await
+    }
+
+    /// Moves each of `ids` that is in `from` to `via` (recorded first) and
+    /// finishes the move; one already in `to` is left as it is. Returns
+    /// (state before, instance after) for each.
+    async fn transition(
+        &self,
+        ids: &[String],
+        what: &'static str,
+        (from, to): (InstanceState, InstanceState),
+        via: InstanceState,
+    ) -> Result<Vec<(InstanceState, InstanceRecord)>> {
         let _guard = self.lock.lock().await;
-        let recs = self
-            .each(
-                ids,
-                "started",
-                &[InstanceState::Stopped, InstanceState::Running],
-            )
-            .await?;
+        let recs = self.each(ids, what, &[from, to]).await?;
         let mut out = Vec::new();
         for mut rec in recs {
             let before = rec.state;
-            if before == InstanceState::Stopped {
-                self.set_state(&mut rec, InstanceState::Pending).await?;
+            if before == from {
+                self.set_state(&mut rec, via).await?;
                 self.finish(&mut rec).await?;
             }
             out.push((before, rec));
