@@ -13,6 +13,7 @@
 //! - `import`, `copy`, `stream`: imports from a file or a request body;
 //!   `export`: snapshots written out as images; `work`: the imports'
 //!   private directories;
+//! - `buckets`: S3 buckets tasks name, through the store's client;
 //! - `error`: this layer's errors.
 //!
 //! Architecture invariant: this layer reaches volumes only through the
@@ -22,6 +23,7 @@
 //! `Volume` it holds), and it is the one writer of the catalog's `jobs`
 //! tree.
 
+pub mod buckets;
 mod copy;
 pub mod error;
 mod export;
@@ -53,6 +55,9 @@ use work::WorkDirs;
 
 pub struct Images {
     engine: Arc<Engine>,
+    /// S3 buckets tasks read from and write to.
+    #[allow(dead_code)]
+    buckets: Arc<buckets::Buckets>,
     jobs: Arc<JobRegistry>,
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
@@ -61,12 +66,14 @@ pub struct Images {
 impl Images {
     /// Loads the jobs `catalog` records and empties the imports' work
     /// directories under `data_dir` (before any import resumes). Exports
-    /// read snapshots over the NBD server's Unix socket `nbd_socket`.
+    /// read snapshots over the NBD server's Unix socket `nbd_socket`; tasks
+    /// reach S3 buckets through `buckets`.
     pub async fn open(
         engine: Arc<Engine>,
         catalog: Arc<Catalog>,
         data_dir: &Path,
         nbd_socket: PathBuf,
+        buckets: Arc<buckets::Buckets>,
     ) -> Result<Self> {
         let jobs = Arc::new(JobRegistry::open(catalog).await?);
         let work = WorkDirs::new(data_dir.join("jobs"));
@@ -89,7 +96,14 @@ impl Images {
             )),
             engine,
             jobs,
+            buckets,
         })
+    }
+
+    /// The S3 buckets tasks use.
+    #[allow(dead_code)]
+    pub fn buckets(&self) -> &Arc<buckets::Buckets> {
+        &self.buckets
     }
 
     /// Resumes the file imports a previous run left running, rolls back the
