@@ -204,6 +204,16 @@ pub struct Args {
     #[arg(long, env = "VOLUMED_TASKS_S3_ENDPOINT", value_name = "URL")]
     pub tasks_s3_endpoint: Option<String>,
 
+    /// A directory whose files EC2 import tasks may read as `file://` URLs
+    /// (repeat for several; comma-separated in the variable) [default: none]
+    #[arg(
+        long,
+        env = "VOLUMED_IMPORT_DIR",
+        value_name = "DIR",
+        value_delimiter = ','
+    )]
+    pub import_dir: Vec<PathBuf>,
+
     /// Private key (PEM) of --aws-tls-cert
     #[arg(
         long,
@@ -265,6 +275,8 @@ pub struct Config {
     pub quiesce_hook: Option<PathBuf>,
     /// `--tasks-s3-endpoint`.
     pub tasks_s3_endpoint: Option<String>,
+    /// `--import-dir`.
+    pub import_dirs: Vec<PathBuf>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -393,6 +405,11 @@ impl Args {
             snapshot_barrier_timeout: self.snapshot_barrier_timeout,
             quiesce_hook: self.quiesce_hook.map(absolute).transpose()?,
             tasks_s3_endpoint: self.tasks_s3_endpoint,
+            import_dirs: self
+                .import_dir
+                .into_iter()
+                .map(absolute)
+                .collect::<anyhow::Result<_>>()?,
             store,
             data_dir,
         })

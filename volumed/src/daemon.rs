@@ -147,10 +147,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         &config.data_dir,
         config.nbd_socket.clone(),
         buckets,
+        config.import_dirs.clone(),
     )
     .await
     .context("load jobs")?;
     let images = Arc::new(images);
+    images
+        .import_tasks()
+        .set_registrar(Arc::new(Registrar(Arc::clone(&machines))));
     images.start_background();
 
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
@@ -169,6 +173,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 creds,
                 Arc::clone(&machines),
                 Arc::clone(&lifecycle),
+                Arc::clone(&images),
                 Arc::clone(&catalog),
                 Arc::clone(&endpoints),
             )
@@ -298,4 +303,24 @@ fn instance_types(path: Option<&Path>) -> anyhow::Result<crate::machines::types:
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("read --instance-types {}", path.display()))?;
     InstanceTypes::parse(&text).with_context(|| format!("--instance-types {}", path.display()))
+}
+
+/// ImportImage's registration: the images layer asks, the machines layer
+/// registers (neither imports the other). An image already registered
+/// under the task's name is the one an earlier attempt made.
+struct Registrar(Arc<crate::machines::Machines>);
+
+impl crate::images::task::Registrar for Registrar {
+    fn register(
+        &self,
+        req: volumed_api::RegisterImage,
+    ) -> snapshot::store::BoxFuture<'_, Result<String, String>> {
+        Box::pin(async move {
+            match self.0.register_image(req).await {
+                Ok(rec) => Ok(rec.id),
+                Err(crate::machines::MachineError::NameTaken { image, .. }) => Ok(image),
+                Err(e) => Err(volumed_api::error_chain(&e)),
+            }
+        })
+    }
 }

@@ -61,6 +61,7 @@ pub async fn bind(
     credentials: Credentials,
     machines: Arc<crate::machines::Machines>,
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    images: Arc<crate::images::Images>,
     catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
 ) -> Result<AwsServer, StartError> {
@@ -88,6 +89,7 @@ pub async fn bind(
             engine,
             machines,
             lifecycle,
+            images,
             attrs,
             endpoints,
             credentials,

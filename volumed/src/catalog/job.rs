@@ -4,6 +4,8 @@
 //! before it (the request and the import's fields side by side, all
 //! optional) are rewritten once by `migrate`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use snapshot::SnapshotId;
 use volumed_api::{ExportRequest, ImportRequest, JobKind, JobState, VolumeName};
@@ -26,6 +28,12 @@ impl JobId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The catalog number the id was made of.
+    pub fn number(&self) -> u64 {
+        // `parse` and `new` admit only hex digits after `job-`.
+        u64::from_str_radix(&self.0[4..], 16).unwrap_or(0)
     }
 }
 
@@ -87,6 +95,115 @@ pub struct ImportSpec {
     /// SHA-256 of the image's logical bytes, once read whole.
     #[serde(default)]
     pub sha256: Option<String>,
+    /// The EC2 VM import task this import carries out, if any: its volumes
+    /// are private scratch volumes, removed once their snapshots are taken.
+    /// Boxed: most jobs have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<Box<TaskSpec>>,
+}
+
+/// What an EC2 import task (ImportSnapshot, ImportImage) asked for, and
+/// what it has made so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub kind: TaskKind,
+    #[serde(default)]
+    pub client_token: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// `DiskContainer` (one for ImportSnapshot), in order.
+    pub disks: Vec<TaskDisk>,
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// ImportImage's fields, stored and shown as given.
+    #[serde(default)]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub platform: Option<String>,
+    #[serde(default)]
+    pub boot_mode: Option<String>,
+    #[serde(default)]
+    pub license_type: Option<String>,
+    /// `Encrypted` and `KmsKeyId`: the scratch volumes (and so their
+    /// snapshots) are encrypted as CreateVolume's would be.
+    #[serde(default)]
+    pub encrypted: Option<bool>,
+    #[serde(default)]
+    pub kms_key_id: Option<String>,
+    /// The snapshot of each of the import's volumes, once taken (parallel
+    /// to `ImportSpec::volumes`).
+    #[serde(default)]
+    pub snapshots: Vec<Option<SnapshotId>>,
+    /// The image ImportImage registered.
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// CancelImportTask's `CancelReason`.
+    #[serde(default)]
+    pub cancel_reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Snapshot,
+    Image,
+}
+
+/// One `DiskContainer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskDisk {
+    pub source: TaskSource,
+    /// As given (`VMDK`, `VHD`, `RAW`, `VHDX`, `QCOW2`, `OVA`).
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub device_name: Option<String>,
+    /// Bytes of the source file or object, once known (`DiskImageSize`).
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// How many of the import's volumes it became (an OVA: one per disk),
+    /// once inspected.
+    #[serde(default)]
+    pub volumes: Option<usize>,
+}
+
+/// Where a `DiskContainer`'s image is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TaskSource {
+    /// `UserBucket` or an `s3://` URL.
+    S3 { bucket: String, key: String },
+    /// A `file://` URL under an `--import-dir`.
+    File { path: String },
+    /// ImportImage's `SnapshotId`: an existing snapshot, not imported.
+    Snapshot { id: SnapshotId },
+}
+
+impl TaskSpec {
+    /// The task id EC2 shows for job `job`: the same catalog number, so
+    /// either names the other.
+    pub fn task_id(&self, job: &JobId) -> String {
+        let prefix = match self.kind {
+            TaskKind::Snapshot => "import-snap-",
+            TaskKind::Image => "import-ami-",
+        };
+        format!("{prefix}{:017x}", job.number())
+    }
+
+    /// The job a task id names, if it is one.
+    pub fn job_of(task_id: &str) -> Option<(TaskKind, JobId)> {
+        let (kind, hex) = if let Some(h) = task_id.strip_prefix("import-snap-") {
+            (TaskKind::Snapshot, h)
+        } else {
+            (TaskKind::Image, task_id.strip_prefix("import-ami-")?)
+        };
+        if hex.len() != 17 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        Some((kind, JobId::new(u64::from_str_radix(hex, 16).ok()?)))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +233,15 @@ impl JobRecord {
             JobSpec::Import(i) => Some(i),
             JobSpec::Export(_) => None,
         }
+    }
+
+    /// The EC2 import task the job carries out, if any.
+    pub fn task(&self) -> Option<&TaskSpec> {
+        self.import().and_then(|i| i.task.as_deref())
+    }
+
+    pub fn task_mut(&mut self) -> Option<&mut TaskSpec> {
+        self.import_mut().and_then(|i| i.task.as_deref_mut())
     }
 
     pub fn import_mut(&mut self) -> Option<&mut ImportSpec> {
@@ -172,6 +298,7 @@ impl LegacyJobRecord {
                 volumes: self.volumes,
                 checkpoint: self.checkpoint,
                 sha256: self.sha256,
+                task: None,
             }),
             JobKind::Export => JobSpec::Export(ExportSpec {
                 request: self.export?,
@@ -189,5 +316,52 @@ impl LegacyJobRecord {
             snapshot: self.snapshot,
             spec,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_name_their_jobs() {
+        let job = JobId::new(0x1e8481);
+        let t = TaskSpec {
+            kind: TaskKind::Snapshot,
+            client_token: None,
+            description: None,
+            disks: Vec::new(),
+            tags: BTreeMap::new(),
+            architecture: None,
+            platform: None,
+            boot_mode: None,
+            license_type: None,
+            encrypted: None,
+            kms_key_id: None,
+            snapshots: Vec::new(),
+            image_id: None,
+            cancel_reason: None,
+        };
+        let id = t.task_id(&job);
+        assert_eq!(id, "import-snap-000000000001e8481");
+        assert_eq!(id.len(), "import-snap-".len() + 17);
+        assert_eq!(
+            TaskSpec::job_of(&id),
+            Some((TaskKind::Snapshot, job.clone()))
+        );
+        let ami = TaskSpec {
+            kind: TaskKind::Image,
+            ..t
+        }
+        .task_id(&job);
+        assert_eq!(TaskSpec::job_of(&ami), Some((TaskKind::Image, job)));
+        for bad in [
+            "import-snap-",
+            "import-snap-00000000001e8481",
+            "import-ami-0xyz",
+            "snap-0",
+        ] {
+            assert_eq!(TaskSpec::job_of(bad), None, "{bad}");
+        }
     }
 }

@@ -66,9 +66,6 @@ pub enum BucketError {
 }
 
 /// The S3 endpoint and credentials tasks use; built once at start.
-// The import and export tasks are its callers; until both are wired, some
-// of it is unused in a build.
-#[allow(dead_code)]
 pub struct Buckets {
     /// `--tasks-s3-endpoint`; else the standard AWS variables' endpoint.
     endpoint: Option<String>,
@@ -77,14 +74,12 @@ pub struct Buckets {
 }
 
 /// A client of one bucket.
-#[allow(dead_code)]
 pub struct Bucket {
     name: String,
     s3: Arc<S3Store>,
     store: Arc<dyn ObjectStore>,
 }
 
-#[allow(dead_code)]
 impl Buckets {
     pub fn new(endpoint: Option<String>, cancel: CancellationToken) -> Self {
         Buckets { endpoint, cancel }
@@ -115,6 +110,8 @@ impl Buckets {
     }
 }
 
+// Imports read through `size` and `download`; exports write through
+// `store` and `s3` (multipart).
 #[allow(dead_code)]
 impl Bucket {
     pub fn name(&self) -> &str {
@@ -239,7 +236,6 @@ impl Bucket {
 
 /// S3's bucket naming rules, loosely: 3 to 63 of lowercase letters,
 /// digits, dots and dashes (underscores too, which older buckets have).
-#[allow(dead_code)]
 pub fn valid_bucket(name: &str) -> bool {
     (3..=63).contains(&name.len())
         && name.bytes().all(|b| {

@@ -60,8 +60,9 @@ impl From<ImageError> for Stop {
 pub struct ImportJobs {
     pub(super) engine: Arc<Engine>,
     pub(super) jobs: Arc<JobRegistry>,
-    /// Each job's private directory for qemu-nbd's socket.
-    work: WorkDirs,
+    /// Each job's private directory for qemu-nbd's socket (and a task's
+    /// downloaded sources).
+    pub(super) work: WorkDirs,
 }
 
 impl ImportJobs {
@@ -191,7 +192,7 @@ impl ImportJobs {
         self.engine.remove_importing(&rec.id, rec.volumes()).await;
     }
 
-    async fn fill_disks(
+    pub(super) async fn fill_disks(
         &self,
         h: &JobHandle,
         disks: &[Disk],
@@ -284,7 +285,8 @@ impl ImportJobs {
     pub async fn settle_interrupted(self: &Arc<Self>) {
         for h in self.jobs.list() {
             let rec = h.record();
-            if rec.state != JobState::Running {
+            // Tasks resume through `task::ImportTasks`.
+            if rec.state != JobState::Running || rec.task().is_some() {
                 continue;
             }
             let stream = rec.import().is_some_and(|i| i.request.source == "-");

@@ -11,6 +11,8 @@
 //! - `source`: one reader over a raw file or a pool of NBD connections;
 //! - `registry`: the jobs by id, their progress, tokens and records;
 //! - `import`, `copy`, `stream`: imports from a file or a request body;
+//!   `task`: EC2 VM import tasks (ImportSnapshot, ImportImage) as imports
+//!   into scratch volumes that end as snapshots;
 //!   `export`: snapshots written out as images; `work`: the imports'
 //!   private directories;
 //! - `buckets`: S3 buckets tasks name, through the store's client;
@@ -35,6 +37,7 @@ pub mod qemu;
 pub mod registry;
 pub mod source;
 mod stream;
+pub mod task;
 mod work;
 
 use std::path::{Path, PathBuf};
@@ -55,9 +58,11 @@ use work::WorkDirs;
 
 pub struct Images {
     engine: Arc<Engine>,
-    /// S3 buckets tasks read from and write to.
+    /// S3 buckets tasks read from and write to (the import tasks hold
+    /// their own handle; the export tasks read this one).
     #[allow(dead_code)]
     buckets: Arc<buckets::Buckets>,
+    tasks: Arc<task::ImportTasks>,
     jobs: Arc<JobRegistry>,
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
@@ -74,6 +79,7 @@ impl Images {
         data_dir: &Path,
         nbd_socket: PathBuf,
         buckets: Arc<buckets::Buckets>,
+        import_dirs: Vec<PathBuf>,
     ) -> Result<Self> {
         let jobs = Arc::new(JobRegistry::open(catalog).await?);
         let work = WorkDirs::new(data_dir.join("jobs"));
@@ -83,12 +89,19 @@ impl Images {
         })
         .await
         .map_err(|e| Error::InvalidRequest(format!("clear the job work directories: {e}")))?;
+        let imports = Arc::new(ImportJobs::new(
+            Arc::clone(&engine),
+            Arc::clone(&jobs),
+            work,
+        ));
+        let tasks = Arc::new(task::ImportTasks::new(
+            Arc::clone(&imports),
+            Arc::clone(&buckets),
+            import_dirs,
+        ));
         Ok(Images {
-            imports: Arc::new(ImportJobs::new(
-                Arc::clone(&engine),
-                Arc::clone(&jobs),
-                work,
-            )),
+            imports,
+            tasks,
             exports: Arc::new(ExportJobs::new(
                 Arc::clone(&engine),
                 Arc::clone(&jobs),
@@ -110,7 +123,16 @@ impl Images {
     /// rest (in the background).
     pub fn start_background(&self) {
         let imports = Arc::clone(&self.imports);
-        tokio::spawn(async move { imports.settle_interrupted().await });
+        let tasks = Arc::clone(&self.tasks);
+        tokio::spawn(async move {
+            imports.settle_interrupted().await;
+            tasks.settle_interrupted().await;
+        });
+    }
+
+    /// EC2 VM import tasks (ImportSnapshot, ImportImage).
+    pub fn import_tasks(&self) -> &Arc<task::ImportTasks> {
+        &self.tasks
     }
 
     /// Stops every job's task: a file import resumes from its checkpoint at
@@ -221,6 +243,7 @@ impl Images {
                 volumes: names.clone(),
                 checkpoint: Checkpoint::default(),
                 sha256: None,
+                task: None,
             }),
         };
         let h = self.jobs.add(rec).await?;

@@ -219,6 +219,7 @@ mod tests {
                 volumes: Vec::new(),
                 checkpoint: Checkpoint::default(),
                 sha256: None,
+                task: None,
             }),
         }
     }

@@ -9,10 +9,12 @@
 //!   instances and CreateSnapshots, over the machines layer; `mappings`:
 //!   block-device mappings in EC2's words;
 //! - `volume_types`: sizes, IOPS and throughput per volume type;
-//!   `modifications`: ModifyVolume's record, DescribeVolumesModifications.
+//!   `modifications`: ModifyVolume's record, DescribeVolumesModifications;
+//! - `import_tasks`: ImportSnapshot, ImportImage and their tasks.
 
 pub mod encryption;
 pub mod images;
+pub mod import_tasks;
 pub mod instances;
 pub mod mappings;
 pub mod modifications;
@@ -230,6 +232,16 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "StartInstances" => reservations::start(cx).await,
         "RebootInstances" => reservations::reboot(cx).await,
         "CreateSnapshots" => snapshot_sets::create(cx).await,
+        "ImportSnapshot" => import_tasks::import_snapshot(cx).await,
+        "ImportImage" => import_tasks::import_image(cx).await,
+        "DescribeImportSnapshotTasks" => {
+            import_tasks::describe(cx, crate::catalog::TaskKind::Snapshot).await
+        }
+        "DescribeImportImageTasks" => {
+            import_tasks::describe(cx, crate::catalog::TaskKind::Image).await
+        }
+        "CancelImportTask" => import_tasks::cancel(cx).await,
+        "ImportVolume" | "ImportInstance" => import_tasks::legacy(&action),
         other => Err(Ec2Error::new(
             "InvalidAction",
             format!("The action {other} is not valid for this web service."),
