@@ -215,7 +215,7 @@ pub async fn describe(cx: Cx<'_>, kind: TaskKind) -> Ec2Result<String> {
     let mut filters = p.filters()?;
     for n in p.indices("Filters")? {
         let name = p.required(&format!("Filters.{n}.Name"))?.to_owned();
-        filters.push((name, p.list(&format!("Filters.{n}.Values"))?));
+        filters.push((name, p.list(&format!("Filters.{n}.Value"))?));
     }
     let max = max_results(p, 1, 1000)?;
     let tasks = cx.state.images.import_tasks();
