@@ -214,7 +214,10 @@ fn every_format_imports_to_a_snapshot_equal_to_qemu_convert() {
             "vmdk",
             vec!["-o", "subformat=streamOptimized"],
         ),
-
+        ("VHD", "vpc", "vhd", vec![]),
+        ("RAW", "raw", "raw", vec![]),
+        ("VHDX", "vhdx", "vhdx", vec![]),
+        ("QCOW2", "qcow2", "qcow2", vec![]),
     ];
     for (aws_fmt, qemu_fmt, ext, opts) in cases {
         let img = s.path(&format!("disk.{ext}"));
