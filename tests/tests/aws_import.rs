@@ -385,13 +385,28 @@ fn bad_sources_end_deleted_with_a_client_error_and_leave_nothing() {
         );
         assert!(msg.contains(says), "{key}: {msg}");
     }
+    // A bucket that does not exist, named in the message.
+    let t = s.ep.aws_json(&[
+        "ec2",
+        "import-snapshot",
+        "--disk-container",
+        "Format=RAW,UserBucket={S3Bucket=no-such-bucket,S3Key=x.raw}",
+    ]);
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    let msg = done["SnapshotTaskDetail"]["StatusMessage"]
+        .as_str()
+        .unwrap();
+    assert!(
+        msg.starts_with("ClientError: ") && msg.contains("no-such-bucket"),
+        "{msg}"
+    );
     let deleted = s.ep.aws_json(&[
         "ec2",
         "describe-import-snapshot-tasks",
         "--filters",
         "Name=task-state,Values=deleted",
     ]);
-    assert_eq!(deleted["ImportSnapshotTasks"].as_array().unwrap().len(), 3);
+    assert_eq!(deleted["ImportSnapshotTasks"].as_array().unwrap().len(), 4);
     assert_eq!(s.snapshot_count(), before);
     assert!(s.ep.daemon.volume_names().is_empty());
     // Refused before any task: bad format, https, a file outside any

@@ -1,6 +1,8 @@
 //! The job registry: every import and export this host ran or runs, by id,
 //! with live progress, a cancellation token each, and its record in the
-//! catalog. Finished jobs stay listed (the last [`KEEP_FINISHED`]).
+//! catalog. Finished jobs stay listed for [`KEEP_FINISHED_SECS`] (7 days,
+//! as EC2 lists import and export tasks), and at most the last
+//! [`KEEP_FINISHED`] of them.
 //!
 //! Two tokens stop a job: its own (`vol job cancel`: the job ends
 //! `cancelled` and undoes its work) and the registry's shutdown token (the
@@ -22,6 +24,17 @@ use crate::catalog::{Catalog, JobId, JobRecord, unix_now};
 
 /// Finished jobs kept in the catalog and listed; older ones are dropped.
 const KEEP_FINISHED: usize = 100;
+/// How long a finished job stays: EC2 describes tasks "completed or
+/// cancelled in the previous 7 days".
+pub const KEEP_FINISHED_SECS: u64 = 7 * 24 * 3600;
+
+/// Whether a finished job is past its keeping time at `now`.
+fn expired(rec: &JobRecord, now: u64) -> bool {
+    rec.state.is_final()
+        && rec
+            .finished_at
+            .is_some_and(|f| now.saturating_sub(f) > KEEP_FINISHED_SECS)
+}
 
 pub struct JobHandle {
     rec: Mutex<JobRecord>,
@@ -86,11 +99,16 @@ impl JobRegistry {
             tasks: TaskTracker::new(),
         };
         let recs = catalog.jobs()?;
-        let finished = recs.iter().filter(|r| r.state.is_final()).count();
+        let now = unix_now();
+        let finished = recs
+            .iter()
+            .filter(|r| r.state.is_final() && !expired(r, now))
+            .count();
         let mut drop_n = finished.saturating_sub(KEEP_FINISHED);
         for r in recs {
-            if drop_n > 0 && r.state.is_final() {
-                drop_n -= 1;
+            let over = drop_n > 0 && r.state.is_final() && !expired(&r, now);
+            if over || expired(&r, now) {
+                drop_n -= usize::from(over);
                 if let Err(e) = catalog.remove_job(&r.id).await {
                     warn!(job = %r.id, error = %volumed_api::error_chain(&e), "could not drop an old job record");
                 }
@@ -125,26 +143,58 @@ impl JobRegistry {
         Ok(JobId::new(self.catalog.next_id()?))
     }
 
-    /// Records a new job (flushed) and lists it.
+    /// Records a new job (flushed) and lists it; jobs past their keeping
+    /// time go.
     pub async fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
         self.catalog.put_job(&rec).await?;
-        Ok(self.insert_handle(rec))
+        let h = self.insert_handle(rec);
+        self.expire(unix_now()).await;
+        Ok(h)
     }
 
+    /// Drops the finished jobs past their keeping time at `now`, from the
+    /// list and the catalog.
+    pub async fn expire(&self, now: u64) {
+        let old: Vec<JobId> = {
+            let mut jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let old: Vec<JobId> = jobs
+                .iter()
+                .filter(|(_, h)| expired(&h.rec.lock().unwrap_or_else(|e| e.into_inner()), now))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &old {
+                jobs.remove(id);
+            }
+            old
+        };
+        for id in old {
+            if let Err(e) = self.catalog.remove_job(&id).await {
+                warn!(job = %id, error = %volumed_api::error_chain(&e), "could not drop an expired job record");
+            }
+        }
+    }
+
+    /// A job by id; one past its keeping time is gone, even before
+    /// [`JobRegistry::expire`] drops its record.
     pub fn get(&self, id: &JobId) -> Result<Arc<JobHandle>> {
+        let now = unix_now();
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
+            .filter(|h| !expired(&h.rec.lock().unwrap_or_else(|e| e.into_inner()), now))
             .cloned()
             .ok_or_else(|| Error::JobNotFound(id.clone()))
     }
 
+    /// Every job kept, by id.
     pub fn list(&self) -> Vec<Arc<JobHandle>> {
+        let now = unix_now();
         self.jobs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .filter(|h| !expired(&h.rec.lock().unwrap_or_else(|e| e.into_inner()), now))
             .cloned()
             .collect()
     }
@@ -222,6 +272,49 @@ mod tests {
                 task: None,
             }),
         }
+    }
+
+    #[tokio::test]
+    async fn finished_jobs_go_after_seven_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog");
+        let now = unix_now();
+        let ids = {
+            let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+                .await
+                .unwrap();
+            let mut ids = Vec::new();
+            // Finished 8 days ago, 6 days ago, and a running one as old.
+            for (state, age) in [
+                (JobState::Completed, 8),
+                (JobState::Error, 6),
+                (JobState::Running, 30),
+            ] {
+                let mut r = rec(reg.next_id().unwrap(), state);
+                r.created_at = now - age * 86400;
+                r.finished_at = state.is_final().then_some(now - age * 86400);
+                ids.push(reg.add(r).await.unwrap().id());
+            }
+            // The one past seven days is gone from the list at once.
+            assert!(reg.get(&ids[0]).is_err());
+            assert_eq!(reg.list().len(), 2);
+            ids
+        };
+        let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
+            .await
+            .unwrap();
+        let kept: Vec<JobId> = reg.list().iter().map(|h| h.id()).collect();
+        assert_eq!(kept, ids[1..]);
+        // A day later the second goes too; the running one stays.
+        reg.expire(now + 2 * 86400).await;
+        let catalog_ids: Vec<JobId> = reg
+            .catalog
+            .jobs()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(catalog_ids, ids[2..]);
     }
 
     fn offset(r: &JobRecord) -> u64 {
