@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use volumed_tests::aws::{AwsEndpoint, aws_bin, client_env, ec2_code};
+use volumed_tests::pki::Pki;
 use volumed_tests::run_ok;
 use volumed_tests::s3::{ACCESS_KEY, BUCKET, S3Server, SECRET_KEY};
 
@@ -68,6 +69,13 @@ impl Setup {
         let mut args = vec!["ec2", "import-snapshot", "--disk-container", &container];
         args.extend_from_slice(extra);
         self.ep.aws_json(&args)
+    }
+
+    /// `aws ec2 import-snapshot` of a URL.
+    fn import_url(&self, format: &str, url: &str) -> Value {
+        let container = format!("Format={format},Url={url}");
+        self.ep
+            .aws_json(&["ec2", "import-snapshot", "--disk-container", &container])
     }
 
     fn describe(&self, id: &str) -> Value {
@@ -409,7 +417,7 @@ fn bad_sources_end_deleted_with_a_client_error_and_leave_nothing() {
     assert_eq!(deleted["ImportSnapshotTasks"].as_array().unwrap().len(), 4);
     assert_eq!(s.snapshot_count(), before);
     assert!(s.ep.daemon.volume_names().is_empty());
-    // Refused before any task: bad format, https, a file outside any
+    // Refused before any task: bad format, plain http, a file with no
     // --import-dir, the legacy actions.
     let e = s.ep.aws_err(&[
         "ec2",
@@ -425,9 +433,12 @@ fn bad_sources_end_deleted_with_a_client_error_and_leave_nothing() {
         "ec2",
         "import-snapshot",
         "--disk-container",
-        "Format=RAW,Url=https://example.com/x.raw",
+        "Format=RAW,Url=http://example.com/x.raw",
     ]);
-    assert!(e.contains("UnsupportedOperation"), "{e}");
+    assert!(
+        e.contains("InvalidParameterValue") && e.contains("https://"),
+        "{e}"
+    );
     let e = s.ep.aws_err(&[
         "ec2",
         "import-snapshot",
@@ -622,5 +633,118 @@ fn import_image_of_a_two_disk_ova() {
     assert_eq!(by_dev("/dev/sdb").as_deref(), Some(snaps[1]));
     assert_same(&s.path("disk-a.vmdk"), "vmdk", &s.restore(snaps[0]));
     assert_same(&s.path("disk-b.vmdk"), "vmdk", &s.restore(snaps[1]));
+    s.finish();
+}
+
+/// An HTTPS server (Python's, with a throwaway CA's certificate) serving
+/// the files of a directory; stopped when dropped.
+struct HttpsServer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl HttpsServer {
+    fn start(pki: &Pki, dir: &Path) -> Self {
+        use std::io::BufRead;
+        let script = r#"
+import http.server, ssl, sys
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+        let mut child = Command::new("python3")
+            .current_dir(dir)
+            .args(["-c", script])
+            .arg(pki.path("server-cert.pem"))
+            .arg(pki.path("server-key.pem"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start python3's https server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port = line.trim().parse().expect("the server's port");
+        HttpsServer { child, port }
+    }
+
+    fn url(&self, name: &str) -> String {
+        format!("https://localhost:{}/{name}", self.port)
+    }
+}
+
+impl Drop for HttpsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `https://` sources (trusted through SSL_CERT_FILE, capped in size) and
+/// `file://` sources under an `--import-dir` (nothing outside it, not even
+/// through a symbolic link).
+#[test]
+fn https_and_file_sources() {
+    let pki = Pki::new();
+    let served = tempfile::tempdir().unwrap();
+    let import_dir = tempfile::tempdir().unwrap();
+    let ca = pki.path("ca-cert.pem").display().to_string();
+    let dir = import_dir.path().display().to_string();
+    let s = setup(&[
+        ("SSL_CERT_FILE", ca.as_str()),
+        ("VOLUMED_IMPORT_DIR", dir.as_str()),
+        ("VOLUMED_IMPORT_URL_MAX_SIZE", "24M"),
+    ]);
+    let web = HttpsServer::start(&pki, served.path());
+    let raw = s.path("disk.raw");
+    make_raw(&raw, 16 * MIB, 31);
+    let vhdx = served.path().join("disk.vhdx");
+    convert(&raw, "vhdx", &[], &vhdx);
+    make_raw(&served.path().join("big.raw"), 32 * MIB, 32);
+    let qcow2 = import_dir.path().join("disk.qcow2");
+    convert(&raw, "qcow2", &[], &qcow2);
+    std::os::unix::fs::symlink("/etc/hostname", import_dir.path().join("escape.raw")).unwrap();
+
+    let url = web.url("disk.vhdx");
+    let t = s.import_url("VHDX", &url);
+    assert_eq!(t["SnapshotTaskDetail"]["Url"], url.as_str());
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    assert_eq!(done["SnapshotTaskDetail"]["Status"], "completed", "{done}");
+    assert_same(&vhdx, "vhdx", &s.restore(&task_snapshot(&done)));
+
+    let t = s.import_url("RAW", &web.url("big.raw"));
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    let msg = done["SnapshotTaskDetail"]["StatusMessage"]
+        .as_str()
+        .unwrap();
+    assert!(
+        msg.starts_with("ClientError: ") && msg.contains("larger than the limit"),
+        "{msg}"
+    );
+    let t = s.import_url("RAW", &web.url("missing.raw"));
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    let msg = done["SnapshotTaskDetail"]["StatusMessage"]
+        .as_str()
+        .unwrap();
+    assert!(msg.contains("HTTP 404"), "{msg}");
+
+    let t = s.import_url("QCOW2", &format!("file://{}", qcow2.display()));
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    assert_eq!(done["SnapshotTaskDetail"]["Status"], "completed", "{done}");
+    assert_same(&qcow2, "qcow2", &s.restore(&task_snapshot(&done)));
+    for outside in [
+        "file:///etc/hostname".to_owned(),
+        format!("file://{}/escape.raw", import_dir.path().display()),
+    ] {
+        let container = format!("Format=RAW,Url={outside}");
+        let e =
+            s.ep.aws_err(&["ec2", "import-snapshot", "--disk-container", &container]);
+        assert!(e.contains("is not under an --import-dir"), "{e}");
+    }
+    drop(web);
     s.finish();
 }

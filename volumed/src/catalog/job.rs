@@ -177,6 +177,8 @@ pub enum TaskSource {
     S3 { bucket: String, key: String },
     /// A `file://` URL under an `--import-dir`.
     File { path: String },
+    /// An `https://` URL (a presigned one, typically).
+    Url { url: String },
     /// ImportImage's `SnapshotId`: an existing snapshot, not imported.
     Snapshot { id: SnapshotId },
 }

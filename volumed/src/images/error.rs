@@ -35,6 +35,9 @@ pub enum ImageError {
     /// An S3 bucket or object a task names.
     #[error(transparent)]
     Bucket(#[from] super::buckets::BucketError),
+    /// An `https://` source a task names.
+    #[error(transparent)]
+    Url(#[from] super::url::UrlError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,7 +15,8 @@
 //!   into scratch volumes that end as snapshots;
 //!   `export`: snapshots written out as images; `work`: the imports'
 //!   private directories;
-//! - `buckets`: S3 buckets tasks name, through the store's client;
+//! - `buckets`: S3 buckets tasks name, through the store's client; `url`:
+//!   their `https://` sources;
 //! - `error`: this layer's errors.
 //!
 //! Architecture invariant: this layer reaches volumes only through the
@@ -38,6 +39,7 @@ pub mod registry;
 pub mod source;
 mod stream;
 pub mod task;
+pub mod url;
 mod work;
 
 use std::path::{Path, PathBuf};

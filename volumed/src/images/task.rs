@@ -95,6 +95,8 @@ pub struct ImportTasks {
     /// `--import-dir`: the directories `file://` sources may name.
     import_dirs: Vec<PathBuf>,
     registrar: OnceLock<Arc<dyn Registrar>>,
+    /// The caps of `https://` sources.
+    url_limits: super::url::UrlLimits,
     stages: Mutex<HashMap<JobId, Stage>>,
     /// A ClientToken's check and its task's record, one at a time.
     starting: tokio::sync::Mutex<()>,
@@ -107,6 +109,7 @@ impl ImportTasks {
             buckets,
             import_dirs,
             registrar: OnceLock::new(),
+            url_limits: super::url::UrlLimits::from_env(),
             stages: Mutex::new(HashMap::new()),
             starting: tokio::sync::Mutex::new(()),
         }
@@ -213,6 +216,11 @@ impl ImportTasks {
             TaskSource::S3 { bucket, .. } => {
                 if !super::buckets::valid_bucket(bucket) {
                     return Err(ImageError::from(BucketError::InvalidName(bucket.clone())).into());
+                }
+            }
+            TaskSource::Url { url } => {
+                if !super::url::is_https(url) {
+                    return Err(ImageError::from(super::url::UrlError::Invalid(url.clone())).into());
                 }
             }
             TaskSource::Snapshot { .. } => {}
@@ -454,6 +462,11 @@ impl ImportTasks {
                     self.download(h, bucket, key, &dest).await?;
                     dest
                 }
+                TaskSource::Url { url } => {
+                    let dest = dir.join(format!("disk-{i}"));
+                    self.download_url(h, url, &dest).await?;
+                    dest
+                }
             };
             let size = std::fs::metadata(&path).map(|m| m.len()).ok();
             let found = inspect::open(&path, format).await?;
@@ -500,6 +513,26 @@ impl ImportTasks {
         match got {
             Ok(_) => Ok(()),
             Err(BucketError::Cancelled) => Err(Stop::Cancelled),
+            Err(e) => Err(Stop::failed(ImageError::from(e))),
+        }
+    }
+
+    async fn download_url(&self, h: &JobHandle, url: &str, dest: &Path) -> Result<(), Stop> {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        let id = h.id();
+        let (done, total) = (AtomicU64::new(0), AtomicU64::new(0));
+        let got = tokio::select! {
+            r = super::url::download(url, dest, self.url_limits, &h.cancel,
+                |t| total.store(t, Relaxed),
+                |n| {
+                    let d = done.fetch_add(n, Relaxed) + n;
+                    self.set_stage(&id, Stage::Downloading(d, total.load(Relaxed)));
+                }) => r,
+            () = self.imports.jobs.shutdown.cancelled() => return Err(Stop::Shutdown),
+        };
+        match got {
+            Ok(_) => Ok(()),
+            Err(super::url::UrlError::Cancelled) => Err(Stop::Cancelled),
             Err(e) => Err(Stop::failed(ImageError::from(e))),
         }
     }

@@ -102,6 +102,18 @@ pub fn api_code(e: &(dyn StdError + 'static)) -> ErrorCode {
                     B::Local { .. } => ErrorCode::Internal,
                 }
             }
+            ImageError::Url(u) => {
+                use crate::images::url::UrlError as U;
+                match u {
+                    U::Invalid(_) | U::TooLarge { .. } | U::Short { .. } => {
+                        ErrorCode::InvalidRequest
+                    }
+                    U::Status { .. } => ErrorCode::NotFound,
+                    U::Connect { .. } | U::TimedOut { .. } => ErrorCode::StoreUnavailable,
+                    U::Cancelled => ErrorCode::ShuttingDown,
+                    U::Local { .. } => ErrorCode::Internal,
+                }
+            }
             ImageError::Qemu(_) | ImageError::Nbd(_) | ImageError::Read { .. } => {
                 ErrorCode::Internal
             }

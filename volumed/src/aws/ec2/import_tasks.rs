@@ -95,16 +95,15 @@ fn source_of_url(url: &str) -> Ec2Result<TaskSource> {
                 path: path.to_owned(),
             });
         }
-    } else if url.starts_with("https://") || url.starts_with("http://") {
-        return Err(Ec2Error::new(
-            "UnsupportedOperation",
-            "Url: https:// sources are not supported by this endpoint; put the image in a bucket (UserBucket or s3://) or under an --import-dir (file://)",
-        ));
+    } else if crate::images::url::is_https(url) {
+        return Ok(TaskSource::Url {
+            url: url.to_owned(),
+        });
     }
     Err(Ec2Error::invalid_value(
         "Url",
         url,
-        "Expecting s3://BUCKET/KEY or file:///PATH.",
+        "Expecting https://HOST/PATH, s3://BUCKET/KEY or file:///PATH.",
     ))
 }
 
@@ -316,6 +315,9 @@ fn write_source(x: &mut Xml, d: &TaskDisk) {
         }
         TaskSource::File { path } => {
             x.elem("url", format!("file://{path}"));
+        }
+        TaskSource::Url { url } => {
+            x.elem("url", url);
         }
         TaskSource::Snapshot { .. } => {}
     }
