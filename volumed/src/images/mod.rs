@@ -22,9 +22,10 @@
 //! Architecture invariant: this layer reaches volumes only through the
 //! engine's public functions (`Engine::create_importing`,
 //! `finish_import`, `remove_importing`, `grow_importing`,
-//! `snapshot_for_job`, `lease_snapshot_export`, and the data path of the
-//! `Volume` it holds), and it is the one writer of the catalog's `jobs`
-//! tree.
+//! `snapshot_for_job`, `lease_snapshot_export`, an import task's
+//! `snapshot`, `snapshots` and `delete_snapshot` of its own, and the data
+//! path of the `Volume` it holds), and it is the one writer of the
+//! catalog's `jobs` tree.
 
 pub mod buckets;
 mod copy;
