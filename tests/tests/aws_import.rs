@@ -294,7 +294,7 @@ fn every_format_imports_to_a_snapshot_equal_to_qemu_convert() {
 /// task; pagination covers every task once.
 #[test]
 fn boto3_sees_progress_tokens_and_pages() {
-    let s = setup(&[("VOLUMED_FAILPOINTS", "import-window=40")]);
+    let s = setup(&[("VOLUMED_FAILPOINTS", "import-window=400")]);
     let raw = s.path("disk.raw");
     make_raw(&raw, 64 * MIB, 9);
     s.put(&raw, "disk.raw");
@@ -457,7 +457,8 @@ fn bad_sources_end_deleted_with_a_client_error_and_leave_nothing() {
 /// the partial work is gone.
 #[test]
 fn cancel_of_a_running_import_leaves_nothing() {
-    let s = setup(&[("VOLUMED_FAILPOINTS", "import-window=300")]);
+    // Each 32 MiB window of the copy held 1.5 s: the copy takes 6 s.
+    let s = setup(&[("VOLUMED_FAILPOINTS", "import-window=1500")]);
     let raw = s.path("big.raw");
     make_raw(&raw, 128 * MIB, 11);
     s.put(&raw, "big.raw");
@@ -467,6 +468,7 @@ fn cancel_of_a_running_import_leaves_nothing() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let d = s.describe(&id);
+        assert_eq!(d["SnapshotTaskDetail"]["Status"], "active", "{d}");
         let p: u64 = d["SnapshotTaskDetail"]["Progress"]
             .as_str()
             .unwrap_or("0")
@@ -507,7 +509,7 @@ fn cancel_of_a_running_import_leaves_nothing() {
 /// checkpoint and completes with the image's bytes.
 #[test]
 fn a_restart_mid_import_resumes_the_task() {
-    let mut s = setup(&[("VOLUMED_FAILPOINTS", "import-window=150")]);
+    let mut s = setup(&[("VOLUMED_FAILPOINTS", "import-window=1000")]);
     let raw = s.path("big.raw");
     make_raw(&raw, 128 * MIB, 13);
     let img = s.path("big.qcow2");
