@@ -446,6 +446,17 @@ fn bad_sources_end_deleted_with_a_client_error_and_leave_nothing() {
         &format!("Format=RAW,Url=file://{}", raw.display()),
     ]);
     assert!(e.contains("--import-dir"), "{e}");
+    let e = s.ep.aws_err(&[
+        "ec2",
+        "import-snapshot",
+        "--encrypted",
+        "--disk-container",
+        "Format=RAW,Url=s3://volumed/disk.raw",
+    ]);
+    assert!(
+        e.contains("InvalidParameterValue") && e.contains("not encrypted"),
+        "{e}"
+    );
     let (status, body) = s.ep.ec2_raw("Action=ImportVolume&Version=2016-11-15");
     assert_eq!(status, 400);
     assert_eq!(ec2_code(&body), "UnsupportedOperation");
@@ -688,7 +699,8 @@ impl Drop for HttpsServer {
 
 /// `https://` sources (trusted through SSL_CERT_FILE, capped in size) and
 /// `file://` sources under an `--import-dir` (nothing outside it, not even
-/// through a symbolic link).
+/// through a symbolic link), into an encrypted store, one under a named
+/// key.
 #[test]
 fn https_and_file_sources() {
     let pki = Pki::new();
@@ -700,6 +712,7 @@ fn https_and_file_sources() {
         ("SSL_CERT_FILE", ca.as_str()),
         ("VOLUMED_IMPORT_DIR", dir.as_str()),
         ("VOLUMED_IMPORT_URL_MAX_SIZE", "24M"),
+        ("VOLUMED_STORE_ENCRYPTION", "on"),
     ]);
     let web = HttpsServer::start(&pki, served.path());
     let raw = s.path("disk.raw");
@@ -734,10 +747,28 @@ fn https_and_file_sources() {
         .unwrap();
     assert!(msg.contains("HTTP 404"), "{msg}");
 
-    let t = s.import_url("QCOW2", &format!("file://{}", qcow2.display()));
+    // Encrypted under a named key, as CreateVolume's Encrypted/KmsKeyId.
+    s.ep.daemon.vol_ok(&["key", "create", "imports"]);
+    let container = format!("Format=QCOW2,Url=file://{}", qcow2.display());
+    let t = s.ep.aws_json(&[
+        "ec2",
+        "import-snapshot",
+        "--encrypted",
+        "--kms-key-id",
+        "alias/imports",
+        "--disk-container",
+        &container,
+    ]);
     let done = s.wait(t["ImportTaskId"].as_str().unwrap());
     assert_eq!(done["SnapshotTaskDetail"]["Status"], "completed", "{done}");
-    assert_same(&qcow2, "qcow2", &s.restore(&task_snapshot(&done)));
+    assert_eq!(done["SnapshotTaskDetail"]["Encrypted"], true, "{done}");
+    let snap = task_snapshot(&done);
+    let d =
+        s.ep.aws_json(&["ec2", "describe-snapshots", "--snapshot-ids", &snap]);
+    assert_eq!(d["Snapshots"][0]["Encrypted"], true, "{d}");
+    let key = d["Snapshots"][0]["KmsKeyId"].as_str().unwrap();
+    assert!(key.contains(":key/"), "{d}");
+    assert_same(&qcow2, "qcow2", &s.restore(&snap));
     for outside in [
         "file:///etc/hostname".to_owned(),
         format!("file://{}/escape.raw", import_dir.path().display()),

@@ -130,6 +130,15 @@ impl ImportTasks {
         for d in &task.disks {
             self.check_disk(d)?;
         }
+        // What CreateVolume would refuse, refused before a task exists; a
+        // key that does not resolve ends the task when its volume is made.
+        let wants_key = task.encrypted == Some(true) || task.kms_key_id.is_some();
+        if wants_key && !self.imports.engine.store_encrypted() {
+            return Err(crate::engine::Error::InvalidRequest(
+                "the store is not encrypted; start volumed with --store-encryption on over a new store to encrypt volumes".into(),
+            )
+            .into());
+        }
         let _one = self.starting.lock().await;
         if let Some(token) = &task.client_token
             && let Some(h) = self.imports.jobs.list().into_iter().find(|h| {
