@@ -516,8 +516,9 @@ fn cancel_of_a_running_import_leaves_nothing() {
     s.finish();
 }
 
-/// A restart in the middle of an import: the task resumes from its
-/// checkpoint and completes with the image's bytes.
+/// A restart in the middle of an import, clean (SIGTERM) and then a
+/// kill -9: each time the task resumes from its checkpoint and completes
+/// with the image's bytes.
 #[test]
 fn a_restart_mid_import_resumes_the_task() {
     let mut s = setup(&[("VOLUMED_FAILPOINTS", "import-window=1000")]);
@@ -526,28 +527,39 @@ fn a_restart_mid_import_resumes_the_task() {
     let img = s.path("big.qcow2");
     convert(&raw, "qcow2", &[], &img);
     s.put(&img, "big.qcow2");
-    let t = s.import("QCOW2", "big.qcow2", &[]);
-    let id = t["ImportTaskId"].as_str().unwrap().to_owned();
-    let job = format!("job-{}", &id["import-snap-".len() + 1..]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let j = s.ep.daemon.vol_json(&["job", "inspect", &job]);
-        if j["bytes_done"].as_u64().unwrap_or(0) >= 48 * MIB {
-            break;
+    for kill in [false, true] {
+        let t = s.import("QCOW2", "big.qcow2", &[]);
+        let id = t["ImportTaskId"].as_str().unwrap().to_owned();
+        let job = format!("job-{}", &id["import-snap-".len() + 1..]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let j = s.ep.daemon.vol_json(&["job", "inspect", &job]);
+            assert_eq!(j["state"], "running", "{j}");
+            if j["bytes_done"].as_u64().unwrap_or(0) >= 48 * MIB {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{j}");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        assert!(Instant::now() < deadline, "{j}");
-        std::thread::sleep(Duration::from_millis(50));
+        if kill {
+            s.ep.daemon.kill9();
+            s.ep.daemon.start_again();
+        } else {
+            s.ep.daemon.restart();
+        }
+        let st = s.ep.daemon.vol_json(&["status"]);
+        s.ep.url = format!("http://{}", st["aws_listen"].as_str().unwrap());
+        let done = s.wait(&id);
+        assert_eq!(done["SnapshotTaskDetail"]["Status"], "completed", "{done}");
+        let snap = task_snapshot(&done);
+        assert_same(&img, "qcow2", &s.restore(&snap));
     }
-    s.ep.daemon.restart();
-    let st = s.ep.daemon.vol_json(&["status"]);
-    s.ep.url = format!("http://{}", st["aws_listen"].as_str().unwrap());
-    let done = s.wait(&id);
-    assert_eq!(done["SnapshotTaskDetail"]["Status"], "completed", "{done}");
-    assert!(s.ep.daemon.log().contains("resuming an import task"));
-    let snap = task_snapshot(&done);
-    assert_same(&img, "qcow2", &s.restore(&snap));
-    assert_eq!(s.ep.daemon.volume_names().len(), 1);
-    s.finish();
+    let log = s.ep.daemon.log();
+    assert_eq!(log.matches("resuming an import task").count(), 2, "{log}");
+    // Only the two restored volumes: no scratch volume is left.
+    assert_eq!(s.ep.daemon.volume_names().len(), 2);
+    s.ep.daemon
+        .finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 /// ImportImage of an OVA with two disks: one snapshot per disk, and an
@@ -646,6 +658,35 @@ fn import_image_of_a_two_disk_ova() {
     assert_eq!(by_dev("/dev/sdb").as_deref(), Some(snaps[1]));
     assert_same(&s.path("disk-a.vmdk"), "vmdk", &s.restore(snaps[0]));
     assert_same(&s.path("disk-b.vmdk"), "vmdk", &s.restore(snaps[1]));
+    // A DiskContainer may name a snapshot instead, under its DeviceName.
+    let t = s.ep.aws_json(&[
+        "ec2",
+        "import-image",
+        "--disk-containers",
+        &format!("SnapshotId={},DeviceName=/dev/xvda", snaps[1]),
+    ]);
+    let id = t["ImportTaskId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let v = s.ep.aws_json(&[
+            "ec2",
+            "describe-import-image-tasks",
+            "--import-task-ids",
+            &id,
+        ]);
+        let t = v["ImportImageTasks"][0].clone();
+        if t["Status"] != "active" {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "{t}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["Status"], "completed", "{done}");
+    let ami = done["ImageId"].as_str().unwrap();
+    let img =
+        s.ep.aws_json(&["ec2", "describe-images", "--image-ids", ami])["Images"][0].clone();
+    assert_eq!(img["RootDeviceName"], "/dev/xvda");
+    assert_eq!(img["BlockDeviceMappings"][0]["Ebs"]["SnapshotId"], snaps[1]);
     s.finish();
 }
 
