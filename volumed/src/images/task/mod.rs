@@ -320,7 +320,7 @@ impl ImportTasks {
             .jobs
             .update(&h, |r| {
                 if let Some(t) = r.task_mut() {
-                    t.cancel_reason = reason;
+                    t.cancel_reason = Some(reason.unwrap_or_else(|| "cancelled".to_owned()));
                 }
             })
             .await;
@@ -347,6 +347,11 @@ impl ImportTasks {
             .task()
             .cloned()
             .ok_or_else(|| Stop::Failed("the job is not a task".into()))?;
+        // Cancelled before a restart: CancelImportTask's reason is
+        // recorded, the token is not.
+        if h.cancel.is_cancelled() || task.cancel_reason.is_some() {
+            return Err(Stop::Cancelled);
+        }
         let snapshotted = !task.snapshots.is_empty()
             && task.snapshots.len() == rec.volumes().len()
             && self.all_complete(&task.snapshots).await;
@@ -426,21 +431,28 @@ impl ImportTasks {
         let _ = tokio::task::spawn_blocking(move || work.remove(id.as_str())).await;
     }
 
-    /// Deletes every snapshot of the task's scratch volumes (recorded or
-    /// not) and the volumes themselves.
+    /// Deletes every snapshot of the task's scratch volumes (recorded in
+    /// the task or not) and the volumes themselves. Only snapshots this
+    /// host took of them, labelled with this task and no older than it:
+    /// another host sharing the store may have a task of the same number.
     async fn undo(&self, rec: &JobRecord) {
         let engine = &self.imports.engine;
+        let task_id = rec.task().map(|t| t.task_id(&rec.id));
         for name in rec.volumes() {
             let Ok(snaps) = engine.snapshots(Some(name.as_str())).await else {
                 continue;
             };
             for s in snaps {
-                let sid = match &s {
-                    SnapshotInfo::Recorded { rec, .. } => rec.id.clone(),
-                    SnapshotInfo::Stored(h) => h.id.clone(),
+                let SnapshotInfo::Recorded { rec: snap, .. } = s else {
+                    continue;
                 };
-                if let Err(e) = engine.delete_snapshot(&sid).await {
-                    warn!(snapshot = %sid, error = %volumed_api::error_chain(&e), "could not delete an import task's snapshot");
+                if snap.labels.get(TASK_LABEL) != task_id.as_ref()
+                    || snap.created_at < rec.created_at
+                {
+                    continue;
+                }
+                if let Err(e) = engine.delete_snapshot(&snap.id).await {
+                    warn!(snapshot = %snap.id, error = %volumed_api::error_chain(&e), "could not delete an import task's snapshot");
                 }
             }
         }
