@@ -597,6 +597,16 @@ fn import_image_of_a_two_disk_ova() {
             .args(["vm.ovf", "disk-a.vmdk", "disk-b.vmdk"]),
     );
     s.put(&ova, "vms/vm.ova");
+    // ImportSnapshot takes one disk: this OVA has two.
+    let t = s.import("OVA", "vms/vm.ova", &[]);
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    let msg = done["SnapshotTaskDetail"]["StatusMessage"]
+        .as_str()
+        .unwrap();
+    assert!(
+        msg.contains("has 2 disks") && msg.contains("ImportImage"),
+        "{msg}"
+    );
     let t = s.ep.aws_json(&[
         "ec2",
         "import-image",

@@ -9,8 +9,8 @@ use super::params::Params;
 use super::xml::Xml;
 use super::{Cx, Describe, Ec2Error, Ec2Result, max_results};
 use crate::catalog::{TaskDisk, TaskKind, TaskSource, TaskSpec};
+use crate::images::Error as ImagesError;
 use crate::images::task::TaskView;
-use crate::images::{Error as ImagesError, ImageError};
 
 /// The images layer's errors in EC2's words.
 impl From<ImagesError> for Ec2Error {
@@ -22,7 +22,8 @@ impl From<ImagesError> for Ec2Error {
             ImagesError::NoSuchJobId(_) | ImagesError::JobNotFound(_) => {
                 Ec2Error::new("InvalidConversionTaskId.Malformed", msg)
             }
-            ImagesError::Image(ImageError::Open { .. }) => Ec2Error::invalid_parameter(msg),
+            // An image or source refused before a task exists: the
+            // request's fault.
             ImagesError::InvalidRequest(_) | ImagesError::Image(_) => {
                 Ec2Error::invalid_parameter(msg)
             }

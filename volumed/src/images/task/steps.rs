@@ -118,6 +118,12 @@ impl ImportTasks {
             counts.push(found.len());
             disks.extend(found);
         }
+        if task.kind == crate::catalog::TaskKind::Snapshot && disks.len() > 1 {
+            return Err(Stop::Failed(format!(
+                "the image has {} disks; ImportSnapshot imports one (ImportImage imports them all)",
+                disks.len()
+            )));
+        }
         let total: u64 = disks.iter().map(|d| d.size).sum();
         self.imports
             .jobs
