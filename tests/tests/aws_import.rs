@@ -832,3 +832,24 @@ fn https_and_file_sources() {
     drop(web);
     s.finish();
 }
+
+/// Credentials the S3 server refuses: the task ends `deleted`, the
+/// message naming the object and the denial.
+#[test]
+fn denied_access_is_named() {
+    let s = setup(&[("AWS_SECRET_ACCESS_KEY", "not-the-secret")]);
+    let raw = s.path("disk.raw");
+    make_raw(&raw, 4 * MIB, 41);
+    s.put(&raw, "disk.raw");
+    let t = s.import("RAW", "disk.raw", &[]);
+    let done = s.wait(t["ImportTaskId"].as_str().unwrap());
+    let msg = done["SnapshotTaskDetail"]["StatusMessage"]
+        .as_str()
+        .unwrap();
+    assert!(
+        msg.starts_with("ClientError: access to S3 object s3://volumed/disk.raw was denied"),
+        "{msg}"
+    );
+    assert_eq!(s.snapshot_count(), 0);
+    s.finish();
+}
