@@ -140,6 +140,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         Arc::clone(&catalog),
         &config.data_dir,
         config.nbd_socket.clone(),
+        None,
     )
     .await
     .context("load jobs")?;
@@ -161,6 +162,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 c,
                 creds,
                 Arc::clone(&machines),
+                Arc::clone(&images),
                 Arc::clone(&lifecycle),
                 Arc::clone(&catalog),
                 Arc::clone(&endpoints),

@@ -76,6 +76,8 @@ pub struct AwsState {
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Images and instances.
     pub machines: Arc<crate::machines::Machines>,
+    /// Export jobs (EC2's export tasks).
+    pub images: Arc<crate::images::Images>,
     /// The endpoint's own records: EC2 attributes of volumes and snapshots.
     pub attrs: Ec2Attributes,
     pub endpoints: Arc<NbdEndpoints>,

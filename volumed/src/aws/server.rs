@@ -60,6 +60,7 @@ pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
     machines: Arc<crate::machines::Machines>,
+    images: Arc<crate::images::Images>,
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
     catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
@@ -87,6 +88,7 @@ pub async fn bind(
         state: Arc::new(AwsState {
             engine,
             machines,
+            images,
             lifecycle,
             attrs,
             endpoints,

@@ -36,7 +36,9 @@ mod writer;
 use std::path::Path;
 
 pub use aws::{AwsAttachmentRecord, AwsSnapshotRecord, AwsVolumeRecord};
-pub use job::{Checkpoint, ExportSpec, ImportSpec, JobId, JobRecord, JobSpec};
+pub use job::{
+    Checkpoint, ExportSpec, ExportTask, ImportSpec, JobId, JobRecord, JobSpec, Requester,
+};
 pub use lifecycle::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
 pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
 pub use record::{

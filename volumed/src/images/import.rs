@@ -284,17 +284,14 @@ impl ImportJobs {
     pub async fn settle_interrupted(self: &Arc<Self>) {
         for h in self.jobs.list() {
             let rec = h.record();
-            if rec.state != JobState::Running {
+            // Exports are settled by `ExportJobs::settle_interrupted`.
+            if rec.state != JobState::Running || rec.import().is_none() {
                 continue;
             }
             let stream = rec.import().is_some_and(|i| i.request.source == "-");
-            if rec.import().is_none() || stream {
+            if stream {
                 self.remove_volumes(&rec).await;
-                let why = if stream {
-                    "interrupted by a restart; a stream import cannot resume, so its volume was removed"
-                } else {
-                    "interrupted by a restart"
-                };
+                let why = "interrupted by a restart; a stream import cannot resume, so its volume was removed";
                 info!(job = %rec.id, "{why}");
                 self.jobs
                     .finish(&h, JobState::Error, Some(why.into()))

@@ -11,8 +11,10 @@
 //! - `source`: one reader over a raw file or a pool of NBD connections;
 //! - `registry`: the jobs by id, their progress, tokens and records;
 //! - `import`, `copy`, `stream`: imports from a file or a request body;
-//!   `export`: snapshots written out as images; `work`: the imports'
-//!   private directories;
+//!   `export`: snapshots written out as images; `export_object`,
+//!   `upload`, `ova`: exports to a bucket (multipart, OVA);
+//!   `export_tasks`: EC2's export tasks over those jobs; `work`: the
+//!   jobs' private directories;
 //! - `error`: this layer's errors.
 //!
 //! Architecture invariant: this layer reaches volumes only through the
@@ -25,14 +27,18 @@
 mod copy;
 pub mod error;
 mod export;
+mod export_object;
+mod export_tasks;
 pub mod format;
 mod import;
 pub mod inspect;
 pub mod nbd_client;
+mod ova;
 pub mod qemu;
 pub mod registry;
 pub mod source;
 mod stream;
+mod upload;
 mod work;
 
 use std::path::{Path, PathBuf};
@@ -42,10 +48,14 @@ use snapshot::SnapshotId;
 use tracing::info;
 use volumed_api::{CreateVolume, ExportRequest, ImportRequest, JobState, VolumeName};
 
-use crate::catalog::{Catalog, Checkpoint, ExportSpec, ImportSpec, JobRecord, JobSpec, unix_now};
+use crate::catalog::{
+    Catalog, Checkpoint, ExportSpec, ImportSpec, JobRecord, JobSpec, Requester, unix_now,
+};
 use crate::engine::{Engine, SnapshotInfo, validate};
 pub use error::{Error, ImageError, Result};
-use export::{ExportJobs, ExportSource, Sink};
+use export::{ExportJobs, ExportPlan, ExportSource, Sink};
+pub use export_object::{OpenBucket, extension};
+pub use export_tasks::{BucketExport, ExportDisk};
 pub use format::ImageFormat;
 use import::ImportJobs;
 use registry::{JobHandle, JobRegistry};
@@ -56,17 +66,22 @@ pub struct Images {
     jobs: Arc<JobRegistry>,
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
+    /// One EC2 export task started at a time, so a `ClientToken` sent
+    /// twice at once finds the first.
+    task_starts: tokio::sync::Mutex<()>,
 }
 
 impl Images {
-    /// Loads the jobs `catalog` records and empties the imports' work
+    /// Loads the jobs `catalog` records and empties the jobs' work
     /// directories under `data_dir` (before any import resumes). Exports
-    /// read snapshots over the NBD server's Unix socket `nbd_socket`.
+    /// read snapshots over the NBD server's Unix socket `nbd_socket`, and
+    /// reach buckets through `buckets`.
     pub async fn open(
         engine: Arc<Engine>,
         catalog: Arc<Catalog>,
         data_dir: &Path,
         nbd_socket: PathBuf,
+        buckets: Option<OpenBucket>,
     ) -> Result<Self> {
         let jobs = Arc::new(JobRegistry::open(catalog).await?);
         let work = WorkDirs::new(data_dir.join("jobs"));
@@ -80,15 +95,18 @@ impl Images {
             imports: Arc::new(ImportJobs::new(
                 Arc::clone(&engine),
                 Arc::clone(&jobs),
-                work,
+                work.clone(),
             )),
             exports: Arc::new(ExportJobs::new(
                 Arc::clone(&engine),
                 Arc::clone(&jobs),
                 nbd_socket,
+                work,
+                buckets,
             )),
             engine,
             jobs,
+            task_starts: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -96,7 +114,11 @@ impl Images {
     /// rest (in the background).
     pub fn start_background(&self) {
         let imports = Arc::clone(&self.imports);
-        tokio::spawn(async move { imports.settle_interrupted().await });
+        let exports = Arc::clone(&self.exports);
+        tokio::spawn(async move {
+            exports.settle_interrupted().await;
+            imports.settle_interrupted().await;
+        });
     }
 
     /// Stops every job's task: a file import resumes from its checkpoint at
@@ -242,10 +264,11 @@ impl Images {
 
     /// Starts exporting a snapshot (or a volume, snapshotted first) as an
     /// image. For destination `-` the raw bytes come through the returned
-    /// receiver, in order.
+    /// receiver, in order. A file is given to `requester`.
     pub async fn export_image(
         &self,
         req: ExportRequest,
+        requester: Option<Requester>,
     ) -> Result<(
         Arc<JobHandle>,
         Option<tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>>,
@@ -317,6 +340,12 @@ impl Images {
                     ExportSource::Volume(v) => Some(v.name.clone()),
                     ExportSource::Snapshot(_) => None,
                 },
+                requester,
+                owner: None,
+                snapshot_removed: false,
+                disks: Vec::new(),
+                upload: None,
+                task: None,
             }),
         };
         let h = self.jobs.add(rec).await?;
@@ -327,8 +356,15 @@ impl Images {
             (Sink::File(req.destination.clone().into()), None)
         };
         info!(job = %id, source = %req.source, destination = %req.destination, %format, "export started");
-        self.exports
-            .spawn(Arc::clone(&h), source, format, req.compress, sink);
+        let plan = ExportPlan {
+            sources: vec![source],
+            format,
+            compress: req.compress,
+            keep_snapshot: req.keep_snapshot,
+            requester,
+            sink,
+        };
+        self.exports.spawn(Arc::clone(&h), plan);
         Ok((h, rx))
     }
 

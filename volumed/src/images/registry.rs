@@ -67,6 +67,9 @@ impl JobHandle {
 
 pub struct JobRegistry {
     catalog: Arc<Catalog>,
+    /// The number of the last job id given out: ids are dense, and a
+    /// restart goes on from the highest recorded.
+    last_id: AtomicU64,
     jobs: Mutex<BTreeMap<JobId, Arc<JobHandle>>>,
     /// Record writes of one job in the order they were made.
     writes: tokio::sync::Mutex<()>,
@@ -78,14 +81,16 @@ impl JobRegistry {
     /// Loads the jobs the catalog holds; those still `running` are for the
     /// caller to resume or settle.
     pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
+        let recs = catalog.jobs()?;
+        let last = recs.iter().map(|r| r.id.number()).max().unwrap_or(0);
         let reg = JobRegistry {
             catalog: Arc::clone(&catalog),
+            last_id: AtomicU64::new(last),
             jobs: Mutex::new(BTreeMap::new()),
             writes: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
-        let recs = catalog.jobs()?;
         let finished = recs.iter().filter(|r| r.state.is_final()).count();
         let mut drop_n = finished.saturating_sub(KEEP_FINISHED);
         for r in recs {
@@ -120,9 +125,10 @@ impl JobRegistry {
         h
     }
 
-    /// A new job's id: `job-` and a never reused catalog id.
+    /// A new job's id: one past the last given out. The newest records are
+    /// the ones kept, so an id is not given twice.
     pub fn next_id(&self) -> Result<JobId> {
-        Ok(JobId::new(self.catalog.next_id()?))
+        Ok(JobId::new(self.last_id.fetch_add(1, Ordering::Relaxed) + 1))
     }
 
     /// Records a new job (flushed) and lists it.
@@ -260,6 +266,10 @@ mod tests {
         let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
             .await
             .unwrap();
+        // Ids are dense and go on from the highest after a restart.
+        let n = (KEEP_FINISHED + 5) as u64;
+        assert_eq!(reg.list().last().unwrap().id(), JobId::new(n));
+        assert_eq!(reg.next_id().unwrap(), JobId::new(n + 1));
         let all = reg.list();
         // The running one stays, and the newest finished ones.
         assert_eq!(all.len(), KEEP_FINISHED + 1);

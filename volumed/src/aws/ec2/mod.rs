@@ -8,10 +8,13 @@
 //! - `images`, `reservations`, `snapshot_sets`: images, launched
 //!   instances and CreateSnapshots, over the machines layer; `mappings`:
 //!   block-device mappings in EC2's words;
+//! - `exports`: ExportImage, CreateInstanceExportTask and their tasks,
+//!   over the images layer's export jobs;
 //! - `volume_types`: sizes, IOPS and throughput per volume type;
 //!   `modifications`: ModifyVolume's record, DescribeVolumesModifications.
 
 pub mod encryption;
+pub mod exports;
 pub mod images;
 pub mod instances;
 pub mod mappings;
@@ -230,6 +233,11 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         "StartInstances" => reservations::start(cx).await,
         "RebootInstances" => reservations::reboot(cx).await,
         "CreateSnapshots" => snapshot_sets::create(cx).await,
+        "ExportImage" => exports::export_image(cx).await,
+        "DescribeExportImageTasks" => exports::describe_image_tasks(cx).await,
+        "CreateInstanceExportTask" => exports::create_instance_task(cx).await,
+        "DescribeExportTasks" => exports::describe_instance_tasks(cx).await,
+        "CancelExportTask" => exports::cancel(cx).await,
         other => Err(Ec2Error::new(
             "InvalidAction",
             format!("The action {other} is not valid for this web service."),
