@@ -199,6 +199,11 @@ pub struct Args {
     )]
     pub aws_tls_cert: Option<PathBuf>,
 
+    /// S3 endpoint of the buckets VM import and export tasks name
+    /// [default: the store's, from the AWS environment]
+    #[arg(long, env = "VOLUMED_TASKS_S3_ENDPOINT", value_name = "URL")]
+    pub tasks_s3_endpoint: Option<String>,
+
     /// Private key (PEM) of --aws-tls-cert
     #[arg(
         long,
@@ -258,6 +263,8 @@ pub struct Config {
     pub instance_types: Option<PathBuf>,
     pub snapshot_barrier_timeout: std::time::Duration,
     pub quiesce_hook: Option<PathBuf>,
+    /// `--tasks-s3-endpoint`.
+    pub tasks_s3_endpoint: Option<String>,
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
@@ -385,6 +392,7 @@ impl Args {
             instance_types: self.instance_types.map(absolute).transpose()?,
             snapshot_barrier_timeout: self.snapshot_barrier_timeout,
             quiesce_hook: self.quiesce_hook.map(absolute).transpose()?,
+            tasks_s3_endpoint: self.tasks_s3_endpoint,
             store,
             data_dir,
         })

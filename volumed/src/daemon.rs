@@ -135,12 +135,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Before the NBD server accepts: a client reconnecting after a restart
     // finds its snapshot export where it was.
     engine.reopen_snapshot_exports().await;
+    // Buckets tasks name: the store's S3 client and retries, its endpoint
+    // unless --tasks-s3-endpoint says otherwise.
+    let buckets = Arc::new(crate::images::buckets::Buckets::new(
+        config.tasks_s3_endpoint.clone(),
+        root.child_token(),
+    ));
     let images = Images::open(
         Arc::clone(&engine),
         Arc::clone(&catalog),
         &config.data_dir,
         config.nbd_socket.clone(),
-        None,
+        buckets,
     )
     .await
     .context("load jobs")?;

@@ -100,6 +100,27 @@ pub trait ObjectStore: Send + Sync {
     ) -> BoxFuture<'a, Result<PutOutcome, StoreError>>;
     /// The object's bytes, or `None` if there is no such object.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>>;
+    /// `len` bytes of the object from `offset` (fewer where it ends), or
+    /// `None` if there is no such object. Large objects are read this way,
+    /// a range at a time, so none is held whole. The default reads the
+    /// whole object and slices it; stores that can do better do.
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            let Some(all) = self.get(key).await? else {
+                return Ok(None);
+            };
+            let size = all.len() as u64;
+            let start = offset.min(size);
+            let end = offset.saturating_add(len).min(size);
+            // Both are at most `size`, which came from a `usize`.
+            Ok(Some(all.slice(start as usize..end as usize)))
+        })
+    }
     /// The object's size and age, or `None` if there is no such object.
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>>;
     fn exists<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<bool, StoreError>> {

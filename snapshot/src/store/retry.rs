@@ -178,6 +178,17 @@ impl ObjectStore for Retrying {
         Box::pin(self.run("get", key, || self.inner.get(key)))
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(self.run("get_range", key, move || {
+            self.inner.get_range(key, offset, len)
+        }))
+    }
+
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>> {
         Box::pin(self.run("head", key, || self.inner.head(key)))
     }

@@ -300,6 +300,47 @@ impl ObjectStore for S3Store {
         })
     }
 
+    fn get_range<'a>(
+        &'a self,
+        key: &'a str,
+        offset: u64,
+        len: u64,
+    ) -> BoxFuture<'a, Result<Option<Bytes>, StoreError>> {
+        Box::pin(async move {
+            if len == 0 {
+                return Ok(self.head(key).await?.map(|_| Bytes::new()));
+            }
+            let last = offset.saturating_add(len - 1);
+            let _permit = self.permits.acquire().await.expect("never closed");
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .range(format!("bytes={offset}-{last}"))
+                .send()
+                .await
+            {
+                Ok(o) => o,
+                Err(SdkError::ServiceError(se)) if se.err().is_no_such_key() => return Ok(None),
+                // A range that starts at or past the end: nothing there.
+                Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 416 => {
+                    return Ok(Some(Bytes::new()));
+                }
+                Err(e) => return Err(classify("get_range", key, e)),
+            };
+            let body = out.body.collect().await.map_err(|e| {
+                StoreError::new(
+                    "get_range",
+                    key,
+                    ErrorKind::Transient,
+                    format!("reading the body: {e}"),
+                )
+            })?;
+            Ok(Some(body.into_bytes()))
+        })
+    }
+
     fn head<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<ObjectInfo>, StoreError>> {
         Box::pin(async move {
             let _permit = self.permits.acquire().await.expect("never closed");

@@ -32,6 +32,9 @@ pub enum ImageError {
     Nbd(#[from] nbd_client::NbdError),
     #[error("reading the image at offset={offset}")]
     Read { offset: u64, source: std::io::Error },
+    /// An S3 bucket or object a task names.
+    #[error(transparent)]
+    Bucket(#[from] super::buckets::BucketError),
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@
 //!   `upload`, `ova`: exports to a bucket (multipart, OVA);
 //!   `export_tasks`: EC2's export tasks over those jobs; `work`: the
 //!   jobs' private directories;
+//! - `buckets`: S3 buckets tasks name, through the store's client;
 //! - `error`: this layer's errors.
 //!
 //! Architecture invariant: this layer reaches volumes only through the
@@ -24,6 +25,7 @@
 //! `Volume` it holds), and it is the one writer of the catalog's `jobs`
 //! tree.
 
+pub mod buckets;
 mod copy;
 pub mod error;
 mod export;
@@ -54,7 +56,7 @@ use crate::catalog::{
 use crate::engine::{Engine, SnapshotInfo, validate};
 pub use error::{Error, ImageError, Result};
 use export::{ExportJobs, ExportPlan, ExportSource, Sink};
-pub use export_object::{OpenBucket, extension};
+pub use export_object::extension;
 pub use export_tasks::{BucketExport, ExportDisk};
 pub use format::ImageFormat;
 use import::ImportJobs;
@@ -63,6 +65,9 @@ use work::WorkDirs;
 
 pub struct Images {
     engine: Arc<Engine>,
+    /// S3 buckets tasks read from and write to.
+    #[allow(dead_code)]
+    buckets: Arc<buckets::Buckets>,
     jobs: Arc<JobRegistry>,
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
@@ -74,14 +79,14 @@ pub struct Images {
 impl Images {
     /// Loads the jobs `catalog` records and empties the jobs' work
     /// directories under `data_dir` (before any import resumes). Exports
-    /// read snapshots over the NBD server's Unix socket `nbd_socket`, and
-    /// reach buckets through `buckets`.
+    /// read snapshots over the NBD server's Unix socket `nbd_socket`; tasks
+    /// reach S3 buckets through `buckets`.
     pub async fn open(
         engine: Arc<Engine>,
         catalog: Arc<Catalog>,
         data_dir: &Path,
         nbd_socket: PathBuf,
-        buckets: Option<OpenBucket>,
+        buckets: Arc<buckets::Buckets>,
     ) -> Result<Self> {
         let jobs = Arc::new(JobRegistry::open(catalog).await?);
         let work = WorkDirs::new(data_dir.join("jobs"));
@@ -102,12 +107,19 @@ impl Images {
                 Arc::clone(&jobs),
                 nbd_socket,
                 work,
-                buckets,
+                Arc::clone(&buckets),
             )),
             engine,
             jobs,
             task_starts: tokio::sync::Mutex::new(()),
+            buckets,
         })
+    }
+
+    /// The S3 buckets tasks use.
+    #[allow(dead_code)]
+    pub fn buckets(&self) -> &Arc<buckets::Buckets> {
+        &self.buckets
     }
 
     /// Resumes the file imports a previous run left running, rolls back the

@@ -89,6 +89,19 @@ pub fn api_code(e: &(dyn StdError + 'static)) -> ErrorCode {
             ImageError::Open { .. } | ImageError::NotAFile(_) => ErrorCode::InvalidRequest,
             ImageError::Refused(_) | ImageError::NotAnImage { .. } => ErrorCode::InvalidRequest,
             ImageError::Qemu(QemuError::Missing { .. }) => ErrorCode::Unsupported,
+            ImageError::Bucket(b) => {
+                use crate::images::buckets::BucketError as B;
+                match b {
+                    B::InvalidName(_) | B::TooLarge { .. } | B::Changed { .. } => {
+                        ErrorCode::InvalidRequest
+                    }
+                    B::NoSuchBucket(_) | B::NoSuchKey { .. } => ErrorCode::NotFound,
+                    B::NotConfigured(_) => ErrorCode::Unsupported,
+                    B::Cancelled => ErrorCode::ShuttingDown,
+                    B::AccessDenied { .. } | B::Store { .. } => ErrorCode::StoreUnavailable,
+                    B::Local { .. } => ErrorCode::Internal,
+                }
+            }
             ImageError::Qemu(_) | ImageError::Nbd(_) | ImageError::Read { .. } => {
                 ErrorCode::Internal
             }
