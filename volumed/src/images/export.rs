@@ -31,7 +31,8 @@ use tracing::{info, warn};
 use volumed_api::JobState;
 
 use super::ImageFormat;
-pub use super::export_object::{ObjectSink, OpenBucket, OvaSpec};
+use super::buckets::Buckets;
+pub use super::export_object::{ObjectSink, OvaSpec};
 use super::registry::{JobHandle, JobRegistry};
 use super::upload::ObjectUpload;
 use super::work::WorkDirs;
@@ -86,8 +87,8 @@ pub struct ExportJobs {
     nbd_socket: PathBuf,
     /// Where a conversion bound for a bucket writes its file first.
     pub(super) work: WorkDirs,
-    /// Opens a bucket by name, for uploads a restart must abort.
-    pub(super) buckets: Option<OpenBucket>,
+    /// The buckets exports to S3 write to.
+    pub(super) buckets: Arc<Buckets>,
 }
 
 impl ExportJobs {
@@ -96,7 +97,7 @@ impl ExportJobs {
         jobs: Arc<JobRegistry>,
         nbd_socket: PathBuf,
         work: WorkDirs,
-        buckets: Option<OpenBucket>,
+        buckets: Arc<Buckets>,
     ) -> Self {
         ExportJobs {
             engine,
@@ -183,14 +184,11 @@ impl ExportJobs {
             }
             let mut why = "interrupted by a restart".to_owned();
             if let (Some(upload), Some(task)) = (&e.upload, &e.task) {
-                let gone = match &self.buckets {
-                    Some(open) => match open(&task.bucket) {
-                        Ok(store) => super::upload::abort(&*store, &task.key, upload)
-                            .await
-                            .map_err(|e| e.message),
-                        Err(e) => Err(e),
-                    },
-                    None => Err("no S3 endpoint is configured".into()),
+                let gone = match self.buckets.open(&task.bucket) {
+                    Ok(b) => super::upload::abort(&**b.store(), &task.key, upload)
+                        .await
+                        .map_err(|e| b.error(&task.key, e).to_string()),
+                    Err(e) => Err(e.to_string()),
                 };
                 match gone {
                     Ok(()) => why.push_str("; its partial upload was removed"),

@@ -10,17 +10,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use snapshot::{ObjectStore, SnapshotId, StoreError};
+use snapshot::{SnapshotId, StoreError};
 
 use super::ImageFormat;
+use super::buckets::Bucket;
 use super::export::{ExportJobs, set_upload};
 use super::ova::{self, OvaDisk};
 use super::registry::JobHandle;
 use super::upload::ObjectUpload;
 
-/// Opens a bucket by name: a client of it through the store's S3 client
-/// and retry wrapper.
-pub type OpenBucket = Arc<dyn Fn(&str) -> Result<Arc<dyn ObjectStore>, String> + Send + Sync>;
+/// A store error of the upload as the job's message, naming bucket and key.
+type Failed<'a> = dyn Fn(StoreError) -> String + Sync + 'a;
 
 /// Fetches of chunks in flight while streaming raw bytes in order.
 const FETCHES_IN_FLIGHT: usize = 16;
@@ -29,8 +29,7 @@ const FILE_READ: usize = 4 << 20;
 
 /// The object an export writes.
 pub struct ObjectSink {
-    pub store: Arc<dyn ObjectStore>,
-    pub bucket: String,
+    pub bucket: Bucket,
     pub key: String,
     /// Wraps the disks in an OVA.
     pub ova: Option<OvaSpec>,
@@ -54,8 +53,9 @@ impl ExportJobs {
         obj: ObjectSink,
         upload_slot: &mut Option<ObjectUpload>,
     ) -> Result<(), String> {
-        let place = format!("s3://{}/{}", obj.bucket, obj.key);
-        let failed = |e: StoreError| format!("{place}: {}: {}", e.op, e.message);
+        // A refusal names the bucket and the key: "S3 bucket \"b\" does
+        // not exist", "access to S3 object s3://b/k was denied (...)".
+        let failed = |e: StoreError| obj.bucket.error(&obj.key, e).to_string();
         let mut sizes = Vec::new();
         for id in ids {
             let hdr = self
@@ -67,7 +67,7 @@ impl ExportJobs {
         }
         let total: u64 = sizes.iter().sum();
         let _ = self.jobs.update(h, |r| r.bytes_total = total).await;
-        let up = ObjectUpload::start(Arc::clone(&obj.store), &obj.key, total)
+        let up = ObjectUpload::start(Arc::clone(obj.bucket.store()), &obj.key, total)
             .await
             .map_err(failed)?;
         let upload_id = up.id().to_owned();
@@ -77,16 +77,16 @@ impl ExportJobs {
             .await;
         let up = upload_slot.insert(up);
         match (&obj.ova, ids) {
-            (None, [id]) if format == ImageFormat::Raw => self.raw_to(h, id, up).await?,
+            (None, [id]) if format == ImageFormat::Raw => self.raw_to(h, id, up, &failed).await?,
             (None, [id]) => {
                 let dir = self.work_dir(h)?;
                 let file = dir.join(format!("disk.{}", extension(format)));
                 self.convert_snapshot(h, id, format, false, &file, sizes[0])
                     .await?;
-                file_to(h, &file, up, false).await?;
+                file_to(h, &file, up, false, &failed).await?;
             }
             (None, _) => return Err("several disks go into an OVA only".into()),
-            (Some(spec), ids) => self.ova_to(h, ids, &sizes, spec, up).await?,
+            (Some(spec), ids) => self.ova_to(h, ids, &sizes, spec, up, &failed).await?,
         }
         if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
             return Err("stopped".into());
@@ -110,6 +110,7 @@ impl ExportJobs {
         h: &JobHandle,
         id: &SnapshotId,
         up: &mut ObjectUpload,
+        failed: &Failed<'_>,
     ) -> Result<(), String> {
         let m = self
             .engine
@@ -147,7 +148,7 @@ impl ExportJobs {
                 None => up.write_zeros(n).await,
                 Some(d) => up.write(&d).await,
             };
-            sent.map_err(|e| format!("{}: {}", e.op, e.message))?;
+            sent.map_err(failed)?;
             h.add_done(n);
         }
         Ok(())
@@ -162,6 +163,7 @@ impl ExportJobs {
         sizes: &[u64],
         spec: &OvaSpec,
         up: &mut ObjectUpload,
+        failed: &Failed<'_>,
     ) -> Result<(), String> {
         let dir = self.work_dir(h)?;
         let mut disks = Vec::new();
@@ -181,7 +183,7 @@ impl ExportJobs {
         }
         let now = crate::catalog::unix_now();
         let ovf = ova::descriptor(&spec.name, &disks, spec.cpus, spec.memory_mib);
-        let put = |e: StoreError| format!("{}: {}", e.op, e.message);
+        let put = failed;
         let ovf_name = format!("{}.ovf", spec.name);
         up.write(&ova::header(&ovf_name, ovf.len() as u64, now))
             .await
@@ -194,7 +196,7 @@ impl ExportJobs {
             up.write(&ova::header(&d.file, d.file_size, now))
                 .await
                 .map_err(put)?;
-            file_to(h, &dir.join(&d.file), up, true).await?;
+            file_to(h, &dir.join(&d.file), up, true, failed).await?;
             up.write_zeros(ova::padding(d.file_size))
                 .await
                 .map_err(put)?;
@@ -212,6 +214,7 @@ async fn file_to(
     path: &Path,
     up: &mut ObjectUpload,
     remove: bool,
+    failed: &Failed<'_>,
 ) -> Result<(), String> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
@@ -240,9 +243,7 @@ async fn file_to(
         if buf.is_empty() {
             break;
         }
-        up.write(&buf)
-            .await
-            .map_err(|e| format!("{}: {}", e.op, e.message))?;
+        up.write(&buf).await.map_err(failed)?;
     }
     if remove {
         let _ = std::fs::remove_file(path);

@@ -53,13 +53,11 @@ impl Images {
         {
             return Ok(h);
         }
-        let open = self.exports.buckets.as_ref().ok_or_else(|| {
-            Error::InvalidRequest(
-                "exports to a bucket need an S3 endpoint: run with an s3:// store or --export-s3-endpoint"
-                    .into(),
-            )
-        })?;
-        let store = open(&req.task.bucket).map_err(Error::InvalidRequest)?;
+        let bucket = self
+            .exports
+            .buckets
+            .open(&req.task.bucket)
+            .map_err(super::ImageError::from)?;
         let mut sources = Vec::new();
         let mut names = Vec::new();
         let mut size = 0u64;
@@ -139,8 +137,7 @@ impl Images {
             keep_snapshot: false,
             requester: None,
             sink: Sink::Object(ObjectSink {
-                store,
-                bucket: task.bucket.clone(),
+                bucket,
                 key: task.key.clone(),
                 ova: req.ova.map(|(cpus, memory_mib)| OvaSpec {
                     name: task.id.clone(),
