@@ -38,7 +38,11 @@ fn s3_cli(s3: &S3Server, args: &[&str]) -> String {
         .env_remove("AWS_ENDPOINT_URL")
         .env_remove("AWS_PROFILE")
         .args(["--endpoint-url", &s3.endpoint()])
-        .args(if args[0] == "s3api" { &[][..] } else { &["s3"][..] })
+        .args(if args[0] == "s3api" {
+            &[][..]
+        } else {
+            &["s3"][..]
+        })
         .args(args);
     run_ok(&mut cmd)
 }
@@ -262,7 +266,11 @@ fn export_image_to_a_bucket_in_each_format() {
         let got = dir.path().join(format!("got.{ext}"));
         fetch(&s3, &key, &got);
         if fmt == "VMDK" {
-            let info = run_ok(Command::new("qemu-img").args(["info", "--output=json"]).arg(&got));
+            let info = run_ok(
+                Command::new("qemu-img")
+                    .args(["info", "--output=json"])
+                    .arg(&got),
+            );
             assert!(info.contains("streamOptimized"), "{info}");
         }
         qemu_compare(qemu, &got, &raw);
@@ -293,12 +301,12 @@ fn export_image_to_a_bucket_in_each_format() {
     );
 
     // Filters and pages, with boto3.
-    let out = ep.python(&format!(
+    let out = ep.python(
         r#"
 ec2 = boto3.client("ec2")
 seen, token = [], None
 while True:
-    kw = {{"MaxResults": 1}}
+    kw = {"MaxResults": 1}
     if token:
         kw["NextToken"] = token
     page = ec2.describe_export_image_tasks(**kw)
@@ -307,13 +315,13 @@ while True:
     token = page.get("NextToken")
     if not token:
         break
-done = ec2.describe_export_image_tasks(Filters=[{{"Name": "task-state", "Values": ["completed"]}}])
-failed = ec2.describe_export_image_tasks(Filters=[{{"Name": "task-state", "Values": ["deleted"]}}])
-print(json.dumps({{"seen": sorted(seen),
+done = ec2.describe_export_image_tasks(Filters=[{"Name": "task-state", "Values": ["completed"]}])
+failed = ec2.describe_export_image_tasks(Filters=[{"Name": "task-state", "Values": ["deleted"]}])
+print(json.dumps({"seen": sorted(seen),
     "done": sorted(t["ExportImageTaskId"] for t in done["ExportImageTasks"]),
-    "failed": [t["ExportImageTaskId"] for t in failed["ExportImageTasks"]]}}))
-"#
-    ));
+    "failed": [t["ExportImageTaskId"] for t in failed["ExportImageTasks"]]}))
+"#,
+    );
     let v: Value = serde_json::from_str(out.trim()).unwrap();
     let mut all = ids.clone();
     all.push(bad.clone());
@@ -388,7 +396,10 @@ fn cancel_removes_the_partial_upload() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let t = image_task(&ep, &id);
-        assert_eq!(t["Status"], "active", "finished before it was cancelled: {t}");
+        assert_eq!(
+            t["Status"], "active",
+            "finished before it was cancelled: {t}"
+        );
         if t["Progress"].as_str().is_some_and(|p| p != "0") {
             break;
         }

@@ -10,11 +10,14 @@ use bytes::Bytes;
 
 use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, PutOutcome, StoreError, valid_key};
 
+/// A multipart upload in progress: its key and its parts by number.
+type Upload = (String, BTreeMap<i32, Bytes>);
+
 #[derive(Default)]
 pub struct MemoryStore {
     objects: Mutex<BTreeMap<String, (Bytes, SystemTime)>>,
     /// Multipart uploads in progress: id → (key, parts by number).
-    uploads: Mutex<BTreeMap<String, (String, BTreeMap<i32, Bytes>)>>,
+    uploads: Mutex<BTreeMap<String, Upload>>,
 }
 
 impl MemoryStore {
@@ -48,9 +51,7 @@ impl MemoryStore {
         self.uploads_lock().len()
     }
 
-    fn uploads_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (String, BTreeMap<i32, Bytes>)>> {
+    fn uploads_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Upload>> {
         self.uploads.lock().unwrap_or_else(|e| e.into_inner())
     }
 

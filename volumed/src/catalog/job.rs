@@ -124,7 +124,7 @@ pub struct ExportSpec {
     pub upload: Option<String>,
     /// The EC2 task this export is (ExportImage, CreateInstanceExportTask).
     #[serde(default)]
-    pub task: Option<ExportTask>,
+    pub task: Option<Box<ExportTask>>,
 }
 
 /// An export started through EC2: what DescribeExportImageTasks and

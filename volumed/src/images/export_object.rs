@@ -69,11 +69,7 @@ impl ExportJobs {
         let _ = self.jobs.update(h, |r| r.bytes_total = total).await;
         // The bucket must exist (some S3 servers would make it on the first
         // write): a listing of the key finds out, through the same retries.
-        obj.bucket
-            .store()
-            .list(&obj.key)
-            .await
-            .map_err(&failed)?;
+        obj.bucket.store().list(&obj.key).await.map_err(&failed)?;
         let up = ObjectUpload::start(Arc::clone(obj.bucket.store()), &obj.key, total)
             .await
             .map_err(failed)?;

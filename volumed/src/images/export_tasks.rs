@@ -125,7 +125,7 @@ impl Images {
                 snapshot_removed: false,
                 disks: if req.ova.is_some() { names } else { Vec::new() },
                 upload: None,
-                task: Some(task.clone()),
+                task: Some(Box::new(task.clone())),
             }),
         };
         let h = self.jobs.add(rec).await?;

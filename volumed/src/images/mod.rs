@@ -29,6 +29,7 @@ pub mod buckets;
 mod copy;
 pub mod error;
 mod export;
+mod export_end;
 mod export_object;
 mod export_tasks;
 pub mod format;

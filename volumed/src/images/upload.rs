@@ -91,7 +91,7 @@ impl ObjectUpload {
 
     /// Appends `n` zero bytes (a hole of the image).
     pub async fn write_zeros(&mut self, mut n: u64) -> Result<(), StoreError> {
-        const ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+        static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
         while n > 0 {
             let k = n.min(ZEROS.len() as u64) as usize;
             self.write(&ZEROS[..k]).await?;
@@ -171,7 +171,7 @@ mod tests {
         assert_eq!(part_size(1 << 30), 8 << 20);
         // 1 TiB needs larger parts, still under 10000 of them.
         let p = part_size(1 << 40) as u64;
-        assert!(p > 8 << 20 && p % (1 << 20) == 0);
+        assert!(p > 8 << 20 && p.is_multiple_of(1 << 20));
         assert!((1u64 << 40).div_ceil(p) <= 10_000);
         for total in [1u64, 5 << 30, 75 << 30, 76 << 30, 16 << 40, u64::MAX / 2] {
             let p = part_size(total) as u64;

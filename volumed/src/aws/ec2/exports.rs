@@ -203,7 +203,7 @@ pub async fn describe_image_tasks(cx: Cx<'_>) -> Ec2Result<String> {
     .answer(
         all,
         |(id, _)| id.as_str(),
-        |name, values, (_, h)| filter(name, values, &image_status(&h.record(), h).0),
+        |name, values, (_, h)| filter(name, values, image_status(&h.record(), h).0),
         |x, (_, h)| write_image_task(x, h),
     )
 }
@@ -385,7 +385,7 @@ fn tasks(cx: &Cx<'_>, kind: &str) -> Vec<(String, Arc<JobHandle>)> {
 }
 
 fn task_of(rec: &JobRecord) -> Option<&ExportTask> {
-    rec.export()?.task.as_ref()
+    rec.export()?.task.as_deref()
 }
 
 /// `task-state` is the one filter.
