@@ -365,13 +365,41 @@ print(json.dumps({"seen": sorted(seen),
     ep.daemon.finish();
 }
 
+/// Starts a RAW export of `ami` under `prefix` and waits until its first
+/// bytes are on their way; returns the task id.
+fn start_large_export(ep: &AwsEndpoint, s3: &S3Server, ami: &str, prefix: &str) -> String {
+    let r = ep.aws_json(&[
+        "ec2",
+        "export-image",
+        "--image-id",
+        ami,
+        "--disk-image-format",
+        "RAW",
+        "--s3-export-location",
+        &format!("S3Bucket={BUCKET},S3Prefix={prefix}"),
+    ]);
+    let id = r["ExportImageTaskId"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = image_task(ep, &id);
+        assert_eq!(t["Status"], "active", "finished too early: {t}");
+        if t["Progress"].as_str().is_some_and(|p| p != "0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(uploads(s3) >= 1, "the export's upload is in progress");
+    id
+}
+
 #[test]
-fn cancel_removes_the_partial_upload() {
+fn cancel_and_restart_remove_the_partial_upload() {
     let s3 = S3Server::start();
-    let ep = setup(&s3);
+    let mut ep = setup(&s3);
     let d = &ep.daemon;
     // A large sparse disk: its export is mostly zeros and takes a while.
-    d.vol_ok(&["create", "big", "--size", "6G"]);
+    d.vol_ok(&["create", "big", "--size", "4G"]);
     let snap = d.vol_json(&["snapshot", "create", "big", "--wait"])["id"]
         .as_str()
         .unwrap()
@@ -381,32 +409,7 @@ fn cancel_removes_the_partial_upload() {
         "big",
         &json!([{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}]),
     );
-    let r = ep.aws_json(&[
-        "ec2",
-        "export-image",
-        "--image-id",
-        &ami,
-        "--disk-image-format",
-        "RAW",
-        "--s3-export-location",
-        &format!("S3Bucket={BUCKET},S3Prefix=big/"),
-    ]);
-    let id = r["ExportImageTaskId"].as_str().unwrap().to_owned();
-    // Once parts are on their way, cancel.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let t = image_task(&ep, &id);
-        assert_eq!(
-            t["Status"], "active",
-            "finished before it was cancelled: {t}"
-        );
-        if t["Progress"].as_str().is_some_and(|p| p != "0") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress: {t}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(uploads(&s3) >= 1, "the export's upload is in progress");
+    let id = start_large_export(&ep, &s3, &ami, "big/");
     let c = ep.aws_json(&["ec2", "cancel-export-task", "--export-task-id", &id]);
     assert!(c.is_null(), "{c}");
     let t = wait_image_task(&ep, &id);
@@ -416,7 +419,28 @@ fn cancel_removes_the_partial_upload() {
     // Cancelling again is refused: the task has ended.
     let e = ep.aws_err(&["ec2", "cancel-export-task", "--export-task-id", &id]);
     assert!(e.contains("IncorrectState"), "{e}");
-    ep.daemon.finish();
+
+    // A crash in the middle: the export is not resumed; the next start
+    // ends it with the reason and aborts its upload.
+    let id = start_large_export(&ep, &s3, &ami, "crash/");
+    ep.daemon.kill9();
+    ep.daemon.start_again();
+    let st = ep.daemon.vol_json(&["status"]);
+    ep.url = format!("http://{}", st["aws_listen"].as_str().unwrap());
+    let t = wait_image_task(&ep, &id);
+    assert_eq!(t["Status"], "deleted", "{t}");
+    let msg = t["StatusMessage"].as_str().unwrap();
+    assert!(
+        msg.contains("interrupted by a restart") && msg.contains("partial upload was removed"),
+        "{msg}"
+    );
+    assert!(
+        objects(&s3, "crash/").is_empty(),
+        "a partial object was left"
+    );
+    assert_eq!(uploads(&s3), 0, "the multipart upload was not aborted");
+    ep.daemon
+        .finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
 
 #[test]
