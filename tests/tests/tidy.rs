@@ -254,6 +254,7 @@ const LAYERS: &[(&str, &[&str])] = &[
         "aws",
         &[
             "present",
+            "images",
             "machines",
             "lifecycle",
             "engine",
