@@ -121,8 +121,11 @@ impl ExportJobs {
             let r = this.run(&h, plan, &mut left).await;
             let id = h.id();
             let stopping = this.jobs.shutdown.is_cancelled();
+            // At shutdown the upload is left recorded: the next start
+            // aborts it (the store's retries are being cancelled now).
             if let Some(up) = left.upload.take()
                 && r.is_err()
+                && !stopping
             {
                 match up.abort().await {
                     Ok(()) => {

@@ -120,25 +120,36 @@ impl ExportJobs {
 /// (0644) so they can read or copy it. Returns what was done, for the job.
 pub(super) async fn give_to(path: PathBuf, who: Requester) -> String {
     tokio::task::spawn_blocking(move || {
-        use std::os::unix::fs::PermissionsExt;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
-        if who.uid == me {
-            return format!("uid={} gid={}", who.uid, who.gid);
+        let mut note = None;
+        if who.uid != me
+            && let Err(e) = std::os::unix::fs::chown(&path, Some(who.uid), Some(who.gid))
+        {
+            let perm = std::fs::Permissions::from_mode(0o644);
+            note = Some(match std::fs::set_permissions(&path, perm) {
+                Ok(()) => format!(
+                    "made readable by all: the daemon (uid={me}) may not give files to uid={}: {e}",
+                    who.uid
+                ),
+                Err(e2) => format!("chown: {e}; chmod: {e2}"),
+            });
         }
-        match std::os::unix::fs::chown(&path, Some(who.uid), Some(who.gid)) {
-            Ok(()) => format!("uid={} gid={}", who.uid, who.gid),
-            Err(e) => {
-                let perm = std::fs::Permissions::from_mode(0o644);
-                match std::fs::set_permissions(&path, perm) {
-                    Ok(()) => format!(
-                        "uid={me}, mode 0644 (the daemon may not give files to uid={}: {e})",
-                        who.uid
-                    ),
-                    Err(e2) => format!("uid={me}, mode 0600 (chown: {e}; chmod: {e2})"),
-                }
-            }
+        // What the file is now, as the user will find it.
+        let mut owner = match std::fs::metadata(&path) {
+            Ok(m) => format!(
+                "uid={} gid={} mode={:04o}",
+                m.uid(),
+                m.gid(),
+                m.mode() & 0o7777
+            ),
+            Err(e) => format!("unknown ({e})"),
+        };
+        if let Some(n) = note {
+            owner.push_str(&format!(" ({n})"));
         }
+        owner
     })
     .await
     .unwrap_or_else(|e| format!("unknown ({e})"))

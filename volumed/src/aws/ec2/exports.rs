@@ -98,10 +98,11 @@ fn client_token(v: Option<&str>) -> Ec2Result<Option<String>> {
 fn started(cx: &Cx<'_>, req: BucketExport) -> impl Future<Output = Ec2Result<Arc<JobHandle>>> {
     let images = Arc::clone(&cx.state.images);
     async move {
-        images
-            .export_to_bucket(req)
-            .await
-            .map_err(|e| Ec2Error::invalid_parameter(volumed_api::error_chain(&e)))
+        images.export_to_bucket(req).await.map_err(|e| match e {
+            crate::images::Error::Engine(e) => Ec2Error::from(e),
+            crate::images::Error::Catalog(e) => Ec2Error::from(e),
+            e => Ec2Error::invalid_parameter(volumed_api::error_chain(&e)),
+        })
     }
 }
 
