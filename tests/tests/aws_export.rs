@@ -1,6 +1,6 @@
 //! VM export through the EC2 endpoint, with the real `aws` CLI and boto3
 //! against SeaweedFS as the S3 server: ExportImage in VMDK, RAW and VHD
-//! fetched back with `aws s3 cp` and compared with `qemu-img compare`;
+//! (and QCOW2, ours) fetched back with `aws s3 cp` and compared with `qemu-img compare`;
 //! DescribeExportImageTasks' states, filter and pages; ClientToken; a
 //! missing bucket; CancelExportTask of a large export leaving no object and
 //! no upload; CreateInstanceExportTask of a two-volume instance to an OVA.
@@ -218,6 +218,8 @@ fn export_image_to_a_bucket_in_each_format() {
         ("VMDK", "vmdk", "vmdk"),
         ("RAW", "raw", "raw"),
         ("VHD", "vpc", "vhd"),
+        // Ours, beyond AWS's three.
+        ("QCOW2", "qcow2", "qcow2"),
     ] {
         let r = ep.aws_json(&[
             "ec2",
@@ -421,7 +423,9 @@ fn cancel_and_restart_remove_the_partial_upload() {
     assert!(e.contains("IncorrectState"), "{e}");
 
     // A crash in the middle: the export is not resumed; the next start
-    // ends it with the reason and aborts its upload.
+    // ends it with the reason and aborts its upload. Tasks are kept across
+    // the restart.
+    let cancelled = id;
     let id = start_large_export(&ep, &s3, &ami, "crash/");
     ep.daemon.kill9();
     ep.daemon.start_again();

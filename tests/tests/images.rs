@@ -1012,3 +1012,48 @@ fn export_to_every_format() {
     d.vol_ok(&["detach", "src"]);
     d.finish();
 }
+
+/// An export is given to the user who asked: the daemon reads the control
+/// socket's peer credentials (`SO_PEERCRED`) and, running as root here,
+/// makes the file theirs instead of leaving it 0600 to itself.
+#[test]
+fn an_exported_file_belongs_to_who_asked() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = TestDaemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    d.vol_ok(&["create", "v", "--size", "8M"]);
+    // Let user 65534 reach the socket (the data dir stays not writable by
+    // others, as the daemon requires).
+    let perm = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    perm(&d.data_dir(), 0o711).unwrap();
+    perm(&d.socket(), 0o666).unwrap();
+    let dest = dir.path().join("v.raw");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(volumed_tests::vol_bin())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["--json", "export", "v"])
+        .arg(&dest)
+        .env_remove("VOLUMED_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        j["owner"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid=65534 gid=65534 mode=0600"),
+        "{j}"
+    );
+    let m = std::fs::metadata(&dest).unwrap();
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+    perm(&d.socket(), 0o600).unwrap();
+    perm(&d.data_dir(), 0o700).unwrap();
+    d.finish();
+}
