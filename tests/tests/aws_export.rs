@@ -443,6 +443,9 @@ fn cancel_and_restart_remove_the_partial_upload() {
         "a partial object was left"
     );
     assert_eq!(uploads(&s3), 0, "the multipart upload was not aborted");
+    let t = image_task(&ep, &cancelled);
+    assert_eq!(t["Status"], "deleted", "{t}");
+    assert_eq!(t["StatusMessage"], "Canceled by request", "{t}");
     ep.daemon
         .finish_expecting(&[], &["previous run did not shut down cleanly"]);
 }
