@@ -580,3 +580,50 @@ fn instance_export_to_an_ova() {
     assert!(e.contains("InvalidParameterValue"), "{e}");
     ep.daemon.finish();
 }
+
+#[test]
+fn access_denied_ends_the_task_with_the_reason() {
+    let s3 = S3Server::start();
+    // The daemon's tasks sign with a secret SeaweedFS does not know.
+    let mut env = s3.env();
+    for (k, v) in &mut env {
+        if *k == "AWS_SECRET_ACCESS_KEY" {
+            *v = "not-the-secret".into();
+        }
+    }
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let ep = AwsEndpoint::start_with_env(&env);
+    s3_cli(&s3, &["mb", &format!("s3://{BUCKET}")]);
+    let d = &ep.daemon;
+    d.vol_ok(&["create", "small", "--size", "8M"]);
+    let snap = d.vol_json(&["snapshot", "create", "small", "--wait"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ami = register(
+        &ep,
+        "small",
+        &json!([{"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": snap}}]),
+    );
+    let r = ep.aws_json(&[
+        "ec2",
+        "export-image",
+        "--image-id",
+        &ami,
+        "--disk-image-format",
+        "VMDK",
+        "--s3-export-location",
+        &format!("S3Bucket={BUCKET},S3Prefix=denied/"),
+    ]);
+    let id = r["ExportImageTaskId"].as_str().unwrap().to_owned();
+    let t = wait_image_task(&ep, &id);
+    assert_eq!(t["Status"], "deleted", "{t}");
+    let msg = t["StatusMessage"].as_str().unwrap();
+    assert!(
+        msg.starts_with("ClientError: access to S3 object s3://exports/denied/")
+            && msg.contains("denied ("),
+        "{msg}"
+    );
+    assert!(objects(&s3, "denied/").is_empty());
+    ep.daemon.finish();
+}

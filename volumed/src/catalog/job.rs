@@ -284,3 +284,50 @@ impl LegacyJobRecord {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_export_record_written_before_the_task_fields_still_reads() {
+        let old = r#"{"id":"job-0000000000000007","state":"completed","created_at":1,
+            "finished_at":2,"format":"raw","bytes_total":10,"error":null,
+            "snapshot":"snap-0123456789abcdef0",
+            "spec":{"kind":"export","request":{"source":"data","destination":"/tmp/x.raw"},
+                    "volume":"data"}}"#;
+        let r: JobRecord = serde_json::from_str(old).unwrap();
+        let e = r.export().unwrap();
+        assert!(!e.request.keep_snapshot && !e.snapshot_removed);
+        assert!(e.requester.is_none() && e.upload.is_none() && e.task.is_none());
+        assert_eq!(r.volumes(), [VolumeName::parse("data").unwrap()]);
+        assert_eq!(r.id.number(), 7);
+        // And a task's record round-trips.
+        let mut r2 = r.clone();
+        if let Some(e) = r2.export_mut() {
+            e.disks = vec![
+                VolumeName::parse("a").unwrap(),
+                VolumeName::parse("b").unwrap(),
+            ];
+            e.upload = Some("up-1".into());
+            e.task = Some(Box::new(ExportTask {
+                id: "export-i-0123456789abcdef0".into(),
+                image_id: None,
+                instance_id: Some("i-0123456789abcdef0".into()),
+                description: None,
+                client_token: None,
+                disk_image_format: "VMDK".into(),
+                container_format: Some("ova".into()),
+                target_environment: Some("vmware".into()),
+                role_name: None,
+                bucket: "b".into(),
+                prefix: "p/".into(),
+                key: "p/export-i-0123456789abcdef0.ova".into(),
+                tags: vec![("k".into(), "v".into())],
+            }));
+        }
+        let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r2).unwrap()).unwrap();
+        assert_eq!(back, r2);
+        assert_eq!(back.volumes().len(), 2);
+    }
+}

@@ -181,3 +181,18 @@ impl Images {
 fn task_kind(id: &str) -> &str {
     id.rsplit_once('-').map_or(id, |(k, _)| k)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::task_kind;
+
+    #[test]
+    fn a_client_token_is_matched_within_one_kind_of_task() {
+        assert_eq!(task_kind("export-ami-0123456789abcdef0"), "export-ami");
+        assert_eq!(task_kind("export-i-0123456789abcdef0"), "export-i");
+        assert_ne!(
+            task_kind("export-ami-0123456789abcdef0"),
+            task_kind("export-i-0123456789abcdef0")
+        );
+    }
+}

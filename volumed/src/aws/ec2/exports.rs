@@ -507,3 +507,52 @@ fn write_instance_task(x: &mut Xml, h: &JobHandle) {
         .close("exportToS3");
     tag_set(x, t);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_as_ec2_names_them_and_back() {
+        for (name, f, ext) in [
+            ("VMDK", ImageFormat::Vmdk, "vmdk"),
+            ("RAW", ImageFormat::Raw, "raw"),
+            ("VHD", ImageFormat::Vpc, "vhd"),
+            ("QCOW2", ImageFormat::Qcow2, "qcow2"),
+        ] {
+            assert_eq!(disk_format("F", name).unwrap(), f);
+            assert_eq!(format_name(f), name);
+            assert_eq!(extension(f), ext);
+        }
+        for bad in ["vmdk", "VHDX", "OVA", ""] {
+            assert_eq!(
+                disk_format("F", bad).unwrap_err().code,
+                "InvalidParameterValue"
+            );
+        }
+    }
+
+    #[test]
+    fn bucket_names_and_prefixes_are_checked() {
+        for ok in ["abc", "my-exports.2026", &"a".repeat(63)] {
+            assert_eq!(bucket("B", ok).unwrap(), ok);
+        }
+        for bad in ["ab", "-abc", "abc-", "ABC", "a_b", "a b", &"a".repeat(64)] {
+            assert!(bucket("B", bad).is_err(), "{bad}");
+        }
+        assert_eq!(prefix("P", None).unwrap(), "");
+        assert_eq!(prefix("P", Some("vms/2026/")).unwrap(), "vms/2026/");
+        assert!(prefix("P", Some("a\nb")).is_err());
+        assert!(prefix("P", Some(&"p".repeat(901))).is_err());
+        assert!(client_token(Some("")).is_err());
+        assert!(client_token(Some(&"t".repeat(65))).is_err());
+        assert_eq!(client_token(Some("t")).unwrap().as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn a_filter_other_than_task_state_is_refused() {
+        assert!(filter("task-state", &["active".into()], "active").unwrap());
+        assert!(!filter("task-state", &["deleted".into()], "active").unwrap());
+        assert!(filter("image-id", &[], "active").is_err());
+    }
+}
