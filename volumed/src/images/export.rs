@@ -136,7 +136,8 @@ impl ExportJobs {
                     }
                 }
             }
-            this.work.remove(id.as_str());
+            let (work, job) = (this.work.clone(), id.clone());
+            let _ = tokio::task::spawn_blocking(move || work.remove(job.as_str())).await;
             // At shutdown the snapshots are left; the next start removes them.
             if !keep && !stopping {
                 this.remove_taken(&h, std::mem::take(&mut left.taken)).await;

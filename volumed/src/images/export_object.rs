@@ -6,7 +6,7 @@
 //! needs a seekable file) and uploaded from there; an instance's disks go
 //! into an OVA, the descriptor first.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures_util::StreamExt;
@@ -82,7 +82,7 @@ impl ExportJobs {
         match (&obj.ova, ids) {
             (None, [id]) if format == ImageFormat::Raw => self.raw_to(h, id, up, &failed).await?,
             (None, [id]) => {
-                let dir = self.work_dir(h)?;
+                let dir = self.work_dir(h).await?;
                 let file = dir.join(format!("disk.{}", extension(format)));
                 self.convert_snapshot(h, id, format, false, &file, sizes[0])
                     .await?;
@@ -100,10 +100,10 @@ impl ExportJobs {
         Ok(())
     }
 
-    fn work_dir(&self, h: &JobHandle) -> Result<std::path::PathBuf, String> {
-        let id = h.id();
-        self.work
-            .create(id.as_str())
+    async fn work_dir(&self, h: &JobHandle) -> Result<PathBuf, String> {
+        let (work, id) = (self.work.clone(), h.id());
+        blocking(move || work.create(id.as_str()))
+            .await
             .map_err(|e| format!("create the job's work directory: {e}"))
     }
 
@@ -168,16 +168,17 @@ impl ExportJobs {
         up: &mut ObjectUpload,
         failed: &Failed<'_>,
     ) -> Result<(), String> {
-        let dir = self.work_dir(h)?;
+        let dir = self.work_dir(h).await?;
         let mut disks = Vec::new();
         for (i, (id, size)) in ids.iter().zip(sizes).enumerate() {
             let name = format!("{}-disk{}.vmdk", spec.name, i + 1);
             let file = dir.join(&name);
             self.convert_snapshot(h, id, ImageFormat::Vmdk, false, &file, *size)
                 .await?;
-            let len = std::fs::metadata(&file)
-                .map_err(|e| format!("stat {}: {e}", file.display()))?
-                .len();
+            let f = file.clone();
+            let len = blocking(move || std::fs::metadata(f).map(|m| m.len()))
+                .await
+                .map_err(|e| format!("stat {}: {e}", file.display()))?;
             disks.push(OvaDisk {
                 file: name,
                 file_size: len,
@@ -220,7 +221,10 @@ async fn file_to(
     failed: &Failed<'_>,
 ) -> Result<(), String> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| format!("open {}: {e}", path.display()))?;
+    let p = path.to_owned();
+    let mut f = blocking(move || std::fs::File::open(p))
+        .await
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
     loop {
         if h.cancel.is_cancelled() {
             return Err("stopped".into());
@@ -249,7 +253,8 @@ async fn file_to(
         up.write(&buf).await.map_err(failed)?;
     }
     if remove {
-        let _ = std::fs::remove_file(path);
+        let p = path.to_owned();
+        let _ = blocking(move || std::fs::remove_file(p)).await;
     }
     Ok(())
 }
@@ -264,4 +269,13 @@ pub fn extension(format: ImageFormat) -> &'static str {
         ImageFormat::Vhdx => "vhdx",
         ImageFormat::Ova => "ova",
     }
+}
+
+/// File work on the blocking pool, its join error as an I/O error.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(std::io::Error::other)?
 }
