@@ -82,7 +82,12 @@ impl JobRegistry {
     /// caller to resume or settle.
     pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
         let recs = catalog.jobs()?;
-        let last = recs.iter().map(|r| r.id.number()).max().unwrap_or(0);
+        let last = recs
+            .iter()
+            .map(|r| r.id.number())
+            .max()
+            .unwrap_or(0)
+            .max(catalog.last_job()?);
         let reg = JobRegistry {
             catalog: Arc::clone(&catalog),
             last_id: AtomicU64::new(last),
@@ -125,8 +130,8 @@ impl JobRegistry {
         h
     }
 
-    /// A new job's id: one past the last given out. The newest records are
-    /// the ones kept, so an id is not given twice.
+    /// A new job's id: one past the last given out (recorded with the job,
+    /// so an id is not given twice even once old records are dropped).
     pub fn next_id(&self) -> Result<JobId> {
         Ok(JobId::new(self.last_id.fetch_add(1, Ordering::Relaxed) + 1))
     }
@@ -134,6 +139,10 @@ impl JobRegistry {
     /// Records a new job (flushed) and lists it.
     pub async fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
         self.catalog.put_job(&rec).await?;
+        // After the record: a crash between the two leaves the record,
+        // which counts as well.
+        let n = self.last_id.load(Ordering::Relaxed).max(rec.id.number());
+        self.catalog.put_last_job(n).await?;
         Ok(self.insert_handle(rec))
     }
 
@@ -266,10 +275,25 @@ mod tests {
         let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
             .await
             .unwrap();
-        // Ids are dense and go on from the highest after a restart.
+        // Ids are dense and go on from the highest after a restart, also
+        // once the records holding it are gone.
         let n = (KEEP_FINISHED + 5) as u64;
         assert_eq!(reg.list().last().unwrap().id(), JobId::new(n));
         assert_eq!(reg.next_id().unwrap(), JobId::new(n + 1));
+        let catalog = Catalog::open(&dir.path().join("other")).unwrap();
+        let catalog = Arc::new(catalog);
+        {
+            let reg = JobRegistry::open(Arc::clone(&catalog)).await.unwrap();
+            let h = reg
+                .add(rec(reg.next_id().unwrap(), JobState::Completed))
+                .await
+                .unwrap();
+            assert_eq!(h.id(), JobId::new(1));
+            catalog.remove_job(&h.id()).await.unwrap();
+        }
+        let again = JobRegistry::open(catalog).await.unwrap();
+        assert!(again.list().is_empty());
+        assert_eq!(again.next_id().unwrap(), JobId::new(2));
         let all = reg.list();
         // The running one stays, and the newest finished ones.
         assert_eq!(all.len(), KEEP_FINISHED + 1);
