@@ -168,8 +168,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 c,
                 creds,
                 Arc::clone(&machines),
-                Arc::clone(&images),
                 Arc::clone(&lifecycle),
+                Arc::clone(&images),
                 Arc::clone(&catalog),
                 Arc::clone(&endpoints),
             )

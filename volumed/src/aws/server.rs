@@ -60,8 +60,8 @@ pub async fn bind(
     config: &AwsConfig,
     credentials: Credentials,
     machines: Arc<crate::machines::Machines>,
-    images: Arc<crate::images::Images>,
     lifecycle: Arc<crate::lifecycle::Lifecycle>,
+    images: Arc<crate::images::Images>,
     catalog: Arc<Catalog>,
     endpoints: Arc<NbdEndpoints>,
 ) -> Result<AwsServer, StartError> {
@@ -88,8 +88,8 @@ pub async fn bind(
         state: Arc::new(AwsState {
             engine,
             machines,
-            images,
             lifecycle,
+            images,
             attrs,
             endpoints,
             credentials,
