@@ -55,7 +55,11 @@ pub async fn run(client: &Client, out: &Out, cmd: JobCommand) -> anyhow::Result<
                 fields.push(("owner", o.clone()));
             }
             if let Some(s) = &j.snapshot {
-                fields.push(("snapshot", s.clone()));
+                let s = match j.snapshot_kept {
+                    Some(false) => format!("{s} (deleted when the export ended)"),
+                    _ => s.clone(),
+                };
+                fields.push(("snapshot", s));
             }
             if let Some(h) = &j.sha256 {
                 fields.push(("sha256", h.clone()));
