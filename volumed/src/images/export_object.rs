@@ -84,9 +84,12 @@ impl ExportJobs {
             (None, [id]) => {
                 let dir = self.work_dir(h).await?;
                 let file = dir.join(format!("disk.{}", extension(format)));
-                self.convert_snapshot(h, id, format, false, &file, sizes[0])
+                // Converting counts for half the progress, uploading for
+                // the other half.
+                let half = sizes[0] / 2;
+                self.convert_snapshot(h, id, format, false, &file, half)
                     .await?;
-                file_to(h, &file, up, false, &failed).await?;
+                file_to(h, &file, up, false, sizes[0] - half, &failed).await?;
             }
             (None, _) => return Err("several disks go into an OVA only".into()),
             (Some(spec), ids) => self.ova_to(h, ids, &sizes, spec, up, &failed).await?,
@@ -173,7 +176,7 @@ impl ExportJobs {
         for (i, (id, size)) in ids.iter().zip(sizes).enumerate() {
             let name = format!("{}-disk{}.vmdk", spec.name, i + 1);
             let file = dir.join(&name);
-            self.convert_snapshot(h, id, ImageFormat::Vmdk, false, &file, *size)
+            self.convert_snapshot(h, id, ImageFormat::Vmdk, false, &file, size / 2)
                 .await?;
             let f = file.clone();
             let len = blocking(move || std::fs::metadata(f).map(|m| m.len()))
@@ -200,7 +203,15 @@ impl ExportJobs {
             up.write(&ova::header(&d.file, d.file_size, now))
                 .await
                 .map_err(put)?;
-            file_to(h, &dir.join(&d.file), up, true, failed).await?;
+            file_to(
+                h,
+                &dir.join(&d.file),
+                up,
+                true,
+                d.capacity - d.capacity / 2,
+                failed,
+            )
+            .await?;
             up.write_zeros(ova::padding(d.file_size))
                 .await
                 .map_err(put)?;
@@ -210,21 +221,28 @@ impl ExportJobs {
     }
 }
 
-/// Appends file `path` to the upload, a few MiB at a time; `remove` drops
-/// the file once sent (an OVA's disks, so the work directory holds one at
-/// most while uploading).
+/// Appends file `path` to the upload, a few MiB at a time, counting
+/// `share` bytes of the job's progress over the file; `remove` drops the
+/// file once sent (an OVA's disks, so the work directory holds at most the
+/// ones not yet sent).
 async fn file_to(
     h: &JobHandle,
     path: &Path,
     up: &mut ObjectUpload,
     remove: bool,
+    share: u64,
     failed: &Failed<'_>,
 ) -> Result<(), String> {
     use std::io::Read;
     let p = path.to_owned();
-    let mut f = blocking(move || std::fs::File::open(p))
-        .await
-        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let (mut f, len) = blocking(move || {
+        let f = std::fs::File::open(p)?;
+        let len = f.metadata()?.len();
+        Ok((f, len))
+    })
+    .await
+    .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let (mut sent, mut counted) = (0u64, 0u64);
     loop {
         if h.cancel.is_cancelled() {
             return Err("stopped".into());
@@ -251,6 +269,12 @@ async fn file_to(
             break;
         }
         up.write(&buf).await.map_err(failed)?;
+        sent += buf.len() as u64;
+        let now = (u128::from(sent.min(len)) * u128::from(share))
+            .checked_div(u128::from(len))
+            .map_or(share, |n| n as u64);
+        h.add_done(now - counted);
+        counted = now;
     }
     if remove {
         let p = path.to_owned();
