@@ -284,14 +284,17 @@ impl ImportJobs {
     pub async fn settle_interrupted(self: &Arc<Self>) {
         for h in self.jobs.list() {
             let rec = h.record();
-            // Exports are settled by `ExportJobs::settle_interrupted`.
-            if rec.state != JobState::Running || rec.import().is_none() {
+            if rec.state != JobState::Running {
                 continue;
             }
             let stream = rec.import().is_some_and(|i| i.request.source == "-");
-            if stream {
+            if rec.import().is_none() || stream {
                 self.remove_volumes(&rec).await;
-                let why = "interrupted by a restart; a stream import cannot resume, so its volume was removed";
+                let why = if stream {
+                    "interrupted by a restart; a stream import cannot resume, so its volume was removed"
+                } else {
+                    "interrupted by a restart"
+                };
                 info!(job = %rec.id, "{why}");
                 self.jobs
                     .finish(&h, JobState::Error, Some(why.into()))

@@ -129,6 +129,8 @@ impl Images {
         let imports = Arc::clone(&self.imports);
         let exports = Arc::clone(&self.exports);
         tokio::spawn(async move {
+            // Exports first: they are ended here with what they left
+            // removed, so the imports' settling finds them no longer running.
             exports.settle_interrupted().await;
             imports.settle_interrupted().await;
         });
