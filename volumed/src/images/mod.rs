@@ -21,9 +21,9 @@
 //! Architecture invariant: this layer reaches volumes only through the
 //! engine's public functions (`Engine::create_importing`,
 //! `finish_import`, `remove_importing`, `grow_importing`,
-//! `snapshot_for_job`, `lease_snapshot_export`, and the data path of the
-//! `Volume` it holds), and it is the one writer of the catalog's `jobs`
-//! tree.
+//! `snapshot_for_job`, `lease_snapshot_export`, `delete_snapshot` for the
+//! snapshots an export took, and the data path of the `Volume` it holds),
+//! and it is the one writer of the catalog's `jobs` tree.
 
 pub mod buckets;
 mod copy;
