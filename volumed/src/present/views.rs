@@ -354,7 +354,11 @@ pub fn job(h: &JobHandle) -> volumed_api::Job {
     let owner = rec.export().and_then(|e| e.owner.clone());
     let snapshot_kept = rec
         .export()
-        .filter(|e| rec.state.is_final() && (e.volume.is_some() || !e.disks.is_empty()))
+        .filter(|e| {
+            rec.state.is_final()
+                && (e.volume.is_some() || !e.disks.is_empty())
+                && (rec.snapshot.is_some() || e.snapshot_removed)
+        })
         .map(|e| !e.snapshot_removed);
     volumed_api::Job {
         id: rec.id.to_string(),
