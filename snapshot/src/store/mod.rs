@@ -213,7 +213,22 @@ pub(crate) fn valid_key(key: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::valid_key;
+    use super::*;
+
+    #[tokio::test]
+    async fn ranges_are_slices_and_a_missing_object_is_none() {
+        let mem: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        mem.put("objects/a", Bytes::from_static(b"0123456789"))
+            .await
+            .unwrap();
+        let store = Retrying::new(Arc::clone(&mem), RetryPolicy::default());
+        let get = |off, len| store.get_range("objects/a", off, len);
+        assert_eq!(get(2, 3).await.unwrap().unwrap(), &b"234"[..]);
+        assert_eq!(get(8, 5).await.unwrap().unwrap(), &b"89"[..]);
+        assert!(get(10, 5).await.unwrap().unwrap().is_empty());
+        assert!(get(u64::MAX, u64::MAX).await.unwrap().unwrap().is_empty());
+        assert_eq!(store.get_range("objects/b", 0, 1).await.unwrap(), None);
+    }
 
     #[test]
     fn keys() {
