@@ -154,6 +154,9 @@ pub enum Command {
         /// zstd-compressed clusters (qcow2 only)
         #[arg(long)]
         compress: bool,
+        /// Keep the snapshot a volume's export takes (deleted at the end otherwise)
+        #[arg(long)]
+        keep_snapshot: bool,
         /// Print the job id and return at once
         #[arg(long)]
         no_wait: bool,

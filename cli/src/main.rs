@@ -145,6 +145,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dest,
             format,
             compress,
+            keep_snapshot,
             no_wait,
         } => {
             let req = volumed_api::ExportRequest {
@@ -152,6 +153,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 destination: dest,
                 format: Some(format),
                 compress,
+                keep_snapshot,
             };
             commands::export::export(&client, &out, req, no_wait).await
         }

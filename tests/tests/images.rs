@@ -896,6 +896,48 @@ fn export_to_every_format() {
         let err = d.vol_err(&args);
         assert!(err.contains(want), "{args:?}: {err}");
     }
+    // A volume's export deletes the snapshot it took unless asked to keep
+    // it, and gives the file to who asked; the job list shows the snapshot
+    // read and the volume it came from.
+    let count = |d: &TestDaemon| {
+        d.vol_json(&["snapshot", "list", "--volume", "src"])
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let snaps_before = count(&d);
+    let plain = dir.path().join("plain.raw");
+    let j = d.vol_json(&["export", "src", plain.to_str().unwrap()]);
+    assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(j["snapshot_kept"], false, "{j}");
+    assert_eq!(
+        count(&d),
+        snaps_before,
+        "the export's snapshot was left behind"
+    );
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    assert!(
+        j["owner"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("uid={uid} ")),
+        "{j}"
+    );
+    assert_eq!(sha256_file(&plain), hash);
+    let list = d.vol(&["job", "list"]);
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let taken = j["snapshot"].as_str().unwrap();
+    assert!(list.contains(&format!("{taken} (of src)")), "{list}");
+    // Job ids are dense.
+    let ids: Vec<String> = d.vol_json(&["job", "list"])["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_owned())
+        .collect();
+    let want: Vec<String> = (1..=ids.len()).map(|n| format!("job-{n:016x}")).collect();
+    assert_eq!(ids, want);
     // An attached volume under writes: the export is its snapshot's instant.
     d.vol_ok(&["attach", "src"]);
     let uri = d.unix_uri("src");
@@ -935,8 +977,9 @@ fn export_to_every_format() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let live = dir.path().join("live.raw");
-    let j = d.vol_json(&["export", "src", live.to_str().unwrap()]);
+    let j = d.vol_json(&["export", "src", live.to_str().unwrap(), "--keep-snapshot"]);
     assert_eq!(j["state"], "completed", "{j}");
+    assert_eq!(j["snapshot_kept"], true, "{j}");
     let mut writer = writer;
     writer.wait().unwrap();
     // What the export holds is the snapshot it took, read back another way
@@ -967,5 +1010,50 @@ fn export_to_every_format() {
         "fio wrote nothing before the snapshot"
     );
     d.vol_ok(&["detach", "src"]);
+    d.finish();
+}
+
+/// An export is given to the user who asked: the daemon reads the control
+/// socket's peer credentials (`SO_PEERCRED`) and, running as root here,
+/// makes the file theirs instead of leaving it 0600 to itself.
+#[test]
+fn an_exported_file_belongs_to_who_asked() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let d = TestDaemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    d.vol_ok(&["create", "v", "--size", "8M"]);
+    // Let user 65534 reach the socket (the data dir stays not writable by
+    // others, as the daemon requires).
+    let perm = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m));
+    perm(&d.data_dir(), 0o711).unwrap();
+    perm(&d.socket(), 0o666).unwrap();
+    let dest = dir.path().join("v.raw");
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(volumed_tests::vol_bin())
+        .arg("--socket")
+        .arg(d.socket())
+        .args(["--json", "export", "v"])
+        .arg(&dest)
+        .env_remove("VOLUMED_SOCKET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        j["owner"]
+            .as_str()
+            .unwrap()
+            .starts_with("uid=65534 gid=65534 mode=0600"),
+        "{j}"
+    );
+    let m = std::fs::metadata(&dest).unwrap();
+    assert_eq!((m.uid(), m.gid()), (65534, 65534));
+    perm(&d.socket(), 0o600).unwrap();
+    perm(&d.data_dir(), 0o700).unwrap();
     d.finish();
 }

@@ -503,7 +503,10 @@ const TREE_OWNERS: &[(&[&str], &[&str])] = &[
         ],
         &["engine/", "catalog/"],
     ),
-    (&["put_job", "remove_job"], &["images/", "catalog/"]),
+    (
+        &["put_job", "remove_job", "put_last_job"],
+        &["images/", "catalog/"],
+    ),
     (
         &[
             "put_aws_volume",

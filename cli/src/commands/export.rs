@@ -51,5 +51,15 @@ pub async fn export(
         job.format,
         format_size(job.bytes_total)
     ))?;
+    if let Some(owner) = &job.owner {
+        out.line(format!("the file is owned by {owner}"))?;
+    }
+    match (job.snapshot_kept, job.snapshot.as_deref()) {
+        (Some(true), Some(s)) => out.line(format!("kept snapshot {s}"))?,
+        (Some(false), Some(s)) => out.line(format!(
+            "deleted snapshot {s}, taken for the export (--keep-snapshot keeps it)"
+        ))?,
+        _ => {}
+    }
     Ok(())
 }

@@ -24,7 +24,7 @@ pub async fn run(client: &Client, out: &Out, cmd: JobCommand) -> anyhow::Result<
                         j.state.as_str().into(),
                         progress(j),
                         j.volume.clone().unwrap_or_default(),
-                        j.source.clone(),
+                        source(j),
                     ]
                 })
                 .collect();
@@ -51,8 +51,15 @@ pub async fn run(client: &Client, out: &Out, cmd: JobCommand) -> anyhow::Result<
             if let Some(d) = &j.destination {
                 fields.push(("destination", d.clone()));
             }
+            if let Some(o) = &j.owner {
+                fields.push(("owner", o.clone()));
+            }
             if let Some(s) = &j.snapshot {
-                fields.push(("snapshot", s.clone()));
+                let s = match j.snapshot_kept {
+                    Some(false) => format!("{s} (deleted when the export ended)"),
+                    _ => s.clone(),
+                };
+                fields.push(("snapshot", s));
             }
             if let Some(h) = &j.sha256 {
                 fields.push(("sha256", h.clone()));
@@ -98,4 +105,14 @@ fn checked(id: &str) -> anyhow::Result<&str> {
         anyhow::bail!("invalid job id {id:?}: expected job- followed by hex digits");
     }
     Ok(id)
+}
+
+/// What a job read: an export of a volume read the snapshot it took, so
+/// that is shown, with the volume it came from.
+fn source(j: &Job) -> String {
+    match (&j.kind, &j.snapshot, &j.volume) {
+        (volumed_api::JobKind::Export, Some(snap), Some(vol)) => format!("{snap} (of {vol})"),
+        (volumed_api::JobKind::Export, Some(snap), None) => snap.clone(),
+        _ => j.source.clone(),
+    }
 }

@@ -10,9 +10,14 @@ use bytes::Bytes;
 
 use super::{BoxFuture, ErrorKind, ObjectInfo, ObjectStore, PutOutcome, StoreError, valid_key};
 
+/// A multipart upload in progress: its key and its parts by number.
+type Upload = (String, BTreeMap<i32, Bytes>);
+
 #[derive(Default)]
 pub struct MemoryStore {
     objects: Mutex<BTreeMap<String, (Bytes, SystemTime)>>,
+    /// Multipart uploads in progress: id → (key, parts by number).
+    uploads: Mutex<BTreeMap<String, Upload>>,
 }
 
 impl MemoryStore {
@@ -39,6 +44,15 @@ impl MemoryStore {
 
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Multipart uploads started and neither completed nor aborted.
+    pub fn uploads_in_progress(&self) -> usize {
+        self.uploads_lock().len()
+    }
+
+    fn uploads_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Upload>> {
+        self.uploads.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, (Bytes, SystemTime)>> {
@@ -143,6 +157,83 @@ impl ObjectStore for MemoryStore {
         Box::pin(async move {
             check("delete", key)?;
             self.lock().remove(key);
+            Ok(())
+        })
+    }
+
+    fn create_multipart<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            check("create_multipart", key)?;
+            let mut uploads = self.uploads_lock();
+            let id = format!("upload-{}", uploads.len() + 1);
+            uploads.insert(id.clone(), (key.to_owned(), BTreeMap::new()));
+            Ok(id)
+        })
+    }
+
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        part: i32,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            let mut uploads = self.uploads_lock();
+            match uploads.get_mut(upload) {
+                Some((k, parts)) if k == key && (1..=10_000).contains(&part) => {
+                    parts.insert(part, data);
+                    Ok(format!("etag-{part}"))
+                }
+                _ => Err(StoreError::new(
+                    "upload_part",
+                    key,
+                    ErrorKind::Permanent,
+                    "no such upload, or a part number out of range",
+                )),
+            }
+        })
+    }
+
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: &'a [(i32, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let fail =
+                |m: &str| StoreError::new("complete_multipart", key, ErrorKind::Permanent, m);
+            let (k, mut stored) = self
+                .uploads_lock()
+                .remove(upload)
+                .ok_or_else(|| fail("no such upload"))?;
+            if k != key {
+                return Err(fail("the upload is of another key"));
+            }
+            let mut whole = Vec::new();
+            for (n, etag) in parts {
+                let data = stored
+                    .remove(n)
+                    .ok_or_else(|| fail("a part named was not uploaded"))?;
+                if *etag != format!("etag-{n}") {
+                    return Err(fail("a part's etag does not match"));
+                }
+                whole.extend_from_slice(&data);
+            }
+            self.lock()
+                .insert(key.to_owned(), (Bytes::from(whole), SystemTime::now()));
+            Ok(())
+        })
+    }
+
+    fn abort_multipart<'a>(
+        &'a self,
+        _key: &'a str,
+        upload: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.uploads_lock().remove(upload);
             Ok(())
         })
     }

@@ -135,6 +135,55 @@ pub trait ObjectStore: Send + Sync {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<(), StoreError>>;
     /// For logs and status: `file:///...` or `s3://bucket/prefix`.
     fn describe(&self) -> String;
+
+    /// Starts a multipart upload of `key` (an object too large to hold in
+    /// memory, written in parts); returns the upload's id. Only S3 takes
+    /// them: other stores refuse with a permanent error.
+    fn create_multipart<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move { Err(no_multipart("create_multipart", key, &self.describe())) })
+    }
+    /// Uploads part number `part` (1 to 10000) of `upload`; returns its
+    /// ETag. Uploading a part again replaces it, so a retry is safe.
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        part: i32,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        let _ = (upload, part, data);
+        Box::pin(async move { Err(no_multipart("upload_part", key, &self.describe())) })
+    }
+    /// Makes the object of `upload` from its `parts` (number, ETag), in
+    /// order: only now does `key` exist.
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: &'a [(i32, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (upload, parts);
+        Box::pin(async move { Err(no_multipart("complete_multipart", key, &self.describe())) })
+    }
+    /// Drops `upload` and the parts it holds; an upload already gone is not
+    /// an error.
+    fn abort_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = upload;
+        Box::pin(async move { Err(no_multipart("abort_multipart", key, &self.describe())) })
+    }
+}
+
+fn no_multipart(op: &'static str, key: &str, store: &str) -> StoreError {
+    StoreError::new(
+        op,
+        key,
+        ErrorKind::Permanent,
+        format!("store {store} does not take multipart uploads (S3 only)"),
+    )
 }
 
 /// Opens the store a URL names; S3 settings come from the AWS environment.

@@ -212,6 +212,46 @@ impl ObjectStore for Retrying {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    // A create whose answer was lost and is tried again leaves an upload
+    // nobody completes: S3's lifecycle rule for incomplete uploads (or an
+    // abort by prefix) is what removes it; the object never appears.
+    fn create_multipart<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(self.run("create_multipart", key, || self.inner.create_multipart(key)))
+    }
+
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        part: i32,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(self.run("upload_part", key, move || {
+            self.inner.upload_part(key, upload, part, data.clone())
+        }))
+    }
+
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: &'a [(i32, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.run("complete_multipart", key, move || {
+            self.inner.complete_multipart(key, upload, parts)
+        }))
+    }
+
+    fn abort_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(self.run("abort_multipart", key, move || {
+            self.inner.abort_multipart(key, upload)
+        }))
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region, ResponseChecksumValidation};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::MetadataDirective;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart, MetadataDirective};
 use aws_smithy_http_client::tls;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
@@ -423,6 +423,104 @@ impl ObjectStore for S3Store {
                 .await
                 .map_err(|e| classify("delete", key, e))?;
             Ok(())
+        })
+    }
+
+    fn create_multipart<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            let out = self
+                .client
+                .create_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .send()
+                .await
+                .map_err(|e| classify("create_multipart", key, e))?;
+            out.upload_id().map(str::to_owned).ok_or_else(|| {
+                StoreError::new(
+                    "create_multipart",
+                    key,
+                    ErrorKind::Permanent,
+                    "the answer named no upload id",
+                )
+            })
+        })
+    }
+
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        part: i32,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            let out = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload)
+                .part_number(part)
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| classify("upload_part", key, e))?;
+            Ok(out.e_tag().unwrap_or_default().to_owned())
+        })
+    }
+
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: &'a [(i32, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            let parts = parts
+                .iter()
+                .map(|(n, etag)| CompletedPart::builder().part_number(*n).e_tag(etag).build())
+                .collect();
+            self.client
+                .complete_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send()
+                .await
+                .map_err(|e| classify("complete_multipart", key, e))?;
+            Ok(())
+        })
+    }
+
+    fn abort_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let _permit = self.permits.acquire().await.expect("never closed");
+            match self
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.bucket)
+                .key(self.full_key(key))
+                .upload_id(upload)
+                .send()
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(SdkError::ServiceError(se)) if se.raw().status().as_u16() == 404 => Ok(()),
+                Err(e) => Err(classify("abort_multipart", key, e)),
+            }
         })
     }
 

@@ -67,6 +67,14 @@ pub struct Job {
     /// An export's destination.
     #[serde(default)]
     pub destination: Option<String>,
+    /// An export's file: the owner it was given (the requester's uid and
+    /// gid), or why it could not be.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// A volume export's snapshot was kept (`keep_snapshot`); otherwise it
+    /// was deleted at the end.
+    #[serde(default)]
+    pub snapshot_kept: Option<bool>,
     pub format: String,
     /// The snapshot an import took with `--snapshot`, or the one an export read.
     #[serde(default)]
@@ -126,6 +134,10 @@ pub struct ExportRequest {
     /// qcow2 only: zstd-compressed clusters.
     #[serde(default)]
     pub compress: bool,
+    /// Keep the snapshot a volume's export takes; without it the snapshot
+    /// is deleted when the export ends.
+    #[serde(default)]
+    pub keep_snapshot: bool,
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use volumed_api::{ErrorCode, ImportRequest, Job, JobList};
@@ -136,9 +136,13 @@ async fn next_event(h: &JobHandle, rx: &mut tokio::sync::watch::Receiver<u64>) {
 
 /// `POST /v1/exports`: 202 and the job, or for destination `-` the raw
 /// bytes as the answer's body (the job's id in `x-volumed-job`).
-pub async fn export(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Response> {
+pub async fn export(
+    State(s): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<super::server::Peer>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
     let req: volumed_api::ExportRequest = body(&bytes, None)?;
-    let (h, rx) = s.images.export_image(req).await?;
+    let (h, rx) = s.images.export_image(req, peer.0).await?;
     let Some(rx) = rx else {
         return Ok((StatusCode::ACCEPTED, Json(views::job(&h))).into_response());
     };

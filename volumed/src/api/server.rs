@@ -3,6 +3,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use axum::extract::connect_info::Connected;
+use axum::serve::IncomingStream;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
@@ -44,13 +46,34 @@ pub async fn bind(socket: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Who is on the other end of a control connection (`SO_PEERCRED`), for
+/// handlers that make something that person should own (an export's file).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub Option<crate::catalog::Requester>);
+
+impl Connected<IncomingStream<'_, UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
+        Peer(
+            stream
+                .io()
+                .peer_cred()
+                .ok()
+                .map(|c| crate::catalog::Requester {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                }),
+        )
+    }
+}
+
 /// Serves until `shutdown` fires, then lets requests in progress finish.
 pub async fn serve(
     listener: UnixListener,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    axum::serve(listener, router(state))
+    let app = router(state).into_make_service_with_connect_info::<Peer>();
+    axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
         .map_err(ServerError::Serve)

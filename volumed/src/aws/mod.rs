@@ -76,7 +76,7 @@ pub struct AwsState {
     pub lifecycle: Arc<crate::lifecycle::Lifecycle>,
     /// Images and instances.
     pub machines: Arc<crate::machines::Machines>,
-    /// VM import tasks (and the jobs they are).
+    /// VM import and export tasks (and the jobs they are).
     pub images: Arc<crate::images::Images>,
     /// The endpoint's own records: EC2 attributes of volumes and snapshots.
     pub attrs: Ec2Attributes,

@@ -10,15 +10,24 @@ use serde::{Deserialize, Serialize};
 use snapshot::SnapshotId;
 use volumed_api::{ExportRequest, ImportRequest, JobKind, JobState, VolumeName};
 
-/// A job's id: `job-` and 16 hex digits of a catalog id, never reused.
+/// A job's id: `job-` and 16 hex digits of a number the registry counts up
+/// from the highest job it holds (dense, and stable across restarts).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct JobId(String);
 
 impl JobId {
-    /// The id made of catalog id `n`.
+    /// The id made of number `n`.
     pub fn new(n: u64) -> Self {
         JobId(format!("job-{n:016x}"))
+    }
+
+    /// The number the id is made of.
+    pub fn number(&self) -> u64 {
+        self.0
+            .strip_prefix("job-")
+            .and_then(|h| u64::from_str_radix(h, 16).ok())
+            .unwrap_or(0)
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -28,12 +37,6 @@ impl JobId {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-
-    /// The catalog number the id was made of.
-    pub fn number(&self) -> u64 {
-        // `parse` and `new` admit only hex digits after `job-`.
-        u64::from_str_radix(&self.0[4..], 16).unwrap_or(0)
     }
 }
 
@@ -214,6 +217,69 @@ pub struct ExportSpec {
     /// The volume snapshotted first, when the source names one.
     #[serde(default)]
     pub volume: Option<VolumeName>,
+    /// Who asked, from the control socket's peer credentials: a file
+    /// export is given to them.
+    #[serde(default)]
+    pub requester: Option<Requester>,
+    /// What the exported file was given (`uid=U gid=G`), or why not.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// The snapshot the export took of `volume` was deleted at its end.
+    #[serde(default)]
+    pub snapshot_removed: bool,
+    /// An instance export's volumes, in order (its OVA's disks), each
+    /// snapshotted first; empty for an export of one source.
+    #[serde(default)]
+    pub disks: Vec<VolumeName>,
+    /// The multipart upload in progress of an export to a bucket, recorded
+    /// before its first part so a restart can abort it.
+    #[serde(default)]
+    pub upload: Option<String>,
+    /// The EC2 task this export is (ExportImage, CreateInstanceExportTask).
+    #[serde(default)]
+    pub task: Option<Box<ExportTask>>,
+}
+
+/// An export started through EC2: what DescribeExportImageTasks and
+/// DescribeExportTasks show besides the job's state and progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportTask {
+    /// `export-ami-` or `export-i-` and 17 hex digits.
+    pub id: String,
+    /// The image exported (ExportImage).
+    #[serde(default)]
+    pub image_id: Option<String>,
+    /// The instance exported (CreateInstanceExportTask).
+    #[serde(default)]
+    pub instance_id: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    #[serde(default)]
+    pub client_token: Option<String>,
+    /// As EC2 spells it: `VMDK`, `RAW`, `VHD` (or `QCOW2`, ours).
+    pub disk_image_format: String,
+    /// `ova`, for an instance's disks in one appliance.
+    #[serde(default)]
+    pub container_format: Option<String>,
+    #[serde(default)]
+    pub target_environment: Option<String>,
+    /// Accepted and kept; volumed assumes no role.
+    #[serde(default)]
+    pub role_name: Option<String>,
+    pub bucket: String,
+    #[serde(default)]
+    pub prefix: String,
+    /// The object written: the prefix, then the task id and the extension.
+    pub key: String,
+    #[serde(default)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// The uid and gid of a control-API client (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requester {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,7 +324,22 @@ impl JobRecord {
     pub fn volumes(&self) -> &[VolumeName] {
         match &self.spec {
             JobSpec::Import(i) => &i.volumes,
+            JobSpec::Export(e) if !e.disks.is_empty() => &e.disks,
             JobSpec::Export(e) => e.volume.as_slice(),
+        }
+    }
+
+    pub fn export(&self) -> Option<&ExportSpec> {
+        match &self.spec {
+            JobSpec::Export(e) => Some(e),
+            JobSpec::Import(_) => None,
+        }
+    }
+
+    pub fn export_mut(&mut self) -> Option<&mut ExportSpec> {
+        match &mut self.spec {
+            JobSpec::Export(e) => Some(e),
+            JobSpec::Import(_) => None,
         }
     }
 }
@@ -305,6 +386,12 @@ impl LegacyJobRecord {
             JobKind::Export => JobSpec::Export(ExportSpec {
                 request: self.export?,
                 volume: self.volumes.into_iter().next(),
+                requester: None,
+                owner: None,
+                snapshot_removed: false,
+                disks: Vec::new(),
+                upload: None,
+                task: None,
             }),
         };
         Some(JobRecord {
@@ -365,5 +452,47 @@ mod tests {
         ] {
             assert_eq!(TaskSpec::job_of(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn an_export_record_written_before_the_task_fields_still_reads() {
+        let old = r#"{"id":"job-0000000000000007","state":"completed","created_at":1,
+            "finished_at":2,"format":"raw","bytes_total":10,"error":null,
+            "snapshot":"snap-0123456789abcdef0",
+            "spec":{"kind":"export","request":{"source":"data","destination":"/tmp/x.raw"},
+                    "volume":"data"}}"#;
+        let r: JobRecord = serde_json::from_str(old).unwrap();
+        let e = r.export().unwrap();
+        assert!(!e.request.keep_snapshot && !e.snapshot_removed);
+        assert!(e.requester.is_none() && e.upload.is_none() && e.task.is_none());
+        assert_eq!(r.volumes(), [VolumeName::parse("data").unwrap()]);
+        assert_eq!(r.id.number(), 7);
+        // And a task's record round-trips.
+        let mut r2 = r.clone();
+        if let Some(e) = r2.export_mut() {
+            e.disks = vec![
+                VolumeName::parse("a").unwrap(),
+                VolumeName::parse("b").unwrap(),
+            ];
+            e.upload = Some("up-1".into());
+            e.task = Some(Box::new(ExportTask {
+                id: "export-i-0123456789abcdef0".into(),
+                image_id: None,
+                instance_id: Some("i-0123456789abcdef0".into()),
+                description: None,
+                client_token: None,
+                disk_image_format: "VMDK".into(),
+                container_format: Some("ova".into()),
+                target_environment: Some("vmware".into()),
+                role_name: None,
+                bucket: "b".into(),
+                prefix: "p/".into(),
+                key: "p/export-i-0123456789abcdef0.ova".into(),
+                tags: vec![("k".into(), "v".into())],
+            }));
+        }
+        let back: JobRecord = serde_json::from_str(&serde_json::to_string(&r2).unwrap()).unwrap();
+        assert_eq!(back, r2);
+        assert_eq!(back.volumes().len(), 2);
     }
 }

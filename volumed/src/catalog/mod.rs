@@ -19,7 +19,8 @@
 //! - `aws_volumes`, `aws_snapshots`: see [`aws`]
 //! - `policies`, `policy_runs`, `bin_rules`: see [`lifecycle`]
 //! - `meta`: `format` -> catalog format version, `clean_shutdown` -> "1" or
-//!   "0", `host_id`
+//!   "0", `host_id`, `last_job` -> the highest job number given out
+//!   (decimal), so job ids stay dense and are never given twice
 //! - `snapshot_sets`: see `snapshot_set`; `images`, `instances`: see
 //!   `machines`; `volume_modifications`: see `volume_modifications`
 
@@ -37,8 +38,8 @@ use std::path::Path;
 
 pub use aws::{AwsAttachmentRecord, AwsSnapshotRecord, AwsVolumeRecord};
 pub use job::{
-    Checkpoint, ExportSpec, ImportSpec, JobId, JobRecord, JobSpec, TaskDisk, TaskKind, TaskSource,
-    TaskSpec,
+    Checkpoint, ExportSpec, ExportTask, ImportSpec, JobId, JobRecord, JobSpec, Requester, TaskDisk,
+    TaskKind, TaskSource, TaskSpec,
 };
 pub use lifecycle::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
 pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
@@ -375,6 +376,24 @@ impl Catalog {
         self.put(Tree::Meta, "host_id", id.as_bytes().to_vec())
             .wait()?;
         Ok(id)
+    }
+
+    /// The highest job number recorded by [`Catalog::put_last_job`] (0 if
+    /// none).
+    pub fn last_job(&self) -> Result<u64> {
+        Ok(self
+            .trees
+            .meta
+            .get("last_job")
+            .map_err(sled_err("read last_job"))?
+            .and_then(|v| std::str::from_utf8(&v).ok()?.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// Records `n` as the highest job number given out: job records may be
+    /// dropped, the count is not.
+    pub fn put_last_job(&self, n: u64) -> Pending {
+        self.put(Tree::Meta, "last_job", n.to_string().into_bytes())
     }
 
     pub fn mark_clean_shutdown(&self) -> Pending {

@@ -8,8 +8,16 @@
 //! body. Other formats are made by `qemu-img convert -f raw` reading the
 //! snapshot's read-only NBD export (a lease on it, dropped at the end).
 //!
-//! A job cut short (error, cancel) removes its partial destination; one
-//! interrupted by a restart ends `error` (it is not resumed).
+//! To a bucket (EC2's ExportImage and CreateInstanceExportTask), the bytes
+//! go up as a multipart upload: raw straight from the chunks, other formats
+//! through a file `qemu-img` writes in the job's work directory, an
+//! instance's disks wrapped in an OVA (`export_object`).
+//!
+//! A job cut short (error, cancel) removes its partial destination (the
+//! file, or the upload with its parts); one interrupted by a restart ends
+//! `error` at the next start, its upload aborted (it is not resumed). The
+//! snapshot taken of a volume is deleted at the end unless kept on request;
+//! a file is given to the user who asked (`give_to`).
 
 use std::path::{Path, PathBuf};
 
@@ -19,12 +27,18 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use snapshot::SnapshotId;
 use tokio::sync::mpsc;
-use tracing::info;
+use tracing::{info, warn};
 use volumed_api::JobState;
 
 use super::ImageFormat;
+use super::buckets::Buckets;
+use super::export_end::give_to;
+pub use super::export_object::{ObjectSink, OvaSpec};
 use super::registry::{JobHandle, JobRegistry};
-use crate::engine::{Engine, SnapshotOutcome, Volume};
+use super::upload::ObjectUpload;
+use super::work::WorkDirs;
+use crate::catalog::{JobRecord, Requester};
+use crate::engine::{Engine, SnapshotDone, SnapshotOutcome, Volume};
 
 const FETCHES_IN_FLIGHT: usize = 16;
 /// Chunk writes into a raw file in flight.
@@ -42,42 +56,105 @@ pub enum Sink {
     File(PathBuf),
     /// The answer's body, in order; a closed receiver ends the job.
     Stream(mpsc::Sender<std::io::Result<Vec<u8>>>),
+    /// An object in a bucket, written as a multipart upload.
+    Object(ObjectSink),
+}
+
+/// What an export does: its sources (one, or an instance's disks for an
+/// OVA), the format, and where it goes.
+pub struct ExportPlan {
+    pub sources: Vec<ExportSource>,
+    pub format: ImageFormat,
+    pub compress: bool,
+    /// Keep the snapshots taken of volume sources.
+    pub keep_snapshot: bool,
+    /// Who a file is given to.
+    pub requester: Option<Requester>,
+    pub sink: Sink,
+}
+
+/// What a job leaves behind that its end must undo or keep.
+#[derive(Default)]
+struct Leftovers {
+    /// Snapshots taken of volume sources, with how each ends.
+    taken: Vec<(SnapshotId, SnapshotDone)>,
+    upload: Option<ObjectUpload>,
 }
 
 pub struct ExportJobs {
-    engine: Arc<Engine>,
-    jobs: Arc<JobRegistry>,
+    pub(super) engine: Arc<Engine>,
+    pub(super) jobs: Arc<JobRegistry>,
     /// The NBD server's Unix socket, where `qemu-img` reads a lease.
     nbd_socket: PathBuf,
+    /// Where a conversion bound for a bucket writes its file first.
+    pub(super) work: WorkDirs,
+    /// The buckets exports to S3 write to.
+    pub(super) buckets: Arc<Buckets>,
 }
 
 impl ExportJobs {
-    pub fn new(engine: Arc<Engine>, jobs: Arc<JobRegistry>, nbd_socket: PathBuf) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        jobs: Arc<JobRegistry>,
+        nbd_socket: PathBuf,
+        work: WorkDirs,
+        buckets: Arc<Buckets>,
+    ) -> Self {
         ExportJobs {
             engine,
             jobs,
             nbd_socket,
+            work,
+            buckets,
         }
     }
 
-    pub fn spawn(
-        self: &Arc<Self>,
-        h: Arc<JobHandle>,
-        source: ExportSource,
-        format: ImageFormat,
-        compress: bool,
-        sink: Sink,
-    ) {
+    pub fn spawn(self: &Arc<Self>, h: Arc<JobHandle>, plan: ExportPlan) {
         let this = Arc::clone(self);
         self.jobs.tasks.spawn(async move {
-            let dest = match &sink {
+            let dest = match &plan.sink {
                 Sink::File(p) => Some(p.clone()),
-                Sink::Stream(_) => None,
+                _ => None,
             };
-            let r = this.run(&h, source, format, compress, sink).await;
+            let (keep, requester) = (plan.keep_snapshot, plan.requester);
+            let mut left = Leftovers::default();
+            let r = this.run(&h, plan, &mut left).await;
             let id = h.id();
+            let stopping = this.jobs.shutdown.is_cancelled();
+            // At shutdown the upload is left recorded: the next start
+            // aborts it (the store's retries are being cancelled now).
+            if let Some(up) = left.upload.take()
+                && r.is_err()
+                && !stopping
+            {
+                match up.abort().await {
+                    Ok(()) => {
+                        let _ = this.jobs.update(&h, |r| set_upload(r, None)).await;
+                    }
+                    Err(e) => {
+                        warn!(job = %id, error = %e, "could not abort the export's upload")
+                    }
+                }
+            }
+            let (work, job) = (this.work.clone(), id.clone());
+            let _ = tokio::task::spawn_blocking(move || work.remove(job.as_str())).await;
+            // At shutdown the snapshots are left; the next start removes them.
+            if !keep && !stopping {
+                this.remove_taken(&h, std::mem::take(&mut left.taken)).await;
+            }
             match r {
                 Ok(()) => {
+                    if let (Some(d), Some(who)) = (dest, requester) {
+                        let owner = give_to(d, who).await;
+                        let _ = this
+                            .jobs
+                            .update(&h, |r| {
+                                if let Some(e) = r.export_mut() {
+                                    e.owner = Some(owner)
+                                }
+                            })
+                            .await;
+                    }
                     info!(job = %id, "export completed");
                     this.jobs.finish(&h, JobState::Completed, None).await;
                 }
@@ -89,6 +166,8 @@ impl ExportJobs {
                     info!(job = %id, error = %e, "export ended early");
                     if cancelled {
                         this.jobs.finish(&h, JobState::Cancelled, None).await;
+                    } else if stopping {
+                        // Left running in the catalog: the next start ends it.
                     } else {
                         this.jobs.finish(&h, JobState::Error, Some(e)).await;
                     }
@@ -97,41 +176,69 @@ impl ExportJobs {
         });
     }
 
+    /// The snapshot of each source: taken now for a volume.
+    async fn snapshots(
+        &self,
+        h: &JobHandle,
+        sources: Vec<ExportSource>,
+        left: &mut Leftovers,
+    ) -> Result<Vec<SnapshotId>, String> {
+        let mut ids = Vec::new();
+        for source in sources {
+            let id = match source {
+                ExportSource::Snapshot(id) => id,
+                ExportSource::Volume(vol) => {
+                    let labels = [("export".to_owned(), h.id().to_string())]
+                        .into_iter()
+                        .collect();
+                    let (rec, done) = self
+                        .engine
+                        .snapshot_for_job(vol, labels)
+                        .await
+                        .map_err(|e| volumed_api::error_chain(&e))?;
+                    left.taken.push((rec.id.clone(), done.clone()));
+                    let outcome = tokio::select! {
+                        o = done.wait() => o,
+                        () = h.cancel.cancelled() => return Err("stopped".into()),
+                        () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
+                    };
+                    if let SnapshotOutcome::Failed(e) = outcome {
+                        return Err(format!("snapshot {} failed: {e}", rec.id));
+                    }
+                    rec.id
+                }
+            };
+            ids.push(id);
+        }
+        let first = ids.first().cloned();
+        let _ = self.jobs.update(h, |r| r.snapshot = first).await;
+        Ok(ids)
+    }
+
     async fn run(
         &self,
         h: &JobHandle,
-        source: ExportSource,
-        format: ImageFormat,
-        compress: bool,
-        sink: Sink,
+        plan: ExportPlan,
+        left: &mut Leftovers,
     ) -> Result<(), String> {
-        let id = match source {
-            ExportSource::Snapshot(id) => id,
-            ExportSource::Volume(vol) => {
-                let labels = [("export".to_owned(), h.id().to_string())]
-                    .into_iter()
-                    .collect();
-                let (rec, done) = self
-                    .engine
-                    .snapshot_for_job(vol, labels)
-                    .await
-                    .map_err(|e| volumed_api::error_chain(&e))?;
-                let outcome = tokio::select! {
-                    o = done.wait() => o,
-                    () = h.cancel.cancelled() => return Err("stopped".into()),
-                    () = self.jobs.shutdown.cancelled() => return Err("stopped".into()),
-                };
-                if let SnapshotOutcome::Failed(e) = outcome {
-                    return Err(format!("snapshot {} failed: {e}", rec.id));
-                }
-                rec.id
-            }
+        let ExportPlan {
+            sources,
+            format,
+            compress,
+            sink,
+            ..
+        } = plan;
+        let ids = self.snapshots(h, sources, left).await?;
+        if let Sink::Object(obj) = sink {
+            return self.to_object(h, &ids, format, obj, &mut left.upload).await;
+        }
+        let [id] = ids.as_slice() else {
+            return Err("only an export to a bucket takes several disks".into());
         };
-        let _ = self.jobs.update(h, |r| r.snapshot = Some(id.clone())).await;
         let m = self
             .engine
             .repo()
-            .open_manifest(&id)
+            .open_manifest(id)
             .await
             .map_err(|e| format!("read snapshot {id}: {e}"))?;
         let _ = self
@@ -146,28 +253,44 @@ impl ExportJobs {
                     .map_err(|e| format!("read snapshot {id}: {e}"))?;
                 self.write_raw(h, &m, sink).await
             }
-            (_, Sink::Stream(_)) => Err("only raw goes to stdout".into()),
-            (fmt, Sink::File(dest)) => {
+            (_, Sink::File(dest)) => {
+                let size = m.header().size;
                 drop(m);
-                let lease = self.engine.lease_snapshot_export(&id).await.map_err(|e| {
-                    format!(
-                        "export snapshot {id} over NBD: {}",
-                        volumed_api::error_chain(&e)
-                    )
-                })?;
-                let uri = nbd_proto::Uri::unix(&self.nbd_socket, lease.snapshot().as_str(), false)
-                    .to_string();
-                // qemu-img is killed when this future is dropped; the lease
-                // ends when `lease` goes.
-                let r = tokio::select! {
-                    r = convert(h, &uri, fmt, compress, &dest) => r,
-                    () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
-                    () = h.cancel.cancelled() => Err("stopped".into()),
-                };
-                drop(lease);
-                r
+                self.convert_snapshot(h, id, format, compress, &dest, size)
+                    .await
             }
+            (_, _) => Err("only raw goes to stdout".into()),
         }
+    }
+
+    /// `qemu-img convert` of snapshot `id`, read over a lease on its NBD
+    /// export, into file `dest`.
+    pub(super) async fn convert_snapshot(
+        &self,
+        h: &JobHandle,
+        id: &SnapshotId,
+        fmt: ImageFormat,
+        compress: bool,
+        dest: &Path,
+        size: u64,
+    ) -> Result<(), String> {
+        let lease = self.engine.lease_snapshot_export(id).await.map_err(|e| {
+            format!(
+                "export snapshot {id} over NBD: {}",
+                volumed_api::error_chain(&e)
+            )
+        })?;
+        let uri =
+            nbd_proto::Uri::unix(&self.nbd_socket, lease.snapshot().as_str(), false).to_string();
+        // qemu-img is killed when this future is dropped; the lease ends
+        // when `lease` goes.
+        let r = tokio::select! {
+            r = convert(h, &uri, fmt, compress, dest, size) => r,
+            () = self.jobs.shutdown.cancelled() => Err("stopped".into()),
+            () = h.cancel.cancelled() => Err("stopped".into()),
+        };
+        drop(lease);
+        r
     }
 
     /// The snapshot's bytes into a sparse file or, in order, a stream.
@@ -247,6 +370,7 @@ impl ExportJobs {
                     .map_err(|e| format!("sync {}: {e}", path.display()))?;
                 Ok(())
             }
+            Sink::Object(_) => Err("an export to a bucket is written by to_object".into()),
             Sink::Stream(tx) => {
                 let count = m.chunk_count();
                 let mut fetches = futures_util::stream::iter(0..count)
@@ -300,6 +424,7 @@ async fn convert(
     fmt: ImageFormat,
     compress: bool,
     dest: &Path,
+    total: u64,
 ) -> Result<(), String> {
     let mut args: Vec<String> = vec!["convert".into(), "-p".into(), "-f".into(), "raw".into()];
     args.extend(["-O".into(), fmt.to_string()]);
@@ -322,8 +447,8 @@ async fn convert(
     let mut child = crate::child::spawn(cmd, None)
         .await
         .map_err(|e| format!("qemu-img: {e} (install qemu-utils to export {fmt})"))?;
-    // `-p` prints "(12.34/100%)" as it goes: the job's progress.
-    let total = h.record().bytes_total;
+    // `-p` prints "(12.34/100%)" as it goes: the job's progress, of
+    // `total` bytes for this disk.
     if let Some(mut stdout) = child.stdout.take() {
         use tokio::io::AsyncReadExt;
         let mut buf = [0u8; 256];
@@ -360,4 +485,11 @@ async fn convert(
         ));
     }
     Ok(())
+}
+
+/// Records (or clears) the multipart upload in progress.
+pub(super) fn set_upload(r: &mut JobRecord, upload: Option<String>) {
+    if let Some(e) = r.export_mut() {
+        e.upload = upload;
+    }
 }

@@ -285,8 +285,9 @@ impl ImportJobs {
     pub async fn settle_interrupted(self: &Arc<Self>) {
         for h in self.jobs.list() {
             let rec = h.record();
-            // Tasks resume through `task::ImportTasks`.
-            if rec.state != JobState::Running || rec.task().is_some() {
+            // Tasks resume through `task::ImportTasks`; exports are settled
+            // by `ExportJobs::settle_interrupted`.
+            if rec.state != JobState::Running || rec.task().is_some() || rec.import().is_none() {
                 continue;
             }
             let stream = rec.import().is_some_and(|i| i.request.source == "-");

@@ -13,8 +13,10 @@
 //! - `import`, `copy`, `stream`: imports from a file or a request body;
 //!   `task`: EC2 VM import tasks (ImportSnapshot, ImportImage) as imports
 //!   into scratch volumes that end as snapshots;
-//!   `export`: snapshots written out as images; `work`: the imports'
-//!   private directories;
+//!   `export`: snapshots written out as images; `export_object`,
+//!   `upload`, `ova`: exports to a bucket (multipart, OVA);
+//!   `export_tasks`: EC2's export tasks over those jobs; `work`: the
+//!   jobs' private directories;
 //! - `buckets`: S3 buckets tasks name, through the store's client; `url`:
 //!   their `https://` sources;
 //! - `error`: this layer's errors.
@@ -23,23 +25,29 @@
 //! engine's public functions (`Engine::create_importing`,
 //! `finish_import`, `remove_importing`, `grow_importing`,
 //! `snapshot_for_job`, `lease_snapshot_export`, an import task's
-//! `snapshot`, `snapshots` and `delete_snapshot` of its own, and the data
-//! path of the `Volume` it holds), and it is the one writer of the
-//! catalog's `jobs` tree.
+//! `snapshot`, `snapshots` and `delete_snapshot` of its own,
+//! `delete_snapshot` for the snapshots an export took, and the data path
+//! of the `Volume` it holds), and it is the one writer of the catalog's
+//! `jobs` tree.
 
 pub mod buckets;
 mod copy;
 pub mod error;
 mod export;
+mod export_end;
+mod export_object;
+mod export_tasks;
 pub mod format;
 mod import;
 pub mod inspect;
 pub mod nbd_client;
+mod ova;
 pub mod qemu;
 pub mod registry;
 pub mod source;
 mod stream;
 pub mod task;
+mod upload;
 pub mod url;
 mod work;
 
@@ -50,10 +58,14 @@ use snapshot::SnapshotId;
 use tracing::info;
 use volumed_api::{CreateVolume, ExportRequest, ImportRequest, JobState, VolumeName};
 
-use crate::catalog::{Catalog, Checkpoint, ExportSpec, ImportSpec, JobRecord, JobSpec, unix_now};
+use crate::catalog::{
+    Catalog, Checkpoint, ExportSpec, ImportSpec, JobRecord, JobSpec, Requester, unix_now,
+};
 use crate::engine::{Engine, SnapshotInfo, validate};
 pub use error::{Error, ImageError, Result};
-use export::{ExportJobs, ExportSource, Sink};
+use export::{ExportJobs, ExportPlan, ExportSource, Sink};
+pub use export_object::extension;
+pub use export_tasks::{BucketExport, ExportDisk};
 pub use format::ImageFormat;
 use import::ImportJobs;
 use registry::{JobHandle, JobRegistry};
@@ -69,10 +81,13 @@ pub struct Images {
     jobs: Arc<JobRegistry>,
     imports: Arc<ImportJobs>,
     exports: Arc<ExportJobs>,
+    /// One EC2 export task started at a time, so a `ClientToken` sent
+    /// twice at once finds the first.
+    task_starts: tokio::sync::Mutex<()>,
 }
 
 impl Images {
-    /// Loads the jobs `catalog` records and empties the imports' work
+    /// Loads the jobs `catalog` records and empties the jobs' work
     /// directories under `data_dir` (before any import resumes). Exports
     /// read snapshots over the NBD server's Unix socket `nbd_socket`; tasks
     /// reach S3 buckets through `buckets`.
@@ -95,7 +110,7 @@ impl Images {
         let imports = Arc::new(ImportJobs::new(
             Arc::clone(&engine),
             Arc::clone(&jobs),
-            work,
+            work.clone(),
         ));
         let tasks = Arc::new(task::ImportTasks::new(
             Arc::clone(&imports),
@@ -109,9 +124,12 @@ impl Images {
                 Arc::clone(&engine),
                 Arc::clone(&jobs),
                 nbd_socket,
+                work,
+                Arc::clone(&buckets),
             )),
             engine,
             jobs,
+            task_starts: tokio::sync::Mutex::new(()),
             buckets,
         })
     }
@@ -127,7 +145,11 @@ impl Images {
     pub fn start_background(&self) {
         let imports = Arc::clone(&self.imports);
         let tasks = Arc::clone(&self.tasks);
+        let exports = Arc::clone(&self.exports);
         tokio::spawn(async move {
+            // Exports first: they are ended here with what they left
+            // removed, so the imports' settling finds them no longer running.
+            exports.settle_interrupted().await;
             imports.settle_interrupted().await;
             tasks.settle_interrupted().await;
         });
@@ -282,10 +304,11 @@ impl Images {
 
     /// Starts exporting a snapshot (or a volume, snapshotted first) as an
     /// image. For destination `-` the raw bytes come through the returned
-    /// receiver, in order.
+    /// receiver, in order. A file is given to `requester`.
     pub async fn export_image(
         &self,
         req: ExportRequest,
+        requester: Option<Requester>,
     ) -> Result<(
         Arc<JobHandle>,
         Option<tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>>,
@@ -357,6 +380,12 @@ impl Images {
                     ExportSource::Volume(v) => Some(v.name.clone()),
                     ExportSource::Snapshot(_) => None,
                 },
+                requester,
+                owner: None,
+                snapshot_removed: false,
+                disks: Vec::new(),
+                upload: None,
+                task: None,
             }),
         };
         let h = self.jobs.add(rec).await?;
@@ -367,8 +396,15 @@ impl Images {
             (Sink::File(req.destination.clone().into()), None)
         };
         info!(job = %id, source = %req.source, destination = %req.destination, %format, "export started");
-        self.exports
-            .spawn(Arc::clone(&h), source, format, req.compress, sink);
+        let plan = ExportPlan {
+            sources: vec![source],
+            format,
+            compress: req.compress,
+            keep_snapshot: req.keep_snapshot,
+            requester,
+            sink,
+        };
+        self.exports.spawn(Arc::clone(&h), plan);
         Ok((h, rx))
     }
 

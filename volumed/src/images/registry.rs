@@ -80,6 +80,9 @@ impl JobHandle {
 
 pub struct JobRegistry {
     catalog: Arc<Catalog>,
+    /// The number of the last job id given out: ids are dense, and a
+    /// restart goes on from the highest recorded.
+    last_id: AtomicU64,
     jobs: Mutex<BTreeMap<JobId, Arc<JobHandle>>>,
     /// Record writes of one job in the order they were made.
     writes: tokio::sync::Mutex<()>,
@@ -91,14 +94,21 @@ impl JobRegistry {
     /// Loads the jobs the catalog holds; those still `running` are for the
     /// caller to resume or settle.
     pub async fn open(catalog: Arc<Catalog>) -> Result<Self> {
+        let recs = catalog.jobs()?;
+        let last = recs
+            .iter()
+            .map(|r| r.id.number())
+            .max()
+            .unwrap_or(0)
+            .max(catalog.last_job()?);
         let reg = JobRegistry {
             catalog: Arc::clone(&catalog),
+            last_id: AtomicU64::new(last),
             jobs: Mutex::new(BTreeMap::new()),
             writes: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         };
-        let recs = catalog.jobs()?;
         let now = unix_now();
         let finished = recs
             .iter()
@@ -138,15 +148,20 @@ impl JobRegistry {
         h
     }
 
-    /// A new job's id: `job-` and a never reused catalog id.
+    /// A new job's id: one past the last given out (recorded with the job,
+    /// so an id is not given twice even once old records are dropped).
     pub fn next_id(&self) -> Result<JobId> {
-        Ok(JobId::new(self.catalog.next_id()?))
+        Ok(JobId::new(self.last_id.fetch_add(1, Ordering::Relaxed) + 1))
     }
 
     /// Records a new job (flushed) and lists it; jobs past their keeping
     /// time go.
     pub async fn add(&self, rec: JobRecord) -> Result<Arc<JobHandle>> {
         self.catalog.put_job(&rec).await?;
+        // After the record: a crash between the two leaves the record,
+        // which counts as well.
+        let n = self.last_id.load(Ordering::Relaxed).max(rec.id.number());
+        self.catalog.put_last_job(n).await?;
         let h = self.insert_handle(rec);
         self.expire(unix_now()).await;
         Ok(h)
@@ -354,6 +369,25 @@ mod tests {
         let reg = JobRegistry::open(Arc::new(Catalog::open(&path).unwrap()))
             .await
             .unwrap();
+        // Ids are dense and go on from the highest after a restart, also
+        // once the records holding it are gone.
+        let n = (KEEP_FINISHED + 5) as u64;
+        assert_eq!(reg.list().last().unwrap().id(), JobId::new(n));
+        assert_eq!(reg.next_id().unwrap(), JobId::new(n + 1));
+        let catalog = Catalog::open(&dir.path().join("other")).unwrap();
+        let catalog = Arc::new(catalog);
+        {
+            let reg = JobRegistry::open(Arc::clone(&catalog)).await.unwrap();
+            let h = reg
+                .add(rec(reg.next_id().unwrap(), JobState::Completed))
+                .await
+                .unwrap();
+            assert_eq!(h.id(), JobId::new(1));
+            catalog.remove_job(&h.id()).await.unwrap();
+        }
+        let again = JobRegistry::open(catalog).await.unwrap();
+        assert!(again.list().is_empty());
+        assert_eq!(again.next_id().unwrap(), JobId::new(2));
         let all = reg.list();
         // The running one stays, and the newest finished ones.
         assert_eq!(all.len(), KEEP_FINISHED + 1);

@@ -165,4 +165,44 @@ impl ObjectStore for MeteredStore {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn create_multipart<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(measured(StoreOp::Put, self.inner.create_multipart(key)))
+    }
+
+    fn upload_part<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        part: i32,
+        data: Bytes,
+    ) -> BoxFuture<'a, Result<String, StoreError>> {
+        Box::pin(measured(
+            StoreOp::Put,
+            self.inner.upload_part(key, upload, part, data),
+        ))
+    }
+
+    fn complete_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+        parts: &'a [(i32, String)],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(measured(
+            StoreOp::Put,
+            self.inner.complete_multipart(key, upload, parts),
+        ))
+    }
+
+    fn abort_multipart<'a>(
+        &'a self,
+        key: &'a str,
+        upload: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(measured(
+            StoreOp::Delete,
+            self.inner.abort_multipart(key, upload),
+        ))
+    }
 }

@@ -351,6 +351,15 @@ pub fn job(h: &JobHandle) -> volumed_api::Job {
         ),
     };
     let volumes = rec.volumes();
+    let owner = rec.export().and_then(|e| e.owner.clone());
+    let snapshot_kept = rec
+        .export()
+        .filter(|e| {
+            rec.state.is_final()
+                && (e.volume.is_some() || !e.disks.is_empty())
+                && (rec.snapshot.is_some() || e.snapshot_removed)
+        })
+        .map(|e| !e.snapshot_removed);
     volumed_api::Job {
         id: rec.id.to_string(),
         kind: rec.kind(),
@@ -362,6 +371,8 @@ pub fn job(h: &JobHandle) -> volumed_api::Job {
         error: rec.error.clone(),
         source,
         destination,
+        owner,
+        snapshot_kept,
         format: rec.format.clone(),
         snapshot: rec.snapshot.as_ref().map(ToString::to_string),
         sha256,

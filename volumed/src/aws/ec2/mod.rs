@@ -8,11 +8,14 @@
 //! - `images`, `reservations`, `snapshot_sets`: images, launched
 //!   instances and CreateSnapshots, over the machines layer; `mappings`:
 //!   block-device mappings in EC2's words;
+//! - `exports`: ExportImage, CreateInstanceExportTask and their tasks,
+//!   over the images layer's export jobs;
 //! - `volume_types`: sizes, IOPS and throughput per volume type;
 //!   `modifications`: ModifyVolume's record, DescribeVolumesModifications;
 //! - `import_tasks`: ImportSnapshot, ImportImage and their tasks.
 
 pub mod encryption;
+pub mod exports;
 pub mod images;
 pub mod import_tasks;
 pub mod instances;
@@ -242,6 +245,11 @@ async fn dispatch(state: &AwsState, req: &Request) -> Ec2Result<String> {
         }
         "CancelImportTask" => import_tasks::cancel(cx).await,
         "ImportVolume" | "ImportInstance" => import_tasks::legacy(&action),
+        "ExportImage" => exports::export_image(cx).await,
+        "DescribeExportImageTasks" => exports::describe_image_tasks(cx).await,
+        "CreateInstanceExportTask" => exports::create_instance_task(cx).await,
+        "DescribeExportTasks" => exports::describe_instance_tasks(cx).await,
+        "CancelExportTask" => exports::cancel(cx).await,
         other => Err(Ec2Error::new(
             "InvalidAction",
             format!("The action {other} is not valid for this web service."),

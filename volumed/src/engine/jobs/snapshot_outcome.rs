@@ -78,6 +78,7 @@ pub enum SnapshotOutcome {
 
 /// Says how a snapshot job ended, for the job that asked for it (an
 /// import's `--snapshot`, an export of a volume).
+#[derive(Clone)]
 pub struct SnapshotDone(pub(super) tokio::sync::watch::Receiver<Option<SnapshotOutcome>>);
 
 impl SnapshotDone {
