@@ -181,6 +181,7 @@ fn an_encrypted_hosts_scratch_data_is_never_readable_on_disk() {
     let mut d = TestDaemon::start_with_env(&[("VOLUMED_STORE_ENCRYPTION", "on")]);
     d.vol_ok(&["create", "scratch", "--size", "4M", "--ephemeral"]);
     d.vol_ok(&["attach", "scratch", "--instance", "vm-1"]);
+    assert_eq!(d.vol_json(&["inspect", "scratch"])["memory_key"], true);
     let mut want: Vec<u8> = MARKER.iter().cycle().take(SIZE).copied().collect();
     let src = d.dir.path().join("marker.img");
     std::fs::write(&src, &want).unwrap();

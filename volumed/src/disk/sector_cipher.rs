@@ -43,7 +43,12 @@ impl std::fmt::Debug for SectorCipher {
 impl SectorCipher {
     /// A fresh random key (the operating system's generator).
     pub fn random() -> Self {
-        let mut key: [u8; 64] = snapshot::crypt::random();
+        use ring::rand::SecureRandom;
+        let mut key = [0u8; 64];
+        // The system generator fails only where the OS has none at all.
+        ring::rand::SystemRandom::new()
+            .fill(&mut key)
+            .expect("the operating system's random generator works");
         let c = Self::from_key(&key);
         zeroize::Zeroize::zeroize(&mut key);
         c
