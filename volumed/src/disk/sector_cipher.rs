@@ -29,8 +29,50 @@ type Block = GenericArray<u8, aes::cipher::consts::U16>;
 
 /// The key of one data file, held only here.
 pub struct SectorCipher {
+    keys: Box<Keys>,
+}
+
+/// XTS's two AES key schedules (zeroed when dropped), on page(s) of their
+/// own so that they can be kept out of swap and core dumps.
+#[repr(C, align(4096))]
+struct Keys {
     data: Aes256,
     tweak: Aes256,
+}
+
+impl Keys {
+    fn span(&self) -> (*mut libc::c_void, usize) {
+        (
+            self as *const Keys as *mut libc::c_void,
+            std::mem::size_of::<Keys>(),
+        )
+    }
+}
+
+/// Keeps `keys` in RAM (`mlock`) and out of core dumps (`MADV_DONTDUMP`)
+/// where the system lets it (`RLIMIT_MEMLOCK`); a refusal is logged, and
+/// the key is then as safe as the rest of the daemon's memory.
+fn protect(keys: &Keys) {
+    let (ptr, len) = keys.span();
+    // SAFETY: `ptr..ptr + len` is exactly the page-aligned allocation of
+    // the `Box<Keys>` (its alignment and size are multiples of the page),
+    // alive while the cipher is; neither call reads or writes its bytes.
+    let locked = unsafe { libc::mlock(ptr, len) } == 0;
+    // SAFETY: as above.
+    let undumped = unsafe { libc::madvise(ptr, len, libc::MADV_DONTDUMP) } == 0;
+    if !(locked && undumped) {
+        tracing::debug!(locked, undumped, error = %std::io::Error::last_os_error(),
+            "a data file's key could not be kept out of swap or core dumps");
+    }
+}
+
+impl Drop for SectorCipher {
+    fn drop(&mut self) {
+        let (ptr, len) = self.keys.span();
+        // SAFETY: the span `protect` locked, still allocated; the key
+        // schedules are zeroed right after, when the box drops.
+        unsafe { libc::munlock(ptr, len) };
+    }
 }
 
 impl std::fmt::Debug for SectorCipher {
@@ -56,10 +98,12 @@ impl SectorCipher {
 
     /// XTS's two keys: the data key, then the tweak key.
     fn from_key(key: &[u8; 64]) -> Self {
-        SectorCipher {
+        let keys = Box::new(Keys {
             data: Aes256::new(GenericArray::from_slice(&key[..32])),
             tweak: Aes256::new(GenericArray::from_slice(&key[32..])),
-        }
+        });
+        protect(&keys);
+        SectorCipher { keys }
     }
 
     /// Encrypts `buf`, whole sectors starting at sector `first`, in place.
@@ -86,7 +130,7 @@ impl SectorCipher {
     /// them), not one by one.
     fn sector(&self, index: u64, s: &mut [u8], encrypt: bool) {
         let mut t = Block::from(u128::from(index).to_le_bytes());
-        self.tweak.encrypt_block(&mut t);
+        self.keys.tweak.encrypt_block(&mut t);
         let mut tweak = u128::from_le_bytes(t.into());
         let mut tweaks = [0u128; BLOCKS];
         let mut blocks = [Block::default(); BLOCKS];
@@ -101,9 +145,9 @@ impl SectorCipher {
             tweak = times_alpha(tweak);
         }
         if encrypt {
-            self.data.encrypt_blocks(&mut blocks);
+            self.keys.data.encrypt_blocks(&mut blocks);
         } else {
-            self.data.decrypt_blocks(&mut blocks);
+            self.keys.data.decrypt_blocks(&mut blocks);
         }
         for ((b, t), out) in blocks.iter().zip(tweaks).zip(s.chunks_exact_mut(16)) {
             let x = u128::from_le_bytes((*b).into()) ^ t;
@@ -172,6 +216,14 @@ mod tests {
         assert!(zeros.iter().any(|b| *b != 0));
         c.decrypt(5, &mut zeros);
         assert!(zeros.iter().all(|b| *b == 0));
+    }
+
+    #[test]
+    fn keys_sit_on_pages_of_their_own() {
+        let c = SectorCipher::from_key(&key(3));
+        let (ptr, len) = c.keys.span();
+        assert_eq!(ptr as usize % 4096, 0);
+        assert_eq!(len % 4096, 0);
     }
 
     #[test]
