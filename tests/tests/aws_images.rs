@@ -275,9 +275,9 @@ fn bad_registrations_change_nothing() {
         "{body}"
     );
     let (_, body) = ep.ec2_raw(&format!(
-        "Action=RegisterImage&Version=2016-11-15&Name=enc&RootDeviceName=%2Fdev%2Fsda1&BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsda1&BlockDeviceMapping.1.Ebs.SnapshotId={root}&BlockDeviceMapping.1.Ebs.Encrypted=true"
+        "Action=RegisterImage&Version=2016-11-15&Name=enc&RootDeviceName=%2Fdev%2Fsda1&BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsda1&BlockDeviceMapping.1.Ebs.SnapshotId={root}&BlockDeviceMapping.1.Ebs.KmsKeyId=alias%2Fteam"
     ));
-    assert_eq!(ec2_code(&body), "InvalidParameterCombination", "{body}");
+    assert_eq!(ec2_code(&body), "InvalidParameterDependency", "{body}");
     let e = ep.aws_err(&[
         "ec2",
         "describe-images",

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::process::Command;
 use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use snapshot::crypt::{MasterSecret, StaticKeys};
 use snapshot::{ChunkHash, MasterKeys, Repo, SnapshotId};
 use volumed_tests::aws::AwsEndpoint;
@@ -767,4 +767,123 @@ fn coldsnap_on_an_encrypted_store() {
         assert!(!contains(&obj, &MARKER[..24]), "{key} holds the marker");
     }
     ep.daemon.finish();
+}
+
+/// RunInstances makes each EBS volume of its mappings as CreateVolume
+/// would with their `Encrypted` and `KmsKeyId`: the image's, overridden by
+/// the launch's; a key without `Encrypted` is refused as on AWS, and a
+/// root restored under another key fails the launch and leaves nothing.
+#[test]
+fn run_instances_honours_encrypted_mappings() {
+    let ep = aws_encrypted();
+    let d = &ep.daemon;
+    d.vol_ok(&["key", "create", "team"]);
+    d.vol_ok(&["key", "create", "other"]);
+    let arn = |k: &str| {
+        d.vol_json(&["key", "inspect", k])["arn"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    d.vol_ok(&["create", "golden", "--size", "64M"]);
+    let root = d.vol_json(&["snapshot", "create", "golden", "--wait"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let default_arn = ep.aws_json(&["ec2", "get-ebs-default-kms-key-id"])["KmsKeyId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bdm = serde_json::json!([
+        {"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": root}},
+        {"DeviceName": "/dev/sdf", "Ebs": {"VolumeSize": 1, "Encrypted": true, "KmsKeyId": "alias/team"}},
+    ]);
+    let ami = ep.aws_json(&[
+        "ec2",
+        "register-image",
+        "--name",
+        "enc",
+        "--root-device-name",
+        "/dev/sda1",
+        "--block-device-mappings",
+        &bdm.to_string(),
+    ])["ImageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let img = ep.aws_json(&["ec2", "describe-images", "--image-ids", &ami]);
+    let sdf = &img["Images"][0]["BlockDeviceMappings"][1]["Ebs"];
+    assert_eq!(
+        (&sdf["Encrypted"], &sdf["KmsKeyId"]),
+        (&json!(true), &json!("alias/team")),
+        "{img}"
+    );
+
+    let volumes = || {
+        ep.aws_json(&["ec2", "describe-volumes"])["Volumes"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let before = volumes();
+    let launch = |extra: &Value| {
+        ep.aws(&[
+            "ec2",
+            "run-instances",
+            "--image-id",
+            &ami,
+            "--count",
+            "1",
+            "--block-device-mappings",
+            &extra.to_string(),
+        ])
+    };
+    let err = String::from_utf8_lossy(
+        &launch(&json!([{"DeviceName": "/dev/sdg", "Ebs": {"VolumeSize": 1, "KmsKeyId": "alias/other"}}])).stderr,
+    )
+    .into_owned();
+    assert!(err.contains("InvalidParameterDependency"), "{err}");
+    let out = launch(
+        &json!([{"DeviceName": "/dev/sda1", "Ebs": {"Encrypted": true, "KmsKeyId": "alias/other"}}]),
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another key"), "{err}");
+    assert_eq!(volumes(), before, "a failed launch leaves no volume");
+
+    let out = launch(
+        &json!([{"DeviceName": "/dev/sdg", "Ebs": {"VolumeSize": 1, "Encrypted": true, "KmsKeyId": "alias/other"}}]),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let id = r["Instances"][0]["InstanceId"].as_str().unwrap().to_owned();
+    let inst = ep.aws_json(&["ec2", "describe-instances", "--instance-ids", &id]);
+    let mut keys = BTreeMap::new();
+    for m in inst["Reservations"][0]["Instances"][0]["BlockDeviceMappings"]
+        .as_array()
+        .unwrap()
+    {
+        let v = m["Ebs"]["VolumeId"].as_str().unwrap();
+        let dv = ep.aws_json(&["ec2", "describe-volumes", "--volume-ids", v]);
+        assert_eq!(dv["Volumes"][0]["Encrypted"], true, "{dv}");
+        keys.insert(
+            m["DeviceName"].as_str().unwrap().to_owned(),
+            dv["Volumes"][0]["KmsKeyId"].as_str().unwrap().to_owned(),
+        );
+    }
+    assert_eq!(
+        keys,
+        BTreeMap::from([
+            ("/dev/sda1".to_owned(), default_arn),
+            ("/dev/sdf".to_owned(), arn("team")),
+            ("/dev/sdg".to_owned(), arn("other")),
+        ])
+    );
+    // The refused root's launch was undone, and says so.
+    ep.daemon
+        .finish_expecting(&[], &["launch failed; removing what it made"]);
 }

@@ -237,6 +237,7 @@ mod tests {
             throughput: None,
             encrypted: false,
             encryption: None,
+            memory_key: false,
         }
     }
 

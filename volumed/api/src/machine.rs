@@ -54,6 +54,14 @@ pub struct EbsDevice {
     pub iops: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub throughput: Option<u64>,
+    /// `Encrypted`: the volume is encrypted (in an encrypted store every
+    /// volume is; elsewhere `true` is refused when the volume is made).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encrypted: Option<bool>,
+    /// `KmsKeyId`: the key a new volume is encrypted under (requires
+    /// `encrypted`); the host's default key when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
 }
 
 /// What a device of a checked mapping is.
@@ -264,7 +272,8 @@ pub fn check_all(mappings: &[BlockDeviceMapping]) -> Result<(), MappingError> {
 /// RunInstances does (the image is not changed): a launch entry replaces
 /// the image's entry for its device, except that an EBS entry for a device
 /// the image maps to EBS overrides only the fields it gives (size, type,
-/// IOPS, throughput, DeleteOnTermination) and keeps the image's snapshot;
+/// IOPS, throughput, DeleteOnTermination, Encrypted, KmsKeyId) and keeps
+/// the image's snapshot;
 /// `no_device` removes the device; entries for new devices are added. The
 /// result is in the image's order, new devices after, `no_device` entries
 /// gone; every entry is complete.
@@ -293,6 +302,8 @@ pub fn merge(
                 base.throughput = over.throughput.or(base.throughput);
                 base.delete_on_termination =
                     over.delete_on_termination.or(base.delete_on_termination);
+                base.encrypted = over.encrypted.or(base.encrypted);
+                base.kms_key_id = over.kms_key_id.clone().or(base.kms_key_id.take());
             }
             (Some(i), _) => out[i] = l.clone(),
             (None, _) => out.push(l.clone()),

@@ -93,6 +93,11 @@ pub struct Volume {
     /// Its key and encryption domain, when encrypted.
     #[serde(default)]
     pub encryption: Option<crate::EncryptionInfo>,
+    /// Its data files are encrypted under a key held only in the daemon's
+    /// memory: an encrypted host's scratch volume, reading zeros after a
+    /// restart of the daemon.
+    #[serde(default)]
+    pub memory_key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

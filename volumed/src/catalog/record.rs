@@ -51,6 +51,12 @@ pub struct VolumeRecord {
     /// with (its source snapshot's, for a restored volume).
     #[serde(default)]
     pub encryption: Option<snapshot::Encryption>,
+    /// Its data files are encrypted under a key held only in the daemon's
+    /// memory (an ephemeral volume made from nothing on an encrypted
+    /// host): after the daemon ends, they hold nothing readable, and the
+    /// next start finds the volume's bytes gone (see `engine::recovery`).
+    #[serde(default)]
+    pub memory_key: bool,
 }
 
 /// The catalog's record of a snapshot this host took.
@@ -152,6 +158,7 @@ impl VolumeRecord {
             volume_id: None,
             tags: Default::default(),
             encryption: None,
+            memory_key: false,
         }
     }
 }

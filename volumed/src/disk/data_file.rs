@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use super::engine::IoEngine;
 use super::op::OpKind;
+use super::sector_cipher::SectorCipher;
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.
@@ -20,6 +21,10 @@ pub struct DataFile {
     /// Grows when the volume grows; the lock is held only to clone the
     /// `Arc`s an operation needs, never across I/O.
     segments: RwLock<Vec<Arc<File>>>,
+    /// Encrypts every byte written (see `cipher_io`); `None`: plain file.
+    cipher: Option<SectorCipher>,
+    /// Held by writes that cover part of a sector (read, patch, write).
+    partial: tokio::sync::Mutex<()>,
 }
 
 /// One segment's share of a byte range.
@@ -76,6 +81,8 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
+            cipher: None,
+            partial: tokio::sync::Mutex::new(()),
         })
     }
 
@@ -102,11 +109,34 @@ impl DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
+            cipher: None,
+            partial: tokio::sync::Mutex::new(()),
         })
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// This file with every byte written from now on encrypted under
+    /// `cipher` (bytes already in it then read as garbage: a new or
+    /// punched file only).
+    pub fn with_cipher(mut self, cipher: SectorCipher) -> Self {
+        self.cipher = Some(cipher);
+        self
+    }
+
+    pub(super) fn cipher(&self) -> Option<&SectorCipher> {
+        self.cipher.as_ref()
+    }
+
+    /// Whether the file is encrypted under a key only this process holds.
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
+    }
+
+    pub(super) async fn partial_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.partial.lock().await
     }
 
     /// Splits `[offset, offset + len)` at segment boundaries.
@@ -139,8 +169,8 @@ impl DataFile {
         Ok(out)
     }
 
-    /// Reads `len` bytes at `offset`. Holes read as zeros.
-    pub async fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    /// Reads `len` stored bytes at `offset`. Holes read as zeros.
+    pub(super) async fn read_raw(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let mut pieces = self.pieces(offset, len as u64)?;
         if pieces.len() == 1 {
             let p = pieces.pop().expect("one piece");
@@ -168,7 +198,8 @@ impl DataFile {
         Ok(out)
     }
 
-    pub async fn write(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
+    /// Stores `buf` at `offset` as it is.
+    pub(super) async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
         let mut pieces = self.pieces(offset, buf.len() as u64)?;
         if pieces.len() == 1 {
             let p = pieces.pop().expect("one piece");
@@ -184,8 +215,8 @@ impl DataFile {
         Ok(())
     }
 
-    /// fallocate(2) over a byte range of the volume.
-    pub async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+    /// fallocate(2) over a byte range of the files.
+    pub(super) async fn fallocate_raw(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         for p in self.pieces(offset, len)? {
             self.engine
                 .run(

@@ -11,13 +11,16 @@
 //! advertise CAN_MULTI_CONN. The I/O itself goes through an [`IoEngine`]:
 //! io_uring, or a thread pool where io_uring is unavailable.
 
+mod cipher_io;
 pub mod data_file;
 pub mod engine;
 mod op;
 mod powerloss;
+pub mod sector_cipher;
 mod uring;
 
 pub use data_file::{DataFile, sync_dir};
 pub use engine::{EngineChoice, IoEngine};
 #[cfg(test)]
 pub(crate) use op::OpKind;
+pub use sector_cipher::SectorCipher;

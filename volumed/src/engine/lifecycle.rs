@@ -30,7 +30,7 @@ use super::registry::Registry;
 use super::volume_id::{VolumeOptions, derived_volume_id, retag};
 use super::{Volume, recovery, restore, validate};
 use crate::catalog::{AttachmentRecord, Catalog, JobId, VolumeRecord, unix_now};
-use crate::disk::{DataFile, IoEngine};
+use crate::disk::{DataFile, IoEngine, SectorCipher};
 use crate::failpoint;
 
 pub struct Lifecycle {
@@ -184,13 +184,25 @@ impl Lifecycle {
         rec.importing = importing;
         rec.volume_id = Some(opts.volume_id_for(rec.name.as_str()));
         rec.tags = opts.tags;
+        // Scratch data on an encrypted host is shredded with the key when
+        // the daemon ends; a restored volume is not (its bytes must equal
+        // its snapshot's across a restart).
+        rec.memory_key = rec.ephemeral && encryption.is_some() && source.is_none();
         rec.encryption = encryption;
         let dir = self.dirs.volume(id);
         let data = {
             let (d, io) = (dir.clone(), Arc::clone(&self.io));
+            let memory_key = rec.memory_key;
             blocking(
                 || format!("create data files in {}", dir.display()),
-                move || DataFile::create(&d, size, io),
+                move || {
+                    let f = DataFile::create(&d, size, io)?;
+                    Ok(if memory_key {
+                        f.with_cipher(SectorCipher::random())
+                    } else {
+                        f
+                    })
+                },
             )
             .await?
         };
@@ -366,6 +378,11 @@ impl Lifecycle {
                 rec.size = rec.size.max(size);
             }
             if let Some(e) = req.ephemeral {
+                if rec.memory_key && !e {
+                    return Err(Error::InvalidRequest(format!(
+                        "volume '{name}' keeps its data under a key held only in memory, lost when volumed stops; it stays ephemeral"
+                    )));
+                }
                 rec.ephemeral = e;
             }
             Ok(())

@@ -26,7 +26,7 @@ use super::chunk_map::ChunkMap;
 use super::dirs::VolumeDirs;
 use super::error::{Error, IoContext, Result};
 use crate::catalog::{Catalog, VolumeRecord};
-use crate::disk::{DataFile, IoEngine, sync_dir};
+use crate::disk::{DataFile, IoEngine, SectorCipher, sync_dir};
 
 /// Where a volume's dirty set is saved at a clean shutdown.
 pub const DIRTY_FILE: &str = "dirty";
@@ -110,7 +110,10 @@ pub(super) fn open_volume(
 ) -> std::io::Result<Arc<Volume>> {
     let geometry = ChunkGeometry::new(rec.size, rec.chunk_size)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let data = DataFile::open(dir, rec.size, Arc::clone(io))?;
+    let mut data = DataFile::open(dir, rec.size, Arc::clone(io))?;
+    if rec.memory_key {
+        data = shred(rec, data)?;
+    }
     super::freeze::remove_spill(dir)?;
     let map = rebuild_map(rec, geometry, &data, clean)?;
     let base = open_base(rec, geometry, &map, &data, fetcher)?;
@@ -131,6 +134,23 @@ pub(super) fn open_volume(
 /// The chunk map from the data files' allocation, which is exactly what
 /// the last sync made durable; the dirty set from the clean shutdown's
 /// save, or every `Local` chunk when that cannot be trusted.
+/// A volume whose key died with the last run (`memory_key`): what its
+/// files hold is unreadable, so they are punched empty, and the dirty set
+/// goes, so the next snapshot reads every chunk (now zeros) instead of
+/// taking the parent's. New bytes get a new key.
+fn shred(rec: &VolumeRecord, data: DataFile) -> std::io::Result<DataFile> {
+    warn!(volume = %rec.name,
+        "ephemeral volume's data was encrypted under a key held only in memory by the last run; it now reads as zeros");
+    data.punch_blocking(0, rec.size)?;
+    data.sync_blocking()?;
+    match std::fs::remove_file(data.dir().join(DIRTY_FILE)) {
+        Ok(()) => sync_dir(data.dir())?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(data.with_cipher(SectorCipher::random()))
+}
+
 fn rebuild_map(
     rec: &VolumeRecord,
     geometry: ChunkGeometry,

@@ -134,6 +134,9 @@ impl Machines {
                     delete_on_termination: Some(d.delete_on_termination),
                     iops: d.iops,
                     throughput: d.throughput,
+                    // Its snapshot is sealed under the volume's key.
+                    encrypted: vol.record().encryption.is_some().then_some(true),
+                    kms_key_id: None,
                 }),
                 ..Default::default()
             });

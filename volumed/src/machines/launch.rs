@@ -50,6 +50,9 @@ enum Make {
         /// Bytes; `None` takes the snapshot's size.
         size: Option<u64>,
         attrs: VolumeAttrs,
+        /// `Encrypted` and `KmsKeyId`, as CreateVolume takes them.
+        encrypted: Option<bool>,
+        key: Option<String>,
     },
     InstanceStore {
         size: u64,
@@ -125,6 +128,8 @@ impl Machines {
                             iops: e.iops,
                             throughput: e.throughput,
                         },
+                        encrypted: e.encrypted.filter(|x| *x),
+                        key: e.kms_key_id.clone(),
                     },
                 )),
                 DeviceKind::InstanceStore(n) if n < store.count => plan.push((
@@ -238,6 +243,8 @@ impl Machines {
                 snapshot,
                 size,
                 attrs,
+                encrypted,
+                key,
             } => (
                 CreateVolume {
                     name: name.clone(),
@@ -246,8 +253,8 @@ impl Machines {
                     from_snapshot: snapshot.clone(),
                     chunk_size: None,
                     hydrate: None,
-                    encrypted: None,
-                    key: None,
+                    encrypted: *encrypted,
+                    key: key.clone(),
                 },
                 VolumeOptions {
                     volume_id: Some(name.to_string()),

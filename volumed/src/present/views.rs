@@ -79,6 +79,7 @@ pub fn volume(
         throughput: aws.throughput,
         encrypted: rec.encryption.is_some(),
         encryption: encryption(engine, rec.encryption.as_ref()),
+        memory_key: rec.memory_key,
     }
 }
 

@@ -1,6 +1,6 @@
 //! Block-device mappings in EC2's words: `BlockDeviceMapping.N.DeviceName`
 //! with `.VirtualName`, `.NoDevice` or `.Ebs.{SnapshotId, VolumeSize,
-//! VolumeType, DeleteOnTermination, Iops, Throughput, Encrypted}` parsed
+//! VolumeType, DeleteOnTermination, Iops, Throughput, Encrypted, KmsKeyId}` parsed
 //! into the shared `BlockDeviceMapping`, written back as
 //! `<blockDeviceMapping>` items, and the machines layer's errors as EC2's
 //! codes.
@@ -20,6 +20,7 @@ const EBS_FIELDS: &[&str] = &[
     "Iops",
     "Throughput",
     "Encrypted",
+    "KmsKeyId",
 ];
 
 fn invalid_mapping(message: impl Into<String>) -> Ec2Error {
@@ -55,10 +56,16 @@ pub fn parse(p: &Params, prefix: &str) -> Ec2Result<Vec<BlockDeviceMapping>> {
         let has_ebs = p.keys_under(&format!("{base}.Ebs.")).next().is_some();
         let ebs = if has_ebs {
             let num = |f: &str| p.u64(&format!("{base}.Ebs.{f}"));
-            if p.bool(&format!("{base}.Ebs.Encrypted"))? == Some(true) {
+            // As CreateVolume's: a key requires Encrypted=true; whether
+            // the store can encrypt is the engine's to say at launch.
+            let encrypted = p.bool(&format!("{base}.Ebs.Encrypted"))?;
+            let kms_key_id = field("Ebs.KmsKeyId").map(str::to_owned);
+            if kms_key_id.is_some() && encrypted != Some(true) {
                 return Err(Ec2Error::new(
-                    "InvalidParameterCombination",
-                    format!("{device_name}: encrypted volumes are not supported"),
+                    "InvalidParameterDependency",
+                    format!(
+                        "{device_name}: the parameter KmsKeyId requires the parameter Encrypted to be set."
+                    ),
                 ));
             }
             Some(EbsDevice {
@@ -68,6 +75,8 @@ pub fn parse(p: &Params, prefix: &str) -> Ec2Result<Vec<BlockDeviceMapping>> {
                 delete_on_termination: p.bool(&format!("{base}.Ebs.DeleteOnTermination"))?,
                 iops: num("Iops")?,
                 throughput: num("Throughput")?,
+                encrypted,
+                kms_key_id,
             })
         } else {
             None
@@ -113,7 +122,8 @@ pub fn write(x: &mut Xml, mappings: &[BlockDeviceMapping]) {
                 .opt("volumeType", e.volume_type.as_deref())
                 .opt("iops", e.iops)
                 .opt("throughput", e.throughput)
-                .elem("encrypted", false)
+                .elem("encrypted", e.encrypted.unwrap_or(false))
+                .opt("kmsKeyId", e.kms_key_id.as_deref())
                 .close("ebs");
         }
         x.close("item");
@@ -227,9 +237,18 @@ mod tests {
         );
         assert_eq!(
             code(
-                "BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsdb&BlockDeviceMapping.1.Ebs.Encrypted=true&BlockDeviceMapping.1.Ebs.VolumeSize=1"
+                "BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsdb&BlockDeviceMapping.1.Ebs.KmsKeyId=alias%2Fk&BlockDeviceMapping.1.Ebs.VolumeSize=1"
             ),
-            "InvalidParameterCombination"
+            "InvalidParameterDependency"
+        );
+        let m = parse_form(
+            "BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsdb&BlockDeviceMapping.1.Ebs.Encrypted=true&BlockDeviceMapping.1.Ebs.KmsKeyId=alias%2Fk&BlockDeviceMapping.1.Ebs.VolumeSize=1",
+        )
+        .unwrap();
+        let e = m[0].ebs.as_ref().unwrap();
+        assert_eq!(
+            (e.encrypted, e.kms_key_id.as_deref()),
+            (Some(true), Some("alias/k"))
         );
     }
 
