@@ -6,7 +6,9 @@
 free_port() { /usr/bin/python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 PIDS=()
-WORK=$(mktemp -d "/var/tmp/volumed-$NAME.XXXXXX")
+# BENCH_DIR puts the scratch dir (data dirs, stores, the peers' files) on
+# another filesystem, e.g. a loop-mounted XFS image (benches/xfs.sh).
+WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/volumed-$NAME.XXXXXX")
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true

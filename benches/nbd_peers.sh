@@ -22,8 +22,12 @@
 # and grown back, so sparse again), and read back to null: the same way;
 # twice, the second pass in reverse order.
 #
+# Jobs: 4k random reads and writes at QD1 and QD32, 1M reads and writes at
+# QD8, and two with FLUSH: randrw 70/30 4k QD16 flushing every 32 writes,
+# randwrite 4k QD1 flushing after each.
+#
 # Usage: benches/nbd_peers.sh [runtime-seconds] [size-MiB] [fill-bs]
-#        (defaults 6 2048 1m)
+#        (defaults 6 2048 1m); on XFS: benches/xfs.sh 8 benches/nbd_peers.sh ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNTIME=${1:-6}
@@ -77,26 +81,38 @@ JOBS=(
   "randwrite-4k-qd32:randwrite:4k:32"
   "read-1m-qd8:read:1m:8"
   "write-1m-qd8:write:1m:8"
+  # What a database guest does: 70/30 reads and writes with a FLUSH every
+  # 32 writes, and a FLUSH after every write at QD1 (fio's nbd engine sends
+  # NBD_CMD_FLUSH for both fsync and fdatasync; it takes only fsync).
+  "randrw-4k-qd16-fsync32:randrw:4k:16:32"
+  "randwrite-4k-qd1-fsync1:randwrite:4k:1:1"
 )
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
 for job in "${JOBS[@]}"; do
-    IFS=: read -r name rw bs qd <<<"$job"
+    IFS=: read -r name rw bs qd fsync <<<"$job"
+    extra=()
+    [ -n "${fsync:-}" ] && extra=(--fsync="$fsync" --rwmixread=70)
     for t in "${TARGETS[@]}"; do
         tname=${t%%:*}; rest=${t#*:}; pid=${rest%%:*}; uri=${rest#*:}
         c0=$(cpu_us "$pid")
-        fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" \
+        fio --name="$name" --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" "${extra[@]}" \
             --size="${SIZE_MIB}M" --time_based --runtime="$RUNTIME" --output-format=json > "$WORK/out.json" 2>/dev/null
         c1=$(cpu_us "$pid")
         /usr/bin/python3 - "$WORK/out.json" "$name" "$tname" "$((c1 - c0))" >> "$RESULTS" <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()  # the nbd engine prints a line before the JSON
 j = json.loads(text[text.index("{"):])["jobs"][0]
-side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+# A mixed job counts both sides: IOPS and bandwidth summed, latency and p99
+# of the writes (the side a FLUSH waits on).
+sides = [j[d] for d in ("read", "write") if j[d]["io_bytes"] > 0]
+side = sides[-1]
 lat = side["clat_ns"]
 p99 = lat.get("percentile", {}).get("99.000000", 0)
-ios = side["total_ios"] or 1
-print("\t".join([sys.argv[2], sys.argv[3], f"{side['iops']:.0f}", f"{side['bw'] / 1024:.1f}",
+ios = sum(s["total_ios"] for s in sides) or 1
+iops = sum(s["iops"] for s in sides)
+bw = sum(s["bw"] for s in sides)
+print("\t".join([sys.argv[2], sys.argv[3], f"{iops:.0f}", f"{bw / 1024:.1f}",
                  f"{lat['mean'] / 1000:.1f}", f"{p99 / 1000:.1f}", f"{int(sys.argv[4]) / ios:.1f}"]))
 PY
     done
