@@ -364,7 +364,11 @@ pub struct BinEntry {
     /// When it was deleted into the bin, and until when it can be restored.
     pub entered_at: String,
     pub expires_at: String,
+    /// A snapshot's labels, an image's tags.
     pub labels: BTreeMap<String, String>,
+    /// An image's name (a snapshot has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

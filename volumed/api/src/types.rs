@@ -472,6 +472,12 @@ pub struct GcReport {
     pub bin_honoured: u64,
     #[serde(default)]
     pub bin_expired: u64,
+    /// Images whose retention in the recycle bin ended, deleted before
+    /// this run, and the snapshots only they used, deleted with them.
+    #[serde(default)]
+    pub images_expired: u64,
+    #[serde(default)]
+    pub image_snapshots_deleted: u64,
     /// Snapshots being written somewhere (any host) during this run.
     #[serde(default)]
     pub pending_snapshots: u64,

@@ -313,8 +313,14 @@ pub(super) async fn changed_blocks(
 pub(super) async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
     let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
-    let (grace, report) = s.engine.gc(grace).await?;
-    Ok(Json(views::gc_report(grace, report)))
+    // Images past their retention in the recycle bin go first, so the
+    // chunks of the snapshots they alone used go in this same run.
+    let (grace, report, images) = s.lifecycle.collect(grace).await?;
+    Ok(Json(volumed_api::GcReport {
+        images_expired: images.images,
+        image_snapshots_deleted: images.snapshots,
+        ..views::gc_report(grace, report)
+    }))
 }
 
 #[cfg(test)]

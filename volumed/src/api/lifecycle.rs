@@ -115,6 +115,14 @@ pub async fn bin_restore(
     Ok(Json(s.snapshot(info)))
 }
 
+pub async fn bin_restore_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<volumed_api::Image>> {
+    let rec = s.lifecycle.bin_restore_image(&id).await?;
+    Ok(Json(super::machine_views::image(rec)))
+}
+
 pub async fn list_rules(State(s): State<ApiState>) -> ApiResult<Json<BinRuleList>> {
     Ok(Json(BinRuleList {
         rules: s.lifecycle.bin_rules()?,

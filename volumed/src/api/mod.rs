@@ -139,6 +139,10 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/bin", get(lifecycle::bin_list))
         .route("/v1/bin/{id}/restore", post(lifecycle::bin_restore))
         .route(
+            "/v1/bin/images/{id}/restore",
+            post(lifecycle::bin_restore_image),
+        )
+        .route(
             "/v1/bin/rules",
             get(lifecycle::list_rules).post(lifecycle::create_rule),
         )

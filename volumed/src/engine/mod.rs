@@ -33,6 +33,7 @@ pub(crate) mod encryption;
 pub(crate) mod error;
 mod export;
 pub(crate) mod freeze;
+mod image_bin;
 pub(crate) mod jobs;
 mod lifecycle;
 mod record;

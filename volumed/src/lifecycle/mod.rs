@@ -10,9 +10,12 @@
 //! - `run`: one run of a schedule (snapshots, then a claimed prune), and
 //!   prune itself;
 //! - `scheduler`: the one loop per host that starts runs when slots come;
-//! - `bin`: recycle-bin rules (pure); the bin itself is `snapshot::bin`.
+//! - `bin`: recycle-bin rules (pure); the bin itself is `snapshot::bin`;
+//! - `images`: DeregisterImage into the bin, images listed and restored,
+//!   and collection (expired images first, then gc).
 
 pub mod bin;
+pub mod images;
 pub mod policy;
 pub mod prune;
 mod run;
@@ -343,13 +346,6 @@ impl Lifecycle {
         rule_tags: BTreeMap<String, String>,
     ) -> Result<BinRule> {
         bin::validate(&spec).map_err(LifecycleError::Invalid)?;
-        if spec.resource == BinResource::Image {
-            // Rules for images are kept and matched (see `bin`);
-            // DeregisterImage does not consult them yet.
-            info!(
-                "recycle-bin rule for images created; deregistered images do not go to the bin yet"
-            );
-        }
         let rec = BinRuleRecord {
             id: bin::new_rule_id(),
             spec,
@@ -392,8 +388,16 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Every snapshot in the store's recycle bin (any host put it there).
+    /// Every snapshot and image in the store's recycle bin (any host put
+    /// it there), snapshots first.
     pub async fn bin_list(&self) -> Result<Vec<BinEntry>> {
+        let mut all = self.bin_list_snapshots().await?;
+        all.extend(self.bin_list_images().await?);
+        Ok(all)
+    }
+
+    /// Every snapshot in the store's recycle bin.
+    pub async fn bin_list_snapshots(&self) -> Result<Vec<BinEntry>> {
         let entries = self.engine.binned_snapshots().await?;
         Ok(entries
             .into_iter()
@@ -411,6 +415,7 @@ impl Lifecycle {
                 ),
                 expires_at: rfc3339(e.expires),
                 labels: h.labels,
+                name: None,
             })
             .collect())
     }

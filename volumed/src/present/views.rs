@@ -246,6 +246,8 @@ pub fn gc_report(grace: Duration, r: snapshot::gc::GcReport) -> volumed_api::GcR
         trash_expired: r.trash_expired,
         bin_honoured: r.bin_honoured,
         bin_expired: r.bin_expired,
+        images_expired: 0,
+        image_snapshots_deleted: 0,
         pending_snapshots: r.pending_snapshots,
         pending_expired: r.pending_expired,
         chunks_seen: r.chunks_seen,
