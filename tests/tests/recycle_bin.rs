@@ -1,7 +1,9 @@
 //! The recycle bin against the real daemon: rules through the Recycle Bin
 //! API (awscli), deletes through EC2 and `vol`, restores that read the
 //! original bytes, protection refused on every delete path, and expiry
-//! followed by gc reclaiming exactly what only the binned snapshot held.
+//! followed by gc reclaiming exactly what only the binned snapshot held;
+//! the same for images (DeregisterImage, ListImagesInRecycleBin,
+//! RestoreImageFromRecycleBin, `vol bin`), seen from a second host too.
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -166,7 +168,7 @@ fn rbin_rule_delete_list_restore_and_the_bytes_come_back() {
     assert_eq!(snapshot_ids(&ep), std::slice::from_ref(&kept));
     ep.daemon.vol_ok(&["snapshot", "unprotect", &kept]);
 
-    // Images do not exist here yet: an empty bin, and not found.
+    // No image was deregistered: an empty image bin, and not found.
     let imgs = ep.aws_json(&["ec2", "list-images-in-recycle-bin"]);
     assert!(
         imgs["Images"].as_array().is_none_or(Vec::is_empty),
@@ -281,5 +283,243 @@ fn expiry(store: Store) {
     );
     let v = d.vol_json(&["snapshot", "verify", &a]);
     assert_eq!(v["ok"], true, "{v}");
+    d.finish();
+}
+
+fn image_ids(ep: &AwsEndpoint) -> Vec<String> {
+    let v = ep.aws_json(&["ec2", "describe-images", "--owners", "self"]);
+    v["Images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["ImageId"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn rbin_image_rule_deregister_list_restore_and_the_bytes_come_back() {
+    let ep = AwsEndpoint::start();
+    let vol = ep.aws_json(&["ec2", "create-volume", "--size", "1"])["VolumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let uri = attach(&ep, &vol, "/dev/sdf");
+    qemu_io(&uri, &["write -P 0x3c 0 2M", "write -P 0xc3 200M 1M"]);
+    let snap = || {
+        let s = ep.aws_json(&["ec2", "create-snapshot", "--volume-id", &vol]);
+        let id = s["SnapshotId"].as_str().unwrap().to_owned();
+        ep.aws_json(&["ec2", "wait", "snapshot-completed", "--snapshot-ids", &id]);
+        id
+    };
+    let root = snap();
+    let data = snap();
+    let bdm = serde_json::json!([
+        {"DeviceName": "/dev/sda1", "Ebs": {"SnapshotId": root}},
+        {"DeviceName": "/dev/sdb", "Ebs": {"SnapshotId": data, "VolumeSize": 2}},
+        {"DeviceName": "/dev/sdc", "VirtualName": "ephemeral0"},
+    ]);
+    let ami = ep.aws_json(&[
+        "ec2",
+        "register-image",
+        "--name",
+        "golden-1",
+        "--description",
+        "the golden image",
+        "--root-device-name",
+        "/dev/sda1",
+        "--block-device-mappings",
+        &bdm.to_string(),
+    ])["ImageId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ep.aws_json(&["ec2", "wait", "image-available", "--image-ids", &ami]);
+    let before = ep.aws_json(&["ec2", "describe-images", "--image-ids", &ami])["Images"][0].clone();
+
+    let rule = ep.aws_json(&[
+        "rbin",
+        "create-rule",
+        "--resource-type",
+        "EC2_IMAGE",
+        "--retention-period",
+        "RetentionPeriodValue=3,RetentionPeriodUnit=DAYS",
+    ]);
+    assert_eq!(rule["ResourceType"], "EC2_IMAGE", "{rule}");
+
+    // Deregistered under the rule: gone from DescribeImages, in the bin,
+    // its snapshots kept and not deletable.
+    let r = ep.aws_json(&[
+        "ec2",
+        "deregister-image",
+        "--image-id",
+        &ami,
+        "--delete-associated-snapshots",
+    ]);
+    let codes: Vec<&str> = r["DeleteSnapshotResults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["ReturnCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes, ["skipped", "skipped"], "{r}");
+    assert!(image_ids(&ep).is_empty());
+    let gone = ep.aws_err(&["ec2", "describe-images", "--image-ids", &ami]);
+    assert!(gone.contains("InvalidAMIID.NotFound"), "{gone}");
+    let bin = ep.aws_json(&["ec2", "list-images-in-recycle-bin"]);
+    let items = bin["Images"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{bin}");
+    assert_eq!(items[0]["ImageId"], ami.as_str());
+    assert_eq!(items[0]["Name"], "golden-1");
+    assert_eq!(items[0]["Description"], "the golden image");
+    let enter = items[0]["RecycleBinEnterTime"].as_str().unwrap();
+    let exit = items[0]["RecycleBinExitTime"].as_str().unwrap();
+    assert!(exit > enter, "{bin}");
+    let by_id = ep.aws_json(&["ec2", "list-images-in-recycle-bin", "--image-ids", &ami]);
+    assert_eq!(by_id["Images"].as_array().unwrap().len(), 1, "{by_id}");
+    // Not a snapshot in the bin.
+    let snaps = ep.aws_json(&["ec2", "list-snapshots-in-recycle-bin"]);
+    assert!(snaps["Snapshots"].as_array().unwrap().is_empty(), "{snaps}");
+    let mut listed = snapshot_ids(&ep);
+    listed.sort();
+    let mut want = vec![root.clone(), data.clone()];
+    want.sort();
+    assert_eq!(listed, want, "its snapshots stay");
+    for s in [&root, &data] {
+        let e = ep.aws_err(&["ec2", "delete-snapshot", "--snapshot-id", s]);
+        assert!(
+            e.contains("InvalidSnapshot.InUse") && e.contains(&ami),
+            "{e}"
+        );
+    }
+    let native = ep.daemon.vol_json(&["bin", "list"]);
+    assert_eq!(native["entries"][0]["resource"], "image", "{native}");
+    assert_eq!(native["entries"][0]["state"], "recoverable", "{native}");
+    assert_eq!(native["entries"][0]["name"], "golden-1", "{native}");
+
+    // Restored: the same id and mappings, and its root's bytes.
+    let r = ep.aws_json(&["ec2", "restore-image-from-recycle-bin", "--image-id", &ami]);
+    assert_eq!(r["Return"], true, "{r}");
+    assert_eq!(image_ids(&ep), std::slice::from_ref(&ami));
+    let after = ep.aws_json(&["ec2", "describe-images", "--image-ids", &ami])["Images"][0].clone();
+    assert_eq!(after["State"], "available", "{after}");
+    assert_eq!(after["BlockDeviceMappings"], before["BlockDeviceMappings"]);
+    assert_eq!(after["Name"], before["Name"]);
+    let bin = ep.aws_json(&["ec2", "list-images-in-recycle-bin"]);
+    assert!(bin["Images"].as_array().is_none_or(Vec::is_empty), "{bin}");
+    let again = ep.aws_err(&["ec2", "restore-image-from-recycle-bin", "--image-id", &ami]);
+    assert!(again.contains("InvalidAMIID.NotFound"), "{again}");
+    let restored = ep.aws_json(&[
+        "ec2",
+        "create-volume",
+        "--size",
+        "1",
+        "--snapshot-id",
+        &root,
+    ])["VolumeId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r_uri = attach(&ep, &restored, "/dev/sdg");
+    run_ok(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &uri, &r_uri]));
+
+    // Without a matching rule, deregistering is for good again.
+    let rule_id = rule["Identifier"].as_str().unwrap();
+    ep.aws_json(&["rbin", "delete-rule", "--identifier", rule_id]);
+    ep.aws_json(&["ec2", "deregister-image", "--image-id", &ami]);
+    assert!(image_ids(&ep).is_empty());
+    let bin = ep.aws_json(&["ec2", "list-images-in-recycle-bin"]);
+    assert!(bin["Images"].as_array().is_none_or(Vec::is_empty), "{bin}");
+    ep.aws_json(&["ec2", "delete-snapshot", "--snapshot-id", &data]);
+    ep.daemon.finish();
+}
+
+/// `vol bin` for images, with a second host on the same store: it lists
+/// the binned image and refuses to delete its snapshot; after the
+/// retention `vol gc --grace 0s` deletes the image with the snapshot only
+/// it used, and reclaims exactly that snapshot's chunks.
+#[test]
+fn an_expired_image_goes_with_its_snapshots_and_gc_reclaims_their_chunks() {
+    let store = Store::Local;
+    let d = store.daemon("binimg");
+    let e = store.daemon_sharing("binimg2", &d);
+    let repo = store.repo(&d, "binimg");
+    d.vol_ok(&["create", "v", "--size", "8M", "--chunk-size", "64K"]);
+    d.vol_ok(&["attach", "v"]);
+    fill_random(&d, "v", 2);
+    let r = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    fill_random(&d, "v", 2);
+    let o = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let only_r: Vec<ChunkHash> = chunks(&repo, &r)
+        .difference(&chunks(&repo, &o))
+        .copied()
+        .collect();
+    assert!(!only_r.is_empty());
+    let ami = d
+        .vol_ok(&[
+            "image",
+            "register",
+            "web",
+            "--root",
+            &format!("/dev/xvda={r}"),
+        ])
+        .trim()
+        .to_owned();
+
+    d.vol_ok(&[
+        "bin",
+        "rule",
+        "create",
+        "--resource",
+        "image",
+        "--retention",
+        "6s",
+    ]);
+    d.vol_ok(&["image", "deregister", &ami]);
+    let images = d.vol_json(&["image", "list"]);
+    assert!(images.as_array().unwrap().is_empty(), "{images}");
+    for host in [&d, &e] {
+        let listed = host.vol_json(&["bin", "list"]);
+        assert_eq!(listed["entries"][0]["id"], ami.as_str(), "{listed}");
+        assert_eq!(listed["entries"][0]["resource"], "image", "{listed}");
+        let err = host.vol_err(&["snapshot", "delete", &r]);
+        assert!(err.contains("in use") && err.contains(&ami), "{err}");
+    }
+    // A restore and a second deregistration: the record makes the round trip.
+    let back = d.vol_json(&["bin", "restore", &ami]);
+    assert_eq!(back["id"], ami.as_str(), "{back}");
+    assert_eq!(d.vol_json(&["image", "inspect", &ami])["name"], "web");
+    d.vol_ok(&["image", "deregister", &ami]);
+
+    // In the bin, gc keeps every chunk of its snapshot.
+    let g = d.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(g["images_expired"], 0, "{g}");
+    assert!(only_r.iter().all(|h| stored(&repo, h)));
+
+    std::thread::sleep(Duration::from_secs(7));
+    let err = d.vol_err(&["bin", "restore", &ami]);
+    assert!(err.contains("past its retention"), "{err}");
+    // Any host may end it: the second one does.
+    let g = e.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(g["images_expired"], 1, "{g}");
+    assert_eq!(g["image_snapshots_deleted"], 1, "{g}");
+    assert!(
+        only_r.iter().all(|h| !stored(&repo, h)),
+        "the chunks only its snapshot held are gone"
+    );
+    let left: Vec<Value> = d
+        .vol_json(&["snapshot", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].clone())
+        .collect();
+    assert_eq!(left, [Value::from(o.clone())]);
+    for host in [&d, &e] {
+        let listed = host.vol_json(&["bin", "list"]);
+        assert!(listed["entries"].as_array().unwrap().is_empty(), "{listed}");
+    }
+    let v = d.vol_json(&["snapshot", "verify", &o]);
+    assert_eq!(v["ok"], true, "{v}");
+    e.finish();
     d.finish();
 }
