@@ -447,3 +447,72 @@ fn a_dlm_policy_keeps_its_count_and_adds_its_tags() {
     assert!(gone.contains("ResourceNotFoundException"), "{gone}");
     ep.daemon.finish();
 }
+
+/// The store goes down: `vol snapshot list` still lists this host's
+/// snapshots from its records, protection unknown, with one warning line
+/// on stderr; a delete still refuses, since it cannot check protection.
+#[test]
+fn snapshot_list_works_while_the_store_is_down_s3() {
+    let mut store = volumed_tests::snapkit::Store::s3();
+    let d = store.daemon("listout");
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&["attach", "v"]);
+    let a = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let b = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    d.vol_ok(&["snapshot", "protect", &a]);
+    let up = d.vol_json(&["snapshot", "list"]);
+    assert_eq!(up[0]["protected"], true, "{up}");
+    assert!(up[0].get("protection_unknown").is_none(), "{up}");
+
+    let volumed_tests::snapkit::Store::S3(server) = &mut store else {
+        unreachable!()
+    };
+    server.stop();
+    let out = d.vol(&["--json", "snapshot", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [a.as_str(), b.as_str()], "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["protection_unknown"] == true),
+        "{listed}"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("warning: snapshot protection unknown"),
+        "{stderr}"
+    );
+    // The table too.
+    let table = d.vol(&["snapshot", "list"]);
+    assert!(table.status.success(), "{table:?}");
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&b));
+    let inspect = d.vol_json(&["snapshot", "inspect", &a]);
+    assert_eq!(inspect["protection_unknown"], true, "{inspect}");
+    // Deletes cannot check protection: refused, nothing lost.
+    d.vol_err(&["snapshot", "delete", &a]);
+    d.vol_err(&["snapshot", "delete", &b]);
+
+    server.start_again();
+    let back = d.vol_json(&["snapshot", "list"]);
+    assert_eq!(back.as_array().unwrap().len(), 2, "{back}");
+    assert_eq!(back[0]["protected"], true, "{back}");
+    d.vol_ok(&["snapshot", "unprotect", &a]);
+    d.finish_expecting(
+        &[],
+        &[
+            "store operation failed; retrying",
+            "cannot list the store",
+            "snapshot protection unknown",
+        ],
+    );
+}
