@@ -516,3 +516,80 @@ fn snapshot_list_works_while_the_store_is_down_s3() {
         ],
     );
 }
+
+/// A policy's snapshot given EC2 tags, then pruned: nothing the endpoint
+/// answers knows it, and the sweep the prune wakes forgets its EC2
+/// attributes (the `aws_snapshots` tree shrinks by it) while a live
+/// snapshot's stay.
+#[test]
+fn a_pruned_snapshot_loses_its_ec2_attributes() {
+    let ep = AwsEndpoint::start();
+    let d = &ep.daemon;
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&[
+        "policy",
+        "create",
+        "p",
+        "--volume",
+        "v",
+        "--every",
+        "1h",
+        "--keep-last",
+        "1",
+    ]);
+    d.vol_ok(&["policy", "run-now", "p"]);
+    let first = policy_snapshots(d, "p");
+    assert_eq!(first.len(), 1);
+    let manual = snap(d, "v")["id"].as_str().unwrap().to_owned();
+    for id in [&first[0], &manual] {
+        ep.aws_json(&[
+            "ec2",
+            "create-tags",
+            "--resources",
+            id,
+            "--tags",
+            "Key=team,Value=storage",
+        ]);
+    }
+    let tagged = |id: &str| {
+        let t = ep.aws_json(&[
+            "ec2",
+            "describe-tags",
+            "--filters",
+            &format!("Name=resource-id,Values={id}"),
+            "Name=key,Values=team",
+        ]);
+        t["Tags"].as_array().unwrap().len()
+    };
+    assert_eq!(tagged(&first[0]), 1);
+
+    ep.daemon.vol_ok(&["policy", "run-now", "p"]);
+    let now = policy_snapshots(&ep.daemon, "p");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], first[0], "the older one was pruned");
+    assert_eq!(tagged(&first[0]), 0);
+    assert_eq!(tagged(&manual), 1);
+    let d = ep.aws_err(&["ec2", "describe-snapshots", "--snapshot-ids", &first[0]]);
+    assert!(d.contains("InvalidSnapshot.NotFound"), "{d}");
+
+    // The prune wakes the endpoint's sweep.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let log = ep.daemon.log();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("forgot the EC2 attributes of deleted snapshots"))
+        {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no sweep logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The pruned snapshot's record went; the manual one's stays.
+    assert!(
+        line.contains("removed=1") && line.contains("kept=1"),
+        "{line}"
+    );
+    ep.daemon.vol_ok(&["snapshot", "delete", &manual]);
+    ep.daemon.finish();
+}

@@ -320,6 +320,20 @@ impl Catalog {
         )
     }
 
+    /// The ids of every snapshot with EC2 attributes.
+    pub fn aws_snapshot_ids(&self) -> Result<Vec<String>> {
+        self.trees
+            .aws_snapshots
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(sled_err("scan aws snapshots"))?;
+                Ok(String::from_utf8(k.to_vec()).ok())
+            })
+            .filter_map(Result::transpose)
+            .collect()
+    }
+
     /// The ids of every volume with EC2 attributes.
     pub fn aws_volume_ids(&self) -> Result<Vec<u64>> {
         self.trees

@@ -92,6 +92,9 @@ impl Lifecycle {
     ) -> Result<(Duration, snapshot::gc::GcReport, ImageExpiry)> {
         let images = self.machines.expire_binned_images(unix_now()).await?;
         let (grace, report) = self.engine.gc(grace).await?;
+        if images.snapshots > 0 || report.bin_expired > 0 {
+            self.note_removed();
+        }
         Ok((grace, report, images))
     }
 }

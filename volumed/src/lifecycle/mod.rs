@@ -93,6 +93,10 @@ pub struct Lifecycle {
     busy: Mutex<()>,
     /// A policy was created, changed or deleted: the scheduler looks again.
     changed: Notify,
+    /// A snapshot was deleted for good here (a delete, a prune, an expiry):
+    /// the owners of records kept beside snapshots (the AWS endpoint's
+    /// attributes) sweep theirs.
+    removed: Notify,
 }
 
 impl Lifecycle {
@@ -118,11 +122,22 @@ impl Lifecycle {
             min_interval,
             busy: Mutex::new(()),
             changed: Notify::new(),
+            removed: Notify::new(),
         }))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// Returns once a snapshot was deleted for good since the last time
+    /// this returned (deletions in between count once).
+    pub async fn snapshot_removed(&self) {
+        self.removed.notified().await
+    }
+
+    fn note_removed(&self) {
+        self.removed.notify_one();
     }
 
     fn now() -> i64 {
@@ -317,6 +332,7 @@ impl Lifecycle {
         let rules = self.catalog.bin_rules()?;
         if rules.is_empty() {
             self.machines.delete_snapshot(id).await?;
+            self.note_removed();
             return Ok(Removed::Deleted);
         }
         let info = self.engine.snapshot(id).await?;
@@ -335,6 +351,7 @@ impl Lifecycle {
             }
             None => {
                 self.machines.delete_snapshot(id).await?;
+                self.note_removed();
                 Ok(Removed::Deleted)
             }
         }
