@@ -523,7 +523,7 @@ fn snapshot_list_works_while_the_store_is_down_s3() {
 /// snapshot's stay.
 #[test]
 fn a_pruned_snapshot_loses_its_ec2_attributes() {
-    let ep = AwsEndpoint::start();
+    let ep = volumed_tests::aws::AwsEndpoint::start();
     let d = &ep.daemon;
     d.vol_ok(&["create", "v", "--size", "4M"]);
     d.vol_ok(&[

@@ -178,6 +178,9 @@ impl Ec2Attributes {
                     removed,
                     kept, "forgot the EC2 attributes of deleted snapshots"
                 ),
+                // The daemon stopping cancels the store's calls under it.
+                Err(Error::Store { source, .. }) if source.is_cancelled() => return,
+                Err(_) if shutdown.is_cancelled() => return,
                 Err(e) => tracing::warn!(
                     error = %volumed_api::error_chain(&e),
                     "could not sweep the EC2 attributes of deleted snapshots; trying again later"
