@@ -1,19 +1,29 @@
 //! The store's entries of deregistered images in the recycle bin
-//! (`snapshot::bin`): a third `impl Engine`, because the engine owns the
-//! repository. The records are opaque bytes here; `machines/` is their
-//! one writer and reader, and it alone decides what an entry means.
+//! (`snapshot::bin`), reached through `Engine::image_bin`, because the
+//! engine owns the repository. The records are opaque bytes here;
+//! `machines/` is their one writer and reader, and it alone decides what
+//! an entry means.
 
 use bytes::Bytes;
 use snapshot::bin::ImageBinEntry;
 
-use super::{Engine, Error, Result};
+use super::snapshot_catalog::SnapshotCatalog;
+use super::{Error, Result};
 
-impl Engine {
+/// The image bin of the engine's store.
+pub struct ImageBin<'a> {
+    known: &'a SnapshotCatalog,
+}
+
+impl<'a> ImageBin<'a> {
+    pub(super) fn new(known: &'a SnapshotCatalog) -> Self {
+        ImageBin { known }
+    }
+
     /// Keeps image `image`'s record in the store's recycle bin until
     /// `expires` (seconds since the epoch).
-    pub async fn bin_image_record(&self, image: &str, expires: u64, record: Bytes) -> Result<()> {
-        self.snapshots
-            .known
+    pub async fn put(&self, image: &str, expires: u64, record: Bytes) -> Result<()> {
+        self.known
             .repo()
             .bin_image(image, expires, record)
             .await
@@ -22,8 +32,8 @@ impl Engine {
 
     /// Every image in the store's recycle bin with its record; an entry
     /// removed between the listing and the read is left out.
-    pub async fn binned_image_records(&self) -> Result<Vec<(ImageBinEntry, Bytes)>> {
-        let repo = self.snapshots.known.repo();
+    pub async fn list(&self) -> Result<Vec<(ImageBinEntry, Bytes)>> {
+        let repo = self.known.repo();
         let entries = repo
             .list_binned_images()
             .await
@@ -41,9 +51,8 @@ impl Engine {
     }
 
     /// Removes image `image`'s entries from the store's recycle bin.
-    pub async fn unbin_image_record(&self, image: &str) -> Result<()> {
-        self.snapshots
-            .known
+    pub async fn remove(&self, image: &str) -> Result<()> {
+        self.known
             .repo()
             .unbin_image(image)
             .await

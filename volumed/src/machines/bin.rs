@@ -76,7 +76,8 @@ impl Machines {
         let img = self.image(id).await?;
         let _guard = self.lock.lock().await;
         self.engine
-            .bin_image_record(&img.id, expires, encode(&img).into())
+            .image_bin()
+            .put(&img.id, expires, encode(&img).into())
             .await?;
         self.catalog
             .remove_image(&img.id)
@@ -90,7 +91,7 @@ impl Machines {
     /// left out and logged.
     pub(super) async fn bin_entries(&self) -> Result<Vec<BinnedImage>> {
         let mut out = Vec::new();
-        for (e, bytes) in self.engine.binned_image_records().await? {
+        for (e, bytes) in self.engine.image_bin().list().await? {
             match decode(&bytes) {
                 Ok(record) if record.id == e.image => out.push(BinnedImage {
                     record,
@@ -155,7 +156,7 @@ impl Machines {
         };
         if self.registered_ids()?.contains(id) {
             // A restore cut short: the image is back, only its entry is left.
-            self.engine.unbin_image_record(id).await?;
+            self.engine.image_bin().remove(id).await?;
             return Err(MachineError::ImageNotInBin(id.to_owned()));
         }
         if entry.expires <= unix_now() {
@@ -166,7 +167,7 @@ impl Machines {
             .put_image(&entry.record)
             .await
             .map_err(Error::from)?;
-        self.engine.unbin_image_record(id).await?;
+        self.engine.image_bin().remove(id).await?;
         info!(image = %id, "image restored from the recycle bin");
         Ok(entry.record)
     }
@@ -188,7 +189,7 @@ impl Machines {
                 continue;
             }
             if registered.iter().any(|r| &r.id == id) {
-                self.engine.unbin_image_record(id).await?;
+                self.engine.image_bin().remove(id).await?;
                 gone.insert(id.clone());
                 continue;
             }
@@ -214,7 +215,7 @@ impl Machines {
                     Err(e) => return Err(e.into()),
                 }
             }
-            self.engine.unbin_image_record(id).await?;
+            self.engine.image_bin().remove(id).await?;
             gone.insert(id.clone());
             done.images += 1;
             info!(image = %id, "image deleted from the recycle bin for good");
