@@ -193,16 +193,16 @@ impl Machines {
                 gone.insert(id.clone());
                 continue;
             }
-            for snap in snapshots_of(&b.record) {
-                let used = registered.iter().any(|r| snapshots_of(r).contains(&snap))
-                    || binned.iter().any(|o| {
-                        &o.record.id != id
-                            && !gone.contains(&o.record.id)
-                            && snapshots_of(&o.record).contains(&snap)
-                    });
-                if used {
-                    continue;
-                }
+            let others: Vec<&ImageRecord> = registered
+                .iter()
+                .chain(
+                    binned
+                        .iter()
+                        .map(|o| &o.record)
+                        .filter(|o| &o.id != id && !gone.contains(&o.id)),
+                )
+                .collect();
+            for snap in own_snapshots(&b.record, &others) {
                 let Some(sid) = SnapshotId::parse(&snap) else {
                     continue;
                 };
@@ -224,27 +224,65 @@ impl Machines {
     }
 }
 
+/// The snapshots of `img` that none of `others` names: what goes with it.
+fn own_snapshots(img: &ImageRecord, others: &[&ImageRecord]) -> Vec<String> {
+    let used: BTreeSet<String> = others.iter().flat_map(|o| snapshots_of(o)).collect();
+    let mut out: Vec<String> = snapshots_of(img)
+        .into_iter()
+        .filter(|s| !used.contains(s))
+        .collect();
+    out.dedup();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use volumed_api::ImageState;
 
-    #[test]
-    fn a_stored_image_round_trips_and_other_formats_are_refused() {
-        let img = ImageRecord {
-            id: "ami-0123456789abcdef0".into(),
+    fn image(id: &str, snaps: &[&str]) -> ImageRecord {
+        ImageRecord {
+            id: id.into(),
             name: "web".into(),
             description: String::new(),
             architecture: "x86_64".into(),
             root_device_name: "/dev/xvda".into(),
-            mappings: Vec::new(),
+            mappings: snaps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    serde_json::from_value(serde_json::json!({
+                        "device_name": format!("/dev/xvd{}", (b'a' + i as u8) as char),
+                        "ebs": {"snapshot_id": s},
+                    }))
+                    .unwrap()
+                })
+                .collect(),
             state: ImageState::Available,
             created_at: 1,
             tags: [("k".to_owned(), "v".to_owned())].into(),
             source_instance: None,
             snapshot_set: None,
             error: None,
-        };
+        }
+    }
+
+    #[test]
+    fn an_expired_image_takes_only_the_snapshots_no_other_image_names() {
+        let img = image("ami-00000001", &["snap-a", "snap-b", "snap-c"]);
+        let registered = image("ami-00000002", &["snap-b"]);
+        let binned = image("ami-00000003", &["snap-c", "snap-d"]);
+        assert_eq!(
+            own_snapshots(&img, &[&registered, &binned]),
+            ["snap-a".to_owned()]
+        );
+        assert_eq!(own_snapshots(&img, &[]).len(), 3);
+        assert!(own_snapshots(&image("ami-00000004", &[]), &[&img]).is_empty());
+    }
+
+    #[test]
+    fn a_stored_image_round_trips_and_other_formats_are_refused() {
+        let img = image("ami-0123456789abcdef0", &["snap-0123456789abcdef"]);
         assert_eq!(decode(&encode(&img)).unwrap(), img);
         let other = serde_json::to_vec(&serde_json::json!({"format": 2, "image": img})).unwrap();
         assert!(decode(&other).unwrap_err().contains("format 2"));
