@@ -344,6 +344,9 @@ pub struct BinRule {
     #[serde(flatten)]
     pub spec: BinRuleSpec,
     pub created_at: String,
+    /// `locked`, `pending_unlock` or `unlocked`; absent if never locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_state: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -136,7 +136,7 @@ pub async fn create_rule(
     let spec: BinRuleSpec = body(&bytes, None)?;
     let r = s
         .lifecycle
-        .create_bin_rule(spec, Default::default())
+        .create_bin_rule(spec, Default::default(), None)
         .await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
@@ -145,12 +145,7 @@ pub async fn get_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<BinRule>> {
-    let r = s.lifecycle.bin_rule(&id)?;
-    Ok(Json(BinRule {
-        id: r.id,
-        spec: r.spec,
-        created_at: crate::catalog::rfc3339(r.created_at),
-    }))
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
 }
 
 pub async fn delete_rule(

@@ -41,7 +41,7 @@ pub use job::{
     Checkpoint, ExportSpec, ExportTask, ImportSpec, JobId, JobRecord, JobSpec, Requester, TaskDisk,
     TaskKind, TaskSource, TaskSpec,
 };
-pub use lifecycle::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
+pub use lifecycle::{BinRuleRecord, PolicyRecord, RuleLock, ScheduleRunRecord};
 pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
 pub use record::{
     AttachmentRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource, SnapshotState,
