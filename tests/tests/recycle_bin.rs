@@ -523,3 +523,162 @@ fn an_expired_image_goes_with_its_snapshots_and_gc_reclaims_their_chunks() {
     e.finish();
     d.finish();
 }
+
+/// Rule locks and a rule's own tags through awscli: a locked rule (and one
+/// within its unlock delay) cannot be deleted, shortened or narrowed, by
+/// rbin or by `vol`; tags are set, listed and removed by ARN.
+#[test]
+fn rbin_rule_locks_and_tags() {
+    let ep = AwsEndpoint::start();
+    let rule = ep.aws_json(&[
+        "rbin",
+        "create-rule",
+        "--resource-type",
+        "EBS_SNAPSHOT",
+        "--retention-period",
+        "RetentionPeriodValue=7,RetentionPeriodUnit=DAYS",
+        "--lock-configuration",
+        "UnlockDelay={UnlockDelayValue=7,UnlockDelayUnit=DAYS}",
+    ]);
+    let id = rule["Identifier"].as_str().unwrap().to_owned();
+    let arn = rule["RuleArn"].as_str().unwrap().to_owned();
+    assert_eq!(rule["LockState"], "locked", "{rule}");
+    assert_eq!(
+        rule["LockConfiguration"]["UnlockDelay"]["UnlockDelayValue"], 7,
+        "{rule}"
+    );
+    let conflict = |args: &[&str]| {
+        let e = ep.aws_err(args);
+        assert!(e.contains("ConflictException"), "{args:?}: {e}");
+    };
+    conflict(&["rbin", "delete-rule", "--identifier", &id]);
+    let shorter = [
+        "rbin",
+        "update-rule",
+        "--identifier",
+        &id,
+        "--retention-period",
+        "RetentionPeriodValue=1,RetentionPeriodUnit=DAYS",
+    ];
+    conflict(&shorter);
+    conflict(&[
+        "rbin",
+        "update-rule",
+        "--identifier",
+        &id,
+        "--exclude-resource-tags",
+        "ResourceTagKey=scratch",
+    ]);
+    let longer = ep.aws_json(&[
+        "rbin",
+        "update-rule",
+        "--identifier",
+        &id,
+        "--retention-period",
+        "RetentionPeriodValue=14,RetentionPeriodUnit=DAYS",
+        "--description",
+        "kept two weeks",
+    ]);
+    assert_eq!(
+        longer["RetentionPeriod"]["RetentionPeriodValue"], 14,
+        "{longer}"
+    );
+    let e = ep.daemon.vol_err(&["bin", "rule", "delete", &id]);
+    assert!(e.contains("locked"), "{e}");
+    let native = ep.daemon.vol_json(&["bin", "rule", "list"]);
+    assert_eq!(native["rules"][0]["lock_state"], "locked", "{native}");
+    let count = |state: &str| {
+        ep.aws_json(&[
+            "rbin",
+            "list-rules",
+            "--resource-type",
+            "EBS_SNAPSHOT",
+            "--lock-state",
+            state,
+        ])["Rules"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    assert_eq!((count("locked"), count("unlocked")), (1, 0));
+
+    // Unlocked: still held for the unlock delay.
+    let u = ep.aws_json(&["rbin", "unlock-rule", "--identifier", &id]);
+    assert_eq!(u["LockState"], "pending_unlock", "{u}");
+    assert!(
+        u["LockEndTime"].is_string() || u["LockEndTime"].is_number(),
+        "{u}"
+    );
+    conflict(&["rbin", "unlock-rule", "--identifier", &id]);
+    conflict(&["rbin", "delete-rule", "--identifier", &id]);
+    conflict(&shorter);
+    assert_eq!(count("pending_unlock"), 1);
+    let l = ep.aws_json(&[
+        "rbin",
+        "lock-rule",
+        "--identifier",
+        &id,
+        "--lock-configuration",
+        "UnlockDelay={UnlockDelayValue=30,UnlockDelayUnit=DAYS}",
+    ]);
+    assert_eq!(l["LockState"], "locked", "{l}");
+    // Only a region-level rule without exclusions can be locked.
+    let tagged = ep.aws_json(&[
+        "rbin",
+        "create-rule",
+        "--resource-type",
+        "EC2_IMAGE",
+        "--retention-period",
+        "RetentionPeriodValue=1,RetentionPeriodUnit=DAYS",
+        "--resource-tags",
+        "ResourceTagKey=env,ResourceTagValue=prod",
+    ]);
+    let tagged_id = tagged["Identifier"].as_str().unwrap().to_owned();
+    let e = ep.aws_err(&[
+        "rbin",
+        "lock-rule",
+        "--identifier",
+        &tagged_id,
+        "--lock-configuration",
+        "UnlockDelay={UnlockDelayValue=7,UnlockDelayUnit=DAYS}",
+    ]);
+    assert!(e.contains("ValidationException"), "{e}");
+
+    // A rule's own tags, by ARN; a locked rule takes them too.
+    ep.aws_json(&[
+        "rbin",
+        "tag-resource",
+        "--resource-arn",
+        &arn,
+        "--tags",
+        "Key=team,Value=storage",
+        "Key=cost,Value=backup",
+    ]);
+    let tags = ep.aws_json(&["rbin", "list-tags-for-resource", "--resource-arn", &arn]);
+    let mut keys: Vec<&str> = tags["Tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["Key"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    assert_eq!(keys, ["cost", "team"], "{tags}");
+    ep.aws_json(&[
+        "rbin",
+        "untag-resource",
+        "--resource-arn",
+        &arn,
+        "--tag-keys",
+        "cost",
+    ]);
+    let tags = ep.aws_json(&["rbin", "list-tags-for-resource", "--resource-arn", &arn]);
+    assert_eq!(tags["Tags"].as_array().unwrap().len(), 1, "{tags}");
+    assert_eq!(tags["Tags"][0]["Key"], "team", "{tags}");
+    let got = ep.aws_json(&["rbin", "get-rule", "--identifier", &id]);
+    assert_eq!(got["LockState"], "locked", "{got}");
+    let missing = arn.replace(&id, "0123456789a");
+    let e = ep.aws_err(&["rbin", "list-tags-for-resource", "--resource-arn", &missing]);
+    assert!(e.contains("ResourceNotFoundException"), "{e}");
+    ep.aws_json(&["rbin", "delete-rule", "--identifier", &tagged_id]);
+    ep.daemon.finish();
+}
