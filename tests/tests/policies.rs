@@ -372,6 +372,18 @@ fn a_dlm_policy_keeps_its_count_and_adds_its_tags() {
     );
     let all = ep.aws_json(&["dlm", "get-lifecycle-policies"]);
     assert_eq!(all["Policies"][0]["PolicyId"], id.as_str(), "{all}");
+    // The list's filters: resource type, target tags, tags to add.
+    let listed = |args: &[&str]| {
+        let mut a = vec!["dlm", "get-lifecycle-policies"];
+        a.extend_from_slice(args);
+        ep.aws_json(&a)["Policies"].as_array().unwrap().len()
+    };
+    assert_eq!(listed(&["--resource-types", "VOLUME"]), 1);
+    assert_eq!(listed(&["--resource-types", "INSTANCE"]), 0);
+    assert_eq!(listed(&["--target-tags", "backup=daily"]), 1);
+    assert_eq!(listed(&["--target-tags", "backup=weekly"]), 0);
+    assert_eq!(listed(&["--tags-to-add", "made-by=dlm"]), 1);
+    assert_eq!(listed(&["--tags-to-add", "made-by=hand"]), 0);
     let native = ep.daemon.vol_json(&["policy", "inspect", &id]);
     assert_eq!(native["source"], "dlm");
     assert_eq!(native["volumes_now"], serde_json::json!([tagged.clone()]));
