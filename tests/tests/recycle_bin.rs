@@ -682,3 +682,112 @@ fn rbin_rule_locks_and_tags() {
     ep.aws_json(&["rbin", "delete-rule", "--identifier", &tagged_id]);
     ep.daemon.finish();
 }
+
+/// The daemon killed in the middle of each move of an image: into the bin
+/// (entry written, record not yet removed), out of it (record written,
+/// entry not yet removed), and at expiry (its snapshot deleted, entry not
+/// yet removed). Each leaves the image whole in one place or the other,
+/// and doing it again finishes.
+#[test]
+fn a_kill_mid_image_move_leaves_it_whole_and_a_retry_finishes() {
+    let mut d = volumed_tests::TestDaemon::start();
+    d.vol_ok(&["create", "v", "--size", "4M", "--chunk-size", "64K"]);
+    d.vol_ok(&["attach", "v"]);
+    fill_random(&d, "v", 1);
+    let r = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let ami = d
+        .vol_ok(&[
+            "image",
+            "register",
+            "web",
+            "--root",
+            &format!("/dev/xvda={r}"),
+        ])
+        .trim()
+        .to_owned();
+    let long = d.vol_json(&[
+        "bin",
+        "rule",
+        "create",
+        "--resource",
+        "image",
+        "--retention",
+        "1h",
+    ]);
+    let images = |d: &volumed_tests::TestDaemon| -> Vec<String> {
+        d.vol_json(&["image", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let binned = |d: &volumed_tests::TestDaemon| -> usize {
+        d.vol_json(&["bin", "list"])["entries"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+    let crash_at = |d: &mut volumed_tests::TestDaemon, point: &str, args: &[&str]| {
+        d.set_env(&[("VOLUMED_FAILPOINTS", point)]);
+        d.restart();
+        assert!(!d.vol(args).status.success(), "{args:?}");
+        assert!(!d.wait_exit().success(), "{point} kills the daemon");
+        d.set_env(&[]);
+        d.start_again();
+    };
+
+    // Into the bin: still registered, its stray entry not listed.
+    crash_at(
+        &mut d,
+        "image-bin-after-entry",
+        &["image", "deregister", &ami],
+    );
+    assert_eq!(images(&d), std::slice::from_ref(&ami));
+    assert_eq!(binned(&d), 0);
+    d.vol_ok(&["image", "deregister", &ami]);
+    assert!(images(&d).is_empty());
+    assert_eq!(binned(&d), 1);
+
+    // Out of it: registered again; a second restore finishes the move.
+    crash_at(
+        &mut d,
+        "image-restore-after-record",
+        &["bin", "restore", &ami],
+    );
+    assert_eq!(images(&d), std::slice::from_ref(&ami));
+    assert_eq!(binned(&d), 0);
+    let e = d.vol_err(&["bin", "restore", &ami]);
+    assert!(e.contains("does not exist in the Recycle Bin"), "{e}");
+
+    // At expiry: the snapshot went, the entry stayed; the next gc ends it.
+    d.vol_ok(&["bin", "rule", "delete", long["id"].as_str().unwrap()]);
+    d.vol_ok(&[
+        "bin",
+        "rule",
+        "create",
+        "--resource",
+        "image",
+        "--retention",
+        "2s",
+    ]);
+    d.vol_ok(&["image", "deregister", &ami]);
+    std::thread::sleep(Duration::from_secs(3));
+    crash_at(
+        &mut d,
+        "image-expire-after-snapshot",
+        &["gc", "--grace", "0s"],
+    );
+    let snaps = d.vol_json(&["snapshot", "list"]);
+    assert!(snaps.as_array().unwrap().is_empty(), "{snaps}");
+    assert_eq!(binned(&d), 1, "the entry outlives its snapshot");
+    let g = d.vol_json(&["gc", "--grace", "0s"]);
+    assert_eq!(g["images_expired"], 1, "{g}");
+    assert_eq!(g["image_snapshots_deleted"], 0, "{g}");
+    assert_eq!(binned(&d), 0);
+    assert!(images(&d).is_empty());
+    d.finish_expecting(
+        &[],
+        &["failpoint reached", "previous run did not shut down cleanly"],
+    );
+}

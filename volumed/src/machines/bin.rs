@@ -79,6 +79,7 @@ impl Machines {
             .image_bin()
             .put(&img.id, expires, encode(&img).into())
             .await?;
+        crate::failpoint::hit("image-bin-after-entry");
         self.catalog
             .remove_image(&img.id)
             .await
@@ -167,6 +168,7 @@ impl Machines {
             .put_image(&entry.record)
             .await
             .map_err(Error::from)?;
+        crate::failpoint::hit("image-restore-after-record");
         self.engine.image_bin().remove(id).await?;
         info!(image = %id, "image restored from the recycle bin");
         Ok(entry.record)
@@ -207,7 +209,10 @@ impl Machines {
                     continue;
                 };
                 match self.engine.delete_snapshot(&sid).await {
-                    Ok(()) => done.snapshots += 1,
+                    Ok(()) => {
+                        done.snapshots += 1;
+                        crate::failpoint::hit("image-expire-after-snapshot");
+                    }
                     Err(Error::SnapshotNotFound(_)) => {}
                     Err(Error::SnapshotProtected(_)) => {
                         warn!(image = %id, snapshot = %snap, "snapshot of an expired image is protected; kept")
