@@ -439,9 +439,17 @@ fn rbin_image_rule_deregister_list_restore_and_the_bytes_come_back() {
 /// it used, and reclaims exactly that snapshot's chunks.
 #[test]
 fn an_expired_image_goes_with_its_snapshots_and_gc_reclaims_their_chunks() {
-    let store = Store::Local;
+    image_expiry(Store::Local);
+}
+
+#[test]
+fn an_expired_image_goes_with_its_snapshots_and_gc_reclaims_their_chunks_s3() {
+    image_expiry(Store::s3());
+}
+
+fn image_expiry(store: Store) {
     let d = store.daemon("binimg");
-    let e = store.daemon_sharing("binimg2", &d);
+    let e = store.daemon_sharing("binimg", &d);
     let repo = store.repo(&d, "binimg");
     d.vol_ok(&["create", "v", "--size", "8M", "--chunk-size", "64K"]);
     d.vol_ok(&["attach", "v"]);
@@ -788,6 +796,9 @@ fn a_kill_mid_image_move_leaves_it_whole_and_a_retry_finishes() {
     assert!(images(&d).is_empty());
     d.finish_expecting(
         &[],
-        &["failpoint reached", "previous run did not shut down cleanly"],
+        &[
+            "failpoint reached",
+            "previous run did not shut down cleanly",
+        ],
     );
 }
