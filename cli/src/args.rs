@@ -294,6 +294,16 @@ pub enum BinRuleCommand {
     List,
     /// Delete a rule (what it keeps stays until its time ends)
     Delete { id: String },
+    /// Lock a region-level rule: it cannot be deleted, shortened or
+    /// narrowed until it is unlocked and the unlock delay has passed
+    Lock {
+        id: String,
+        /// Days (7 to 30) the rule stays held after `unlock`
+        #[arg(long = "unlock-delay-days", value_name = "DAYS")]
+        unlock_delay_days: u64,
+    },
+    /// Unlock a rule: held for its unlock delay, then free
+    Unlock { id: String },
 }
 
 fn parse_select(s: &str) -> Result<volumed_api::TagMatch, String> {

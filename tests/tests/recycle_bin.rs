@@ -688,6 +688,29 @@ fn rbin_rule_locks_and_tags() {
     let e = ep.aws_err(&["rbin", "list-tags-for-resource", "--resource-arn", &missing]);
     assert!(e.contains("ResourceNotFoundException"), "{e}");
     ep.aws_json(&["rbin", "delete-rule", "--identifier", &tagged_id]);
+
+    // The same natively.
+    let d = &ep.daemon;
+    let n = d.vol_json(&[
+        "bin",
+        "rule",
+        "create",
+        "--resource",
+        "image",
+        "--retention",
+        "3d",
+    ]);
+    let nid = n["id"].as_str().unwrap();
+    let e = d.vol_err(&["bin", "rule", "lock", nid, "--unlock-delay-days", "3"]);
+    assert!(e.contains("7 to 30"), "{e}");
+    let l = d.vol_json(&["bin", "rule", "lock", nid, "--unlock-delay-days", "7"]);
+    assert_eq!(l["lock_state"], "locked", "{l}");
+    let e = d.vol_err(&["bin", "rule", "delete", nid]);
+    assert!(e.contains("locked"), "{e}");
+    let u = d.vol_json(&["bin", "rule", "unlock", nid]);
+    assert_eq!(u["lock_state"], "pending_unlock", "{u}");
+    let e = d.vol_err(&["bin", "rule", "delete", nid]);
+    assert!(e.contains("pending_unlock"), "{e}");
     ep.daemon.finish();
 }
 

@@ -127,6 +127,34 @@ pub async fn run(client: &Client, out: &Out, cmd: BinCommand) -> anyhow::Result<
             out.table(&["ID", "RESOURCE", "RETENTION", "SELECT", "CREATED"], &rows)?;
             Ok(())
         }
+        BinCommand::Rule(BinRuleCommand::Lock {
+            id,
+            unlock_delay_days,
+        }) => {
+            let path = format!("/v1/bin/rules/{}/lock", super::image::path_id(&id)?);
+            let r: BinRule = client
+                .send(
+                    Method::POST,
+                    &path,
+                    &volumed_api::LockBinRule { unlock_delay_days },
+                )
+                .await?;
+            if out.json {
+                return Ok(out.json(&r)?);
+            }
+            out.line(format!("locked recycle-bin rule {}", r.id))?;
+            Ok(())
+        }
+        BinCommand::Rule(BinRuleCommand::Unlock { id }) => {
+            let path = format!("/v1/bin/rules/{}/unlock", super::image::path_id(&id)?);
+            let r: BinRule = client.send(Method::POST, &path, &()).await?;
+            if out.json {
+                return Ok(out.json(&r)?);
+            }
+            let state = r.lock_state.as_deref().unwrap_or("unlocked");
+            out.line(format!("unlocked recycle-bin rule {} ({state})", r.id))?;
+            Ok(())
+        }
         BinCommand::Rule(BinRuleCommand::Delete { id }) => {
             client.delete(&format!("/v1/bin/rules/{id}")).await?;
             if out.json {

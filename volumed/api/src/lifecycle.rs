@@ -349,6 +349,14 @@ pub struct BinRule {
     pub lock_state: Option<String>,
 }
 
+/// `POST /v1/bin/rules/{id}/lock`: lock a rule with an unlock delay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockBinRule {
+    /// Days (7 to 30) the rule stays held after an unlock.
+    pub unlock_delay_days: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BinRuleList {
     pub rules: Vec<BinRule>,

@@ -148,6 +148,26 @@ pub async fn get_rule(
     Ok(Json(s.lifecycle.bin_rule_view(&id)?))
 }
 
+pub async fn lock_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<BinRule>> {
+    let req: volumed_api::LockBinRule = body(&bytes, None)?;
+    s.lifecycle
+        .lock_bin_rule(&id, req.unlock_delay_days)
+        .await?;
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
+}
+
+pub async fn unlock_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BinRule>> {
+    s.lifecycle.unlock_bin_rule(&id).await?;
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
+}
+
 pub async fn delete_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
