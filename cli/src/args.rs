@@ -258,11 +258,12 @@ pub enum PolicyCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BinCommand {
-    /// List the snapshots in the recycle bin
+    /// List the snapshots and images in the recycle bin
     List,
-    /// Bring a snapshot back from the recycle bin, as it was
+    /// Bring a snapshot (snap-…) or an image (ami-…) back from the recycle
+    /// bin, as it was
     Restore {
-        #[arg(value_parser = parse_snapshot_id)]
+        #[arg(value_parser = parse_bin_id)]
         id: String,
     },
     /// Recycle-bin rules: which deleted snapshots are kept, how long
@@ -293,6 +294,16 @@ pub enum BinRuleCommand {
     List,
     /// Delete a rule (what it keeps stays until its time ends)
     Delete { id: String },
+    /// Lock a region-level rule: it cannot be deleted, shortened or
+    /// narrowed until it is unlocked and the unlock delay has passed
+    Lock {
+        id: String,
+        /// Days (7 to 30) the rule stays held after `unlock`
+        #[arg(long = "unlock-delay-days", value_name = "DAYS")]
+        unlock_delay_days: u64,
+    },
+    /// Unlock a rule: held for its unlock delay, then free
+    Unlock { id: String },
 }
 
 fn parse_select(s: &str) -> Result<volumed_api::TagMatch, String> {
@@ -530,6 +541,24 @@ pub enum DiffFormat {
 
 /// `snap-` and 1 to 64 of `[0-9a-z]`, as the daemon's ids; checked here
 /// so an id never carries anything else into a request path or query.
+/// A snapshot id, or an image id (`ami-` and 8 or 17 lowercase hex digits).
+fn parse_bin_id(s: &str) -> Result<String, String> {
+    if let Some(hex) = s.strip_prefix("ami-") {
+        let ok = (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        return if ok {
+            Ok(s.to_owned())
+        } else {
+            Err(format!(
+                "invalid image id {s:?}: expected ami- followed by 8 or 17 of [0-9a-f]"
+            ))
+        };
+    }
+    parse_snapshot_id(s)
+}
+
 fn parse_snapshot_id(s: &str) -> Result<String, String> {
     let ok = s.strip_prefix("snap-").is_some_and(|rest| {
         (1..=64).contains(&rest.len())

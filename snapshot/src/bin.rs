@@ -27,6 +27,13 @@
 //! only keeps chunks alive until it expires. Deleting or restoring again
 //! finishes the move.
 //!
+//! **Images in the bin.** A deregistered image's record goes, as the
+//! daemon's opaque bytes, to `bin-images/<image id>/<expiry>`. Its
+//! snapshots keep their manifests while it waits there, so gc honours
+//! them without reading these entries; the daemon refuses to delete them,
+//! restores the record from here, and when the retention ends deletes the
+//! snapshots only the image used, then the entry.
+//!
 //! **Protection** is an empty `protected/<id>` object. The daemon refuses
 //! to delete a protected snapshot; gc does not read it (a protected
 //! snapshot has its manifest, which gc honours anyway).
@@ -61,6 +68,18 @@ impl BinEntry {
     pub fn expires_at(&self) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(self.expires)
     }
+}
+
+/// A deregistered image in the recycle bin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBinEntry {
+    pub image: String,
+    /// Seconds since the epoch: until then it can be restored.
+    pub expires: u64,
+    /// When it entered the bin, by the store's clock.
+    pub entered: SystemTime,
+    /// The object's key.
+    pub key: String,
 }
 
 /// Who took a claim, and when by the store's clock.
@@ -170,6 +189,60 @@ impl Repo {
                 .put(&keys::trashed_manifest_key(id), bytes.clone())
                 .await?;
             self.store().delete(&e.key).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps image `image`'s record (`record`, the daemon's bytes) in the
+    /// recycle bin until `expires` (seconds since the epoch).
+    pub async fn bin_image(
+        &self,
+        image: &str,
+        expires: u64,
+        record: Bytes,
+    ) -> Result<(), RepoError> {
+        self.store()
+            .put(&keys::binned_image_key(image, expires), record)
+            .await?;
+        Ok(())
+    }
+
+    /// Every image in the recycle bin, by id; an image with more than one
+    /// entry (a deregistration repeated) shows the latest expiry.
+    pub async fn list_binned_images(&self) -> Result<Vec<ImageBinEntry>, RepoError> {
+        let mut by_id: std::collections::BTreeMap<String, ImageBinEntry> = Default::default();
+        for o in self.store().list(keys::IMAGE_BIN).await? {
+            let Some((image, expires)) = keys::binned_image_of_key(&o.key) else {
+                continue;
+            };
+            if by_id.get(image).is_some_and(|old| old.expires >= expires) {
+                continue;
+            }
+            by_id.insert(
+                image.to_owned(),
+                ImageBinEntry {
+                    image: image.to_owned(),
+                    expires,
+                    entered: o.modified,
+                    key: o.key.clone(),
+                },
+            );
+        }
+        Ok(by_id.into_values().collect())
+    }
+
+    /// The record a bin entry keeps; `None` if it went meanwhile.
+    pub async fn binned_image(&self, entry: &ImageBinEntry) -> Result<Option<Bytes>, RepoError> {
+        Ok(self.store().get(&entry.key).await?)
+    }
+
+    /// Removes every bin entry of image `image` (restored, or expired and
+    /// its snapshots deleted).
+    pub async fn unbin_image(&self, image: &str) -> Result<(), RepoError> {
+        for o in self.store().list(&keys::image_bin_prefix_of(image)).await? {
+            if keys::binned_image_of_key(&o.key).is_some_and(|(i, _)| i == image) {
+                self.store().delete(&o.key).await?;
+            }
         }
         Ok(())
     }
@@ -406,6 +479,41 @@ mod tests {
             "every entry of the snapshot goes"
         );
         assert_eq!(repo.get_manifest(&id).await.unwrap(), m);
+    }
+
+    #[tokio::test]
+    async fn images_in_the_bin_are_listed_once_and_removed_whole() {
+        let repo = Repo::new(Arc::new(MemoryStore::new()), codec::DEFAULT_LEVEL);
+        let a = "ami-0123456789abcdef0";
+        let b = "ami-0123456789abcdef1";
+        repo.bin_image(a, 100, Bytes::from_static(b"first"))
+            .await
+            .unwrap();
+        repo.bin_image(a, 200, Bytes::from_static(b"again"))
+            .await
+            .unwrap();
+        repo.bin_image(b, 150, Bytes::from_static(b"other"))
+            .await
+            .unwrap();
+        let listed = repo.list_binned_images().await.unwrap();
+        assert_eq!(
+            listed
+                .iter()
+                .map(|e| (e.image.as_str(), e.expires))
+                .collect::<Vec<_>>(),
+            [(a, 200), (b, 150)]
+        );
+        assert_eq!(
+            repo.binned_image(&listed[0]).await.unwrap().unwrap(),
+            Bytes::from_static(b"again")
+        );
+        // Image entries are not snapshots in the bin.
+        assert!(repo.list_binned().await.unwrap().is_empty());
+        repo.unbin_image(a).await.unwrap();
+        let left = repo.list_binned_images().await.unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].image, b);
+        assert_eq!(repo.binned_image(&listed[0]).await.unwrap(), None);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 //! | `trash/<snapshot id>` | a deleted manifest, kept for gc's grace period so a snapshot that started from it can still finish |
 //! | `trash/hold-<name>` | a released hold, kept for the same reason |
 //! | `bin/<snapshot id>/<expiry>` | a deleted manifest kept in the recycle bin until `expiry` (seconds since the epoch, decimal): honoured by gc like young trash until then, restorable |
+//! | `bin-images/<image id>/<expiry>` | a deregistered image's record (the daemon's JSON, opaque here) kept in the recycle bin until `expiry`; its snapshots keep their manifests meanwhile, so gc needs nothing from it |
 //! | `protected/<snapshot id>` | an empty object: the snapshot may not be deleted (see `bin`) |
 //! | `claims/<scope>/<slot>` | the host id of whoever claimed one scheduled slot of some work (a policy's prune), written create-if-absent so one host does it |
 //! | `pending/<snapshot id>` | a snapshot being written, kept fresh while it runs, holding its start by the store's clock (see `gc`) |
@@ -45,6 +46,8 @@ pub const HOLDS: &str = "holds/";
 pub const TRASH: &str = "trash/";
 /// Deleted manifests kept for a retention period (the recycle bin).
 pub const BIN: &str = "bin/";
+/// Deregistered images kept for a retention period (the recycle bin).
+pub const IMAGE_BIN: &str = "bin-images/";
 /// Markers of snapshots that may not be deleted.
 pub const PROTECTED: &str = "protected/";
 /// Claims on scheduled work, one host per slot.
@@ -139,6 +142,33 @@ pub fn binned_of_key(key: &str) -> Option<(SnapshotId, u64)> {
     Some((SnapshotId::parse(id)?, expires.parse().ok()?))
 }
 
+/// Where a deregistered image's record waits in the recycle bin until
+/// `expires`. `image` is the caller's id, kept to `[a-z0-9-]`.
+pub fn binned_image_key(image: &str, expires: u64) -> String {
+    format!("{IMAGE_BIN}{image}/{expires}")
+}
+
+/// The prefix of every bin entry of image `image`.
+pub fn image_bin_prefix_of(image: &str) -> String {
+    format!("{IMAGE_BIN}{image}/")
+}
+
+/// The image and expiry a `bin-images/<id>/<expiry>` key names.
+pub fn binned_image_of_key(key: &str) -> Option<(&str, u64)> {
+    let (image, expires) = key.strip_prefix(IMAGE_BIN)?.split_once('/')?;
+    let canonical = !image.is_empty()
+        && image
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !expires.is_empty()
+        && expires.bytes().all(|b| b.is_ascii_digit())
+        && (expires == "0" || !expires.starts_with('0'));
+    if !canonical {
+        return None;
+    }
+    Some((image, expires.parse().ok()?))
+}
+
 pub fn protected_key(id: &SnapshotId) -> String {
     format!("{PROTECTED}{id}")
 }
@@ -215,6 +245,31 @@ pub fn clock_probe_key(nonce: &str) -> String {
 mod tests {
     use super::*;
     use crate::store::valid_key;
+
+    #[test]
+    fn image_bin_keys_round_trip_and_only_they_parse() {
+        let key = binned_image_key("ami-0123456789abcdef0", 1_800_000_000);
+        assert!(valid_key(&key));
+        assert_eq!(key, "bin-images/ami-0123456789abcdef0/1800000000");
+        assert_eq!(
+            binned_image_of_key(&key),
+            Some(("ami-0123456789abcdef0", 1_800_000_000))
+        );
+        assert!(key.starts_with(&image_bin_prefix_of("ami-0123456789abcdef0")));
+        for bad in [
+            "bin-images/ami-1/",
+            "bin-images//5",
+            "bin-images/ami-1/05",
+            "bin-images/ami-1/x",
+            "bin-images/AMI-1/5",
+            "bin/ami-1/5",
+        ] {
+            assert_eq!(binned_image_of_key(bad), None, "{bad}");
+        }
+        // A snapshot bin listing never sees image entries, and back.
+        assert!(!key.starts_with(BIN));
+        assert_eq!(binned_of_key(&key), None);
+    }
 
     #[test]
     fn chunk_keys_round_trip_and_only_they_parse() {

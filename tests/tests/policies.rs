@@ -372,6 +372,18 @@ fn a_dlm_policy_keeps_its_count_and_adds_its_tags() {
     );
     let all = ep.aws_json(&["dlm", "get-lifecycle-policies"]);
     assert_eq!(all["Policies"][0]["PolicyId"], id.as_str(), "{all}");
+    // The list's filters: resource type, target tags, tags to add.
+    let listed = |args: &[&str]| {
+        let mut a = vec!["dlm", "get-lifecycle-policies"];
+        a.extend_from_slice(args);
+        ep.aws_json(&a)["Policies"].as_array().unwrap().len()
+    };
+    assert_eq!(listed(&["--resource-types", "VOLUME"]), 1);
+    assert_eq!(listed(&["--resource-types", "INSTANCE"]), 0);
+    assert_eq!(listed(&["--target-tags", "backup=daily"]), 1);
+    assert_eq!(listed(&["--target-tags", "backup=weekly"]), 0);
+    assert_eq!(listed(&["--tags-to-add", "made-by=dlm"]), 1);
+    assert_eq!(listed(&["--tags-to-add", "made-by=hand"]), 0);
     let native = ep.daemon.vol_json(&["policy", "inspect", &id]);
     assert_eq!(native["source"], "dlm");
     assert_eq!(native["volumes_now"], serde_json::json!([tagged.clone()]));
@@ -445,5 +457,151 @@ fn a_dlm_policy_keeps_its_count_and_adds_its_tags() {
     ep.aws_json(&["dlm", "delete-lifecycle-policy", "--policy-id", &id]);
     let gone = ep.aws_err(&["dlm", "get-lifecycle-policy", "--policy-id", &id]);
     assert!(gone.contains("ResourceNotFoundException"), "{gone}");
+    ep.daemon.finish();
+}
+
+/// The store goes down: `vol snapshot list` still lists this host's
+/// snapshots from its records, protection unknown, with one warning line
+/// on stderr; a delete still refuses, since it cannot check protection.
+#[test]
+fn snapshot_list_works_while_the_store_is_down_s3() {
+    let mut store = volumed_tests::snapkit::Store::s3();
+    let d = store.daemon("listout");
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&["attach", "v"]);
+    let a = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    let b = snap(&d, "v")["id"].as_str().unwrap().to_owned();
+    d.vol_ok(&["snapshot", "protect", &a]);
+    let up = d.vol_json(&["snapshot", "list"]);
+    assert_eq!(up[0]["protected"], true, "{up}");
+    assert!(up[0].get("protection_unknown").is_none(), "{up}");
+
+    let volumed_tests::snapkit::Store::S3(server) = &mut store else {
+        unreachable!()
+    };
+    server.stop();
+    let out = d.vol(&["--json", "snapshot", "list"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [a.as_str(), b.as_str()], "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["protection_unknown"] == true),
+        "{listed}"
+    );
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("warning: snapshot protection unknown"),
+        "{stderr}"
+    );
+    // The table too.
+    let table = d.vol(&["snapshot", "list"]);
+    assert!(table.status.success(), "{table:?}");
+    assert!(String::from_utf8_lossy(&table.stdout).contains(&b));
+    let inspect = d.vol_json(&["snapshot", "inspect", &a]);
+    assert_eq!(inspect["protection_unknown"], true, "{inspect}");
+    // Deletes cannot check protection: refused, nothing lost.
+    d.vol_err(&["snapshot", "delete", &a]);
+    d.vol_err(&["snapshot", "delete", &b]);
+
+    server.start_again();
+    let back = d.vol_json(&["snapshot", "list"]);
+    assert_eq!(back.as_array().unwrap().len(), 2, "{back}");
+    assert_eq!(back[0]["protected"], true, "{back}");
+    d.vol_ok(&["snapshot", "unprotect", &a]);
+    d.finish_expecting(
+        &[],
+        &[
+            "store operation failed; retrying",
+            "cannot list the store",
+            "snapshot protection unknown",
+        ],
+    );
+}
+
+/// A policy's snapshot given EC2 tags, then pruned: nothing the endpoint
+/// answers knows it, and the sweep the prune wakes forgets its EC2
+/// attributes (the `aws_snapshots` tree shrinks by it) while a live
+/// snapshot's stay.
+#[test]
+fn a_pruned_snapshot_loses_its_ec2_attributes() {
+    let ep = volumed_tests::aws::AwsEndpoint::start();
+    let d = &ep.daemon;
+    d.vol_ok(&["create", "v", "--size", "4M"]);
+    d.vol_ok(&[
+        "policy",
+        "create",
+        "p",
+        "--volume",
+        "v",
+        "--every",
+        "1h",
+        "--keep-last",
+        "1",
+    ]);
+    d.vol_ok(&["policy", "run-now", "p"]);
+    let first = policy_snapshots(d, "p");
+    assert_eq!(first.len(), 1);
+    let manual = snap(d, "v")["id"].as_str().unwrap().to_owned();
+    for id in [&first[0], &manual] {
+        ep.aws_json(&[
+            "ec2",
+            "create-tags",
+            "--resources",
+            id,
+            "--tags",
+            "Key=team,Value=storage",
+        ]);
+    }
+    let tagged = |id: &str| {
+        let t = ep.aws_json(&[
+            "ec2",
+            "describe-tags",
+            "--filters",
+            &format!("Name=resource-id,Values={id}"),
+            "Name=key,Values=team",
+        ]);
+        t["Tags"].as_array().unwrap().len()
+    };
+    assert_eq!(tagged(&first[0]), 1);
+
+    ep.daemon.vol_ok(&["policy", "run-now", "p"]);
+    let now = policy_snapshots(&ep.daemon, "p");
+    assert_eq!(now.len(), 1);
+    assert_ne!(now[0], first[0], "the older one was pruned");
+    assert_eq!(tagged(&first[0]), 0);
+    assert_eq!(tagged(&manual), 1);
+    let d = ep.aws_err(&["ec2", "describe-snapshots", "--snapshot-ids", &first[0]]);
+    assert!(d.contains("InvalidSnapshot.NotFound"), "{d}");
+
+    // The prune wakes the endpoint's sweep.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let line = loop {
+        let log = ep.daemon.log();
+        if let Some(l) = log
+            .lines()
+            .find(|l| l.contains("forgot the EC2 attributes of deleted snapshots"))
+        {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no sweep logged:\n{log}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The pruned snapshot's record went; the manual one's stays.
+    assert!(
+        line.contains("removed=1") && line.contains("kept=1"),
+        "{line}"
+    );
+    ep.daemon.vol_ok(&["snapshot", "delete", &manual]);
     ep.daemon.finish();
 }

@@ -1,7 +1,7 @@
 //! `vol bin list | restore | rule create | rule list | rule delete`.
 
 use hyper::Method;
-use volumed_api::{BinList, BinResource, BinRule, BinRuleList, BinRuleSpec, Snapshot};
+use volumed_api::{BinList, BinResource, BinRule, BinRuleList, BinRuleSpec, Image, Snapshot};
 
 use crate::args::{BinCommand, BinRuleCommand};
 use crate::client::Client;
@@ -50,16 +50,37 @@ pub async fn run(client: &Client, out: &Out, cmd: BinCommand) -> anyhow::Result<
                         e.id.clone(),
                         e.resource.as_str().into(),
                         e.state.clone(),
-                        e.volume.clone(),
+                        e.name.clone().unwrap_or_else(|| e.volume.clone()),
                         e.entered_at.clone(),
                         e.expires_at.clone(),
                     ]
                 })
                 .collect();
             out.table(
-                &["ID", "RESOURCE", "STATE", "VOLUME", "DELETED", "EXPIRES"],
+                &[
+                    "ID",
+                    "RESOURCE",
+                    "STATE",
+                    "VOLUME/NAME",
+                    "DELETED",
+                    "EXPIRES",
+                ],
                 &rows,
             )?;
+            Ok(())
+        }
+        BinCommand::Restore { id } if id.starts_with("ami-") => {
+            let img: Image = client
+                .send(
+                    Method::POST,
+                    &format!("/v1/bin/images/{}/restore", super::image::path_id(&id)?),
+                    &(),
+                )
+                .await?;
+            if out.json {
+                return Ok(out.json(&img)?);
+            }
+            out.line(format!("restored image {} ({})", img.id, img.name))?;
             Ok(())
         }
         BinCommand::Restore { id } => {
@@ -104,6 +125,34 @@ pub async fn run(client: &Client, out: &Out, cmd: BinCommand) -> anyhow::Result<
             }
             let rows: Vec<Vec<String>> = l.rules.iter().map(rule_row).collect();
             out.table(&["ID", "RESOURCE", "RETENTION", "SELECT", "CREATED"], &rows)?;
+            Ok(())
+        }
+        BinCommand::Rule(BinRuleCommand::Lock {
+            id,
+            unlock_delay_days,
+        }) => {
+            let path = format!("/v1/bin/rules/{}/lock", super::image::path_id(&id)?);
+            let r: BinRule = client
+                .send(
+                    Method::POST,
+                    &path,
+                    &volumed_api::LockBinRule { unlock_delay_days },
+                )
+                .await?;
+            if out.json {
+                return Ok(out.json(&r)?);
+            }
+            out.line(format!("locked recycle-bin rule {}", r.id))?;
+            Ok(())
+        }
+        BinCommand::Rule(BinRuleCommand::Unlock { id }) => {
+            let path = format!("/v1/bin/rules/{}/unlock", super::image::path_id(&id)?);
+            let r: BinRule = client.send(Method::POST, &path, &()).await?;
+            if out.json {
+                return Ok(out.json(&r)?);
+            }
+            let state = r.lock_state.as_deref().unwrap_or("unlocked");
+            out.line(format!("unlocked recycle-bin rule {} ({state})", r.id))?;
             Ok(())
         }
         BinCommand::Rule(BinRuleCommand::Delete { id }) => {

@@ -147,6 +147,9 @@ pub async fn run(client: &Client, out: &Out, cmd: SnapshotCommand) -> anyhow::Re
                 None => "/v1/snapshots".to_owned(),
             };
             let list: SnapshotList = client.get(&path).await?;
+            if let Some(w) = &list.warning {
+                eprintln!("warning: {w}");
+            }
             if out.json {
                 return Ok(out.json(&list.snapshots)?);
             }

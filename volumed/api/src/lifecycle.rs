@@ -344,6 +344,17 @@ pub struct BinRule {
     #[serde(flatten)]
     pub spec: BinRuleSpec,
     pub created_at: String,
+    /// `locked`, `pending_unlock` or `unlocked`; absent if never locked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_state: Option<String>,
+}
+
+/// `POST /v1/bin/rules/{id}/lock`: lock a rule with an unlock delay.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockBinRule {
+    /// Days (7 to 30) the rule stays held after an unlock.
+    pub unlock_delay_days: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,7 +375,11 @@ pub struct BinEntry {
     /// When it was deleted into the bin, and until when it can be restored.
     pub entered_at: String,
     pub expires_at: String,
+    /// A snapshot's labels, an image's tags.
     pub labels: BTreeMap<String, String>,
+    /// An image's name (a snapshot has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

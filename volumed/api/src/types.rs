@@ -320,6 +320,10 @@ pub struct Snapshot {
     /// Never pruned, and refused by every delete (`vol snapshot protect`).
     #[serde(default)]
     pub protected: bool,
+    /// The store could not be asked whether it is protected (an outage):
+    /// `protected` says nothing then. Absent when known.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub protection_unknown: bool,
     /// Its read-only NBD export on this host, while `vol snapshot attach`
     /// keeps it; null otherwise.
     #[serde(default)]
@@ -350,6 +354,10 @@ pub struct CreateSnapshot {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotList {
     pub snapshots: Vec<Snapshot>,
+    /// Set when the list is partial in some way (the store unreachable:
+    /// this host's records only, protection unknown); one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// Daemon status, `GET /v1/status`.
@@ -472,6 +480,12 @@ pub struct GcReport {
     pub bin_honoured: u64,
     #[serde(default)]
     pub bin_expired: u64,
+    /// Images whose retention in the recycle bin ended, deleted before
+    /// this run, and the snapshots only they used, deleted with them.
+    #[serde(default)]
+    pub images_expired: u64,
+    #[serde(default)]
+    pub image_snapshots_deleted: u64,
     /// Snapshots being written somewhere (any host) during this run.
     #[serde(default)]
     pub pending_snapshots: u64,

@@ -183,22 +183,38 @@ pub(super) async fn list_snapshots(
     if let Some(v) = &q.volume {
         name(v)?;
     }
-    let protected = s.engine.protected_snapshots().await?;
-    Ok(Json(SnapshotList {
-        snapshots: s
-            .engine
-            .snapshots(q.volume.as_deref())
-            .await?
-            .into_iter()
-            .map(|info| {
-                let p = protected.contains(info.id());
-                Snapshot {
-                    protected: p,
-                    ..s.snapshot(info)
-                }
-            })
-            .collect(),
-    }))
+    // The store answers which snapshots are protected; while it cannot,
+    // the list still comes from this host's records, protection unknown
+    // (deletes keep refusing: they ask the store themselves).
+    let (protected, warning) = match s.engine.protected_snapshots().await {
+        Ok(p) => (Some(p), None),
+        Err(e) => {
+            let why = volumed_api::error_chain(&e);
+            tracing::warn!(error = %why, "snapshot protection unknown; listing without it");
+            (
+                None,
+                Some(format!(
+                    "snapshot protection unknown, the store did not answer: {why}"
+                )),
+            )
+        }
+    };
+    let snapshots = s
+        .engine
+        .snapshots(q.volume.as_deref())
+        .await?
+        .into_iter()
+        .map(|info| {
+            let completed = info.completed();
+            let p = protected.as_ref().map(|p| p.contains(info.id()));
+            Snapshot {
+                protected: p.unwrap_or(false),
+                protection_unknown: completed && p.is_none(),
+                ..s.snapshot(info)
+            }
+        })
+        .collect();
+    Ok(Json(SnapshotList { snapshots, warning }))
 }
 
 pub(super) async fn get_snapshot(
@@ -208,10 +224,22 @@ pub(super) async fn get_snapshot(
     let id = snapshot_id(&id)?;
     let info = s.engine.snapshot(&id).await?;
     // Only a completed snapshot can be protected: a pending or failed one
-    // answers from its record alone, also while the store is down.
-    let protected = info.completed() && s.engine.snapshot_protected(&id).await?;
+    // answers from its record alone, also while the store is down; a
+    // completed one answers with its protection unknown then.
+    let (protected, unknown) = if info.completed() {
+        match s.engine.snapshot_protected(&id).await {
+            Ok(p) => (p, false),
+            Err(e) => {
+                tracing::warn!(snapshot = %id, error = %volumed_api::error_chain(&e), "snapshot protection unknown");
+                (false, true)
+            }
+        }
+    } else {
+        (false, false)
+    };
     Ok(Json(Snapshot {
         protected,
+        protection_unknown: unknown,
         ..s.snapshot(info)
     }))
 }
@@ -313,8 +341,14 @@ pub(super) async fn changed_blocks(
 pub(super) async fn gc(State(s): State<ApiState>, bytes: Bytes) -> ApiResult<Json<GcReport>> {
     let req: GcRequest = body(&bytes, Some(GcRequest::default()))?;
     let grace = req.grace_secs.map(std::time::Duration::from_secs);
-    let (grace, report) = s.engine.gc(grace).await?;
-    Ok(Json(views::gc_report(grace, report)))
+    // Images past their retention in the recycle bin go first, so the
+    // chunks of the snapshots they alone used go in this same run.
+    let (grace, report, images) = s.lifecycle.collect(grace).await?;
+    Ok(Json(volumed_api::GcReport {
+        images_expired: images.images,
+        image_snapshots_deleted: images.snapshots,
+        ..views::gc_report(grace, report)
+    }))
 }
 
 #[cfg(test)]

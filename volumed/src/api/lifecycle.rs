@@ -115,6 +115,14 @@ pub async fn bin_restore(
     Ok(Json(s.snapshot(info)))
 }
 
+pub async fn bin_restore_image(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<volumed_api::Image>> {
+    let rec = s.lifecycle.bin_restore_image(&id).await?;
+    Ok(Json(super::machine_views::image(rec)))
+}
+
 pub async fn list_rules(State(s): State<ApiState>) -> ApiResult<Json<BinRuleList>> {
     Ok(Json(BinRuleList {
         rules: s.lifecycle.bin_rules()?,
@@ -128,7 +136,7 @@ pub async fn create_rule(
     let spec: BinRuleSpec = body(&bytes, None)?;
     let r = s
         .lifecycle
-        .create_bin_rule(spec, Default::default())
+        .create_bin_rule(spec, Default::default(), None)
         .await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
@@ -137,12 +145,27 @@ pub async fn get_rule(
     State(s): State<ApiState>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<BinRule>> {
-    let r = s.lifecycle.bin_rule(&id)?;
-    Ok(Json(BinRule {
-        id: r.id,
-        spec: r.spec,
-        created_at: crate::catalog::rfc3339(r.created_at),
-    }))
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
+}
+
+pub async fn lock_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    bytes: Bytes,
+) -> ApiResult<Json<BinRule>> {
+    let req: volumed_api::LockBinRule = body(&bytes, None)?;
+    s.lifecycle
+        .lock_bin_rule(&id, req.unlock_delay_days)
+        .await?;
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
+}
+
+pub async fn unlock_rule(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<BinRule>> {
+    s.lifecycle.unlock_bin_rule(&id).await?;
+    Ok(Json(s.lifecycle.bin_rule_view(&id)?))
 }
 
 pub async fn delete_rule(

@@ -50,10 +50,12 @@ pub async fn deregister_image(
     bytes: Bytes,
 ) -> ApiResult<Json<Deregistered>> {
     let req: DeregisterImage = body(&bytes, Some(DeregisterImage::default()))?;
+    // Into the recycle bin if a rule keeps it (see `lifecycle::images`).
     let done = s
-        .machines
+        .lifecycle
         .deregister_image(&id, req.delete_snapshots)
-        .await?;
+        .await?
+        .snapshots;
     Ok(Json(Deregistered {
         image: id,
         snapshots: done

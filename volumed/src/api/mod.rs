@@ -37,6 +37,9 @@
 //! | POST | /v1/bin/rules | BinRuleSpec | 201 BinRule |
 //! | GET | /v1/bin/rules/{id} | | BinRule |
 //! | DELETE | /v1/bin/rules/{id} | | 204 |
+//! | POST | /v1/bin/rules/{id}/lock | LockBinRule | BinRule |
+//! | POST | /v1/bin/rules/{id}/unlock | | BinRule |
+//! | POST | /v1/bin/images/{id}/restore | | Image |
 //! | POST | /v1/gc | GcRequest (optional) | GcReport |
 //! | POST | /v1/imports | ImportRequest (a file) | 202 Job (running) |
 //! | POST | /v1/imports/stream | raw bytes; ImportRequest in `x-volumed-import` | Job (completed) |
@@ -139,6 +142,10 @@ pub(crate) fn router(state: ApiState) -> Router {
         .route("/v1/bin", get(lifecycle::bin_list))
         .route("/v1/bin/{id}/restore", post(lifecycle::bin_restore))
         .route(
+            "/v1/bin/images/{id}/restore",
+            post(lifecycle::bin_restore_image),
+        )
+        .route(
             "/v1/bin/rules",
             get(lifecycle::list_rules).post(lifecycle::create_rule),
         )
@@ -146,6 +153,8 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/v1/bin/rules/{id}",
             get(lifecycle::get_rule).delete(lifecycle::delete_rule),
         )
+        .route("/v1/bin/rules/{id}/lock", post(lifecycle::lock_rule))
+        .route("/v1/bin/rules/{id}/unlock", post(lifecycle::unlock_rule))
         .route("/v1/gc", post(gc))
         .route(
             "/v1/images",

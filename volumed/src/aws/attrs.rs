@@ -7,7 +7,12 @@
 //! attachment's by the attachment's id: a volume deleted and created again
 //! under its name, or attached again, never inherits them. Records of
 //! volumes and snapshots that are gone are never shown; a volume's are
-//! removed when the endpoint deletes it and swept at start.
+//! removed when the endpoint deletes it and swept at start. A snapshot's
+//! are removed when the endpoint deletes it for good, and swept when it
+//! went another way: at start, whenever the lifecycle layer deleted
+//! snapshots (`vol`, prune, a recycle-bin entry or image that expired),
+//! and every [`SNAPSHOT_SWEEP_EVERY`] (another host). A snapshot in the
+//! recycle bin keeps them for its restore.
 
 use std::sync::Arc;
 
@@ -17,7 +22,13 @@ use volumed_api::validate_tags;
 use crate::catalog::{
     AwsSnapshotRecord, AwsVolumeRecord, Catalog, CatalogError, VolumeModificationRecord,
 };
-use crate::engine::{Error, Volume};
+use crate::engine::{Engine, Error, Volume};
+
+/// How often the attributes of snapshots deleted other than through the
+/// endpoint are swept. Nothing shows them meanwhile (every answer starts
+/// from the engine's snapshots); the sweep only keeps the tree from
+/// growing with deletions.
+pub const SNAPSHOT_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
 
 pub struct Ec2Attributes {
     catalog: Arc<Catalog>,
@@ -104,6 +115,83 @@ impl Ec2Attributes {
             );
         }
         Ok(())
+    }
+
+    /// Forgets the attributes of snapshots that are neither visible to the
+    /// engine nor in the recycle bin. Returns how many went and how many
+    /// stay. A store that cannot answer stops the sweep: nothing goes on a
+    /// guess.
+    ///
+    /// Each candidate is asked about twice, before and after the bin is
+    /// listed, so a snapshot moving into the bin (entry written, then the
+    /// manifest removed) or out of it (manifest written, then the entry
+    /// removed) is seen in one place or the other.
+    pub async fn sweep_snapshots(&self, engine: &Engine) -> Result<(u64, u64), Error> {
+        let ids = self.catalog.aws_snapshot_ids()?;
+        let mut candidates = Vec::new();
+        for raw in &ids {
+            let Some(id) = snapshot::SnapshotId::parse(raw) else {
+                continue;
+            };
+            match engine.snapshot(&id).await {
+                Ok(_) => {}
+                Err(Error::SnapshotNotFound(_)) => candidates.push(id),
+                Err(e) => return Err(e),
+            }
+        }
+        if candidates.is_empty() {
+            return Ok((0, ids.len() as u64));
+        }
+        let binned: std::collections::HashSet<snapshot::SnapshotId> = engine
+            .binned_snapshots()
+            .await?
+            .into_iter()
+            .map(|(e, _)| e.id)
+            .collect();
+        let mut gone = 0;
+        for id in candidates.into_iter().filter(|id| !binned.contains(id)) {
+            match engine.snapshot(&id).await {
+                Ok(_) => continue,
+                Err(Error::SnapshotNotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+            self.remove_snapshot(&id).await?;
+            gone += 1;
+        }
+        Ok((gone, ids.len() as u64 - gone))
+    }
+
+    /// The sweep, logged; run at start, after the lifecycle layer deleted
+    /// snapshots for good (a delete, a prune, an expiry), and every
+    /// [`SNAPSHOT_SWEEP_EVERY`] for the rest (another host), until
+    /// `shutdown`.
+    pub async fn sweep_snapshots_every(
+        &self,
+        engine: &Engine,
+        lifecycle: &crate::lifecycle::Lifecycle,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            match self.sweep_snapshots(engine).await {
+                Ok((0, _)) => {}
+                Ok((removed, kept)) => info!(
+                    removed,
+                    kept, "forgot the EC2 attributes of deleted snapshots"
+                ),
+                // The daemon stopping cancels the store's calls under it.
+                Err(Error::Store { source, .. }) if source.is_cancelled() => return,
+                Err(_) if shutdown.is_cancelled() => return,
+                Err(e) => tracing::warn!(
+                    error = %volumed_api::error_chain(&e),
+                    "could not sweep the EC2 attributes of deleted snapshots; trying again later"
+                ),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(SNAPSHOT_SWEEP_EVERY) => {}
+                _ = lifecycle.snapshot_removed() => {}
+            }
+        }
     }
 
     /// The EC2 metadata of a snapshot, if any was set.

@@ -326,6 +326,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
                 .iter()
                 .find(|(k, _)| k == "state")
                 .map(|(_, v)| v.as_str());
+            let filter = ListFilter::parse(&q)?;
             let mut out = Vec::new();
             for r in lc.policy_records().map_err(lc_err)? {
                 let Some(given) = &r.dlm else { continue };
@@ -333,6 +334,9 @@ async fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
                     continue;
                 }
                 if st.is_some_and(|s| s != state_of(&r)) {
+                    continue;
+                }
+                if !filter.matches(given) {
                     continue;
                 }
                 out.push(json!({
@@ -399,5 +403,126 @@ async fn dispatch(state: &AwsState, req: &Request) -> DlmResult<(u16, Value)> {
             Ok((200, json!({})))
         }
         (m, _) => Err(invalid(format!("no DLM API at {m} {}", req.path))),
+    }
+}
+
+/// GetLifecyclePolicies' filters beyond ids and state: `resourceTypes`
+/// (the policy targets that type), `targetTags` and `tagsToAdd` (`key=value`,
+/// the policy has any of them), and `defaultPolicyType` (no policy here is
+/// a default policy, so it matches none).
+#[derive(Debug, Default)]
+struct ListFilter {
+    resource_types: Vec<String>,
+    target_tags: Vec<(String, String)>,
+    tags_to_add: Vec<(String, String)>,
+    default_only: bool,
+}
+
+impl ListFilter {
+    fn parse(q: &[(String, String)]) -> DlmResult<ListFilter> {
+        let all = |name: &str| -> Vec<&str> {
+            q.iter()
+                .filter(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str())
+                .collect()
+        };
+        let tags = |name: &str| -> DlmResult<Vec<(String, String)>> {
+            all(name)
+                .into_iter()
+                .map(|t| {
+                    t.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| invalid(format!("{name} {t:?}: expected key=value")))
+                })
+                .collect()
+        };
+        let resource_types: Vec<String> = all("resourceTypes")
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        for t in &resource_types {
+            if !matches!(t.as_str(), "VOLUME" | "INSTANCE") {
+                return Err(invalid(format!(
+                    "resourceTypes {t:?}: expected VOLUME or INSTANCE"
+                )));
+            }
+        }
+        Ok(ListFilter {
+            resource_types,
+            target_tags: tags("targetTags")?,
+            tags_to_add: tags("tagsToAdd")?,
+            default_only: !all("defaultPolicyType").is_empty(),
+        })
+    }
+
+    /// Whether a policy, as the DLM API was given it, passes.
+    fn matches(&self, given: &Value) -> bool {
+        if self.default_only {
+            return false;
+        }
+        let details = &given["PolicyDetails"];
+        let has = |list: &Value, want: &[(String, String)]| {
+            want.is_empty()
+                || list.as_array().is_some_and(|tags| {
+                    tags.iter().any(|t| {
+                        want.iter()
+                            .any(|(k, v)| t["Key"] == k.as_str() && t["Value"] == v.as_str())
+                    })
+                })
+        };
+        let types_ok = self.resource_types.is_empty()
+            || details["ResourceTypes"].as_array().is_some_and(|ts| {
+                ts.iter()
+                    .any(|t| self.resource_types.iter().any(|w| t == w.as_str()))
+            });
+        let added: Vec<Value> = details["Schedules"]
+            .as_array()
+            .map(|ss| {
+                ss.iter()
+                    .filter_map(|s| s["TagsToAdd"].as_array())
+                    .flatten()
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        types_ok
+            && has(&details["TargetTags"], &self.target_tags)
+            && has(&Value::Array(added), &self.tags_to_add)
+    }
+}
+
+#[cfg(test)]
+mod list_filter_tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn filters_match_what_the_policy_was_given() {
+        let given = json!({"PolicyDetails": {
+            "ResourceTypes": ["VOLUME"],
+            "TargetTags": [{"Key": "backup", "Value": "daily"}],
+            "Schedules": [{"Name": "s", "TagsToAdd": [{"Key": "made-by", "Value": "dlm"}]}],
+        }});
+        let pass = |pairs: &[(&str, &str)]| ListFilter::parse(&q(pairs)).unwrap().matches(&given);
+        assert!(pass(&[]));
+        assert!(pass(&[("resourceTypes", "VOLUME")]));
+        assert!(!pass(&[("resourceTypes", "INSTANCE")]));
+        assert!(pass(&[("targetTags", "backup=daily")]));
+        assert!(pass(&[
+            ("targetTags", "x=y"),
+            ("targetTags", "backup=daily")
+        ]));
+        assert!(!pass(&[("targetTags", "backup=weekly")]));
+        assert!(pass(&[("tagsToAdd", "made-by=dlm")]));
+        assert!(!pass(&[("tagsToAdd", "backup=daily")]));
+        assert!(!pass(&[("defaultPolicyType", "ALL")]));
+        assert!(ListFilter::parse(&q(&[("targetTags", "novalue")])).is_err());
+        assert!(ListFilter::parse(&q(&[("resourceTypes", "BUCKET")])).is_err());
     }
 }

@@ -128,6 +128,15 @@ impl Service {
             Service::Ebs
         } else if path == "/rules" || path.starts_with("/rules/") || path == "/list-rules" {
             Service::Rbin
+        } else if let Some(arn) = path.strip_prefix("/tags/") {
+            // Recycle Bin and DLM both tag at /tags/{ARN}: the ARN's
+            // service (`arn:aws:rbin:…`, its colons maybe escaped) decides.
+            let arn = sigv4::percent_decode(arn).unwrap_or_default();
+            if arn.split(|b| *b == b':').nth(2) == Some(b"rbin".as_slice()) {
+                Service::Rbin
+            } else {
+                Service::Dlm
+            }
         } else if path == "/policies" || path.starts_with("/policies/") {
             Service::Dlm
         } else {

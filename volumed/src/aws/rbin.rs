@@ -9,9 +9,15 @@
 //! | GET | /rules/{id} | GetRule |
 //! | PATCH | /rules/{id} | UpdateRule |
 //! | DELETE | /rules/{id} | DeleteRule |
+//! | PATCH | /rules/{id}/lock | LockRule |
+//! | PATCH | /rules/{id}/unlock | UnlockRule |
+//! | POST | /tags/{arn} | TagResource |
+//! | DELETE | /tags/{arn}?tagKeys=K | UntagResource |
+//! | GET | /tags/{arn} | ListTagsForResource |
 //!
-//! Retention is in days, as AWS takes it (1 to 365). Rule locks are
-//! refused: nothing here could honour them.
+//! Retention is in days, as AWS takes it (1 to 365). A locked rule (or
+//! one within its unlock delay) refuses what `lifecycle::bin` forbids with
+//! a ConflictException.
 
 use std::collections::BTreeMap;
 
@@ -21,9 +27,10 @@ use serde_json::{Value, json};
 use volumed_api::{BinResource, BinRuleSpec, TagMatch};
 
 use super::ebs::{EbsError, json_response};
-use super::{AwsState, OWNER_ID, Request, Response};
+use super::{AwsState, OWNER_ID, Request, Response, unix_now};
 use crate::catalog::BinRuleRecord;
 use crate::lifecycle::LifecycleError;
+use crate::lifecycle::bin::{LockState, lock_state};
 
 type RbinResult<T> = Result<T, EbsError>;
 
@@ -45,10 +52,20 @@ fn not_found(id: &str) -> EbsError {
     }
 }
 
+fn conflict(message: String) -> EbsError {
+    EbsError {
+        kind: "ConflictException",
+        status: 409,
+        reason: Some("INVALID_RULE_STATE"),
+        message,
+    }
+}
+
 impl From<LifecycleError> for EbsError {
     fn from(e: LifecycleError) -> Self {
         match e {
             LifecycleError::RuleNotFound(id) => not_found(&id),
+            LifecycleError::RuleLocked(m) => conflict(m),
             LifecycleError::Engine(e) => e.into(),
             LifecycleError::Catalog(e) => e.into(),
             e => invalid(volumed_api::error_chain(&e)),
@@ -88,7 +105,32 @@ struct RuleBody {
     resource_type: Option<String>,
     resource_tags: Option<Vec<ResourceTag>>,
     exclude_resource_tags: Option<Vec<ResourceTag>>,
-    lock_configuration: Option<Value>,
+    lock_configuration: Option<LockConfiguration>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct LockConfiguration {
+    unlock_delay: UnlockDelay,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct UnlockDelay {
+    unlock_delay_value: u64,
+    unlock_delay_unit: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct LockBody {
+    lock_configuration: Option<LockConfiguration>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", deny_unknown_fields)]
+struct TagBody {
+    tags: Option<Vec<Tag>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -158,9 +200,21 @@ fn arn(state: &AwsState, id: &str) -> String {
     format!("arn:aws:rbin:{}:{OWNER_ID}:rule/{id}", state.region)
 }
 
+fn now() -> u64 {
+    u64::try_from(unix_now()).unwrap_or(0)
+}
+
+fn unlock_days(c: &LockConfiguration) -> RbinResult<u64> {
+    if c.unlock_delay.unlock_delay_unit != "DAYS" {
+        return Err(invalid("UnlockDelayUnit must be DAYS"));
+    }
+    Ok(c.unlock_delay.unlock_delay_value)
+}
+
 fn rule_json(state: &AwsState, r: &BinRuleRecord) -> Value {
     let days = r.spec.retention.div_ceil(86400).max(1);
-    json!({
+    let lock = lock_state(r, now());
+    let mut out = json!({
         "Identifier": r.id,
         "RetentionPeriod": { "RetentionPeriodValue": days, "RetentionPeriodUnit": "DAYS" },
         "Description": r.spec.description,
@@ -169,16 +223,43 @@ fn rule_json(state: &AwsState, r: &BinRuleRecord) -> Value {
         "ResourceTags": tags_json(&r.spec.tags),
         "ExcludeResourceTags": tags_json(&r.spec.exclude_tags),
         "Status": "available",
-        "LockState": "unlocked",
+        "LockState": lock.as_str(),
         "RuleArn": arn(state, &r.id),
-    })
+    });
+    if let Some(l) = &r.lock {
+        out["LockConfiguration"] = json!({
+            "UnlockDelay": {
+                "UnlockDelayValue": l.unlock_delay / 86400,
+                "UnlockDelayUnit": "DAYS",
+            }
+        });
+    }
+    if let LockState::PendingUnlock(t) = lock {
+        // A timestamp in the REST-JSON protocol: epoch seconds.
+        out["LockEndTime"] = json!(t);
+    }
+    out
 }
 
-fn no_lock(b: &RuleBody) -> RbinResult<()> {
-    if b.lock_configuration.is_some() {
-        return Err(invalid("rule locks are not supported by this endpoint"));
-    }
-    Ok(())
+/// The rule an rbin ARN names (`arn:aws:rbin:REGION:ACCOUNT:rule/ID`),
+/// the path segment percent-decoded.
+fn rule_of_arn(seg: &str) -> RbinResult<String> {
+    let arn = super::sigv4::percent_decode(seg)
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| invalid(format!("bad escape in resource ARN {seg:?}")))?;
+    let id = arn
+        .strip_prefix("arn:")
+        .filter(|_| arn.split(':').nth(2) == Some("rbin"))
+        .and_then(|_| arn.rsplit_once(":rule/"))
+        .map(|(_, id)| id.to_owned())
+        .ok_or_else(|| invalid(format!("ResourceArn {arn:?} is not a Recycle Bin rule ARN")))?;
+    Ok(id)
+}
+
+fn tags_list(tags: &BTreeMap<String, String>) -> Value {
+    tags.iter()
+        .map(|(k, v)| json!({ "Key": k, "Value": v }))
+        .collect()
 }
 
 /// Routes one authenticated request.
@@ -200,7 +281,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
     match (&req.method, segs.as_slice()) {
         (&Method::POST, ["rules"]) => {
             let b: RuleBody = body(req)?;
-            no_lock(&b)?;
+            let lock_days = b.lock_configuration.as_ref().map(unlock_days).transpose()?;
             let spec = BinRuleSpec {
                 resource: resource(b.resource_type.as_deref().unwrap_or(""))?,
                 retention: retention(
@@ -218,7 +299,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
                 .into_iter()
                 .map(|t| (t.key, t.value))
                 .collect();
-            let r = lc.create_bin_rule(spec, rule_tags).await?;
+            let r = lc.create_bin_rule(spec, rule_tags, lock_days).await?;
             Ok((201, rule_json(state, &lc.bin_rule(&r.id)?)))
         }
         (&Method::POST, ["list-rules"]) => {
@@ -227,9 +308,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
             if b.max_results.is_some_and(|m| !(1..=1000).contains(&m)) {
                 return Err(invalid("MaxResults must be from 1 to 1000"));
             }
-            if b.lock_state.as_deref().is_some_and(|s| s != "unlocked") {
-                return Ok((200, json!({ "Rules": [] })));
-            }
+            let now = now();
             let want = matches(b.resource_tags.as_deref().unwrap_or_default());
             let excl = matches(b.exclude_resource_tags.as_deref().unwrap_or_default());
             let mut rules: Vec<BinRuleRecord> = lc
@@ -238,6 +317,11 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
                 .filter(|r| r.spec.resource == kind)
                 .filter(|r| want.iter().all(|m| r.spec.tags.contains(m)))
                 .filter(|r| excl.iter().all(|m| r.spec.exclude_tags.contains(m)))
+                .filter(|r| {
+                    b.lock_state
+                        .as_deref()
+                        .is_none_or(|s| s == lock_state(r, now).as_str())
+                })
                 .collect();
             rules.sort_by(|a, b| a.id.cmp(&b.id));
             if let Some(t) = &b.next_token {
@@ -254,7 +338,7 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
                         "Identifier": full["Identifier"],
                         "Description": full["Description"],
                         "RetentionPeriod": full["RetentionPeriod"],
-                        "LockState": "unlocked",
+                        "LockState": full["LockState"],
                         "RuleArn": full["RuleArn"],
                     })
                 })
@@ -268,30 +352,85 @@ async fn dispatch(state: &AwsState, req: &Request) -> RbinResult<(u16, Value)> {
         (&Method::GET, ["rules", id]) => Ok((200, rule_json(state, &lc.bin_rule(id)?))),
         (&Method::PATCH, ["rules", id]) => {
             let b: RuleBody = body(req)?;
-            no_lock(&b)?;
+            if b.lock_configuration.is_some() {
+                return Err(invalid(
+                    "UpdateRule does not take LockConfiguration; use LockRule",
+                ));
+            }
             if b.tags.is_some() {
                 return Err(invalid("UpdateRule does not take Tags; use TagResource"));
             }
-            let mut r = lc.bin_rule(id)?;
+            let old = lc.bin_rule(id)?;
             if let Some(t) = &b.resource_type
-                && resource(t)? != r.spec.resource
+                && resource(t)? != old.spec.resource
             {
                 return Err(invalid("a rule's ResourceType cannot change"));
             }
-            if let Some(p) = &b.retention_period {
-                r.spec.retention = retention(p)?;
-            }
-            if let Some(d) = b.description {
-                r.spec.description = d;
-            }
-            if let Some(t) = &b.resource_tags {
-                r.spec.tags = matches(t);
-            }
-            if let Some(t) = &b.exclude_resource_tags {
-                r.spec.exclude_tags = matches(t);
-            }
-            lc.update_bin_rule(r.clone()).await?;
+            let retention = b.retention_period.as_ref().map(retention).transpose()?;
+            let r = lc
+                .update_bin_rule(id, |r| {
+                    if let Some(s) = retention {
+                        r.spec.retention = s;
+                    }
+                    if let Some(d) = b.description {
+                        r.spec.description = d;
+                    }
+                    if let Some(t) = &b.resource_tags {
+                        r.spec.tags = matches(t);
+                    }
+                    if let Some(t) = &b.exclude_resource_tags {
+                        r.spec.exclude_tags = matches(t);
+                    }
+                })
+                .await?;
             Ok((200, rule_json(state, &r)))
+        }
+        (&Method::PATCH, ["rules", id, "lock"]) => {
+            let b: LockBody = body(req)?;
+            let c = b
+                .lock_configuration
+                .as_ref()
+                .ok_or_else(|| invalid("LockConfiguration is required"))?;
+            let r = lc.lock_bin_rule(id, unlock_days(c)?).await?;
+            Ok((200, rule_json(state, &r)))
+        }
+        (&Method::PATCH, ["rules", id, "unlock"]) => {
+            let r = lc.unlock_bin_rule(id).await?;
+            Ok((200, rule_json(state, &r)))
+        }
+        (&Method::GET, ["tags", arn]) => {
+            let r = lc.bin_rule(&rule_of_arn(arn)?)?;
+            Ok((200, json!({ "Tags": tags_list(&r.rule_tags) })))
+        }
+        (&Method::POST, ["tags", arn]) => {
+            let id = rule_of_arn(arn)?;
+            let b: TagBody = body(req)?;
+            let set: Vec<Tag> = b.tags.ok_or_else(|| invalid("Tags is required"))?;
+            lc.update_bin_rule(&id, |r| {
+                r.rule_tags
+                    .extend(set.into_iter().map(|t| (t.key, t.value)));
+            })
+            .await?;
+            Ok((201, json!({})))
+        }
+        (&Method::DELETE, ["tags", arn]) => {
+            let id = rule_of_arn(arn)?;
+            let keys: Vec<String> = super::sigv4::parse_query(&req.query)
+                .map_err(|e| invalid(e.to_string()))?
+                .into_iter()
+                .filter(|(k, _)| k == "tagKeys")
+                .map(|(_, v)| v)
+                .collect();
+            if keys.is_empty() {
+                return Err(invalid("tagKeys is required"));
+            }
+            lc.update_bin_rule(&id, |r| {
+                for k in &keys {
+                    r.rule_tags.remove(k);
+                }
+            })
+            .await?;
+            Ok((204, json!({})))
         }
         (&Method::DELETE, ["rules", id]) => {
             lc.delete_bin_rule(id).await?;

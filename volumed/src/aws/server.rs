@@ -108,6 +108,16 @@ impl AwsServer {
     /// in progress and close.
     pub async fn run(self, shutdown: CancellationToken) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        {
+            let state = Arc::clone(&self.state);
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                state
+                    .attrs
+                    .sweep_snapshots_every(&state.engine, &state.lifecycle, shutdown)
+                    .await
+            });
+        }
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break,

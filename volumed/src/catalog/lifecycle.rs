@@ -64,6 +64,21 @@ pub struct BinRuleRecord {
     /// The rule's own tags (rbin's `Tags`), not the ones it matches.
     #[serde(default)]
     pub rule_tags: std::collections::BTreeMap<String, String>,
+    /// Set once the rule was locked (rbin's LockRule); never unset.
+    #[serde(default)]
+    pub lock: Option<RuleLock>,
+}
+
+/// A recycle-bin rule's lock: while locked, and for `unlock_delay` after
+/// an unlock, the rule cannot be deleted, shortened or made to match less.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleLock {
+    /// Seconds (AWS: 7 to 30 days).
+    pub unlock_delay: u64,
+    /// When an unlock takes effect (seconds since the epoch); `None` while
+    /// locked.
+    #[serde(default)]
+    pub unlock_at: Option<u64>,
 }
 
 impl Catalog {
@@ -194,6 +209,7 @@ mod tests {
             c.put_schedule_run("a", "default", &run).wait().unwrap();
             c.put_schedule_run("ab", "default", &run).wait().unwrap();
             c.put_bin_rule(&BinRuleRecord {
+                lock: None,
                 id: "r1".into(),
                 spec: BinRuleSpec {
                     resource: BinResource::Snapshot,

@@ -41,7 +41,7 @@ pub use job::{
     Checkpoint, ExportSpec, ExportTask, ImportSpec, JobId, JobRecord, JobSpec, Requester, TaskDisk,
     TaskKind, TaskSource, TaskSpec,
 };
-pub use lifecycle::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
+pub use lifecycle::{BinRuleRecord, PolicyRecord, RuleLock, ScheduleRunRecord};
 pub use machines::{DeviceRecord, ImageRecord, InstanceRecord};
 pub use record::{
     AttachmentRecord, SnapshotExportRecord, SnapshotRecord, SnapshotSource, SnapshotState,
@@ -318,6 +318,20 @@ impl Catalog {
             &aws::volume_key(id),
             "read aws volume",
         )
+    }
+
+    /// The ids of every snapshot with EC2 attributes.
+    pub fn aws_snapshot_ids(&self) -> Result<Vec<String>> {
+        self.trees
+            .aws_snapshots
+            .iter()
+            .keys()
+            .map(|k| {
+                let k = k.map_err(sled_err("scan aws snapshots"))?;
+                Ok(String::from_utf8(k.to_vec()).ok())
+            })
+            .filter_map(Result::transpose)
+            .collect()
     }
 
     /// The ids of every volume with EC2 attributes.

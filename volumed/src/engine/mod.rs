@@ -33,6 +33,7 @@ pub(crate) mod encryption;
 pub(crate) mod error;
 mod export;
 pub(crate) mod freeze;
+pub(crate) mod image_bin;
 pub(crate) mod jobs;
 mod lifecycle;
 mod record;
@@ -495,6 +496,11 @@ impl Engine {
     /// Every snapshot in the recycle bin, with its manifest's header.
     pub async fn binned_snapshots(&self) -> Result<Vec<(snapshot::bin::BinEntry, ManifestHeader)>> {
         self.snapshots.binned().await
+    }
+
+    /// The store's entries of images in the recycle bin (`machines/`'s).
+    pub fn image_bin(&self) -> image_bin::ImageBin<'_> {
+        image_bin::ImageBin::new(&self.snapshots.known)
     }
 
     /// Restores a snapshot from the recycle bin, as it was deleted.

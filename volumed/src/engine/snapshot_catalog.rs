@@ -84,6 +84,11 @@ impl SnapshotCatalog {
         }
     }
 
+    /// The repository, for the image bin's store entries (`image_bin`).
+    pub(super) fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
     fn headers(&self) -> std::sync::MutexGuard<'_, HashMap<SnapshotId, ManifestHeader>> {
         self.headers.lock().unwrap_or_else(|e| e.into_inner())
     }

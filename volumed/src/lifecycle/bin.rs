@@ -10,17 +10,153 @@
 //! Recycle Bin). Rules are this host's: a snapshot deleted on a host with
 //! no matching rule goes to the trash, whatever other hosts' rules say.
 //!
-//! Images: `machines/` deregisters an image at once; the bin does not
-//! keep images yet. The step left: deregistering asks [`retention_for`]
-//! with [`BinResource::Image`] and the image's tags, and `Machines` keeps
-//! the image record and its snapshots (`Machines::recycle_snapshot`) for
-//! that long; the rules, their API and their matching are here and tested.
+//! Images: DeregisterImage asks [`retention_for`] with
+//! [`BinResource::Image`] and the image's tags (`lifecycle::images`).
+//!
+//! Locks (rbin's LockRule): only a region-level rule without exclusion
+//! tags can be locked. While locked, and during the unlock delay after an
+//! unlock, it cannot be deleted, its retention cannot be shortened and
+//! what it matches cannot change ([`check_change`]); a longer retention,
+//! a new description and the rule's own tags still can.
 
 use std::collections::BTreeMap;
 
 use volumed_api::{BinResource, BinRuleSpec, TagMatch};
 
-use crate::catalog::BinRuleRecord;
+use crate::catalog::{BinRuleRecord, RuleLock};
+
+/// AWS's unlock delay: 7 to 30 days.
+pub const UNLOCK_DELAY_DAYS: std::ops::RangeInclusive<u64> = 7..=30;
+
+/// A rule's lock as rbin names it at `now`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockState {
+    /// Never locked, or unlocked and past the delay.
+    Unlocked,
+    Locked,
+    /// Unlocked, still within the delay, until this time.
+    PendingUnlock(u64),
+}
+
+impl LockState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LockState::Unlocked => "unlocked",
+            LockState::Locked => "locked",
+            LockState::PendingUnlock(_) => "pending_unlock",
+        }
+    }
+
+    /// Whether the rule is held (locked or within its unlock delay).
+    pub fn holds(self) -> bool {
+        self != LockState::Unlocked
+    }
+}
+
+pub fn lock_state(rule: &BinRuleRecord, now: u64) -> LockState {
+    match &rule.lock {
+        None => LockState::Unlocked,
+        Some(RuleLock {
+            unlock_at: None, ..
+        }) => LockState::Locked,
+        Some(RuleLock {
+            unlock_at: Some(t), ..
+        }) if *t > now => LockState::PendingUnlock(*t),
+        Some(_) => LockState::Unlocked,
+    }
+}
+
+/// Locks `rule` with an unlock delay of `days`; the rule as locked.
+pub fn lock(rule: &BinRuleRecord, days: u64, now: u64) -> Result<BinRuleRecord, LockRefusal> {
+    if !UNLOCK_DELAY_DAYS.contains(&days) {
+        return Err(LockRefusal::Invalid(format!(
+            "UnlockDelayValue must be from 7 to 30 days, not {days}"
+        )));
+    }
+    if !rule.spec.tags.is_empty() || !rule.spec.exclude_tags.is_empty() {
+        return Err(LockRefusal::Invalid(
+            "only a region-level rule without exclusion tags can be locked".into(),
+        ));
+    }
+    if lock_state(rule, now) == LockState::Locked {
+        return Err(LockRefusal::State(format!(
+            "rule {} is already locked",
+            rule.id
+        )));
+    }
+    Ok(BinRuleRecord {
+        lock: Some(RuleLock {
+            unlock_delay: days * 86400,
+            unlock_at: None,
+        }),
+        ..rule.clone()
+    })
+}
+
+/// Unlocks `rule`: it stays held for its unlock delay from `now`.
+pub fn unlock(rule: &BinRuleRecord, now: u64) -> Result<BinRuleRecord, LockRefusal> {
+    match (&rule.lock, lock_state(rule, now)) {
+        (Some(l), LockState::Locked) => Ok(BinRuleRecord {
+            lock: Some(RuleLock {
+                unlock_delay: l.unlock_delay,
+                unlock_at: Some(now.saturating_add(l.unlock_delay)),
+            }),
+            ..rule.clone()
+        }),
+        (_, state) => Err(LockRefusal::State(format!(
+            "rule {} is {}, not locked",
+            rule.id,
+            state.as_str()
+        ))),
+    }
+}
+
+/// Whether `old` may become `new` (`None`: be deleted) at `now`.
+pub fn check_change(
+    old: &BinRuleRecord,
+    new: Option<&BinRuleRecord>,
+    now: u64,
+) -> Result<(), LockRefusal> {
+    let state = lock_state(old, now);
+    if !state.holds() {
+        return Ok(());
+    }
+    let why = match new {
+        None => Some("deleted"),
+        Some(n) if n.spec.retention < old.spec.retention => Some("given a shorter retention"),
+        Some(n)
+            if n.spec.tags != old.spec.tags
+                || n.spec.exclude_tags != old.spec.exclude_tags
+                || n.spec.resource != old.spec.resource =>
+        {
+            Some("made to match other resources")
+        }
+        Some(_) => None,
+    };
+    match why {
+        None => Ok(()),
+        Some(what) => Err(LockRefusal::State(format!(
+            "rule {} is {}: it cannot be {what}{}",
+            old.id,
+            state.as_str(),
+            match state {
+                LockState::PendingUnlock(t) => format!(" until {}", crate::catalog::rfc3339(t)),
+                _ => " until it is unlocked and its unlock delay has passed".into(),
+            }
+        ))),
+    }
+}
+
+/// Why a lock, an unlock or a change of a locked rule was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LockRefusal {
+    /// The request itself is wrong (rbin's ValidationException).
+    #[error("{0}")]
+    Invalid(String),
+    /// The rule's lock state forbids it (rbin's ConflictException).
+    #[error("{0}")]
+    State(String),
+}
 
 /// EBS Recycle Bin keeps snapshots and images 1 to 365 days; the control
 /// API also takes shorter periods (down to a second), which tests use.
@@ -103,7 +239,71 @@ mod tests {
             },
             created_at: 0,
             rule_tags: BTreeMap::new(),
+            lock: None,
         }
+    }
+
+    #[test]
+    fn a_locked_rule_keeps_its_reach_until_its_unlock_delay_passes() {
+        let day = 86400;
+        let open = rule(BinResource::Snapshot, 7 * day, &[], &[]);
+        assert_eq!(lock_state(&open, 0), LockState::Unlocked);
+        assert!(matches!(lock(&open, 6, 0), Err(LockRefusal::Invalid(_))));
+        let tagged = rule(BinResource::Snapshot, day, &["a=b"], &[]);
+        assert!(matches!(lock(&tagged, 7, 0), Err(LockRefusal::Invalid(_))));
+        let excluding = rule(BinResource::Snapshot, day, &[], &["a"]);
+        assert!(matches!(
+            lock(&excluding, 7, 0),
+            Err(LockRefusal::Invalid(_))
+        ));
+
+        let locked = lock(&open, 7, 100).unwrap();
+        assert_eq!(lock_state(&locked, 100), LockState::Locked);
+        assert!(matches!(lock(&locked, 7, 100), Err(LockRefusal::State(_))));
+        let shorter = BinRuleRecord {
+            spec: BinRuleSpec {
+                retention: day,
+                ..locked.spec.clone()
+            },
+            ..locked.clone()
+        };
+        let longer = BinRuleRecord {
+            spec: BinRuleSpec {
+                retention: 30 * day,
+                description: "kept longer".into(),
+                ..locked.spec.clone()
+            },
+            ..locked.clone()
+        };
+        let narrower = BinRuleRecord {
+            spec: BinRuleSpec {
+                exclude_tags: vec![TagMatch::parse_select("tag:x").unwrap()],
+                ..locked.spec.clone()
+            },
+            ..locked.clone()
+        };
+        assert!(check_change(&locked, None, 100).is_err());
+        assert!(check_change(&locked, Some(&shorter), 100).is_err());
+        assert!(check_change(&locked, Some(&narrower), 100).is_err());
+        assert!(check_change(&locked, Some(&longer), 100).is_ok());
+        assert!(check_change(&open, None, 100).is_ok());
+
+        // Unlocked: held for the delay, then free; locking again is allowed.
+        assert!(matches!(unlock(&open, 100), Err(LockRefusal::State(_))));
+        let unlocking = unlock(&locked, 1000).unwrap();
+        let end = 1000 + 7 * day;
+        assert_eq!(lock_state(&unlocking, 1000), LockState::PendingUnlock(end));
+        assert!(matches!(
+            unlock(&unlocking, 1000),
+            Err(LockRefusal::State(_))
+        ));
+        let err = check_change(&unlocking, None, end - 1).unwrap_err();
+        assert!(err.to_string().contains("pending_unlock"), "{err}");
+        assert_eq!(lock_state(&unlocking, end), LockState::Unlocked);
+        assert!(check_change(&unlocking, None, end).is_ok());
+        assert!(check_change(&unlocking, Some(&shorter), end).is_ok());
+        let again = lock(&unlocking, 30, 1001).unwrap();
+        assert_eq!(lock_state(&again, end + 1), LockState::Locked);
     }
 
     fn tags(kv: &[(&str, &str)]) -> BTreeMap<String, String> {

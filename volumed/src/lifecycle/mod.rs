@@ -10,11 +10,18 @@
 //! - `run`: one run of a schedule (snapshots, then a claimed prune), and
 //!   prune itself;
 //! - `scheduler`: the one loop per host that starts runs when slots come;
-//! - `bin`: recycle-bin rules (pure); the bin itself is `snapshot::bin`.
+//! - `bin`: recycle-bin rules and their locks (pure); the bin itself is
+//!   `snapshot::bin`;
+//! - `rules`: bin rules created, changed within their locks, locked,
+//!   unlocked, tagged and deleted;
+//! - `images`: DeregisterImage into the bin, images listed and restored,
+//!   and collection (expired images first, then gc).
 
 pub mod bin;
+pub mod images;
 pub mod policy;
 pub mod prune;
+mod rules;
 mod run;
 pub mod schedule;
 mod scheduler;
@@ -25,9 +32,7 @@ use std::sync::Arc;
 use snapshot::SnapshotId;
 use tokio::sync::{Mutex, Notify};
 use tracing::info;
-use volumed_api::{
-    BinEntry, BinResource, BinRule, BinRuleSpec, Policy, PolicySpec, ScheduleStatus,
-};
+use volumed_api::{BinEntry, BinResource, Policy, PolicySpec, ScheduleStatus};
 
 pub use crate::catalog::{BinRuleRecord, PolicyRecord, ScheduleRunRecord};
 use crate::catalog::{Catalog, CatalogError, rfc3339, unix_now};
@@ -55,6 +60,9 @@ pub enum LifecycleError {
     PolicyExists(String),
     #[error("recycle-bin rule '{0}' not found")]
     RuleNotFound(String),
+    /// A rule's lock forbids the change (rbin's ConflictException).
+    #[error("{0}")]
+    RuleLocked(String),
     #[error(transparent)]
     Engine(#[from] Error),
     /// A snapshot a registered image uses, refused by `Machines`.
@@ -90,6 +98,12 @@ pub struct Lifecycle {
     busy: Mutex<()>,
     /// A policy was created, changed or deleted: the scheduler looks again.
     changed: Notify,
+    /// Read-modify-writes of bin rules take turns.
+    rule_writes: Mutex<()>,
+    /// A snapshot was deleted for good here (a delete, a prune, an expiry):
+    /// the owners of records kept beside snapshots (the AWS endpoint's
+    /// attributes) sweep theirs.
+    removed: Notify,
 }
 
 impl Lifecycle {
@@ -115,11 +129,23 @@ impl Lifecycle {
             min_interval,
             busy: Mutex::new(()),
             changed: Notify::new(),
+            removed: Notify::new(),
+            rule_writes: Mutex::new(()),
         }))
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
+    }
+
+    /// Returns once a snapshot was deleted for good since the last time
+    /// this returned (deletions in between count once).
+    pub async fn snapshot_removed(&self) {
+        self.removed.notified().await
+    }
+
+    fn note_removed(&self) {
+        self.removed.notify_one();
     }
 
     fn now() -> i64 {
@@ -314,6 +340,7 @@ impl Lifecycle {
         let rules = self.catalog.bin_rules()?;
         if rules.is_empty() {
             self.machines.delete_snapshot(id).await?;
+            self.note_removed();
             return Ok(Removed::Deleted);
         }
         let info = self.engine.snapshot(id).await?;
@@ -332,68 +359,22 @@ impl Lifecycle {
             }
             None => {
                 self.machines.delete_snapshot(id).await?;
+                self.note_removed();
                 Ok(Removed::Deleted)
             }
         }
     }
 
-    pub async fn create_bin_rule(
-        &self,
-        spec: BinRuleSpec,
-        rule_tags: BTreeMap<String, String>,
-    ) -> Result<BinRule> {
-        bin::validate(&spec).map_err(LifecycleError::Invalid)?;
-        if spec.resource == BinResource::Image {
-            // Rules for images are kept and matched (see `bin`);
-            // DeregisterImage does not consult them yet.
-            info!(
-                "recycle-bin rule for images created; deregistered images do not go to the bin yet"
-            );
-        }
-        let rec = BinRuleRecord {
-            id: bin::new_rule_id(),
-            spec,
-            created_at: unix_now(),
-            rule_tags,
-        };
-        self.catalog.put_bin_rule(&rec).await?;
-        info!(rule = %rec.id, retention = rec.spec.retention, "recycle-bin rule created");
-        Ok(rule_view(&rec))
-    }
-
-    pub fn bin_rule_records(&self) -> Result<Vec<BinRuleRecord>> {
-        Ok(self.catalog.bin_rules()?)
-    }
-
-    pub fn bin_rule(&self, id: &str) -> Result<BinRuleRecord> {
-        self.catalog
-            .bin_rules()?
-            .into_iter()
-            .find(|r| r.id == id)
-            .ok_or_else(|| LifecycleError::RuleNotFound(id.to_owned()))
-    }
-
-    pub fn bin_rules(&self) -> Result<Vec<BinRule>> {
-        Ok(self.catalog.bin_rules()?.iter().map(rule_view).collect())
-    }
-
-    /// Replaces a rule's spec (and, if given, its own tags).
-    pub async fn update_bin_rule(&self, rec: BinRuleRecord) -> Result<BinRule> {
-        bin::validate(&rec.spec).map_err(LifecycleError::Invalid)?;
-        self.bin_rule(&rec.id)?;
-        self.catalog.put_bin_rule(&rec).await?;
-        Ok(rule_view(&rec))
-    }
-
-    pub async fn delete_bin_rule(&self, id: &str) -> Result<()> {
-        self.bin_rule(id)?;
-        self.catalog.remove_bin_rule(id).await?;
-        info!(rule = %id, "recycle-bin rule deleted");
-        Ok(())
-    }
-
-    /// Every snapshot in the store's recycle bin (any host put it there).
+    /// Every snapshot and image in the store's recycle bin (any host put
+    /// it there), snapshots first.
     pub async fn bin_list(&self) -> Result<Vec<BinEntry>> {
+        let mut all = self.bin_list_snapshots().await?;
+        all.extend(self.bin_list_images().await?);
+        Ok(all)
+    }
+
+    /// Every snapshot in the store's recycle bin.
+    pub async fn bin_list_snapshots(&self) -> Result<Vec<BinEntry>> {
         let entries = self.engine.binned_snapshots().await?;
         Ok(entries
             .into_iter()
@@ -411,20 +392,13 @@ impl Lifecycle {
                 ),
                 expires_at: rfc3339(e.expires),
                 labels: h.labels,
+                name: None,
             })
             .collect())
     }
 
     pub async fn bin_restore(&self, id: &SnapshotId) -> Result<SnapshotInfo> {
         Ok(self.engine.restore_binned_snapshot(id).await?)
-    }
-}
-
-fn rule_view(r: &BinRuleRecord) -> BinRule {
-    BinRule {
-        id: r.id.clone(),
-        spec: r.spec.clone(),
-        created_at: rfc3339(r.created_at),
     }
 }
 

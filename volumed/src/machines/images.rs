@@ -1,7 +1,8 @@
 //! Images (AMIs): RegisterImage's checks, the records, DescribeImages'
 //! list (pending images settled from their snapshots first),
 //! DeregisterImage with its snapshots, tags, and the rule that a snapshot
-//! a registered image uses cannot be deleted.
+//! a registered image (or one in the recycle bin, see `bin`) uses cannot
+//! be deleted.
 
 use std::collections::BTreeMap;
 
@@ -224,7 +225,19 @@ impl Machines {
         if !delete_snapshots {
             return Ok(out);
         }
-        let others = self.catalog.images().map_err(Error::from)?;
+        let mut others = self.catalog.images().map_err(Error::from)?;
+        // Images in the recycle bin keep theirs too; a bin that cannot be
+        // read keeps every snapshot.
+        match self.bin_entries().await {
+            Ok(binned) => others.extend(binned.into_iter().map(|b| b.record)),
+            Err(e) => {
+                let why = format!("recycle bin unreadable: {}", volumed_api::error_chain(&e));
+                return Ok(snapshots_of(&img)
+                    .into_iter()
+                    .map(|s| (s, Err(why.clone())))
+                    .collect());
+            }
+        }
         for snap in snapshots_of(&img) {
             let r = match others.iter().find(|o| snapshots_of(o).contains(&snap)) {
                 Some(o) => Err(format!("in use by {}", o.id)),
@@ -286,6 +299,12 @@ impl Machines {
             return Err(MachineError::SnapshotInUse {
                 snapshot: id.to_string(),
                 image,
+            });
+        }
+        if let Some(image) = self.binned_image_using(id.as_str()).await? {
+            return Err(MachineError::SnapshotInUse {
+                snapshot: id.to_string(),
+                image: format!("{image} (in the recycle bin)"),
             });
         }
         match bin_until {

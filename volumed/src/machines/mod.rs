@@ -6,6 +6,8 @@
 //!
 //! - `images`: RegisterImage, DescribeImages, DeregisterImage, tags, and
 //!   the rule that a snapshot an image uses cannot be deleted;
+//! - `bin`: deregistered images in the store's recycle bin, restored, and
+//!   deleted with the snapshots only they used when their retention ends;
 //! - `capture`: CreateImage and CreateSnapshots, through the engine's
 //!   crash-consistent snapshot sets;
 //! - `instances`: stop, start, reboot, terminate, and what a restart
@@ -18,6 +20,7 @@
 //! writes only its own catalog trees (`images`, `instances`), one change
 //! at a time under its lock.
 
+pub mod bin;
 pub mod capture;
 pub mod images;
 pub mod instances;
@@ -77,6 +80,12 @@ pub enum MachineError {
     ImageNotAvailable(String, &'static str),
     #[error("The snapshot {snapshot} is currently in use by {image}")]
     SnapshotInUse { snapshot: String, image: String },
+    #[error("The image id '[{0}]' does not exist in the Recycle Bin")]
+    ImageNotInBin(String),
+    #[error(
+        "image '{0}' has stayed in the recycle bin past its retention; it can no longer be restored"
+    )]
+    ImageBinExpired(String),
     #[error("{0}")]
     Invalid(String),
     #[error("{0}")]
@@ -100,13 +109,14 @@ impl MachineError {
             | MachineError::InvalidName(_)
             | MachineError::InstanceType(_)
             | MachineError::Invalid(_) => ErrorCode::InvalidRequest,
-            MachineError::ImageNotFound(_) | MachineError::InstanceNotFound(_) => {
-                ErrorCode::NotFound
-            }
+            MachineError::ImageNotFound(_)
+            | MachineError::InstanceNotFound(_)
+            | MachineError::ImageNotInBin(_) => ErrorCode::NotFound,
             MachineError::NameTaken { .. } => ErrorCode::AlreadyExists,
             MachineError::IncorrectState { .. }
             | MachineError::ImageNotAvailable(..)
             | MachineError::SnapshotInUse { .. }
+            | MachineError::ImageBinExpired(_)
             | MachineError::Quiesce(_) => ErrorCode::Conflict,
             MachineError::Unsupported(_) => ErrorCode::Unsupported,
             MachineError::Engine(_) => return None,

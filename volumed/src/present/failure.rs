@@ -60,6 +60,7 @@ pub fn api_code(e: &(dyn StdError + 'static)) -> ErrorCode {
                 ErrorCode::NotFound
             }
             LifecycleError::PolicyExists(_) => ErrorCode::AlreadyExists,
+            LifecycleError::RuleLocked(_) => ErrorCode::Conflict,
             LifecycleError::Catalog(_) => ErrorCode::Internal,
         };
     }

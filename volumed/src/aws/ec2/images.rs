@@ -216,11 +216,18 @@ pub async fn describe(cx: Cx<'_>) -> Ec2Result<String> {
     .answer(all, |i| i.id.as_str(), matches, write_image)
 }
 
+use crate::lifecycle::images::KEPT_IN_BIN;
+
 pub async fn deregister(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["ImageId", "DeleteAssociatedSnapshots"])?;
     let id = cx.p.required("ImageId")?;
     let delete = cx.p.bool("DeleteAssociatedSnapshots")?.unwrap_or(false);
-    let results = cx.state.machines.deregister_image(id, delete).await?;
+    let results = cx
+        .state
+        .lifecycle
+        .deregister_image(id, delete)
+        .await?
+        .snapshots;
     let mut x = Xml::response("DeregisterImage", cx.rid);
     x.elem("return", true);
     if delete {
@@ -228,7 +235,7 @@ pub async fn deregister(cx: Cx<'_>) -> Ec2Result<String> {
         for (snap, r) in &results {
             let code = match r {
                 Ok(()) => "success",
-                Err(why) if why.starts_with("in use by") => "skipped",
+                Err(why) if why.starts_with("in use by") || why == KEPT_IN_BIN => "skipped",
                 Err(_) => "client-error",
             };
             x.open("item")

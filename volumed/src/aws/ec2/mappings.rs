@@ -138,7 +138,10 @@ impl From<MachineError> for Ec2Error {
             MachineError::Mapping(_)
             | MachineError::SmallerThanSnapshot { .. }
             | MachineError::BadMapping(_) => "InvalidBlockDeviceMapping",
-            MachineError::ImageNotFound(_) => "InvalidAMIID.NotFound",
+            MachineError::ImageNotFound(_) | MachineError::ImageNotInBin(_) => {
+                "InvalidAMIID.NotFound"
+            }
+            MachineError::ImageBinExpired(_) => "InvalidAMIID.Unavailable",
             MachineError::ImageIdMalformed(_) => "InvalidAMIID.Malformed",
             MachineError::ImageNotAvailable(..) => "InvalidAMIID.Unavailable",
             MachineError::InstanceNotFound(_) => "InvalidInstanceID.NotFound",

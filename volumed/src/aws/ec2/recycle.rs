@@ -3,9 +3,8 @@
 //! RestoreImageFromRecycleBin. The bin is the store's (`snapshot::bin`),
 //! so every host sharing the store lists the same entries.
 //!
-//! DeregisterImage does not put images in the bin yet: the image actions
-//! answer an empty bin and "not found", which is what EC2 answers an
-//! account without deleted images.
+//! Images come to the bin through DeregisterImage under an `EC2_IMAGE`
+//! rule (`lifecycle::images`).
 
 use super::snapshots::{ec2_view, snapshot_id, write_snapshot};
 use super::xml::Xml;
@@ -30,7 +29,7 @@ pub async fn list_snapshots(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["MaxResults", "NextToken", "SnapshotId"])?;
     let max = max_results(cx.p, 5, 1000)?;
     let want = cx.p.list("SnapshotId")?;
-    let mut entries = cx.state.lifecycle.bin_list().await?;
+    let mut entries = cx.state.lifecycle.bin_list_snapshots().await?;
     if !want.is_empty() {
         entries.retain(|e| want.contains(&e.id));
     }
@@ -85,17 +84,44 @@ pub async fn restore_snapshot(cx: Cx<'_>) -> Ec2Result<String> {
 
 pub async fn list_images(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["MaxResults", "NextToken", "ImageId"])?;
-    max_results(cx.p, 1, 1000)?;
+    let max = max_results(cx.p, 1, 1000)?;
+    let want = cx.p.list("ImageId")?;
+    let mut entries = cx.state.lifecycle.binned_images().await?;
+    if !want.is_empty() {
+        entries.retain(|e| want.contains(&e.record.id));
+    }
+    entries.sort_by(|a, b| a.record.id.cmp(&b.record.id));
+    let (entries, next) = page(
+        entries,
+        |e| e.record.id.as_str(),
+        cx.p.get("NextToken"),
+        max,
+    )?;
     let mut x = Xml::response("ListImagesInRecycleBin", cx.rid);
-    x.open("imageSet").close("imageSet");
+    x.open("imageSet");
+    for e in &entries {
+        let entered = e
+            .entered
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        x.open("item")
+            .elem("imageId", &e.record.id)
+            .elem("name", &e.record.name)
+            .elem("description", &e.record.description)
+            .elem("recycleBinEnterTime", iso8601(entered))
+            .elem("recycleBinExitTime", iso8601(e.expires))
+            .close("item");
+    }
+    x.close("imageSet");
+    x.opt("nextToken", next);
     Ok(x.finish("ListImagesInRecycleBin"))
 }
 
 pub async fn restore_image(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&["ImageId"])?;
     let id = cx.p.required("ImageId")?;
-    Err(Ec2Error::new(
-        "InvalidAMIID.NotFound",
-        format!("The image id '[{id}]' does not exist in the Recycle Bin"),
-    ))
+    cx.state.lifecycle.bin_restore_image(id).await?;
+    let mut x = Xml::response("RestoreImageFromRecycleBin", cx.rid);
+    x.elem("return", true);
+    Ok(x.finish("RestoreImageFromRecycleBin"))
 }

@@ -63,7 +63,16 @@ pub fn ec2_view(state: &AwsState, s: volumed_api::Snapshot) -> Ec2Result<Ec2Snap
         .or_else(|| is_volume_id(&s.volume).then(|| s.volume.clone()))
         .unwrap_or_else(|| UNKNOWN_VOLUME.to_owned());
     let (description, mut tags) = match meta {
-        Some(m) => (m.description, m.tags),
+        // The service's own labels (a policy's) show beside the user's tags.
+        Some(m) => {
+            let mut tags = m.tags;
+            for (k, v) in &s.labels {
+                if super::tags::reserved(k) {
+                    tags.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            (m.description, tags)
+        }
         None => (
             s.labels.get("description").cloned().unwrap_or_default(),
             s.labels.clone(),

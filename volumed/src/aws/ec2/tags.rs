@@ -104,6 +104,11 @@ async fn retag(
                     unreachable!("matched just above")
                 };
                 let id = snapshot_id(&s.id)?;
+                // Reserved keys (`volumed:policy`, a set's id) come from the
+                // snapshot's labels and are shown from there; only the
+                // user's tags are the endpoint's to keep.
+                let current: BTreeMap<String, String> =
+                    current.into_iter().filter(|(k, _)| !reserved(k)).collect();
                 let tags = crate::engine::volume_id::retag(&current, set, remove)?;
                 let meta = AwsSnapshotRecord {
                     volume_id: Some(s.volume_id.clone()),
@@ -119,12 +124,16 @@ async fn retag(
     Ok(())
 }
 
+/// A key the service keeps for itself (`aws:`, `volumed:`).
+pub fn reserved(k: &str) -> bool {
+    volumed_api::filter::RESERVED_TAG_PREFIXES
+        .iter()
+        .any(|p| k.starts_with(p))
+}
+
 fn check_keys<'a>(keys: impl IntoIterator<Item = &'a String>) -> Ec2Result<()> {
     for k in keys {
-        if volumed_api::filter::RESERVED_TAG_PREFIXES
-            .iter()
-            .any(|p| k.starts_with(p))
-        {
+        if reserved(k) {
             return Err(Ec2Error::invalid_parameter(format!(
                 "Tag keys starting with 'aws:' or 'volumed:' are reserved: {k}"
             )));
