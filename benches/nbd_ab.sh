@@ -7,7 +7,8 @@
 # line per target: IOPS, mean and p99 completion latency, server CPU per
 # I/O, and context switches per I/O (all processes, from /proc/stat).
 #
-# Usage: benches/nbd_ab.sh ROUNDS RUNTIME FILL_BS "rw:bs:qd ..." LABEL=BINARY... [LABEL=nbdkit]
+# Usage: benches/nbd_ab.sh ROUNDS RUNTIME FILL_BS "rw:bs:qd[:fsync] ..." LABEL=BINARY... [LABEL=nbdkit]
+#        (with fsync: a FLUSH every that many writes, 70/30 reads for randrw)
 # e.g.   benches/nbd_ab.sh 2 5 4k "randread:4k:32 randwrite:4k:1" old=/tmp/volumed-old new=target/release/volumed kit=nbdkit
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,19 +57,23 @@ cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1e6 / h
 switches() { awk '/^ctxt/ {print $2}' /proc/stat; }
 for r in $(seq "$ROUNDS"); do
     for job in $JOBS; do
-        IFS=: read -r rw bs qd <<<"$job"
+        IFS=: read -r rw bs qd fsync <<<"$job"
+        extra=()
+        [ -n "${fsync:-}" ] && extra=(--fsync="$fsync" --rwmixread=70)
         for t in "${TARGETS[@]}"; do
             tname=${t%%:*} rest=${t#*:}
             pid=${rest%%:*} uri=${rest#*:}
             c0=$(cpu_us "$pid") s0=$(switches)
-            fio --name=j --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" --size=1024M \
+            fio --name=j --ioengine=nbd --uri="$uri" --rw="$rw" --bs="$bs" --iodepth="$qd" "${extra[@]}" --size=1024M \
                 --time_based --runtime="$RUNTIME" --output-format=json > "$WORK/out.json" 2>/dev/null
             c1=$(cpu_us "$pid") s1=$(switches)
             /usr/bin/python3 - "$WORK/out.json" "$r" "$job" "$tname" $((c1 - c0)) $((s1 - s0)) <<'PY'
 import json, sys
 text = open(sys.argv[1]).read()  # the nbd engine prints a line before the JSON
 j = json.loads(text[text.index("{"):])["jobs"][0]
-side = j["read"] if j["read"]["io_bytes"] > 0 else j["write"]
+# A mixed job: both sides' IOPS and I/Os, the writes' latency.
+sides = [j[d] for d in ("read", "write") if j[d]["io_bytes"] > 0]
+side = dict(sides[-1], iops=sum(s["iops"] for s in sides), total_ios=sum(s["total_ios"] for s in sides))
 lat, n = side["clat_ns"], side["total_ios"] or 1
 p99 = lat.get("percentile", {}).get("99.000000", 0)
 print(f"round {sys.argv[2]} {sys.argv[3]:<16} {sys.argv[4]:<10} IOPS {side['iops']:>8.0f} mean {lat['mean'] / 1000:>7.1f} "
