@@ -244,6 +244,12 @@ pub fn valid_bucket(name: &str) -> bool {
         && !name.starts_with(['.', '-'])
 }
 
+/// S3's rules for buckets made today: [`valid_bucket`] without the
+/// underscores of older buckets, and a letter or digit at each end.
+pub fn valid_current_bucket(name: &str) -> bool {
+    valid_bucket(name) && !name.contains('_') && !name.ends_with(['.', '-'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +261,9 @@ mod tests {
         for bad in ["", "ab", "Upper", "a/b", "-x-", &"x".repeat(64)] {
             assert!(!valid_bucket(bad), "{bad}");
         }
+        assert!(valid_bucket("old_bucket") && !valid_current_bucket("old_bucket"));
+        assert!(valid_bucket("abc-") && !valid_current_bucket("abc-"));
+        assert!(valid_current_bucket("my.bucket-1"));
     }
 
     /// A client that is never called: the tests read through `store`.

@@ -372,24 +372,8 @@ impl ExportJobs {
             }
             Sink::Object(_) => Err("an export to a bucket is written by to_object".into()),
             Sink::Stream(tx) => {
-                let count = m.chunk_count();
-                let mut fetches = futures_util::stream::iter(0..count)
-                    .map(|i| {
-                        let fetcher = Arc::clone(self.engine.fetcher());
-                        let hash = m.get(i);
-                        let n = chunk_len(i);
-                        async move {
-                            match hash {
-                                None => Ok(vec![0u8; n as usize]),
-                                Some(hash) => fetcher
-                                    .get(&hash)
-                                    .await
-                                    .map(Vec::from)
-                                    .map_err(|e| format!("read chunk {i}: {e}")),
-                            }
-                        }
-                    })
-                    .buffered(FETCHES_IN_FLIGHT);
+                let mut fetches = chunks_in_order(Arc::clone(self.engine.fetcher()), m)
+                    .map(|r| r.map(|(n, d)| d.map_or_else(|| vec![0u8; n as usize], Vec::from)));
                 while let Some(data) = fetches.next().await {
                     if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
                         return Err("stopped".into());
@@ -413,6 +397,33 @@ impl ExportJobs {
             }
         }
     }
+}
+
+/// A snapshot's chunks in order, fetched [`FETCHES_IN_FLIGHT`] ahead: each
+/// as its length and its bytes (`None`: a hole, zeros). Shared by the raw
+/// stream of a download and the raw upload to a bucket.
+pub(super) fn chunks_in_order(
+    fetcher: Arc<snapshot::cache::Fetcher>,
+    m: &snapshot::Manifest,
+) -> impl futures_util::Stream<Item = Result<(u64, Option<bytes::Bytes>), String>> + '_ {
+    let (size, cs) = (m.header.size, m.header.chunk_size);
+    futures_util::stream::iter(0..m.chunk_count())
+        .map(move |i| {
+            let fetcher = Arc::clone(&fetcher);
+            let hash = m.get(i);
+            let n = cs.min(size - i * cs);
+            async move {
+                match hash {
+                    None => Ok((n, None)),
+                    Some(hash) => fetcher
+                        .get(&hash)
+                        .await
+                        .map(|d| (n, Some(d)))
+                        .map_err(|e| format!("read chunk {i} of snapshot {}: {e}", m.header.id)),
+                }
+            }
+        })
+        .buffered(FETCHES_IN_FLIGHT)
 }
 
 /// `qemu-img convert` of the snapshot's NBD export into `fmt`: VMDK stream-optimized, VHD

@@ -14,7 +14,7 @@ use snapshot::{SnapshotId, StoreError};
 
 use super::ImageFormat;
 use super::buckets::Bucket;
-use super::export::{ExportJobs, set_upload};
+use super::export::{ExportJobs, chunks_in_order, set_upload};
 use super::ova::{self, OvaDisk};
 use super::registry::JobHandle;
 use super::upload::ObjectUpload;
@@ -22,8 +22,6 @@ use super::upload::ObjectUpload;
 /// A store error of the upload as the job's message, naming bucket and key.
 type Failed<'a> = dyn Fn(StoreError) -> String + Sync + 'a;
 
-/// Fetches of chunks in flight while streaming raw bytes in order.
-const FETCHES_IN_FLIGHT: usize = 16;
 /// Bytes read from a converted file per write to the upload.
 const FILE_READ: usize = 4 << 20;
 
@@ -127,24 +125,7 @@ impl ExportJobs {
             .materialize()
             .await
             .map_err(|e| format!("read snapshot {id}: {e}"))?;
-        let (size, cs) = (m.header.size, m.header.chunk_size);
-        let mut fetches = futures_util::stream::iter(0..m.chunk_count())
-            .map(|i| {
-                let fetcher = Arc::clone(self.engine.fetcher());
-                let hash = m.get(i);
-                let n = cs.min(size - i * cs);
-                async move {
-                    match hash {
-                        None => Ok((n, None)),
-                        Some(hash) => fetcher
-                            .get(&hash)
-                            .await
-                            .map(|d| (n, Some(d)))
-                            .map_err(|e| format!("read chunk {i} of snapshot {id}: {e}")),
-                    }
-                }
-            })
-            .buffered(FETCHES_IN_FLIGHT);
+        let mut fetches = chunks_in_order(Arc::clone(self.engine.fetcher()), &m);
         while let Some(next) = fetches.next().await {
             if h.cancel.is_cancelled() || self.jobs.shutdown.is_cancelled() {
                 return Err("stopped".into());

@@ -13,6 +13,7 @@ use super::images::tag_specs;
 use super::xml::Xml;
 use super::{Cx, Describe, Ec2Error, Ec2Result, max_results};
 use crate::catalog::{ExportTask, JobRecord};
+use crate::images::buckets::valid_current_bucket;
 use crate::images::registry::JobHandle;
 use crate::images::{BucketExport, ExportDisk, ImageFormat, extension};
 use crate::machines::fresh_id;
@@ -38,14 +39,10 @@ fn disk_format(name: &str, v: &str) -> Ec2Result<ImageFormat> {
     }
 }
 
-/// A bucket name as S3 takes it: 3 to 63 of `[a-z0-9.-]`, starting and
-/// ending with a letter or digit.
+/// A bucket name as S3 takes it today (the bucket must exist already; see
+/// [`valid_current_bucket`]).
 fn bucket(name: &str, v: &str) -> Ec2Result<String> {
-    let edge = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    let ok = (3..=63).contains(&v.len())
-        && v.bytes().all(|b| edge(b) || b == b'.' || b == b'-')
-        && v.bytes().next().is_some_and(edge)
-        && v.bytes().last().is_some_and(edge);
+    let ok = valid_current_bucket(v);
     if ok {
         Ok(v.to_owned())
     } else {
