@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::engine::IoEngine;
-use super::op::OpKind;
+use super::op::{OpKind, ReadBuf};
 use super::sector_cipher::SectorCipher;
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
@@ -176,23 +176,26 @@ impl DataFile {
             let p = pieces.pop().expect("one piece");
             let (r, kind) = self
                 .engine
-                .run(p.file, p.pos, OpKind::Read(vec![0u8; len]))
+                .run(p.file, p.pos, OpKind::Read(ReadBuf::uninit(len)))
                 .await;
             r?;
             return match kind {
-                OpKind::Read(buf) => Ok(buf),
+                OpKind::Read(buf) => Ok(buf.into_vec()),
                 _ => Err(io::Error::other("I/O engine returned another op")),
             };
         }
-        let mut out = vec![0u8; len];
+        // Pieces come in file order, each right after the one before.
+        let mut out = Vec::with_capacity(len);
         for p in pieces {
+            debug_assert_eq!(p.at, out.len());
             let (r, kind) = self
                 .engine
-                .run(p.file, p.pos, OpKind::Read(vec![0u8; p.len]))
+                .run(p.file, p.pos, OpKind::Read(ReadBuf::uninit(p.len)))
                 .await;
             r?;
-            if let OpKind::Read(buf) = kind {
-                out[p.at..p.at + p.len].copy_from_slice(&buf);
+            match kind {
+                OpKind::Read(buf) => out.extend_from_slice(&buf.into_vec()),
+                _ => return Err(io::Error::other("I/O engine returned another op")),
             }
         }
         Ok(out)

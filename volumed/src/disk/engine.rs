@@ -194,7 +194,7 @@ async fn run_on_thread(file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
 
 fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
     let r = match &mut kind {
-        OpKind::Read(buf) => file.read_exact_at(buf, offset),
+        OpKind::Read(buf) => file.read_exact_at(buf.whole_mut(), offset),
         OpKind::Write(buf) => file.write_all_at(buf, offset),
         OpKind::Sync { data_only: true } => file.sync_data(),
         OpKind::Sync { data_only: false } => file.sync_all(),

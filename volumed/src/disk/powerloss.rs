@@ -209,9 +209,11 @@ impl PowerlossSim {
         // sees a sync half applied.
         let mut p = locked(&p);
         let r = match &mut kind {
-            OpKind::Read(buf) => file
-                .read_exact_at(buf, offset)
-                .map(|()| p.overlay(offset, buf)),
+            OpKind::Read(buf) => {
+                let buf = buf.whole_mut();
+                file.read_exact_at(buf, offset)
+                    .map(|()| p.overlay(offset, buf))
+            }
             OpKind::Write(buf) => {
                 p.put(offset, buf.len() as u64, Fill::Data(buf.clone()));
                 Ok(())
@@ -294,7 +296,7 @@ mod tests {
             }
             let (r, _) = sim.run_blocking(&f, off as u64, kind);
             r.unwrap();
-            let (r, kind) = sim.run_blocking(&f, 0, OpKind::Read(vec![0; LEN]));
+            let (r, kind) = sim.run_blocking(&f, 0, OpKind::Read(vec![0; LEN].into()));
             r.unwrap();
             assert!(matches!(kind, OpKind::Read(b) if b == model), "step {step}");
         }
@@ -343,7 +345,7 @@ mod tests {
             on_disk(&f).iter().all(|b| *b == 1),
             "fdatasync skips the punch"
         );
-        let (_, kind) = sim.run_blocking(&f, 0, OpKind::Read(vec![9; 8192]));
+        let (_, kind) = sim.run_blocking(&f, 0, OpKind::Read(vec![9; 8192].into()));
         assert!(
             matches!(kind, OpKind::Read(b) if b[..4096] == [0; 4096] && b[4096..] == [1; 4096])
         );

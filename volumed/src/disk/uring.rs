@@ -380,6 +380,11 @@ impl Ring {
                 match op.kind.transfer_len() {
                     Some(want) => {
                         let got = res as usize;
+                        if let OpKind::Read(buf) = &mut op.kind {
+                            // SAFETY: the kernel wrote `got` bytes after the
+                            // `done_bytes` it was given (`build_sqe`).
+                            unsafe { buf.written_to(op.done_bytes + got) }
+                        }
                         if got == 0 && op.done_bytes < want {
                             Err(io::Error::new(
                                 io::ErrorKind::UnexpectedEof,
@@ -413,9 +418,9 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
     let pos = op.offset + done as u64;
     let sqe = match &mut op.kind {
         OpKind::Read(buf) => {
-            let rest = &mut buf[done..];
-            let len = u32::try_from(rest.len()).unwrap_or(u32::MAX);
-            opcode::Read::new(fd, rest.as_mut_ptr(), len)
+            let (ptr, len) = buf.rest_ptr(done);
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
+            opcode::Read::new(fd, ptr, len)
                 .offset(pos)
                 .build()
         }

@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use tokio::task::JoinSet;
 
 use super::*;
+use crate::disk::op::ReadBuf;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
 
 const BLOCK: usize = 4096;
@@ -81,7 +82,7 @@ async fn many_concurrent_ops_of_every_kind_complete() {
             });
         } else {
             set.spawn(async move {
-                let (r, kind) = rg.run(f, off, OpKind::Read(vec![0xee; BLOCK])).await;
+                let (r, kind) = rg.run(f, off, OpKind::Read(vec![0xee; BLOCK].into())).await;
                 r.unwrap();
                 match kind {
                     OpKind::Read(buf) => assert_eq!(buf, pattern(i), "read {i}"),
@@ -123,7 +124,7 @@ async fn a_read_past_the_end_of_file_is_unexpected_eof() {
         .run(
             Arc::clone(&file),
             BLOCK as u64,
-            OpKind::Read(vec![0; BLOCK]),
+            OpKind::Read(vec![0; BLOCK].into()),
         )
         .await;
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
@@ -134,9 +135,40 @@ async fn a_read_past_the_end_of_file_is_unexpected_eof() {
     assert!(buf[..100].iter().all(|b| *b == 5) && buf[100..].iter().all(|b| *b == 0));
 
     // Wholly past the end.
-    let (r, kind) = ring.run(file, 1 << 20, OpKind::Read(vec![9; 512])).await;
+    let (r, kind) = ring.run(file, 1 << 20, OpKind::Read(vec![9; 512].into())).await;
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     assert!(matches!(kind, OpKind::Read(b) if b == vec![9; 512]));
+}
+
+#[tokio::test]
+async fn an_uninitialised_buffer_is_filled_or_handed_back_as_zeros() {
+    let ring = Uring::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = file_of(&dir, "uninit", 0);
+    file.write_all_at(&pattern(3), 0).unwrap();
+    file.write_all_at(&[5u8; 100], BLOCK as u64).unwrap();
+
+    let (r, kind) = ring
+        .run(Arc::clone(&file), 0, OpKind::Read(ReadBuf::uninit(BLOCK)))
+        .await;
+    r.unwrap();
+    let OpKind::Read(buf) = kind else {
+        panic!("not a read")
+    };
+    assert_eq!(buf.into_vec(), pattern(3));
+
+    // The first 100 bytes arrive, then end of file: only those count as
+    // written, and the caller sees zeros after them, never stale memory.
+    let (r, kind) = ring
+        .run(file, BLOCK as u64, OpKind::Read(ReadBuf::uninit(BLOCK)))
+        .await;
+    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
+    let OpKind::Read(buf) = kind else {
+        panic!("not a read")
+    };
+    assert_eq!(buf.len(), 100);
+    let bytes = buf.into_vec();
+    assert!(bytes[..100].iter().all(|b| *b == 5) && bytes[100..].iter().all(|b| *b == 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +210,7 @@ async fn an_op_on_a_bad_descriptor_fails_alone() {
                     .run(Arc::clone(&good), off, OpKind::Write(pattern(i)))
                     .await;
                 r.unwrap();
-                let (r, kind) = ring.run(good, off, OpKind::Read(vec![0; BLOCK])).await;
+                let (r, kind) = ring.run(good, off, OpKind::Read(vec![0; BLOCK].into())).await;
                 r.unwrap();
                 assert!(
                     matches!(kind, OpKind::Read(b) if b == pattern(i)),
@@ -236,7 +268,7 @@ async fn enter_failure_under_64_in_flight(after_consuming: bool) {
         &ring,
         (0..N)
             .map(|i| {
-                let kind = OpKind::Read(vec![0xee; BLOCK]);
+                let kind = OpKind::Read(vec![0xee; BLOCK].into());
                 (Arc::clone(&file), (i * BLOCK) as u64, kind)
             })
             .collect(),
@@ -334,7 +366,7 @@ async fn the_engine_runs_on_threads_once_the_ring_is_down() {
             let off = (i * BLOCK) as u64;
             let (r, _) = e.run(Arc::clone(&f), off, OpKind::Write(pattern(i))).await;
             r.unwrap();
-            let (r, kind) = e.run(f, off, OpKind::Read(vec![0; BLOCK])).await;
+            let (r, kind) = e.run(f, off, OpKind::Read(vec![0; BLOCK].into())).await;
             r.unwrap();
             assert!(matches!(kind, OpKind::Read(b) if b == pattern(i)), "{i}");
         });
