@@ -27,7 +27,8 @@ start_weed() {
         -filer.port="${p[4]}" -filer.port.grpc="${p[5]}" -s3.port="${p[6]}" -s3.port.grpc="${p[7]}" \
         -admin.port="${p[8]}" -admin.port.grpc="${p[9]}" -admin.ui=false -webdav=false \
         -s3.port.iceberg=0 -s3.port.lance=0 -bucket=volumed >"$WORK/weed.log" 2>&1 &
-    PIDS+=($!)
+    WEED_PID=$!
+    PIDS+=($WEED_PID)
     export AWS_ENDPOINT_URL="http://127.0.0.1:${p[6]}"
     for _ in $(seq 120); do
         "$BIN/put_rate" s3://volumed/probe 1 64 1 >/dev/null 2>&1 && return 0

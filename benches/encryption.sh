@@ -9,7 +9,14 @@
 #                   (sealed,) uploaded: seconds, MiB/s, volumed CPU seconds
 #   hydration       `vol create --from-snapshot --wait`, chunk cache off:
 #                   seconds, MiB/s, volumed CPU seconds
-# and the ratio encrypted / unencrypted of each rate.
+# and the ratio encrypted / unencrypted of each rate. The modes run in the
+# order plain, encrypted, encrypted, plain for each store (the mean of the
+# two runs of a mode gives the ratio): with one fixed order, whichever went
+# second met a store SeaweedFS had already grown and a page cache already
+# full, and the ratio measured the order. Against S3 the store's own CPU
+# (SeaweedFS on the same two cores) is printed too. A step's seconds are
+# the job's own, from the `elapsed_ms` of its last log line: `--wait` polls
+# every 250 ms, which on a 1 GiB step of under a second was a quarter of it.
 #
 # Usage: benches/encryption.sh [size-MiB]   (default 4096)
 # VOLUMED_BENCH_BIN=target/debug runs existing binaries without building
@@ -42,40 +49,66 @@ cpu_secs() { # pid -> user+system CPU seconds so far
     awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
 }
 
+elapsed() { # the seconds in the "$1" log line of this run's volumed
+    local ms=""
+    # The line follows the state `--wait` saw by a moment.
+    for _ in $(seq 100); do
+        ms=$(grep "$1" "$DIR.log" | tail -1 | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p')
+        [ -n "$ms" ] && break
+        sleep 0.02
+    done
+    [ -n "$ms" ] || { echo "no \"$1\" line in $DIR.log" >&2; return 1; }
+    awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
+}
+
+weed_cpu() { # SeaweedFS's CPU seconds so far, 0 for the local store
+    if [ "$STORE" = s3 ]; then cpu_secs "$WEED_PID"; else echo 0; fi
+}
+
 declare -A RATE
-printf '%-6s %-10s %-10s %8s %9s %8s\n' store mode step seconds MiB/s cpu_s
+printf '%-6s %-10s %-10s %8s %9s %8s %8s\n' store mode step seconds MiB/s cpu_s weed_s
 for STORE in local s3; do
-    for MODE in plain encrypted; do
+    RUN=0
+    for MODE in plain encrypted encrypted plain; do
+        RUN=$((RUN + 1))
         case $STORE in
-            local) URL="file://$WORK/store-$MODE" ;;
-            s3) URL="s3://volumed/$MODE" ;;
+            local) URL="file://$WORK/store-$MODE-$RUN" ;;
+            s3) URL="s3://volumed/$MODE-$RUN" ;;
         esac
         FLAGS=(--store-encryption off)
         [ "$MODE" = encrypted ] && FLAGS=(--store-encryption on)
-        DIR="$WORK/vd-$STORE-$MODE"
+        DIR="$WORK/vd-$STORE-$MODE-$RUN"
         start_volumed "$DIR" "$URL" "${FLAGS[@]}"
         $VOL create src --size "${SIZE_MIB}M" >/dev/null
         URI=$($VOL attach src)
         nbdcopy "$WORK/src.img" "$URI"
-        step() { # name seconds cpu
+        step() { # name seconds cpu weed-cpu
             local mib
             mib=$(/usr/bin/python3 -c "print(f'{$SIZE_MIB / $2:.1f}')")
-            RATE["$STORE-$MODE-$1"]=$mib
-            printf '%-6s %-10s %-10s %8.2f %9s %8.1f\n' "$STORE" "$MODE" "$1" "$2" "$mib" "$3"
+            RATE["$STORE-$MODE-$1"]="${RATE["$STORE-$MODE-$1"]:-} $mib"
+            printf '%-6s %-10s %-10s %8.2f %9s %8.1f %8.1f\n' "$STORE" "$MODE" "$1" "$2" "$mib" "$3" "$4"
         }
-        C0=$(cpu_secs "$VPID"); T0=$(now)
+        C0=$(cpu_secs "$VPID"); W0=$(weed_cpu)
         ID=$($VOL --json snapshot create src --wait | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-        T1=$(now); C1=$(cpu_secs "$VPID")
-        step full "$(echo "$T1 - $T0" | bc -l)" "$(echo "$C1 - $C0" | bc -l)"
+        C1=$(cpu_secs "$VPID"); W1=$(weed_cpu)
+        step full "$(elapsed "snapshot completed")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
         kill "$VPID"; wait "$VPID" 2>/dev/null || true
         start_volumed "$DIR" "$URL" "${FLAGS[@]}" --cache-size 0
-        C0=$(cpu_secs "$VPID"); T0=$(now)
+        C0=$(cpu_secs "$VPID"); W0=$(weed_cpu)
         $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
-        T1=$(now); C1=$(cpu_secs "$VPID")
-        step hydration "$(echo "$T1 - $T0" | bc -l)" "$(echo "$C1 - $C0" | bc -l)"
+        C1=$(cpu_secs "$VPID"); W1=$(weed_cpu)
+        step hydration "$(elapsed "hydration complete")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
         kill "$VPID"; wait "$VPID" 2>/dev/null || true
+        # Four runs per store would otherwise hold 12 GiB by the end.
+        rm -rf "$DIR" "$WORK/store-$MODE-$RUN"
     done
     for S in full hydration; do
-        /usr/bin/python3 -c "print(f'$STORE $S encrypted/plain: {${RATE[$STORE-encrypted-$S]} / ${RATE[$STORE-plain-$S]}:.2f}')"
+        /usr/bin/python3 - "$STORE $S" "${RATE[$STORE-encrypted-$S]}" "${RATE[$STORE-plain-$S]}" <<'PY'
+import sys
+name, enc, plain = sys.argv[1], [float(x) for x in sys.argv[2].split()], [float(x) for x in sys.argv[3].split()]
+mean = lambda v: sum(v) / len(v)
+print(f"{name} encrypted/plain: {mean(enc) / mean(plain):.2f} (means of {len(enc)} runs each;"
+      f" runs {min(enc) / max(plain):.2f} to {max(enc) / min(plain):.2f})")
+PY
     done
 done

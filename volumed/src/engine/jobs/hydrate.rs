@@ -224,6 +224,7 @@ impl Hydrator {
 
     async fn hydrate(self: Arc<Self>, vol: Arc<Volume>, cancel: CancellationToken) {
         info!(volume = %vol.name, remaining = vol.map().base_chunks(), "hydration started");
+        let started = std::time::Instant::now();
         loop {
             // In batches: the list of a 16 TiB base would be 256 MiB.
             let todo = vol.map().base_batch(HYDRATE_BATCH);
@@ -249,10 +250,12 @@ impl Hydrator {
             self.set_status(&vol, HydrationState::Retrying, Some(e.to_string()));
             return;
         }
-        self.finish(&vol).await;
+        self.finish(&vol, started).await;
     }
 
-    async fn finish(&self, vol: &Arc<Volume>) {
+    /// `started`: when this run of the hydration began (since the daemon's
+    /// start, if it resumed one), for the log line.
+    async fn finish(&self, vol: &Arc<Volume>, started: std::time::Instant) {
         let name = hold_name(&self.host_id, vol.id);
         if let Err(e) = self.repo.release_hold(&name).await {
             // The volume is whole; the hold only keeps chunks alive longer.
@@ -281,7 +284,7 @@ impl Hydrator {
                 },
             },
         );
-        info!(volume = %vol.name, "hydration complete");
+        info!(volume = %vol.name, elapsed_ms = started.elapsed().as_millis() as u64, "hydration complete");
     }
 
     /// Holds named for this host whose volume is gone or hydrated: left by a

@@ -232,6 +232,7 @@ impl SnapshotJobs {
             guard,
             progress,
             done,
+            started: std::time::Instant::now(),
         };
         self.tasks.spawn(job.run());
         Ok((rec, SnapshotDone(ended)))
@@ -333,6 +334,9 @@ struct SnapshotJob {
     progress: Arc<Progress>,
     /// Fired with how it ended.
     done: tokio::sync::watch::Sender<Option<SnapshotOutcome>>,
+    /// For the log line that ends it: the job's own duration, finer than
+    /// the records' whole seconds or a client's poll.
+    started: std::time::Instant,
 }
 
 impl SnapshotJob {
@@ -352,6 +356,7 @@ impl SnapshotJob {
             guard,
             progress,
             done,
+            started,
             ..
         } = self;
         if let Some(r) = jobs.running().get(&rec.id) {
@@ -392,7 +397,8 @@ impl SnapshotJob {
                     }
                 }
                 info!(volume = %rec.volume, snapshot = %rec.id, changed = rec.changed_chunks,
-                      uploaded = rec.uploaded_bytes, "snapshot completed");
+                      uploaded = rec.uploaded_bytes, elapsed_ms = started.elapsed().as_millis() as u64,
+                      "snapshot completed");
                 SnapshotOutcome::Completed
             }
             Err(e) => {
