@@ -420,9 +420,7 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
         OpKind::Read(buf) => {
             let (ptr, len) = buf.rest_ptr(done);
             let len = u32::try_from(len).unwrap_or(u32::MAX);
-            opcode::Read::new(fd, ptr, len)
-                .offset(pos)
-                .build()
+            opcode::Read::new(fd, ptr, len).offset(pos).build()
         }
         OpKind::Write(buf) => {
             let rest = &buf[done..];

@@ -6,8 +6,8 @@ use std::os::unix::fs::FileExt;
 use tokio::task::JoinSet;
 
 use super::*;
-use crate::disk::op::ReadBuf;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
+use crate::disk::op::ReadBuf;
 
 const BLOCK: usize = 4096;
 /// More ops at once than the ring has entries, so some wait in the
@@ -135,7 +135,9 @@ async fn a_read_past_the_end_of_file_is_unexpected_eof() {
     assert!(buf[..100].iter().all(|b| *b == 5) && buf[100..].iter().all(|b| *b == 0));
 
     // Wholly past the end.
-    let (r, kind) = ring.run(file, 1 << 20, OpKind::Read(vec![9; 512].into())).await;
+    let (r, kind) = ring
+        .run(file, 1 << 20, OpKind::Read(vec![9; 512].into()))
+        .await;
     assert_eq!(r.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     assert!(matches!(kind, OpKind::Read(b) if b == vec![9; 512]));
 }
@@ -210,7 +212,9 @@ async fn an_op_on_a_bad_descriptor_fails_alone() {
                     .run(Arc::clone(&good), off, OpKind::Write(pattern(i)))
                     .await;
                 r.unwrap();
-                let (r, kind) = ring.run(good, off, OpKind::Read(vec![0; BLOCK].into())).await;
+                let (r, kind) = ring
+                    .run(good, off, OpKind::Read(vec![0; BLOCK].into()))
+                    .await;
                 r.unwrap();
                 assert!(
                     matches!(kind, OpKind::Read(b) if b == pattern(i)),
