@@ -430,3 +430,22 @@ async fn gc_marks_through_sealed_roots_and_pages() {
     keys.set_enabled("k1", false);
     assert!(gc::collect(&repo, Duration::ZERO).await.is_err());
 }
+
+#[tokio::test]
+async fn a_new_domain_is_fetched_and_created_once_however_many_seal_at_once() {
+    // Every chunk of a snapshot seals side by side. Each used to miss the
+    // cache at once and list, create and read the domain itself; against
+    // SeaweedFS the racing conditional PUTs cost whole seconds.
+    let store = Arc::new(crate::store::faulty::Faulty::new(MemoryStore::new()));
+    let keyring = crate::crypt::Keyring::new(
+        Arc::clone(&store) as Arc<dyn ObjectStore>,
+        keys_with(&["k1"]) as Arc<dyn MasterKeys>,
+    );
+    let enc = Encryption::store_domain("k1");
+    let sealers = (0..16).map(|_| keyring.for_seal(&enc));
+    let keys = futures_util::future::join_all(sealers).await;
+    let first = keys[0].as_ref().unwrap();
+    assert!(keys.iter().all(|k| Arc::ptr_eq(k.as_ref().unwrap(), first)));
+    // One listing of the domain's data keys, one create-if-absent.
+    assert_eq!(store.calls(), 2);
+}

@@ -63,6 +63,9 @@ impl Faulty {
         f: BoxFuture<'a, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let fail = |kind| StoreError::new(op, key, kind, "injected fault");
+        // A real store answers later: let other tasks run in between, so
+        // callers that race do race here.
+        tokio::task::yield_now().await;
         match self.next_fault() {
             None => f.await,
             Some(Fault::Transient) => Err(fail(ErrorKind::Transient)),
