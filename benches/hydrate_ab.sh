@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# Two volumed binaries restoring the same snapshot, for measuring a change
+# to the hydration path against the code before it. One snapshot of
+# SIZE_MIB (half random, half text) is taken into a local store; then each
+# round hydrates it once per binary in the order A B B A, each into a fresh
+# data dir, with the chunk cache off, after SIZE_MIB of other dirty data
+# (a host's page cache is rarely clean, and dirty-page throttling is where
+# the writers' inode lock contention shows). Prints the job's own seconds
+# (its `elapsed_ms`), MiB/s and volumed's CPU seconds per hydration.
+#
+# Usage: benches/hydrate_ab.sh SIZE_MIB ROUNDS BINARY_A BINARY_B
+# e.g.   benches/hydrate_ab.sh 4096 2 /tmp/volumed-before target/release/volumed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -eq 4 ] || { sed -n 2,13p "$0"; exit 2; }
+SIZE_MIB=$1 ROUNDS=$2 A=$3 B=$4
+command -v nbdcopy >/dev/null
+cargo build --release --quiet --workspace --bins
+BIN=target/release
+NAME=hydrate-ab
+# shellcheck source=benches/common.sh
+. benches/common.sh
+
+/usr/bin/python3 - "$WORK/src.img" "$SIZE_MIB" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+text = (b"volumed block storage " * 24000)[: 512 << 10]
+with open(path, "wb") as f:
+    for i in range(mib * 2):
+        f.write(os.urandom(512 << 10) if i % 2 == 0 else text)
+PY
+
+# start BINARY DIR [flags]: volumed on the shared store; sets VPID and VOL.
+start() {
+    local bin=$1 dir=$2; shift 2
+    VOLUMED_STORE="file://$WORK/store" "$bin" --data-dir "$dir" --nbd-listen "127.0.0.1:$(free_port)" "$@" 2>>"$dir.log" &
+    VPID=$!; PIDS+=($VPID)
+    for _ in $(seq 100); do [ -S "$dir/volumed.sock" ] && break; sleep 0.1; done
+    VOL="$BIN/vol --socket $dir/volumed.sock"
+}
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+
+start "$A" "$WORK/src"
+$VOL create src --size "${SIZE_MIB}M" >/dev/null
+nbdcopy "$WORK/src.img" "$($VOL attach src)"
+ID=$($VOL --json snapshot create src --wait | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+kill "$VPID"; wait "$VPID" 2>/dev/null || true
+rm -rf "$WORK/src" "$WORK/src.img"
+
+printf '%-6s %-28s %8s %8s %8s\n' round binary seconds MiB/s cpu_s
+n=0
+for r in $(seq "$ROUNDS"); do
+    for X in "$A" "$B" "$B" "$A"; do
+        n=$((n + 1)) DIR="$WORK/h$n"
+        dd if=/dev/zero of="$WORK/dirty" bs=1M count="$SIZE_MIB" status=none
+        start "$X" "$DIR" --cache-size 0
+        C0=$(cpu_secs "$VPID")
+        $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
+        C1=$(cpu_secs "$VPID")
+        ms=""
+        # The log line follows the state `--wait` saw by a moment.
+        for _ in $(seq 100); do
+            ms=$(grep "hydration complete" "$DIR.log" | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p')
+            [ -n "$ms" ] && break
+            sleep 0.02
+        done
+        [ -n "$ms" ] || { echo "no \"hydration complete\" line in $DIR.log" >&2; exit 1; }
+        awk -v r="$r" -v x="$X" -v ms="$ms" -v mib="$SIZE_MIB" -v c="$(echo "$C1 - $C0" | bc -l)" \
+            'BEGIN { printf "%-6s %-28s %8.2f %8.0f %8.2f\n", r, x, ms / 1000, mib * 1000 / ms, c }'
+        kill "$VPID"; wait "$VPID" 2>/dev/null || true
+        rm -rf "$DIR" "$WORK/dirty"
+        sync
+    done
+done
