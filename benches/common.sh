@@ -67,3 +67,18 @@ with open(path, "wb") as f:
             f.seek(i << 20); f.write(bytes(1 << 20))
 PY
 }
+
+# Seconds a job took by its own account: the `elapsed_ms` of the last log
+# line matching $2 in volumed's log $1 (the snapshot and hydration jobs log
+# it when they end). `--wait` polls every 250 ms, too coarse for a step of
+# a second. The line follows the state `--wait` saw by a moment.
+job_seconds() {
+    local ms=""
+    for _ in $(seq 100); do
+        ms=$(grep "$2" "$1" | tail -1 | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p')
+        [ -n "$ms" ] && break
+        sleep 0.02
+    done
+    [ -n "$ms" ] || { echo "no \"$2\" line in $1" >&2; return 1; }
+    awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
+}

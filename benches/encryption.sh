@@ -49,18 +49,6 @@ cpu_secs() { # pid -> user+system CPU seconds so far
     awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
 }
 
-elapsed() { # the seconds in the "$1" log line of this run's volumed
-    local ms=""
-    # The line follows the state `--wait` saw by a moment.
-    for _ in $(seq 100); do
-        ms=$(grep "$1" "$DIR.log" | tail -1 | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p')
-        [ -n "$ms" ] && break
-        sleep 0.02
-    done
-    [ -n "$ms" ] || { echo "no \"$1\" line in $DIR.log" >&2; return 1; }
-    awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
-}
-
 weed_cpu() { # SeaweedFS's CPU seconds so far, 0 for the local store
     if [ "$STORE" = s3 ]; then cpu_secs "$WEED_PID"; else echo 0; fi
 }
@@ -105,13 +93,13 @@ for STORE in local s3; do
         C0=$(cpu_secs "$VPID"); W0=$(weed_cpu)
         ID=$($VOL --json snapshot create src --wait | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
         C1=$(cpu_secs "$VPID"); W1=$(weed_cpu)
-        step full "$(elapsed "snapshot completed")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
+        step full "$(job_seconds "$DIR.log" "snapshot completed")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
         kill "$VPID"; wait "$VPID" 2>/dev/null || true
         start_volumed "$DIR" "$URL" "${FLAGS[@]}" --cache-size 0
         C0=$(cpu_secs "$VPID"); W0=$(weed_cpu)
         $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
         C1=$(cpu_secs "$VPID"); W1=$(weed_cpu)
-        step hydration "$(elapsed "hydration complete")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
+        step hydration "$(job_seconds "$DIR.log" "hydration complete")" "$(echo "$C1 - $C0" | bc -l)" "$(echo "$W1 - $W0" | bc -l)"
         kill "$VPID"; wait "$VPID" 2>/dev/null || true
         # Four runs per store would otherwise hold 12 GiB by the end.
         rm -rf "$DIR" "$WORK/store-$MODE-$RUN"

@@ -9,10 +9,11 @@
 # (its `elapsed_ms`), MiB/s and volumed's CPU seconds per hydration.
 #
 # Usage: benches/hydrate_ab.sh SIZE_MIB ROUNDS BINARY_A BINARY_B
+#        (both binaries must log `elapsed_ms` when a hydration ends: main dd57740 on)
 # e.g.   benches/hydrate_ab.sh 4096 2 /tmp/volumed-before target/release/volumed
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -eq 4 ] || { sed -n 2,13p "$0"; exit 2; }
+[ $# -eq 4 ] || { sed -n 2,14p "$0"; exit 2; }
 SIZE_MIB=$1 ROUNDS=$2 A=$3 B=$4
 command -v nbdcopy >/dev/null
 cargo build --release --quiet --workspace --bins
@@ -57,16 +58,9 @@ for r in $(seq "$ROUNDS"); do
         C0=$(cpu_secs "$VPID")
         $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
         C1=$(cpu_secs "$VPID")
-        ms=""
-        # The log line follows the state `--wait` saw by a moment.
-        for _ in $(seq 100); do
-            ms=$(grep "hydration complete" "$DIR.log" | sed -n 's/.*elapsed_ms=\([0-9]*\).*/\1/p')
-            [ -n "$ms" ] && break
-            sleep 0.02
-        done
-        [ -n "$ms" ] || { echo "no \"hydration complete\" line in $DIR.log" >&2; exit 1; }
-        awk -v r="$r" -v x="$X" -v ms="$ms" -v mib="$SIZE_MIB" -v c="$(echo "$C1 - $C0" | bc -l)" \
-            'BEGIN { printf "%-6s %-28s %8.2f %8.0f %8.2f\n", r, x, ms / 1000, mib * 1000 / ms, c }'
+        secs=$(job_seconds "$DIR.log" "hydration complete")
+        awk -v r="$r" -v x="$X" -v s="$secs" -v mib="$SIZE_MIB" -v c="$(echo "$C1 - $C0" | bc -l)" \
+            'BEGIN { printf "%-6s %-28s %8.2f %8.0f %8.2f\n", r, x, s, mib / s, c }'
         kill "$VPID"; wait "$VPID" 2>/dev/null || true
         rm -rf "$DIR" "$WORK/dirty"
         sync
