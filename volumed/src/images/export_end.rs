@@ -78,15 +78,20 @@ impl ExportJobs {
             }
         }
         if removed {
-            let _ = self
-                .jobs
-                .update(h, |r| {
-                    if let Some(e) = r.export_mut() {
-                        e.snapshot_removed = true
-                    }
-                })
-                .await;
+            self.mark_removed(h).await;
         }
+    }
+
+    /// Records on the job that the snapshot it took is gone.
+    async fn mark_removed(&self, h: &JobHandle) {
+        let _ = self
+            .jobs
+            .update(h, |r| {
+                if let Some(e) = r.export_mut() {
+                    e.snapshot_removed = true
+                }
+            })
+            .await;
     }
 
     /// Deletes the snapshots an export took, once each has ended.
@@ -103,14 +108,7 @@ impl ExportJobs {
             }
         }
         if removed {
-            let _ = self
-                .jobs
-                .update(h, |r| {
-                    if let Some(e) = r.export_mut() {
-                        e.snapshot_removed = true
-                    }
-                })
-                .await;
+            self.mark_removed(h).await;
         }
     }
 }

@@ -148,13 +148,7 @@ pub async fn import_snapshot(cx: Cx<'_>) -> Ec2Result<String> {
     cx.only(&COMMON)?;
     let d = disk(cx.p, "DiskContainer", false)?;
     let spec = task(cx.p, TaskKind::Snapshot, vec![d], "import-snapshot-task")?;
-    let h = cx.state.images.import_tasks().start(spec).await?;
-    let v = cx
-        .state
-        .images
-        .import_tasks()
-        .view(&h)
-        .ok_or_else(|| Ec2Error::new("InternalError", "the task has no view"))?;
+    let v = start(&cx, spec).await?;
     let mut x = Xml::response("ImportSnapshot", cx.rid);
     write_snapshot_task(&mut x, &v);
     Ok(x.finish("ImportSnapshot"))
@@ -190,16 +184,19 @@ pub async fn import_image(cx: Cx<'_>) -> Ec2Result<String> {
         return Err(Ec2Error::missing("DiskContainer"));
     }
     let spec = task(cx.p, TaskKind::Image, disks, "import-image-task")?;
-    let h = cx.state.images.import_tasks().start(spec).await?;
-    let v = cx
-        .state
-        .images
-        .import_tasks()
-        .view(&h)
-        .ok_or_else(|| Ec2Error::new("InternalError", "the task has no view"))?;
+    let v = start(&cx, spec).await?;
     let mut x = Xml::response("ImportImage", cx.rid);
     write_image_task(&mut x, &v);
     Ok(x.finish("ImportImage"))
+}
+
+/// Starts the task and returns its first view, for the response.
+async fn start(cx: &Cx<'_>, spec: TaskSpec) -> Ec2Result<TaskView> {
+    let tasks = cx.state.images.import_tasks();
+    let h = tasks.start(spec).await?;
+    tasks
+        .view(&h)
+        .ok_or_else(|| Ec2Error::new("InternalError", "the task has no view"))
 }
 
 pub async fn describe(cx: Cx<'_>, kind: TaskKind) -> Ec2Result<String> {
