@@ -39,11 +39,12 @@ start_weed() {
 }
 
 # Starts volumed on data dir $1 with store URL $2 (extra flags after);
-# sets VPID and VOL (the vol command for it).
+# sets VPID and VOL (the vol command for it). VOLUMED_BIN picks another
+# binary than this build's (A/B scripts).
 start_volumed() {
     local dir=$1 url=$2; shift 2
     local port; port=$(free_port)
-    VOLUMED_STORE=$url "$BIN/volumed" --data-dir "$dir" --nbd-listen "127.0.0.1:$port" "$@" 2>>"$dir.log" &
+    VOLUMED_STORE=$url "${VOLUMED_BIN:-$BIN/volumed}" --data-dir "$dir" --nbd-listen "127.0.0.1:$port" "$@" 2>>"$dir.log" &
     VPID=$!; PIDS+=($VPID)
     for _ in $(seq 100); do [ -S "$dir/volumed.sock" ] && break; sleep 0.1; done
     VOL="$BIN/vol --socket $dir/volumed.sock"
@@ -81,4 +82,21 @@ job_seconds() {
     done
     [ -n "$ms" ] || { echo "no \"$2\" line in $1" >&2; return 1; }
     awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
+}
+
+# User+system CPU seconds of process $1 so far.
+cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+
+# Writes a raw image of $2 MiB at $1 in 512 KiB pieces, random and text in
+# turn: zstd has work, and the raw path is taken too (the encryption and
+# hydration benchmarks' disk).
+make_mixed_image() {
+    /usr/bin/python3 - "$1" "$2" <<'PY'
+import os, sys
+path, mib = sys.argv[1], int(sys.argv[2])
+text = (b"volumed block storage " * 24000)[: 512 << 10]
+with open(path, "wb") as f:
+    for i in range(mib * 2):
+        f.write(os.urandom(512 << 10) if i % 2 == 0 else text)
+PY
 }

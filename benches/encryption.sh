@@ -36,18 +36,8 @@ NAME=encbench
 . benches/common.sh
 start_weed
 
-/usr/bin/python3 - "$WORK/src.img" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-text = (b"volumed block storage " * 24000)[: 512 << 10]
-with open(path, "wb") as f:
-    for i in range(mib * 2):   # 512 KiB pieces: random, text, random, ...
-        f.write(os.urandom(512 << 10) if i % 2 == 0 else text)
-PY
+make_mixed_image "$WORK/src.img" "$SIZE_MIB"
 
-cpu_secs() { # pid -> user+system CPU seconds so far
-    awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
-}
 
 weed_cpu() { # SeaweedFS's CPU seconds so far, 0 for the local store
     if [ "$STORE" = s3 ]; then cpu_secs "$WEED_PID"; else echo 0; fi

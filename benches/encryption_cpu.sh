@@ -24,14 +24,7 @@ NAME=enccpu
 . benches/common.sh
 [ -n "$PERF" ] && { trap - EXIT; echo "perf data in $WORK"; }
 
-/usr/bin/python3 - "$WORK/src.img" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-text = (b"volumed block storage " * 24000)[: 512 << 10]
-with open(path, "wb") as f:
-    for i in range(mib * 2):
-        f.write(os.urandom(512 << 10) if i % 2 == 0 else text)
-PY
+make_mixed_image "$WORK/src.img" "$SIZE_MIB"
 
 cpu() { # pid -> "user+system user" CPU seconds so far
     awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz, $14 / hz}' "/proc/$1/stat"

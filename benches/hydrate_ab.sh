@@ -22,26 +22,9 @@ NAME=hydrate-ab
 # shellcheck source=benches/common.sh
 . benches/common.sh
 
-/usr/bin/python3 - "$WORK/src.img" "$SIZE_MIB" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-text = (b"volumed block storage " * 24000)[: 512 << 10]
-with open(path, "wb") as f:
-    for i in range(mib * 2):
-        f.write(os.urandom(512 << 10) if i % 2 == 0 else text)
-PY
+make_mixed_image "$WORK/src.img" "$SIZE_MIB"
 
-# start BINARY DIR [flags]: volumed on the shared store; sets VPID and VOL.
-start() {
-    local bin=$1 dir=$2; shift 2
-    VOLUMED_STORE="file://$WORK/store" "$bin" --data-dir "$dir" --nbd-listen "127.0.0.1:$(free_port)" "$@" 2>>"$dir.log" &
-    VPID=$!; PIDS+=($VPID)
-    for _ in $(seq 100); do [ -S "$dir/volumed.sock" ] && break; sleep 0.1; done
-    VOL="$BIN/vol --socket $dir/volumed.sock"
-}
-cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
-
-start "$A" "$WORK/src"
+VOLUMED_BIN=$A start_volumed "$WORK/src" "file://$WORK/store"
 $VOL create src --size "${SIZE_MIB}M" >/dev/null
 nbdcopy "$WORK/src.img" "$($VOL attach src)"
 ID=$($VOL --json snapshot create src --wait | /usr/bin/python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
@@ -54,7 +37,7 @@ for r in $(seq "$ROUNDS"); do
     for X in "$A" "$B" "$B" "$A"; do
         n=$((n + 1)) DIR="$WORK/h$n"
         dd if=/dev/zero of="$WORK/dirty" bs=1M count="$SIZE_MIB" status=none
-        start "$X" "$DIR" --cache-size 0
+        VOLUMED_BIN=$X start_volumed "$DIR" "file://$WORK/store" --cache-size 0
         C0=$(cpu_secs "$VPID")
         $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
         C1=$(cpu_secs "$VPID")
