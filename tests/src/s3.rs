@@ -114,7 +114,9 @@ impl S3Server {
         self.wait_ready()
     }
 
-    /// Ready once the S3 port answers and the bucket can be listed.
+    /// Ready once the S3 port answers and an object can be stored and read
+    /// back. Listing alone was not enough after a restart: the filer lists
+    /// before the volume server has rejoined, and a GET then answered 500.
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -145,8 +147,17 @@ impl S3Server {
             .build()
             .unwrap();
         let store = snapshot::store::S3Store::new(self.settings(""));
-        rt.block_on(snapshot::ObjectStore::list(&store, "ready-probe/"))
-            .is_ok()
+        rt.block_on(async {
+            use snapshot::ObjectStore;
+            let key = "ready-probe/object";
+            let round_trip = store
+                .put(key, bytes::Bytes::from_static(b"ready"))
+                .await
+                .is_ok()
+                && matches!(store.get(key).await, Ok(Some(b)) if &b[..] == b"ready");
+            // Leaves nothing behind for tests that list the whole bucket.
+            round_trip && store.delete(key).await.is_ok()
+        })
     }
 
     pub fn log(&self) -> String {
