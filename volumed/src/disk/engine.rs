@@ -89,7 +89,7 @@ impl IoEngine {
     /// Ops that thread starts use it from then on.
     pub fn bind_thread(&self) -> io::Result<()> {
         if let IoEngine::Uring(_) = self {
-            let ring = Uring::new()?;
+            let ring = Uring::for_nbd_thread()?;
             THREAD_RING.with(|r| {
                 let _ = r.set(ring);
             });

@@ -53,6 +53,15 @@ use super::op::{OpKind, OpResult};
 /// connections share the ring; ops beyond it wait in a backlog.
 const RING_ENTRIES: u32 = 256;
 
+/// On an NBD thread's ring, reads at least this long go to an io-wq worker
+/// at once instead of being copied out of the page cache inline. The
+/// connection's thread then sends the replies before them while the copy
+/// runs on the other core: 1 MiB reads at QD8 were bound by that one
+/// thread (a copy in, a copy out to the socket, loopback delivery), at
+/// 0.8 of nbdkit, whose threads spread the same work over both cores.
+/// Shorter reads stay inline: their copy costs less than the hand-off.
+pub const OFFLOAD_READ_MIN: usize = 512 << 10;
+
 /// An op in flight: what the kernel reads or writes stays owned here.
 struct Op {
     file: Arc<File>,
@@ -93,6 +102,8 @@ struct Ring {
     /// Enters made so far, and the one to fail: the `io-uring-enter-error`
     /// failpoint, or a unit test.
     enters: u64,
+    /// Reads at least this long go straight to io-wq (NBD threads' rings).
+    offload_reads: Option<usize>,
     inject: Option<Inject>,
 }
 
@@ -131,6 +142,16 @@ impl Uring {
     /// Fails where io_uring is not available (old kernel, seccomp), so the
     /// caller can fall back.
     pub fn new() -> io::Result<Self> {
+        Self::with_offload(None)
+    }
+
+    /// A ring for one NBD thread: as [`Uring::new`], and reads of at least
+    /// [`OFFLOAD_READ_MIN`] bytes go to io-wq.
+    pub fn for_nbd_thread() -> io::Result<Self> {
+        Self::with_offload(Some(OFFLOAD_READ_MIN))
+    }
+
+    fn with_offload(offload_reads: Option<usize>) -> io::Result<Self> {
         let ring = IoUring::new(RING_ENTRIES)?;
         // Without NODROP a completion that finds the completion queue full
         // is dropped, and its op would sit in its slot for ever (more ops
@@ -169,6 +190,7 @@ impl Uring {
                 down: None,
                 enters: 0,
                 inject,
+                offload_reads,
             }),
         });
         tokio::spawn(reaper(Arc::downgrade(&shared), efd));
@@ -344,7 +366,7 @@ impl Ring {
                     self.slots.len() - 1
                 }
             };
-            let sqe = build_sqe(&mut self.slots, slot, op);
+            let sqe = build_sqe(&mut self.slots, slot, op, self.offload_reads);
             // SAFETY: the op (buffer and file) stays in `slots` until its
             // completion is reaped, or, if the ring goes down before the
             // kernel consumed this SQE, until it is certain no enter will
@@ -411,7 +433,12 @@ impl Ring {
     }
 }
 
-fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
+fn build_sqe(
+    slots: &mut [Option<Op>],
+    slot: usize,
+    op: Op,
+    offload_reads: Option<usize>,
+) -> squeue::Entry {
     let op = slots[slot].insert(op);
     let fd = types::Fd(op.file.as_raw_fd());
     let done = op.done_bytes;
@@ -420,7 +447,11 @@ fn build_sqe(slots: &mut [Option<Op>], slot: usize, op: Op) -> squeue::Entry {
         OpKind::Read(buf) => {
             let (ptr, len) = buf.rest_ptr(done);
             let len = u32::try_from(len).unwrap_or(u32::MAX);
-            opcode::Read::new(fd, ptr, len).offset(pos).build()
+            let sqe = opcode::Read::new(fd, ptr, len).offset(pos).build();
+            match offload_reads {
+                Some(min) if len as usize >= min => sqe.flags(squeue::Flags::ASYNC),
+                _ => sqe,
+            }
         }
         OpKind::Write(buf) => {
             let rest = &buf[done..];

@@ -386,3 +386,34 @@ async fn the_engine_runs_on_threads_once_the_ring_is_down() {
         "the failure was hit"
     );
 }
+
+/// An NBD thread's ring sends long reads to io-wq: they come back whole and
+/// right, short ones beside them too, up to the end of the file.
+#[tokio::test]
+async fn long_reads_sent_to_io_wq_come_back_whole() {
+    let ring = Uring::for_nbd_thread().expect("io_uring works on this machine");
+    let dir = tempfile::tempdir().unwrap();
+    let len = 3 * OFFLOAD_READ_MIN;
+    let file = file_of(&dir, "data", len as u64);
+    let bytes: Vec<u8> = (0..len).map(|i| (i % 249) as u8).collect();
+    file.write_all_at(&bytes, 0).unwrap();
+    for (off, n) in [
+        (0, OFFLOAD_READ_MIN * 2),
+        (4096, BLOCK),
+        (OFFLOAD_READ_MIN, OFFLOAD_READ_MIN * 2),
+    ] {
+        let (r, kind) = ring
+            .run(
+                Arc::clone(&file),
+                off as u64,
+                OpKind::Read(ReadBuf::uninit(n)),
+            )
+            .await;
+        r.unwrap();
+        let OpKind::Read(buf) = kind else {
+            panic!("a read came back as another op")
+        };
+        let got = buf.into_vec();
+        assert!(got == bytes[off..off + n], "read at {off}+{n}");
+    }
+}
