@@ -112,8 +112,12 @@ p99 = lat.get("percentile", {}).get("99.000000", 0)
 ios = sum(s["total_ios"] for s in sides) or 1
 iops = sum(s["iops"] for s in sides)
 bw = sum(s["bw"] for s in sides)
+# fio's own CPU (its usr/sys are percent of one CPU over the job's run):
+# server and client share the two cores, so both sides' cost sets the rate.
+client = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] * 1000 / ios
 print("\t".join([sys.argv[2], sys.argv[3], f"{iops:.0f}", f"{bw / 1024:.1f}",
-                 f"{lat['mean'] / 1000:.1f}", f"{p99 / 1000:.1f}", f"{int(sys.argv[4]) / ios:.1f}"]))
+                 f"{lat['mean'] / 1000:.1f}", f"{p99 / 1000:.1f}", f"{int(sys.argv[4]) / ios:.1f}",
+                 f"{client:.1f}"]))
 PY
     done
 done
@@ -162,9 +166,9 @@ echo "fill: ${FILL_BS} writes, ${SIZE_MIB} MiB, ${RUNTIME} s per job"
 /usr/bin/python3 - "$RESULTS" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-print(f"{'job':<18} {'target':<18} {'IOPS':>9} {'MiB/s':>9} {'mean us':>9} {'p99 us':>9} {'cpu us/io':>10}")
+print(f"{'job':<18} {'target':<18} {'IOPS':>9} {'MiB/s':>9} {'mean us':>9} {'p99 us':>9} {'cpu us/io':>10} {'fio us/io':>10}")
 for r in rows:
-    print(f"{r[0]:<18} {r[1]:<18} {r[2]:>9} {r[3]:>9} {r[4]:>9} {r[5]:>9} {r[6]:>10}")
+    print(f"{r[0]:<18} {r[1]:<18} {r[2]:>9} {r[3]:>9} {r[4]:>9} {r[5]:>9} {r[6]:>10} {r[7]:>10}")
 print()
 peers = ["nbdkit(file)", "qemu-nbd(default)", "qemu-nbd(none)"]
 print(f"{'job':<18}" + "".join(f"{'vs ' + p:>22}" for p in peers) + f"{'vs best':>10}")
