@@ -38,7 +38,6 @@ start_weed
 
 make_mixed_image "$WORK/src.img" "$SIZE_MIB"
 
-
 weed_cpu() { # SeaweedFS's CPU seconds so far, 0 for the local store
     if [ "$STORE" = s3 ]; then cpu_secs "$WEED_PID"; else echo 0; fi
 }

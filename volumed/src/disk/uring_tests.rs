@@ -1,5 +1,6 @@
 //! The io_uring engine on real files: many ops beyond the ring depth, EOF,
-//! bad descriptors, and a failed `io_uring_enter` under 64 in flight.
+//! bad descriptors, a failed `io_uring_enter` under 64 in flight, and an
+//! NBD thread's ring sending long reads to io-wq.
 
 use std::os::unix::fs::FileExt;
 
