@@ -7,7 +7,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
-use super::engine::IoEngine;
+use super::engine::{IoEngine, SyncOn};
 use super::op::{OpKind, ReadBuf};
 use super::sector_cipher::SectorCipher;
 
@@ -263,22 +263,18 @@ impl DataFile {
     /// Makes every completed write durable; `metadata` also syncs what
     /// fdatasync may skip (hole punches change only the extent tree).
     pub async fn sync(&self, metadata: bool) -> io::Result<()> {
+        self.sync_on(metadata, SyncOn::Ring).await
+    }
+
+    /// [`Self::sync`], waiting where `on` says.
+    pub async fn sync_on(&self, metadata: bool, on: SyncOn) -> io::Result<()> {
         let segs = self
             .segments
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         for f in segs {
-            self.engine
-                .run(
-                    f,
-                    0,
-                    OpKind::Sync {
-                        data_only: !metadata,
-                    },
-                )
-                .await
-                .0?;
+            self.engine.sync(f, !metadata, on).await?;
         }
         Ok(())
     }

@@ -5,8 +5,11 @@
 //! With io_uring, a thread may have a ring of its own (`bind_thread`): the
 //! NBD threads do, so a connection's I/O is submitted, completed and reaped
 //! on the thread that serves it. Every other thread shares the engine's ring.
+//!
+//! A sync may instead wait on the thread that asks for it ([`SyncOn::Caller`]),
+//! which an NBD session chooses when nothing else could be held up.
 
-use std::cell::OnceCell;
+use std::cell::{Cell, OnceCell};
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
@@ -38,6 +41,23 @@ pub enum IoEngine {
 thread_local! {
     /// This thread's own ring, if `bind_thread` gave it one.
     static THREAD_RING: OnceCell<Uring> = const { OnceCell::new() };
+    /// Whether `bind_thread` ran here: a thread that serves its own
+    /// connections and may block for one of them.
+    static BOUND: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Where a sync waits for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncOn {
+    /// On the ring (an io-wq worker, since no filesystem syncs without
+    /// blocking): the thread goes on with its other work meanwhile.
+    Ring,
+    /// On the calling thread, blocking it, if it is a bound thread (an NBD
+    /// thread); elsewhere as `Ring`. For a session whose client waits for
+    /// this reply and nothing else: it saves the hand-off to io-wq and the
+    /// wake-up back, about a quarter of a FLUSH at QD1
+    /// (docs/performance.md, "FLUSH on the connection's thread").
+    Caller,
 }
 
 /// Which engine to use; `Auto` tries io_uring and falls back.
@@ -88,6 +108,7 @@ impl IoEngine {
     /// io_uring; must run inside the thread's tokio runtime, which reaps it.
     /// Ops that thread starts use it from then on.
     pub fn bind_thread(&self) -> io::Result<()> {
+        BOUND.with(|b| b.set(true));
         if let IoEngine::Uring(_) = self {
             let ring = Uring::for_nbd_thread()?;
             THREAD_RING.with(|r| {
@@ -116,6 +137,15 @@ impl IoEngine {
         if let IoEngine::PowerlossSim(s) = self {
             s.release(file);
         }
+    }
+
+    /// fsync (`data_only`: fdatasync), waiting where `on` says.
+    pub async fn sync(&self, file: Arc<File>, data_only: bool, on: SyncOn) -> io::Result<()> {
+        let kind = OpKind::Sync { data_only };
+        if on == SyncOn::Caller && BOUND.with(Cell::get) {
+            return self.run_blocking(&file, 0, kind);
+        }
+        self.run(file, 0, kind).await.0
     }
 
     /// fsync, blocking, for the control path.

@@ -20,7 +20,7 @@ pub mod sector_cipher;
 mod uring;
 
 pub use data_file::{DataFile, sync_dir};
-pub use engine::{EngineChoice, IoEngine};
+pub use engine::{EngineChoice, IoEngine, SyncOn};
 #[cfg(test)]
 pub(crate) use op::OpKind;
 pub use sector_cipher::SectorCipher;

@@ -1,6 +1,6 @@
 //! The io_uring engine on real files: many ops beyond the ring depth, EOF,
-//! bad descriptors, a failed `io_uring_enter` under 64 in flight, and an
-//! NBD thread's ring sending long reads to io-wq.
+//! bad descriptors, a failed `io_uring_enter` under 64 in flight, an NBD
+//! thread's ring sending long reads to io-wq, and syncs on the caller.
 
 use std::os::unix::fs::FileExt;
 
@@ -417,4 +417,27 @@ async fn long_reads_sent_to_io_wq_come_back_whole() {
         let got = buf.into_vec();
         assert!(got == bytes[off..off + n], "read at {off}+{n}");
     }
+}
+
+/// A sync the caller waits for runs on a bound thread (an NBD thread),
+/// done in its first poll; elsewhere it goes to the ring like any other.
+#[tokio::test]
+async fn a_sync_on_the_caller_blocks_only_a_bound_thread() {
+    use crate::disk::{IoEngine, SyncOn};
+    use futures_util::FutureExt;
+    let engine = IoEngine::Uring(Uring::new().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let file = file_of(&dir, "data", BLOCK as u64);
+    file.write_all_at(&pattern(1), 0).unwrap();
+    // Not bound: the ring's, completed when awaited.
+    let on_ring = engine.sync(Arc::clone(&file), true, SyncOn::Caller);
+    on_ring.await.unwrap();
+    engine.bind_thread().unwrap();
+    let here = engine.sync(Arc::clone(&file), true, SyncOn::Caller);
+    assert!(
+        matches!(here.now_or_never(), Some(Ok(()))),
+        "done in its first poll"
+    );
+    file.write_all_at(&pattern(2), 0).unwrap();
+    engine.sync(file, false, SyncOn::Ring).await.unwrap();
 }

@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 
 use super::snapshot_export::SnapshotImage;
 use super::volume::{Extent, ReadPiece, Volume};
+use crate::disk::SyncOn;
 
 /// The data behind an export.
 #[derive(Clone)]
@@ -88,9 +89,9 @@ impl Backend {
     }
 
     /// A snapshot has nothing to make durable.
-    pub async fn flush(&self) -> io::Result<()> {
+    pub async fn flush(&self, on: SyncOn) -> io::Result<()> {
         match self {
-            Backend::Volume(v) => v.flush().await,
+            Backend::Volume(v) => v.flush_on(on).await,
             Backend::Snapshot(_) => Ok(()),
         }
     }

@@ -18,8 +18,8 @@ use super::export::{Backend, Export};
 use super::freeze::{Freeze, FreezeGuard, SnapshotPlan};
 use super::record::RecordOwner;
 use crate::catalog::{Catalog, VolumeRecord};
-use crate::disk::DataFile;
 use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
+use crate::disk::{DataFile, SyncOn};
 use crate::engine::error::Result;
 
 pub struct Volume {
@@ -528,12 +528,17 @@ impl Volume {
     /// For a restored volume, the chunks that left the base are logged
     /// after the data is synced, never before (see `base`).
     pub async fn flush(&self) -> io::Result<()> {
+        self.flush_on(SyncOn::Ring).await
+    }
+
+    /// [`Self::flush`], with the data file's sync waiting where `on` says.
+    pub async fn flush_on(&self, on: SyncOn) -> io::Result<()> {
         self.check_health()?;
         let detached = self.base.as_ref().map(|b| b.log.take_pending());
         let metadata = self.metadata_changed.swap(false, Ordering::AcqRel);
         let r = match crate::failpoint::io_error("volume-sync") {
             Err(e) => Err(e),
-            Ok(()) => self.data.sync(metadata).await,
+            Ok(()) => self.data.sync_on(metadata, on).await,
         };
         let r = self.synced(if metadata { "fsync" } else { "fdatasync" }, r);
         if r.is_err() && metadata {

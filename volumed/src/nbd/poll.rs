@@ -57,7 +57,8 @@ pub struct Polled<R> {
     inner: R,
     /// The count of read halves of the thread this one was made on.
     neighbours: Arc<AtomicUsize>,
-    /// The socket, while `inner` keeps it open; `None`: never poll.
+    /// The socket, while `inner` keeps it open; `None`: never poll, and
+    /// never tell that the client has sent nothing more.
     fd: Option<RawFd>,
     quiet: Quiet,
     /// When the session, quiet, first found nothing to read; cleared when
@@ -81,7 +82,7 @@ impl<R> Polled<R> {
         Polled {
             inner,
             neighbours,
-            fd: fd.filter(|_| !window.is_zero()),
+            fd,
             quiet,
             idle_since: None,
             hot: true,
@@ -89,6 +90,29 @@ impl<R> Polled<R> {
             caught: 0,
             missed: 0,
         }
+    }
+
+    /// Whether blocking the thread now would hold anyone up: another
+    /// connection on the thread, or bytes from this client queued on the
+    /// socket. Without a socket to ask: yes.
+    pub fn others_wait(&self) -> bool {
+        let Some(fd) = self.fd else { return true };
+        if self.neighbours.load(Ordering::Relaxed) > 1 {
+            return true;
+        }
+        let mut byte = 0u8;
+        // SAFETY: `recv` writes at most one byte into `byte`; MSG_PEEK
+        // leaves it on the socket; `fd` is open while `inner` is.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // 0 is the client's end of stream, also something to read.
+        n >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EAGAIN)
     }
 
     fn arrived(&mut self) {
@@ -117,7 +141,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Polled<R> {
         }
         // Pending: `inner` has registered the waker, so giving up below is
         // an ordinary wait.
-        let Some(fd) = me.fd.filter(|_| me.quiet.get()) else {
+        let Some(fd) = me.fd.filter(|_| me.quiet.get() && !me.window.is_zero()) else {
             return Poll::Pending;
         };
         let since = *me.idle_since.get_or_insert_with(Instant::now);
@@ -231,5 +255,37 @@ mod tests {
         drop(other);
         let mut b = tokio::net::UnixStream::from_std(t.join().unwrap()).unwrap();
         b.shutdown().await.unwrap();
+    }
+
+    /// A connection tells whether blocking its thread would hold anyone up:
+    /// bytes queued on its socket (left there for the read), another
+    /// connection on the thread, or no socket to ask.
+    #[tokio::test]
+    async fn tells_whether_anyone_waits_on_the_thread() {
+        let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
+        let fd = a.as_raw_fd();
+        let r = Polled::new(a, Some(fd), Quiet::default(), Duration::ZERO);
+        assert!(!r.others_wait(), "nothing sent, alone on the thread");
+        b.write_all(b"x").await.unwrap();
+        assert!(r.others_wait(), "a byte queued");
+        let mut r = tokio::io::BufReader::new(r);
+        let mut byte = [0u8; 1];
+        r.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"x", "the peek left the byte for the read");
+        assert!(!r.get_ref().others_wait());
+
+        let (other, _peer) = tokio::net::UnixStream::pair().unwrap();
+        let other = Polled::new(other, None, Quiet::default(), POLL_MAX);
+        assert!(
+            r.get_ref().others_wait(),
+            "another connection on the thread"
+        );
+        assert!(other.others_wait(), "no socket to ask");
+        drop(other);
+        b.shutdown().await.unwrap();
+        assert!(
+            r.get_ref().others_wait(),
+            "the client's end of stream is to be read"
+        );
     }
 }

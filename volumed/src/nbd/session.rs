@@ -42,6 +42,7 @@ use super::handshake::MetaContext;
 use super::output::Output;
 use super::poll::Quiet;
 use super::window::{Budget, InFlight, Window};
+use crate::disk::SyncOn;
 use crate::disk::engine::INLINE_WRITE_MAX;
 use crate::engine::{Backend, Extent, ReadPiece};
 use crate::metrics;
@@ -84,6 +85,23 @@ pub struct Control {
     pub quiet: Quiet,
 }
 
+/// A session's read half: bytes, and whether anyone else would wait on
+/// the thread if it blocked.
+pub trait Reader: AsyncRead + Unpin + Send {
+    /// Whether blocking the thread now would hold anyone up: bytes this
+    /// client sent that are not read yet, another connection on the thread.
+    /// When it cannot tell: yes.
+    fn others_wait(&self) -> bool {
+        true
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> Reader for tokio::io::BufReader<super::poll::Polled<R>> {
+    fn others_wait(&self) -> bool {
+        !self.buffer().is_empty() || self.get_ref().others_wait()
+    }
+}
+
 /// Serves requests until the client disconnects, breaks the protocol, or
 /// `control.cancel` fires (detach, shutdown). In every case the requests
 /// already in flight complete and their replies are sent before the
@@ -98,7 +116,7 @@ pub async fn serve<R, W>(
     control: Control,
 ) -> Result<(), SessionError>
 where
-    R: AsyncRead + Unpin + Send,
+    R: Reader,
     W: AsyncWrite + Unpin,
 {
     let ctx = Ctx {
@@ -130,9 +148,9 @@ where
         }
         // Nothing to do but wait for the next request: the read may poll.
         // Not after a request whose I/O goes to another thread (a large
-        // write, a flush: io-wq), which needs the CPU the poll would hold
-        // (4k writes at QD1 went from 11.1-12.1k to 9.7-10.5k IOPS when
-        // polling followed them while they still went to io-wq).
+        // write, a flush on the ring: io-wq), which needs the CPU the poll
+        // would hold (4k writes at QD1 went from 11.1-12.1k to 9.7-10.5k
+        // IOPS when polling followed them while they still went to io-wq).
         quiet.set(last_inline && drained);
         // Completions, then requests the client has already sent, and only
         // then the socket write: whatever is ready leaves in one `writev`
@@ -161,11 +179,23 @@ where
                         true
                     }
                     Ok(Incoming::Request { req, data, permit }) => {
+                        // A FLUSH the client waits for, with nothing else
+                        // to do here, waits on this thread (`SyncOn`).
+                        let flush_on = if req.command == Command::Flush
+                            && inflight.is_empty()
+                            && out.is_idle()
+                            && !r.others_wait()
+                        {
+                            SyncOn::Caller
+                        } else {
+                            SyncOn::Ring
+                        };
                         last_inline = req.command == Command::Read
                             || (req.command == Command::Write
                                 && req.flags & CMD_FLAG_FUA == 0
-                                && req.length as usize <= INLINE_WRITE_MAX);
-                        match start(&ctx, req, data, permit) {
+                                && req.length as usize <= INLINE_WRITE_MAX)
+                            || flush_on == SyncOn::Caller;
+                        match start(&ctx, req, data, permit, flush_on) {
                             Started::Now(reply, permit) => out.push(reply, permit),
                             Started::Later(work) => inflight.push(work),
                         }
@@ -284,8 +314,8 @@ where
     }))
 }
 
-/// Checks a request and starts it.
-fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) -> Started {
+/// Checks a request and starts it; a FLUSH waits where `flush_on` says.
+fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, flush_on: SyncOn) -> Started {
     let now = |body, permit| {
         Started::Now(
             Reply {
@@ -358,7 +388,7 @@ fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight) -> Started {
             })
         }
         Op::Flush => later(req.cookie, permit, timing, async move {
-            match backend.flush().await {
+            match backend.flush(flush_on).await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "flush", &req, &e),
             }

@@ -18,6 +18,10 @@ use crate::engine::{Engine, Export};
 
 const SIZE: u64 = 16 * CHUNK;
 
+/// An in-memory pipe cannot tell what is queued: the session takes it that
+/// someone waits, and its flushes go to the ring.
+impl session::Reader for tokio::io::ReadHalf<DuplexStream> {}
+
 const READ: u16 = CMD_READ;
 const WRITE: u16 = CMD_WRITE;
 const DISC: u16 = CMD_DISC;
