@@ -458,6 +458,17 @@ impl Volume {
 
     /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
     pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
+        self.write_on(offset, buf, fua, SyncOn::Ring).await
+    }
+
+    /// [`Self::write`], a FUA's sync waiting where `on` says.
+    pub async fn write_on(
+        &self,
+        offset: u64,
+        buf: Vec<u8>,
+        fua: bool,
+        on: SyncOn,
+    ) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
         self.check_health()?;
         let len = buf.len() as u64;
@@ -472,7 +483,7 @@ impl Volume {
         let r = self.data.write(offset, buf).await;
         self.written("write", r)?;
         if fua {
-            let r = self.data.sync(false).await;
+            let r = self.data.sync_on(false, on).await;
             self.synced("fdatasync", r)
         } else {
             Ok(())
@@ -489,6 +500,19 @@ impl Volume {
         len: u64,
         no_hole: bool,
         fua: bool,
+    ) -> io::Result<()> {
+        self.write_zeroes_on(offset, len, no_hole, fua, SyncOn::Ring)
+            .await
+    }
+
+    /// [`Self::write_zeroes`], a FUA's sync waiting where `on` says.
+    pub async fn write_zeroes_on(
+        &self,
+        offset: u64,
+        len: u64,
+        no_hole: bool,
+        fua: bool,
+        on: SyncOn,
     ) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
         self.check_health()?;
@@ -521,7 +545,7 @@ impl Volume {
             }
         }
         self.metadata_changed.store(true, Ordering::Release);
-        if fua { self.flush().await } else { Ok(()) }
+        if fua { self.flush_on(on).await } else { Ok(()) }
     }
 
     /// Makes every write completed so far, on any connection, durable.

@@ -179,9 +179,13 @@ where
                         true
                     }
                     Ok(Incoming::Request { req, data, permit }) => {
-                        // A FLUSH the client waits for, with nothing else
-                        // to do here, waits on this thread (`SyncOn`).
-                        let flush_on = if req.command == Command::Flush
+                        // A FLUSH (or a FUA's sync) the client waits for,
+                        // with nothing else to do here, waits on this
+                        // thread (`SyncOn`).
+                        let syncs = req.command == Command::Flush
+                            || (req.flags & CMD_FLAG_FUA != 0
+                                && matches!(req.command, Command::Write | Command::WriteZeroes));
+                        let sync_on = if syncs
                             && inflight.is_empty()
                             && out.is_idle()
                             && !r.others_wait()
@@ -190,12 +194,13 @@ where
                         } else {
                             SyncOn::Ring
                         };
+                        let here = sync_on == SyncOn::Caller;
                         last_inline = req.command == Command::Read
                             || (req.command == Command::Write
-                                && req.flags & CMD_FLAG_FUA == 0
+                                && (req.flags & CMD_FLAG_FUA == 0 || here)
                                 && req.length as usize <= INLINE_WRITE_MAX)
-                            || flush_on == SyncOn::Caller;
-                        match start(&ctx, req, data, permit, flush_on) {
+                            || (req.command == Command::Flush && here);
+                        match start(&ctx, req, data, permit, sync_on) {
                             Started::Now(reply, permit) => out.push(reply, permit),
                             Started::Later(work) => inflight.push(work),
                         }
@@ -314,8 +319,9 @@ where
     }))
 }
 
-/// Checks a request and starts it; a FLUSH waits where `flush_on` says.
-fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, flush_on: SyncOn) -> Started {
+/// Checks a request and starts it; a FLUSH or a FUA's sync waits where
+/// `sync_on` says.
+fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, sync_on: SyncOn) -> Started {
     let now = |body, permit| {
         Started::Now(
             Reply {
@@ -373,7 +379,7 @@ fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, flush_on: Syn
             };
             if req.command == Command::Write {
                 return later(req.cookie, permit, timing, async move {
-                    match vol.write(off, data, fua).await {
+                    match vol.write_on(off, data, fua, sync_on).await {
                         Ok(()) => ReplyBody::Done,
                         Err(e) => io_failure(&backend, "write", &req, &e),
                     }
@@ -381,14 +387,14 @@ fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, flush_on: Syn
             }
             let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
             later(req.cookie, permit, timing, async move {
-                match vol.write_zeroes(off, len, no_hole, fua).await {
+                match vol.write_zeroes_on(off, len, no_hole, fua, sync_on).await {
                     Ok(()) => ReplyBody::Done,
                     Err(e) => io_failure(&backend, "zero", &req, &e),
                 }
             })
         }
         Op::Flush => later(req.cookie, permit, timing, async move {
-            match backend.flush(flush_on).await {
+            match backend.flush(sync_on).await {
                 Ok(()) => ReplyBody::Done,
                 Err(e) => io_failure(&backend, "flush", &req, &e),
             }
