@@ -463,7 +463,7 @@ mod tests {
         let e = open(dir.path()).await;
         let a = volume(&e, "a").await;
         let b = volume(&e, "b").await;
-        a.write(0, vec![1; 4096], false).await.unwrap();
+        a.write(0, vec![1; 4096], None).await.unwrap();
         e.set_barrier_timeout(Duration::from_millis(100));
         let names = [a.name.clone(), b.name.clone()];
         let stalled = b.hold_gate_shared().await;
@@ -475,7 +475,7 @@ mod tests {
             r.err()
         );
         assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
-        tokio::time::timeout(Duration::from_secs(1), a.write(0, vec![2; 4096], false))
+        tokio::time::timeout(Duration::from_secs(1), a.write(0, vec![2; 4096], None))
             .await
             .expect("a's writes are admitted again")
             .unwrap();

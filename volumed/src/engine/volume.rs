@@ -456,19 +456,9 @@ impl Volume {
         }
     }
 
-    /// Writes `buf` at `offset`; with `fua` the bytes are durable on return.
-    pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: bool) -> io::Result<()> {
-        self.write_on(offset, buf, fua, SyncOn::Ring).await
-    }
-
-    /// [`Self::write`], a FUA's sync waiting where `on` says.
-    pub async fn write_on(
-        &self,
-        offset: u64,
-        buf: Vec<u8>,
-        fua: bool,
-        on: SyncOn,
-    ) -> io::Result<()> {
+    /// Writes `buf` at `offset`; with `fua` the bytes are durable on return,
+    /// the sync waiting where it says.
+    pub async fn write(&self, offset: u64, buf: Vec<u8>, fua: Option<SyncOn>) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
         self.check_health()?;
         let len = buf.len() as u64;
@@ -482,7 +472,7 @@ impl Volume {
         self.map.mark_written(offset, buf.len() as u64);
         let r = self.data.write(offset, buf).await;
         self.written("write", r)?;
-        if fua {
+        if let Some(on) = fua {
             let r = self.data.sync_on(false, on).await;
             self.synced("fdatasync", r)
         } else {
@@ -499,20 +489,7 @@ impl Volume {
         offset: u64,
         len: u64,
         no_hole: bool,
-        fua: bool,
-    ) -> io::Result<()> {
-        self.write_zeroes_on(offset, len, no_hole, fua, SyncOn::Ring)
-            .await
-    }
-
-    /// [`Self::write_zeroes`], a FUA's sync waiting where `on` says.
-    pub async fn write_zeroes_on(
-        &self,
-        offset: u64,
-        len: u64,
-        no_hole: bool,
-        fua: bool,
-        on: SyncOn,
+        fua: Option<SyncOn>,
     ) -> io::Result<()> {
         let _op = ClientOp::new(&self.client_ops);
         self.check_health()?;
@@ -545,7 +522,10 @@ impl Volume {
             }
         }
         self.metadata_changed.store(true, Ordering::Release);
-        if fua { self.flush_on(on).await } else { Ok(()) }
+        match fua {
+            Some(on) => self.flush_on(on).await,
+            None => Ok(()),
+        }
     }
 
     /// Makes every write completed so far, on any connection, durable.

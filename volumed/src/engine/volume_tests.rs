@@ -120,13 +120,13 @@ async fn run_model(ops: Vec<Op>) {
     for op in ops {
         match op {
             Op::Write { off, len, byte } => {
-                vol.write(off, vec![byte; len as usize], false)
+                vol.write(off, vec![byte; len as usize], None)
                     .await
                     .unwrap();
                 model[off as usize..(off + len) as usize].fill(byte);
             }
             Op::Zero { off, len, no_hole } => {
-                vol.write_zeroes(off, len, no_hole, false).await.unwrap();
+                vol.write_zeroes(off, len, no_hole, None).await.unwrap();
                 model[off as usize..(off + len) as usize].fill(0);
             }
             Op::Read { off, len } => {
@@ -142,7 +142,7 @@ async fn run_model(ops: Vec<Op>) {
                 let guard = vol.begin_snapshot().await;
                 let at_instant = model.clone();
                 for (off, len, byte) in racing {
-                    vol.write(off, vec![byte; len as usize], false)
+                    vol.write(off, vec![byte; len as usize], None)
                         .await
                         .unwrap();
                     model[off as usize..(off + len) as usize].fill(byte);
@@ -237,7 +237,7 @@ async fn copy_before_write_round() {
     let threads = Arc::new(IoEngine::new(EngineChoice::Threads).unwrap());
     let vol = create(dir.path(), &threads);
     for c in 0..CHUNKS {
-        vol.write(c * CS, vec![c as u8 + 1; CS as usize], false)
+        vol.write(c * CS, vec![c as u8 + 1; CS as usize], None)
             .await
             .unwrap();
     }
@@ -251,7 +251,7 @@ async fn copy_before_write_round() {
         writers.push(tokio::spawn(async move {
             for round in 0..16u64 {
                 let c = (round + w / 4) % CHUNKS;
-                vol.write(c * CS + 512 * w, vec![0xEE; 4096], false)
+                vol.write(c * CS + 512 * w, vec![0xEE; 4096], None)
                     .await
                     .unwrap();
             }
@@ -294,10 +294,10 @@ async fn copy_before_write_round() {
 async fn dropped_freeze_restores_the_dirty_set() {
     let dir = tempfile::tempdir().unwrap();
     let vol = create(dir.path(), &io());
-    vol.write(3 * CS, vec![7; 512], false).await.unwrap();
+    vol.write(3 * CS, vec![7; 512], None).await.unwrap();
     let guard = vol.begin_snapshot().await;
     assert_eq!(guard.plan().to_read, vec![3]);
-    vol.write(5 * CS, vec![9; 512], false).await.unwrap();
+    vol.write(5 * CS, vec![9; 512], None).await.unwrap();
     drop(guard);
     match vol.map().take_changed() {
         Changed::Chunks(c) => assert_eq!(c, vec![3, 5]),

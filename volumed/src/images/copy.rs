@@ -161,7 +161,7 @@ impl ImportJobs {
                 && o >= write_from
                 && !is_zero(&b)
             {
-                writes.push(vol.write(o, b, false));
+                writes.push(vol.write(o, b, None));
             }
             h.add_done(n);
             let off = o + n;

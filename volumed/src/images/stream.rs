@@ -93,7 +93,7 @@ impl ImportJobs {
                 }
                 let chunk = std::mem::replace(&mut buf, Vec::with_capacity(cs));
                 if !is_zero(&chunk) {
-                    writes.push(vol.write(off, chunk, false));
+                    writes.push(vol.write(off, chunk, None));
                 }
                 off = end;
                 h.add_done(n);

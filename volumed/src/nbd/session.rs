@@ -379,7 +379,7 @@ fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, sync_on: Sync
             };
             if req.command == Command::Write {
                 return later(req.cookie, permit, timing, async move {
-                    match vol.write_on(off, data, fua, sync_on).await {
+                    match vol.write(off, data, fua.then_some(sync_on)).await {
                         Ok(()) => ReplyBody::Done,
                         Err(e) => io_failure(&backend, "write", &req, &e),
                     }
@@ -387,7 +387,10 @@ fn start(ctx: &Ctx, req: Request, data: Vec<u8>, permit: InFlight, sync_on: Sync
             }
             let no_hole = req.command == Command::WriteZeroes && req.flags & CMD_FLAG_NO_HOLE != 0;
             later(req.cookie, permit, timing, async move {
-                match vol.write_zeroes_on(off, len, no_hole, fua, sync_on).await {
+                match vol
+                    .write_zeroes(off, len, no_hole, fua.then_some(sync_on))
+                    .await
+                {
                     Ok(()) => ReplyBody::Done,
                     Err(e) => io_failure(&backend, "zero", &req, &e),
                 }
