@@ -6,7 +6,7 @@
 # Each round runs every job against every target in turn and prints one
 # line per target: IOPS, mean and p99 completion latency, server CPU per
 # I/O, fio's own CPU per I/O, and context switches per I/O (all
-# processes, from /proc/stat).
+# processes, from /proc/stat); for a job with FLUSHes, their mean latency.
 #
 # Usage: benches/nbd_ab.sh ROUNDS RUNTIME FILL_BS "rw:bs:qd[:fsync] ..." LABEL=BINARY... [LABEL=nbdkit]
 #        (with fsync: a FLUSH every that many writes, 70/30 reads for randrw)
@@ -79,8 +79,11 @@ lat, n = side["clat_ns"], side["total_ios"] or 1
 p99 = lat.get("percentile", {}).get("99.000000", 0)
 # fio's own CPU per I/O (usr/sys are percent of one CPU over the run).
 client = (j["usr_cpu"] + j["sys_cpu"]) / 100 * j["job_runtime"] * 1000 / n
+# With a FLUSH job, the FLUSHes' own mean latency too.
+sync = j.get("sync", {})
+flush = f" flush {sync['lat_ns']['mean'] / 1000:>7.1f}" if sync.get("total_ios") else ""
 print(f"round {sys.argv[2]} {sys.argv[3]:<16} {sys.argv[4]:<10} IOPS {side['iops']:>8.0f} mean {lat['mean'] / 1000:>7.1f} "
-      f"p99 {p99 / 1000:>7.1f} cpu/io {int(sys.argv[5]) / n:>6.1f} fio/io {client:>6.1f} cs/io {int(sys.argv[6]) / n:>5.2f}")
+      f"p99 {p99 / 1000:>7.1f} cpu/io {int(sys.argv[5]) / n:>6.1f} fio/io {client:>6.1f} cs/io {int(sys.argv[6]) / n:>5.2f}{flush}")
 PY
         done
     done

@@ -136,8 +136,11 @@ BULK="$WORK/bulk.tsv"
 # And one uncounted copy of the same size into a scratch file first: in
 # the issue 26 runs the first pass (volumed's) was 175-300 MiB/s in 5 of
 # 8 runs against 1000-1400 for its own second pass.
+# Its rate is printed beside the passes: a copy with no server in it,
+# which tells the machine's state at the time from the servers'.
 truncate -s "${SIZE_MIB}M" "$WORK/warm.img"
-nbdcopy -C 4 --flush "$WORK/src.img" "$WORK/warm.img"
+t0=$(now); nbdcopy -C 4 --flush "$WORK/src.img" "$WORK/warm.img"; t1=$(now)
+WARM=$(awk -v m="$SIZE_MIB" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", m / (b - a) }')
 rm -f "$WORK/warm.img"
 sync
 ORDER=("${!TARGETS[@]}")
@@ -184,7 +187,8 @@ for job in jobs:
 PY
 echo
 echo "bulk: nbdcopy -C 4 of ${SIZE_MIB} MiB random data into fresh targets (--flush), then read back to null;"
-echo "two passes (the second in reverse order), each ratio within its pass:"
+echo "two passes (the second in reverse order), each ratio within its pass;"
+echo "the uncounted warm-up copy, file to file, ran at $WARM MiB/s:"
 /usr/bin/python3 - "$BULK" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
