@@ -78,8 +78,9 @@ pub struct Args {
     pub nbd_handshake_timeout: std::time::Duration,
 
     /// How long an NBD connection that is its thread's only one polls its
-    /// socket for the next request after answering a read, before the
-    /// thread sleeps; 0 turns polling off
+    /// socket for the next request after answering a request done on its
+    /// thread (a read, a small write, a lone flush), before the thread
+    /// sleeps; 0 turns polling off
     #[arg(long, env = "VOLUMED_NBD_POLL", value_name = "DURATION", default_value = "50us",
           value_parser = humantime::parse_duration)]
     pub nbd_poll: std::time::Duration,
