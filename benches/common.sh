@@ -9,8 +9,20 @@ PIDS=()
 # BENCH_DIR puts the scratch dir (data dirs, stores, the peers' files) on
 # another filesystem, e.g. a loop-mounted XFS image (benches/xfs.sh).
 WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/volumed-$NAME.XXXXXX")
+# A process that ignores SIGTERM (`weed mini` at times) gets SIGKILL after
+# 10 s, so a benchmark never hangs in its cleanup.
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for _ in $(seq 100); do
+        local alive=0
+        # An exited child stays a zombie until `wait`: it counts as gone.
+        for p in "${PIDS[@]}"; do
+            case $(ps -o stat= -p "$p" 2>/dev/null) in "" | Z*) ;; *) alive=1 ;; esac
+        done
+        [ $alive = 0 ] && break
+        sleep 0.1
+    done
+    for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
