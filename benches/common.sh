@@ -28,6 +28,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Stops the run with one line when the scratch dir has less than $1 MiB
+# free: a bench that fills the disk takes every other process down with it.
+need_space() {
+    local avail; avail=$(df --output=avail -m "$WORK" | tail -1)
+    if [ "$avail" -lt "$1" ]; then
+        echo "$(basename "$0"): needs about $(($1 / 1024)) GiB free under $WORK, has $((avail / 1024)) GiB" >&2
+        exit 1
+    fi
+}
+
 # Starts SeaweedFS with bucket `volumed` and exports the AWS_* variables
 # volumed and the probes read; returns once the S3 port answers.
 start_weed() {

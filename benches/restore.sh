@@ -21,6 +21,8 @@ command -v fio nbdcopy >/dev/null
 NAME=restorebench
 # shellcheck source=benches/common.sh
 . benches/common.sh
+# The source, both stores and the restored volumes: 33 GiB for 4 GiB.
+need_space $((SIZE_MIB * 9))
 start_weed
 head -c "${SIZE_MIB}M" /dev/urandom > "$WORK/src.img"
 
