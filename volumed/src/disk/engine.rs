@@ -56,7 +56,7 @@ pub enum SyncOn {
     /// thread); elsewhere as `Ring`. For a session whose client waits for
     /// this reply and nothing else: it saves the hand-off to io-wq and the
     /// wake-up back, about a quarter of a FLUSH at QD1
-    /// (docs/performance.md, "FLUSH on the connection's thread").
+    /// (docs/performance.md, "A lone FLUSH on its thread").
     Caller,
 }
 

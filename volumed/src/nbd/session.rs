@@ -179,27 +179,9 @@ where
                         true
                     }
                     Ok(Incoming::Request { req, data, permit }) => {
-                        // A FLUSH (or a FUA's sync) the client waits for,
-                        // with nothing else to do here, waits on this
-                        // thread (`SyncOn`).
-                        let syncs = req.command == Command::Flush
-                            || (req.flags & CMD_FLAG_FUA != 0
-                                && matches!(req.command, Command::Write | Command::WriteZeroes));
-                        let sync_on = if syncs
-                            && inflight.is_empty()
-                            && out.is_idle()
-                            && !r.others_wait()
-                        {
-                            SyncOn::Caller
-                        } else {
-                            SyncOn::Ring
-                        };
-                        let here = sync_on == SyncOn::Caller;
-                        last_inline = req.command == Command::Read
-                            || (req.command == Command::Write
-                                && (req.flags & CMD_FLAG_FUA == 0 || here)
-                                && req.length as usize <= INLINE_WRITE_MAX)
-                            || (req.command == Command::Flush && here);
+                        let alone = inflight.is_empty() && out.is_idle() && !r.others_wait();
+                        let sync_on = sync_place(&req, alone);
+                        last_inline = done_here(&req, sync_on);
                         match start(&ctx, req, data, permit, sync_on) {
                             Started::Now(reply, permit) => out.push(reply, permit),
                             Started::Later(work) => inflight.push(work),
@@ -228,6 +210,34 @@ where
         let _ = writer.shutdown().await;
     }
     result
+}
+
+/// Where a request's sync waits: a FLUSH (or a FUA's sync) the client
+/// waits for, with nothing else for this thread to do (`alone`), waits on
+/// the thread; any other on the ring.
+fn sync_place(req: &Request, alone: bool) -> SyncOn {
+    let syncs = req.command == Command::Flush
+        || (req.flags & CMD_FLAG_FUA != 0
+            && matches!(req.command, Command::Write | Command::WriteZeroes));
+    if syncs && alone {
+        SyncOn::Caller
+    } else {
+        SyncOn::Ring
+    }
+}
+
+/// Whether a request completes on this thread, all its I/O inline: a READ,
+/// a small WRITE (its FUA's sync, if any, here too), a FLUSH synced here.
+fn done_here(req: &Request, sync_on: SyncOn) -> bool {
+    let here = sync_on == SyncOn::Caller;
+    match req.command {
+        Command::Read => true,
+        Command::Write => {
+            (req.flags & CMD_FLAG_FUA == 0 || here) && req.length as usize <= INLINE_WRITE_MAX
+        }
+        Command::Flush => here,
+        _ => false,
+    }
 }
 
 /// The output of the future in `reading`; never ready when there is none.
