@@ -258,8 +258,8 @@ mod tests {
     }
 
     /// A connection tells whether blocking its thread would hold anyone up:
-    /// bytes queued on its socket (left there for the read), another
-    /// connection on the thread, or no socket to ask.
+    /// bytes queued on its socket (left there for the read) or buffered by
+    /// its read half, another connection on the thread, or no socket to ask.
     #[tokio::test]
     async fn tells_whether_anyone_waits_on_the_thread() {
         let (a, mut b) = tokio::net::UnixStream::pair().unwrap();
@@ -273,6 +273,14 @@ mod tests {
         r.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"x", "the peek left the byte for the read");
         assert!(!r.get_ref().others_wait());
+        // A byte the read half has buffered counts as much as one queued.
+        use crate::nbd::session::Reader;
+        b.write_all(b"yz").await.unwrap();
+        r.read_exact(&mut byte).await.unwrap();
+        assert!(!r.get_ref().others_wait(), "the socket is drained");
+        assert!(Reader::others_wait(&r), "but 'z' waits in the buffer");
+        r.read_exact(&mut byte).await.unwrap();
+        assert!(!Reader::others_wait(&r));
 
         let (other, _peer) = tokio::net::UnixStream::pair().unwrap();
         let other = Polled::new(other, None, Quiet::default(), POLL_MAX);

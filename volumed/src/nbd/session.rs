@@ -135,8 +135,8 @@ where
     let mut writable = true;
     let mut result = Ok(());
     let Control { cancel, quiet } = control;
-    // Whether the last request read completes on this thread (a READ, or
-    // a WRITE small enough to be written inline; see `quiet` below).
+    // Whether the last request read completes on this thread
+    // (`done_here`; see `quiet` below).
     let mut last_inline = false;
     let cancelled = cancel.cancelled();
     tokio::pin!(cancelled);
