@@ -24,7 +24,7 @@ cleanup() {
     done
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    rm -rf "$WORK" "/dev/shm/volumed-bench-prime.$$"
 }
 trap cleanup EXIT
 
@@ -37,6 +37,22 @@ need_space() {
         exit 1
     fi
 }
+
+# Touches and frees $1 MiB of memory just before a timed run that fills
+# the page cache. This VM hands memory that stays free for a few seconds
+# back to its host (free page reporting,
+# /sys/module/page_reporting/parameters), and the first touch of such
+# memory is slow: a 1 GiB copy into a fresh file on nbdkit cost 2.4-2.6 s
+# of server CPU (~470 MiB/s) after 15 s idle, 0.65-1.0 s (820-1014 MiB/s)
+# right after this. Whichever server's run met that memory lost 2-3x, so
+# every timed run that allocates page cache starts the same way.
+# reported_kib: what the guest has handed back so far (0 where it has no
+# such module); a run with a large difference across it met it anyway.
+prime_memory() {
+    dd if=/dev/zero of="/dev/shm/volumed-bench-prime.$$" bs=1M count="$1" status=none
+    rm -f "/dev/shm/volumed-bench-prime.$$"
+}
+reported_kib() { cat /sys/module/page_reporting/parameters/reported_kib 2>/dev/null || echo 0; }
 
 # Starts SeaweedFS with bucket `volumed` and exports the AWS_* variables
 # volumed and the probes read; returns once the S3 port answers.

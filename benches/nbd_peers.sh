@@ -23,8 +23,8 @@
 # twice, the second pass in reverse order.
 #
 # Jobs: 4k random reads and writes at QD1 and QD32, 1M reads and writes at
-# QD8, and two with FLUSH: randrw 70/30 4k QD16 flushing every 32 writes,
-# randwrite 4k QD1 flushing after each.
+# QD8, and three with FLUSH: randrw 70/30 4k QD16 flushing every 32 writes,
+# randwrite 4k QD1 flushing after each, 1M writes at QD8 flushing every 64.
 #
 # Usage: benches/nbd_peers.sh [runtime-seconds] [size-MiB] [fill-bs]
 #        (defaults 6 2048 1m); on XFS: benches/xfs.sh 8 benches/nbd_peers.sh ...
@@ -86,6 +86,8 @@ JOBS=(
   # NBD_CMD_FLUSH for both fsync and fdatasync; it takes only fsync).
   "randrw-4k-qd16-fsync32:randrw:4k:16:32"
   "randwrite-4k-qd1-fsync1:randwrite:4k:1:1"
+  # A guest streaming a large file: 1M writes with a FLUSH every 64 MiB.
+  "write-1m-qd8-fsync64:write:1m:8:64"
 )
 RESULTS="$WORK/results.tsv"
 : > "$RESULTS"
@@ -129,15 +131,18 @@ BULK_URIS=("$($VOL attach bulk)" "nbd://127.0.0.1:$KPORT/" "nbd://127.0.0.1:$QPO
 BULK_FILES=("" nbdkit.img qemu-default.img qemu-none.img)
 BULK="$WORK/bulk.tsv"
 : > "$BULK"
-# Two passes, the second in reverse order: on this VM the first large copy
-# in a series is slower whoever makes it (the same volumed binary and copy,
-# in alternating pairs: the first 350-734 MiB/s in 8 of 9 pairs, the second
-# 517-1117), so one fixed order measures the order more than the servers.
-# And one uncounted copy of the same size into a scratch file first: in
-# the issue 26 runs the first pass (volumed's) was 175-300 MiB/s in 5 of
-# 8 runs against 1000-1400 for its own second pass.
-# Its rate is printed beside the passes: a copy with no server in it,
-# which tells the machine's state at the time from the servers'.
+# Two passes, the second in reverse order, and every timed copy starts
+# with prime_memory (common.sh): a copy whose page cache came from memory
+# the VM had handed back to its host ran at a third to a half of its rate
+# whoever served it, which made the first copy of a series the slow one
+# and, before the priming, made volumed's passes 282-368 MiB/s in some
+# runs. Printed beside each copy: the MiB the VM handed back during it,
+# and the server's CPU seconds for the write (1 GiB: 0.6-0.8 s when the
+# memory is warm, 2.4-4.9 s in the slow state, mostly the kernel's copy
+# into new page-cache folios and writers spinning on the inode lock).
+# And one uncounted copy of the same size into a scratch file first, its
+# rate printed beside the passes: a copy with no server in it, which tells
+# the machine's state at the time from the servers'.
 truncate -s "${SIZE_MIB}M" "$WORK/warm.img"
 t0=$(now); nbdcopy -C 4 --flush "$WORK/src.img" "$WORK/warm.img"; t1=$(now)
 WARM=$(awk -v m="$SIZE_MIB" -v a="$t0" -v b="$t1" 'BEGIN { printf "%.0f", m / (b - a) }')
@@ -159,10 +164,14 @@ for i in "${ORDER[@]}" "${REVERSED[@]}"; do
         BULK_URIS[$i]=$($VOL attach bulk)
     fi
     sync
+    prime_memory "$SIZE_MIB"
+    rest=${TARGETS[$i]#*:}; pid=${rest%%:*}
+    r0=$(reported_kib); c0=$(cpu_us "$pid")
     t0=$(now); nbdcopy -C 4 --flush "$WORK/src.img" "${BULK_URIS[$i]}"; t1=$(now)
+    r1=$(reported_kib); c1=$(cpu_us "$pid")
     nbdcopy -C 4 "${BULK_URIS[$i]}" null:; t2=$(now)
-    awk -v t="$tname" -v m="$SIZE_MIB" -v a="$t0" -v b="$t1" -v c="$t2" \
-        'BEGIN { printf "%s\t%f\t%f\n", t, m / (b - a), m / (c - b) }' >> "$BULK"
+    awk -v t="$tname" -v m="$SIZE_MIB" -v a="$t0" -v b="$t1" -v c="$t2" -v r=$(((r1 - r0) / 1024)) -v u=$((c1 - c0)) \
+        'BEGIN { printf "%s\t%f\t%f\t%d\t%.2f\n", t, m / (b - a), m / (c - b), r, u / 1e6 }' >> "$BULK"
 done
 
 echo "fill: ${FILL_BS} writes, ${SIZE_MIB} MiB, ${RUNTIME} s per job"
@@ -188,17 +197,19 @@ PY
 echo
 echo "bulk: nbdcopy -C 4 of ${SIZE_MIB} MiB random data into fresh targets (--flush), then read back to null;"
 echo "two passes (the second in reverse order), each ratio within its pass;"
-echo "the uncounted warm-up copy, file to file, ran at $WARM MiB/s:"
+echo "the uncounted warm-up copy, file to file, ran at $WARM MiB/s; MiB the VM handed back to its host during each write copy:"
 /usr/bin/python3 - "$BULK" <<'PY'
 import sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 n = len(rows) // 2
-passes = [{r[0]: (float(r[1]), float(r[2])) for r in rows[:n]},
-          {r[0]: (float(r[1]), float(r[2])) for r in rows[n:]}]
-print(f"{'target':<18} {'write MiB/s':>14} {'read MiB/s':>14} {'volumed/it write':>18} {'read':>12}")
+passes = [{r[0]: (float(r[1]), float(r[2]), int(r[3]), r[4]) for r in rows[:n]},
+          {r[0]: (float(r[1]), float(r[2]), int(r[3]), r[4]) for r in rows[n:]}]
+print(f"{'target':<18} {'write MiB/s':>14} {'read MiB/s':>14} {'volumed/it write':>18} {'read':>12}"
+      f" {'MiB handed back':>16} {'server CPU s':>14}")
 for t in passes[0]:
     a, b = passes[0][t], passes[1][t]
     va, vb = passes[0]["volumed"], passes[1]["volumed"]
     print(f"{t:<18} {a[0]:>6.0f} / {b[0]:<5.0f} {a[1]:>6.0f} / {b[1]:<5.0f}"
-          f" {va[0] / a[0]:>9.2f}x / {vb[0] / b[0]:.2f}x {va[1] / a[1]:>5.2f}x / {vb[1] / b[1]:.2f}x")
+          f" {va[0] / a[0]:>9.2f}x / {vb[0] / b[0]:.2f}x {va[1] / a[1]:>5.2f}x / {vb[1] / b[1]:.2f}x"
+          f" {a[2]:>8} / {b[2]:<7} {a[3]:>6} / {b[3]}")
 PY
