@@ -31,6 +31,17 @@ use super::uring::{Uring, is_ring_down};
 /// ring so a connection is not held up by a long copy.
 pub const INLINE_WRITE_MAX: usize = 64 << 10;
 
+/// A buffered write at least this large starts its own writeback once it is
+/// in the page cache (`OpKind::WriteBack`), without waiting for it. Large
+/// writes stream (fills, copies, imports): without this, none of their data
+/// goes to disk before the dirty threshold (gigabytes here) or the FLUSH at
+/// the end, which then writes it all while the client waits. With it, the
+/// disk works while the copy goes on, as PostgreSQL's `*_flush_after` does:
+/// a 1 GiB copy and its FLUSH in one go instead of one after the other
+/// (docs/performance.md, "Write-behind for large writes"). Small writes
+/// are left to the page cache, where rewrites of a hot block coalesce.
+pub const WRITE_BEHIND_MIN: usize = 128 << 10;
+
 pub enum IoEngine {
     Uring(Uring),
     Threads,
@@ -187,7 +198,14 @@ impl IoEngine {
                     return (r, kind);
                 }
                 let ring = own.as_ref().unwrap_or(shared);
+                let behind = match &kind {
+                    OpKind::Write(buf) if buf.len() >= WRITE_BEHIND_MIN => Some(buf.len() as u64),
+                    _ => None,
+                };
                 let (r, kind) = ring.run(Arc::clone(&file), offset, kind).await;
+                if let (Ok(()), Some(len)) = (&r, behind) {
+                    ring.start(Arc::clone(&file), offset, OpKind::WriteBack { len });
+                }
                 match r {
                     // The ring stopped before the kernel saw this op: it
                     // never ran, so running it here runs it once.
@@ -225,7 +243,13 @@ async fn run_on_thread(file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
 fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
     let r = match &mut kind {
         OpKind::Read(buf) => file.read_exact_at(buf.whole_mut(), offset),
-        OpKind::Write(buf) => file.write_all_at(buf, offset),
+        OpKind::Write(buf) => file.write_all_at(buf, offset).map(|()| {
+            if buf.len() >= WRITE_BEHIND_MIN {
+                // A hint: an error here shows again at the next sync.
+                let _ = write_back(file, offset, buf.len() as u64);
+            }
+        }),
+        OpKind::WriteBack { len } => write_back(file, offset, *len),
         OpKind::Sync { data_only: true } => file.sync_data(),
         OpKind::Sync { data_only: false } => file.sync_all(),
         OpKind::Fallocate { mode, len } => fallocate(file, *mode, offset, *len),
@@ -247,6 +271,24 @@ fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
         }
     };
     (r, kind)
+}
+
+/// sync_file_range(SYNC_FILE_RANGE_WRITE): see `OpKind::WriteBack`.
+fn write_back(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: sync_file_range on a descriptor we hold open; no memory effects.
+    let rc = unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            offset as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 pub fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {

@@ -17,6 +17,10 @@ pub enum OpKind {
     Fallocate { mode: i32, len: u64 },
     /// posix_fadvise WILLNEED: start reading into the page cache.
     WillNeed { len: u64 },
+    /// sync_file_range(SYNC_FILE_RANGE_WRITE): start writing the range's
+    /// dirty pages to disk. Waits for nothing and makes nothing durable
+    /// (no metadata, no cache flush): only a FLUSH's fdatasync does.
+    WriteBack { len: u64 },
 }
 
 impl OpKind {

@@ -217,6 +217,19 @@ impl Uring {
         })
     }
 
+    /// Submits one op and does not wait for it: for hints whose result
+    /// nobody needs (the ring holds the file until the op completes).
+    pub fn start(&self, file: Arc<File>, offset: u64, kind: OpKind) {
+        let (tx, _) = oneshot::channel();
+        self.submit(Op {
+            file,
+            offset,
+            kind,
+            done_bytes: 0,
+            reply: tx,
+        });
+    }
+
     fn submit(&self, op: Op) {
         let mut r = self.shared.ring.lock().unwrap_or_else(|e| e.into_inner());
         // On a ring that is down, `pump` hands it straight back.
@@ -479,6 +492,13 @@ fn build_sqe(
             let len = libc::off_t::try_from(*len).unwrap_or(libc::off_t::MAX);
             opcode::Fadvise::new(fd, len, libc::POSIX_FADV_WILLNEED)
                 .offset(pos)
+                .build()
+        }
+        OpKind::WriteBack { len } => {
+            let len = u32::try_from(*len).unwrap_or(u32::MAX);
+            opcode::SyncFileRange::new(fd, len)
+                .offset(pos)
+                .flags(libc::SYNC_FILE_RANGE_WRITE)
                 .build()
         }
     };

@@ -1,6 +1,7 @@
 //! The io_uring engine on real files: many ops beyond the ring depth, EOF,
 //! bad descriptors, a failed `io_uring_enter` under 64 in flight, an NBD
-//! thread's ring sending long reads to io-wq, and syncs on the caller.
+//! thread's ring sending long reads to io-wq, syncs on the caller, and
+//! large writes starting their own writeback.
 
 use std::os::unix::fs::FileExt;
 
@@ -440,4 +441,100 @@ async fn a_sync_on_the_caller_blocks_only_a_bound_thread() {
     );
     file.write_all_at(&pattern(2), 0).unwrap();
     engine.sync(file, false, SyncOn::Ring).await.unwrap();
+}
+
+/// Bytes of `file` in `[0, len)` written to the page cache but not yet
+/// given disk blocks (FIEMAP's DELALLOC flag on ext4 and XFS): data no
+/// writeback has reached.
+fn delalloc_bytes(file: &File, len: u64) -> u64 {
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_EXTENT_DELALLOC: u32 = 0x4;
+    const EXTENTS: usize = 64;
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Extent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        reserved64: [u64; 2],
+        flags: u32,
+        reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Fiemap {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped: u32,
+        count: u32,
+        reserved: u32,
+        extents: [Extent; EXTENTS],
+    }
+    let mut m = Fiemap {
+        start: 0,
+        length: len,
+        flags: 0,
+        mapped: 0,
+        count: EXTENTS as u32,
+        reserved: 0,
+        extents: [Extent::default(); EXTENTS],
+    };
+    // SAFETY: FS_IOC_FIEMAP fills the struct we own, room for EXTENTS.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut m) };
+    assert_eq!(rc, 0, "FIEMAP: {}", io::Error::last_os_error());
+    m.extents[..m.mapped as usize]
+        .iter()
+        .filter(|e| e.flags & FIEMAP_EXTENT_DELALLOC != 0)
+        .map(|e| e.length)
+        .sum()
+}
+
+/// A write of WRITE_BEHIND_MIN or more starts its writeback at once, on
+/// both engines; a smaller one stays in the page cache until a sync, the
+/// flusher, or memory pressure takes it (the control: it shows the
+/// filesystem delays allocation, so what changed the large write's state
+/// is its writeback).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_write_starts_its_writeback_and_a_small_one_does_not() {
+    use crate::disk::IoEngine;
+    use crate::disk::engine::WRITE_BEHIND_MIN;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    for (name, engine) in [
+        ("io_uring", IoEngine::Uring(Uring::new().unwrap())),
+        ("threads", IoEngine::Threads),
+    ] {
+        let small = file_of(&dir, &format!("{name}-small"), 4 << 20);
+        let large = file_of(&dir, &format!("{name}-large"), 4 << 20);
+        let small_len = WRITE_BEHIND_MIN - BLOCK;
+        let (r, _) = engine
+            .run(Arc::clone(&small), 0, OpKind::Write(vec![7; small_len]))
+            .await;
+        r.unwrap();
+        assert_eq!(
+            delalloc_bytes(&small, 4 << 20),
+            small_len as u64,
+            "{name}: the test directory's filesystem must delay allocation (ext4, XFS)"
+        );
+        let (r, _) = engine
+            .run(Arc::clone(&large), 0, OpKind::Write(vec![9; 1 << 20]))
+            .await;
+        r.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while delalloc_bytes(&large, 4 << 20) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "{name}: the large write was never written back"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            delalloc_bytes(&small, 4 << 20),
+            small_len as u64,
+            "{name}: the small write is left to the page cache"
+        );
+        let mut back = vec![0; 1 << 20];
+        large.read_exact_at(&mut back, 0).unwrap();
+        assert!(back.iter().all(|b| *b == 9), "{name}: the data reads back");
+    }
 }
