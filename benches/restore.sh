@@ -86,14 +86,17 @@ PY
 
     # Hydration with no cache, against the raw GET rate; with the CPU
     # seconds volumed spent, since both cores are shared with the store.
-    C0=$(cpu_secs "$VPID")
+    # SeaweedFS's CPU too (zero for the local store): it serves the GETs
+    # on the same two cores.
+    C0=$(cpu_secs "$VPID"); W0=$(cpu_secs "$WEED_PID")
     T0=$(now)
     $VOL create hyd --from-snapshot "$ID" --wait >/dev/null
     T1=$(now)
-    C1=$(cpu_secs "$VPID")
+    C1=$(cpu_secs "$VPID"); W1=$(cpu_secs "$WEED_PID")
     read -r GET OBJS BYTES <<<"$("$BIN/get_rate" "$URL" "$ID" 16)"
+    W2=$(cpu_secs "$WEED_PID")
     /usr/bin/python3 -c "
 s = $T1 - $T0; mib = $SIZE_MIB / s
-print(f'$STORE hydration of ${SIZE_MIB} MiB: {s:.2f} s = {mib:.1f} MiB/s (volumed used {$C1 - $C0:.1f} CPU s); raw GET {float($GET):.1f} MiB/s ($OBJS objects); ratio {mib / float($GET):.2f}')"
+print(f'$STORE hydration of ${SIZE_MIB} MiB: {s:.2f} s = {mib:.1f} MiB/s (volumed used {$C1 - $C0:.1f} CPU s, SeaweedFS {$W1 - $W0:.1f}); raw GET {float($GET):.1f} MiB/s ($OBJS objects, SeaweedFS {$W2 - $W1:.1f} CPU s); ratio {mib / float($GET):.2f}')"
     kill "$VPID"; wait "$VPID" 2>/dev/null || true
 done
