@@ -202,13 +202,7 @@ impl Uring {
     /// error for which [`is_ring_down`] holds means the op never ran.
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         let (tx, rx) = oneshot::channel();
-        self.submit(Op {
-            file,
-            offset,
-            kind,
-            done_bytes: 0,
-            reply: tx,
-        });
+        self.submit_new(file, offset, kind, tx);
         rx.await.unwrap_or_else(|_| {
             (
                 Err(io::Error::other("io_uring op dropped")),
@@ -220,13 +214,22 @@ impl Uring {
     /// Submits one op and does not wait for it: for hints whose result
     /// nobody needs (the ring holds the file until the op completes).
     pub fn start(&self, file: Arc<File>, offset: u64, kind: OpKind) {
-        let (tx, _) = oneshot::channel();
+        self.submit_new(file, offset, kind, oneshot::channel().0);
+    }
+
+    fn submit_new(
+        &self,
+        file: Arc<File>,
+        offset: u64,
+        kind: OpKind,
+        reply: oneshot::Sender<OpResult>,
+    ) {
         self.submit(Op {
             file,
             offset,
             kind,
             done_bytes: 0,
-            reply: tx,
+            reply,
         });
     }
 
