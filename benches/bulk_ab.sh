@@ -17,7 +17,6 @@ BIN=target/release
 NAME=bulkab
 # shellcheck source=benches/common.sh
 . benches/common.sh
-cpu() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
 need_space $((SIZE_MIB * 4))
 mkdir -p "$WORK/a" "$WORK/b"
 VOLUMED_BIN=$OLD start_volumed "$WORK/a" "file://$WORK/sa"; OPID=$VPID; OVOL=$VOL
@@ -39,11 +38,11 @@ for ((k = 0; k < ITER; k++)); do
     esac
     sync
     prime_memory "$SIZE_MIB"
-    r0=$(reported_kib); c0=$(cpu $pid)
+    r0=$(reported_kib); c0=$(cpu_secs $pid)
     t0=$(now); nbdcopy -C 4 --flush "$WORK/src.img" "$uri"; t1=$(now)
-    r1=$(reported_kib); c1=$(cpu $pid)
+    r1=$(reported_kib); c1=$(cpu_secs $pid)
     t2=$(now); nbdcopy -C 4 "$uri" null:; t3=$(now)
-    awk -v t=$t -v m=$SIZE_MIB -v a=$t0 -v b=$t1 -v c=$t2 -v d=$t3 -v u=$(echo "$c1 - $c0" | bc) -v r=$(((r1 - r0) / 1024)) \
-      'BEGIN { printf "%s\t%.0f\t%.0f\t%s\t%d\n", t, m / (b - a), m / (d - c), u, r }'
+    awk -v t=$t -v m=$SIZE_MIB -v a=$t0 -v b=$t1 -v c=$t2 -v d=$t3 -v u0="$c0" -v u1="$c1" -v r=$(((r1 - r0) / 1024)) \
+      'BEGIN { printf "%s\t%.0f\t%.0f\t%.2f\t%d\n", t, m / (b - a), m / (d - c), u1 - u0, r }'
   done
 done

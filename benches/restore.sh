@@ -26,10 +26,6 @@ need_space $((SIZE_MIB * 9))
 start_weed
 head -c "${SIZE_MIB}M" /dev/urandom > "$WORK/src.img"
 
-cpu_secs() { # pid -> user+system CPU seconds so far
-    awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
-}
-
 randread() { # uri -> "mean_us p99_us iops"
     fio --name=rr --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=1 \
         --size="${SIZE_MIB}M" --time_based --runtime=10 --lat_percentiles=1 --output-format=json >"$WORK/fio.json" 2>/dev/null

@@ -182,8 +182,39 @@ impl IoEngine {
         }
     }
 
-    /// Runs one op; returns its result and the op (with its buffer).
+    /// Runs one op; returns its result and the op (with its buffer). A
+    /// large write then starts its own writeback: see WRITE_BEHIND_MIN.
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
+        let behind = match &kind {
+            OpKind::Write(buf) if buf.len() >= WRITE_BEHIND_MIN => {
+                Some((Arc::clone(&file), buf.len() as u64))
+            }
+            _ => None,
+        };
+        let (r, kind) = self.run_op(file, offset, kind).await;
+        if let (Ok(()), Some((file, len))) = (&r, behind) {
+            self.start(file, offset, OpKind::WriteBack { len });
+        }
+        (r, kind)
+    }
+
+    /// Starts a hint nobody waits for (a `WriteBack`); its result is
+    /// dropped: a writeback error shows again at the next sync.
+    fn start(&self, file: Arc<File>, offset: u64, kind: OpKind) {
+        match self {
+            IoEngine::Uring(shared) => match THREAD_RING.with(|r| r.get().cloned()) {
+                Some(own) => own.start(file, offset, kind),
+                None => shared.start(file, offset, kind),
+            },
+            IoEngine::Threads => {
+                tokio::task::spawn_blocking(move || run_sync(&file, offset, kind));
+            }
+            // Nothing reaches the file before a sync in this model.
+            IoEngine::PowerlossSim(_) => {}
+        }
+    }
+
+    async fn run_op(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         match self {
             IoEngine::Uring(shared) => {
                 let own = THREAD_RING.with(|r| r.get().cloned());
@@ -198,14 +229,7 @@ impl IoEngine {
                     return (r, kind);
                 }
                 let ring = own.as_ref().unwrap_or(shared);
-                let behind = match &kind {
-                    OpKind::Write(buf) if buf.len() >= WRITE_BEHIND_MIN => Some(buf.len() as u64),
-                    _ => None,
-                };
                 let (r, kind) = ring.run(Arc::clone(&file), offset, kind).await;
-                if let (Ok(()), Some(len)) = (&r, behind) {
-                    ring.start(Arc::clone(&file), offset, OpKind::WriteBack { len });
-                }
                 match r {
                     // The ring stopped before the kernel saw this op: it
                     // never ran, so running it here runs it once.
@@ -243,12 +267,7 @@ async fn run_on_thread(file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
 fn run_sync(file: &File, offset: u64, mut kind: OpKind) -> OpResult {
     let r = match &mut kind {
         OpKind::Read(buf) => file.read_exact_at(buf.whole_mut(), offset),
-        OpKind::Write(buf) => file.write_all_at(buf, offset).map(|()| {
-            if buf.len() >= WRITE_BEHIND_MIN {
-                // A hint: an error here shows again at the next sync.
-                let _ = write_back(file, offset, buf.len() as u64);
-            }
-        }),
+        OpKind::Write(buf) => file.write_all_at(buf, offset),
         OpKind::WriteBack { len } => write_back(file, offset, *len),
         OpKind::Sync { data_only: true } => file.sync_data(),
         OpKind::Sync { data_only: false } => file.sync_all(),
