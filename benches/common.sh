@@ -52,6 +52,17 @@ prime_memory() {
     dd if=/dev/zero of="/dev/shm/volumed-bench-prime.$$" bs=1M count="$1" status=none
     rm -f "/dev/shm/volumed-bench-prime.$$"
 }
+# Writes a $1 MiB file through the page cache on the benchmark's own
+# filesystem, kept to the end: run it before the targets' fills. The first
+# file written after a quiet spell keeps slower 4 KiB overwrites for as
+# long as it stays cached (20-24 us of server CPU per write against 15-17,
+# in ext4_block_write_begin, with the same folio sizes and page frames as
+# the files written after it); priming tmpfs does not help, a file on the
+# same filesystem does. Whichever target was filled first carried it:
+# docs/performance.md, "The first file filled".
+warm_fill() {
+    dd if=/dev/zero of="$WORK/warm-fill" bs=1M count="$1" conv=fdatasync status=none
+}
 reported_kib() { cat /sys/module/page_reporting/parameters/reported_kib 2>/dev/null || echo 0; }
 
 # Starts SeaweedFS with bucket `volumed` and exports the AWS_* variables

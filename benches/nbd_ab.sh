@@ -48,6 +48,8 @@ for spec in "$@"; do
     i=$((i + 1))
 done
 sleep 0.5
+# Not the first file written: see warm_fill (common.sh).
+warm_fill 1024
 for t in "${TARGETS[@]}"; do
     fio --name=fill --ioengine=nbd --uri="${t#*:*:}" --rw=write --bs="$FILL" --iodepth=8 \
         --size=1024M --refill_buffers --output-format=terse >/dev/null 2>&1

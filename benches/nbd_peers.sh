@@ -64,7 +64,9 @@ TARGETS=(
   "qemu-nbd(none):$QPID2:nbd://127.0.0.1:$QPORT2/bench"
 )
 
-# The same history everywhere: random data in FILL_BS writes, then sync.
+# The same history everywhere: random data in FILL_BS writes, then sync;
+# none of them the first file written (warm_fill, common.sh).
+warm_fill "$SIZE_MIB"
 for t in "${TARGETS[@]}"; do
     uri=${t#*:*:}
     fio --name=fill --ioengine=nbd --uri="$uri" --rw=write --bs="$FILL_BS" --iodepth=8 \
