@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use super::engine::{IoEngine, SyncOn};
 use super::op::{OpKind, ReadBuf};
 use super::sector_cipher::SectorCipher;
+use super::write_behind::WriteBehind;
 
 /// Bytes covered by one segment file: half of ext4's 16 TiB file limit, a
 /// power of two so chunk boundaries never straddle two segments.
@@ -25,6 +26,8 @@ pub struct DataFile {
     cipher: Option<SectorCipher>,
     /// Held by writes that cover part of a sector (read, patch, write).
     partial: tokio::sync::Mutex<()>,
+    /// Which large writes start their own writeback.
+    write_behind: WriteBehind,
 }
 
 /// One segment's share of a byte range.
@@ -83,6 +86,7 @@ impl DataFile {
             segments: RwLock::new(segments),
             cipher: None,
             partial: tokio::sync::Mutex::new(()),
+            write_behind: WriteBehind::default(),
         })
     }
 
@@ -111,6 +115,7 @@ impl DataFile {
             segments: RwLock::new(segments),
             cipher: None,
             partial: tokio::sync::Mutex::new(()),
+            write_behind: WriteBehind::default(),
         })
     }
 
@@ -201,19 +206,27 @@ impl DataFile {
         Ok(out)
     }
 
-    /// Stores `buf` at `offset` as it is.
+    /// Stores `buf` at `offset` as it is; a large write then starts its
+    /// own writeback if `WriteBehind` says so.
     pub(super) async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
-        let mut pieces = self.pieces(offset, buf.len() as u64)?;
+        let len = buf.len();
+        let mut pieces = self.pieces(offset, len as u64)?;
         if pieces.len() == 1 {
             let p = pieces.pop().expect("one piece");
-            return self.engine.run(p.file, p.pos, OpKind::Write(buf)).await.0;
+            self.engine.run(p.file, p.pos, OpKind::Write(buf)).await.0?;
+        } else {
+            for p in pieces {
+                let part = buf[p.at..p.at + p.len].to_vec();
+                self.engine
+                    .run(p.file, p.pos, OpKind::Write(part))
+                    .await
+                    .0?;
+            }
         }
-        for p in pieces {
-            let part = buf[p.at..p.at + p.len].to_vec();
-            self.engine
-                .run(p.file, p.pos, OpKind::Write(part))
-                .await
-                .0?;
+        if self.write_behind.on_write(offset, len) {
+            for p in self.pieces(offset, len as u64)? {
+                self.engine.write_back(p.file, p.pos, p.len as u64);
+            }
         }
         Ok(())
     }
@@ -268,6 +281,7 @@ impl DataFile {
 
     /// [`Self::sync`], waiting where `on` says.
     pub async fn sync_on(&self, metadata: bool, on: SyncOn) -> io::Result<()> {
+        self.write_behind.on_sync();
         let segs = self
             .segments
             .read()
@@ -281,6 +295,7 @@ impl DataFile {
 
     /// Blocking sync for the control path (detach, shutdown, tests).
     pub fn sync_blocking(&self) -> io::Result<()> {
+        self.write_behind.on_sync();
         let segs = self
             .segments
             .read()

@@ -31,17 +31,6 @@ use super::uring::{Uring, is_ring_down};
 /// ring so a connection is not held up by a long copy.
 pub const INLINE_WRITE_MAX: usize = 64 << 10;
 
-/// A buffered write at least this large starts its own writeback once it is
-/// in the page cache (`OpKind::WriteBack`), without waiting for it. Large
-/// writes stream (fills, copies, imports): without this, none of their data
-/// goes to disk before the dirty threshold (gigabytes here) or the FLUSH at
-/// the end, which then writes it all while the client waits. With it, the
-/// disk works while the copy goes on, as PostgreSQL's `*_flush_after` does:
-/// a 1 GiB copy and its FLUSH in one go instead of one after the other
-/// (docs/performance.md, "Write-behind for large writes"). Small writes
-/// are left to the page cache, where rewrites of a hot block coalesce.
-pub const WRITE_BEHIND_MIN: usize = 128 << 10;
-
 pub enum IoEngine {
     Uring(Uring),
     Threads,
@@ -182,39 +171,8 @@ impl IoEngine {
         }
     }
 
-    /// Runs one op; returns its result and the op (with its buffer). A
-    /// large write then starts its own writeback: see WRITE_BEHIND_MIN.
+    /// Runs one op; returns its result and the op (with its buffer).
     pub async fn run(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
-        let behind = match &kind {
-            OpKind::Write(buf) if buf.len() >= WRITE_BEHIND_MIN => {
-                Some((Arc::clone(&file), buf.len() as u64))
-            }
-            _ => None,
-        };
-        let (r, kind) = self.run_op(file, offset, kind).await;
-        if let (Ok(()), Some((file, len))) = (&r, behind) {
-            self.start(file, offset, OpKind::WriteBack { len });
-        }
-        (r, kind)
-    }
-
-    /// Starts a hint nobody waits for (a `WriteBack`); its result is
-    /// dropped: a writeback error shows again at the next sync.
-    fn start(&self, file: Arc<File>, offset: u64, kind: OpKind) {
-        match self {
-            IoEngine::Uring(shared) => match THREAD_RING.with(|r| r.get().cloned()) {
-                Some(own) => own.start(file, offset, kind),
-                None => shared.start(file, offset, kind),
-            },
-            IoEngine::Threads => {
-                tokio::task::spawn_blocking(move || run_sync(&file, offset, kind));
-            }
-            // Nothing reaches the file before a sync in this model.
-            IoEngine::PowerlossSim(_) => {}
-        }
-    }
-
-    async fn run_op(&self, file: Arc<File>, offset: u64, kind: OpKind) -> OpResult {
         match self {
             IoEngine::Uring(shared) => {
                 let own = THREAD_RING.with(|r| r.get().cloned());
@@ -249,6 +207,24 @@ impl IoEngine {
                         )
                     })
             }
+        }
+    }
+
+    /// Starts writing back `len` bytes of `file` at `offset` from the page
+    /// cache (`OpKind::WriteBack`) and does not wait: a hint, whose error,
+    /// if any, shows again at the next sync. Who asks is `WriteBehind`'s.
+    pub fn write_back(&self, file: Arc<File>, offset: u64, len: u64) {
+        let kind = OpKind::WriteBack { len };
+        match self {
+            IoEngine::Uring(shared) => match THREAD_RING.with(|r| r.get().cloned()) {
+                Some(own) => own.start(file, offset, kind),
+                None => shared.start(file, offset, kind),
+            },
+            IoEngine::Threads => {
+                tokio::task::spawn_blocking(move || run_sync(&file, offset, kind));
+            }
+            // Nothing reaches the file before a sync in this model.
+            IoEngine::PowerlossSim(_) => {}
         }
     }
 }

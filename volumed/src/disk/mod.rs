@@ -18,6 +18,7 @@ mod op;
 mod powerloss;
 pub mod sector_cipher;
 mod uring;
+mod write_behind;
 
 pub use data_file::{DataFile, sync_dir};
 pub use engine::{EngineChoice, IoEngine, SyncOn};
