@@ -133,8 +133,10 @@ job_seconds() {
     awk -v ms="$ms" 'BEGIN { printf "%.3f", ms / 1000 }'
 }
 
-# User+system CPU seconds of process $1 so far.
+# User+system CPU seconds of process $1 so far; cpu_us: the same in whole
+# microseconds, for per-I/O figures in shell arithmetic.
 cpu_secs() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"; }
 
 # Writes a raw image of $2 MiB at $1 in 512 KiB pieces, random and text in
 # turn: zstd has work, and the raw path is taken too (the encryption and

@@ -56,7 +56,6 @@ for t in "${TARGETS[@]}"; do
 done
 sync
 
-cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"; }
 switches() { awk '/^ctxt/ {print $2}' /proc/stat; }
 for r in $(seq "$ROUNDS"); do
     for job in $JOBS; do

@@ -74,8 +74,6 @@ for t in "${TARGETS[@]}"; do
 done
 sync
 
-cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.0f", ($14 + $15) * 1e6 / hz}' "/proc/$1/stat"; }
-
 JOBS=(
   "randread-4k-qd1:randread:4k:1"
   "randread-4k-qd32:randread:4k:32"

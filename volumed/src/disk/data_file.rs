@@ -224,6 +224,8 @@ impl DataFile {
             }
         }
         if self.write_behind.on_write(offset, len) {
+            // Split again rather than kept from above: the writes took the
+            // pieces' files, and a clone each would tax every 4 KiB write.
             for p in self.pieces(offset, len as u64)? {
                 self.engine.write_back(p.file, p.pos, p.len as u64);
             }

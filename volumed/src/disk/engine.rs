@@ -216,10 +216,10 @@ impl IoEngine {
     pub fn write_back(&self, file: Arc<File>, offset: u64, len: u64) {
         let kind = OpKind::WriteBack { len };
         match self {
-            IoEngine::Uring(shared) => match THREAD_RING.with(|r| r.get().cloned()) {
-                Some(own) => own.start(file, offset, kind),
-                None => shared.start(file, offset, kind),
-            },
+            IoEngine::Uring(shared) => {
+                let own = THREAD_RING.with(|r| r.get().cloned());
+                own.as_ref().unwrap_or(shared).start(file, offset, kind);
+            }
             IoEngine::Threads => {
                 tokio::task::spawn_blocking(move || run_sync(&file, offset, kind));
             }

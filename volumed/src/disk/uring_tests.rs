@@ -1,7 +1,6 @@
 //! The io_uring engine on real files: many ops beyond the ring depth, EOF,
 //! bad descriptors, a failed `io_uring_enter` under 64 in flight, an NBD
-//! thread's ring sending long reads to io-wq, syncs on the caller, and
-//! large writes starting their own writeback.
+//! thread's ring sending long reads to io-wq, and syncs on the caller.
 
 use std::os::unix::fs::FileExt;
 
