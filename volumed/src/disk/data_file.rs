@@ -3,11 +3,12 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
 use super::engine::{IoEngine, SyncOn};
+use super::intent_log::{self, IntentLog, RECORD_MAX};
 use super::op::{OpKind, ReadBuf};
 use super::sector_cipher::SectorCipher;
 use super::write_behind::WriteBehind;
@@ -28,6 +29,9 @@ pub struct DataFile {
     partial: tokio::sync::Mutex<()>,
     /// Which large writes start their own writeback.
     write_behind: WriteBehind,
+    /// Small writes since the last FLUSH, made durable without syncing the
+    /// segments.
+    pub(super) log: IntentLog,
 }
 
 /// One segment's share of a byte range.
@@ -76,6 +80,8 @@ impl DataFile {
             engine.hold(&f);
             segments.push(Arc::new(f));
         }
+        let (log, _) = IntentLog::open(dir, &engine)?;
+        log.restart_blocking(&engine)?;
         sync_dir(dir)?;
         if let Some(parent) = dir.parent() {
             sync_dir(parent)?;
@@ -87,6 +93,7 @@ impl DataFile {
             cipher: None,
             partial: tokio::sync::Mutex::new(()),
             write_behind: WriteBehind::default(),
+            log,
         })
     }
 
@@ -109,14 +116,36 @@ impl DataFile {
             engine.hold(&f);
             segments.push(Arc::new(f));
         }
-        Ok(DataFile {
+        let (log, replay) = IntentLog::open(dir, &engine)?;
+        let df = DataFile {
             dir: dir.to_owned(),
             engine,
             segments: RwLock::new(segments),
             cipher: None,
             partial: tokio::sync::Mutex::new(()),
             write_behind: WriteBehind::default(),
-        })
+            log,
+        };
+        df.replay(replay)?;
+        Ok(df)
+    }
+
+    /// Writes back what the intent log made durable (every write a FLUSH
+    /// covered since the segments' last sync), syncs it, and starts the
+    /// log's next generation.
+    fn replay(&self, records: intent_log::Replay) -> io::Result<()> {
+        if !records.is_empty() {
+            tracing::info!(dir = %self.dir.display(), writes = records.len(),
+                "replaying the intent log into the data files");
+            for (offset, data) in &records {
+                for p in self.pieces(*offset, data.len() as u64)? {
+                    p.file.write_all_at(&data[p.at..p.at + p.len], p.pos)?;
+                }
+            }
+            let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
+            segs.iter().try_for_each(|f| self.engine.sync_blocking(f))?;
+        }
+        self.log.restart_blocking(&self.engine)
     }
 
     pub fn dir(&self) -> &Path {
@@ -206,23 +235,19 @@ impl DataFile {
         Ok(out)
     }
 
-    /// Stores `buf` at `offset` as it is; a large write then starts its
-    /// own writeback if `WriteBehind` says so.
+    /// Stores `buf` at `offset` as it is. A small write is recorded in the
+    /// intent log; a large one leaves the next FLUSH to sync the segments
+    /// and starts its own writeback if `WriteBehind` says so.
     pub(super) async fn write_raw(&self, offset: u64, buf: Vec<u8>) -> io::Result<()> {
         let len = buf.len();
-        let mut pieces = self.pieces(offset, len as u64)?;
-        if pieces.len() == 1 {
-            let p = pieces.pop().expect("one piece");
-            self.engine.run(p.file, p.pos, OpKind::Write(buf)).await.0?;
-        } else {
-            for p in pieces {
-                let part = buf[p.at..p.at + p.len].to_vec();
-                self.engine
-                    .run(p.file, p.pos, OpKind::Write(part))
-                    .await
-                    .0?;
-            }
+        if len <= RECORD_MAX {
+            let mut pending = self.log.lock().await;
+            let buf = self.write_pieces(offset, buf).await?;
+            self.log.record(&mut pending, offset, &buf);
+            return Ok(());
         }
+        self.log.mark_unlogged();
+        self.write_pieces(offset, buf).await?;
         if self.write_behind.on_write(offset, len) {
             // Split again rather than kept from above: the writes took the
             // pieces' files, and a clone each would tax every 4 KiB write.
@@ -233,8 +258,30 @@ impl DataFile {
         Ok(())
     }
 
+    /// Writes `buf` to the segments; gives it back.
+    async fn write_pieces(&self, offset: u64, buf: Vec<u8>) -> io::Result<Vec<u8>> {
+        let mut pieces = self.pieces(offset, buf.len() as u64)?;
+        if pieces.len() == 1 {
+            let p = pieces.pop().expect("one piece");
+            return match self.engine.run(p.file, p.pos, OpKind::Write(buf)).await {
+                (Ok(()), OpKind::Write(buf)) => Ok(buf),
+                (Ok(()), _) => Err(io::Error::other("I/O engine returned another op")),
+                (Err(e), _) => Err(e),
+            };
+        }
+        for p in pieces {
+            let part = buf[p.at..p.at + p.len].to_vec();
+            self.engine
+                .run(p.file, p.pos, OpKind::Write(part))
+                .await
+                .0?;
+        }
+        Ok(buf)
+    }
+
     /// fallocate(2) over a byte range of the files.
     pub(super) async fn fallocate_raw(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
+        self.log.mark_unlogged();
         for p in self.pieces(offset, len)? {
             self.engine
                 .run(
@@ -253,6 +300,7 @@ impl DataFile {
 
     /// Punches a hole, blocking: for repairs while a volume is being opened.
     pub fn punch_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.log.mark_unlogged();
         for p in self.pieces(offset, len)? {
             self.engine.fallocate_blocking(
                 &p.file,
@@ -281,8 +329,14 @@ impl DataFile {
         self.sync_on(metadata, SyncOn::Ring).await
     }
 
-    /// [`Self::sync`], waiting where `on` says.
+    /// [`Self::sync`], waiting where `on` says: through the intent log when
+    /// it holds every write since the segments' last sync.
     pub async fn sync_on(&self, metadata: bool, on: SyncOn) -> io::Result<()> {
+        let segments = self.sync_segments(metadata, on);
+        self.log.flush(&self.engine, on, metadata, segments).await
+    }
+
+    async fn sync_segments(&self, metadata: bool, on: SyncOn) -> io::Result<()> {
         self.write_behind.on_sync();
         let segs = self
             .segments
@@ -297,13 +351,15 @@ impl DataFile {
 
     /// Blocking sync for the control path (detach, shutdown, tests).
     pub fn sync_blocking(&self) -> io::Result<()> {
-        self.write_behind.on_sync();
-        let segs = self
-            .segments
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        segs.iter().try_for_each(|f| self.engine.sync_blocking(f))
+        self.log.checkpoint_blocking(&self.engine, || {
+            self.write_behind.on_sync();
+            let segs = self
+                .segments
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            segs.iter().try_for_each(|f| self.engine.sync_blocking(f))
+        })
     }
 
     /// Grows the volume to `new_size`, sparse. Shrinking is the caller's to
@@ -399,6 +455,7 @@ impl Drop for DataFile {
         for f in segs.iter() {
             self.engine.release(f);
         }
+        self.engine.release(self.log.file());
     }
 }
 
@@ -425,174 +482,5 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::disk::engine::{PUNCH_HOLE, ZERO_RANGE};
-    use crate::disk::{EngineChoice, IoEngine};
-
-    fn engines() -> Vec<Arc<IoEngine>> {
-        vec![
-            Arc::new(IoEngine::new(EngineChoice::Threads).unwrap()),
-            Arc::new(IoEngine::new(EngineChoice::Uring).expect("io_uring works on this machine")),
-        ]
-    }
-
-    #[tokio::test]
-    async fn huge_volume_is_sparse_and_reads_zero() {
-        let tmp = tempfile::tempdir().unwrap();
-        let size = 64u64 << 40;
-        for (i, e) in engines().into_iter().enumerate() {
-            let df = DataFile::create(&tmp.path().join(format!("v{i}")), size, e).unwrap();
-            assert_eq!(df.segments.read().unwrap().len(), 8);
-            assert!(df.allocated_bytes() < 1 << 20);
-            assert!(df.allocated_ranges().unwrap().is_empty());
-            assert!(
-                df.read(size - 4096, 4096)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .all(|b| *b == 0)
-            );
-        }
-    }
-
-    #[tokio::test]
-    async fn io_across_a_segment_boundary() {
-        let tmp = tempfile::tempdir().unwrap();
-        for (i, e) in engines().into_iter().enumerate() {
-            let dir = tmp.path().join(format!("v{i}"));
-            let df = DataFile::create(&dir, SEGMENT_SIZE + (1 << 20), Arc::clone(&e)).unwrap();
-            let data: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
-            df.write(SEGMENT_SIZE - 4096, data.clone()).await.unwrap();
-            assert_eq!(df.read(SEGMENT_SIZE - 4096, 8192).await.unwrap(), data);
-            let again = DataFile::open(&dir, SEGMENT_SIZE + (1 << 20), e).unwrap();
-            assert_eq!(again.read(SEGMENT_SIZE, 4096).await.unwrap(), data[4096..]);
-            let ranges = again.allocated_ranges().unwrap();
-            assert_eq!(ranges.len(), 2, "{ranges:?}");
-            assert!(ranges[0].0 <= SEGMENT_SIZE - 4096 && ranges[1].1 >= SEGMENT_SIZE + 4096);
-        }
-    }
-
-    #[tokio::test]
-    async fn punch_and_zero_range() {
-        let tmp = tempfile::tempdir().unwrap();
-        for (i, e) in engines().into_iter().enumerate() {
-            let df = DataFile::create(&tmp.path().join(format!("v{i}")), 4 << 20, e).unwrap();
-            df.write(0, vec![7u8; 4 << 20]).await.unwrap();
-            df.fallocate(PUNCH_HOLE, 1 << 20, 1 << 20).await.unwrap();
-            df.fallocate(ZERO_RANGE, 3 << 20, 4096).await.unwrap();
-            let all = df.read(0, 4 << 20).await.unwrap();
-            assert!(all[..1 << 20].iter().all(|b| *b == 7));
-            assert!(all[1 << 20..2 << 20].iter().all(|b| *b == 0));
-            assert!(all[3 << 20..(3 << 20) + 4096].iter().all(|b| *b == 0));
-            assert_eq!(all[(3 << 20) + 4096], 7);
-            let ranges = df.allocated_ranges().unwrap();
-            assert_eq!(
-                ranges[0],
-                (0, 1 << 20),
-                "the punched MiB is a hole: {ranges:?}"
-            );
-            df.will_need(0, 1 << 20).await.unwrap();
-            df.sync(true).await.unwrap();
-        }
-    }
-
-    #[tokio::test]
-    async fn grow_adds_segments_and_keeps_data() {
-        let tmp = tempfile::tempdir().unwrap();
-        let e = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
-        let df = DataFile::create(&tmp.path().join("v"), 1 << 20, e).unwrap();
-        df.write(0, b"hello".to_vec()).await.unwrap();
-        df.grow(1 << 20, SEGMENT_SIZE * 2 + 512).unwrap();
-        assert_eq!(df.segments.read().unwrap().len(), 3);
-        df.write(SEGMENT_SIZE * 2, b"end".to_vec()).await.unwrap();
-        assert_eq!(df.read(0, 5).await.unwrap(), b"hello");
-        assert!(df.grow(SEGMENT_SIZE * 2 + 512, 4096).is_err());
-    }
-
-    #[tokio::test]
-    async fn reserve_extends_ahead_and_never_shrinks() {
-        let tmp = tempfile::tempdir().unwrap();
-        let e = Arc::new(IoEngine::new(EngineChoice::Auto).unwrap());
-        let df = DataFile::create(&tmp.path().join("v"), 4096, e).unwrap();
-        let len = |df: &DataFile| df.segments.read().unwrap()[0].metadata().unwrap().len();
-        df.reserve(1 << 30).unwrap();
-        assert_eq!(len(&df), 1 << 30);
-        // A grow inside the reservation changes no file.
-        df.grow(4096, 1 << 20).unwrap();
-        assert_eq!(len(&df), 1 << 30);
-        df.reserve(8192).unwrap();
-        assert_eq!(len(&df), 1 << 30);
-        // Only existing segments are extended; nothing is allocated.
-        df.reserve(SEGMENT_SIZE * 2).unwrap();
-        assert_eq!(df.segments.read().unwrap().len(), 1);
-        assert_eq!(df.allocated_bytes(), 0);
-    }
-
-    #[tokio::test]
-    async fn many_concurrent_ops_on_the_ring() {
-        let tmp = tempfile::tempdir().unwrap();
-        let e = Arc::new(IoEngine::new(EngineChoice::Uring).unwrap());
-        let df = Arc::new(DataFile::create(&tmp.path().join("v"), 64 << 20, e).unwrap());
-        let mut tasks = Vec::new();
-        for i in 0..1000u64 {
-            let df = Arc::clone(&df);
-            tasks.push(tokio::spawn(async move {
-                let block = vec![(i % 251) as u8; 4096];
-                df.write(i * 4096, block.clone()).await.unwrap();
-                assert_eq!(df.read(i * 4096, 4096).await.unwrap(), block);
-            }));
-        }
-        for t in tasks {
-            t.await.unwrap();
-        }
-    }
-
-    /// The power-loss engine loses what was never synced when the data file
-    /// goes away (the daemon killed), keeps what was, and an fdatasync does
-    /// not make a punch durable while an fsync does.
-    #[tokio::test]
-    async fn powerloss_sim_loses_exactly_the_unsynced() {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("v");
-        let e = Arc::new(IoEngine::new(EngineChoice::PowerlossSim).unwrap());
-        let df = DataFile::create(&dir, 4 << 20, Arc::clone(&e)).unwrap();
-        df.write(0, vec![1u8; 1 << 20]).await.unwrap();
-        df.write(2 << 20, vec![2u8; 1 << 20]).await.unwrap();
-        df.sync(false).await.unwrap();
-        df.write(1 << 20, vec![3u8; 1 << 20]).await.unwrap();
-        df.fallocate(PUNCH_HOLE, 2 << 20, 1 << 20).await.unwrap();
-        df.sync(false).await.unwrap(); // fdatasync: the punch stays pending
-        df.write(3 << 20, vec![4u8; 4096]).await.unwrap();
-        let all = df.read(0, 4 << 20).await.unwrap();
-        assert!(all[..1 << 20].iter().all(|b| *b == 1));
-        assert!(all[1 << 20..2 << 20].iter().all(|b| *b == 3));
-        assert!(all[2 << 20..3 << 20].iter().all(|b| *b == 0), "punched");
-        assert!(all[3 << 20..(3 << 20) + 4096].iter().all(|b| *b == 4));
-        drop(df); // kill -9: nothing more is synced
-
-        let df = DataFile::open(&dir, 4 << 20, Arc::clone(&e)).unwrap();
-        let all = df.read(0, 4 << 20).await.unwrap();
-        assert!(all[..1 << 20].iter().all(|b| *b == 1), "synced");
-        assert!(all[1 << 20..2 << 20].iter().all(|b| *b == 3), "fdatasynced");
-        assert!(
-            all[2 << 20..3 << 20].iter().all(|b| *b == 2),
-            "the punch was never fsynced"
-        );
-        assert!(all[3 << 20..].iter().all(|b| *b == 0), "never synced");
-        assert_eq!(df.allocated_ranges().unwrap(), vec![(0, 3 << 20)]);
-
-        df.fallocate(PUNCH_HOLE, 2 << 20, 1 << 20).await.unwrap();
-        df.sync_blocking().unwrap(); // fsync
-        drop(df);
-        let df = DataFile::open(&dir, 4 << 20, e).unwrap();
-        assert!(
-            df.read(2 << 20, 1 << 20)
-                .await
-                .unwrap()
-                .iter()
-                .all(|b| *b == 0)
-        );
-        assert_eq!(df.allocated_ranges().unwrap(), vec![(0, 2 << 20)]);
-    }
-}
+#[path = "data_file_tests.rs"]
+mod tests;

@@ -10,10 +10,14 @@
 //! segment makes all of them durable. That is what lets the NBD server
 //! advertise CAN_MULTI_CONN. The I/O itself goes through an [`IoEngine`]:
 //! io_uring, or a thread pool where io_uring is unavailable.
+//!
+//! A FLUSH after small writes syncs the volume's intent log instead of the
+//! segments (`intent_log`): one sequential write, replayed at open.
 
 mod cipher_io;
 pub mod data_file;
 pub mod engine;
+mod intent_log;
 mod op;
 mod powerloss;
 pub mod sector_cipher;
