@@ -126,24 +126,32 @@ impl DataFile {
             write_behind: WriteBehind::default(),
             log,
         };
-        df.replay(replay)?;
+        df.replay(replay, size)?;
         Ok(df)
     }
 
     /// Writes back what the intent log made durable (every write a FLUSH
     /// covered since the segments' last sync), syncs it, and starts the
     /// log's next generation.
-    fn replay(&self, records: intent_log::Replay) -> io::Result<()> {
+    fn replay(&self, records: intent_log::Replay, size: u64) -> io::Result<()> {
         if !records.is_empty() {
             tracing::info!(dir = %self.dir.display(), writes = records.len(),
                 "replaying the intent log into the data files");
             for (offset, data) in &records {
+                // Past the size the catalog holds (a grow that never became
+                // durable): not the volume's bytes, and no file may grow.
+                if offset.saturating_add(data.len() as u64) > size {
+                    tracing::warn!(dir = %self.dir.display(), offset, len = data.len(), size,
+                        "intent log record past the volume's size; skipped");
+                    continue;
+                }
                 for p in self.pieces(*offset, data.len() as u64)? {
                     p.file.write_all_at(&data[p.at..p.at + p.len], p.pos)?;
                 }
             }
-            let segs = self.segments.read().unwrap_or_else(|e| e.into_inner());
-            segs.iter().try_for_each(|f| self.engine.sync_blocking(f))?;
+            self.segments_now()
+                .iter()
+                .try_for_each(|f| self.engine.sync_blocking(f))?;
         }
         self.log.restart_blocking(&self.engine)
     }
@@ -246,8 +254,11 @@ impl DataFile {
             self.log.record(&mut pending, offset, &buf);
             return Ok(());
         }
+        let written = self.write_pieces(offset, buf).await;
+        // Marked once the bytes are in (or failed): a FLUSH that arrived
+        // before need not cover this write, and one after must sync.
         self.log.mark_unlogged();
-        self.write_pieces(offset, buf).await?;
+        written?;
         if self.write_behind.on_write(offset, len) {
             // Split again rather than kept from above: the writes took the
             // pieces' files, and a clone each would tax every 4 KiB write.
@@ -281,35 +292,33 @@ impl DataFile {
 
     /// fallocate(2) over a byte range of the files.
     pub(super) async fn fallocate_raw(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-        self.log.mark_unlogged();
-        for p in self.pieces(offset, len)? {
-            self.engine
-                .run(
-                    p.file,
-                    p.pos,
-                    OpKind::Fallocate {
-                        mode,
-                        len: p.len as u64,
-                    },
-                )
-                .await
-                .0?;
+        let done = async {
+            for p in self.pieces(offset, len)? {
+                let kind = OpKind::Fallocate {
+                    mode,
+                    len: p.len as u64,
+                };
+                self.engine.run(p.file, p.pos, kind).await.0?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        // As for a large write: the next FLUSH must sync the segments.
+        self.log.mark_unlogged();
+        done
     }
 
     /// Punches a hole, blocking: for repairs while a volume is being opened.
     pub fn punch_blocking(&self, offset: u64, len: u64) -> io::Result<()> {
+        let done = self.pieces(offset, len).and_then(|pieces| {
+            pieces.iter().try_for_each(|p| {
+                let punch = super::engine::PUNCH_HOLE;
+                self.engine
+                    .fallocate_blocking(&p.file, punch, p.pos, p.len as u64)
+            })
+        });
         self.log.mark_unlogged();
-        for p in self.pieces(offset, len)? {
-            self.engine.fallocate_blocking(
-                &p.file,
-                super::engine::PUNCH_HOLE,
-                p.pos,
-                p.len as u64,
-            )?;
-        }
-        Ok(())
+        done
     }
 
     /// Starts reading a range into the page cache.
@@ -338,12 +347,7 @@ impl DataFile {
 
     async fn sync_segments(&self, metadata: bool, on: SyncOn) -> io::Result<()> {
         self.write_behind.on_sync();
-        let segs = self
-            .segments
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for f in segs {
+        for f in self.segments_now() {
             self.engine.sync(f, !metadata, on).await?;
         }
         Ok(())
@@ -353,13 +357,18 @@ impl DataFile {
     pub fn sync_blocking(&self) -> io::Result<()> {
         self.log.checkpoint_blocking(&self.engine, || {
             self.write_behind.on_sync();
-            let segs = self
-                .segments
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-            segs.iter().try_for_each(|f| self.engine.sync_blocking(f))
+            self.segments_now()
+                .iter()
+                .try_for_each(|f| self.engine.sync_blocking(f))
         })
+    }
+
+    /// The segments as they are now; the lock is not held past this.
+    fn segments_now(&self) -> Vec<Arc<File>> {
+        self.segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Grows the volume to `new_size`, sparse. Shrinking is the caller's to
