@@ -217,9 +217,10 @@ impl Kind {
 }
 
 /// A step's share of the generator: a fixed number of draws taken up
-/// front, handed out in order.
+/// front, handed out in order. The most a step takes is a burst of six
+/// writes: 3 + 6 × 4.
 pub struct Draws {
-    values: [u64; 16],
+    values: [u64; 32],
     next: usize,
 }
 
@@ -409,11 +410,21 @@ fn build(model: &Model, kind: Kind, d: &mut Draws, gc_grace_ms: u64) -> Op {
         Kind::Write => {
             let name = d.pick(&names_where(model, |v| v.is_some_and(|v| v.attached)));
             let size = model.volume(&name).size;
-            let writes = (0..d.range(1, 3))
+            // A quarter of the steps are a burst of small writes before
+            // their flush, as a database guest's: enough of them for the
+            // daemon's intent log to take the flush (disk/intent_log.rs).
+            let burst = d.chance(25);
+            let (count, max_sectors) = if burst {
+                (d.range(4, 6), 128)
+            } else {
+                (d.range(1, 3), 2048)
+            };
+            let writes = (0..count)
                 .map(|_| {
-                    // 512-byte aligned, up to 1 MiB, often across chunks.
+                    // 512-byte aligned, up to 1 MiB (64 KiB in a burst),
+                    // often across chunks.
                     let sectors = size / 512;
-                    let len = d.range(1, 2048.min(sectors)) * 512;
+                    let len = d.range(1, max_sectors.min(sectors)) * 512;
                     let offset = d.range(0, sectors - len / 512) * 512;
                     let pattern = if d.chance(10) {
                         0

@@ -53,7 +53,7 @@ pub const CAPACITY: u64 = 16 << 20;
 /// the log writes two blocks (header and record) where the segment's sync
 /// writes one, and a FLUSH after each 4 KiB write at QD1 ran 0.81-0.94 of
 /// the segments' sync through the log (docs/performance.md).
-pub const MIN_RECORDS: usize = 4;
+pub const MIN_RECORDS: u32 = 4;
 
 const MAGIC: [u8; 8] = *b"VDILOG01";
 const HEADER: usize = 64;
@@ -81,17 +81,61 @@ pub(super) struct IntentLog {
     unlogged: AtomicBool,
 }
 
-/// Records not yet in the log: their bytes, as a batch holds them.
-#[derive(Default)]
+/// Records not yet in the log, laid out as the batch that will hold them:
+/// room for the header, then the records, so a commit writes the header
+/// in place instead of copying every record into a new buffer.
 pub(super) struct Pending {
     bytes: Vec<u8>,
-    count: usize,
+    count: u32,
+}
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            bytes: vec![0; HEADER],
+            count: 0,
+        }
+    }
 }
 
 impl Pending {
-    #[cfg(test)]
+    /// Bytes of records held.
     pub fn len(&self) -> usize {
-        self.bytes.len()
+        self.bytes.len() - HEADER
+    }
+
+    /// Appends the record of a write of `data` at `offset`.
+    pub fn push(&mut self, offset: u64, data: &[u8]) {
+        self.bytes.extend_from_slice(&offset.to_le_bytes());
+        self.bytes
+            .extend_from_slice(&(data.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&0u32.to_le_bytes());
+        self.bytes.extend_from_slice(data);
+        self.count += 1;
+    }
+
+    /// The bytes a batch of these records takes in the log.
+    fn batch_len(&self) -> u64 {
+        (self.bytes.len() as u64).next_multiple_of(BLOCK)
+    }
+
+    /// The batch's bytes: header, records, zeros up to a 4 KiB boundary.
+    pub fn into_batch(self, generation: u64, seq: u64) -> Vec<u8> {
+        let len = self.batch_len() as usize;
+        let records = self.len() as u32;
+        let mut b = self.bytes;
+        b[..8].copy_from_slice(&MAGIC);
+        b[8..16].copy_from_slice(&generation.to_le_bytes());
+        b[16..24].copy_from_slice(&seq.to_le_bytes());
+        b[24..28].copy_from_slice(&records.to_le_bytes());
+        b[28..32].copy_from_slice(&self.count.to_le_bytes());
+        let mut h = blake3::Hasher::new();
+        h.update(&b[..32]);
+        h.update(&b[HEADER..]);
+        let sum = *h.finalize().as_bytes();
+        b[32..64].copy_from_slice(&sum);
+        b.resize(len, 0);
+        b
     }
 }
 
@@ -186,9 +230,9 @@ impl IntentLog {
             if records.count == 0 {
                 return Ok(());
             }
-            let batch = encode_batch(tail.generation, tail.seq, &records.bytes);
-            if records.count >= MIN_RECORDS && tail.pos + batch.len() as u64 <= CAPACITY {
-                let len = batch.len() as u64;
+            let len = records.batch_len();
+            if records.count >= MIN_RECORDS && tail.pos + len <= CAPACITY {
+                let batch = records.into_batch(tail.generation, tail.seq);
                 let at = tail.pos;
                 // Counted before it is written: whatever reached the file,
                 // a checkpoint must now start a new generation.
@@ -278,17 +322,12 @@ impl IntentLog {
         if self.unlogged.load(Ordering::Acquire) {
             return;
         }
-        let b = &mut pending.bytes;
-        if (HEADER + b.len() + RECORD_HEADER + data.len()) as u64 > CAPACITY - BLOCK {
+        if (HEADER + pending.len() + RECORD_HEADER + data.len()) as u64 > CAPACITY - BLOCK {
             *pending = Pending::default();
             self.mark_unlogged();
             return;
         }
-        b.extend_from_slice(&offset.to_le_bytes());
-        b.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.extend_from_slice(data);
-        pending.count += 1;
+        pending.push(offset, data);
     }
 
     /// The file, for the data file's release at drop.
@@ -305,35 +344,7 @@ fn start_batch() -> (u64, Vec<u8>) {
         .fill(&mut g)
         .expect("the operating system's random generator works");
     let generation = u64::from_le_bytes(g);
-    (generation, encode_batch(generation, 0, &[]))
-}
-
-/// A batch's bytes: header, records, zeros up to a 4 KiB boundary.
-fn encode_batch(generation: u64, seq: u64, records: &[u8]) -> Vec<u8> {
-    let len = (HEADER + records.len()).next_multiple_of(BLOCK as usize);
-    let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(&MAGIC);
-    b.extend_from_slice(&generation.to_le_bytes());
-    b.extend_from_slice(&seq.to_le_bytes());
-    b.extend_from_slice(&(records.len() as u32).to_le_bytes());
-    b.extend_from_slice(&count_records(records).to_le_bytes());
-    let mut h = blake3::Hasher::new();
-    h.update(&b[..32]);
-    h.update(records);
-    b.extend_from_slice(h.finalize().as_bytes());
-    b.extend_from_slice(records);
-    b.resize(len, 0);
-    b
-}
-
-fn count_records(mut records: &[u8]) -> u32 {
-    let mut n = 0;
-    while records.len() >= RECORD_HEADER {
-        let len = u32::from_le_bytes(records[8..12].try_into().expect("4 bytes")) as usize;
-        records = &records[(RECORD_HEADER + len).min(records.len())..];
-        n += 1;
-    }
-    n
+    (generation, Pending::default().into_batch(generation, 0))
 }
 
 /// The records of the generation that starts at offset 0, up to the first

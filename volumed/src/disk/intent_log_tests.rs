@@ -170,14 +170,11 @@ type Batch<'a> = (u64, u64, &'a [(u64, &'a [u8])]);
 fn write_batches(file: &File, at: u64, batches: &[Batch]) -> u64 {
     let mut pos = at;
     for (g, s, recs) in batches {
-        let mut body = Vec::new();
+        let mut records = Pending::default();
         for (off, data) in recs.iter() {
-            body.extend_from_slice(&off.to_le_bytes());
-            body.extend_from_slice(&(data.len() as u32).to_le_bytes());
-            body.extend_from_slice(&0u32.to_le_bytes());
-            body.extend_from_slice(data);
+            records.push(*off, data);
         }
-        let b = encode_batch(*g, *s, &body);
+        let b = records.into_batch(*g, *s);
         file.write_all_at(&b, pos).unwrap();
         pos += b.len() as u64;
     }
@@ -219,7 +216,7 @@ fn replay_follows_one_generation_and_stops_at_a_torn_batch() {
     let old = read_generation(&file).unwrap();
     assert_eq!(old.len(), 2);
     write_batches(&file, 0, &[(10, 0, &[]), (10, 1, &[(0, a), (4096, b)])]);
-    file.write_all_at(&encode_batch(9, 2, &[]), 3 * BLOCK)
+    file.write_all_at(&Pending::default().into_batch(9, 2), 3 * BLOCK)
         .unwrap();
     assert_eq!(
         read_generation(&file).unwrap(),
